@@ -1,0 +1,33 @@
+// The one place where diffaccel's compiled kernels are registered with torch. Schemas here are
+// the extension's kernels (ext_*); the public ops (diffaccel::<name>, with their fake kernels)
+// are defined in diffaccel/ops and choose among the extension, Triton and the torch reference.
+#include <torch/extension.h>
+#include <torch/library.h>
+#include "quantize.h"
+
+#ifndef DIFFACCEL_CUDA_ARCHS
+#define DIFFACCEL_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(diffaccel, m) {
+  m.def("ext_quantize_per_tensor(Tensor x, Tensor scale, Tensor zero_point) -> Tensor");
+  m.def("ext_quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(diffaccel, CPU, m) {
+  m.impl("ext_quantize_per_tensor", &diffaccel::quantize_per_tensor_cpu);
+  m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cpu);
+}
+
+#ifdef DIFFACCEL_WITH_CUDA
+TORCH_LIBRARY_IMPL(diffaccel, CUDA, m) {
+  m.impl("ext_quantize_per_tensor", &diffaccel::quantize_per_tensor_cuda);
+  m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "diffaccel compiled kernels (registered as torch.ops.diffaccel.ext_*)";
+  module.def("cuda_archs", [] { return std::string(DIFFACCEL_CUDA_ARCHS); },
+             "Semicolon-separated archs this build holds SASS for; empty when built without CUDA.");
+}

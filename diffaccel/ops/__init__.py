@@ -1,0 +1,6 @@
+"""The op layer: each op is a torch.library custom op with a fake kernel, one torch
+reference, and backend kernels chosen per call by ``_backend.choose``."""
+from ._backend import BACKENDS, BackendUnavailable, explain, use_backend
+from .quantize import quantize_per_tensor, quantize_per_token
+
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "use_backend", "quantize_per_tensor", "quantize_per_token"]

@@ -1,0 +1,203 @@
+"""The one dispatch point: which backend runs an op, per call.
+
+Order (DESIGN.md): the `_C` extension where it is built for this GPU's arch, else Triton
+on a CUDA device, else the torch reference. On CPU the reference runs by default; the
+extension's C++ CPU kernels and the Triton interpreter (``TRITON_INTERPRET=1``) run on
+CPU only when forced, which is how tests check them against the reference.
+
+``DIFFACCEL_BACKEND=cuda|triton|torch`` forces a backend for every op; an op or device
+the forced backend cannot serve raises ``BackendUnavailable`` rather than falling back.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_BACKEND = "DIFFACCEL_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this op on this device."""
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """The implementations of one op. ``torch`` is its single reference."""
+
+    name: str
+    torch: Callable
+    cuda: Optional[Callable] = None  # wraps torch.ops.diffaccel.ext_* from the _C extension
+    triton: Optional[Callable] = None
+    # which devices the extension's kernels cover: "cpu" (C++ loop) and/or "cuda"
+    cuda_devices: tuple = ("cuda",)
+    triton_cpu: bool = True  # False where the interpreter lacks what the kernel needs
+
+
+_REGISTRY: dict[str, OpBackends] = {}
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("diffaccel_backend", default=None)
+
+
+def register(op: OpBackends) -> OpBackends:
+    if op.name in _REGISTRY:
+        raise RuntimeError(f"op {op.name!r} registered twice")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def registered_ops() -> dict[str, OpBackends]:
+    return dict(_REGISTRY)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Force a backend inside a block (tests, benchmarks). ``None`` restores automatic choice."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if not env:
+        return None
+    if env not in BACKENDS:
+        raise BackendUnavailable(f"{ENV_BACKEND}={env!r}: expected one of {', '.join(BACKENDS)}")
+    return env
+
+
+# -- what is available -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled ``diffaccel._C`` module, or None (with the reason from ``extension_error``)."""
+    try:
+        return importlib.import_module("diffaccel._C")
+    except ImportError:
+        return None
+
+
+def extension_error() -> Optional[str]:
+    try:
+        importlib.import_module("diffaccel._C")
+        return None
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return f"diffaccel._C not importable: {e}"
+
+
+@functools.lru_cache(maxsize=None)
+def extension_cuda_archs() -> tuple:
+    """Archs the extension holds SASS for, e.g. ('8.0', '8.9', '9.0a'); () if built C++ only."""
+    ext = extension()
+    if ext is None:
+        return ()
+    return tuple(a for a in ext.cuda_archs().split(";") if a)
+
+
+def _arch_matches(built: str, cap: tuple) -> bool:
+    major, minor = built.rstrip("af").split(".")
+    return (int(major), int(minor)) == tuple(cap)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton not importable: {e}"
+    try:
+        importlib.import_module("diffaccel.kernels")
+    except ImportError as e:
+        return f"diffaccel.kernels not importable: {e}"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(op: OpBackends, backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if op.cuda is None:
+            return f"{op.name} has no _C kernel"
+        if extension() is None:
+            return extension_error()
+        if device.type not in op.cuda_devices:
+            return f"{op.name}'s _C kernel does not cover {device.type}"
+        if device.type == "cuda":
+            if not extension_cuda_archs():
+                return "_C was built without CUDA sources"
+            cap = torch.cuda.get_device_capability(device)
+            if not any(_arch_matches(a, cap) for a in extension_cuda_archs()):
+                return f"_C holds no code for sm_{cap[0]}{cap[1]} (built: {';'.join(extension_cuda_archs())})"
+        return None
+    if backend == "triton":
+        if op.triton is None:
+            return f"{op.name} has no Triton kernel"
+        err = triton_error()
+        if err:
+            return err
+        if device.type == "cpu":
+            if not triton_interpreting():
+                return "Triton runs on CPU only under TRITON_INTERPRET=1"
+            if not op.triton_cpu:
+                return f"{op.name}'s Triton kernel needs what the interpreter lacks"
+        elif device.type != "cuda":
+            return f"Triton does not run on {device.type}"
+        return None
+    raise BackendUnavailable(f"unknown backend {backend!r}")
+
+
+def choose(op_name: str, device: torch.device) -> tuple[str, str]:
+    """(backend, reason) for a call of ``op_name`` on ``device``."""
+    op = _REGISTRY[op_name]
+    forced = forced_backend()
+    if forced is not None:
+        why = _why_not(op, forced, device)
+        if why is not None:
+            raise BackendUnavailable(f"backend {forced!r} forced for {op_name} on {device.type}, but {why}")
+        return forced, "forced"
+    if device.type == "cuda":
+        for backend in ("cuda", "triton"):
+            why = _why_not(op, backend, device)
+            if why is None:
+                return backend, "fastest available"
+        return "torch", "no GPU kernel available"
+    return "torch", "reference on CPU"
+
+
+def implementation(op_name: str, device: torch.device) -> Callable:
+    backend, _ = choose(op_name, device)
+    return getattr(_REGISTRY[op_name], backend)
+
+
+def explain(device: Optional[torch.device] = None) -> list[dict]:
+    """For ``diffaccel.info``: per op, the backend a call would use and why, and what else exists."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name, op in sorted(_REGISTRY.items()):
+        try:
+            backend, reason = choose(name, device)
+        except BackendUnavailable as e:
+            backend, reason = "unavailable", str(e)
+        others = {b: (_why_not(op, b, device) or "available") for b in BACKENDS if b != backend}
+        rows.append({"op": name, "device": device.type, "backend": backend, "reason": reason, "others": others})
+    return rows

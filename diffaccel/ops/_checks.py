@@ -1,0 +1,61 @@
+"""Argument validation shared by every op wrapper: each message names the argument."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    ndim: Optional[int | tuple] = None,
+    device: Optional[torch.device] = None,
+    last_dim_contiguous: bool = False,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        raise TypeError(f"{name}: expected dtype in ({_dtype_names(dtypes)}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name}: expected a {want}-d tensor, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dimension, got strides {t.stride()}")
+    return t
+
+
+def same_device(device: torch.device, a: torch.device) -> bool:
+    """cuda and cuda:0 are the same device for our purposes."""
+    if device.type != a.type:
+        return False
+    if device.type != "cuda":
+        return True
+    di = device.index if device.index is not None else torch.cuda.current_device()
+    ai = a.index if a.index is not None else torch.cuda.current_device()
+    return di == ai
+
+
+def check_positive_finite(name: str, t: torch.Tensor) -> None:
+    """Value check for scales. Only on CPU tensors: on a GPU it would cost a host sync per call,
+    so device-resident scales are checked where they are made (calibration, from_float, load)."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    tf = t.float()
+    if not bool(torch.isfinite(tf).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    if not bool((tf > 0).all()):
+        raise ValueError(f"{name}: expected values > 0, got min {tf.min().item():g}")

@@ -1,0 +1,74 @@
+"""INT8 activation quantization: static per-tensor and dynamic per-token.
+
+Numerics match ``diffaccel.ops.quantize``'s reference bit for bit: fp32 math, IEEE
+division (``div_rn``, not Triton's approximate ``/``), round half to even.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_half_even
+
+AMAX_FLOOR = 1e-12
+
+
+@triton.jit
+def _quantize_per_tensor_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    scale = tl.load(scale_ptr)
+    zp = tl.load(zp_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = round_half_even(tl.math.div_rn(x, scale)) + zp
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    tl.store(out_ptr + offs, q.to(tl.int8), mask=mask)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, out: torch.Tensor) -> None:
+    n = x.numel()
+    BLOCK = 4096
+    _quantize_per_tensor_kernel[(triton.cdiv(n, BLOCK),)](x, scale, zero_point, out, n, BLOCK=BLOCK)
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, K, AMAX_MIN: tl.constexpr, BLOCK_K: tl.constexpr,
+                               SINGLE_PASS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * K
+    o_row = out_ptr + row * K
+    if SINGLE_PASS:  # the row fits one block: read it once
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+        q = round_half_even(tl.math.div_rn(x, scale))
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        tl.store(o_row + offs, q.to(tl.int8), mask=mask)
+    else:
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            offs = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x))
+        amax = tl.max(acc, axis=0)
+        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+        for start in range(0, K, BLOCK_K):
+            offs = start + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            q = round_half_even(tl.math.div_rn(x, scale))
+            q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+            tl.store(o_row + offs, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_per_token(x2d: torch.Tensor, out2d: torch.Tensor, scales: torch.Tensor) -> None:
+    """x2d [M, K] contiguous -> out2d int8 [M, K], scales fp32 [M]."""
+    M, K = x2d.shape
+    if M == 0:
+        return
+    BLOCK_K = min(triton.next_power_of_2(K), 8192)
+    _quantize_per_token_kernel[(M,)](x2d, out2d, scales, K, AMAX_MIN=AMAX_FLOOR, BLOCK_K=BLOCK_K,
+                                     SINGLE_PASS=K <= BLOCK_K)

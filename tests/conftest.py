@@ -1,0 +1,41 @@
+"""CPU runs set TRITON_INTERPRET=1 before anything imports triton, so Triton kernels run in the
+interpreter; `gpu` tests skip without a CUDA device."""
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    """Tests choose backends explicitly; an exported DIFFACCEL_BACKEND must not leak in."""
+    monkeypatch.delenv("DIFFACCEL_BACKEND", raising=False)
+    monkeypatch.delenv("DIFFACCEL_DISABLE", raising=False)
+
+
+def runnable_backends(op_name: str, device: str = "cpu") -> list:
+    """Backends that can run ``op_name`` on ``device`` here (for parametrising tests)."""
+    import torch as _torch
+
+    from diffaccel.ops import _backend
+
+    dev = _torch.device(device)
+    return [b for b in _backend.BACKENDS if _backend._why_not(_backend.registered_ops()[op_name], b, dev) is None]
