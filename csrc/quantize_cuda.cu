@@ -1,8 +1,6 @@
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include "quantize.h"
 
 namespace diffaccel {
@@ -52,10 +50,6 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int8_t* __res
   for (int64_t k = threadIdx.x; k < K; k += kThreads) orow[k] = quantize_int8(static_cast<float>(xr[k]), s, 0.f);
 }
 
-template <typename T> struct CudaType { using type = T; };
-template <> struct CudaType<at::Half> { using type = __half; };
-template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
-
 }  // namespace
 
 at::Tensor quantize_per_tensor_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point) {
@@ -66,11 +60,10 @@ at::Tensor quantize_per_tensor_cuda(const at::Tensor& x, const at::Tensor& scale
   if (n == 0) return out;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535LL * 8));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_tensor_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    quantize_per_tensor_kernel<T><<<blocks, threads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), scale.data_ptr<float>(),
+    quantize_per_tensor_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), scale.data_ptr<float>(),
         zero_point.data_ptr<int32_t>(), out.data_ptr<int8_t>(), n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -88,11 +81,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) 
   auto scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
   if (M == 0) return {out, scales};
   constexpr int kThreads = 256;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token_cuda", [&] {
-    using T = typename CudaType<scalar_t>::type;
-    quantize_per_token_kernel<T, kThreads><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), out.data_ptr<int8_t>(), scales.data_ptr<float>(), K);
+    quantize_per_token_kernel<scalar_t, kThreads><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), out.data_ptr<int8_t>(), scales.data_ptr<float>(), K);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, scales};
