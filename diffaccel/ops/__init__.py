@@ -2,5 +2,6 @@
 reference, and backend kernels chosen per call by ``_backend.choose``."""
 from ._backend import BACKENDS, BackendUnavailable, explain, use_backend
 from .quantize import quantize_per_tensor, quantize_per_token
+from .attention import attention
 
-__all__ = ["BACKENDS", "BackendUnavailable", "explain", "use_backend", "quantize_per_tensor", "quantize_per_token"]
+__all__ = ["BACKENDS", "BackendUnavailable", "explain", "use_backend", "quantize_per_tensor", "quantize_per_token", "attention"]

@@ -1,0 +1,408 @@
+"""Flash attention forward (online softmax, K/V tiled) and its INT8-QK / FP8-or-FP16-PV variant.
+
+Every head dim from 32 to 256 runs without padding tensors in memory: the tile's D is the next
+power of two and the loads are masked. Q/K/V/O/mask are read through their strides, so
+[B, L, H, D] tensors viewed as [B, H, L, D] and masks broadcast with stride 0 cost no copy.
+
+Numerics (shared with ``diffaccel.ops.attention``'s references):
+  scores in fp32, log2 domain (scale * log2(e) folded in), running max and sum in fp32;
+  rows whose keys are all masked give 0 output and LSE = -inf (what torch SDPA gives).
+Quantized path: Q and K' = K - mean_tokens(K) quantized to INT8 per block of QUANT_BLOCK_M /
+QUANT_BLOCK_N tokens per (batch, head), symmetric: s = max(amax, 1e-12) / 127,
+q = clamp(round_half_even(x / s), -127, 127) with IEEE division; QK^T in int32.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_half_even
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+AMAX_FLOOR = 1e-12
+QUANT_BLOCK_M = 128  # Q rows per INT8 scale
+QUANT_BLOCK_N = 64  # K rows per INT8 scale
+FP8_E4M3_MAX = 448.0
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# -- the float kernel ------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Mask, Out, Lse,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_mb, s_mh, s_mm, s_mn,
+    H, Lq, Lk, D, qk_scale,
+    LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < D
+
+    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :] * s_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    hi = Lk
+    if IS_CAUSAL:  # top-left aligned, like torch SDPA: key j is visible to query i when j <= i
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kn + offs_d[:, None] * s_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        keep = col_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            mvals = tl.load(m_base + offs_n[None, :] * s_mn, mask=keep, other=0)
+            if MASK_IS_BOOL:
+                keep = keep & (mvals != 0)
+            else:
+                s = s + mvals.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # rows with nothing visible yet keep m = -inf; shift by 0 there so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :] * s_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_any = l_i > 0.0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :] * s_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        lse = tl.where(has_any, (m_i + tl.math.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
+
+
+# Block sizes per arch family; the autotuner picks among them per (Lq, Lk, head dim, mask, causal) bucket.
+_CONFIGS = {
+    "sm90": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    "sm80": [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
+}
+_INTERPRETER_CONFIG = (32, 32, 4, 1)  # one fixed config keeps CPU tests fast
+_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_MASK", "IS_CAUSAL", "DOT_PRECISION"]
+
+
+def _arch_family(device: torch.device) -> str:
+    if _interpreting() or device.type != "cuda":
+        return "interpreter"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    # a 128x128 tile at head dim 256 overflows shared memory on every arch; skip it before tuning
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if not (block_d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)]
+    return kept or configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, family: str):
+    fn = globals()[kernel_name]
+    if family == "interpreter":
+        bm, bn, w, s = _INTERPRETER_CONFIG
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+    else:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in _CONFIGS[family]]
+    return triton.autotune(configs=configs, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune_for_head_dim})(fn)
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _mask_args(mask):
+    if mask is None:
+        return None, (0, 0, 0, 0), False, False
+    is_bool = mask.dtype == torch.bool
+    return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), True, is_bool
+
+
+def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> None:
+    """q [B,H,Lq,D], k/v [B,H,Lk,D] (any strides), mask None or expanded to [B,H,Lq,Lk] (bool or float),
+    out like q, lse None or contiguous fp32 [B,H,Lq]."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if B * H * Lq == 0:
+        return
+    mask_t, ms, has_mask, mask_bool = _mask_args(mask)
+    kernel = _tuned("_attn_fwd_kernel", _arch_family(q.device))
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](
+        q, k, v, mask_t if has_mask else q, out, lse if lse is not None else out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
+        H, Lq, Lk, D, float(scale) * LOG2E, _bucket(Lq), _bucket(Lk),
+        HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=_block_d(D),
+    )
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+# -- INT8 quantization of Q and K (per block of tokens, per head) --------------------------------
+
+@triton.jit
+def _quant_int8_block_kernel(
+    X, Mean, Xq, Scale,
+    s_xb, s_xh, s_xl, s_xd,
+    H, L, D, n_blocks,
+    HAS_MEAN: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AMAX_MIN: tl.constexpr,
+):
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_l = pid_blk * QBLOCK + tl.arange(0, QBLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_l < L)[:, None] & (offs_d < D)[None, :]
+    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None].to(tl.int64) * s_xl + offs_d[None, :] * s_xd,
+                mask=ok, other=0.0).to(tl.float32)
+    if HAS_MEAN:  # K - mean over tokens: the same shift for every key, so softmax is unchanged
+        mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
+        x = tl.where(ok, x - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+    qv = round_half_even(tl.math.div_rn(x, scale))
+    qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
+    tl.store(Xq + pid_bh * L * D + offs_l[:, None].to(tl.int64) * D + offs_d[None, :], qv.to(tl.int8), mask=ok)
+    tl.store(Scale + pid_bh * n_blocks + pid_blk, scale)
+
+
+def quantize_int8_blocks(x, mean, xq, scales, qblock: int) -> None:
+    """x [B,H,L,D] any strides; mean None or contiguous fp32 [B,H,D]; xq contiguous int8 [B,H,L,D];
+    scales contiguous fp32 [B,H,cdiv(L,qblock)]."""
+    B, H, L, D = x.shape
+    n_blocks = triton.cdiv(L, qblock)
+    if B * H * L == 0:
+        return
+    _quant_int8_block_kernel[(n_blocks, B * H)](
+        x, mean if mean is not None else scales, xq, scales, *x.stride(), H, L, D, n_blocks,
+        HAS_MEAN=mean is not None, QBLOCK=qblock, BLOCK_D=_block_d(D), AMAX_MIN=AMAX_FLOOR)
+
+
+@triton.jit
+def _quant_fp8_per_channel_kernel(
+    X, Scale, Xq,
+    s_xb, s_xh, s_xl, s_xd,
+    H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_l < L)[:, None] & (offs_d < D)[None, :]
+    x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None].to(tl.int64) * s_xl + offs_d[None, :] * s_xd,
+                mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(Scale + pid_bh * D + offs_d, mask=offs_d < D, other=1.0)
+    xq = tl.math.div_rn(x, scale[None, :])
+    tl.store(Xq + pid_bh * L * D + offs_l[:, None].to(tl.int64) * D + offs_d[None, :],
+             xq.to(Xq.dtype.element_ty), mask=ok)
+
+
+def quantize_fp8_per_channel(x, scales, xq) -> None:
+    """x [B,H,L,D] any strides -> xq contiguous float8_e4m3fn, x / scales[b,h,d] (scales fp32 [B,H,D])."""
+    B, H, L, D = x.shape
+    if B * H * L == 0:
+        return
+    BLOCK_L = 64
+    _quant_fp8_per_channel_kernel[(triton.cdiv(L, BLOCK_L), B * H)](
+        x, scales, xq, *x.stride(), H, L, D, BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D))
+
+
+# -- the quantized attention kernel ---------------------------------------------------------------
+
+@triton.jit
+def _attn_int8_fwd_kernel(
+    Qi, Qs, Ki, Ks, V, Vs, Mask, Out, Lse, Dbg,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_mb, s_mh, s_mm, s_mn,
+    H, Lq, Lk, D, n_qblocks, n_kblocks, qk_scale,
+    LQ_BUCKET, LK_BUCKET,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+    PV_FP8: tl.constexpr, STORE_QK: tl.constexpr, QBLOCK_M: tl.constexpr, QBLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < D
+
+    qi = tl.load(Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0)
+    # per-row Q scale (a tile may span several quantization blocks) with softmax scale and log2(e) folded in
+    q_scale = tl.load(Qs + pid_bh * n_qblocks + offs_m // QBLOCK_M, mask=row_ok, other=0.0) * qk_scale
+    ki_base = Ki + pid_bh * Lk * D
+    ks_base = Ks + pid_bh * n_kblocks
+    v_base = V + b * s_vb + h * s_vh
+    m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kt = tl.load(ki_base + offs_n[None, :].to(tl.int64) * D + offs_d[:, None],
+                     mask=col_ok[None, :] & d_ok[:, None], other=0)
+        s_int = tl.dot(qi, kt, out_dtype=tl.int32)
+        if STORE_QK:  # debug: the exact integer scores, compared bit for bit with the reference
+            tl.store(Dbg + pid_bh * Lq * Lk + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :], s_int,
+                     mask=row_ok[:, None] & col_ok[None, :])
+        k_scale = tl.load(ks_base + offs_n // QBLOCK_N, mask=col_ok, other=0.0)
+        s = s_int.to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        keep = col_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            mvals = tl.load(m_base + offs_n[None, :] * s_mn, mask=keep, other=0)
+            if MASK_IS_BOOL:
+                keep = keep & (mvals != 0)
+            else:
+                s = s + mvals.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :] * s_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if PV_FP8:  # p <= 1, so p * 448 uses the whole E4M3 range; V arrives pre-scaled per channel
+            acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+        else:
+            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+        m_i = m_new
+
+    if PV_FP8:
+        v_scale = tl.load(Vs + pid_bh * D + offs_d, mask=d_ok, other=0.0) * (1.0 / 448.0)
+        acc = acc * v_scale[None, :]
+    has_any = l_i > 0.0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :] * s_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        lse = tl.where(has_any, (m_i + tl.math.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
+
+
+def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, lse, is_causal: bool,
+                       scale: float, *, pv_fp8: bool, qk_debug=None) -> None:
+    """q_int8 [B,H,Lq,D] / k_int8 [B,H,Lk,D] contiguous with block scales [B,H,nblocks] fp32;
+    v [B,H,Lk,D] any strides: fp16/bf16 (cast to fp16 in the tile), or contiguous float8_e4m3fn
+    with per-channel v_scale [B,H,D] when pv_fp8; qk_debug None or int32 [B,H,Lq,Lk] contiguous."""
+    B, H, Lq, D = q_int8.shape
+    Lk = k_int8.shape[2]
+    if B * H * Lq == 0:
+        return
+    mask_t, ms, has_mask, mask_bool = _mask_args(mask)
+    if qk_debug is not None:
+        # the debug store runs per tile; one fixed config keeps it independent of tuning
+        kernel, cfg = _attn_int8_fwd_kernel, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    else:
+        kernel, cfg = _tuned("_attn_int8_fwd_kernel", _arch_family(q_int8.device)), {}
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](
+        q_int8, q_scale, k_int8, k_scale, v, v_scale if v_scale is not None else q_scale,
+        mask_t if has_mask else q_scale, out, lse if lse is not None else q_scale,
+        qk_debug if qk_debug is not None else q_scale,
+        *v.stride(), *out.stride(), *ms,
+        H, Lq, Lk, D, q_scale.shape[2], k_scale.shape[2], float(scale) * LOG2E, _bucket(Lq), _bucket(Lk),
+        HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
+        PV_FP8=pv_fp8, STORE_QK=qk_debug is not None, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
+        BLOCK_D=_block_d(D), **cfg,
+    )
+
+
+# -- static report (benchmarks/static_report.py compiles these for sm_80 / sm_89 / sm_90a) ---------
+
+def _fp_case(name, dtype, head_dim, bm, bn, warps, stages):
+    t = "*fp16" if dtype == "fp16" else "*bf16"
+    sig = {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"}
+    sig.update({n: "i32" for n in ("s_qb", "s_qh", "s_qm", "s_qd", "s_kb", "s_kh", "s_kn", "s_kd",
+                                   "s_vb", "s_vh", "s_vn", "s_vd", "s_ob", "s_oh", "s_om", "s_od",
+                                   "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "D")})
+    sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
+    consts = dict(HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, DOT_PRECISION="tf32",
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
+    sig.update({k: "constexpr" for k in consts})
+    return {"name": name, "fn": _attn_fwd_kernel, "signature": sig, "constexprs": consts,
+            "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True}
+
+
+def _int8_case(name, head_dim, pv_fp8, bm, bn, warps, stages):
+    sig = {"Qi": "*i8", "Qs": "*fp32", "Ki": "*i8", "Ks": "*fp32", "V": "*fp8e4nv" if pv_fp8 else "*fp16",
+           "Vs": "*fp32", "Mask": "*fp16", "Out": "*fp16", "Lse": "*fp32", "Dbg": "*i32"}
+    sig.update({n: "i32" for n in ("s_vb", "s_vh", "s_vn", "s_vd", "s_ob", "s_oh", "s_om", "s_od",
+                                   "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "D", "n_qblocks", "n_kblocks")})
+    sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
+    consts = dict(HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8,
+                  STORE_QK=False, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
+    sig.update({k: "constexpr" for k in consts})
+    return {"name": name, "fn": _attn_int8_fwd_kernel, "signature": sig, "constexprs": consts,
+            "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True}
+
+
+STATIC_REPORT_CASES = [
+    _fp_case("attn_fwd_fp16_hd64_128x64", "fp16", 64, 128, 64, 4, 3),
+    _fp_case("attn_fwd_fp16_hd128_128x64", "fp16", 128, 128, 64, 8, 3),
+    _fp_case("attn_fwd_bf16_hd128_128x128", "bf16", 128, 128, 128, 8, 2),
+    _fp_case("attn_fwd_fp16_hd256_64x64", "fp16", 256, 64, 64, 4, 3),
+    _int8_case("attn_int8_fwd_pv_fp16_hd128_128x64", 128, False, 128, 64, 8, 3),
+    _int8_case("attn_int8_fwd_pv_fp8_hd128_128x64", 128, True, 128, 64, 8, 3),
+    _int8_case("attn_int8_fwd_pv_fp8_hd64_128x64", 64, True, 128, 64, 4, 3),
+]
