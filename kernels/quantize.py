@@ -72,3 +72,22 @@ def quantize_per_token(x2d: torch.Tensor, out2d: torch.Tensor, scales: torch.Ten
     BLOCK_K = min(triton.next_power_of_2(K), 8192)
     _quantize_per_token_kernel[(M,)](x2d, out2d, scales, K, AMAX_MIN=AMAX_FLOOR, BLOCK_K=BLOCK_K,
                                      SINGLE_PASS=K <= BLOCK_K)
+
+
+# Configs the launchers above pick (benchmarks/static_report.py compiles them for sm_80/89/90a):
+# per-tensor is one fixed block; per-token is single-pass for K <= 8192 (BLOCK_K = next pow2 of K,
+# diffusion widths 320..3072 -> 512..4096) and two-pass with BLOCK_K = 8192 above.
+STATIC_REPORT_CASES = [
+    *({"name": f"per_tensor_{dt[1:]}", "fn": _quantize_per_tensor_kernel,
+       "signature": {"x_ptr": dt, "scale_ptr": "*fp32", "zp_ptr": "*i32", "out_ptr": "*i8", "n": "i32",
+                     "BLOCK": "constexpr"},
+       "constexprs": {"BLOCK": 4096}, "num_warps": 4, "num_stages": 3, "hot": True, "tensor_cores": False}
+      for dt in ("*fp16", "*bf16", "*fp32")),
+    *({"name": f"per_token_{dt[1:]}_k{block_k}", "fn": _quantize_per_token_kernel,
+       "signature": {"x_ptr": dt, "out_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32",
+                     "AMAX_MIN": "constexpr", "BLOCK_K": "constexpr", "SINGLE_PASS": "constexpr"},
+       "constexprs": {"AMAX_MIN": AMAX_FLOOR, "BLOCK_K": block_k, "SINGLE_PASS": single},
+       "num_warps": 4, "num_stages": 3, "hot": True, "tensor_cores": False}
+      for dt, block_k, single in (("*fp16", 512, True), ("*fp16", 4096, True), ("*bf16", 4096, True),
+                                  ("*fp16", 8192, False), ("*bf16", 8192, False))),
+]
