@@ -1,1 +1,45 @@
-"""(filled in by its issue)"""
+"""Quantized layers: QuantLinear, QuantConv2d (packed low-bit weights, real low-bit GEMMs)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from diffaccel.quant.formats import QuantSpec, resolve_spec
+
+from .quant_conv import QuantConv2d, quantize_conv_reason
+from .quant_linear import QuantLinear, quantize_linear_reason
+
+
+def quantize_reason(module: nn.Module, spec) -> Optional[str]:
+    """Why ``module`` cannot be quantized with ``spec`` (a QuantSpec or preset name), None if it can."""
+    spec = resolve_spec(spec)
+    if isinstance(module, (QuantLinear, QuantConv2d)):
+        return "already quantized"
+    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        if module.weight.is_meta:
+            return "weight is on the meta device"
+        if not module.weight.is_floating_point():
+            return f"weight dtype {module.weight.dtype} is not float"
+        return quantize_linear_reason(module, spec)
+    if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
+        if module.weight.is_meta:
+            return "weight is on the meta device"
+        if not module.weight.is_floating_point():
+            return f"weight dtype {module.weight.dtype} is not float"
+        return quantize_conv_reason(module, spec)
+    return f"unsupported module kind {type(module).__name__} (only nn.Linear and nn.Conv2d)"
+
+
+def quantize_module(module: nn.Module, spec, **params):
+    """QuantLinear/QuantConv2d.from_float(module, spec, **params); ValueError with the reason otherwise."""
+    spec = resolve_spec(spec)
+    why = quantize_reason(module, spec)
+    if why is not None:
+        raise ValueError(f"module: cannot quantize {type(module).__name__} with {spec}: {why}")
+    if isinstance(module, nn.Linear):
+        return QuantLinear.from_float(module, spec, **params)
+    return QuantConv2d.from_float(module, spec, **params)
+
+
+__all__ = ["QuantLinear", "QuantConv2d", "QuantSpec", "quantize_reason", "quantize_module"]

@@ -1,0 +1,317 @@
+"""What QuantLinear and QuantConv2d share: the packed weight buffers built from a spec, the
+activation parameters (one set per timestep when calibrated that way), device moves that
+keep packed dtypes, and the GEMM dispatch on a 2-d [M, K] activation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffaccel.ops import gemm as G
+from diffaccel.quant import formats as fmt
+from diffaccel.quant.formats import QuantSpec, resolve_spec
+
+# weight-only int GEMM in-kernel up to this many rows; above it the weight is dequantized once
+# per call and a float GEMM runs (the dequantization is O(N*K) against O(M*N*K) of work)
+WEIGHT_ONLY_KERNEL_MAX_M = 256
+
+
+def _float_tensor(name: str, t, shape: tuple) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point() or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    return t
+
+
+def _positive(name: str, t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+    if not bool((t > 0).all()):
+        raise ValueError(f"{name}: expected values > 0, got min {t.min().item():g}")
+    return t
+
+
+class QuantLayerBase(nn.Module):
+    """Holds: weight_q (int8 [N, K] | uint8 packed int4/fp4 [N, K // 2] | float8_e4m3fn [N, K]),
+    weight_scale (fp32 [N] or [N, G]; fp16 [N, G] for fp4), weight_sum (int32 row sums of the
+    codes for the zero-point correction, static asymmetric only), bias (fp32), smooth (fp32 [K]),
+    act_scale / act_zero_point ([T] or [T, 2] for a split input). K is the GEMM's K."""
+
+    def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):
+        self.spec = spec
+        self.gemm_n = N
+        self.gemm_k = K
+        self.group_size = spec.weight_group_size
+        self.original_dtype = original_dtype
+        self.step_state = None  # set by calibration code: an object with .index (0-d int64 on device)
+        self.act_split_k: Optional[int] = None
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _build_weight(self, w2d: Optional[torch.Tensor], weight_q, weight_scale, smooth_k):
+        """w2d: the float weight [N, K] (already in the GEMM's K order), or codes + scales."""
+        spec, N, K = self.spec, self.gemm_n, self.gemm_k
+        g = spec.weight_group_size
+        groups = None if g is None else K // g
+        scale_shape = (N,) if groups is None else (N, groups)
+        if weight_q is not None or weight_scale is not None:
+            if weight_q is None or weight_scale is None:
+                raise ValueError("weight_q: weight_q and weight_scale are given together")
+            if spec.weight_dtype == "fp4_e2m1":
+                raise ValueError("weight_q: pre-quantized codes are not accepted for fp4_e2m1; pass weight=")
+            if not isinstance(weight_q, torch.Tensor) or weight_q.numel() != N * K:
+                raise ValueError(f"weight_q: expected {N * K} codes ([N, K] = [{N}, {K}])")
+            q = weight_q.reshape(N, K)
+            if spec.weight_dtype == "fp8_e4m3":
+                if q.dtype != torch.float8_e4m3fn:
+                    raise TypeError(f"weight_q: expected float8_e4m3fn codes, got {q.dtype}")
+            else:
+                if q.dtype.is_floating_point or q.dtype == torch.bool:
+                    raise TypeError(f"weight_q: expected integer codes, got {q.dtype}")
+                lo, hi = (-8, 7) if spec.weight_dtype == "int4" else (-127, 127)
+                if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+                    raise ValueError(f"weight_q: {spec.weight_dtype} codes must lie in [{lo}, {hi}]")
+                q = q.to(torch.int8)
+            if not isinstance(weight_scale, torch.Tensor) or weight_scale.numel() != (N if groups is None else N * groups):
+                raise ValueError(f"weight_scale: expected shape {scale_shape}")
+            scale = _positive("weight_scale", weight_scale.reshape(scale_shape)).contiguous()
+        else:
+            if smooth_k is not None:
+                w2d = w2d.float() * smooth_k.reshape(1, K)
+            if spec.weight_dtype in ("int8", "int4"):
+                q, scale = fmt.quantize_weight_int(w2d, spec.weight_bits, g)
+            elif spec.weight_dtype == "fp8_e4m3":
+                q, scale = fmt.quantize_weight_fp8(w2d)
+            else:
+                q, scale = fmt.quantize_weight_fp4(w2d, g)
+        codes_int = q if spec.weight_dtype in ("int8", "int4") else None
+        if spec.weight_dtype == "int4":
+            q = fmt.pack_int4(q)
+        self.register_buffer("weight_q", q.contiguous())
+        self.register_buffer("weight_scale", scale.contiguous())
+        return codes_int
+
+    def _build_act(self, codes_int, act_scale, act_zero_point, act_split: Optional[int], smooth_k, device):
+        spec = self.spec
+        if smooth_k is not None and spec.act_dtype is None:
+            raise ValueError("smooth: SmoothQuant scaling needs quantized activations; the spec is weight-only")
+        self.register_buffer("smooth", None if smooth_k is None else smooth_k.float().contiguous().to(device))
+        static = spec.act_dtype is not None and spec.act_mode == "static"
+        if not static:
+            for name, v in (("act_scale", act_scale), ("act_zero_point", act_zero_point), ("act_split", act_split)):
+                if v is not None:
+                    raise ValueError(f"{name}: only for static activations; spec has act_dtype={spec.act_dtype!r}, "
+                                     f"act_mode={spec.act_mode!r}")
+            self.register_buffer("act_scale", None)
+            self.register_buffer("act_zero_point", None)
+            self.register_buffer("weight_sum", None)
+            return
+        if act_scale is None:
+            raise ValueError("act_scale: required for static activation quantization (calibrated scales [T])")
+        parts = 1 if act_split is None else 2
+        if not isinstance(act_scale, torch.Tensor):
+            raise TypeError(f"act_scale: expected a float32 tensor [T{', 2' if parts == 2 else ''}], "
+                            f"got {type(act_scale).__name__}")
+        if not act_scale.is_floating_point():
+            raise TypeError(f"act_scale: expected a float32 tensor, got {act_scale.dtype}")
+        want_dim = 1 if parts == 1 else 2
+        if act_scale.dim() != want_dim or act_scale.shape[0] < 1 or (parts == 2 and act_scale.shape[1] != 2):
+            raise ValueError(f"act_scale: expected shape [T]{' x 2 (act_split)' if parts == 2 else ''} with T >= 1, "
+                             f"got {tuple(act_scale.shape)}")
+        scale = _positive("act_scale", act_scale).contiguous().to(device)
+        zp = None
+        if act_zero_point is not None:
+            if not isinstance(act_zero_point, torch.Tensor) or act_zero_point.dtype.is_floating_point:
+                raise TypeError("act_zero_point: expected an int32 tensor")
+            if tuple(act_zero_point.shape) != tuple(act_scale.shape):
+                raise ValueError(f"act_zero_point: expected shape {tuple(act_scale.shape)} like act_scale, "
+                                 f"got {tuple(act_zero_point.shape)}")
+            if act_zero_point.numel() and (int(act_zero_point.min()) < -128 or int(act_zero_point.max()) > 127):
+                raise ValueError("act_zero_point: expected values in [-128, 127]")
+            if spec.act_symmetric and bool((act_zero_point != 0).any()):
+                raise ValueError("act_zero_point: the spec's activations are symmetric (act_symmetric=True), "
+                                 "got non-zero zero points")
+            if spec.act_dtype != "int8" and bool((act_zero_point != 0).any()):
+                raise ValueError("act_zero_point: fp8 activations have no zero point")
+            if bool((act_zero_point != 0).any()):
+                zp = act_zero_point.to(torch.int32).contiguous().to(device)
+        self.register_buffer("act_scale", scale)
+        self.register_buffer("act_zero_point", zp)
+        wsum = None
+        if zp is not None:
+            wsum = self._weight_sums(codes_int)
+        self.register_buffer("weight_sum", wsum)
+
+    def _weight_sums(self, codes):
+        """int32 row sums of the codes per channel [N] (or per group [N, G]); with a split input,
+        per channel: [2, N] (the two K ranges)."""
+        N, K = codes.shape
+        g = self.group_size
+        if g is not None:
+            return codes.to(torch.int32).reshape(N, K // g, g).sum(-1, dtype=torch.int32).contiguous()
+        if self.act_split_k is not None:
+            k1 = self.act_split_k
+            return torch.stack((codes[:, :k1].sum(1, dtype=torch.int32),
+                                codes[:, k1:].sum(1, dtype=torch.int32))).contiguous()
+        return codes.sum(1, dtype=torch.int32).contiguous()
+
+    def _set_bias(self, bias: Optional[torch.Tensor]):
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    # -- module plumbing ----------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast float8 codes and fp32 scales; instead move buffers to the
+        # target device keeping their dtypes, and let a float dtype change the output dtype.
+        probe = fn(torch.zeros(1, dtype=torch.float64, device=self.weight_q.device))
+        if probe.dtype != torch.float64 and probe.dtype.is_floating_point:
+            self.original_dtype = probe.dtype
+        for name, buf in list(self._buffers.items()):
+            if buf is not None and buf.device != probe.device:
+                self._buffers[name] = buf.to(probe.device)
+        return self
+
+    def weight_bytes(self) -> int:
+        """Bytes of the packed weights, their scales and the zero-point corrections."""
+        return sum(t.numel() * t.element_size() for t in (self.weight_q, self.weight_scale, self.weight_sum)
+                   if t is not None)
+
+    def _weight_gemm_dequantized(self) -> torch.Tensor:
+        """fp32 [N, K]: the weight the codes represent in the GEMM (smoothing still folded in)."""
+        s = self.spec
+        if s.weight_dtype == "fp4_e2m1":
+            return fmt.dequantize_fp4(self.weight_q, self.weight_scale, self.group_size)
+        if s.weight_dtype == "fp8_e4m3":
+            return self.weight_q.float() * self.weight_scale.reshape(-1, 1)
+        q = fmt.unpack_int4(self.weight_q) if s.weight_dtype == "int4" else self.weight_q
+        return fmt.dequantize_int(q, self.weight_scale, self.group_size)
+
+    def _dequantized_weight_2d(self) -> torch.Tensor:
+        w = self._weight_gemm_dequantized()
+        if self.smooth is not None:
+            w = w / self.smooth.reshape(1, -1)
+        return w
+
+    def _spec_repr(self) -> str:
+        s = self.spec
+        parts = [f"w={s.weight_dtype}", f"group={s.weight_group_size or 'channel'}",
+                 f"a={s.act_dtype or 'fp16/bf16 (weight-only)'}"]
+        if s.act_dtype is not None:
+            parts.append(f"act_mode={s.act_mode}{'' if s.act_symmetric else ' asym'}")
+            if self.act_scale is not None:
+                parts.append(f"timestep_sets={self.act_scale.shape[0]}")
+        if self.smooth is not None:
+            parts.append("smooth")
+        parts.append(f"out={str(self.original_dtype).replace('torch.', '')}")
+        return ", ".join(parts)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _act_params(self):
+        """(scale [1] or [2], zero point [1] or [2] or None) of the active timestep set."""
+        scale, zp = self.act_scale, self.act_zero_point
+        T = scale.shape[0]
+        if T == 1:
+            return scale[0], (zp[0] if zp is not None else None)
+        state = self.step_state
+        if state is None or getattr(state, "index", None) is None:
+            raise RuntimeError(f"step_state: act_scale holds {T} timestep sets; set module.step_state to an object "
+                               f"whose .index (0-d int64 tensor on {scale.device}) selects one")
+        idx = state.index.reshape(1)  # device tensor: no .item(), no host sync
+        scale = torch.index_select(scale, 0, idx)[0]
+        if zp is not None:
+            zp = torch.index_select(zp, 0, idx)[0]
+        return scale, zp
+
+    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] float -> [M, N] in the module's output dtype."""
+        s = self.spec
+        out_dtype = self.original_dtype
+        if s.act_dtype == "int8":
+            w_int4 = s.weight_dtype == "int4"
+            common = dict(group_size=self.group_size, w_int4=w_int4, out_dtype=out_dtype)
+            if s.act_mode == "dynamic":
+                return G.int8_linear(x2, self.weight_q, self.weight_scale, smooth=self.smooth, bias=self.bias, **common)
+            scale, zp = self._act_params()
+            if self.act_split_k is None:
+                return G.int8_linear(x2, self.weight_q, self.weight_scale, smooth=self.smooth, act_scale=scale,
+                                     act_zero_point=zp, w_sum=self.weight_sum, bias=self.bias, **common)
+            return self._split_int8(x2, scale, zp, w_int4, out_dtype)
+        if s.act_dtype == "fp8_e4m3":
+            if s.act_mode == "dynamic":
+                return G.fp8_linear(x2, self.weight_q, self.weight_scale, smooth=self.smooth, bias=self.bias,
+                                    out_dtype=out_dtype)
+            scale, _ = self._act_params()
+            if self.act_split_k is None:
+                return G.fp8_linear(x2, self.weight_q, self.weight_scale, smooth=self.smooth, act_scale=scale,
+                                    bias=self.bias, out_dtype=out_dtype)
+            return self._split_fp8(x2, scale, out_dtype)
+        return self._weight_only(x2)
+
+    def _split_int8(self, x2, scale, zp, w_int4, out_dtype):
+        # Q-Diffusion split shortcut: the two input ranges have their own quantizers, so the GEMM
+        # runs as two K ranges summed in fp32 (each exact against the reference), bias on the second
+        k1, K, g = self.act_split_k, self.gemm_k, self.group_size
+        wk1 = k1 // 2 if w_int4 else k1
+        ys = []
+        for part, (ks, ws) in enumerate(((slice(0, k1), slice(0, wk1)), (slice(k1, K), slice(wk1, None)))):
+            if g is None:
+                w_scale = self.weight_scale
+                w_sum = self.weight_sum[part] if self.weight_sum is not None else None
+            else:
+                gs = slice(0, k1 // g) if part == 0 else slice(k1 // g, None)
+                w_scale = self.weight_scale[:, gs]
+                w_sum = self.weight_sum[:, gs] if self.weight_sum is not None else None
+            ys.append(G.int8_linear(
+                x2[:, ks], self.weight_q[:, ws], w_scale, smooth=None if self.smooth is None else self.smooth[ks],
+                act_scale=scale[part], act_zero_point=None if zp is None else zp[part], w_sum=w_sum,
+                bias=self.bias if part == 1 else None, group_size=g, w_int4=w_int4, out_dtype=torch.float32))
+        return (ys[0] + ys[1]).to(out_dtype)
+
+    def _split_fp8(self, x2, scale, out_dtype):
+        k1 = self.act_split_k
+        ys = [G.fp8_linear(x2[:, ks], self.weight_q[:, ks], self.weight_scale,
+                           smooth=None if self.smooth is None else self.smooth[ks], act_scale=scale[part],
+                           bias=self.bias if part == 1 else None, out_dtype=torch.float32)
+              for part, ks in enumerate((slice(0, k1), slice(k1, None)))]
+        return (ys[0] + ys[1]).to(out_dtype)
+
+    def _weight_only(self, x2):
+        s = self.spec
+        dt = self.original_dtype if self.original_dtype in (torch.float16, torch.bfloat16) else torch.float32
+        x2 = x2.to(dt)
+        if s.weight_dtype in ("int8", "int4") and dt != torch.float32 and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_M:
+            y = G.weight_only_gemm(x2, self.weight_q, self.weight_scale, bias=self.bias, group_size=self.group_size,
+                                   w_int4=s.weight_dtype == "int4")
+        else:
+            # fp8/fp4 weight-only storage, fp32 compute, or large M: dequantize, then a float GEMM
+            w = self._weight_gemm_dequantized().to(dt)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(dt))
+        return y.to(self.original_dtype)
+
+
+def reason_for_k(spec: QuantSpec, K: int) -> Optional[str]:
+    g = spec.weight_group_size
+    if g is not None and K % g:
+        return f"K={K} is not divisible by weight_group_size={g}"
+    if spec.weight_dtype in ("int4", "fp4_e2m1") and K % 2:
+        return f"K={K} is odd; {spec.weight_dtype} packs two values per byte"
+    return None
+
+
+def check_float_weight(module: nn.Module):
+    w = module.weight
+    if not w.is_floating_point():
+        raise TypeError(f"module: expected a float weight, got {w.dtype}")
+    return w
+
+
+__all__ = ["QuantLayerBase", "reason_for_k", "resolve_spec"]

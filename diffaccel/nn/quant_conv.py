@@ -1,0 +1,117 @@
+"""QuantConv2d: 1x1 convs run as a GEMM over pixels (channels as K); k x k convs as im2col
+(F.unfold) feeding the same GEMM, K ordered (channel, kh, kw) like the conv weight. Implicit
+GEMM in Triton is not done. Dynamic activation quantization is per GEMM row: per pixel over
+channels for 1x1, per output position over its receptive field for k x k."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffaccel.quant.formats import QuantSpec, resolve_spec
+
+from ._base import QuantLayerBase, _float_tensor, _positive, check_float_weight, reason_for_k
+
+
+class QuantConv2d(QuantLayerBase):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                 spec: QuantSpec, original_dtype: torch.dtype):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        kh, kw = self.kernel_size
+        self._init_common(spec, out_channels, in_channels * kh * kw, original_dtype)
+
+    @property
+    def is_pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec, *, weight: Optional[torch.Tensor] = None,
+                   act_scale: Optional[torch.Tensor] = None, act_zero_point: Optional[torch.Tensor] = None,
+                   act_split: Optional[int] = None, smooth: Optional[torch.Tensor] = None,
+                   weight_q: Optional[torch.Tensor] = None,
+                   weight_scale: Optional[torch.Tensor] = None) -> "QuantConv2d":
+        """Like ``QuantLinear.from_float``; ``act_split=C1`` quantizes input channels [0, C1) and
+        [C1, C) with separate static parameters (act_scale/act_zero_point of shape [T, 2]);
+        ``smooth`` is per input channel [C]."""
+        spec = resolve_spec(spec)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        why = quantize_conv_reason(conv, spec)
+        if why:
+            raise ValueError(f"conv: cannot quantize with {spec}: {why}")
+        w0 = check_float_weight(conv)
+        N, C, kh, kw = conv.weight.shape
+        if weight is not None:
+            w0 = _float_tensor("weight", weight, tuple(conv.weight.shape))
+        mod = cls(C, N, conv.kernel_size, conv.stride, conv.padding, conv.dilation, spec, conv.weight.dtype)
+        if act_split is not None:
+            if isinstance(act_split, bool) or not isinstance(act_split, int) or not 0 < act_split < C:
+                raise ValueError(f"act_split: expected an int channel index in (0, {C}), got {act_split!r}")
+            k1 = act_split * kh * kw
+            g = spec.weight_group_size
+            if g is not None and k1 % g:
+                raise ValueError(f"act_split: the split at K={k1} must fall on a weight group boundary "
+                                 f"(weight_group_size={g})")
+            if spec.weight_dtype == "int4" and k1 % 2:
+                raise ValueError(f"act_split: the split at K={k1} must be even for packed int4 weights")
+            mod.act_split_k = k1
+        mod.act_split = act_split
+        smooth_k = None
+        if smooth is not None:
+            smooth_c = _positive("smooth", _float_tensor("smooth", smooth, (C,)))
+            smooth_k = smooth_c.repeat_interleave(kh * kw)  # K order is (c, kh, kw)
+        with torch.no_grad():
+            codes = mod._build_weight(w0.detach().reshape(N, -1), weight_q, weight_scale, smooth_k)
+            mod._build_act(codes, act_scale, act_zero_point, act_split, smooth_k, w0.device)
+            mod._set_bias(conv.bias)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        N = self.out_channels
+        if self.is_pointwise:
+            x2 = x.permute(0, 2, 3, 1).reshape(-1, C)
+            y = self._gemm(x2)
+            return y.reshape(B, H, W, N).permute(0, 3, 1, 2).contiguous()
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        x2 = cols.transpose(1, 2).reshape(-1, self.gemm_k)
+        y = self._gemm(x2)
+        return y.reshape(B, Ho * Wo, N).transpose(1, 2).reshape(B, N, Ho, Wo)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 [out_channels, in_channels, kh, kw]: the weight this layer computes with."""
+        return self._dequantized_weight_2d().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.act_split_k is not None:
+            s += f", act_split={self.act_split}"
+        return f"{s}, bias={self.bias is not None}, {self._spec_repr()}"
+
+
+def quantize_conv_reason(conv: nn.Conv2d, spec: QuantSpec) -> Optional[str]:
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups}) is not supported"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} is not supported (give explicit padding)"
+    N, C, kh, kw = conv.weight.shape
+    return reason_for_k(spec, C * kh * kw)

@@ -1,0 +1,70 @@
+"""QuantLinear: an nn.Linear whose weight is stored packed (int8, int4, fp8, fp4) and whose
+forward runs the quantized GEMMs of ``diffaccel.ops.gemm``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffaccel.quant.formats import QuantSpec, resolve_spec
+
+from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_k
+
+
+class QuantLinear(QuantLayerBase):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, original_dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_common(spec, out_features, in_features, original_dtype)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec, *, weight: Optional[torch.Tensor] = None,
+                   act_scale: Optional[torch.Tensor] = None, act_zero_point: Optional[torch.Tensor] = None,
+                   smooth: Optional[torch.Tensor] = None, weight_q: Optional[torch.Tensor] = None,
+                   weight_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Quantize ``linear`` with ``spec`` (a QuantSpec or preset name). ``weight`` replaces the float
+        weight to quantize (e.g. AdaRound-rounded); ``weight_q``/``weight_scale`` give codes directly.
+        ``act_scale``/``act_zero_point`` [T]: static activation parameters, one set per timestep set.
+        ``smooth`` [in_features]: SmoothQuant factors (weights * s, activations / s)."""
+        spec = resolve_spec(spec)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        why = quantize_linear_reason(linear, spec)
+        if why:
+            raise ValueError(f"linear: cannot quantize with {spec}: {why}")
+        w0 = check_float_weight(linear)
+        N, K = linear.out_features, linear.in_features
+        if weight is not None:
+            w0 = _float_tensor("weight", weight, (N, K))
+        smooth_k = None
+        if smooth is not None:
+            from ._base import _positive
+
+            smooth_k = _positive("smooth", _float_tensor("smooth", smooth, (K,)))
+        mod = cls(K, N, spec, linear.weight.dtype)
+        with torch.no_grad():
+            codes = mod._build_weight(w0.detach(), weight_q, weight_scale, smooth_k)
+            mod._build_act(codes, act_scale, act_zero_point, None, smooth_k, w0.device)
+            mod._set_bias(linear.bias)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = self._gemm(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 [out_features, in_features]: the weight this layer computes with (smoothing undone)."""
+        return self._dequantized_weight_2d()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._spec_repr()}")
+
+
+def quantize_linear_reason(linear: nn.Linear, spec: QuantSpec) -> Optional[str]:
+    return reason_for_k(spec, linear.in_features)

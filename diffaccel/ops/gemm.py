@@ -1,0 +1,574 @@
+"""Quantized GEMM ops: W8A8 / W4A8 with int8 activations, FP8 W8A8, weight-only W4A16/W8A16,
+and the activation quantizers that feed them (smoothing division folded in).
+
+Layouts: activations [M, K]; weights [N, K] (int8, float8_e4m3fn, or int4 packed two per
+byte as uint8 [N, K // 2] with the low nibble holding the even k); out [M, N].
+
+Numerics (every backend computes exactly this; ``kernels/gemm.py`` restates it):
+- int8 activations, per-channel weights:
+    acc = sum_k a_q[m, k] * w_q[n, k]                               (int32, exact)
+    acc = acc - zp * w_sum[n]         (static asymmetric activations; w_sum = rowsum(w_q))
+    y = fp32(acc) * a_scale[m] * w_scale[n]  (+ bias[n])  -> out_dtype   (fp32, left to right)
+- int8 activations, group-wise weights (group g of ``group_size`` along K, in K order):
+    y = 0;  y = y + fp32(acc_g - zp * w_sum[n, g]) * w_scale[n, g];  y = y * a_scale[m] (+ bias)
+  The int32 group sums are exact; the fp32 sum over groups runs in the same order in the
+  reference and in the Triton kernel (one group per K block), so outputs are bit-exact too.
+- activation quantization: x' = fp32(x) / smooth[k] (IEEE division, only with a smoothing
+  vector); dynamic per token: scale = max(amax|x'|, 1e-12) / 127, q = clamp(rne(x' / scale),
+  -128, 127); static: q = clamp(rne(x' / scale) + zp, -128, 127) (as ``quantize_per_tensor``).
+- fp8: acc = fp32 sum of fp8 products (``torch._scaled_mm`` with unit scales in the reference,
+  which runs on CPU in torch 2.14), then the int8 epilogue. Activations: scale =
+  max(amax|x'|, 1e-12) / 448, q = fp8_e4m3(clamp(x' / scale, -448, 448)), round to nearest even.
+  The fp32 sum order is the backend's own, so fp8 results equal the reference exactly only
+  where partial sums are exact (tests use such operands) and to fp32 rounding otherwise.
+- weight-only: y = sum over groups (x @ w_q^T)_g * w_scale[n, g] in fp32 (+ bias) -> x.dtype;
+  the float dot's summation order is the backend's own (stated tolerances in the tests).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend
+from ._checks import check_positive_finite, check_tensor, same_device
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AMAX_FLOOR = 1e-12
+FP8_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn
+# Below this many rows one fused kernel quantizes the activations inside the GEMM (each
+# N-tile requantizes its rows, cheaper than a second launch); above, one quantization pass
+# then the int8 GEMM.
+FUSED_QUANT_MAX_M = 64
+
+
+# -- references -------------------------------------------------------------------------------
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    from diffaccel.quant.formats import unpack_int4
+
+    return unpack_int4(packed)
+
+
+def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T -> int32 [M, N] (torch._int_mm; exact)."""
+    if a.device.type == "cuda" and (a.shape[0] <= 16 or a.shape[1] % 8 or b_t.shape[0] % 8):
+        return (a.to(torch.int32) @ b_t.to(torch.int32).t())  # cuBLAS int8 shape limits
+    return torch._int_mm(a.contiguous(), b_t.t())
+
+
+def int8_act_gemm_reference(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size: int, w_int4: bool,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    wq = _unpack_int4(w) if w_int4 else w
+    M, K = a.shape
+    N = wq.shape[0]
+    sa = a_scale.reshape(-1, 1) if a_scale.numel() > 1 else a_scale.reshape(())
+    zp = zero_point.reshape(()) if zero_point is not None else None
+    if not group_size:
+        acc = _int_mm(a, wq)
+        if zp is not None:
+            acc = acc - zp * w_sum.reshape(1, N)
+        y = acc.float() * sa * w_scale.reshape(1, N)
+    else:
+        y = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+        for g in range(K // group_size):
+            sl = slice(g * group_size, (g + 1) * group_size)
+            acc = _int_mm(a[:, sl], wq[:, sl])
+            if zp is not None:
+                acc = acc - zp * w_sum[:, g].reshape(1, N)
+            y = y + acc.float() * w_scale[:, g].reshape(1, N)
+        y = y * sa
+    if bias is not None:
+        y = y + bias.reshape(1, N)
+    return y.to(out_dtype)
+
+
+def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:
+    xf = x.float()
+    return xf / smooth.float() if smooth is not None else xf
+
+
+def quantize_rows_int8_reference(x, smooth):
+    xf = _smoothed(x, smooth)
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / 127.0
+    return torch.round(xf / scale).clamp_(-128, 127).to(torch.int8), scale
+
+
+def quantize_static_int8_reference(x, smooth, scale, zero_point):
+    q = torch.round(_smoothed(x, smooth) / scale.float().reshape(()))
+    if zero_point is not None:
+        q = q + zero_point.reshape(()).float()
+    return q.clamp_(-128, 127).to(torch.int8)
+
+
+def int8_linear_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size: int,
+                          w_int4: bool, out_dtype: torch.dtype):
+    if act_scale is None:
+        q, s = quantize_rows_int8_reference(x, smooth)
+    else:
+        q, s = quantize_static_int8_reference(x, smooth, act_scale, act_zero_point), act_scale
+    return int8_act_gemm_reference(q, w, s, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+
+
+def _fp8_acc(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    if a.device.type == "cpu" or (a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0):
+        return torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return a.float() @ w.float().t()  # cuBLASLt fp8 needs K and N multiples of 16
+
+
+def fp8_gemm_reference(a, w, a_scale, w_scale, bias, out_dtype: torch.dtype):
+    N = w.shape[0]
+    sa = a_scale.reshape(-1, 1) if a_scale.numel() > 1 else a_scale.reshape(())
+    y = _fp8_acc(a, w) * sa * w_scale.reshape(1, N)
+    if bias is not None:
+        y = y + bias.reshape(1, N)
+    return y.to(out_dtype)
+
+
+def quantize_rows_fp8_reference(x, smooth):
+    xf = _smoothed(x, smooth)
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_static_fp8_reference(x, smooth, scale):
+    return (_smoothed(x, smooth) / scale.float().reshape(())).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def weight_only_gemm_reference(x, w, w_scale, bias, group_size: int, w_int4: bool):
+    wq = (_unpack_int4(w) if w_int4 else w).float()
+    M, K = x.shape
+    N = wq.shape[0]
+    xf = x.float()
+    if not group_size:
+        y = (xf @ wq.t()) * w_scale.reshape(1, N)
+    else:
+        y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+        for g in range(K // group_size):
+            sl = slice(g * group_size, (g + 1) * group_size)
+            y = y + (xf[:, sl] @ wq[:, sl].t()) * w_scale[:, g].reshape(1, N)
+    if bias is not None:
+        y = y + bias.reshape(1, N)
+    return y.to(x.dtype)
+
+
+# -- Triton backends --------------------------------------------------------------------------
+
+def _k():
+    from diffaccel.kernels import gemm
+
+    return gemm
+
+
+def _same_layout(w_scale, w_sum):
+    # the kernel indexes scales and sums with one row stride
+    return w_scale.contiguous(), (w_sum.contiguous() if w_sum is not None else None)
+
+
+def _triton_int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+    w_scale, w_sum = _same_layout(w_scale, w_sum)
+    out = torch.empty(a.shape[0], w.shape[0], dtype=out_dtype, device=a.device)
+    _k().int8_act_gemm(a, w, a_scale.reshape(-1), w_scale, zero_point, w_sum, bias, None, out,
+                       group_size=group_size, w_int4=w_int4, fuse_quant=0, per_token=a_scale.numel() > 1)
+    return out
+
+
+def _triton_quantize_rows_int8(x, smooth):
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    s = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    _k().quantize_act_int8(x, smooth, None, None, q, s.view(-1))
+    return q, s
+
+
+def _triton_quantize_static_int8(x, smooth, scale, zero_point):
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    _k().quantize_act_int8(x, smooth, scale.reshape(1), zero_point, q, None)
+    return q
+
+
+def _triton_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                        out_dtype):
+    w_scale, w_sum = _same_layout(w_scale, w_sum)
+    M = x.shape[0]
+    out = torch.empty(M, w.shape[0], dtype=out_dtype, device=x.device)
+    k = _k()
+    dynamic = act_scale is None
+    if M <= FUSED_QUANT_MAX_M:
+        k.int8_act_gemm(x, w, None if dynamic else act_scale.reshape(1), w_scale, act_zero_point, w_sum, bias,
+                        smooth, out, group_size=group_size, w_int4=w_int4, fuse_quant=1 if dynamic else 2,
+                        per_token=dynamic)
+        return out
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    if dynamic:
+        s = torch.empty(M, dtype=torch.float32, device=x.device)
+        k.quantize_act_int8(x, smooth, None, None, q, s)
+    else:
+        s = act_scale.reshape(1)
+        k.quantize_act_int8(x, smooth, s, act_zero_point, q, None)
+    k.int8_act_gemm(q, w, s, w_scale, act_zero_point, w_sum, bias, None, out, group_size=group_size,
+                    w_int4=w_int4, fuse_quant=0, per_token=dynamic)
+    return out
+
+
+def _triton_fp8_gemm(a, w, a_scale, w_scale, bias, out_dtype):
+    out = torch.empty(a.shape[0], w.shape[0], dtype=out_dtype, device=a.device)
+    _k().fp8_gemm(a, w, a_scale.reshape(-1), w_scale, bias, out, per_token=a_scale.numel() > 1)
+    return out
+
+
+def _triton_quantize_rows_fp8(x, smooth):
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    _k().quantize_act_fp8(x, smooth, None, q, s.view(-1))
+    return q, s
+
+
+def _triton_quantize_static_fp8(x, smooth, scale):
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    _k().quantize_act_fp8(x, smooth, scale.reshape(1), q, None)
+    return q
+
+
+def _triton_weight_only_gemm(x, w, w_scale, bias, group_size, w_int4):
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    _k().weight_only_gemm(x, w, w_scale, bias, out, group_size=group_size, w_int4=w_int4)
+    return out
+
+
+def _register(name, ref, triton_fn, triton_cpu=True):
+    _backend.register(_backend.OpBackends(name, torch=ref, triton=triton_fn, triton_cpu=triton_cpu))
+
+
+_register("int8_act_gemm", int8_act_gemm_reference, _triton_int8_act_gemm)
+_register("quantize_rows_int8", quantize_rows_int8_reference, _triton_quantize_rows_int8)
+_register("quantize_static_int8", quantize_static_int8_reference, _triton_quantize_static_int8)
+_register("int8_linear", int8_linear_reference, _triton_int8_linear)
+_register("fp8_gemm", fp8_gemm_reference, _triton_fp8_gemm)
+# the interpreter's fp8 casts do not round like torch's: GPU only
+_register("quantize_rows_fp8", quantize_rows_fp8_reference, _triton_quantize_rows_fp8, triton_cpu=False)
+_register("quantize_static_fp8", quantize_static_fp8_reference, _triton_quantize_static_fp8, triton_cpu=False)
+_register("weight_only_gemm", weight_only_gemm_reference, _triton_weight_only_gemm)
+
+
+# -- custom ops ---------------------------------------------------------------------------------
+
+def _impl(name, device):
+    return _backend.implementation(name, device)
+
+
+@torch.library.custom_op("diffaccel::int8_act_gemm", mutates_args=())
+def _int8_act_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                      zero_point: Optional[torch.Tensor], w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      group_size: int, w_int4: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    return _impl("int8_act_gemm", a.device)(a.contiguous(), w, a_scale, w_scale, zero_point, w_sum, bias,
+                                            group_size, w_int4, out_dtype)
+
+
+@_int8_act_gemm_op.register_fake
+def _(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("diffaccel::quantize_rows_int8", mutates_args=())
+def _quantize_rows_int8_op(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl("quantize_rows_int8", x.device)(x.contiguous(), smooth)
+
+
+@_quantize_rows_int8_op.register_fake
+def _(x, smooth):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffaccel::quantize_static_int8", mutates_args=())
+def _quantize_static_int8_op(x: torch.Tensor, smooth: Optional[torch.Tensor], scale: torch.Tensor,
+                             zero_point: Optional[torch.Tensor]) -> torch.Tensor:
+    return _impl("quantize_static_int8", x.device)(x.contiguous(), smooth, scale, zero_point)
+
+
+@_quantize_static_int8_op.register_fake
+def _(x, smooth, scale, zero_point):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("diffaccel::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
+                    act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
+                    w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    return _impl("int8_linear", x.device)(x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum,
+                                          bias, group_size, w_int4, out_dtype)
+
+
+@_int8_linear_op.register_fake
+def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("diffaccel::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    return _impl("fp8_gemm", a.device)(a.contiguous(), w, a_scale, w_scale, bias, out_dtype)
+
+
+@_fp8_gemm_op.register_fake
+def _(a, w, a_scale, w_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("diffaccel::quantize_rows_fp8", mutates_args=())
+def _quantize_rows_fp8_op(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl("quantize_rows_fp8", x.device)(x.contiguous(), smooth)
+
+
+@_quantize_rows_fp8_op.register_fake
+def _(x, smooth):
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffaccel::quantize_static_fp8", mutates_args=())
+def _quantize_static_fp8_op(x: torch.Tensor, smooth: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    return _impl("quantize_static_fp8", x.device)(x.contiguous(), smooth, scale)
+
+
+@_quantize_static_fp8_op.register_fake
+def _(x, smooth, scale):
+    return x.new_empty(x.shape, dtype=FP8_DTYPE)
+
+
+@torch.library.custom_op("diffaccel::weight_only_gemm", mutates_args=())
+def _weight_only_gemm_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                         group_size: int, w_int4: bool) -> torch.Tensor:
+    return _impl("weight_only_gemm", x.device)(x.contiguous(), w, w_scale, bias, group_size, w_int4)
+
+
+@_weight_only_gemm_op.register_fake
+def _(x, w, w_scale, bias, group_size, w_int4):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def _value_checks_enabled(t: torch.Tensor) -> bool:
+    # value checks read the data: only on CPU and outside compilation (no host sync on a GPU)
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device, like: str) -> None:
+    if not same_device(device, t.device):
+        raise ValueError(f"{name}: expected a tensor on {device} like {like}, got one on {t.device}")
+
+
+def _check_weight(w, w_scale, w_sum, *, K: int, group_size: Optional[int], w_int4: bool, device, like: str,
+                  allowed=(torch.int8,)):
+    if w_int4:
+        check_tensor("w", w, dtypes=(torch.uint8,), ndim=2, last_dim_contiguous=True)
+        if w.shape[1] * 2 != K:
+            raise ValueError(f"w: packed int4 weights need shape [N, K // 2] = [N, {K // 2}] for K={K}, "
+                             f"got {tuple(w.shape)}")
+    else:
+        check_tensor("w", w, dtypes=allowed, ndim=2, last_dim_contiguous=True)
+        if w.shape[1] != K:
+            raise ValueError(f"w: expected K={K} columns like the activations, got shape {tuple(w.shape)}")
+    _check_device("w", w, device, like)
+    N = w.shape[0]
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size: expected a positive int or None, got {group_size!r}")
+        if group_size % 16 or K % group_size:
+            raise ValueError(f"group_size: expected a multiple of 16 that divides K={K}, got {group_size}")
+    groups = None if group_size is None else K // group_size
+    want = (N,) if groups is None else (N, groups)
+    check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
+    if tuple(w_scale.shape) != want:
+        raise ValueError(f"w_scale: expected shape {want}, got {tuple(w_scale.shape)}")
+    _check_device("w_scale", w_scale, device, like)
+    if w_scale.dim() == 2 and w_scale.stride(1) != 1:
+        raise ValueError(f"w_scale: expected unit stride along groups, got strides {w_scale.stride()}")
+    if _value_checks_enabled(w_scale):
+        check_positive_finite("w_scale", w_scale)
+    if w_sum is not None:
+        check_tensor("w_sum", w_sum, dtypes=(torch.int32,))
+        if tuple(w_sum.shape) != want:
+            raise ValueError(f"w_sum: expected shape {want} (row sums of w per channel/group), got "
+                             f"{tuple(w_sum.shape)}")
+        _check_device("w_sum", w_sum, device, like)
+    return N
+
+
+def _check_bias(bias, N, device, like):
+    if bias is None:
+        return None
+    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+    if bias.shape[0] != N:
+        raise ValueError(f"bias: expected shape ({N},), got {tuple(bias.shape)}")
+    _check_device("bias", bias, device, like)
+    return bias.float().contiguous()
+
+
+def _check_out_dtype(out_dtype):
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of float16, bfloat16, float32, got {out_dtype}")
+
+
+def _check_scalar(name, t, dtype, device, like):
+    check_tensor(name, t, dtypes=(dtype,))
+    if t.numel() != 1:
+        raise ValueError(f"{name}: expected a single value (per-tensor), got shape {tuple(t.shape)}")
+    _check_device(name, t, device, like)
+    return t.reshape(1)
+
+
+def _check_zero_point(zero_point, device, like):
+    if zero_point is None:
+        return None
+    zp = _check_scalar("zero_point", zero_point, torch.int32, device, like)
+    if _value_checks_enabled(zp) and not -128 <= int(zp.item()) <= 127:
+        raise ValueError(f"zero_point: expected a value in [-128, 127], got {int(zp.item())}")
+    return zp
+
+
+def _check_smooth(smooth, K, device, like):
+    if smooth is None:
+        return None
+    check_tensor("smooth", smooth, dtypes=(torch.float32,), ndim=1, contiguous=True)
+    if smooth.shape[0] != K:
+        raise ValueError(f"smooth: expected shape ({K},) (one factor per input channel), got {tuple(smooth.shape)}")
+    _check_device("smooth", smooth, device, like)
+    if _value_checks_enabled(smooth):
+        check_positive_finite("smooth", smooth)
+    return smooth
+
+
+def _check_act_scale(a_scale, M, device, like, name="a_scale"):
+    check_tensor(name, a_scale, dtypes=(torch.float32,))
+    if a_scale.numel() not in (1, M) or (a_scale.numel() == M and M > 1 and a_scale.dim() == 2
+                                         and a_scale.shape[1] != 1):
+        raise ValueError(f"{name}: expected one scale per tensor ([1]) or per row ([M] or [M, 1], M={M}), "
+                         f"got shape {tuple(a_scale.shape)}")
+    _check_device(name, a_scale, device, like)
+    if _value_checks_enabled(a_scale):
+        check_positive_finite(name, a_scale)
+    return a_scale.reshape(-1).contiguous()
+
+
+# -- public wrappers -------------------------------------------------------------------------
+
+def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, *,
+              bias: Optional[torch.Tensor] = None, zero_point: Optional[torch.Tensor] = None,
+              w_sum: Optional[torch.Tensor] = None, group_size: Optional[int] = None, w_int4: bool = False,
+              out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Dequantized int8 x int8/int4 GEMM: ``a`` int8 [M, K] (activation scales ``a_scale`` per row or
+    per tensor, optional static ``zero_point`` with ``w_sum`` = row sums of the weight codes), ``w``
+    int8 [N, K] or packed int4 uint8 [N, K // 2] (``w_int4``), ``w_scale`` [N] or [N, K // group_size]."""
+    check_tensor("a", a, dtypes=(torch.int8,), ndim=2)
+    M, K = a.shape
+    dev = a.device
+    N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="a")
+    a_scale = _check_act_scale(a_scale, M, dev, "a")
+    zp = _check_zero_point(zero_point, dev, "a")
+    if zp is not None and w_sum is None:
+        raise ValueError("w_sum: required with zero_point (the zero-point correction zp * rowsum(w))")
+    _check_out_dtype(out_dtype)
+    return torch.ops.diffaccel.int8_act_gemm(a, w, a_scale, w_scale, zp, w_sum if zp is not None else None,
+                                             _check_bias(bias, N, dev, "a"), group_size or 0, bool(w_int4), out_dtype)
+
+
+def quantize_activation_int8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] = None,
+                             scale: Optional[torch.Tensor] = None, zero_point: Optional[torch.Tensor] = None):
+    """int8 activation codes of ``x`` [M, K] with ``x / smooth`` folded in. Dynamic per row
+    (``scale=None``): returns ``(q, scales [M, 1])``; static: returns ``(q, scale)``."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    smooth = _check_smooth(smooth, x.shape[1], x.device, "x")
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point: dynamic per-token quantization is symmetric; pass scale for static")
+        return torch.ops.diffaccel.quantize_rows_int8(x, smooth)
+    s = _check_scalar("scale", scale, torch.float32, x.device, "x")
+    if _value_checks_enabled(s):
+        check_positive_finite("scale", s)
+    zp = _check_zero_point(zero_point, x.device, "x")
+    return torch.ops.diffaccel.quantize_static_int8(x, smooth, s, zp), s
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smooth=None, act_scale=None,
+                act_zero_point=None, w_sum=None, bias=None, group_size: Optional[int] = None, w_int4: bool = False,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` [..., K] float -> quantized int8 (dynamic per token, or static with ``act_scale``) ->
+    int8/int4 GEMM -> [..., N]. Small M runs as one fused kernel on Triton."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    dev = x.device
+    N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+    smooth = _check_smooth(smooth, K, dev, "x")
+    zp = None
+    if act_scale is not None:
+        act_scale = _check_scalar("act_scale", act_scale, torch.float32, dev, "x")
+        if _value_checks_enabled(act_scale):
+            check_positive_finite("act_scale", act_scale)
+        zp = _check_zero_point(act_zero_point, dev, "x")
+        if zp is not None and w_sum is None:
+            raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
+    elif act_zero_point is not None:
+        raise ValueError("act_zero_point: needs act_scale (dynamic per-token quantization is symmetric)")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_out_dtype(out_dtype)
+    y = torch.ops.diffaccel.int8_linear(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
+                                        _check_bias(bias, N, dev, "x"), group_size or 0, bool(w_int4), out_dtype)
+    return y.reshape(*lead, N)
+
+
+def fp8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, *,
+             bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """float8_e4m3fn [M, K] x float8_e4m3fn [N, K]^T with fp32 accumulation, scales per row/tensor
+    and per output channel, bias and cast fused."""
+    check_tensor("a", a, dtypes=(FP8_DTYPE,), ndim=2)
+    M, K = a.shape
+    N = _check_weight(w, w_scale, None, K=K, group_size=None, w_int4=False, device=a.device, like="a",
+                      allowed=(FP8_DTYPE,))
+    a_scale = _check_act_scale(a_scale, M, a.device, "a")
+    _check_out_dtype(out_dtype)
+    return torch.ops.diffaccel.fp8_gemm(a, w, a_scale, w_scale, _check_bias(bias, N, a.device, "a"), out_dtype)
+
+
+def quantize_activation_fp8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] = None,
+                            scale: Optional[torch.Tensor] = None):
+    """float8_e4m3fn codes of ``x / smooth``: dynamic per row -> ``(q, scales [M, 1])``; static -> ``(q, scale)``."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    smooth = _check_smooth(smooth, x.shape[1], x.device, "x")
+    if scale is None:
+        return torch.ops.diffaccel.quantize_rows_fp8(x, smooth)
+    s = _check_scalar("scale", scale, torch.float32, x.device, "x")
+    if _value_checks_enabled(s):
+        check_positive_finite("scale", s)
+    return torch.ops.diffaccel.quantize_static_fp8(x, smooth, s), s
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smooth=None, act_scale=None, bias=None,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` [..., K] -> fp8 per token (or static ``act_scale``) -> fp8 GEMM -> [..., N]."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    q, s = quantize_activation_fp8(x2, smooth=smooth, scale=act_scale)
+    y = fp8_gemm(q, w, s, w_scale, bias=bias, out_dtype=x.dtype if out_dtype is None else out_dtype)
+    return y.reshape(*lead, w.shape[0])
+
+
+def weight_only_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, bias=None,
+                     group_size: Optional[int] = None, w_int4: bool = False) -> torch.Tensor:
+    """fp16/bf16 ``x`` [..., K] times int8 or packed int4 weights dequantized inside the kernel (W8A16/W4A16)."""
+    check_tensor("x", x, dtypes=(torch.float16, torch.bfloat16))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    K = x2.shape[1]
+    N = _check_weight(w, w_scale, None, K=K, group_size=group_size, w_int4=w_int4, device=x.device, like="x")
+    y = torch.ops.diffaccel.weight_only_gemm(x2, w, w_scale, _check_bias(bias, N, x.device, "x"), group_size or 0,
+                                             bool(w_int4))
+    return y.reshape(*lead, N)

@@ -1,0 +1,440 @@
+"""Quantized GEMMs: W8A8/W4A8 (int8 activations, int32 accumulation), FP8 W8A8, W4A16.
+
+Layouts: activations A [M, K] row-major; weights W [N, K] row-major (K contiguous), int4
+packed two per byte (uint8 [N, K // 2], low nibble = even k); out [M, N].
+
+Numerics, identical to ``diffaccel.ops.gemm``'s reference so results are bit-exact:
+- per-channel weights: acc = sum_k a_q * w_q (int32); acc -= zp * wsum[n] (static asymmetric);
+  y = fp32(acc) * a_scale[m] * w_scale[n] (+ bias[n]) in that order, then one cast to out.
+- group-wise weights (one group per K block): y = 0; for each group g in K order:
+  y = y + fp32(acc_g - zp * wsum[n, g]) * w_scale[n, g]; then y * a_scale[m] (+ bias).
+- fused activation quantization (int8): x' = x / smooth[k] (IEEE division, only with smooth);
+  dynamic: a_scale[m] = max(amax_k |x'|, 1e-12) / 127, q = clamp(rne(x' / a_scale), -128, 127);
+  static: q = clamp(rne(x' / scale) + zp, -128, 127).
+Launches pass enable_fp_fusion=False so the GPU epilogue does not contract a*b+c into an FMA,
+which would round differently from the reference.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_half_even
+
+AMAX_FLOOR = 1e-12
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _unpack_int4(p):
+    """uint8 [R, C] (two nibbles each) -> int8 [R, 2C], low nibble first."""
+    pi = p.to(tl.int32)
+    lo = pi & 15
+    hi = (pi >> 4) & 15
+    lo = lo - ((lo & 8) << 1)
+    hi = hi - ((hi & 8) << 1)
+    return tl.reshape(tl.join(lo, hi), (p.shape[0], 2 * p.shape[1])).to(tl.int8)
+
+
+@triton.jit
+def _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K] as int8 [BLOCK_N, BLOCK_K] (zeros past K or N)."""
+    if W_INT4:
+        offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kh[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_kh[None, :] < K // 2), other=0)
+        w = _unpack_int4(p)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
+    return w
+
+
+@triton.jit
+def _load_act_tile(a_ptr, offs_m, k0, M, K, stride_am, smooth_ptr, a_scale, zp,
+                   BLOCK_K: tl.constexpr, FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """A[offs_m, k0:k0+BLOCK_K] as int8; quantized here when FUSE_QUANT (1 dynamic, 2 static)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    if FUSE_QUANT == 0:
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask, other=0)
+    else:
+        x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
+            x = tl.math.div_rn(x, s[None, :])
+        if FUSE_QUANT == 1:
+            q = round_half_even(tl.math.div_rn(x, a_scale[:, None]))
+        else:
+            q = round_half_even(tl.math.div_rn(x, a_scale)) + zp.to(tl.float32)
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        a = tl.where(mask, q, 0.0).to(tl.int8)  # padding contributes 0, not the zero point
+    return a
+
+
+@triton.jit
+def _int8_act_gemm_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, zp_ptr, wsum_ptr, bias_ptr, smooth_ptr, out_ptr,
+    M, N, K, stride_am, stride_wn, stride_om, stride_wsn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUPED: tl.constexpr, W_INT4: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_MIN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    zp = tl.zeros((), dtype=tl.int32)
+    if HAS_ZP:
+        zp = tl.load(zp_ptr)
+    if PER_TOKEN:
+        if FUSE_QUANT == 1:  # per-token scale of the fp input, one extra pass over this block's rows
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                            mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+                if HAS_SMOOTH:
+                    s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
+                    x = tl.math.div_rn(x, s[None, :])
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+        else:
+            a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
+    else:
+        a_scale = tl.load(a_scale_ptr)
+
+    if GROUPED:
+        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _load_act_tile(a_ptr, offs_m, k0, M, K, stride_am, smooth_ptr, a_scale, zp,
+                           BLOCK_K, FUSE_QUANT, HAS_SMOOTH)
+        w = _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
+        part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        if GROUPED:  # BLOCK_K is the group size: one scale per (n, group)
+            g = k0 // BLOCK_K
+            if HAS_ZP:
+                gsum = tl.load(wsum_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0)
+                part = part - zp * gsum[None, :]
+            gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0.0)
+            y = y + part.to(tl.float32) * gscale[None, :]
+        else:
+            acc += part
+
+    if GROUPED:
+        if PER_TOKEN:
+            y = y * a_scale[:, None]
+        else:
+            y = y * a_scale
+    else:
+        if HAS_ZP:
+            wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)
+            acc = acc - zp * wsum[None, :]
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        if PER_TOKEN:
+            y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        else:
+            y = acc.to(tl.float32) * a_scale * w_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        y = y + bias[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_int8_config(M: int, N: int, K: int, group_size: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
+    (these are the configs STATIC_REPORT_CASES compiles)."""
+    block_k = group_size if group_size else 128
+    if M <= 16:
+        return 16, 64, block_k, 4, 4
+    if M <= 64:
+        return 64, 64, block_k, 4, 4
+    return 128, 128, block_k, 8, 3
+
+
+def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, *, group_size: int,
+                  w_int4: bool, fuse_quant: int, per_token: bool) -> None:
+    """out[M, N] = dequant(A_q @ W_q^T) (+ bias). ``a`` is int8 [M, K] (fuse_quant=0) or the float
+    activations (1: dynamic per-token, 2: static per-tensor); ``K`` is the logical K."""
+    M = a.shape[0]
+    N = w.shape[0]
+    K = a.shape[1]
+    if M == 0 or N == 0:
+        return
+    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size)
+    dummy = out  # never read: the constexpr flags switch its loads off
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _int8_act_gemm_kernel[grid](
+        a, w, a_scale if a_scale is not None else dummy, w_scale,
+        zero_point if zero_point is not None else dummy, w_sum if w_sum is not None else dummy,
+        bias if bias is not None else dummy, smooth if smooth is not None else dummy, out,
+        M, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
+        HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, FUSE_QUANT=fuse_quant,
+        HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
+
+
+# -- activation quantization with the smoothing division folded in -------------------------
+
+@triton.jit
+def _quantize_act_int8_kernel(x_ptr, smooth_ptr, scale_ptr, zp_ptr, out_ptr, K, stride_xm,
+                              HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, HAS_ZP: tl.constexpr,
+                              AMAX_MIN: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    o_row = out_ptr + row * K
+    if STATIC:
+        scale = tl.load(scale_ptr)
+    else:
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0))
+            acc = tl.maximum(acc, tl.abs(x))
+        scale = tl.math.div_rn(tl.maximum(tl.max(acc, axis=0), AMAX_MIN), 127.0)
+        tl.store(scale_ptr + row, scale)
+    zp = 0.0
+    if HAS_ZP:
+        zp = tl.load(zp_ptr).to(tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=mask, other=1.0))
+        q = round_half_even(tl.math.div_rn(x, scale)) + zp
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        tl.store(o_row + offs, q.to(tl.int8), mask=mask)
+
+
+def quantize_act_int8(x2d, smooth, scale, zero_point, out, scales_out) -> None:
+    """Dynamic (scale None: per-row scales written to ``scales_out`` [M]) or static per-tensor."""
+    M, K = x2d.shape
+    if M == 0:
+        return
+    BLOCK_K = min(triton.next_power_of_2(K), 4096)
+    static = scale is not None
+    _quantize_act_int8_kernel[(M,)](
+        x2d, smooth if smooth is not None else x2d, scale if static else scales_out,
+        zero_point if zero_point is not None else x2d, out, K, x2d.stride(0),
+        HAS_SMOOTH=smooth is not None, STATIC=static, HAS_ZP=zero_point is not None,
+        AMAX_MIN=AMAX_FLOOR, BLOCK_K=BLOCK_K)
+
+
+# -- FP8 ------------------------------------------------------------------------------------
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                     stride_am, stride_wn, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.float32)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if PER_TOKEN:
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
+        y = acc * a_scale[:, None] * w_scale[None, :]
+    else:
+        y = acc * tl.load(a_scale_ptr) * w_scale[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def pick_fp8_config(M: int, N: int, K: int):
+    if M <= 16:
+        return 16, 64, 128, 4, 4
+    if M <= 64:
+        return 64, 64, 128, 4, 4
+    return 128, 128, 128, 8, 3
+
+
+def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool) -> None:
+    M, K = a.shape
+    N = w.shape[0]
+    if M == 0 or N == 0:
+        return
+    BM, BN, BK, warps, stages = pick_fp8_config(M, N, K)
+    _fp8_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
+        a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        PER_TOKEN=per_token, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+        enable_fp_fusion=False)
+
+
+@triton.jit
+def _quantize_act_fp8_kernel(x_ptr, smooth_ptr, scale_ptr, out_ptr, K, stride_xm, HAS_SMOOTH: tl.constexpr,
+                             STATIC: tl.constexpr, AMAX_MIN: tl.constexpr, FMAX: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    if STATIC:
+        scale = tl.load(scale_ptr)
+    else:
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0))
+            acc = tl.maximum(acc, tl.abs(x))
+        scale = tl.math.div_rn(tl.maximum(tl.max(acc, axis=0), AMAX_MIN), FMAX)
+        tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=mask, other=1.0))
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
+        tl.store(out_ptr + row * K + offs, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
+    M, K = x2d.shape
+    if M == 0:
+        return
+    static = scale is not None
+    _quantize_act_fp8_kernel[(M,)](
+        x2d, smooth if smooth is not None else x2d, scale if static else scales_out, out, K, x2d.stride(0),
+        HAS_SMOOTH=smooth is not None, STATIC=static, AMAX_MIN=AMAX_FLOOR, FMAX=FP8_MAX,
+        BLOCK_K=min(triton.next_power_of_2(K), 4096))
+
+
+# -- W4A16 / W8A16: weight-only, dequantized in the main loop ------------------------------
+
+@triton.jit
+def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                             stride_xm, stride_wn, stride_om, stride_wsn,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUPED: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4).to(x.dtype)
+        part = tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        if GROUPED:
+            gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // BLOCK_K, mask=n_mask, other=0.0)
+            y = y + part * gscale[None, :]
+        else:
+            y = y + part
+    if not GROUPED:
+        y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def pick_weight_only_config(M: int, N: int, K: int, group_size: int):
+    block_k = group_size if group_size else 64
+    if M <= 16:
+        return 16, 64, block_k, 4, 4
+    if M <= 64:
+        return 64, 64, block_k, 4, 3
+    return 128, 128, block_k, 8, 3
+
+
+def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool) -> None:
+    M, K = x.shape
+    N = w.shape[0]
+    if M == 0 or N == 0:
+        return
+    BM, BN, BK, warps, stages = pick_weight_only_config(M, N, K, group_size)
+    _weight_only_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        x, w, w_scale, bias if bias is not None else out, out, M, N, K,
+        x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
+        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+
+
+# -- static report ----------------------------------------------------------------------------
+
+def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, per_token, a_dtype="*i8"):
+    return {
+        "name": name, "fn": _int8_act_gemm_kernel,
+        "signature": {"a_ptr": a_dtype, "w_ptr": "*u8" if w_int4 else "*i8", "a_scale_ptr": "*fp32",
+                      "w_scale_ptr": "*fp32", "zp_ptr": "*i32", "wsum_ptr": "*i32", "bias_ptr": "*fp32",
+                      "smooth_ptr": "*fp32", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                      "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32",
+                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                      "GROUPED": "constexpr", "W_INT4": "constexpr", "PER_TOKEN": "constexpr",
+                      "HAS_ZP": "constexpr", "HAS_BIAS": "constexpr", "FUSE_QUANT": "constexpr",
+                      "HAS_SMOOTH": "constexpr", "AMAX_MIN": "constexpr"},
+        "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": grouped, "W_INT4": w_int4,
+                       "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True,
+                       "FUSE_QUANT": fuse_quant, "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR},
+        "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
+    }
+
+
+STATIC_REPORT_CASES = [
+    _int8_case("w8a8_int8_m128", 128, 128, 128, 8, 3, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
+    _int8_case("w8a8_int8_m16", 16, 64, 128, 4, 4, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
+    _int8_case("w8a8_int8_static_zp_m128", 128, 128, 128, 8, 3, grouped=False, w_int4=False, fuse_quant=0,
+               per_token=False),
+    _int8_case("w8a8_int8_fused_quant_m16", 16, 64, 128, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
+               per_token=True, a_dtype="*fp16"),
+    _int8_case("w4a8_g128_m128", 128, 128, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    _int8_case("w4a8_g128_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    {
+        "name": "fp8_m128", "fn": _fp8_gemm_kernel,
+        "signature": {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                      "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                      "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "BLOCK_M": "constexpr",
+                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PER_TOKEN": "constexpr",
+                      "HAS_BIAS": "constexpr"},
+        "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "PER_TOKEN": True, "HAS_BIAS": True},
+        "num_warps": 8, "num_stages": 3, "hot": True, "tensor_cores": True,
+        "archs": ("sm_89", "sm_90a"),  # fp8 tensor cores start at sm_89
+    },
+    {
+        "name": "w4a16_g128_m16", "fn": _weight_only_gemm_kernel,
+        "signature": {"x_ptr": "*fp16", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                      "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                      "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32", "BLOCK_M": "constexpr",
+                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUPED": "constexpr",
+                      "W_INT4": "constexpr", "HAS_BIAS": "constexpr"},
+        "constexprs": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUPED": True, "W_INT4": True,
+                       "HAS_BIAS": True},
+        "num_warps": 4, "num_stages": 4, "hot": True, "tensor_cores": True,
+    },
+]
