@@ -1,6 +1,7 @@
 // Shared by every diffaccel C++/CUDA source: host/device qualifiers and argument checks whose
 // messages name the argument, as the Python wrappers' do.
 #pragma once
+#include <ATen/Dispatch.h>
 #include <torch/types.h>
 
 #ifdef __CUDACC__
@@ -10,6 +11,13 @@
 #endif
 
 #define DA_CHECK_ARG(cond, name, ...) TORCH_CHECK(cond, name, ": ", __VA_ARGS__)
+
+// The storage dtypes diffaccel kernels take (no double: half the instantiations, half the build).
+#define DA_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)               \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)      \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace diffaccel {
 

@@ -10,7 +10,7 @@ at::Tensor quantize_per_tensor_cpu(const at::Tensor& x, const at::Tensor& scale,
   const float s = scale.item<float>();
   const float zp = static_cast<float>(zero_point.item<int32_t>());
   int8_t* o = out.data_ptr<int8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_tensor_cpu", [&] {
+  DA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "quantize_per_tensor_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) o[i] = quantize_int8(static_cast<float>(xp[i]), s, zp);
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   auto scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
   int8_t* o = out.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token_cpu", [&] {
+  DA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "quantize_per_token_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {

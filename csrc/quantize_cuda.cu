@@ -61,7 +61,7 @@ at::Tensor quantize_per_tensor_cuda(const at::Tensor& x, const at::Tensor& scale
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535LL * 8));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_tensor_cuda", [&] {
+  DA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "quantize_per_tensor_cuda", [&] {
     quantize_per_tensor_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
         x.data_ptr<scalar_t>(), scale.data_ptr<float>(),
         zero_point.data_ptr<int32_t>(), out.data_ptr<int8_t>(), n);
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) 
   if (M == 0) return {out, scales};
   constexpr int kThreads = 256;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token_cuda", [&] {
+  DA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "quantize_per_token_cuda", [&] {
     quantize_per_token_kernel<scalar_t, kThreads><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), out.data_ptr<int8_t>(), scales.data_ptr<float>(), K);
   });

@@ -1,0 +1,19 @@
+"""Fail unless the installed diffaccel._C holds SASS (cubin) for each arch given, e.g. 80 89 90a."""
+import os
+import re
+import subprocess
+import sys
+
+import diffaccel._C as ext
+import triton
+
+archs = sys.argv[1:] or ["80", "89", "90a"]
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = subprocess.run([cuobjdump, "--list-elf", ext.__file__], capture_output=True, text=True)
+if out.returncode != 0:
+    sys.exit(f"cuobjdump --list-elf {ext.__file__} failed: {out.stderr.strip() or out.stdout.strip()}")
+found = set(re.findall(r"\.sm_(\d+[a-z]?)\.cubin", out.stdout))
+missing = [a for a in archs if a not in found]
+print(f"{ext.__file__}: SASS for sm_{', sm_'.join(sorted(found)) or 'none'}")
+if missing:
+    sys.exit(f"diffaccel._C lacks SASS for sm_{', sm_'.join(missing)}")

@@ -1,0 +1,61 @@
+"""What `patch` sees in a target: the backbone(s) to patch, the scheduler, what is left alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.nn as nn
+
+BACKBONE_ATTRS = ("unet", "transformer", "prior", "decoder")
+LEFT_ALONE_ATTRS = {
+    "text_encoder": "text encoder left alone (patch it directly to include it)",
+    "text_encoder_2": "text encoder left alone (patch it directly to include it)",
+    "text_encoder_3": "text encoder left alone (patch it directly to include it)",
+    "vae": "VAE left alone (patch it directly to include it)",
+    "image_encoder": "image encoder left alone (patch it directly to include it)",
+}
+# Input and output layers are the most quantization-sensitive (Q-Diffusion and MixDQ keep them
+# in full precision); data-free presets leave them alone.
+IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "x_embedder", "pos_embed.proj", "norm_out.linear",
+                  "patch_embed.proj")
+
+
+@dataclass
+class Target:
+    backbones: dict  # attribute name ('' for a bare module) -> nn.Module
+    scheduler: Optional[object] = None
+    left_alone: dict = field(default_factory=dict)  # component name -> reason
+
+
+def is_pipeline(obj) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, DiffusionPipeline)
+
+
+def resolve_target(target) -> Target:
+    if is_pipeline(target):
+        backbones = {a: getattr(target, a) for a in BACKBONE_ATTRS
+                     if isinstance(getattr(target, a, None), nn.Module)}
+        if not backbones:
+            raise TypeError(f"target: a {type(target).__name__} pipeline with no backbone "
+                            f"(looked for {', '.join(BACKBONE_ATTRS)})")
+        left = {a: r for a, r in LEFT_ALONE_ATTRS.items() if getattr(target, a, None) is not None}
+        return Target(backbones, getattr(target, "scheduler", None), left)
+    if isinstance(target, nn.Module):
+        return Target({"": target})
+    raise TypeError(f"target: expected a diffusers pipeline or a torch.nn.Module, got {type(target).__name__}")
+
+
+def is_io_layer(qualified_name: str) -> bool:
+    """The backbone's own input/output layers (top level only: blocks have proj_in/proj_out too)."""
+    return qualified_name in IO_LAYER_NAMES
+
+
+def attention_modules(backbone: nn.Module):
+    """(qualified name, module) for every diffusers attention module holding a processor."""
+    for name, module in backbone.named_modules():
+        if hasattr(module, "processor") and hasattr(module, "set_processor"):
+            yield name, module

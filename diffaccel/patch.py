@@ -1,0 +1,342 @@
+"""`diffaccel.patch` / `diffaccel.unpatch`: the walk over a model.
+
+Per instance (classes are never touched), atomic (every change is recorded in an undo log
+and rolled back if a later step fails) and idempotent (a second `patch` with the same options
+returns the first report). `unpatch` puts the very same original objects back, so outputs are
+bit-identical to before.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .integrations import targets as _targets
+
+log = logging.getLogger("diffaccel")
+
+_STATE_ATTR = "_diffaccel_patch"
+ENV_DISABLE = "DIFFACCEL_DISABLE"
+
+
+# -- the report -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Replaced:
+    name: str
+    part: str  # "attention" | "quant" | "solver"
+    before: str
+    after: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    part: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    replaced: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def by_part(self, part: str) -> list:
+        return [r for r in self.replaced if r.part == part]
+
+    def __str__(self) -> str:
+        lines = []
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        if self.replaced:
+            rows = [(r.part, r.name or "<root>", f"{r.before} -> {r.after}", r.backend) for r in self.replaced]
+            lines.append(_table(("part", "replaced", "with", "backend"), rows))
+        if self.skipped:
+            rows = [(s.part, s.name or "<root>", s.reason) for s in self.skipped]
+            lines.append(_table(("part", "left alone", "why"), rows))
+        counts = {}
+        for r in self.replaced:
+            counts[r.part] = counts.get(r.part, 0) + 1
+        summary = ", ".join(f"{n} {p}" for p, n in sorted(counts.items())) or "nothing"
+        lines.append(f"replaced {summary}; left {len(self.skipped)} alone")
+        return "\n".join(lines)
+
+
+def _table(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*map(str, row)) for row in rows]
+    return "\n".join(out)
+
+
+# -- undo log and per-instance state ---------------------------------------------------------
+
+class _UndoLog:
+    def __init__(self):
+        self._undo: list[Callable[[], None]] = []
+        self.originals: list[nn.Module] = []  # replaced float modules, held for restore
+
+    def push(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __len__(self):
+        return len(self._undo)
+
+
+@dataclass
+class _PatchState:
+    options: tuple
+    report: PatchReport
+    undo: _UndoLog
+    restorable: bool = True
+
+
+def _get_parent(root: nn.Module, qualified_name: str):
+    parent_name, _, child = qualified_name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), child
+
+
+def _module_device(module: nn.Module) -> Optional[torch.device]:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog):
+    parent, child = _get_parent(root, qualified_name)
+    original = getattr(parent, child)
+    original_device = _module_device(original)
+    setattr(parent, child, new)
+
+    def restore():
+        # back where the replacement lives now (the user may have moved the model), else where it was
+        device = _module_device(getattr(parent, child)) or original_device
+        if device is not None and _module_device(original) != device:
+            original.to(device)
+        setattr(parent, child, original)
+
+    undo.push(restore)
+    undo.originals.append(original)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# -- the parts ---------------------------------------------------------------------------
+
+def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
+    from .integrations import attention as attn_integration
+    from .ops import _backend
+
+    for name, module in _targets.attention_modules(backbone):
+        fqn = f"{prefix}{name}"
+        if not select(module, fqn):
+            report.skipped.append(Skipped(fqn, "attention", "excluded by filter"))
+            continue
+        original = module.processor
+        new, reason = attn_integration.make_processor(original, quant=attention_quant)
+        if new is None:
+            report.skipped.append(Skipped(fqn, "attention", reason))
+            continue
+        module.set_processor(new)
+        undo.push(lambda m=module, p=original: m.set_processor(p))
+        device = _module_device(module) or torch.device("cpu")
+        backend, _ = _backend.choose("attention", device)
+        report.replaced.append(Replaced(fqn, "attention", type(original).__name__, type(new).__name__, backend))
+
+
+def _patch_quant(prefix, backbone, quant, report, undo, select):
+    from . import nn as dnn
+    from . import quant as dquant
+
+    if isinstance(quant, (str, dquant.QuantSpec)):
+        spec = dquant.resolve_spec(quant)
+        for name, module in list(backbone.named_modules()):
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, dnn.QUANT_LAYER_TYPES):
+                continue
+            fqn = f"{prefix}{name}"
+            if _targets.is_io_layer(name):
+                report.skipped.append(Skipped(fqn, "quant", "input/output layer kept in floating point"))
+                continue
+            if not select(module, fqn):
+                report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))
+                continue
+            reason = dnn.quantize_reason(module, spec)
+            if reason is not None:
+                report.skipped.append(Skipped(fqn, "quant", reason))
+                continue
+            new = dnn.quantize_module(module, spec)
+            _swap_module(backbone, name, new, undo)
+            report.replaced.append(Replaced(fqn, "quant", type(module).__name__, _describe(new), _backend_of(new)))
+        return
+    # a calibrated recipe: it knows its layers; it must match this backbone
+    new_modules, hooks, skipped = quant.build_modules(backbone)
+    for name, new in new_modules.items():
+        old = backbone.get_submodule(name)
+        _swap_module(backbone, name, new, undo)
+        report.replaced.append(Replaced(f"{prefix}{name}", "quant", type(old).__name__, _describe(new),
+                                        _backend_of(new)))
+    for name, reason in skipped.items():
+        report.skipped.append(Skipped(f"{prefix}{name}", "quant", reason))
+    for install in hooks:
+        undo.push(install(backbone))
+
+
+def _describe(module: nn.Module) -> str:
+    spec = getattr(module, "spec", None)
+    tag = getattr(spec, "name", None) or (str(spec) if spec is not None else "")
+    return f"{type(module).__name__}({tag})" if tag else type(module).__name__
+
+
+def _backend_of(module: nn.Module) -> str:
+    from .ops import _backend
+
+    op = getattr(module, "op_name", None)
+    if op is None:
+        return "n/a"
+    device = _module_device(module) or torch.device("cpu")
+    try:
+        return _backend.choose(op, device)[0]
+    except _backend.BackendUnavailable as e:
+        return f"unavailable ({e})"
+
+
+def _patch_solver(target_info, report, undo):
+    from . import solvers
+
+    scheduler = target_info.scheduler
+    if scheduler is None:
+        return
+    result = solvers.patch_scheduler(scheduler)
+    if not result.patched:
+        report.skipped.append(Skipped("scheduler", "solver", result.reason))
+        return
+    undo.push(lambda s=scheduler: solvers.unpatch_scheduler(s))
+    report.replaced.append(Replaced("scheduler", "solver", type(scheduler).__name__, result.name, result.backend))
+
+
+# -- public ------------------------------------------------------------------------------
+
+def patch(target, *, attention=True, quant=None, solver=True, attention_quant=None,
+          filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, exclude=(),
+          keep_originals: bool = True) -> PatchReport:
+    """Swap diffaccel's fused attention, quantized layers and fused solver into ``target`` in place.
+
+    target: a diffusers pipeline (its backbone and scheduler; text encoders and VAE are left
+        alone), a diffusers model, or any nn.Module.
+    attention: replace attention processors with diffaccel's; ``attention_quant="int8"``
+        selects the quantized attention path.
+    quant: None, a preset name ("w8a8", "fp8", "w4a8", "w4a16"), a QuantSpec, or a
+        QuantRecipe from ``diffaccel.calibrate``.
+    solver: replace the pipeline scheduler's step with the fused one.
+    filter_fn(module, qualified_name) -> bool and ``exclude`` (fnmatch patterns of qualified
+        names) choose where attention and quantization apply.
+    keep_originals: keep the replaced float modules so ``unpatch`` can restore them (set False
+        to free their memory; ``unpatch`` then refuses for those modules).
+    """
+    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
+        report = PatchReport(notes=[f"{ENV_DISABLE}=1: patch is a no-op, nothing was changed"])
+        log.warning(report.notes[0])
+        return report
+    if attention_quant not in (None, "int8"):
+        raise ValueError(f"attention_quant: expected None or 'int8', got {attention_quant!r}")
+    if quant is not None:
+        _check_quant_arg(quant)
+    info = _targets.resolve_target(target)
+    options = (bool(attention), _quant_key(quant), bool(solver), attention_quant, filter_fn, tuple(exclude),
+               keep_originals)
+    state = getattr(target, _STATE_ATTR, None)
+    if state is not None:
+        if state.options == options:
+            return state.report
+        raise ValueError("target: already patched with other options; call diffaccel.unpatch(target) first")
+
+    def select(module, fqn):
+        if exclude and _matches(fqn, exclude):
+            return False
+        return filter_fn is None or bool(filter_fn(module, fqn))
+
+    report = PatchReport()
+    undo = _UndoLog()
+    try:
+        for attr, backbone in info.backbones.items():
+            prefix = f"{attr}." if attr else ""
+            if attention:
+                _patch_attention(prefix, backbone, report, undo, select, attention_quant)
+            if quant is not None:
+                _patch_quant(prefix, backbone, quant, report, undo, select)
+        if solver:
+            _patch_solver(info, report, undo)
+        elif info.scheduler is not None:
+            report.skipped.append(Skipped("scheduler", "solver", "solver=False"))
+        for name, reason in info.left_alone.items():
+            report.skipped.append(Skipped(name, "component", reason))
+    except BaseException:
+        undo.rollback()
+        raise
+    # Only now, with nothing left to roll back, let the float originals go (or off the GPU).
+    restorable = bool(keep_originals) or not undo.originals
+    if not keep_originals and undo.originals:
+        undo.originals.clear()
+        undo = _UndoLog()
+        report.notes.append("keep_originals=False: replaced float modules were freed; unpatch is unavailable")
+    else:
+        for original in undo.originals:
+            device = _module_device(original)
+            if device is not None and device.type != "cpu":
+                original.to("cpu")  # held for unpatch without holding accelerator memory
+    object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable))
+    log.info("diffaccel.patch(%s):\n%s", type(target).__name__, report)
+    return report
+
+
+def unpatch(target) -> None:
+    """Restore the original modules, processors and scheduler step. A no-op on an unpatched target."""
+    state = getattr(target, _STATE_ATTR, None)
+    if state is None:
+        return
+    if not state.restorable:
+        raise RuntimeError("target: patched with keep_originals=False, so the float modules are gone; "
+                           "reload the model instead of unpatching")
+    state.undo.rollback()
+    object.__delattr__(target, _STATE_ATTR)
+    log.info("diffaccel.unpatch(%s): restored", type(target).__name__)
+
+
+def is_patched(target) -> bool:
+    return getattr(target, _STATE_ATTR, None) is not None
+
+
+def patch_report(target) -> Optional[PatchReport]:
+    state = getattr(target, _STATE_ATTR, None)
+    return None if state is None else state.report
+
+
+def _check_quant_arg(quant) -> None:
+    from . import quant as dquant
+
+    if isinstance(quant, str):
+        dquant.resolve_spec(quant)  # raises for unknown presets, naming the argument
+        return
+    if isinstance(quant, dquant.QuantSpec) or hasattr(quant, "build_modules"):
+        return
+    raise TypeError(f"quant: expected None, a preset name, a QuantSpec or a QuantRecipe, got {type(quant).__name__}")
+
+
+def _quant_key(quant):
+    if quant is None or isinstance(quant, str):
+        return quant
+    return id(quant)

@@ -1,0 +1,124 @@
+"""Tiny configs of the diffusers backbones diffaccel supports, with inputs, for CPU tests.
+
+Each factory returns (model, inputs) with random weights under a fixed seed; `model(**inputs)`
+runs in well under a second on CPU.
+"""
+import torch
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def unet_sd15(seed=0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 7, 32, generator=g))
+    return m, inputs
+
+
+def unet_sdxl(seed=0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(4, 8), transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=8, use_linear_projection=True).eval()
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g),
+                                     "time_ids": torch.randn(2, 6, generator=g)})
+    return m, inputs
+
+
+def sd3(seed=0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                              num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                              pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 9, 32, generator=g),
+                  pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([10, 500]))
+    return m, inputs
+
+
+def flux(seed=0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                               guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    g = _g(seed + 1)
+    n_img, n_txt = 16, 6
+    inputs = dict(hidden_states=torch.randn(1, n_img, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                                     indexing="ij"), -1).reshape(-1, 3),
+                  txt_ids=torch.zeros(n_txt, 3))
+    return m, inputs
+
+
+def pixart(seed=0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                 num_layers=2, cross_attention_dim=32, sample_size=8, patch_size=2,
+                                 caption_channels=24, norm_num_groups=8).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 5, 24, generator=g), timestep=torch.tensor([10, 500]),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return m, inputs
+
+
+def dit(seed=0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                              num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                              norm_num_groups=8).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  class_labels=torch.tensor([1, 7]))
+    return m, inputs
+
+
+def wan(seed=0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                              rope_max_seq_len=32).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g))
+    return m, inputs
+
+
+FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
+             "dit": dit, "wan": wan}
+
+
+def output_of(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return out
