@@ -1,0 +1,38 @@
+"""benchmarks/e2e.py runs end to end on tiny configs (CPU smoke: code path only, nothing recorded)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+E2E = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("diffaccel_bench_e2e", E2E)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_e2e_smoke_runs_every_variant():
+    e2e = _load()
+    cases = e2e.run(["sdxl", "flux"], list(e2e.VARIANTS), batches=(1,), steps=(1,), smoke=True)
+    assert {c["impl"] for c in cases} == set(e2e.VARIANTS)
+    by = {(c["case"], c["impl"]): c for c in cases}
+    for model in ("sdxl", "flux"):
+        fp = by[(f"{model}/steps1/b1", "baseline:diffusers-eager")]["weight_bytes"]
+        assert by[(f"{model}/steps1/b1", "diffaccel:attn+w8a8")]["weight_bytes"] < fp
+        assert by[(f"{model}/steps1/b1", "diffaccel:attn+w4a8")]["weight_bytes"] < \
+            by[(f"{model}/steps1/b1", "diffaccel:attn+w8a8")]["weight_bytes"]
+
+
+def test_e2e_refuses_full_size_without_gpu():
+    e2e = _load()
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(SystemExit):
+        e2e.main(["--models", "sdxl"])
+    with pytest.raises(SystemExit):
+        e2e.main(["--smoke", "--models", "sd9"])
