@@ -1,0 +1,144 @@
+"""Post-training calibration of a diffusion backbone into a ``QuantRecipe`` that runs on
+diffaccel's quantized layers: ``minmax`` (baseline), ``qdiffusion``, ``tfmq``, ``mixdq``.
+
+    recipe = calibrate(pipe, prompts, method="qdiffusion", weight_bits=4, act_bits=8)
+    recipe.save("unet.w4a8.safetensors")
+    diffaccel.patch(pipe, quant=recipe)
+
+The model handed in is never modified: statistics are gathered with hooks that are removed
+again, reconstruction works on copies, and any error leaves it as it was.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..recipe import QuantRecipe, RecipeError
+from . import minmax, mixdq, qdiffusion, tfmq
+from .collect import (CalibrationError, CalibrationSet, backbone_of, from_backbone_data, from_pipeline,
+                      is_pipeline, working_copy)
+from .common import check_bits, log_allocation, resolve_skip
+
+logger = logging.getLogger("diffaccel")
+METHODS = {"minmax": minmax.run, "qdiffusion": qdiffusion.run, "tfmq": tfmq.run, "mixdq": mixdq.run}
+
+__all__ = ["calibrate", "METHODS", "CalibrationError", "CalibrationSet", "QuantRecipe", "RecipeError"]
+
+
+@dataclass
+class Context:
+    """Everything a method needs: the (read-only) backbone, the calibration set and the options."""
+    backbone: nn.Module
+    calib: CalibrationSet
+    method: str
+    weight_bits: float
+    act_bits: float
+    device: torch.device
+    seed: int
+    progress: bool
+    act_symmetric: bool
+    skip: tuple
+    activation_device: object
+    iters: int
+    p: float
+    adaround: bool
+    learn_act: bool
+    split_shortcut: bool
+    temporal_cache: bool
+    weight_candidates: tuple
+    act_fp16_fraction: float
+    sensitivity_samples: int
+    bos: bool | None
+    options: dict = field(default_factory=dict)
+
+    def meta(self, **extra) -> dict:
+        from ... import __version__
+
+        return {"method": self.method, "weight_bits": self.weight_bits, "act_bits": self.act_bits,
+                "seed": self.seed, "model": type(self.backbone).__name__, "diffaccel": __version__,
+                "act_symmetric": self.act_symmetric, "iters": self.iters, "p": self.p,
+                "schedule": [float(t) for t in self.calib.schedule.tolist()],
+                "samples": len(self.calib), **extra}
+
+
+def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: float = 8,
+              num_timesteps: int | None = None, samples_per_timestep: int | None = None,
+              num_inference_steps: int = 10, seed: int = 0, device=None, activation_device=None,
+              progress: bool = True, act_symmetric: bool = False, skip=None, iters: int = 100,
+              p: float = 2.4, adaround: bool = True, learn_act: bool = True, split_shortcut: bool = True,
+              temporal_cache: bool = True, weight_candidates=(4, 8), act_fp16_fraction: float = 0.05,
+              sensitivity_samples: int = 1, bos: bool | None = None, batch_size: int = 1,
+              pipe_kwargs: dict | None = None) -> QuantRecipe:
+    """Calibrate ``target`` (a diffusers pipeline with prompts as ``data``, or a bare backbone with an
+    iterable of forward-kwargs dicts, each holding ``timestep``) and return a QuantRecipe.
+
+    method: "minmax" | "qdiffusion" | "tfmq" | "mixdq".
+    weight_bits / act_bits: 4 or 8 / 8 or 16 (16 = weight-only); for mixdq the target averages of
+        the mixed-precision allocation (weights from ``weight_candidates``, activations 8 or 16).
+    num_timesteps: calibrated timesteps spread uniformly over the trajectory (None: every step);
+        tfmq keeps one set of activation parameters per calibrated timestep.
+    samples_per_timestep: samples kept per timestep (None: all; a pipeline gives one per prompt batch).
+    num_inference_steps, batch_size, pipe_kwargs: the full-precision pipeline run that is recorded.
+    device: where to calibrate (default: the backbone's device; another device works on a copy).
+    activation_device: where recorded block activations are kept (None: the device if they fit in
+        40% of its free memory, else the CPU).
+    iters: reconstruction iterations per block (qdiffusion, tfmq); p: the Lp norm of scale searches.
+    skip: layer names kept in floating point (default: the model's input/output layers).
+    """
+    if method not in METHODS:
+        raise CalibrationError(f"method: unknown calibration method {method!r}; expected one of {tuple(METHODS)}")
+    check_bits(method, weight_bits, act_bits)
+    if method == "mixdq":
+        bad = [b for b in weight_candidates if b not in (4, 8)]
+        if bad or not weight_candidates:
+            raise CalibrationError(f"weight_candidates: the kernels run 4- and 8-bit weights, got {weight_candidates}")
+    if num_timesteps is not None and (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
+                                      or num_timesteps < 1):
+        raise CalibrationError(f"num_timesteps: expected a positive int or None, got {num_timesteps!r}")
+    if samples_per_timestep is not None and (not isinstance(samples_per_timestep, int) or samples_per_timestep < 1):
+        raise CalibrationError(f"samples_per_timestep: expected a positive int or None, got {samples_per_timestep!r}")
+    if not isinstance(iters, int) or iters < 0:
+        raise CalibrationError(f"iters: expected a non-negative int, got {iters!r}")
+    if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
+        raise CalibrationError(f"p: expected a positive number, got {p!r}")
+
+    if is_pipeline(target):
+        backbone = backbone_of(target)
+    elif isinstance(target, nn.Module):
+        backbone = target
+    else:
+        raise CalibrationError(f"target: expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
+    if next(backbone.parameters(), None) is None:
+        raise CalibrationError("target: the backbone has no parameters")
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    n_t = num_timesteps if num_timesteps is not None else 10**9
+
+    training = {m: m.training for m in backbone.modules()}
+    try:
+        backbone.eval()
+        if is_pipeline(target):
+            calib = from_pipeline(target, data, num_inference_steps=num_inference_steps, num_timesteps=n_t,
+                                  samples_per_timestep=samples_per_timestep, seed=seed, batch_size=batch_size,
+                                  pipe_kwargs=dict(pipe_kwargs or {}), progress=progress)
+        else:
+            calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep)
+        work = working_copy(backbone, device)
+        work.eval()
+        ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,
+                      device=device, seed=seed, progress=progress, act_symmetric=act_symmetric,
+                      skip=resolve_skip(work, skip), activation_device=activation_device, iters=iters, p=float(p),
+                      adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
+                      temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),
+                      act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos)
+        logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
+                    [round(t, 3) for t in calib.timesteps.tolist()])
+        recipe = METHODS[method](ctx)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+    log_allocation(recipe)
+    return recipe

@@ -1,0 +1,331 @@
+"""Calibration data: inputs of the backbone collected from a full-precision sampling run (or given
+as forward-kwargs dicts), the timesteps they were drawn at, and the statistics / block inputs and
+outputs the methods need, gathered by hooks that are always removed again."""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .structure import first_tensor
+
+logger = logging.getLogger("diffaccel")
+VALUES_PER_OBSERVATION = 1024  # sampled activation values kept per (layer, timestep) for range search
+
+
+class CalibrationError(ValueError):
+    """Bad calibration input or data (empty, NaN/Inf, unsupported bits, mismatch)."""
+
+
+def progress_bar(iterable=None, *, total=None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# -- the calibration set --------------------------------------------------------------------
+
+@dataclass
+class CalibrationSet:
+    samples: list[dict]            # forward kwargs of the backbone, tensors on CPU
+    t_index: list[int]             # per sample: index into ``timesteps``
+    timesteps: torch.Tensor        # [T] calibrated timestep values, in sampling order
+    schedule: torch.Tensor         # every timestep the sampler visited (for the record)
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def spread_indices(num_steps: int, num_timesteps: int) -> list[int]:
+    """``num_timesteps`` step indices spread uniformly over a trajectory of ``num_steps`` steps,
+    first and last step included (Q-Diffusion's time-step-aware calibration)."""
+    if num_timesteps >= num_steps:
+        return list(range(num_steps))
+    if num_timesteps == 1:
+        return [num_steps // 2]
+    return sorted({round(i * (num_steps - 1) / (num_timesteps - 1)) for i in range(num_timesteps)})
+
+
+def timestep_value(ts) -> float:
+    if isinstance(ts, torch.Tensor):
+        if ts.numel() == 0:
+            raise CalibrationError("data: a sample's 'timestep' is an empty tensor")
+        return float(ts.reshape(-1)[0].item())
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        return float(ts)
+    raise CalibrationError(f"data: 'timestep' must be a number or a tensor, got {type(ts).__name__}")
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    if hasattr(obj, "to_tuple"):  # diffusers BaseOutput
+        return _to(obj.to_tuple(), device)
+    return obj
+
+
+def tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _check_finite(name: str, obj):
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point() and not torch.isfinite(obj).all():
+        raise CalibrationError(f"data: input '{name}' contains NaN or Inf")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(f"{name}.{k}", v)
+
+
+def _select(groups: dict[float, list[dict]], order: list[float], num_timesteps: int,
+            samples_per_timestep: int | None, schedule: list[float]) -> CalibrationSet:
+    chosen = [order[i] for i in spread_indices(len(order), num_timesteps)]
+    samples, t_index = [], []
+    for ti, t in enumerate(chosen):
+        group = groups[t] if samples_per_timestep is None else groups[t][:samples_per_timestep]
+        samples.extend(group)
+        t_index.extend([ti] * len(group))
+    return CalibrationSet(samples, t_index, torch.tensor(chosen, dtype=torch.float64),
+                          torch.tensor(schedule, dtype=torch.float64))
+
+
+def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | None) -> CalibrationSet:
+    """``data``: an iterable of forward-kwargs dicts, each holding ``timestep``."""
+    if isinstance(data, dict):
+        raise CalibrationError("data: expected an iterable of forward-kwargs dicts, got a single dict")
+    groups: dict[float, list[dict]] = {}
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise CalibrationError(f"data: item {i} is a {type(item).__name__}, expected a dict of forward kwargs")
+        if "timestep" not in item:
+            raise CalibrationError(f"data: item {i} has no 'timestep' (keys: {sorted(item)})")
+        item = _to(dict(item), "cpu")
+        _check_finite(f"data[{i}]", item)
+        t = timestep_value(item["timestep"])
+        if not math.isfinite(t):
+            raise CalibrationError(f"data: item {i} has a non-finite timestep")
+        groups.setdefault(t, []).append(item)
+    if not groups:
+        raise CalibrationError("data: empty - calibration needs at least one sample")
+    order = sorted(groups, reverse=True)  # sampling order: from noise (large t) to clean
+    return _select(groups, order, num_timesteps, samples_per_timestep, order)
+
+
+def backbone_of(pipe) -> nn.Module:
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise CalibrationError(f"target: {type(pipe).__name__} has no 'unet' or 'transformer' backbone")
+
+
+def is_pipeline(target) -> bool:
+    return not isinstance(target, nn.Module) and callable(target) and hasattr(target, "scheduler")
+
+
+def from_pipeline(pipe, prompts, *, num_inference_steps: int, num_timesteps: int,
+                  samples_per_timestep: int | None, seed: int, batch_size: int, pipe_kwargs: dict,
+                  progress: bool) -> CalibrationSet:
+    """Run the pipeline in full precision with its own scheduler, recording every backbone call."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise CalibrationError("data: empty - calibration needs at least one prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise CalibrationError("data: a pipeline is calibrated with a list of prompt strings")
+    backbone = backbone_of(pipe)
+    signature = inspect.signature(backbone.forward)
+    calls: list[dict] = []
+
+    def record(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound.pop("return_dict", None)
+        item = _to(dict(bound), "cpu")
+        if not isinstance(item.get("timestep"), torch.Tensor):
+            item["timestep"] = torch.tensor(float(item["timestep"]))
+        calls.append(item)
+
+    groups: dict[int, list[dict]] = {}
+    step_t: dict[int, float] = {}
+    handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        device = next(backbone.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        for batch in progress_bar(batches, desc="calibration: collection", enabled=progress):
+            calls.clear()
+            with torch.no_grad():
+                pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=generator,
+                     output_type="latent", **pipe_kwargs)
+            for step, item in enumerate(calls):
+                _check_finite(f"backbone call {step}", item)
+                groups.setdefault(step, []).append(item)
+                step_t.setdefault(step, timestep_value(item["timestep"]))
+    finally:
+        handle.remove()
+    if not groups:
+        raise CalibrationError("target: the pipeline run never called its backbone")
+    order = sorted(groups)
+    by_t = {step_t[s]: groups[s] for s in order}
+    return _select(by_t, [step_t[s] for s in order], num_timesteps, samples_per_timestep,
+                   [step_t[s] for s in order])
+
+
+# -- running the backbone on the calibration set ---------------------------------------------
+
+def forward(backbone: nn.Module, kwargs: dict, device) -> torch.Tensor:
+    kw = _to(kwargs, device)
+    kw.pop("return_dict", None)
+    dtype = next(backbone.parameters()).dtype
+    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "timestep" else v)
+          for k, v in kw.items()}
+    return first_tensor(backbone(**kw, return_dict=False))
+
+
+@dataclass
+class LayerObservation:
+    """Per layer and calibrated timestep: input min/max (per concat half when split) and a
+    random sample of input values for range searches."""
+    lo: torch.Tensor               # [T] or [T, 2]
+    hi: torch.Tensor
+    values: list[list[torch.Tensor]]  # [T][half] 1-D samples
+
+
+@dataclass
+class Observations:
+    layers: dict[str, LayerObservation] = field(default_factory=dict)
+    block_io: dict[str, list[tuple]] = field(default_factory=dict)   # name -> [(args, kwargs, out, t_index)]
+    module_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [T, ...] output row 0
+    outputs: list[torch.Tensor] = field(default_factory=list)       # backbone output per sample (CPU)
+    split_points: dict[str, int] = field(default_factory=dict)
+    bos_tokens: torch.Tensor | None = None                            # [D] shared first token, if any
+
+
+def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], device,
+            bos_layers: tuple[str, ...] = (), split_points: dict[str, int] | None = None,
+            capture_blocks: tuple[str, ...] = (), capture_outputs_of: tuple[str, ...] = (),
+            storage: str | torch.device | None = None, seed: int = 0, progress: bool = True,
+            desc: str = "calibration: statistics") -> Observations:
+    """One full-precision pass over the calibration set with hooks; nothing of the model changes."""
+    split_points = split_points or {}
+    modules = dict(backbone.named_modules())
+    T = len(calib.timesteps)
+    obs = Observations(split_points=dict(split_points))
+    gen = torch.Generator().manual_seed(seed)
+    storage_dev = torch.device(storage) if storage is not None else None
+    state = {"t": 0, "sample": 0}
+    for name in layers:
+        halves = 2 if name in split_points else 1
+        shape = (T, 2) if halves == 2 else (T,)
+        obs.layers[name] = LayerObservation(torch.full(shape, math.inf), torch.full(shape, -math.inf),
+                                            [[torch.empty(0) for _ in range(halves)] for _ in range(T)])
+
+    def stat_hook(name):
+        def hook(module, args):
+            x = args[0].detach()
+            if not torch.isfinite(x).all():
+                raise CalibrationError(
+                    f"activations: the input of layer '{name}' contains NaN or Inf at timestep "
+                    f"{calib.timesteps[state['t']].item():g} (sample {state['sample']})")
+            if name in bos_layers and x.dim() == 3 and x.shape[1] > 1:
+                x = x[:, 1:]  # MixDQ: the BOS token is computed in full precision, not quantized
+            o = obs.layers[name]
+            t = state["t"]
+            parts = [x] if name not in split_points else [x[:, :split_points[name]], x[:, split_points[name]:]]
+            for h, part in enumerate(parts):
+                pf = part.float()
+                lo, hi = pf.min().cpu(), pf.max().cpu()
+                if len(parts) == 2:
+                    o.lo[t, h] = torch.minimum(o.lo[t, h], lo)
+                    o.hi[t, h] = torch.maximum(o.hi[t, h], hi)
+                else:
+                    o.lo[t] = torch.minimum(o.lo[t], lo)
+                    o.hi[t] = torch.maximum(o.hi[t], hi)
+                flat = pf.reshape(-1).cpu()
+                pick = torch.randint(0, flat.numel(), (min(VALUES_PER_OBSERVATION, flat.numel()),), generator=gen)
+                o.values[t][h] = torch.cat([o.values[t][h], flat[pick]])
+        return hook
+
+    captured: dict[str, dict] = {}
+
+    def block_pre(name):
+        def hook(module, args, kwargs):
+            captured[name] = {"args": _to(args, storage_dev or device), "kwargs": _to(kwargs, storage_dev or device)}
+        return hook
+
+    def block_post(name):
+        def hook(module, args, kwargs, out):
+            c = captured.pop(name)
+            obs.block_io.setdefault(name, []).append(
+                (c["args"], c["kwargs"], _to(out, storage_dev or device), state["t"]))
+        return hook
+
+    def out_hook(name):
+        def hook(module, args, out):
+            t = state["t"]
+            store = obs.module_out.setdefault(name, {})
+            if t not in store:
+                store[t] = _to(out, "cpu")
+        return hook
+
+    handles = []
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_pre_hook(stat_hook(name)))
+        for name in capture_blocks:
+            handles.append(modules[name].register_forward_pre_hook(block_pre(name), with_kwargs=True))
+            handles.append(modules[name].register_forward_hook(block_post(name), with_kwargs=True))
+        for name in capture_outputs_of:
+            handles.append(modules[name].register_forward_hook(out_hook(name)))
+        with torch.no_grad():
+            for i in progress_bar(range(len(calib)), desc=desc, enabled=progress):
+                state["t"], state["sample"] = calib.t_index[i], i
+                out = forward(backbone, calib.samples[i], device)
+                if not torch.isfinite(out).all():
+                    raise CalibrationError(f"activations: the backbone output contains NaN or Inf (sample {i})")
+                obs.outputs.append(out.detach().cpu())
+                if i == 0 and storage_dev is None:
+                    storage_dev = _storage_for(obs, len(calib), device)
+                    obs.block_io = {k: [(_to(a, storage_dev), _to(kw, storage_dev), _to(o, storage_dev), t)
+                                        for a, kw, o, t in v] for k, v in obs.block_io.items()}
+    finally:
+        for h in handles:
+            h.remove()
+    return obs
+
+
+def _storage_for(obs: Observations, num_samples: int, device) -> torch.device:
+    """Block inputs/outputs stay on the compute device only when all of them fit comfortably."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    need = tensor_bytes([v for v in obs.block_io.values()]) * num_samples
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.4 * free:
+        logger.info("calibration: keeping %.1f GiB of block activations on the CPU", need / 2**30)
+        return torch.device("cpu")
+    return device
+
+
+def working_copy(backbone: nn.Module, device) -> nn.Module:
+    """The user's model when it already lives on ``device`` (only read, under hooks that are
+    removed), else a copy moved there: calibration never changes the model it is given."""
+    p = next(backbone.parameters())
+    if p.device == torch.device(device):
+        return backbone
+    return copy.deepcopy(backbone).to(device)

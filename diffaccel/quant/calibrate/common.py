@@ -1,0 +1,215 @@
+"""Pieces every method shares: argument checks, which layers get which spec, split points of the
+UNet's concat inputs, the BOS token, and assembling the recipe."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..recipe import LayerRecipe, QuantRecipe
+from .collect import CalibrationError, CalibrationSet, Observations, _to, forward
+from .fakequant import WEIGHT_DTYPE_FOR_BITS, act_params_from_range, search_act_range, weight_qrange
+from .structure import (DEFAULT_SKIP, concat_split_candidates, layer_kind, quantizable_layers,
+                        split_layers_for_resnet)
+
+logger = logging.getLogger("diffaccel")
+SUPPORTED_WEIGHT_BITS = (4, 8)
+SUPPORTED_ACT_BITS = (8, 16)
+
+
+def make_spec(weight_bits: int, act_bits: int, act_symmetric: bool):
+    from ..formats import QuantSpec
+
+    if act_bits == 16:
+        return QuantSpec(weight_dtype=WEIGHT_DTYPE_FOR_BITS[weight_bits], act_dtype=None, act_mode="dynamic")
+    return QuantSpec(weight_dtype=WEIGHT_DTYPE_FOR_BITS[weight_bits], act_dtype="int8", act_mode="static",
+                     act_symmetric=act_symmetric)
+
+
+def check_bits(method: str, weight_bits, act_bits) -> None:
+    def number(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CalibrationError(f"{name}: expected a number, got {v!r}")
+
+    number("weight_bits", weight_bits)
+    number("act_bits", act_bits)
+    if method == "mixdq":  # targets of the mixed-precision allocation (averages)
+        if not min(SUPPORTED_WEIGHT_BITS) <= weight_bits <= max(SUPPORTED_WEIGHT_BITS):
+            raise CalibrationError(f"weight_bits: mixdq's average weight bit-width must lie in "
+                                   f"[{min(SUPPORTED_WEIGHT_BITS)}, {max(SUPPORTED_WEIGHT_BITS)}] (the kernels "
+                                   f"run {SUPPORTED_WEIGHT_BITS}-bit weights), got {weight_bits}")
+        if not min(SUPPORTED_ACT_BITS) <= act_bits <= max(SUPPORTED_ACT_BITS):
+            raise CalibrationError(f"act_bits: mixdq's average activation bit-width must lie in "
+                                   f"[8, 16], got {act_bits}")
+        return
+    if weight_bits not in SUPPORTED_WEIGHT_BITS:
+        raise CalibrationError(f"weight_bits: the kernels run {SUPPORTED_WEIGHT_BITS}-bit integer weights, "
+                               f"got {weight_bits}")
+    if act_bits not in SUPPORTED_ACT_BITS:
+        raise CalibrationError(f"act_bits: expected 8 (static INT8) or 16 (weight-only), got {act_bits}")
+
+
+@dataclass
+class Plan:
+    """The layers to calibrate (name -> module of the working backbone) and the rest with reasons."""
+    layers: dict[str, nn.Module]
+    skipped: dict[str, str]
+    model_layers: dict[str, tuple]
+    split_points: dict[str, int] = field(default_factory=dict)
+    bos_layers: tuple[str, ...] = ()
+
+
+def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool, skip, exclude=()) -> Plan:
+    """Every Linear/Conv2d minus the input/output layers (``skip``) and those the kernels can't take
+    at any of the candidate weight widths."""
+    from ... import nn as dnn
+
+    all_layers = quantizable_layers(backbone)
+    layers, skipped = {}, {}
+    for name, module in all_layers.items():
+        if name in skip:
+            skipped[name] = "input/output layer kept in floating point"
+            continue
+        if name in exclude:
+            skipped[name] = exclude[name] if isinstance(exclude, dict) else "excluded"
+            continue
+        reason = None
+        for wb in weight_bits_options:
+            reason = dnn.quantize_reason(module, make_spec(wb, 8, act_symmetric)) or reason
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        layers[name] = module
+    return Plan(layers, skipped, {n: tuple(m.weight.shape) for n, m in all_layers.items()})
+
+
+def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
+    if skip is None:
+        return tuple(n for n in DEFAULT_SKIP if n in dict(backbone.named_modules()))
+    return tuple(skip)
+
+
+def find_split_points(backbone: nn.Module, sample: dict, device) -> dict[str, int]:
+    """Layers fed by cat(h, skip) in the up path -> C1 (channels of h), read from one forward pass."""
+    points: dict[str, int] = {}
+    handles = []
+    for block_name, block in concat_split_candidates(backbone):
+        def hook(module, args, kwargs, block_name=block_name):
+            res = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+            if res is None:
+                return
+            res = list(res)
+            for j, resnet in enumerate(module.resnets):
+                if not res:
+                    break
+                skip_channels = res.pop().shape[1]
+                in_channels = resnet.conv1.in_channels if hasattr(resnet, "conv1") else None
+                if in_channels is None or in_channels <= skip_channels:
+                    continue
+                first = in_channels - skip_channels
+                for layer in split_layers_for_resnet(resnet, first):
+                    points[f"{block_name}.resnets.{j}.{layer}"] = first
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            forward(backbone, sample, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return points
+
+
+def weight_init(module: nn.Module, weight_bits: int, *, search: bool, p: float):
+    from .fakequant import search_weight_scale, weight_absmax_scale
+
+    qrange = weight_qrange(WEIGHT_DTYPE_FOR_BITS[weight_bits])
+    if search:
+        return qrange, search_weight_scale(module.weight, qrange, p=p)
+    return qrange, weight_absmax_scale(module.weight, qrange)
+
+
+def act_init(obs: Observations, name: str, *, per_timestep: bool, symmetric: bool, search: bool, p: float):
+    """Static activation params [T] / [T, 2] (per timestep) or [1] / [1, 2] (pooled over timesteps)."""
+    o = obs.layers[name]
+    split = o.lo.dim() == 2
+    halves = 2 if split else 1
+    T = o.lo.shape[0]
+    rows = range(T) if per_timestep else [None]
+    scales, zps = [], []
+    for t in rows:
+        row_s, row_z = [], []
+        for h in range(halves):
+            sel = (slice(None) if t is None else t,) + ((h,) if split else ())
+            lo, hi = o.lo[sel].min(), o.hi[sel].max()
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                raise CalibrationError(f"activations: layer '{name}' saw no input at timestep index {t}")
+            if search:
+                vals = torch.cat([o.values[tt][h] for tt in (range(T) if t is None else [t])])
+                s, z = search_act_range(vals, lo, hi, symmetric, p=p)
+            else:
+                s, z = act_params_from_range(lo, hi, symmetric)
+            row_s.append(s.reshape(()))
+            row_z.append(z.reshape(()))
+        scales.append(torch.stack(row_s) if split else row_s[0])
+        zps.append(torch.stack(row_z) if split else row_z[0])
+    return torch.stack(scales).float(), torch.stack(zps).to(torch.int32)
+
+
+def detect_bos(calib: CalibrationSet) -> bool:
+    """True when every sample's encoder_hidden_states share one first token (CLIP's BOS output)."""
+    first = None
+    for s in calib.samples:
+        ehs = s.get("encoder_hidden_states")
+        if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3 or ehs.shape[1] < 2:
+            return False
+        rows = ehs[:, 0].float()
+        first = rows[0] if first is None else first
+        if not torch.equal(rows, first.expand_as(rows)):
+            return False
+    return first is not None
+
+
+def bos_outputs(backbone: nn.Module, calib: CalibrationSet, layers: list[str], device) -> dict[str, torch.Tensor]:
+    """Full-precision output of each layer for token 0, recorded in one forward pass."""
+    modules = dict(backbone.named_modules())
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args, result):
+            if name not in out:
+                out[name] = result[0, 0].detach().float().cpu()
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    try:
+        with torch.no_grad():
+            forward(backbone, calib.samples[0], device)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def layer_recipe(module: nn.Module, spec, *, weight_scale=None, weight_q=None, act_scale=None,
+                 act_zero_point=None, act_split=None, bos_output=None) -> LayerRecipe:
+    if spec.act_dtype is None:
+        act_scale = act_zero_point = act_split = None
+    return LayerRecipe(kind=layer_kind(module), weight_shape=tuple(module.weight.shape), spec=spec.to_dict(),
+                       weight_scale=None if weight_scale is None else weight_scale.float().cpu(),
+                       weight_q=None if weight_q is None else weight_q.to(torch.int8).cpu().reshape(
+                           module.weight.shape[0], -1),
+                       act_scale=act_scale, act_zero_point=act_zero_point, act_split=act_split,
+                       bos_output=bos_output)
+
+
+def log_allocation(recipe: QuantRecipe) -> None:
+    counts: dict[tuple[int, int], int] = {}
+    for name, lr in recipe.layers.items():
+        counts[(lr.weight_bits, lr.act_bits)] = counts.get((lr.weight_bits, lr.act_bits), 0) + 1
+        logger.debug("calibration[%s]: %s -> W%dA%d", recipe.method, name, lr.weight_bits, lr.act_bits)
+    summary = ", ".join(f"W{w}A{a}: {n}" for (w, a), n in sorted(counts.items()))
+    logger.info("calibration[%s]: bit allocation %s (average weight bits %.2f); %d layers in floating point",
+                recipe.method, summary, recipe.average_weight_bits(), len(recipe.skipped))

@@ -1,0 +1,176 @@
+"""BRECQ block reconstruction with AdaRound learned rounding and LSQ-learned activation step
+sizes, on fake-quantized copies of a block (the user's modules are never touched).
+
+Per layer: weights w -> s * clamp(floor(w/s) + h(alpha), qmin, qmax), h the rectified sigmoid of
+AdaRound (zeta=1.1, gamma=-0.1), annealed to hard 0/1 by the regulariser sum(1 - |2h-1|^beta);
+activations -> the kernels' static INT8 quantizer with a learned scale (straight-through round),
+one scale per calibrated timestep where the method has them, two for a split concat input.
+Loss: ||block_q(x) - block_fp(x)||^2 (sum over features, mean over the batch) + lambda * reg.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .collect import _to, progress_bar
+from .fakequant import SCALE_FLOOR, fake_quant_act, lsq_fake_quant_act, per_channel_view
+from .structure import first_tensor
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass
+class LayerInit:
+    """Starting point of one layer: weight format and scale, activation params (None: 16-bit)."""
+    qrange: tuple[int, int] | None
+    weight_scale: torch.Tensor | None        # [O]
+    act_scale: torch.Tensor | None = None    # [T] or [T, 2]
+    act_zero_point: torch.Tensor | None = None
+    act_split: int | None = None
+
+
+@dataclass
+class LayerResult:
+    weight_q: torch.Tensor | None
+    act_scale: torch.Tensor | None
+
+
+class FakeQuantLayer(nn.Module):
+    """A Linear/Conv2d computed with fake-quantized weights (AdaRound) and input (LSQ)."""
+
+    def __init__(self, module: nn.Module, init: LayerInit, ctx: dict, *, adaround: bool, learn_act: bool):
+        super().__init__()
+        self.module = module
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.ctx = ctx
+        self.init = init
+        self.hard = False
+        self.adaround = adaround and init.qrange is not None
+        w = module.weight.detach().float()
+        if init.qrange is not None:
+            s = per_channel_view(init.weight_scale.float().to(w.device), w)
+            self.register_buffer("w_scale", s)
+            self.register_buffer("w_floor", torch.floor(w / s))
+            if self.adaround:
+                rest = (w / s - torch.floor(w / s)).clamp(1e-4, 1 - 1e-4)
+                self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        if init.act_scale is not None:
+            scale = init.act_scale.float().clone().to(w.device)
+            self.act_scale = nn.Parameter(scale, requires_grad=learn_act)
+            self.register_buffer("act_zp", init.act_zero_point.to(torch.int32).clone().to(w.device))
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def integer_weight(self) -> torch.Tensor:
+        up = (self.alpha >= 0).float() if self.adaround else torch.round(
+            self.module.weight.detach().float() / self.w_scale) - self.w_floor
+        return (self.w_floor + up).clamp(*self.init.qrange)
+
+    def weight(self) -> torch.Tensor:
+        if self.init.qrange is None:
+            return self.module.weight
+        if self.adaround and not self.hard:
+            w = (self.w_floor + self.h()).clamp(*self.init.qrange) * self.w_scale
+        else:
+            w = self.integer_weight() * self.w_scale
+        return w.to(self.module.weight.dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.init.act_scale is None:
+            return x
+        t = self.ctx["t"] if self.act_scale.shape[0] > 1 else 0
+        scale = self.act_scale[t].clamp(min=SCALE_FLOOR)
+        zp = self.act_zp[t]
+        fq = lsq_fake_quant_act if self.act_scale.requires_grad and not self.hard else fake_quant_act
+        if self.init.act_split is None:
+            return fq(x, scale, zp)
+        c = self.init.act_split
+        return torch.cat([fq(x[:, :c], scale[0], zp[0]), fq(x[:, c:], scale[1], zp[1])], dim=1)
+
+    def forward(self, x):
+        x = self.quantize_input(x)
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            return F.conv2d(x, self.weight(), m.bias, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, self.weight(), m.bias)
+
+
+def wrap_layers(unit: nn.Module, inits: dict[str, LayerInit], ctx: dict, *, adaround: bool,
+                learn_act: bool) -> dict[str, FakeQuantLayer]:
+    """Swap the named (relative) layers of ``unit`` for FakeQuantLayers, in place (``unit`` is a copy)."""
+    wrapped = {}
+    for rel, init in inits.items():
+        parent_name, _, child = rel.rpartition(".")
+        parent = unit.get_submodule(parent_name) if parent_name else unit
+        fq = FakeQuantLayer(getattr(parent, child), init, ctx, adaround=adaround, learn_act=learn_act)
+        setattr(parent, child, fq)
+        wrapped[rel] = fq
+    return wrapped
+
+
+def unit_error(unit: nn.Module, io: list, device, ctx: dict) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for args, kwargs, out, t in io:
+            ctx["t"] = t
+            y = first_tensor(unit(*_to(args, device), **_to(kwargs, device))).float()
+            total += (y - first_tensor(out).to(device).float()).pow(2).sum().item()
+    return total / max(len(io), 1)
+
+
+def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters: int, device,
+                seed: int, adaround: bool = True, learn_act: bool = True, weight_lr: float = 1e-2,
+                act_lr: float = 1e-3, reg_lambda: float = 0.01, warmup: float = 0.2,
+                beta_range: tuple[float, float] = (20.0, 2.0), desc: str = "", progress: bool = False
+                ) -> dict[str, LayerResult]:
+    """Reconstruct ``unit`` (a module the caller owns: it is copied) from its recorded full-precision
+    (args, kwargs, output, t_index) ``io``; returns the learned integer weights and act scales."""
+    work = copy.deepcopy(unit).to(device).float()
+    work.eval()
+    ctx = {"t": 0}
+    layers = wrap_layers(work, inits, ctx, adaround=adaround, learn_act=learn_act)
+    alphas = [l.alpha for l in layers.values() if l.adaround]
+    scales = [l.act_scale for l in layers.values() if l.init.act_scale is not None and learn_act]
+    groups = []
+    if alphas:
+        groups.append({"params": alphas, "lr": weight_lr})
+    if scales:
+        groups.append({"params": scales, "lr": act_lr})
+    if groups and iters > 0 and io:
+        opt = torch.optim.Adam(groups)
+        gen = torch.Generator().manual_seed(seed)
+        for it in progress_bar(range(iters), desc=desc, enabled=progress):
+            args, kwargs, out, t = io[int(torch.randint(len(io), (1,), generator=gen))]
+            ctx["t"] = t
+            with torch.enable_grad():
+                y = first_tensor(work(*_to(args, device), **_to(kwargs, device))).float()
+                target = first_tensor(out).to(device).float()
+                loss = (y - target).pow(2).reshape(y.shape[0], -1).sum(1).mean()
+                if alphas and it >= warmup * iters:
+                    progress_frac = (it - warmup * iters) / max((1 - warmup) * iters, 1)
+                    beta = beta_range[1] + 0.5 * (beta_range[0] - beta_range[1]) * (1 + math.cos(math.pi * progress_frac))
+                    loss = loss + reg_lambda * sum(l.regulariser(beta) for l in layers.values() if l.adaround)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                for s in scales:
+                    s.clamp_(min=SCALE_FLOOR)
+    results = {}
+    with torch.no_grad():
+        for rel, l in layers.items():
+            l.hard = True
+            wq = l.integer_weight().to(torch.int8).cpu() if l.init.qrange is not None else None
+            act = l.act_scale.detach().float().cpu().clamp(min=SCALE_FLOOR) if l.init.act_scale is not None else None
+            results[rel] = LayerResult(wq, act)
+    return results

@@ -1,0 +1,135 @@
+"""What a calibration method needs to know about a backbone's structure: its quantizable layers,
+its reconstruction blocks, its temporal information block, its cross-attention (text) inputs and
+its content (cross-attention / feed-forward) layers. Works on diffusers UNet2DConditionModel and
+DiT-style transformers (PixArt, SD3, DiT); unknown models fall back to generic rules."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Top-level input/output layers kept in floating point by default (Q-Diffusion and its successors
+# leave the first and last layer unquantized: they are tiny and very sensitive).
+DEFAULT_SKIP = ("conv_in", "conv_out", "pos_embed.proj", "proj_out", "x_embedder.proj", "patch_embed.proj")
+BLOCK_CLASSES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "JointTransformerBlock",
+                 "FluxTransformerBlock", "FluxSingleTransformerBlock", "Downsample2D", "Upsample2D",
+                 "DiTBlock", "SD3SingleTransformerBlock")
+
+
+def quantizable_layers(backbone: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / nn.Conv2d, by qualified name (module order)."""
+    return {n: m for n, m in backbone.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+
+
+def layer_kind(module: nn.Module) -> str:
+    return "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+
+
+@dataclass
+class TemporalInfo:
+    """The Temporal Information Block (TFMQ-DM): modules whose output depends only on the timestep
+    (and, for SD3/Flux, the pooled text). ``cacheable`` when it depends on t alone."""
+    embed: str | None                     # the timestep MLP (UNet time_embedding, PixArt adaln_single)
+    projections: list[str] = field(default_factory=list)   # per-block projections of the embedding
+    layers: list[str] = field(default_factory=list)        # every Linear inside the block
+    cacheable: bool = False
+    why_not_cacheable: str | None = None
+
+
+def temporal_info(backbone: nn.Module) -> TemporalInfo:
+    names = dict(backbone.named_modules())
+    if "time_embedding" in names and hasattr(backbone, "time_proj"):  # UNet2DConditionModel
+        projections = [n for n in names if n.endswith(".time_emb_proj") and isinstance(names[n], nn.Linear)]
+        reasons = []
+        if getattr(backbone, "class_embedding", None) is not None:
+            reasons.append("class_embedding is added to the time embedding")
+        if getattr(backbone, "add_embedding", None) is not None:
+            reasons.append("an added (text/time) embedding is added to the time embedding")
+        if getattr(backbone.time_embedding, "cond_proj", None) is not None:
+            reasons.append("time_embedding takes a timestep_cond")
+        layers = [n for n in names if n.startswith("time_embedding.") and isinstance(names[n], nn.Linear)]
+        return TemporalInfo("time_embedding", projections, layers + projections, not reasons,
+                            "; ".join(reasons) or None)
+    if "adaln_single" in names:  # PixArt: adaLN-single depends on t (and resolution/aspect conditions)
+        layers = [n for n in names if n.startswith("adaln_single.") and isinstance(names[n], nn.Linear)]
+        extra = getattr(backbone.adaln_single, "use_additional_conditions", False)
+        return TemporalInfo("adaln_single", [], layers, not extra,
+                            "adaln_single also embeds resolution/aspect ratio" if extra else None)
+    if "time_text_embed" in names:  # SD3 / Flux: the embedding also sees the pooled text
+        projections = [n for n, m in names.items() if isinstance(m, nn.Linear)
+                       and (n.endswith("norm1.linear") or n.endswith("norm1_context.linear")
+                            or n.endswith("norm.linear") or n == "norm_out.linear")]
+        layers = [n for n in names if n.startswith("time_text_embed.") and isinstance(names[n], nn.Linear)]
+        return TemporalInfo("time_text_embed", projections, layers + projections, False,
+                            "the temporal features depend on the pooled text, not only on t")
+    return TemporalInfo(None, [], [], False, "no timestep embedding module recognised")
+
+
+def blocks(backbone: nn.Module) -> list[str]:
+    """Reconstruction units (BRECQ blocks): ResNet blocks, transformer blocks (a UNet's whole
+    Transformer2DModel, a DiT's per-layer blocks), resamplers; outermost match wins."""
+    found: list[str] = []
+    for name, module in backbone.named_modules():
+        if not name or type(module).__name__ not in BLOCK_CLASSES:
+            continue
+        if any(name.startswith(b + ".") for b in found):
+            continue
+        found.append(name)
+    return found
+
+
+def cross_attention_kv_layers(backbone: nn.Module) -> list[str]:
+    """to_k / to_v of cross-attention: the layers that consume the text encoder's tokens."""
+    out = []
+    for name, module in backbone.named_modules():
+        if getattr(module, "is_cross_attention", False) and type(module).__name__ == "Attention":
+            for proj in ("to_k", "to_v"):
+                if isinstance(getattr(module, proj, None), nn.Linear):
+                    out.append(f"{name}.{proj}")
+    return out
+
+
+def is_content_layer(name: str) -> bool:
+    """MixDQ's content layers: cross-attention and feed-forward (they shape what is drawn)."""
+    parts = name.split(".")
+    return "attn2" in parts or "ff" in parts or "ff_context" in parts
+
+
+def concat_split_candidates(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Up-path blocks whose resnets consume cat(h, skip) along channels (diffusers' up blocks
+    take ``res_hidden_states_tuple``)."""
+    import inspect
+
+    out = []
+    for name, module in backbone.named_modules():
+        if hasattr(module, "resnets") and "res_hidden_states_tuple" in inspect.signature(module.forward).parameters:
+            out.append((name, module))
+    return out
+
+
+def split_layers_for_resnet(resnet: nn.Module, first_channels: int) -> list[str]:
+    """Which convs of a ResnetBlock2D fed by cat(h[:C1], skip) see the two sources in separate
+    input channels: conv_shortcut sees the raw concat; conv1 sees silu(GroupNorm(concat)), whose
+    channel halves keep their own ranges only if no norm group straddles the boundary."""
+    out = []
+    if isinstance(getattr(resnet, "conv_shortcut", None), nn.Conv2d):
+        out.append("conv_shortcut")
+    norm = getattr(resnet, "norm1", None)
+    if isinstance(norm, nn.GroupNorm) and isinstance(getattr(resnet, "conv1", None), nn.Conv2d) \
+            and getattr(resnet, "upsample", None) is None and getattr(resnet, "downsample", None) is None:
+        per_group = norm.num_channels // norm.num_groups
+        if first_channels % per_group == 0:
+            out.append("conv1")
+    return out
+
+
+def first_tensor(out) -> torch.Tensor:
+    """The main output of a backbone / block call (diffusers returns dataclasses or tuples)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return first_tensor(out[0])
+    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")

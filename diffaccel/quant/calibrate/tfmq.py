@@ -1,0 +1,139 @@
+"""TFMQ-DM (Huang et al., CVPR 2024, "Temporal Feature Matters").
+
+- Temporal Information Block: the timestep MLP and every layer that only projects its output
+  (UNet: time_embedding + each resnet's time_emb_proj; PixArt: adaln_single; SD3/Flux:
+  time_text_embed + the adaLN modulation linears). Temporal Information Aware Reconstruction
+  (TIAR) reconstructs all of it as ONE unit whose output is the concatenation of every temporal
+  feature, rather than inside the blocks that consume them.
+- Finite Set Calibration: one static activation scale / zero point per timestep of the sampling
+  schedule (``num_timesteps=None`` keeps every step), switched at run time by the step state.
+- Cache-based maintenance (``temporal_cache=True``, the default where the block depends on t
+  alone): the full-precision temporal features of each calibrated timestep are stored in the
+  recipe and looked up at run time instead of computing the block: exact and cheaper. The block's
+  layers are then not quantized (nothing of them runs).
+The remaining blocks are reconstructed as in Q-Diffusion (AdaRound + LSQ, split concat inputs),
+with per-timestep activation parameters.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..recipe import QuantRecipe
+from .collect import CalibrationError, _to, observe
+from .common import find_split_points, plan_layers
+from .qdiffusion import brecq
+from .structure import first_tensor, temporal_info
+
+logger = logging.getLogger("diffaccel")
+
+
+class TemporalUnit(nn.Module):
+    """The temporal information block as one module: embed(...) and each projection of it; the
+    output is every temporal feature concatenated (TIAR's reconstruction target)."""
+
+    def __init__(self, embed: nn.Module, projections: list[tuple[nn.Module, object]]):
+        super().__init__()
+        self.embed = embed
+        self.projs = nn.ModuleList([p for p, _ in projections])
+        self.acts = [a for _, a in projections]
+
+    def forward(self, *args, **kwargs):
+        out = self.embed(*args, **kwargs)
+        feats = list(out) if isinstance(out, (tuple, list)) else [out]
+        emb = feats[0] if len(feats) == 1 else None
+        for proj, act in zip(self.projs, self.acts):
+            feats.append(proj(act(emb)))
+        return torch.cat([f.reshape(f.shape[0], -1).float() for f in feats], dim=-1)
+
+
+def _projection_act(backbone: nn.Module, proj_name: str):
+    parent = backbone.get_submodule(proj_name.rpartition(".")[0])
+    if hasattr(parent, "time_emb_proj"):  # ResnetBlock2D
+        return (lambda x: x) if getattr(parent, "skip_time_act", False) else parent.nonlinearity
+    return F.silu  # adaLN modulation: linear(silu(emb))
+
+
+def _first_rows(out):
+    if isinstance(out, (tuple, list)):
+        return [o[0].float() for o in out]
+    return [first_tensor(out)[0].float()]
+
+
+def run(ctx) -> QuantRecipe:
+    backbone = ctx.backbone
+    info = temporal_info(backbone)
+    use_cache = ctx.temporal_cache and info.cacheable
+    if ctx.temporal_cache and not info.cacheable and info.embed is not None:
+        logger.info("tfmq: temporal features not cached (%s); reconstructing them with TIAR", info.why_not_cacheable)
+    cached_modules = ([info.embed] + info.projections) if use_cache else []
+    exclude = {}
+    for name in info.layers:
+        exclude[name] = ("replaced by the temporal feature cache (exact full-precision features)" if use_cache
+                         else "reconstructed in the temporal information block")
+    plan = plan_layers(backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
+                       skip=ctx.skip, exclude=exclude)
+    if ctx.split_shortcut:
+        plan.split_points = {n: c for n, c in find_split_points(backbone, ctx.calib.samples[0], ctx.device).items()
+                             if n in plan.layers}
+    T = len(ctx.calib.timesteps)
+    cache: dict[str, list[torch.Tensor]] = {}
+    extra_units = {}
+    tib_layers = {}
+    if use_cache:
+        obs = observe(backbone, ctx.calib, layers=[], device=ctx.device, capture_outputs_of=tuple(cached_modules),
+                      seed=ctx.seed, progress=False, desc="calibration: temporal features")
+        for name in cached_modules:
+            per_t = obs.module_out.get(name, {})
+            if len(per_t) != T:
+                raise CalibrationError(f"tfmq: module '{name}' did not run at every calibrated timestep")
+            rows = [_first_rows(per_t[t]) for t in range(T)]
+            cache[name] = [torch.stack([rows[t][k] for t in range(T)]) for k in range(len(rows[0]))]
+    elif info.embed is not None and info.layers:
+        tib_layers = {n: backbone.get_submodule(n) for n in info.layers
+                      if n not in ctx.skip and n in dict(backbone.named_modules())}
+        from ... import nn as dnn
+        from .common import make_spec
+
+        spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric)
+        for n in list(tib_layers):
+            reason = dnn.quantize_reason(tib_layers[n], spec)
+            if reason is not None:
+                plan.skipped[n] = reason
+                del tib_layers[n]
+        for n in tib_layers:
+            plan.skipped.pop(n, None)
+        if tib_layers:
+            extra_units = _tiar_unit(ctx, info, tib_layers)
+    plan.layers.update(tib_layers)
+    layers = brecq(ctx, plan, per_timestep=True, extra_units=extra_units, method="tfmq")
+    # the TIB layers were reconstructed as one unit in extra_units, not inside their resnets
+    return QuantRecipe("tfmq", layers, plan.model_layers, plan.skipped, timesteps=ctx.calib.timesteps,
+                       temporal_cache=cache,
+                       meta=ctx.meta(split_points=plan.split_points, temporal_cache=sorted(cache),
+                                     temporal_block=info.layers))
+
+
+def _tiar_unit(ctx, info, tib_layers) -> dict:
+    """-> {"<temporal block>": (TemporalUnit, io, {relative name: layer name})} for ``brecq``."""
+    backbone = ctx.backbone
+    embed = backbone.get_submodule(info.embed)
+    projections = [(backbone.get_submodule(p), _projection_act(backbone, p)) for p in info.projections]
+    unit = TemporalUnit(embed, projections)
+    obs = observe(backbone, ctx.calib, layers=[], device=ctx.device, capture_blocks=(info.embed,),
+                  seed=ctx.seed, progress=False, desc="calibration: temporal block inputs")
+    io = []
+    with torch.no_grad():
+        for args, kwargs, _, t in obs.block_io[info.embed]:
+            target = unit(*_to(args, ctx.device), **_to(kwargs, ctx.device))
+            io.append((args, kwargs, target.cpu(), t))
+    rel = {}
+    for name in tib_layers:
+        if name.startswith(info.embed + "."):
+            rel["embed." + name[len(info.embed) + 1:]] = name
+        elif name in info.projections:
+            rel[f"projs.{info.projections.index(name)}"] = name
+    return {"temporal_block": (unit, io, rel)}

@@ -1,0 +1,356 @@
+"""A calibrated quantization recipe: per layer its spec, bits, weight scales (and learned-rounding
+integer weights), static activation scale / zero point (one set per calibrated timestep where the
+method has them), split point, smoothing and BOS handling; plus the calibrated timesteps and the
+temporal feature cache. Saved as one safetensors file whose header metadata holds the JSON
+description (format version included); never pickle.
+
+Applying a recipe (used by ``diffaccel.patch(model, quant=recipe)``)::
+
+    new_modules, installers, skipped = recipe.build_modules(backbone)
+    # new_modules: {qualified_name: module to put in place of backbone.get_submodule(name)}
+    # installers:  [install(backbone) -> remove()]  runtime hooks (the step-state pre-hook that maps
+    #              the `timestep` argument to the calibrated timestep index, on the device, no sync)
+    # skipped:     {qualified_name: why the layer stays in floating point}
+
+``build_modules`` validates first (missing / extra layers, shape or kind mismatch raise
+``RecipeError`` naming the layer) and never changes the backbone.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+RECIPE_FORMAT_VERSION = 1
+_META_KEY = "diffaccel_recipe"
+_TENSOR_FIELDS = ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output")
+
+
+class RecipeError(ValueError):
+    """A recipe that can't be read, or that does not match the model it is applied to."""
+
+
+@dataclass
+class LayerRecipe:
+    kind: str                                  # "linear" | "conv2d"
+    weight_shape: tuple
+    spec: dict                                 # QuantSpec.to_dict()
+    weight_scale: torch.Tensor | None = None   # fp32 [O]: per output channel
+    weight_q: torch.Tensor | None = None       # int8 [O, K] (conv: K = I*kh*kw) learned-rounding weights
+    act_scale: torch.Tensor | None = None      # fp32 [T] (or [T, 2] with act_split)
+    act_zero_point: torch.Tensor | None = None  # int32, same shape
+    act_split: int | None = None               # conv input channels [0:C1) and [C1:) quantized apart
+    smooth: torch.Tensor | None = None         # fp32 [K_in] per-input-channel smoothing
+    bos_output: torch.Tensor | None = None     # fp32 [O]: the layer's full-precision output for token 0
+
+    @property
+    def weight_bits(self) -> int:
+        return {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp4_e2m1": 4}[self.spec["weight_dtype"]]
+
+    @property
+    def act_bits(self) -> int:
+        return 16 if self.spec.get("act_dtype") is None else 8
+
+    def quant_spec(self):
+        from .formats import QuantSpec
+
+        return QuantSpec.from_dict(self.spec)
+
+
+@dataclass
+class QuantRecipe:
+    method: str
+    layers: dict[str, LayerRecipe]
+    model_layers: dict[str, tuple]              # every Linear/Conv2d of the calibrated backbone -> weight shape
+    skipped: dict[str, str] = field(default_factory=dict)      # layer -> why it stays in floating point
+    timesteps: torch.Tensor | None = None       # [T] calibrated timestep values (sampling order)
+    temporal_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module -> [T, ...] outputs
+    meta: dict = field(default_factory=dict)
+
+    # -- summary -------------------------------------------------------------------------
+    def bits(self) -> dict[str, tuple[int, int]]:
+        """{layer: (weight_bits, act_bits)}."""
+        return {n: (lr.weight_bits, lr.act_bits) for n, lr in self.layers.items()}
+
+    def average_weight_bits(self) -> float:
+        total = sum(math.prod(lr.weight_shape) for lr in self.layers.values())
+        return sum(math.prod(lr.weight_shape) * lr.weight_bits for lr in self.layers.values()) / max(total, 1)
+
+    def __repr__(self):
+        return (f"QuantRecipe(method={self.method!r}, layers={len(self.layers)}, skipped={len(self.skipped)}, "
+                f"timesteps={None if self.timesteps is None else len(self.timesteps)}, "
+                f"avg_weight_bits={self.average_weight_bits():.2f}, cache={sorted(self.temporal_cache)})")
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        layers = {}
+        for name, lr in self.layers.items():
+            entry = {"kind": lr.kind, "weight_shape": list(lr.weight_shape), "spec": lr.spec,
+                     "act_split": lr.act_split, "tensors": []}
+            for f in _TENSOR_FIELDS:
+                t = getattr(lr, f)
+                if t is not None:
+                    tensors[f"layer/{name}/{f}"] = t.detach().cpu().contiguous()
+                    entry["tensors"].append(f)
+            layers[name] = entry
+        cache = {}
+        for name, values in self.temporal_cache.items():
+            for i, v in enumerate(values):
+                tensors[f"cache/{name}/{i}"] = v.detach().cpu().contiguous()
+            cache[name] = len(values)
+        if self.timesteps is not None:
+            tensors["timesteps"] = self.timesteps.detach().cpu().to(torch.float64).contiguous()
+        header = {"format_version": RECIPE_FORMAT_VERSION, "method": self.method, "layers": layers,
+                  "model_layers": {k: list(v) for k, v in self.model_layers.items()}, "skipped": self.skipped,
+                  "temporal_cache": cache, "meta": self.meta}
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path) -> "QuantRecipe":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise RecipeError(f"path: {path} is not a readable diffaccel recipe (safetensors: {e})") from None
+        if _META_KEY not in metadata:
+            raise RecipeError(f"path: {path} is a safetensors file without a diffaccel recipe header")
+        try:
+            header = json.loads(metadata[_META_KEY])
+            version = header["format_version"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RecipeError(f"path: {path} has a corrupt recipe header ({e})") from None
+        if not isinstance(version, int) or version > RECIPE_FORMAT_VERSION:
+            raise RecipeError(f"path: {path} is recipe format version {version}; this diffaccel reads versions "
+                              f"up to {RECIPE_FORMAT_VERSION} - upgrade diffaccel")
+        try:
+            layers = {}
+            for name, e in header["layers"].items():
+                kw = {f: tensors[f"layer/{name}/{f}"] for f in e["tensors"]}
+                layers[name] = LayerRecipe(kind=e["kind"], weight_shape=tuple(e["weight_shape"]), spec=e["spec"],
+                                           act_split=e["act_split"], **kw)
+            cache = {n: [tensors[f"cache/{n}/{i}"] for i in range(k)] for n, k in header["temporal_cache"].items()}
+            recipe = cls(method=header["method"], layers=layers,
+                         model_layers={k: tuple(v) for k, v in header["model_layers"].items()},
+                         skipped=dict(header["skipped"]), timesteps=tensors.get("timesteps"),
+                         temporal_cache=cache, meta=dict(header["meta"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise RecipeError(f"path: {path} has a corrupt recipe (missing or malformed entry {e})") from None
+        for name, lr in recipe.layers.items():
+            lr.quant_spec()  # an unknown format in the file fails here, naming nothing half-built
+        return recipe
+
+    # -- applying ------------------------------------------------------------------------
+    def validate(self, backbone: nn.Module) -> None:
+        """Raise RecipeError naming the first layer that doesn't match ``backbone``."""
+        from .calibrate.structure import layer_kind, quantizable_layers
+
+        present = quantizable_layers(backbone)
+        found = {n: tuple(m.weight.shape) for n, m in present.items()}
+        for name in self.model_layers:
+            if name not in found:
+                raise RecipeError(f"recipe: layer '{name}' of the recipe is not a Linear/Conv2d of this model "
+                                  f"(missing, or already replaced)")
+        for name in found:
+            if name not in self.model_layers:
+                raise RecipeError(f"recipe: the model has a layer '{name}' the recipe was not calibrated for")
+        for name, shape in self.model_layers.items():
+            if tuple(shape) != found[name]:
+                raise RecipeError(f"recipe: layer '{name}' has weight shape {found[name]}, "
+                                  f"the recipe expects {tuple(shape)}")
+        for name, lr in self.layers.items():
+            if layer_kind(present[name]) != lr.kind:
+                raise RecipeError(f"recipe: layer '{name}' is a {type(present[name]).__name__}, "
+                                  f"the recipe holds a {lr.kind}")
+        modules = dict(backbone.named_modules())
+        for name in self.temporal_cache:
+            if name not in modules:
+                raise RecipeError(f"recipe: temporal-cache module '{name}' is not in this model")
+            inside = [n for n in self.layers if n.startswith(name + ".")]
+            if inside:
+                raise RecipeError(f"recipe: layer '{inside[0]}' is both quantized and inside the cached "
+                                  f"module '{name}'")
+        if (self.temporal_cache or self._per_timestep()) and self.timesteps is None:
+            raise RecipeError("recipe: per-timestep parameters but no calibrated timesteps")
+
+    def _per_timestep(self) -> bool:
+        return any(lr.act_scale is not None and lr.act_scale.shape[0] > 1 for lr in self.layers.values())
+
+    def build_modules(self, backbone: nn.Module):
+        """-> (new_modules, installers, skipped); see the module docstring. The backbone is not changed."""
+        self.validate(backbone)
+        from .. import nn as dnn
+
+        modules = dict(backbone.named_modules())
+        needs_state = bool(self.temporal_cache) or self._per_timestep()
+        state = StepState(self.timesteps, exact=bool(self.temporal_cache)) if needs_state else None
+        new: dict[str, nn.Module] = {}
+        for name, lr in self.layers.items():
+            original = modules[name]
+            spec = lr.quant_spec()
+            reason = dnn.quantize_reason(original, spec)
+            if reason is not None:
+                raise RecipeError(f"recipe: layer '{name}' can't take its recipe spec here: {reason}")
+            q = _quantized_layer(original, lr, spec, dnn)
+            if state is not None and lr.act_scale is not None:
+                q.step_state = state
+            if lr.bos_output is not None:
+                q = BOSPrecomputed(q, lr.bos_output.to(original.weight.dtype))
+            new[name] = q
+        for name, values in self.temporal_cache.items():
+            dtype = _param_dtype(modules[name])
+            new[name] = TemporalFeatureCache(values, state, dtype, tuple_output=len(values) > 1,
+                                             batch_from=_batch_source(modules[name]))
+        installers = [state.installer(backbone)] if state is not None else []
+        return new, installers, dict(self.skipped)
+
+
+def build_quantized_modules(backbone: nn.Module, recipe: QuantRecipe):
+    """Function form of ``QuantRecipe.build_modules``."""
+    return recipe.build_modules(backbone)
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _quantized_layer(original: nn.Module, lr: LayerRecipe, spec, dnn) -> nn.Module:
+    kw = {}
+    if lr.weight_scale is not None:
+        weight_q = lr.weight_q
+        if weight_q is None:  # scale calibrated, rounding to nearest (the kernels' convention)
+            from .calibrate.fakequant import quantize_weight, weight_qrange
+
+            weight_q = quantize_weight(original.weight.reshape(original.weight.shape[0], -1), lr.weight_scale,
+                                       weight_qrange(spec.weight_dtype))
+        kw["weight_q"] = weight_q.reshape(weight_q.shape[0], -1)
+        kw["weight_scale"] = lr.weight_scale
+    if lr.act_scale is not None:
+        kw["act_scale"] = lr.act_scale
+        kw["act_zero_point"] = lr.act_zero_point
+    if lr.smooth is not None:
+        kw["smooth"] = lr.smooth
+    if lr.act_split is not None:
+        kw["act_split"] = lr.act_split
+    cls = dnn.QuantConv2d if lr.kind == "conv2d" else dnn.QuantLinear
+    return cls.from_float(original, spec, **kw)
+
+
+def _batch_source(module: nn.Module) -> str:
+    """Where a cached module's call carries the batch size."""
+    params = inspect.signature(module.forward).parameters
+    return "batch_size" if "batch_size" in params else "arg0"
+
+
+class StepState:
+    """The index of the calibrated timestep the backbone is running at, as a 0-d int64 tensor on
+    the model's device (``.index``), updated by a forward pre-hook on the backbone with device ops
+    only (no ``.item()``, so a sampling loop stays capturable in a CUDA graph). With ``exact``
+    (a temporal feature cache is in use) a timestep outside the calibrated set fails an async
+    device assert instead of silently reusing the nearest cached features."""
+
+    def __init__(self, timesteps: torch.Tensor, *, exact: bool):
+        self.timesteps = timesteps.detach().to(torch.float64).cpu()
+        self.exact = exact
+        self.index = torch.zeros((), dtype=torch.int64)
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = self.timesteps.to(device=device, dtype=torch.float32)
+        return self._tables[device]
+
+    def update(self, timestep, device) -> None:
+        device = torch.device(device)
+        table = self._table(device)
+        t = torch.as_tensor(timestep, device=device).to(torch.float32).reshape(-1)
+        t0 = t[:1]
+        dist = (table - t0).abs()
+        idx = torch.argmin(dist)
+        if self.exact:
+            tol = 1e-4 * torch.clamp(t0.abs(), min=1.0)
+            torch._assert_async(((dist.min() <= tol) & (t == t0).all()).reshape(()),
+                                "diffaccel: the temporal feature cache only holds the calibrated timesteps")
+        if self.index.device != device:
+            self.index = torch.zeros((), dtype=torch.int64, device=device)
+        self.index.copy_(idx)
+
+    def installer(self, backbone: nn.Module):
+        params = list(inspect.signature(backbone.forward).parameters)
+        position = params.index("timestep") if "timestep" in params else None
+
+        def hook(module, args, kwargs):
+            if "timestep" in kwargs:
+                t = kwargs["timestep"]
+            elif position is not None and len(args) > position:
+                t = args[position]
+            else:
+                raise RuntimeError("diffaccel: the quantized backbone needs its `timestep` argument to pick "
+                                   "the calibrated per-timestep parameters")
+            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            device = first.device if first is not None else self.index.device
+            self.update(t, device)
+
+        def install(target: nn.Module):
+            handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+            return handle.remove
+
+        return install
+
+
+class BOSPrecomputed(nn.Module):
+    """MixDQ's BOS-aware text path: token 0 (CLIP's BOS, identical for every prompt) gets the
+    layer's full-precision output computed at calibration; the other tokens go through the
+    quantized layer (whose activation range was calibrated without the BOS token)."""
+
+    def __init__(self, layer: nn.Module, bos_output: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("bos_output", bos_output.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if y.dim() != 3 or y.shape[1] == 0:
+            return y
+        bos = self.bos_output.to(dtype=y.dtype, device=y.device).expand(y.shape[0], 1, y.shape[2])
+        return torch.cat([bos, y[:, 1:]], dim=1)
+
+
+class TemporalFeatureCache(nn.Module):
+    """TFMQ-DM's cache-based maintenance: the full-precision output of a module that depends only
+    on the timestep, precomputed for each calibrated timestep and looked up by the step state's
+    index; it replaces computing the module (and is exactly its output)."""
+
+    def __init__(self, values: list[torch.Tensor], state: StepState, dtype: torch.dtype, *,
+                 tuple_output: bool, batch_from: str):
+        super().__init__()
+        self.state = state
+        self.tuple_output = tuple_output
+        self.batch_from = batch_from
+        for i, v in enumerate(values):
+            self.register_buffer(f"value_{i}", v.detach().to(dtype).clone())
+        self.num_values = len(values)
+
+    def forward(self, *args, **kwargs):
+        if self.batch_from == "batch_size":
+            batch = kwargs.get("batch_size", args[2] if len(args) > 2 else None)
+        else:
+            batch = args[0].shape[0] if args else next(iter(kwargs.values())).shape[0]
+        outs = []
+        for i in range(self.num_values):
+            v = getattr(self, f"value_{i}")
+            row = v.index_select(0, self.state.index.to(v.device).reshape(1))
+            outs.append(row.expand(batch, *v.shape[1:]))
+        return tuple(outs) if self.tuple_output else outs[0]
