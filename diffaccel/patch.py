@@ -165,11 +165,14 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
     if isinstance(quant, (str, dquant.QuantSpec)):
         spec = dquant.resolve_spec(quant)
         for name, module in list(backbone.named_modules()):
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, dnn.QUANT_LAYER_TYPES):
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
             fqn = f"{prefix}{name}"
             if _targets.is_io_layer(name):
                 report.skipped.append(Skipped(fqn, "quant", "input/output layer kept in floating point"))
+                continue
+            if _targets.is_timestep_embedding(name):
+                report.skipped.append(Skipped(fqn, "quant", "timestep embedding kept in floating point"))
                 continue
             if not select(module, fqn):
                 report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))

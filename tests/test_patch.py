@@ -15,9 +15,21 @@ BACKBONES = list(tiny_models.FACTORIES)
 # Floating-point path (attention only, fp32 on CPU, torch reference backend): same math as
 # diffusers' SDPA up to summation order.
 FP32_RTOL = 1e-4
-# Quantized presets on random-weight tiny models (no outlier handling, per-token dynamic acts):
-# relative L2 error of the backbone output, as measured with margin.
-QUANT_REL_L2 = {"w8a8": 0.05, "w4a16": 0.2, "w4a8": 0.25}
+# Quantized presets on random-weight tiny models (no calibration, per-token dynamic acts): bound on
+# the relative L2 error of the backbone output. Measured on these models (worst of the seven):
+# w8a8 0.031, fp8 0.103, int4 g32 0.218 (the UNets; the transformers stay under 0.08), so
+# the bounds below leave ~1.5x margin.
+QUANT_REL_L2 = {"w8a8": 0.05, "fp8": 0.15, "w4a8-g32": 0.3, "w4a16-g32": 0.3}
+
+
+def _spec(name):
+    from diffaccel.quant import QuantSpec
+
+    if name.endswith("-g32"):  # tiny models' K (32..64) is not divisible by the presets' group of 128
+        act = "int8" if name.startswith("w4a8") else None
+        return QuantSpec(weight_dtype="int4", weight_group_size=32, act_dtype=act, act_mode="dynamic",
+                         act_symmetric=True)
+    return name
 
 
 def _rel_l2(a, b):
@@ -41,12 +53,12 @@ def test_attention_patch_matches_and_unpatch_is_bit_exact(name):
     assert not diffaccel.is_patched(model)
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a16", "w4a8"])
-@pytest.mark.parametrize("name", ["unet_sd15", "sd3", "pixart"])
+@pytest.mark.parametrize("preset", list(QUANT_REL_L2))
+@pytest.mark.parametrize("name", BACKBONES)
 def test_quant_preset_within_error_bound(name, preset):
     model, inputs = tiny_models.FACTORIES[name]()
     ref = tiny_models.output_of(model, inputs)
-    report = diffaccel.patch(model, attention=False, quant=preset, solver=False)
+    report = diffaccel.patch(model, attention=False, quant=_spec(preset), solver=False)
     quantized = report.by_part("quant")
     assert quantized, str(report)
     # the modules really are the quantized layers, and the skipped ones say why
@@ -101,6 +113,13 @@ def test_failed_patch_leaves_model_unchanged(monkeypatch):
     assert all(torch.equal(before_params[k], after[k]) for k in before_params)
     assert not diffaccel.is_patched(model)
     assert torch.equal(tiny_models.output_of(model, inputs), ref)
+
+
+def test_w4_presets_skip_layers_with_reasons():
+    model, inputs = tiny_models.unet_sd15()
+    report = diffaccel.patch(model, attention=False, quant="w4a8", solver=False)
+    assert any("group" in s.reason for s in report.skipped if s.part == "quant"), str(report)
+    assert any(s.reason == "timestep embedding kept in floating point" for s in report.skipped)
 
 
 def test_filter_and_exclude():

@@ -20,6 +20,13 @@ IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "x_embedder", "p
                   "patch_embed.proj")
 
 
+# Timestep-embedding MLPs run at M = batch (nothing to gain) and carry the features TFMQ-DM
+# found most quantization-sensitive; data-free presets keep them in floating point. (Some
+# diffusers code also reads their parameters' dtype, which a fully quantized MLP no longer has.)
+TIMESTEP_EMBEDDING_NAMES = ("time_embedding", "time_embedder", "timestep_embedder", "add_embedding",
+                            "guidance_embedder", "time_proj")
+
+
 @dataclass
 class Target:
     backbones: dict  # attribute name ('' for a bare module) -> nn.Module
@@ -52,6 +59,10 @@ def resolve_target(target) -> Target:
 def is_io_layer(qualified_name: str) -> bool:
     """The backbone's own input/output layers (top level only: blocks have proj_in/proj_out too)."""
     return qualified_name in IO_LAYER_NAMES
+
+
+def is_timestep_embedding(qualified_name: str) -> bool:
+    return any(part in TIMESTEP_EMBEDDING_NAMES for part in qualified_name.split("."))
 
 
 def attention_modules(backbone: nn.Module):
