@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 #include "quantize.h"
+#include "solver.h"
 
 #ifndef DIFFACCEL_CUDA_ARCHS
 #define DIFFACCEL_CUDA_ARCHS ""
@@ -12,17 +13,22 @@
 TORCH_LIBRARY(diffaccel, m) {
   m.def("ext_quantize_per_tensor(Tensor x, Tensor scale, Tensor zero_point) -> Tensor");
   m.def("ext_quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  m.def("ext_fused_solver_step(Tensor sample, Tensor model_output, Tensor coeffs, Tensor? row, "
+        "Tensor? model_output_cond, Tensor? h0, Tensor? h1, Tensor? h2, Tensor? noise, float guidance_scale, "
+        "float guidance_rescale, ScalarType out_dtype, ScalarType history_dtype) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(diffaccel, CPU, m) {
   m.impl("ext_quantize_per_tensor", &diffaccel::quantize_per_tensor_cpu);
   m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cpu);
+  m.impl("ext_fused_solver_step", &diffaccel::fused_solver_step_cpu);
 }
 
 #ifdef DIFFACCEL_WITH_CUDA
 TORCH_LIBRARY_IMPL(diffaccel, CUDA, m) {
   m.impl("ext_quantize_per_tensor", &diffaccel::quantize_per_tensor_cuda);
   m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cuda);
+  m.impl("ext_fused_solver_step", &diffaccel::fused_solver_step_cuda);
 }
 #endif
 

@@ -1,0 +1,128 @@
+// Fused diffusion-solver step. The per-element math is written once here and compiled into the
+// CPU loop and the CUDA kernel, so CPU tests pin the arithmetic the GPU runs. Layout and
+// meaning of the 16 coefficients: diffaccel/ops/solver.py (the torch reference).
+#pragma once
+#include <cmath>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include "common.h"
+
+namespace diffaccel {
+namespace solver {
+
+constexpr int kNumCoeffs = 16;
+enum Coeff { A_X = 0, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N };
+
+// A float tensor of any storage dtype, read as fp32. The dtype branch is uniform across a
+// launch, so it costs no divergence; it saves compiling every dtype combination of 8 tensors.
+struct Src {
+  const void* p = nullptr;
+  int dtype = 0;  // 0 fp32, 1 fp16, 2 bf16
+  DA_HD float at(int64_t i) const {
+    if (dtype == 1) return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    if (dtype == 2) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    return static_cast<const float*>(p)[i];
+  }
+};
+
+struct Dst {
+  void* p = nullptr;
+  int dtype = 0;
+  DA_HD void set(int64_t i, float v) const {
+    if (dtype == 1) static_cast<c10::Half*>(p)[i] = c10::Half(v);
+    else if (dtype == 2) static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v);
+    else static_cast<float*>(p)[i] = v;
+  }
+};
+
+inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::kBFloat16 ? 2 : 0); }
+
+DA_HD float guided(float u, float c, float s) { return u + s * (c - u); }
+
+// e: the (guided, rescaled) model output. Writes the new sample and the history entry.
+DA_HD void step_point(const float* k, float x, float e, float n, float h0, float h1, float h2, bool has_noise,
+                      int n_hist, float& x_out, float& h_out) {
+  float p = k[A_X] * x + k[A_E] * e;
+  float xo = k[B_X] * x + k[B_E] * e;
+  if (has_noise) {
+    p += k[A_N] * n;
+    xo += k[B_N] * n;
+  }
+  p = fminf(fmaxf(p, -k[CLIP]), k[CLIP]);
+  h_out = k[C_P] * p + k[C_X] * x;
+  xo += k[B_P] * p;
+  if (n_hist >= 1) xo += k[B_H0] * h0;
+  if (n_hist >= 2) xo += k[B_H1] * h1;
+  if (n_hist >= 3) xo += k[B_H2] * h2;
+  x_out = xo;
+}
+
+// Chan's combination of per-chunk (count, mean, M2): the unbiased variance of the whole.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+};
+
+DA_HD Moments combine(Moments a, double count, double mean, double m2) {
+  if (count == 0) return a;
+  Moments r;
+  r.count = a.count + count;
+  const double delta = mean - a.mean;
+  r.mean = a.mean + delta * count / r.count;
+  r.m2 = a.m2 + m2 + delta * delta * a.count * count / r.count;
+  return r;
+}
+
+DA_HD float rescale_factor(const Moments& mc, const Moments& mg, float rescale) {
+  const double var_c = mc.m2 / (mc.count - 1.0), var_g = mg.m2 / (mg.count - 1.0);
+  return rescale * static_cast<float>(sqrt(var_c) / sqrt(var_g)) + (1.f - rescale);
+}
+
+}  // namespace solver
+
+std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
+    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    at::ScalarType history_dtype);
+#ifdef DIFFACCEL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
+    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    at::ScalarType history_dtype);
+#endif
+
+inline void check_solver_args(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+                              const std::optional<at::Tensor>& row,
+                              std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> likes,
+                              at::ScalarType out_dtype, at::ScalarType history_dtype) {
+  check_float_input(sample, "sample");
+  DA_CHECK_ARG(sample.dim() >= 1, "sample", "expected a batch dimension");
+  auto check_like = [&](const at::Tensor& t, const char* name) {
+    check_float_input(t, name);
+    DA_CHECK_ARG(t.sizes() == sample.sizes(), name, "expected shape ", sample.sizes(), " like sample, got ",
+                 t.sizes());
+    check_same_device(t, sample, name);
+  };
+  check_like(model_output, "model_output");
+  for (const auto& [name, t] : likes)
+    if (t->has_value()) check_like(t->value(), name);
+  DA_CHECK_ARG(coeffs.scalar_type() == at::kFloat && coeffs.is_contiguous() && coeffs.size(-1) == solver::kNumCoeffs,
+               "coeffs", "expected contiguous float32 [..., 16]");
+  check_same_device(coeffs, sample, "coeffs");
+  if (row.has_value()) {
+    DA_CHECK_ARG(row->numel() == 1 && (row->scalar_type() == at::kLong || row->scalar_type() == at::kInt), "row",
+                 "expected one int32/int64 index");
+    DA_CHECK_ARG(coeffs.dim() == 2, "coeffs", "expected a table [R, 16] with row");
+    check_same_device(*row, sample, "row");
+  } else {
+    DA_CHECK_ARG(coeffs.dim() == 1, "coeffs", "expected one row [16] without row");
+  }
+  for (auto d : {out_dtype, history_dtype})
+    DA_CHECK_ARG(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, "out_dtype/history_dtype",
+                 "expected float16, bfloat16 or float32, got ", d);
+}
+
+}  // namespace diffaccel

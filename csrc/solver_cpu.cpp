@@ -1,0 +1,97 @@
+#include <ATen/Parallel.h>
+#include "solver.h"
+
+namespace diffaccel {
+
+using solver::Dst;
+using solver::Src;
+
+static Src src_of(const std::optional<at::Tensor>& t) {
+  Src s;
+  if (t.has_value()) {
+    s.p = t->data_ptr();
+    s.dtype = solver::dtype_code(t->scalar_type());
+  }
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
+    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    at::ScalarType history_dtype) {
+  check_solver_args(sample, model_output, coeffs, row,
+                    {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
+                     {"noise", &noise}},
+                    out_dtype, history_dtype);
+  DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
+  DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
+  auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));
+  auto h_out = at::empty(sample.sizes(), sample.options().dtype(history_dtype));
+  const int64_t batch = sample.size(0), numel = sample.numel();
+  if (numel == 0) return {x_out, h_out};
+  const int64_t per_sample = numel / batch;
+
+  float k[solver::kNumCoeffs];
+  const float* table = coeffs.data_ptr<float>();
+  int64_t r = 0;
+  bool bad_row = false;
+  if (row.has_value()) {
+    r = row->scalar_type() == at::kLong ? row->data_ptr<int64_t>()[0] : row->data_ptr<int32_t>()[0];
+    bad_row = r < 0 || r >= coeffs.size(0);
+    if (bad_row) r = 0;
+  }
+  for (int j = 0; j < solver::kNumCoeffs; ++j) k[j] = table[r * solver::kNumCoeffs + j];
+  if (bad_row) k[solver::A_X] = k[solver::B_X] = NAN;  // as on the GPU: poison, never read out of bounds
+
+  const Src x = src_of(sample), u = src_of(model_output), c = src_of(model_output_cond), n = src_of(noise),
+            s0 = src_of(h0), s1 = src_of(h1), s2 = src_of(h2);
+  const Dst xo{x_out.data_ptr(), solver::dtype_code(out_dtype)};
+  const Dst ho{h_out.data_ptr(), solver::dtype_code(history_dtype)};
+  const bool has_cond = model_output_cond.has_value(), has_noise = noise.has_value();
+  const int n_hist = h0.has_value() + h1.has_value() + h2.has_value();
+  const float s = static_cast<float>(guidance_scale), rescale = static_cast<float>(guidance_rescale);
+
+  std::vector<float> factor(batch, 1.f);
+  if (has_cond && rescale != 0.f) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t base = b * per_sample;
+        double sum_c = 0, sum_g = 0;
+        for (int64_t i = 0; i < per_sample; ++i) {
+          const float ci = c.at(base + i);
+          sum_c += ci;
+          sum_g += solver::guided(u.at(base + i), ci, s);
+        }
+        solver::Moments mc, mg;
+        const double mean_c = sum_c / per_sample, mean_g = sum_g / per_sample;
+        double m2_c = 0, m2_g = 0;
+        for (int64_t i = 0; i < per_sample; ++i) {
+          const float ci = c.at(base + i);
+          const double dc = ci - mean_c, dg = solver::guided(u.at(base + i), ci, s) - mean_g;
+          m2_c += dc * dc;
+          m2_g += dg * dg;
+        }
+        mc = solver::combine(mc, per_sample, mean_c, m2_c);
+        mg = solver::combine(mg, per_sample, mean_g, m2_g);
+        factor[b] = solver::rescale_factor(mc, mg, rescale);
+      }
+    });
+  }
+
+  at::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float e = u.at(i);
+      if (has_cond) e = solver::guided(e, c.at(i), s) * factor[i / per_sample];
+      float xv, hv;
+      solver::step_point(k, x.at(i), e, has_noise ? n.at(i) : 0.f, n_hist >= 1 ? s0.at(i) : 0.f,
+                         n_hist >= 2 ? s1.at(i) : 0.f, n_hist >= 3 ? s2.at(i) : 0.f, has_noise, n_hist, xv, hv);
+      xo.set(i, xv);
+      ho.set(i, hv);
+    }
+  });
+  return {x_out, h_out};
+}
+
+}  // namespace diffaccel

@@ -1,0 +1,204 @@
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include "solver.h"
+
+namespace diffaccel {
+namespace {
+
+using solver::Dst;
+using solver::Moments;
+using solver::Src;
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 4;  // independent elements in flight per thread
+constexpr int kMaxChunks = 1024;
+
+struct StepArgs {
+  Src x, u, c, n, h0, h1, h2;
+  Dst xo, ho;
+  const float* coeffs;
+  const void* row;  // nullptr: coeffs is one row
+  bool row_is_long;
+  int64_t n_rows, per_sample, chunk, n_chunks;
+  const float* partials;  // [B, n_chunks, 4] (mean_c, M2_c, mean_g, M2_g), nullptr without rescale
+  float s, rescale;
+  bool has_cond, has_noise;
+  int n_hist;
+};
+
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  return total;
+}
+
+// Per (chunk, sample) block: mean and M2 of c and of g = u + s(c - u), two passes over the chunk.
+__global__ void rescale_stats_kernel(Src u, Src c, float s, int64_t per_sample, int64_t chunk, float* partials) {
+  __shared__ float shared[kThreads / 32];
+  const int64_t b = blockIdx.y, base = b * per_sample, start = blockIdx.x * chunk;
+  const int64_t stop = start + chunk < per_sample ? start + chunk : per_sample;
+  const float count = static_cast<float>(stop - start);
+  float sc = 0.f, sg = 0.f;
+  for (int64_t i = start + threadIdx.x; i < stop; i += kThreads) {
+    const float ci = c.at(base + i);
+    sc += ci;
+    sg += solver::guided(u.at(base + i), ci, s);
+  }
+  const float mean_c = block_sum(sc, shared) / count;
+  const float mean_g = block_sum(sg, shared) / count;
+  float mc = 0.f, mg = 0.f;
+  for (int64_t i = start + threadIdx.x; i < stop; i += kThreads) {
+    const float ci = c.at(base + i);
+    const float dc = ci - mean_c, dg = solver::guided(u.at(base + i), ci, s) - mean_g;
+    mc += dc * dc;
+    mg += dg * dg;
+  }
+  const float m2_c = block_sum(mc, shared), m2_g = block_sum(mg, shared);
+  if (threadIdx.x == 0) {
+    float* out = partials + (b * gridDim.x + blockIdx.x) * 4;
+    out[0] = mean_c;
+    out[1] = m2_c;
+    out[2] = mean_g;
+    out[3] = m2_g;
+  }
+}
+
+__device__ __forceinline__ Moments shfl_moments(const Moments& m, int o) {
+  Moments r;
+  r.count = __shfl_xor_sync(0xffffffffu, m.count, o);
+  r.mean = __shfl_xor_sync(0xffffffffu, m.mean, o);
+  r.m2 = __shfl_xor_sync(0xffffffffu, m.m2, o);
+  return r;
+}
+
+__global__ void fused_solver_step_kernel(StepArgs a) {
+  __shared__ float k[solver::kNumCoeffs];
+  __shared__ float factor;
+  const int64_t b = blockIdx.y, base = b * a.per_sample;
+  if (threadIdx.x < solver::kNumCoeffs) {
+    int64_t r = 0;
+    bool bad = false;
+    if (a.row != nullptr) {  // read on the device: no host sync, capturable
+      r = a.row_is_long ? *static_cast<const int64_t*>(a.row) : *static_cast<const int32_t*>(a.row);
+      bad = r < 0 || r >= a.n_rows;
+      if (bad) r = 0;
+    }
+    float v = a.coeffs[r * solver::kNumCoeffs + threadIdx.x];
+    if (bad && (threadIdx.x == solver::A_X || threadIdx.x == solver::B_X)) v = NAN;
+    k[threadIdx.x] = v;
+  }
+  if (a.partials != nullptr && threadIdx.x < 32) {
+    Moments mc, mg;
+    for (int64_t j = threadIdx.x; j < a.n_chunks; j += 32) {
+      const float* p = a.partials + (b * a.n_chunks + j) * 4;
+      const int64_t rest = a.per_sample - j * a.chunk;
+      const double cnt = static_cast<double>(rest < a.chunk ? rest : a.chunk);
+      mc = solver::combine(mc, cnt, p[0], p[1]);
+      mg = solver::combine(mg, cnt, p[2], p[3]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const Moments oc = shfl_moments(mc, o), og = shfl_moments(mg, o);
+      mc = solver::combine(mc, oc.count, oc.mean, oc.m2);
+      mg = solver::combine(mg, og.count, og.mean, og.m2);
+    }
+    if (threadIdx.x == 0) factor = solver::rescale_factor(mc, mg, a.rescale);
+  } else if (threadIdx.x == 0) {
+    factor = 1.f;
+  }
+  __syncthreads();
+  const float f = factor;
+  const int64_t tile = static_cast<int64_t>(kThreads) * kPerThread;
+  for (int64_t t0 = blockIdx.x * tile; t0 < a.per_sample; t0 += static_cast<int64_t>(gridDim.x) * tile) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t li = t0 + j * kThreads + threadIdx.x;
+      if (li >= a.per_sample) break;
+      const int64_t i = base + li;
+      float e = a.u.at(i);
+      if (a.has_cond) e = solver::guided(e, a.c.at(i), a.s) * f;
+      float xv, hv;
+      solver::step_point(k, a.x.at(i), e, a.has_noise ? a.n.at(i) : 0.f, a.n_hist >= 1 ? a.h0.at(i) : 0.f,
+                         a.n_hist >= 2 ? a.h1.at(i) : 0.f, a.n_hist >= 3 ? a.h2.at(i) : 0.f, a.has_noise,
+                         a.n_hist, xv, hv);
+      a.xo.set(i, xv);
+      a.ho.set(i, hv);
+    }
+  }
+}
+
+Src src_of(const std::optional<at::Tensor>& t) {
+  Src s;
+  if (t.has_value()) {
+    s.p = t->data_ptr();
+    s.dtype = solver::dtype_code(t->scalar_type());
+  }
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
+    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    at::ScalarType history_dtype) {
+  check_solver_args(sample, model_output, coeffs, row,
+                    {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
+                     {"noise", &noise}},
+                    out_dtype, history_dtype);
+  DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
+  DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
+  const c10::cuda::CUDAGuard guard(sample.device());
+  auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));
+  auto h_out = at::empty(sample.sizes(), sample.options().dtype(history_dtype));
+  const int64_t batch = sample.size(0), numel = sample.numel();
+  if (numel == 0) return {x_out, h_out};
+  DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  StepArgs a;
+  a.x = src_of(sample);
+  a.u = src_of(model_output);
+  a.c = src_of(model_output_cond);
+  a.n = src_of(noise);
+  a.h0 = src_of(h0);
+  a.h1 = src_of(h1);
+  a.h2 = src_of(h2);
+  a.xo = Dst{x_out.data_ptr(), solver::dtype_code(out_dtype)};
+  a.ho = Dst{h_out.data_ptr(), solver::dtype_code(history_dtype)};
+  a.coeffs = coeffs.data_ptr<float>();
+  a.row = row.has_value() ? row->data_ptr() : nullptr;
+  a.row_is_long = row.has_value() && row->scalar_type() == at::kLong;
+  a.n_rows = coeffs.dim() == 2 ? coeffs.size(0) : 1;
+  a.per_sample = numel / batch;
+  a.has_cond = model_output_cond.has_value();
+  a.has_noise = noise.has_value();
+  a.n_hist = h0.has_value() + h1.has_value() + h2.has_value();
+  a.s = static_cast<float>(guidance_scale);
+  a.rescale = static_cast<float>(guidance_rescale);
+  a.chunk = 4096;
+  while ((a.per_sample + a.chunk - 1) / a.chunk > kMaxChunks) a.chunk *= 2;
+  a.n_chunks = (a.per_sample + a.chunk - 1) / a.chunk;
+  a.partials = nullptr;
+  at::Tensor partials;
+  if (a.has_cond && a.rescale != 0.f) {  // the second launch: per-sample statistics first
+    partials = at::empty({batch, a.n_chunks, 4}, sample.options().dtype(at::kFloat));
+    rescale_stats_kernel<<<dim3(static_cast<unsigned>(a.n_chunks), static_cast<unsigned>(batch)), kThreads, 0,
+                           stream>>>(a.u, a.c, a.s, a.per_sample, a.chunk, partials.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    a.partials = partials.data_ptr<float>();
+  }
+  const int64_t tile = static_cast<int64_t>(kThreads) * kPerThread;
+  const int64_t blocks = std::min<int64_t>((a.per_sample + tile - 1) / tile, 65535);
+  fused_solver_step_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch)), kThreads, 0,
+                             stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {x_out, h_out};
+}
+
+}  // namespace diffaccel

@@ -1,0 +1,190 @@
+"""The fused solver step: one generic op that every fused scheduler step reduces to.
+
+Per element, fp32 math whatever the storage dtype (x = sample, u = model output, c = the
+conditional model output when guidance is folded in, h0..h2 = history, newest first,
+n = noise), with one row ``k`` of per-step coefficients computed on the host:
+
+  e  = u                                   without guidance
+  e  = (u + s (c - u)) * f_b               with guidance scale s; f_b = 1 unless rescaled
+  f_b = R std(c_b) / std(g_b) + (1 - R)    guidance rescale R (unbiased std per sample b, g = u + s(c-u))
+  p  = clamp(k[A_X] x + k[A_E] e + k[A_N] n, -k[CLIP], k[CLIP])
+  history_entry = k[C_P] p + k[C_X] x
+  prev_sample   = k[B_X] x + k[B_E] e + k[B_P] p + k[B_H0] h0 + k[B_H1] h1 + k[B_H2] h2 + k[B_N] n
+
+``coeffs`` is either one fp32 row [16] or a device table [R, 16] with ``row`` an integer
+tensor [1] on the same device naming the row (read on the device, so e.g. DDIM can index its
+table by a CUDA timestep without a host sync; an off-table row gives NaN, never an
+out-of-bounds read). One kernel launch per call; two with guidance rescale (per-sample
+statistics, then the step).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _backend
+from ._checks import check_tensor, same_device
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NUM_COEFFS = 16
+A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N = range(13)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# -- the reference ------------------------------------------------------------------------
+
+def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise,
+                                guidance_scale: float, guidance_rescale: float, out_dtype: torch.dtype,
+                                history_dtype: torch.dtype):
+    if row is not None:
+        r = row.reshape(()).long()
+        valid = (r >= 0) & (r < coeffs.shape[0])
+        k = coeffs.index_select(0, r.clamp(0, coeffs.shape[0] - 1).reshape(1)).reshape(NUM_COEFFS)
+        k = torch.where(valid, k, torch.full_like(k, float("nan")))
+    else:
+        k = coeffs.reshape(NUM_COEFFS)
+    k = k.float()
+    x = sample.float()
+    e = model_output.float()
+    if model_output_cond is not None:
+        c = model_output_cond.float()
+        e = e + guidance_scale * (c - e)
+        if guidance_rescale != 0.0:
+            dims = list(range(1, x.dim()))
+            factor = guidance_rescale * (c.std(dim=dims, keepdim=True) / e.std(dim=dims, keepdim=True)) \
+                + (1.0 - guidance_rescale)
+            e = e * factor
+    p = k[A_X] * x + k[A_E] * e
+    xo = k[B_X] * x + k[B_E] * e
+    if noise is not None:
+        nz = noise.float()
+        p = p + k[A_N] * nz
+        xo = xo + k[B_N] * nz
+    p = torch.minimum(torch.maximum(p, -k[CLIP]), k[CLIP])
+    ho = k[C_P] * p + k[C_X] * x
+    xo = xo + k[B_P] * p
+    for col, h in ((B_H0, h0), (B_H1, h1), (B_H2, h2)):
+        if h is not None:
+            xo = xo + k[col] * h.float()
+    return xo.to(out_dtype), ho.to(history_dtype)
+
+
+# -- backends -----------------------------------------------------------------------------
+
+def _outputs(sample, out_dtype, history_dtype):
+    return (torch.empty(sample.shape, dtype=out_dtype, device=sample.device),
+            torch.empty(sample.shape, dtype=history_dtype, device=sample.device))
+
+
+def _ext_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale,
+              guidance_rescale, out_dtype, history_dtype):
+    return torch.ops.diffaccel.ext_fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1,
+                                                     h2, noise, guidance_scale, guidance_rescale, out_dtype,
+                                                     history_dtype)
+
+
+def _triton_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale,
+                 guidance_rescale, out_dtype, history_dtype):
+    from diffaccel.kernels import solver as k
+
+    x_out, h_out = _outputs(sample, out_dtype, history_dtype)
+    k.fused_solver_step(sample, model_output, model_output_cond, h0, h1, h2, noise, coeffs, row, guidance_scale,
+                        guidance_rescale, x_out, h_out)
+    return x_out, h_out
+
+
+_backend.register(_backend.OpBackends(
+    "fused_solver_step", torch=fused_solver_step_reference, cuda=_ext_step, triton=_triton_step,
+    cuda_devices=("cpu", "cuda")))
+
+
+# -- the custom op ------------------------------------------------------------------------
+
+@torch.library.custom_op("diffaccel::fused_solver_step", mutates_args=())
+def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
+                          row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
+                          h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
+                          noise: Optional[torch.Tensor], guidance_scale: float, guidance_rescale: float,
+                          out_dtype: torch.dtype, history_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cont(t):
+        return None if t is None else t.contiguous()
+
+    return _backend.implementation("fused_solver_step", sample.device)(
+        sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
+        cont(h0), cont(h1), cont(h2), cont(noise), guidance_scale, guidance_rescale, out_dtype, history_dtype)
+
+
+@_fused_solver_step_op.register_fake
+def _(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale, guidance_rescale,
+      out_dtype, history_dtype):
+    return (torch.empty(sample.shape, dtype=out_dtype, device=sample.device),
+            torch.empty(sample.shape, dtype=history_dtype, device=sample.device))
+
+
+# -- the public wrapper -------------------------------------------------------------------
+
+def _check_like(name, t, sample):
+    check_tensor(name, t, dtypes=FLOAT_DTYPES)
+    if tuple(t.shape) != tuple(sample.shape):
+        raise ValueError(f"{name}: expected shape {tuple(sample.shape)} like sample, got {tuple(t.shape)}")
+    if not same_device(sample.device, t.device):
+        raise ValueError(f"{name}: expected a tensor on {sample.device} like sample, got one on {t.device}")
+
+
+def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor, *,
+                      row: Optional[torch.Tensor] = None, model_output_cond: Optional[torch.Tensor] = None,
+                      guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                      history: Sequence[torch.Tensor] = (), noise: Optional[torch.Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None, history_dtype: Optional[torch.dtype] = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused solver step; returns ``(prev_sample, history_entry)`` (see the module docstring).
+
+    ``sample`` is [B, ...]; ``model_output`` (the unconditional half when ``model_output_cond`` is
+    given), ``model_output_cond``, ``history`` (newest first, at most 3) and ``noise`` have its
+    shape. ``out_dtype`` / ``history_dtype`` default to ``model_output``'s dtype.
+    """
+    check_tensor("sample", sample, dtypes=FLOAT_DTYPES)
+    if sample.dim() < 1:
+        raise ValueError(f"sample: expected a tensor with a batch dimension, got shape {tuple(sample.shape)}")
+    _check_like("model_output", model_output, sample)
+    if model_output_cond is not None:
+        _check_like("model_output_cond", model_output_cond, sample)
+    history = list(history)
+    if len(history) > 3:
+        raise ValueError(f"history: expected at most 3 entries, got {len(history)}")
+    for i, h in enumerate(history):
+        _check_like(f"history[{i}]", h, sample)
+    if noise is not None:
+        _check_like("noise", noise, sample)
+    check_tensor("coeffs", coeffs, dtypes=(torch.float32,), ndim=(1, 2))
+    if not same_device(sample.device, coeffs.device):
+        raise ValueError(f"coeffs: expected a tensor on {sample.device} like sample, got one on {coeffs.device}")
+    if coeffs.shape[-1] != NUM_COEFFS:
+        raise ValueError(f"coeffs: expected {NUM_COEFFS} coefficients in the last dimension, got {coeffs.shape[-1]}")
+    if row is None:
+        if coeffs.dim() != 1:
+            raise ValueError(f"coeffs: a table {tuple(coeffs.shape)} needs row; pass one row [16] or give row")
+    else:
+        check_tensor("row", row, dtypes=INDEX_DTYPES)
+        if row.numel() != 1:
+            raise ValueError(f"row: expected a single index, got shape {tuple(row.shape)}")
+        if coeffs.dim() != 2:
+            raise ValueError(f"coeffs: expected a table [R, {NUM_COEFFS}] with row, got shape {tuple(coeffs.shape)}")
+        if not same_device(sample.device, row.device):
+            raise ValueError(f"row: expected a tensor on {sample.device} like sample, got one on {row.device}")
+        row = row.reshape(1)
+    for name, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a python float, got {type(v).__name__}")
+    if guidance_rescale != 0.0 and model_output_cond is None:
+        raise ValueError("guidance_rescale: needs model_output_cond (the conditional half)")
+    out_dtype = model_output.dtype if out_dtype is None else out_dtype
+    history_dtype = model_output.dtype if history_dtype is None else history_dtype
+    for name, d in (("out_dtype", out_dtype), ("history_dtype", history_dtype)):
+        if d not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {d}")
+    h = history + [None] * (3 - len(history))
+    return torch.ops.diffaccel.fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h[0], h[1],
+                                                 h[2], noise, float(guidance_scale), float(guidance_rescale),
+                                                 out_dtype, history_dtype)

@@ -1,0 +1,201 @@
+"""Fused diffusion-solver step: one elementwise pass per scheduler step.
+
+Every step of the supported schedulers is linear in its tensor inputs once the per-step
+scalars are known (diffaccel.ops.solver documents the coefficient layout). Per element,
+in fp32 whatever the storage dtype:
+
+  e  = u                                  (one model output), or
+  e  = (u + s (c - u)) * f[b]             (classifier-free guidance; f = 1 without rescale)
+  p  = clamp(a_x x + a_e e + a_n n, -r, r)
+  h' = c_p p + c_x x                      (the new history entry, e.g. the x0 prediction)
+  x' = b_x x + b_e e + b_p p + b_h0 h0 + b_h1 h1 + b_h2 h2 + b_n n
+
+With guidance rescale, f[b] = R std(c_b) / std(g_b) + (1 - R) per sample b needs a reduction
+first: ``solver_rescale_stats`` writes per-chunk (mean, M2) partials of c and g, and the step
+kernel combines them (Chan's formula) at its start — two launches in all, deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+NUM_COEFFS = 16
+# column indices, shared with diffaccel/ops/solver.py and csrc/solver.h
+A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N = range(13)
+MAX_STAT_CHUNKS = 1024
+STEP_BLOCK = 2048
+
+
+@triton.jit
+def _guided(u_ptr, c_ptr, offs, mask, s, HAS_COND: tl.constexpr):
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COND:
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return u + s * (c - u), c
+    return u, u
+
+
+@triton.jit
+def _solver_rescale_stats_kernel(u_ptr, c_ptr, part_ptr, per_sample, s, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # partials[b, chunk, :] = (mean_c, M2_c, mean_g, M2_g) over the chunk; two passes over the
+    # chunk (the second from cache) keep M2 accurate when the mean is large against the spread.
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    base = b * per_sample
+    start = chunk.to(tl.int64) * CHUNK
+    count = tl.minimum(per_sample - start, CHUNK).to(tl.float32)
+    sum_c = tl.zeros((BLOCK,), tl.float32)
+    sum_g = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < per_sample
+        g, c = _guided(u_ptr + base, c_ptr + base, offs, mask, s, True)
+        sum_c += c
+        sum_g += g
+    mean_c = tl.sum(sum_c, axis=0) / count
+    mean_g = tl.sum(sum_g, axis=0) / count
+    m2_c = tl.zeros((BLOCK,), tl.float32)
+    m2_g = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < per_sample
+        g, c = _guided(u_ptr + base, c_ptr + base, offs, mask, s, True)
+        dc = tl.where(mask, c - mean_c, 0.0)
+        dg = tl.where(mask, g - mean_g, 0.0)
+        m2_c += dc * dc
+        m2_g += dg * dg
+    out = part_ptr + (b * n_chunks + chunk) * 4
+    tl.store(out + 0, mean_c)
+    tl.store(out + 1, tl.sum(m2_c, axis=0))
+    tl.store(out + 2, mean_g)
+    tl.store(out + 3, tl.sum(m2_g, axis=0))
+
+
+@triton.jit
+def _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr):
+    k = tl.arange(0, MAX_CHUNKS)
+    kmask = k < n_chunks
+    row = part_ptr + (b * n_chunks + k) * 4
+    cnt = tl.where(kmask, tl.minimum(per_sample - k.to(tl.int64) * CHUNK, CHUNK).to(tl.float32), 0.0)
+    mean_c = tl.load(row + 0, mask=kmask, other=0.0)
+    m2_c = tl.load(row + 1, mask=kmask, other=0.0)
+    mean_g = tl.load(row + 2, mask=kmask, other=0.0)
+    m2_g = tl.load(row + 3, mask=kmask, other=0.0)
+    n = per_sample.to(tl.float32)
+    mu_c = tl.sum(cnt * mean_c, axis=0) / n
+    mu_g = tl.sum(cnt * mean_g, axis=0) / n
+    var_c = (tl.sum(m2_c, axis=0) + tl.sum(cnt * (mean_c - mu_c) * (mean_c - mu_c), axis=0)) / (n - 1.0)
+    var_g = (tl.sum(m2_g, axis=0) + tl.sum(cnt * (mean_g - mu_g) * (mean_g - mu_g), axis=0)) / (n - 1.0)
+    return rescale * (tl.sqrt(var_c) / tl.sqrt(var_g)) + (1.0 - rescale)
+
+
+@triton.jit
+def _fused_solver_step_kernel(
+    x_ptr, u_ptr, c_ptr, h0_ptr, h1_ptr, h2_ptr, n_ptr, coef_ptr, row_ptr, part_ptr, xo_ptr, ho_ptr,
+    per_sample, n_rows, n_chunks, s, rescale,
+    HAS_COND: tl.constexpr, RESCALE: tl.constexpr, N_HIST: tl.constexpr, HAS_NOISE: tl.constexpr,
+    HAS_ROW: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_sample
+    base = b * per_sample
+
+    cp = coef_ptr
+    bad = 0.0
+    if HAS_ROW:  # the row (e.g. DDIM's timestep) is read on the device: no host sync
+        row = tl.load(row_ptr).to(tl.int64)
+        ok = (row >= 0) & (row < n_rows)
+        cp = coef_ptr + tl.where(ok, row, 0) * 16
+        bad = tl.where(ok, 0.0, float("nan"))  # an off-table row poisons the result, never reads out of bounds
+    a_x = tl.load(cp + 0) + bad
+    a_e = tl.load(cp + 1)
+    a_n = tl.load(cp + 2)
+    clip = tl.load(cp + 3)
+    c_p = tl.load(cp + 4)
+    c_x = tl.load(cp + 5)
+    b_x = tl.load(cp + 6) + bad
+    b_e = tl.load(cp + 7)
+    b_p = tl.load(cp + 8)
+
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    e, _c = _guided(u_ptr + base, c_ptr + base, offs, mask, s, HAS_COND)
+    if RESCALE:
+        e = e * _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK, MAX_CHUNKS)
+    p = a_x * x + a_e * e
+    xo = b_x * x + b_e * e
+    if HAS_NOISE:
+        nz = tl.load(n_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        p += a_n * nz
+        xo += tl.load(cp + 12) * nz
+    p = tl.minimum(tl.maximum(p, -clip), clip)
+    ho = c_p * p + c_x * x
+    xo += b_p * p
+    if N_HIST >= 1:
+        xo += tl.load(cp + 9) * tl.load(h0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if N_HIST >= 2:
+        xo += tl.load(cp + 10) * tl.load(h1_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if N_HIST >= 3:
+        xo += tl.load(cp + 11) * tl.load(h2_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(xo_ptr + base + offs, xo.to(xo_ptr.dtype.element_ty), mask=mask)
+    tl.store(ho_ptr + base + offs, ho.to(ho_ptr.dtype.element_ty), mask=mask)
+
+
+def stat_chunk(per_sample: int) -> int:
+    """Elements per statistics chunk: a power of two >= 4096 giving at most MAX_STAT_CHUNKS chunks."""
+    return max(4096, triton.next_power_of_2(triton.cdiv(per_sample, MAX_STAT_CHUNKS)))
+
+
+def fused_solver_step(x, u, c, h0, h1, h2, noise, coeffs, row, guidance_scale: float, guidance_rescale: float,
+                      x_out, h_out) -> None:
+    """All tensors contiguous with x's shape [B, ...] (coeffs fp32 [16] or [R, 16] with ``row`` an
+    integer tensor [1]); writes x_out and h_out. Absent inputs are None."""
+    batch = x.shape[0]
+    per_sample = x.numel() // batch if batch else 0
+    if x.numel() == 0:
+        return
+    hist = [h for h in (h0, h1, h2) if h is not None]
+    rescale = c is not None and guidance_rescale != 0.0
+    chunk = stat_chunk(per_sample)
+    n_chunks = triton.cdiv(per_sample, chunk)
+    parts = x_out  # placeholder pointer when unused
+    if rescale:
+        parts = torch.empty((batch, n_chunks, 4), dtype=torch.float32, device=x.device)
+        _solver_rescale_stats_kernel[(batch, n_chunks)](u, c, parts, per_sample, float(guidance_scale),
+                                                       CHUNK=chunk, BLOCK=1024)
+    grid = (batch, triton.cdiv(per_sample, STEP_BLOCK))
+    _fused_solver_step_kernel[grid](
+        x, u, c if c is not None else u, *(hist + [x] * (3 - len(hist))), noise if noise is not None else x,
+        coeffs, row if row is not None else coeffs, parts, x_out, h_out,
+        per_sample, coeffs.shape[0] if coeffs.dim() == 2 else 1, n_chunks, float(guidance_scale),
+        float(guidance_rescale),
+        HAS_COND=c is not None, RESCALE=rescale, N_HIST=len(hist), HAS_NOISE=noise is not None,
+        HAS_ROW=row is not None, CHUNK=chunk, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, num_warps=8)
+
+
+def _step_case(name, dtype, **flags):
+    sig = {k: f"*{dtype}" for k in ("x_ptr", "u_ptr", "c_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "n_ptr")}
+    sig.update({"coef_ptr": "*fp32", "row_ptr": "*i64", "part_ptr": "*fp32", "xo_ptr": f"*{dtype}",
+                "ho_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32", "s": "fp32",
+                "rescale": "fp32"})
+    constexprs = dict(HAS_COND=False, RESCALE=False, N_HIST=0, HAS_NOISE=False, HAS_ROW=False, CHUNK=4096,
+                      MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK)
+    constexprs.update(flags)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    return {"name": name, "fn": _fused_solver_step_kernel, "signature": sig, "constexprs": constexprs,
+            "num_warps": 8, "num_stages": 1, "hot": True, "tensor_cores": False}
+
+
+STATIC_REPORT_CASES = [
+    _step_case("solver_step_euler_fp16", "fp16"),
+    _step_case("solver_step_dpm3m_cfg_bf16", "bf16", HAS_COND=True, N_HIST=2),
+    _step_case("solver_step_ddim_eta_cfg_rescale_fp16", "fp16", HAS_COND=True, RESCALE=True, HAS_NOISE=True,
+               HAS_ROW=True),
+    _step_case("solver_step_fp32", "fp32", HAS_COND=True, N_HIST=3, HAS_NOISE=True),
+    {"name": "solver_rescale_stats_fp16", "fn": _solver_rescale_stats_kernel,
+     "signature": {"u_ptr": "*fp16", "c_ptr": "*fp16", "part_ptr": "*fp32", "per_sample": "i32", "s": "fp32",
+                   "CHUNK": "constexpr", "BLOCK": "constexpr"},
+     "constexprs": {"CHUNK": 4096, "BLOCK": 1024}, "num_warps": 4, "num_stages": 1, "hot": True,
+     "tensor_cores": False},
+]

@@ -1,0 +1,206 @@
+"""The generic fused solver-step op: every backend against the one reference."""
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.ops import BackendUnavailable, _backend, use_backend
+from diffaccel.ops.solver import NUM_COEFFS, fused_solver_step_reference
+
+CPU_BACKENDS = ["torch", "cuda", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# fp32 math everywhere: the only differences are the order of fp32 operations (and, for the
+# reduced dtypes, one rounding of the stored result, which may land on the other neighbour)
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _needs(backend, device="cpu"):
+    why = _backend._why_not(_backend.registered_ops()["fused_solver_step"], backend, torch.device(device))
+    if why:
+        pytest.skip(why)
+
+
+def _inputs(shape, dtype, n_hist, cond, noise, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+
+    def r():
+        return torch.randn(shape, generator=g).to(dtype).to(device)
+
+    coeffs = torch.randn(NUM_COEFFS, generator=g)
+    coeffs[3] = 1.5  # clip range: exercised (|p| exceeds it somewhere)
+    return dict(sample=r(), model_output=r(), coeffs=coeffs.to(device),
+                model_output_cond=r() if cond else None, history=[r() for _ in range(n_hist)],
+                noise=r() if noise else None)
+
+
+def _ref(a, guidance_scale=1.0, guidance_rescale=0.0, row=None, out_dtype=None, history_dtype=None):
+    h = list(a["history"]) + [None] * (3 - len(a["history"]))
+    md = a["model_output"].dtype
+    return fused_solver_step_reference(a["sample"], a["model_output"], a["coeffs"], row, a["model_output_cond"],
+                                       h[0], h[1], h[2], a["noise"], guidance_scale, guidance_rescale,
+                                       out_dtype or md, history_dtype or md)
+
+
+def _close(got, want, dtype):
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_hist,cond,noise,rescale", [(0, False, False, 0.0), (1, True, False, 0.0),
+                                                       (2, False, True, 0.0), (3, True, True, 0.7)])
+def test_backend_matches_reference(backend, dtype, n_hist, cond, noise, rescale):
+    _needs(backend)
+    a = _inputs((2, 4, 6, 5), dtype, n_hist, cond, noise)
+    kw = dict(guidance_scale=7.5 if cond else 1.0, guidance_rescale=rescale)
+    with use_backend(backend):
+        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                               model_output_cond=a["model_output_cond"], history=a["history"],
+                                               noise=a["noise"], **kw)
+    rx, rh = _ref(a, **kw)
+    assert x.dtype == dtype and h.dtype == dtype and x.shape == a["sample"].shape
+    _close(x, rx, dtype)
+    _close(h, rh, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_dtypes_and_fp32_outputs(backend):
+    """Euler-style: fp16 storage in, fp32 x0 out (diffusers upcasts the sample)."""
+    _needs(backend)
+    a = _inputs((1, 4, 8, 8), torch.float16, 1, False, True)
+    a["sample"] = a["sample"].float()
+    with use_backend(backend):
+        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"], history=a["history"],
+                                               noise=a["noise"], out_dtype=torch.float16,
+                                               history_dtype=torch.float32)
+    rx, rh = _ref(a, out_dtype=torch.float16, history_dtype=torch.float32)
+    assert x.dtype == torch.float16 and h.dtype == torch.float32
+    _close(x, rx, torch.float16)
+    _close(h, rh, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("row_dtype", [torch.int64, torch.int32])
+def test_table_row_read_on_device(backend, row_dtype):
+    _needs(backend)
+    a = _inputs((2, 3, 4, 4), torch.float32, 0, False, False)
+    table = torch.randn(7, NUM_COEFFS, generator=torch.Generator().manual_seed(3))
+    table[:, 3] = float("inf")
+    with use_backend(backend):
+        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], table,
+                                               row=torch.tensor(5, dtype=row_dtype))
+        xb, hb = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], table,
+                                                 row=torch.tensor([7], dtype=row_dtype))
+    a1 = dict(a, coeffs=table[5])
+    rx, rh = _ref(a1)
+    _close(x, rx, torch.float32)
+    _close(h, rh, torch.float32)
+    assert torch.isnan(xb).all()  # an off-table row poisons, never reads out of bounds
+    rbx, _ = _ref(dict(a, coeffs=table), row=torch.tensor([7]))
+    assert torch.isnan(rbx).all()
+
+
+def test_rescale_matches_diffusers_rescale_noise_cfg():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    a = _inputs((2, 4, 8, 8), torch.float32, 0, True, False)
+    a["coeffs"] = torch.zeros(NUM_COEFFS)
+    a["coeffs"][3] = float("inf")
+    a["coeffs"][7] = 1.0  # x' = e: the guided, rescaled model output itself
+    x, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                           model_output_cond=a["model_output_cond"], guidance_scale=5.0,
+                                           guidance_rescale=0.7)
+    u, c = a["model_output"], a["model_output_cond"]
+    want = rescale_noise_cfg(u + 5.0 * (c - u), c, guidance_rescale=0.7)
+    torch.testing.assert_close(x, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_rescale_many_chunks(backend):
+    """A sample longer than one statistics chunk: the per-chunk partials are combined."""
+    _needs(backend)
+    a = _inputs((2, 3, 70, 70), torch.float32, 0, True, False)
+    a["model_output_cond"] = a["model_output_cond"] + 3.0  # a mean far from 0 tests the combination
+    with use_backend(backend):
+        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                               model_output_cond=a["model_output_cond"], guidance_scale=4.0,
+                                               guidance_rescale=0.5)
+    rx, rh = _ref(a, guidance_scale=4.0, guidance_rescale=0.5)
+    _close(x, rx, torch.float32)
+
+
+def test_opcheck():
+    a = _inputs((2, 4, 4, 4), torch.float16, 2, True, True)
+    h = a["history"]
+    args = (a["sample"], a["model_output"], a["coeffs"], None, a["model_output_cond"], h[0], h[1], None, a["noise"],
+            3.0, 0.5, torch.float16, torch.float32)
+    torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
+    table = torch.randn(4, NUM_COEFFS)
+    args = (a["sample"], a["model_output"], table, torch.tensor([2]), None, None, None, None, None, 1.0, 0.0,
+            torch.float32, torch.float16)
+    torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
+
+
+def test_compile_fullgraph():
+    a = _inputs((1, 4, 8, 8), torch.float32, 1, True, False)
+
+    def f(x, u, c, h, k):
+        return diffaccel.ops.fused_solver_step(x, u, k, model_output_cond=c, guidance_scale=7.0, history=[h])
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(a["sample"], a["model_output"], a["model_output_cond"],
+                                                            a["history"][0], a["coeffs"])
+    want = f(a["sample"], a["model_output"], a["model_output_cond"], a["history"][0], a["coeffs"])
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_inputs_name_the_argument():
+    a = _inputs((1, 4, 8, 8), torch.float32, 0, False, False)
+    x, u, k = a["sample"], a["model_output"], a["coeffs"]
+    op = diffaccel.ops.fused_solver_step
+    with pytest.raises(ValueError, match="^model_output: expected shape"):
+        op(x, u[:, :2], k)
+    with pytest.raises(ValueError, match="^model_output_cond: expected shape"):
+        op(x, u, k, model_output_cond=u[..., :4])
+    with pytest.raises(ValueError, match=r"^history\[1\]: expected shape"):
+        op(x, u, k, history=[u, u[0]])
+    with pytest.raises(ValueError, match="^history: expected at most 3"):
+        op(x, u, k, history=[u] * 4)
+    with pytest.raises(TypeError, match="^sample: expected dtype"):
+        op(x.double(), u, k)
+    with pytest.raises(TypeError, match="^coeffs: expected dtype"):
+        op(x, u, k.double())
+    with pytest.raises(ValueError, match="^coeffs: expected 16"):
+        op(x, u, k[:8])
+    with pytest.raises(ValueError, match="^coeffs: a table"):
+        op(x, u, k.reshape(1, 16))
+    with pytest.raises(TypeError, match="^row: expected dtype"):
+        op(x, u, k.reshape(1, 16), row=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="^guidance_rescale: needs model_output_cond"):
+        op(x, u, k, guidance_rescale=0.5)
+    with pytest.raises(TypeError, match="^out_dtype: expected"):
+        op(x, u, k, out_dtype=torch.int8)
+    with pytest.raises(TypeError, match="^noise: expected a torch.Tensor"):
+        op(x, u, k, noise=1.0)
+
+
+def test_forced_backend_unavailable_raises():
+    a = _inputs((1, 4, 2, 2), torch.float32, 0, False, False)
+    if _backend._why_not(_backend.registered_ops()["fused_solver_step"], "triton", torch.device("cpu")) is None:
+        pytest.skip("triton runs here")
+    with use_backend("triton"), pytest.raises(BackendUnavailable):
+        diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_backend_matches_reference(backend, dtype):
+    _needs(backend, "cuda")
+    a = _inputs((2, 16, 64, 64), dtype, 2, True, True, device="cuda")
+    with use_backend(backend):
+        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                               model_output_cond=a["model_output_cond"], history=a["history"],
+                                               noise=a["noise"], guidance_scale=6.0, guidance_rescale=0.7)
+    rx, rh = _ref(a, guidance_scale=6.0, guidance_rescale=0.7)
+    _close(x, rx, dtype)
+    _close(h, rh, dtype)
