@@ -25,6 +25,17 @@ FP8_MAX = 448.0
 
 
 @triton.jit
+def _to_out(y, out_ptr):
+    """fp32 -> the output element type with round-to-nearest-even for bf16 done on the bits:
+    the interpreter's fp32->bf16 cast truncates, the GPU's rounds; this is the same on both."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    return y.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _unpack_int4(p):
     """uint8 [R, C] (two nibbles each) -> int8 [R, 2C], low nibble first."""
     pi = p.to(tl.int32)
@@ -143,7 +154,7 @@ def _int8_act_gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
         y = y + bias[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -267,7 +278,7 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
         y = acc * tl.load(a_scale_ptr) * w_scale[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -337,7 +348,8 @@ def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
 def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
                              stride_xm, stride_wn, stride_om, stride_wsn,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUPED: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr):
+                             GROUPED: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -349,8 +361,11 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4).to(x.dtype)
-        part = tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+        w = _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
+        if DOT_FP32:  # interpreter only: its bf16 x bf16 dot returns garbage; fp32 products are exact
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), out_dtype=tl.float32)
+        else:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32)
         if GROUPED:
             gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // BLOCK_K, mask=n_mask, other=0.0)
             y = y + part * gscale[None, :]
@@ -360,7 +375,7 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -383,7 +398,8 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool)
         x, w, w_scale, bias if bias is not None else out, out, M, N, K,
         x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
-        HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+        HAS_BIAS=bias is not None, DOT_FP32=_interpreting() and x.dtype != torch.float16,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
 
 
 # -- static report ----------------------------------------------------------------------------
@@ -424,7 +440,7 @@ STATIC_REPORT_CASES = [
                       "HAS_BIAS": "constexpr"},
         "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "PER_TOKEN": True, "HAS_BIAS": True},
         "num_warps": 8, "num_stages": 3, "hot": True, "tensor_cores": True,
-        "archs": ("sm_89", "sm_90a"),  # fp8 tensor cores start at sm_89
+        "archs": ["89", "90a"],  # fp8 tensor cores start at sm_89
     },
     {
         "name": "w4a16_g128_m16", "fn": _weight_only_gemm_kernel,
