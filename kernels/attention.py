@@ -5,7 +5,8 @@ power of two and the loads are masked. Q/K/V/O/mask are read through their strid
 [B, L, H, D] tensors viewed as [B, H, L, D] and masks broadcast with stride 0 cost no copy.
 
 Numerics (shared with ``diffaccel.ops.attention``'s references):
-  scores in fp32, log2 domain (scale * log2(e) folded in), running max and sum in fp32;
+  scores in fp32 natural units (q.k * scale + additive mask, so a float32-min mask stays finite
+  as in torch SDPA), running max and sum in fp32;
   rows whose keys are all masked give 0 output and LSE = -inf (what torch SDPA gives).
 Quantized path: Q and K' = K - mean_tokens(K) quantized to INT8 per block of QUANT_BLOCK_M /
 QUANT_BLOCK_N tokens per (batch, head), symmetric: s = max(amax, 1e-12) / 127,
@@ -46,7 +47,8 @@ def _attn_fwd_kernel(
     H, Lq, Lk, D, qk_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys only
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -59,8 +61,12 @@ def _attn_fwd_kernel(
 
     q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :] * s_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    if BF16_DOT_IN_FP32:  # the interpreter's bf16 tl.dot returns garbage (Triton 3.8); bf16 values are exact in fp32
+        q = q.to(tl.float32)
+    # pointers advance by a scalar per K/V tile (cheaper than recomputing 64-bit addresses per element)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_ptrs = K + b * s_kb + h * s_kh + (offs_n0[None, :] * s_kn + offs_d[:, None] * s_kd)
+    v_ptrs = V + b * s_vb + h * s_vh + (offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd)
     m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -73,8 +79,10 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * s_kn + offs_d[:, None] * s_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        k_ptrs += BLOCK_N * s_kn
+        if BF16_DOT_IN_FP32:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         keep = col_ok[None, :] & row_ok[:, None]
         if IS_CAUSAL:
@@ -84,19 +92,22 @@ def _attn_fwd_kernel(
             if MASK_IS_BOOL:
                 keep = keep & (mvals != 0)
             else:
-                s = s + mvals.to(tl.float32) * 1.4426950408889634
+                s = s + mvals.to(tl.float32)
         s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # rows with nothing visible yet keep m = -inf; shift by 0 there so exp2 gives 0, not NaN
+        # rows with nothing visible yet keep m = -inf; shift by 0 there so exp gives 0, not NaN
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.exp(s - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v_ptrs += BLOCK_N * s_vn
+        if BF16_DOT_IN_FP32:
+            acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_any = l_i > 0.0
@@ -104,8 +115,7 @@ def _attn_fwd_kernel(
     o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
-        lse = tl.where(has_any, (m_i + tl.math.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
         tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
 
 
@@ -115,7 +125,7 @@ _CONFIGS = {
     "sm80": [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
 }
 _INTERPRETER_CONFIG = (32, 32, 4, 1)  # one fixed config keeps CPU tests fast
-_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_MASK", "IS_CAUSAL", "DOT_PRECISION"]
+_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_MASK", "IS_CAUSAL", "DOT_PRECISION", "BF16_DOT_IN_FP32"]
 
 
 def _arch_family(device: torch.device) -> str:
@@ -165,13 +175,15 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> Non
         return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     kernel = _tuned("_attn_fwd_kernel", _arch_family(q.device))
+    interpret_bf16 = _interpreting() and q.dtype == torch.bfloat16
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](
         q, k, v, mask_t if has_mask else q, out, lse if lse is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
-        H, Lq, Lk, D, float(scale) * LOG2E, _bucket(Lq), _bucket(Lk),
+        H, Lq, Lk, D, float(scale), _bucket(Lq), _bucket(Lk),
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_D=_block_d(D),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret_bf16 else "tf32",
+        BF16_DOT_IN_FP32=interpret_bf16, BLOCK_D=_block_d(D),
     )
 
 
@@ -276,11 +288,12 @@ def _attn_int8_fwd_kernel(
 
     qi = tl.load(Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                  mask=row_ok[:, None] & d_ok[None, :], other=0)
-    # per-row Q scale (a tile may span several quantization blocks) with softmax scale and log2(e) folded in
+    # per-row Q scale (a tile may span several quantization blocks) with the softmax scale folded in
     q_scale = tl.load(Qs + pid_bh * n_qblocks + offs_m // QBLOCK_M, mask=row_ok, other=0.0) * qk_scale
-    ki_base = Ki + pid_bh * Lk * D
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_ptrs = Ki + pid_bh * Lk * D + (offs_n0[None, :] * D + offs_d[:, None])
     ks_base = Ks + pid_bh * n_kblocks
-    v_base = V + b * s_vb + h * s_vh
+    v_ptrs = V + b * s_vb + h * s_vh + (offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd)
     m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -293,8 +306,8 @@ def _attn_int8_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        kt = tl.load(ki_base + offs_n[None, :].to(tl.int64) * D + offs_d[:, None],
-                     mask=col_ok[None, :] & d_ok[:, None], other=0)
+        kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0)
+        k_ptrs += BLOCK_N * D
         s_int = tl.dot(qi, kt, out_dtype=tl.int32)
         if STORE_QK:  # debug: the exact integer scores, compared bit for bit with the reference
             tl.store(Dbg + pid_bh * Lq * Lk + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :], s_int,
@@ -309,17 +322,17 @@ def _attn_int8_fwd_kernel(
             if MASK_IS_BOOL:
                 keep = keep & (mvals != 0)
             else:
-                s = s + mvals.to(tl.float32) * 1.4426950408889634
+                s = s + mvals.to(tl.float32)
         s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.exp(s - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v_ptrs += BLOCK_N * s_vn
         if PV_FP8:  # p <= 1, so p * 448 uses the whole E4M3 range; V arrives pre-scaled per channel
             acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
         else:
@@ -334,8 +347,7 @@ def _attn_int8_fwd_kernel(
     o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
-        lse = tl.where(has_any, (m_i + tl.math.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
         tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
 
 
@@ -360,7 +372,7 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
         mask_t if has_mask else q_scale, out, lse if lse is not None else q_scale,
         qk_debug if qk_debug is not None else q_scale,
         *v.stride(), *out.stride(), *ms,
-        H, Lq, Lk, D, q_scale.shape[2], k_scale.shape[2], float(scale) * LOG2E, _bucket(Lq), _bucket(Lk),
+        H, Lq, Lk, D, q_scale.shape[2], k_scale.shape[2], float(scale), _bucket(Lq), _bucket(Lk),
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
         PV_FP8=pv_fp8, STORE_QK=qk_debug is not None, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
         BLOCK_D=_block_d(D), **cfg,
@@ -372,11 +384,14 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
 def _fp_case(name, dtype, head_dim, bm, bn, warps, stages):
     t = "*fp16" if dtype == "fp16" else "*bf16"
     sig = {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"}
-    sig.update({n: "i32" for n in ("s_qb", "s_qh", "s_qm", "s_qd", "s_kb", "s_kh", "s_kn", "s_kd",
-                                   "s_vb", "s_vh", "s_vn", "s_vd", "s_ob", "s_oh", "s_om", "s_od",
+    sig.update({n: "i32" for n in ("s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn",
+                                   "s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om",
                                    "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "D")})
     sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
-    consts = dict(HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, DOT_PRECISION="tf32",
+    # unit strides in D are specialised to the constant 1 by the JIT, as here
+    consts = dict(s_qd=1, s_kd=1, s_vd=1, s_od=1,
+                  HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, DOT_PRECISION="tf32",
+                  BF16_DOT_IN_FP32=False,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
     sig.update({k: "constexpr" for k in consts})
     return {"name": name, "fn": _attn_fwd_kernel, "signature": sig, "constexprs": consts,
@@ -386,15 +401,18 @@ def _fp_case(name, dtype, head_dim, bm, bn, warps, stages):
 def _int8_case(name, head_dim, pv_fp8, bm, bn, warps, stages):
     sig = {"Qi": "*i8", "Qs": "*fp32", "Ki": "*i8", "Ks": "*fp32", "V": "*fp8e4nv" if pv_fp8 else "*fp16",
            "Vs": "*fp32", "Mask": "*fp16", "Out": "*fp16", "Lse": "*fp32", "Dbg": "*i32"}
-    sig.update({n: "i32" for n in ("s_vb", "s_vh", "s_vn", "s_vd", "s_ob", "s_oh", "s_om", "s_od",
+    sig.update({n: "i32" for n in ("s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om",
                                    "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "D", "n_qblocks", "n_kblocks")})
     sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
-    consts = dict(HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8,
+    consts = dict(s_vd=1, s_od=1, HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8,
                   STORE_QK=False, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
     sig.update({k: "constexpr" for k in consts})
-    return {"name": name, "fn": _attn_int8_fwd_kernel, "signature": sig, "constexprs": consts,
+    case = {"name": name, "fn": _attn_int8_fwd_kernel, "signature": sig, "constexprs": consts,
             "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True}
+    if pv_fp8:  # FP8 tensor cores: sm89 and sm90 only
+        case["archs"] = ["89", "90a"]
+    return case
 
 
 STATIC_REPORT_CASES = [

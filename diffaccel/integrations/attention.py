@@ -1,0 +1,263 @@
+"""diffusers attention processors that run ``diffaccel.ops.attention``.
+
+``make_processor(original, *, quant=None) -> (new_processor | None, reason)`` is what ``patch``
+calls per attention module. Each new processor keeps the one it replaces as ``.original`` (so
+``unpatch`` can put it back) and computes exactly what the original does, with SDPA swapped for
+``diffaccel.ops.attention`` (``quant="int8"`` for the INT8-QK path):
+
+- ``AttnProcessor2_0`` / ``AttnProcessor`` (UNet self/cross attention, PixArt, DiT): ``DiffaccelAttnProcessor``.
+- ``JointAttnProcessor2_0`` (SD3): ``DiffaccelJointAttnProcessor``; image and text tokens are joined
+  in [B, L, H, D] order so the kernel reads them in place and the output reshapes without a copy.
+- Processors that call diffusers' attention dispatcher with ``backend=self._attention_backend``
+  (Flux, Wan, HunyuanVideo, QwenImage, ...): a per-instance copy of the processor whose
+  ``_attention_backend`` names a dispatcher backend registered here (``"diffaccel"`` /
+  ``"diffaccel_int8"``). Only that instance routes to it; the class and other instances are untouched.
+
+Everything else is refused with the reason (processors holding weights such as IP-adapters,
+fused-projection variants, PAG, context-parallel, a user-chosen non-native backend).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Optional
+
+import torch
+
+from diffaccel.ops.attention import QUANT_MODES, attention, attention_with_lse
+
+DISPATCH_BACKEND_NAMES = {None: "diffaccel", "int8": "diffaccel_int8"}
+_NATIVE_BACKENDS = (None, "native")
+
+
+def _check_quant(quant):
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant: expected one of {QUANT_MODES}, got {quant!r}")
+
+
+# -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
+
+class DiffaccelAttnProcessor:
+    """``AttnProcessor2_0``'s (and ``AttnProcessor``'s) computation with diffaccel attention."""
+
+    def __init__(self, original, quant: Optional[str] = None):
+        _check_quant(quant)
+        self.original = original
+        self.quant = quant
+        self.uses_module_scale = type(original).__name__ == "AttnProcessor"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        # [B, L, H, D] seen as [B, H, L, D]: the kernel reads the projections in place
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # AttnProcessor (chosen when scale_qk=False) honours attn.scale; AttnProcessor2_0 uses SDPA's default
+        scale = attn.scale if self.uses_module_scale else None
+        hidden_states = attention(query, key, value, attn_mask=attention_mask, scale=scale, quant=self.quant)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# -- JointAttnProcessor2_0 (SD3) ------------------------------------------------------------------
+
+class DiffaccelJointAttnProcessor:
+    """``JointAttnProcessor2_0``'s computation with diffaccel attention."""
+
+    def __init__(self, original, quant: Optional[str] = None):
+        _check_quant(quant)
+        self.original = original
+        self.quant = quant
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        # kept as [B, L, H, D] (norms act on D, so the order does not matter to them)
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=1)
+            key = torch.cat([key, ek], dim=1)
+            value = torch.cat([value, ev], dim=1)
+
+        hidden_states = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                  quant=self.quant)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (hidden_states[:, : residual.shape[1]],
+                                                    hidden_states[:, residual.shape[1]:])
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+# -- diffusers' attention dispatcher ------------------------------------------------------------------
+
+def _dispatch_fn(quant):
+    def diffaccel_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                            enable_gqa=False, return_lse=False, _parallel_config=None):
+        # the dispatcher's layout is [B, L, H, D]; the op reads it as a [B, H, L, D] view, no copy
+        if dropout_p != 0.0:
+            raise NotImplementedError(f"dropout_p: diffaccel attention is forward-only inference, got {dropout_p}")
+        if _parallel_config is not None:
+            raise NotImplementedError("_parallel_config: context-parallel attention is not supported by diffaccel")
+        if enable_gqa and query.shape[2] != key.shape[2]:
+            raise NotImplementedError(f"enable_gqa: grouped-query attention ({query.shape[2]} query heads, "
+                                      f"{key.shape[2]} key heads) is not supported by diffaccel")
+        if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape[0] == query.shape[0] \
+                and attn_mask.shape[1] == key.shape[1]:
+            attn_mask = attn_mask[:, None, None, :]  # [B, Lk] key padding, as the native backend reads it
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        if return_lse:
+            out, lse = attention_with_lse(q, k, v, attn_mask, is_causal, scale, quant=quant)
+            return out.transpose(1, 2), lse.transpose(1, 2).contiguous()
+        return attention(q, k, v, attn_mask, is_causal, scale, quant=quant).transpose(1, 2)
+
+    diffaccel_attention.__name__ = f"diffaccel_attention_{quant or 'fp'}"
+    return diffaccel_attention
+
+
+_DISPATCH_MEMBERS: dict = {}
+
+
+def dispatcher_backend(quant: Optional[str] = None):
+    """The ``AttentionBackendName`` member routing dispatcher calls to diffaccel (registered on first use).
+
+    diffusers' backend enum is closed, so the member is made the way ``Enum`` makes its own and
+    registered in the enum's value map and the dispatcher's registry; this adds a backend and
+    changes nothing that exists.
+    """
+    _check_quant(quant)
+    if quant in _DISPATCH_MEMBERS:
+        return _DISPATCH_MEMBERS[quant]
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    value = DISPATCH_BACKEND_NAMES[quant]
+    member = AttentionBackendName._value2member_map_.get(value)
+    if member is None:
+        member = str.__new__(AttentionBackendName, value)
+        member._name_ = value.upper()
+        member._value_ = value
+        member.__objclass__ = AttentionBackendName
+        AttentionBackendName._value2member_map_[value] = member
+    if member not in _AttentionBackendRegistry._backends:
+        _AttentionBackendRegistry.register(member, constraints=[])(_dispatch_fn(quant))
+    _DISPATCH_MEMBERS[quant] = member
+    return member
+
+
+def _routes_through_dispatcher(processor) -> bool:
+    if not hasattr(processor, "_attention_backend") or not hasattr(processor, "_parallel_config"):
+        return False
+    try:
+        source = inspect.getsource(type(processor).__call__)
+    except (OSError, TypeError):
+        return False
+    return "dispatch_attention_fn" in source and "backend=self._attention_backend" in source
+
+
+# -- the entry point used by patch ---------------------------------------------------------------------
+
+_UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+_JOINT_PROCESSORS = ("JointAttnProcessor2_0",)
+
+
+def _diffusers_class(processor, names, module="diffusers.models.attention_processor"):
+    cls = type(processor)
+    return cls.__name__ in names and cls.__module__ == module
+
+
+def is_diffaccel_processor(processor) -> bool:
+    return isinstance(processor, (DiffaccelAttnProcessor, DiffaccelJointAttnProcessor)) or \
+        getattr(processor, "_attention_backend", None) in _DISPATCH_MEMBERS.values()
+
+
+def make_processor(original, *, quant: Optional[str] = None) -> tuple:
+    """``(new_processor, reason)`` replacing ``original``, or ``(None, reason)`` when it is not supported."""
+    _check_quant(quant)
+    what = "diffaccel attention" + (" (INT8 QK)" if quant else "")
+    if original is None:
+        return None, "no processor"
+    if is_diffaccel_processor(original):
+        return None, "already a diffaccel processor"
+    if _diffusers_class(original, _UNET_PROCESSORS):
+        return DiffaccelAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
+    if _diffusers_class(original, _JOINT_PROCESSORS):
+        return DiffaccelJointAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
+    if isinstance(original, torch.nn.Module):
+        return None, f"{type(original).__name__} holds weights (e.g. IP-adapter); not replaced"
+    if _routes_through_dispatcher(original):
+        if getattr(original, "_parallel_config", None) is not None:
+            return None, f"{type(original).__name__} runs context-parallel attention; not replaced"
+        chosen = getattr(original, "_attention_backend", None)
+        if chosen is not None and str(getattr(chosen, "value", chosen)) not in ("native",):
+            return None, f"{type(original).__name__} uses the attention backend {chosen!s} chosen by the user"
+        try:
+            backend = dispatcher_backend(quant)
+        except ImportError as e:  # pragma: no cover - diffusers without a dispatcher
+            return None, f"diffusers attention dispatcher unavailable: {e}"
+        new = copy.copy(original)
+        new._attention_backend = backend
+        new.original = original
+        return new, f"{type(original).__name__} via the attention dispatcher -> {what}"
+    return None, f"{type(original).__name__} is not a supported attention processor"
+
+
+def original_processor(processor):
+    """The processor ``make_processor`` replaced (for unpatch); ``processor`` itself if not ours."""
+    return getattr(processor, "original", processor) if is_diffaccel_processor(processor) else processor

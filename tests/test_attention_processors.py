@@ -1,0 +1,234 @@
+"""diffusers models with diffaccel attention processors give the unpatched outputs.
+
+Tolerances against the unpatched model (same weights, same inputs):
+  fp32, torch backend (the fp32 reference): 1e-5 abs + 1e-5 rel (only summation order differs);
+  fp32, Triton backend (interpreter, ieee dots): 1e-4 abs + 1e-4 rel (the online softmax reorders sums);
+  bf16, Triton backend: 3e-2 abs + 3e-2 rel (bf16 rounding of P and of every activation downstream);
+  quant="int8", torch backend, fp32 model: cosine >= 0.999 against the unpatched output.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffaccel.integrations.attention import (DiffaccelAttnProcessor, DiffaccelJointAttnProcessor,  # noqa: E402
+                                              dispatcher_backend, is_diffaccel_processor, make_processor,
+                                              original_processor)
+from diffaccel.ops import _backend, use_backend  # noqa: E402
+
+TOL = {"torch": (1e-5, 1e-5), "triton": (1e-4, 1e-4), "triton_bf16": (3e-2, 3e-2)}
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=32).eval()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, 11)
+    mask[1, 7:] = 0  # padded prompt tokens: the key-padding mask path
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 11, 32, generator=g), encoder_attention_mask=mask)
+    return model, inputs
+
+
+def _tiny_sd3():
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 9, 32, generator=g),
+                  pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([10, 500]))
+    return model, inputs
+
+
+def _tiny_flux():
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(8, 12, 12)).eval()
+    g = torch.Generator().manual_seed(1)
+    txt, img = 7, 16
+    inputs = dict(hidden_states=torch.randn(1, img, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, txt, 32, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.randn(img, 3, generator=g), txt_ids=torch.zeros(txt, 3))
+    return model, inputs
+
+
+MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux}
+EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None}
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return out.float()
+
+
+def _patch(model, quant=None):
+    """Replace every processor through make_processor (what `patch` does) via set_attn_processor."""
+    originals = dict(model.attn_processors)
+    new, reasons = {}, {}
+    for name, proc in originals.items():
+        replacement, reason = make_processor(proc, quant=quant)
+        assert replacement is not None, (name, reason)
+        new[name], reasons[name] = replacement, reason
+    model.set_attn_processor(new)
+    return originals, reasons
+
+
+def _needs(backend, op="attention"):
+    why = _backend._why_not(_backend.registered_ops()[op], backend, torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+
+
+def _cast(inputs, dtype):
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v)
+            for k, v in inputs.items()}
+
+
+def _count_op_calls(monkeypatch):
+    calls = []
+    real = _backend.implementation
+
+    def counting(op_name, device):
+        calls.append(op_name)
+        return real(op_name, device)
+
+    monkeypatch.setattr(_backend, "implementation", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_model_matches_unpatched_fp32(name, backend, monkeypatch):
+    _needs(backend)
+    model, inputs = MODELS[name]()
+    expected = _out(model, inputs)
+    originals, reasons = _patch(model)
+    for proc in model.attn_processors.values():
+        assert is_diffaccel_processor(proc)
+        if EXPECTED_PROCESSOR[name] is not None:
+            assert isinstance(proc, EXPECTED_PROCESSOR[name])
+    calls = _count_op_calls(monkeypatch)
+    with use_backend(backend):
+        got = _out(model, inputs)
+    assert calls.count("attention") == len(originals)  # every attention module ran diffaccel's op once
+    monkeypatch.undo()
+    atol, rtol = TOL[backend]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    # unpatch: the originals come back, and so do the outputs, bit for bit
+    model.set_attn_processor({n: original_processor(p) for n, p in model.attn_processors.items()})
+    assert all(model.attn_processors[n] is p for n, p in originals.items())
+    assert torch.equal(_out(model, inputs), expected)
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_patched_model_bf16_triton(name):
+    _needs("triton")
+    model, inputs = MODELS[name]()
+    model = model.to(torch.bfloat16)
+    inputs = _cast(inputs, torch.bfloat16)
+    expected = _out(model, inputs)
+    _patch(model)
+    with use_backend("triton"):
+        got = _out(model, inputs)
+    atol, rtol = TOL["triton_bf16"]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_model_int8_close(name, monkeypatch):
+    model, inputs = MODELS[name]()
+    expected = _out(model, inputs)
+    originals, reasons = _patch(model, quant="int8")
+    assert all("INT8" in r for r in reasons.values())
+    calls = _count_op_calls(monkeypatch)
+    got = _out(model, inputs)
+    assert calls.count("attention_int8") == len(originals)
+    cos = F.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
+    assert cos >= 0.999, cos
+
+
+def test_dispatcher_route_is_per_instance():
+    """Only the patched processor instance routes to diffaccel; the class and other instances do not."""
+    model, inputs = _tiny_flux()
+    procs = list(model.attn_processors.values())
+    first, other = procs[0], procs[1]
+    new, reason = make_processor(first)
+    assert new is not None and "dispatcher" in reason and new.original is first
+    assert new._attention_backend is dispatcher_backend(None)
+    assert first._attention_backend is None and other._attention_backend is None
+    assert type(first)._attention_backend is None
+    assert type(new) is type(first)
+
+
+def test_dispatcher_backend_registered_once_and_named():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    member = dispatcher_backend("int8")
+    assert member is dispatcher_backend("int8")
+    assert AttentionBackendName("diffaccel_int8") is member
+    assert member in _AttentionBackendRegistry._backends
+    assert AttentionBackendName.NATIVE in _AttentionBackendRegistry._backends
+
+
+def test_dispatcher_backend_matches_sdpa_with_key_padding():
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 3, 40, generator=g) for _ in range(3))  # [B, L, H, D]
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    got = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=dispatcher_backend(None))
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    out, lse = dispatch_attention_fn(q, k, v, backend=dispatcher_backend(None), attention_kwargs={"return_lse": True})
+    assert lse.shape == (2, 12, 3)
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        dispatch_attention_fn(q, k, v, dropout_p=0.1, backend=dispatcher_backend(None))
+
+
+def test_unsupported_processors_refused_with_reason():
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0, PAGJointAttnProcessor2_0
+
+    for proc in (FusedAttnProcessor2_0(), PAGJointAttnProcessor2_0(), object()):
+        new, reason = make_processor(proc)
+        assert new is None and "not a supported" in reason
+    new, reason = make_processor(torch.nn.Linear(2, 2))
+    assert new is None and "holds weights" in reason
+    flux_proc = next(iter(_tiny_flux()[0].attn_processors.values()))
+    chosen = copy.copy(flux_proc)
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    chosen._attention_backend = AttentionBackendName._NATIVE_MATH
+    new, reason = make_processor(chosen)
+    assert new is None and "chosen by the user" in reason
+    patched, _ = make_processor(flux_proc)
+    assert make_processor(patched) == (None, "already a diffaccel processor")
+    with pytest.raises(ValueError, match="quant"):
+        make_processor(flux_proc, quant="fp4")
+
+
+def test_attn_processor_without_sdpa_scale():
+    """``AttnProcessor`` (used when scale_qk=False) keeps its module's scale."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, heads=2, dim_head=32, scale_qk=False).eval()
+    assert isinstance(attn.processor, AttnProcessor)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        expected = attn(x)
+        attn.set_processor(make_processor(attn.processor)[0])
+        got = attn(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
