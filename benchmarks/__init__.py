@@ -1,0 +1,1 @@
+"""Microbenchmarks (pytest-benchmark), the results format and the static kernel report."""

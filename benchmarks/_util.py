@@ -1,0 +1,99 @@
+"""Helpers for benchmarks/bench_*.py (importable as ``from benchmarks._util import ...`` when pytest
+runs from the repository root; conftest.py cannot be imported by name).
+
+Every benchmark test:
+
+    def test_foo(benchmark, impl, shape):
+        fn = ...                                   # a zero-argument callable doing one call
+        annotate(benchmark, family="gemm", case="w8a8", shape=shape, dtype="fp16",
+                 impl="diffaccel" | "diffaccel:<backend>" | "baseline:<name>", flops=..., bytes=...)
+        measure(benchmark, fn)
+
+``measure`` synchronizes CUDA inside the timed call (pytest-benchmark times wall clock), and on a
+GPU runs ``inner_calls`` back-to-back calls per round so a round lasts about a millisecond and
+launch latency does not dominate small kernels; ``benchmarks/results.py`` divides by it.
+Without CUDA (``is_smoke()``) it runs the callable once: a smoke check that the code runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+SMOKE_ENV = "DIFFACCEL_BENCH_SMOKE"  # =1 forces smoke mode on a GPU machine (a quick check, never recorded)
+TARGET_ROUND_S = 1e-3
+MAX_INNER_CALLS = 1000
+GPU_ROUNDS = 30
+
+
+def is_smoke() -> bool:
+    """True without CUDA (or with DIFFACCEL_BENCH_SMOKE=1): tiny shapes, one round, nothing recorded."""
+    if os.environ.get(SMOKE_ENV, "0") == "1":
+        return True
+    return not torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    return torch.device("cpu" if not torch.cuda.is_available() else "cuda")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "int8",
+            torch.float8_e4m3fn: "fp8e4m3"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def shape_str(shape: Union[str, Sequence[int], dict]) -> str:
+    """(4096, 1280) -> '4096x1280'; {'M': 4096, 'K': 1280} -> 'M=4096 K=1280'; strings pass through."""
+    if isinstance(shape, str):
+        return shape
+    if isinstance(shape, dict):
+        return " ".join(f"{k}={v}" for k, v in shape.items())
+    return "x".join(str(int(s)) for s in shape)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, inner_calls: int = 1) -> Callable:
+    """``fn`` called ``inner_calls`` times, then a CUDA synchronize, so wall clock covers the GPU work."""
+    def run():
+        for _ in range(inner_calls):
+            fn()
+        sync()
+    return run
+
+
+def annotate(benchmark, *, family: str, case: str, shape, dtype, impl: str,
+             flops: Optional[int] = None, bytes: Optional[int] = None, **extra) -> None:  # noqa: A002
+    """Name the group (``<family>/<case>``) and record what ``benchmarks/results.py`` needs."""
+    if not (impl == "diffaccel" or impl.startswith("diffaccel:") or impl.startswith("baseline:")):
+        raise ValueError(f"impl: expected 'diffaccel', 'diffaccel:<backend>' or 'baseline:<name>', got {impl!r}")
+    if isinstance(dtype, torch.dtype):
+        dtype = dtype_name(dtype)
+    benchmark.group = f"{family}/{case}"
+    benchmark.extra_info.update(family=family, case=case, shape=shape_str(shape), dtype=str(dtype), impl=impl,
+                                flops=None if flops is None else int(flops),
+                                bytes=None if bytes is None else int(bytes), smoke=is_smoke(), **extra)
+
+
+def measure(benchmark, fn: Callable, *, rounds: int = GPU_ROUNDS, warmup: int = 3):
+    """Time ``fn`` (zero arguments, one call of the op) and return its last result."""
+    if is_smoke():
+        benchmark.extra_info["inner_calls"] = 1
+        return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+    for _ in range(warmup):  # compile / autotune / allocate outside the timed rounds
+        fn()
+    sync()
+    start = time.perf_counter()
+    probe = 5
+    timed(fn, probe)()
+    per_call = max((time.perf_counter() - start) / probe, 1e-7)
+    inner = max(1, min(MAX_INNER_CALLS, math.ceil(TARGET_ROUND_S / per_call)))
+    benchmark.extra_info["inner_calls"] = inner
+    benchmark.pedantic(timed(fn, inner), rounds=rounds, iterations=1, warmup_rounds=1)
+    return fn()

@@ -1,0 +1,75 @@
+"""INT8 activation quantization (per token, per tensor): diffaccel's CUDA and Triton kernels vs the
+torch reference run eagerly and under torch.compile, at diffusion widths (4096 tokens x K)."""
+import pytest
+import torch
+
+from benchmarks._util import annotate, device, dtype_name, is_smoke, measure
+from diffaccel.ops import _backend, quantize_per_tensor, quantize_per_token, use_backend
+from diffaccel.ops.quantize import quantize_per_tensor_reference, quantize_per_token_reference
+
+FAMILY = "quantize"
+if is_smoke():
+    SHAPES = [(8, 40)]
+    DTYPES = [torch.float16]
+else:  # SD1.5/SDXL channel widths 320/640/1280, SD3/Flux hidden 3072
+    SHAPES = [(4096, 320), (4096, 640), (4096, 1280), (4096, 3072)]
+    DTYPES = [torch.float16, torch.bfloat16]
+IMPLS = ["diffaccel:cuda", "diffaccel:triton", "baseline:torch-eager", "baseline:torch-compile"]
+
+
+def _bytes_moved(M: int, K: int, dtype: torch.dtype, per_token: bool) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return M * K * elem + M * K + (M * 4 if per_token else 8)  # x in, int8 out, scales / scale+zp
+
+
+def _callable(impl: str, op_name: str, ours, reference, args):
+    """A zero-argument call of ``impl``, or a skip saying why it cannot run here."""
+    if impl.startswith("diffaccel:"):
+        backend = impl.split(":", 1)[1]
+        why = _backend._why_not(_backend.registered_ops()[op_name], backend, args[0].device)
+        if why is not None:
+            pytest.skip(f"{backend} backend unavailable: {why}")
+
+        def run():
+            with use_backend(backend):
+                return ours(*args)
+        return run
+    if impl == "baseline:torch-eager":
+        return lambda: reference(*args)
+    if impl == "baseline:torch-compile":
+        if is_smoke():
+            pytest.skip("torch.compile baseline runs on GPU only (CPU inductor builds are slow)")
+        torch._dynamo.reset()  # a fresh graph per shape; the recompile limit would otherwise fall back to eager
+        compiled = torch.compile(reference, dynamic=False, fullgraph=True)
+        return lambda: compiled(*args)
+    raise ValueError(f"impl: unknown {impl!r}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quantize_per_token(benchmark, shape, dtype, impl):
+    M, K = shape
+    x = torch.randn(M, K, dtype=dtype, device=device())
+    fn = _callable(impl, "quantize_per_token", quantize_per_token, quantize_per_token_reference, (x,))
+    annotate(benchmark, family=FAMILY, case="per_token", shape=shape, dtype=dtype, impl=impl,
+             flops=None, bytes=_bytes_moved(M, K, dtype, per_token=True))
+    q, scales = measure(benchmark, fn)
+    assert q.shape == (M, K) and q.dtype == torch.int8 and scales.shape == (M, 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quantize_per_tensor(benchmark, shape, dtype, impl):
+    M, K = shape
+    dev = device()
+    x = torch.randn(M, K, dtype=dtype, device=dev)
+    scale = torch.tensor([0.02], dtype=torch.float32, device=dev)
+    zero_point = torch.tensor([3], dtype=torch.int32, device=dev)
+    fn = _callable(impl, "quantize_per_tensor", quantize_per_tensor, quantize_per_tensor_reference,
+                   (x, scale, zero_point))
+    annotate(benchmark, family=FAMILY, case="per_tensor", shape=shape, dtype=dtype, impl=impl,
+             flops=None, bytes=_bytes_moved(M, K, dtype, per_token=False))
+    q = measure(benchmark, fn)
+    assert q.shape == (M, K) and q.dtype == torch.int8

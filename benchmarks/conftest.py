@@ -1,0 +1,97 @@
+"""pytest-benchmark set-up for benchmarks/bench_*.py (run: ``pytest benchmarks/``).
+
+Without CUDA, TRITON_INTERPRET=1 is set before triton is imported (as in tests/conftest.py) and the
+suite is a smoke run (see ``benchmarks/_util.py``: ``from benchmarks._util import is_smoke, annotate,
+measure``). Each run records the GPU, torch/triton/CUDA versions and the smoke flag in the JSON's
+machine_info, which ``python -m benchmarks.results`` reads.
+"""
+import os
+import platform
+import subprocess
+from collections import defaultdict
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collect_file(file_path, parent):
+    # pyproject's python_files is test_*.py; benchmark modules are bench_*.py
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_report_header(config):
+    from benchmarks._util import is_smoke
+
+    lines = [f"diffaccel benchmarks: {'SMOKE run (no CUDA: tiny shapes, one round, not recordable)' if is_smoke() else 'GPU run'}"]
+    if config.getoption("benchmark_disable", default=False):
+        lines.append("benchmarks: timing DISABLED (pyproject addopts has --benchmark-disable); "
+                     "pass --benchmark-enable to measure")
+    return lines
+
+
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment_info() -> dict:
+    """What results files record about the run: device, versions, smoke flag."""
+    import torch as _torch
+
+    from benchmarks._util import is_smoke
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import diffaccel
+        diffaccel_version = diffaccel.__version__
+    except ImportError:
+        diffaccel_version = None
+    device = None
+    if _torch.cuda.is_available():
+        props = _torch.cuda.get_device_properties(0)
+        device = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                  "memory_gib": round(props.total_memory / 2**30, 1), "driver": _driver_version()}
+    return {"smoke": is_smoke(), "device": device, "torch": _torch.__version__, "cuda": _torch.version.cuda,
+            "triton": triton_version, "diffaccel": diffaccel_version, "python": platform.python_version(),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["diffaccel_env"] = environment_info()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_benchmark_group_stats(config, benchmarks, group_by):
+    result = yield
+    if group_by != "group":
+        return result
+    # one table per group *and* shape/dtype, so ours and its baselines sit together
+    groups = defaultdict(list)
+    for bench in benchmarks:
+        info = bench.get("extra_info") or {}
+        key = bench["group"]
+        if info.get("shape") is not None:
+            key = f"{key} [{info['shape']} {info.get('dtype', '')}]".replace(" ]", "]")
+        groups[key].append(bench)
+    for members in groups.values():
+        members.sort(key=lambda b: b["name"])
+    return sorted(groups.items(), key=lambda kv: kv[0] or "")

@@ -1,0 +1,199 @@
+"""Turn a pytest-benchmark JSON into a results file ``benchmarks/results/<gpu>-<yyyy-mm-dd>.json``.
+
+    pytest benchmarks/ --benchmark-enable --benchmark-json=raw.json     # on a GPU machine
+    python -m benchmarks.results raw.json [more.json ...] [--out-dir DIR] [--overwrite] [--commit SHA]
+
+Refuses (exit 1, nothing written) a CPU smoke run, a run without benchmark data, and any diffaccel
+case without at least one baseline measured in the same run. Results file, schema 1:
+
+    {"schema": 1, "device": {"name", "capability", "memory_gib", "driver"}, "torch", "triton", "cuda",
+     "diffaccel", "commit", "dirty", "date", "source": [raw file names],
+     "cases": [{"family", "case", "shape", "dtype", "impl", "median_ms", "mean_ms", "stddev_ms", "rounds",
+                "inner_calls", "flops", "bytes", "tflops", "gbps", "name"}]}
+
+Times are per call: pytest-benchmark's per-round figures divided by the ``inner_calls`` that
+``benchmarks/_util.measure`` ran back to back in each round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+SCHEMA = 1
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REQUIRED_EXTRA = ("family", "case", "shape", "dtype", "impl")
+
+
+class ResultsError(ValueError):
+    """The raw run cannot become a results file; the message says why."""
+
+
+def is_ours(impl: str) -> bool:
+    return impl == "diffaccel" or impl.startswith("diffaccel:")
+
+
+def is_baseline(impl: str) -> bool:
+    return impl.startswith("baseline:")
+
+
+def case_key(c: dict) -> tuple:
+    return (c["family"], c["case"], c["shape"], c["dtype"])
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not slug:
+        raise ResultsError(f"device name {name!r} gives an empty file name")
+    return slug
+
+
+def _env(raw: dict, source: str) -> dict:
+    env = (raw.get("machine_info") or {}).get("diffaccel_env")
+    if env is None:
+        raise ResultsError(f"{source}: machine_info has no diffaccel_env: not a run of benchmarks/ "
+                           "(its conftest.py records the device and versions)")
+    return env
+
+
+def _case_from_bench(bench: dict, source: str) -> dict:
+    name = bench.get("fullname") or bench.get("name", "?")
+    extra = bench.get("extra_info") or {}
+    missing = [k for k in REQUIRED_EXTRA if extra.get(k) in (None, "")]
+    if missing:
+        raise ResultsError(f"{source}: {name} lacks extra_info {', '.join(missing)} "
+                           "(use benchmarks._util.annotate)")
+    if extra.get("smoke"):
+        raise ResultsError(f"{source}: {name} is a smoke measurement (no CUDA or DIFFACCEL_BENCH_SMOKE=1); "
+                           "smoke runs are never recorded")
+    impl = extra["impl"]
+    if not (is_ours(impl) or is_baseline(impl)):
+        raise ResultsError(f"{source}: {name} has impl {impl!r}: expected 'diffaccel[:backend]' or 'baseline:<name>'")
+    stats = bench.get("stats") or {}
+    if not stats.get("rounds") or stats.get("median") is None:
+        raise ResultsError(f"{source}: {name} has no timing data (was it run with --benchmark-disable?)")
+    inner = int(extra.get("inner_calls") or 1)
+    median_s = stats["median"] / inner
+    flops, nbytes = extra.get("flops"), extra.get("bytes")
+    return {
+        "family": extra["family"], "case": extra["case"], "shape": str(extra["shape"]), "dtype": str(extra["dtype"]),
+        "impl": impl,
+        "median_ms": median_s * 1e3, "mean_ms": stats["mean"] / inner * 1e3,
+        "stddev_ms": stats["stddev"] / inner * 1e3, "rounds": int(stats["rounds"]), "inner_calls": inner,
+        "flops": flops, "bytes": nbytes,
+        "tflops": flops / median_s / 1e12 if flops else None,
+        "gbps": nbytes / median_s / 1e9 if nbytes else None,
+        "name": bench.get("name"),
+    }
+
+
+def convert(raws: Iterable[tuple], commit: Optional[str] = None) -> dict:
+    """[(source name, pytest-benchmark JSON dict)] -> a results dict (raises ResultsError)."""
+    raws = list(raws)
+    if not raws:
+        raise ResultsError("no raw benchmark files given")
+    envs, cases, commits, dates = [], [], set(), set()
+    for source, raw in raws:
+        env = _env(raw, source)
+        if env.get("smoke") or not env.get("device"):
+            raise ResultsError(f"{source}: a CPU smoke run (no CUDA device): nothing was measured on a GPU, "
+                               "so nothing is recorded")
+        benches = raw.get("benchmarks") or []
+        if not benches:
+            raise ResultsError(f"{source}: holds no benchmarks: pass --benchmark-enable "
+                               "(pyproject's addopts disable benchmarks) and check that tests ran")
+        envs.append((source, env))
+        cases += [_case_from_bench(b, source) for b in benches]
+        info = raw.get("commit_info") or {}
+        commits.add((info.get("id"), bool(info.get("dirty"))))
+        dates.add(str(raw.get("datetime", ""))[:10])
+    first_source, env = envs[0]
+    for source, other in envs[1:]:
+        for field in ("device", "torch", "triton", "cuda", "diffaccel"):
+            if other.get(field) != env.get(field):
+                raise ResultsError(f"{source} and {first_source} differ in {field} "
+                                   f"({other.get(field)!r} vs {env.get(field)!r}): record them separately")
+    if commit is None:
+        ids = {c for c, _ in commits}
+        if len(ids) != 1 or None in ids:
+            raise ResultsError(f"commit unknown or mixed across inputs ({sorted(map(str, ids))}): "
+                               "run from a git checkout or pass --commit SHA")
+        commit = ids.pop()
+    dirty = any(d for _, d in commits)
+    if len(dates) != 1 or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", next(iter(dates))):
+        raise ResultsError(f"inputs carry no single run date ({sorted(dates)})")
+
+    seen = {}
+    for c in cases:
+        k = case_key(c) + (c["impl"],)
+        if k in seen:
+            raise ResultsError(f"{c['impl']} measured twice for {'/'.join(case_key(c))} "
+                               f"({seen[k]} and {c['name']})")
+        seen[k] = c["name"]
+    baselines = {case_key(c) for c in cases if is_baseline(c["impl"])}
+    lacking = sorted({case_key(c) for c in cases if is_ours(c["impl"]) and case_key(c) not in baselines})
+    if lacking:
+        listed = "; ".join(" ".join(k) for k in lacking[:10])
+        raise ResultsError(f"{len(lacking)} diffaccel case(s) have no baseline measured in the same run: {listed}")
+    if not any(is_ours(c["impl"]) for c in cases):
+        raise ResultsError("the run holds baselines only: no diffaccel measurement to record")
+
+    return {
+        "schema": SCHEMA, "device": env["device"], "torch": env.get("torch"), "triton": env.get("triton"),
+        "cuda": env.get("cuda"), "diffaccel": env.get("diffaccel"), "commit": commit, "dirty": dirty,
+        "date": dates.pop(), "source": [Path(s).name for s, _ in raws],
+        "cases": sorted(cases, key=lambda c: case_key(c) + (not is_ours(c["impl"]), c["impl"])),
+    }
+
+
+def results_path(results: dict, out_dir: Path = RESULTS_DIR) -> Path:
+    return Path(out_dir) / f"{gpu_slug(results['device']['name'])}-{results['date']}.json"
+
+
+def write(results: dict, out_dir: Path = RESULTS_DIR, overwrite: bool = False) -> Path:
+    path = results_path(results, out_dir)
+    if path.exists() and not overwrite:
+        raise ResultsError(f"{path} exists: pass --overwrite to replace it, or give all of the day's raw "
+                           "files in one call so they land in one results file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
+
+
+def load(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise ResultsError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA}")
+    return data
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.results", description=__doc__.split("\n\n")[0])
+    p.add_argument("raw", nargs="+", help="pytest-benchmark JSON file(s) from one GPU run")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--commit", help="the commit measured, when the run had no git checkout")
+    args = p.parse_args(argv)
+    try:
+        raws = []
+        for name in args.raw:
+            try:
+                raws.append((name, json.loads(Path(name).read_text())))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ResultsError(f"{name}: cannot read a JSON file ({e})") from e
+        results = convert(raws, commit=args.commit)
+        path = write(results, Path(args.out_dir), overwrite=args.overwrite)
+    except ResultsError as e:
+        print(f"benchmarks.results: refused: {e}", file=sys.stderr)
+        return 1
+    n_ours = sum(is_ours(c["impl"]) for c in results["cases"])
+    print(f"wrote {path}: {len(results['cases'])} measurements ({n_ours} diffaccel) on {results['device']['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
