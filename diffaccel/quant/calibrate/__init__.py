@@ -71,7 +71,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
               progress: bool = True, act_symmetric: bool = False, skip=None, iters: int = 100,
               p: float = 2.4, adaround: bool = True, learn_act: bool = True, split_shortcut: bool = True,
               temporal_cache: bool = True, weight_candidates=(4, 8), act_fp16_fraction: float = 0.05,
-              sensitivity_samples: int = 1, bos: bool | None = None, batch_size: int = 1,
+              sensitivity_samples: int = 4, bos: bool | None = None, batch_size: int = 1,
               pipe_kwargs: dict | None = None) -> QuantRecipe:
     """Calibrate ``target`` (a diffusers pipeline with prompts as ``data``, or a bare backbone with an
     iterable of forward-kwargs dicts, each holding ``timestep``) and return a QuantRecipe.
@@ -86,6 +86,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     device: where to calibrate (default: the backbone's device; another device works on a copy).
     activation_device: where recorded block activations are kept (None: the device if they fit in
         40% of its free memory, else the CPU).
+    sensitivity_samples: mixdq scores each layer on this many samples (timesteps spread out).
     iters: reconstruction iterations per block (qdiffusion, tfmq); p: the Lp norm of scale searches.
     skip: layer names kept in floating point (default: the model's input/output layers).
     """

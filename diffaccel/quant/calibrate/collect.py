@@ -326,6 +326,6 @@ def working_copy(backbone: nn.Module, device) -> nn.Module:
     """The user's model when it already lives on ``device`` (only read, under hooks that are
     removed), else a copy moved there: calibration never changes the model it is given."""
     p = next(backbone.parameters())
-    if p.device == torch.device(device):
+    if p.device == torch.empty(0, device=device).device:
         return backbone
     return copy.deepcopy(backbone).to(device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..recipe import QuantRecipe
-from .collect import CalibrationError, forward, observe, progress_bar
+from .collect import CalibrationError, forward, observe, progress_bar, spread_indices
 from .common import (act_init, bos_outputs, detect_bos, layer_recipe, make_spec, plan_layers)
 from .fakequant import WEIGHT_DTYPE_FOR_BITS, fake_quant_act, fake_quant_weight, search_weight_scale, weight_qrange
 from .structure import cross_attention_kv_layers, is_content_layer
@@ -110,14 +110,14 @@ def allocate_bits(costs: np.ndarray, sizes: np.ndarray, candidates, budget_avera
 
 # -- the method --------------------------------------------------------------------------------
 
-def _sample_subset(calib, per_timestep: int) -> list[int]:
-    seen: dict[int, int] = {}
-    out = []
+def _sample_subset(calib, count: int) -> list[int]:
+    """``count`` samples, one per timestep, at timesteps spread over the calibrated ones."""
+    T = len(calib.timesteps)
+    wanted = spread_indices(T, count)
+    first = {}
     for i, t in enumerate(calib.t_index):
-        if seen.get(t, 0) < per_timestep:
-            out.append(i)
-            seen[t] = seen.get(t, 0) + 1
-    return out
+        first.setdefault(t, i)
+    return [first[t] for t in wanted if t in first]
 
 
 def _layer_delta_hook(module: nn.Module, delta_w: torch.Tensor):

@@ -61,8 +61,9 @@ class FakeQuantLayer(nn.Module):
                 rest = (w / s - torch.floor(w / s)).clamp(1e-4, 1 - 1e-4)
                 self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         if init.act_scale is not None:
-            scale = init.act_scale.float().clone().to(w.device)
-            self.act_scale = nn.Parameter(scale, requires_grad=learn_act)
+            # log-parametrised: Adam's steps are then relative changes of the step size
+            log_scale = init.act_scale.float().clamp(min=SCALE_FLOOR).log().to(w.device)
+            self.act_log_scale = nn.Parameter(log_scale, requires_grad=learn_act)
             self.register_buffer("act_zp", init.act_zero_point.to(torch.int32).clone().to(w.device))
 
     def h(self) -> torch.Tensor:
@@ -88,10 +89,10 @@ class FakeQuantLayer(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.init.act_scale is None:
             return x
-        t = self.ctx["t"] if self.act_scale.shape[0] > 1 else 0
-        scale = self.act_scale[t].clamp(min=SCALE_FLOOR)
+        t = self.ctx["t"] if self.act_log_scale.shape[0] > 1 else 0
+        scale = self.act_log_scale[t].exp()
         zp = self.act_zp[t]
-        fq = lsq_fake_quant_act if self.act_scale.requires_grad and not self.hard else fake_quant_act
+        fq = lsq_fake_quant_act if self.act_log_scale.requires_grad and not self.hard else fake_quant_act
         if self.init.act_split is None:
             return fq(x, scale, zp)
         c = self.init.act_split
@@ -130,7 +131,7 @@ def unit_error(unit: nn.Module, io: list, device, ctx: dict) -> float:
 
 def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters: int, device,
                 seed: int, adaround: bool = True, learn_act: bool = True, weight_lr: float = 1e-2,
-                act_lr: float = 1e-3, reg_lambda: float = 0.01, warmup: float = 0.2,
+                act_lr: float = 5e-3, reg_lambda: float = 0.01, warmup: float = 0.2,
                 beta_range: tuple[float, float] = (20.0, 2.0), desc: str = "", progress: bool = False
                 ) -> dict[str, LayerResult]:
     """Reconstruct ``unit`` (a module the caller owns: it is copied) from its recorded full-precision
@@ -140,7 +141,7 @@ def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters
     ctx = {"t": 0}
     layers = wrap_layers(work, inits, ctx, adaround=adaround, learn_act=learn_act)
     alphas = [l.alpha for l in layers.values() if l.adaround]
-    scales = [l.act_scale for l in layers.values() if l.init.act_scale is not None and learn_act]
+    scales = [l.act_log_scale for l in layers.values() if l.init.act_scale is not None and learn_act]
     groups = []
     if alphas:
         groups.append({"params": alphas, "lr": weight_lr})
@@ -163,14 +164,12 @@ def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            with torch.no_grad():
-                for s in scales:
-                    s.clamp_(min=SCALE_FLOOR)
     results = {}
     with torch.no_grad():
         for rel, l in layers.items():
             l.hard = True
             wq = l.integer_weight().to(torch.int8).cpu() if l.init.qrange is not None else None
-            act = l.act_scale.detach().float().cpu().clamp(min=SCALE_FLOOR) if l.init.act_scale is not None else None
+            act = (l.act_log_scale.detach().float().exp().cpu().clamp(min=SCALE_FLOOR)
+                   if l.init.act_scale is not None else None)
             results[rel] = LayerResult(wq, act)
     return results

@@ -1,0 +1,340 @@
+"""What makes each calibration method what it is: the calibration set's timestep spread, fake
+quantization identical to the kernels, AdaRound learning a rounding better than nearest, split
+quantizers on the UNet's concat inputs, TFMQ's per-timestep parameters and exact temporal cache,
+MixDQ's BOS path and its bit budget."""
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_calib_support import (apply_recipe, backbone_data, bos_embedding, model_and_data, run, tiny_unet)
+
+from diffaccel.quant.calibrate import CalibrationError, calibrate
+from diffaccel.quant.calibrate import collect, fakequant, mixdq, qdiffusion, tfmq
+from diffaccel.quant.calibrate.common import find_split_points
+from diffaccel.quant.calibrate.reconstruct import LayerInit, reconstruct
+from diffaccel.quant.recipe import BOSPrecomputed, QuantRecipe, TemporalFeatureCache
+
+
+# -- numerics shared with the kernels ----------------------------------------------------------
+
+def test_act_fake_quant_is_the_kernels_quantizer_bit_for_bit():
+    from diffaccel.ops import quantize_per_tensor
+
+    g = torch.Generator().manual_seed(0)
+    scale, zp = 0.037, -11
+    x = torch.randn(4, 300, generator=g) * 3
+    x[0, :40] = (torch.arange(40) - 20 + 0.5) * scale  # exact .5 ties: round half to even
+    x[1, :4] = torch.tensor([1e3, -1e3, 0.0, -0.0])   # saturation
+    q = quantize_per_tensor(x, scale, zp)
+    expected = (q.float() - zp) * torch.tensor(scale)
+    got = fakequant.fake_quant_act(x, torch.tensor(scale), torch.tensor(zp, dtype=torch.int32))
+    assert torch.equal(got, expected)
+    # the LSQ variant has the same forward
+    assert torch.equal(fakequant.lsq_fake_quant_act(x, torch.tensor(scale), torch.tensor(zp)), expected)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_codes_match_the_layer_format(bits):
+    from diffaccel.quant.formats import quantize_weight_int
+
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    qrange = fakequant.weight_qrange(fakequant.WEIGHT_DTYPE_FOR_BITS[bits])
+    scale = fakequant.weight_absmax_scale(w, qrange)
+    q_ref, s_ref = quantize_weight_int(w, bits)
+    assert torch.allclose(scale, s_ref, rtol=1e-6, atol=0)
+    assert torch.equal(fakequant.quantize_weight(w, s_ref, qrange), q_ref)
+
+
+def test_lp_clip_search_never_loses_to_absmax():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    w[:, 0] *= 8  # an outlier per channel: clipping it pays at 4 bits
+    qrange = (-8, 7)
+    p = 2.4
+    err = lambda s: (w - fakequant.fake_quant_weight(w, s, qrange)).abs().pow(p).sum(1)
+    searched = fakequant.search_weight_scale(w, qrange, p=p)
+    absmax = fakequant.weight_absmax_scale(w, qrange)
+    assert (err(searched) <= err(absmax) + 1e-6).all()
+    assert (searched < absmax).any()
+
+
+# -- calibration set: timesteps spread over the trajectory ---------------------------------------
+
+def test_spread_indices_cover_the_trajectory_uniformly():
+    assert collect.spread_indices(50, 5) == [0, 12, 24, 37, 49]
+    assert collect.spread_indices(4, 10) == [0, 1, 2, 3]
+    assert collect.spread_indices(7, 1) == [3]
+
+
+def test_bare_data_calibration_set_spreads_timesteps_and_caps_samples():
+    data = backbone_data("unet", timesteps=range(1000, 0, -100), per_timestep=3)
+    calib = collect.from_backbone_data(data, num_timesteps=4, samples_per_timestep=2)
+    assert calib.timesteps.tolist() == [1000.0, 700.0, 400.0, 100.0]
+    assert calib.t_index == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(float(s["timestep"][0]) == calib.timesteps[t] for s, t in zip(calib.samples, calib.t_index))
+
+
+# -- Q-Diffusion: AdaRound + BRECQ on a toy block ------------------------------------------------
+
+def test_adaround_learns_a_rounding_that_beats_nearest_on_a_toy_block():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        io = [((x,), {}, block(x), 0) for x in (torch.randn(64, 16, generator=g) for _ in range(4))]
+    qrange = (-8, 7)
+    inits = {rel: LayerInit(qrange, fakequant.weight_absmax_scale(block[i].weight, qrange))
+             for rel, i in (("0", 0), ("2", 2))}
+    learned = reconstruct(block, io, inits, iters=400, device="cpu", seed=0, learn_act=False)
+
+    def block_error(codes):
+        def fwd(x):
+            h = F.linear(x, codes["0"] * fakequant.per_channel_view(inits["0"].weight_scale, block[0].weight),
+                         block[0].bias)
+            return F.linear(F.gelu(h), codes["2"] * fakequant.per_channel_view(inits["2"].weight_scale,
+                                                                                 block[2].weight), block[2].bias)
+        with torch.no_grad():
+            return sum((fwd(a[0]) - out).pow(2).sum().item() for a, _, out, _ in io)
+
+    nearest = {rel: fakequant.quantize_weight(block[int(rel)].weight, inits[rel].weight_scale, qrange).float()
+               for rel in inits}
+    adaround = {rel: learned[rel].weight_q.float() for rel in inits}
+    for rel in inits:
+        diff = adaround[rel] - nearest[rel]
+        assert (diff != 0).any(), "AdaRound kept every nearest rounding"
+        assert diff.abs().max() <= 1  # it only chooses between floor and ceil
+        assert adaround[rel].min() >= -8 and adaround[rel].max() <= 7
+    assert block_error(adaround) < 0.9 * block_error(nearest)  # nearest rounding with minmax scales
+    # the block's own weights were not touched
+    assert not any(p.grad is not None for p in block.parameters())
+
+
+def test_lsq_learns_activation_step_sizes_in_the_same_reconstruction():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 8))
+    x = torch.randn(128, 8) * torch.linspace(0.1, 4, 8)
+    with torch.no_grad():
+        io = [((x,), {}, block(x), 0)]
+    qrange = (-127, 127)
+    s0, z0 = fakequant.act_params_from_range(torch.tensor(-40.0), torch.tensor(40.0), False)  # far too wide
+    init = {"0": LayerInit(qrange, fakequant.weight_absmax_scale(block[0].weight, qrange), s0.reshape(1),
+                           z0.reshape(1))}
+    res = reconstruct(block, io, init, iters=60, device="cpu", seed=0, adaround=False)
+    assert res["0"].act_scale.shape == (1,) and res["0"].act_scale[0] < s0  # learned a tighter step
+
+
+# -- Q-Diffusion: split quantization of cat(h, skip) ---------------------------------------------
+
+# up block i, resnet j of the tiny UNet: channels of h (the rest of the input is the skip)
+EXPECTED_SPLIT = {"up_blocks.0.resnets.0": 64, "up_blocks.0.resnets.1": 64,
+                  "up_blocks.1.resnets.0": 64, "up_blocks.1.resnets.1": 32}
+# conv_shortcut sees the raw concat; conv1 sees GroupNorm(concat) (8 groups): only where no group
+# straddles the boundary (in 128: groups of 16 | 64; in 96: groups of 12 do not divide 64; in 64: 8 | 32)
+EXPECTED_SPLIT_LAYERS = {**{f"{r}.conv_shortcut": c for r, c in EXPECTED_SPLIT.items()},
+                         "up_blocks.0.resnets.0.conv1": 64, "up_blocks.1.resnets.1.conv1": 32}
+
+
+def test_split_points_are_the_concat_layers_of_the_up_path():
+    model, data = model_and_data("unet", timesteps=(500,), per_timestep=1)
+    points = find_split_points(model, data[0], "cpu")
+    assert points == EXPECTED_SPLIT_LAYERS
+    for name, c1 in points.items():  # the layer really consumes cat(h, skip): C1 + skip = its input
+        conv = model.get_submodule(name)
+        assert conv.in_channels > c1
+
+
+def test_qdiffusion_gives_the_concat_layers_separate_quantizers():
+    from diffaccel.nn import QuantConv2d
+
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="qdiffusion", weight_bits=8, act_bits=8, iters=1, progress=False)
+    split = {n: lr for n, lr in recipe.layers.items() if lr.act_split is not None}
+    assert {n: lr.act_split for n, lr in split.items()} == EXPECTED_SPLIT_LAYERS
+    for name, lr in split.items():
+        assert lr.act_scale.shape == (1, 2) and lr.act_zero_point.shape == (1, 2)
+    # the raw concat's halves (h, skip) have their own ranges
+    assert any(not torch.allclose(lr.act_scale[0, 0], lr.act_scale[0, 1]) for lr in split.values())
+    assert all(lr.act_split is None for n, lr in recipe.layers.items() if not n.startswith("up_blocks"))
+    new, _, _ = recipe.build_modules(model)
+    for name in split:
+        assert isinstance(new[name], QuantConv2d) and new[name].act_split == recipe.layers[name].act_split
+
+
+# -- TFMQ-DM: finite-set calibration, switched at run time; exact temporal cache; TIAR ------------
+
+@pytest.fixture(scope="module")
+def tfmq_unet():
+    model, data = model_and_data("unet", timesteps=(900, 500, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="tfmq", weight_bits=8, act_bits=8, iters=1, progress=False)
+    return model, data, recipe
+
+
+def test_tfmq_has_one_activation_set_per_timestep_switched_at_run_time(tfmq_unet):
+    model, data, recipe = tfmq_unet
+    assert recipe.timesteps.tolist() == [900.0, 500.0, 100.0]
+    per_t = [lr for lr in recipe.layers.values() if lr.act_scale is not None]
+    assert per_t and all(lr.act_scale.shape[0] == 3 for lr in per_t)
+    assert any(not torch.allclose(lr.act_scale[0], lr.act_scale[2]) for lr in per_t)
+
+    patched = copy.deepcopy(model)
+    new, removers, _ = apply_recipe(patched, recipe)
+    state = next(m.step_state for m in new.values() if getattr(m, "step_state", None) is not None)
+    outputs = {}
+    for k, sample in enumerate(data):  # one sample per calibrated timestep, in order
+        outputs[k] = run(patched, sample)
+        assert int(state.index) == k  # the pre-hook mapped `timestep` to the calibrated index
+    # the same recipe restricted to timestep k reproduces the per-timestep model exactly at k
+    k = 1
+    fixed = copy.deepcopy(recipe)
+    fixed.timesteps = recipe.timesteps[k:k + 1]
+    for lr in fixed.layers.values():
+        if lr.act_scale is not None:
+            lr.act_scale, lr.act_zero_point = lr.act_scale[k:k + 1], lr.act_zero_point[k:k + 1]
+    fixed.temporal_cache = {n: [v[k:k + 1] for v in vals] for n, vals in recipe.temporal_cache.items()}
+    single = copy.deepcopy(model)
+    _, rm, _ = apply_recipe(single, fixed)
+    assert torch.equal(run(single, data[k]), outputs[k])
+    # the index alone (hook removed) selects the set: index k reproduces timestep k's output
+    for r in removers:
+        r()
+    state.index.fill_(k)
+    assert torch.equal(run(patched, data[k]), outputs[k])
+    # and timestep 0's activation set in place of timestep k's changes the output
+    other = copy.deepcopy(recipe)
+    for lr in other.layers.values():
+        if lr.act_scale is not None:
+            lr.act_scale, lr.act_zero_point = lr.act_scale[[0, 0, 0]], lr.act_zero_point[[0, 0, 0]]
+    swapped = copy.deepcopy(model)
+    apply_recipe(swapped, other)
+    assert not torch.equal(run(swapped, data[k]), outputs[k])
+
+
+def test_tfmq_temporal_cache_is_exact_and_rejects_other_timesteps(tfmq_unet):
+    model, data, recipe = tfmq_unet
+    projections = [n for n in dict(model.named_modules()) if n.endswith("time_emb_proj")]
+    assert set(recipe.temporal_cache) == {"time_embedding", *projections}
+    assert not any(n.startswith("time_embedding.") or n.endswith("time_emb_proj") for n in recipe.layers)
+    new, installers, _ = recipe.build_modules(model)
+    cache_only = copy.deepcopy(model)
+    for name, module in new.items():
+        if isinstance(module, TemporalFeatureCache):
+            parent, _, child = name.rpartition(".")
+            setattr(cache_only.get_submodule(parent) if parent else cache_only, child, module)
+    removers = [i(cache_only) for i in installers]
+    for sample in data:  # identical to computing time_embedding + every time_emb_proj
+        assert torch.equal(run(cache_only, sample), run(model, sample))
+    off = dict(data[0], timestep=torch.full((2,), 321.0))
+    with pytest.raises(RuntimeError, match="temporal feature cache"):
+        run(cache_only, off)
+    for r in removers:
+        r()
+
+
+def test_tfmq_without_cache_reconstructs_the_temporal_block_as_one_unit(monkeypatch):
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    units = []
+    real = qdiffusion.reconstruct
+
+    def spy(unit, io, inits, **kw):
+        units.append((unit, set(inits)))
+        return real(unit, io, inits, **kw)
+
+    monkeypatch.setattr(qdiffusion, "reconstruct", spy)
+    recipe = calibrate(model, data, method="tfmq", weight_bits=8, act_bits=8, iters=2, temporal_cache=False,
+                       progress=False)
+    tib = [(u, rel) for u, rel in units if isinstance(u, tfmq.TemporalUnit)]
+    assert len(tib) == 1
+    projections = [n for n in dict(model.named_modules()) if n.endswith("time_emb_proj")]
+    assert tib[0][1] == {"embed.linear_1", "embed.linear_2"} | {f"projs.{i}" for i in range(len(projections))}
+    for name in ["time_embedding.linear_1", "time_embedding.linear_2", *projections]:
+        lr = recipe.layers[name]
+        assert lr.weight_q is not None and lr.act_scale.shape == (2,)
+    # and the resnets' reconstructions do not own their time_emb_proj
+    for unit, rel in units:
+        assert not any(r.endswith("time_emb_proj") for r in rel)
+    assert recipe.temporal_cache == {}
+
+
+# -- MixDQ: BOS path, decoupled metrics, integer program ------------------------------------------
+
+def test_mixdq_keeps_the_bos_token_in_full_precision_and_out_of_the_statistics():
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                       progress=False)
+    baseline = calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, progress=False)
+    kv = [n for n in recipe.layers if ".attn2.to_k" in n or ".attn2.to_v" in n]
+    assert kv and recipe.meta["bos"] and sorted(recipe.meta["bos_layers"]) == sorted(kv)
+    bos = bos_embedding()
+    for name in kv:
+        layer = model.get_submodule(name)
+        lr = recipe.layers[name]
+        assert torch.allclose(lr.bos_output, F.linear(bos, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        if lr.act_scale is None:
+            continue
+        # the BOS magnitude is outside the calibrated range; a plain min/max range includes it
+        assert lr.act_scale[0] * 255 < bos.abs().max()
+        assert lr.act_scale[0] < 0.5 * baseline.layers[name].act_scale[0]
+    assert all(recipe.layers[n].bos_output is None for n in recipe.layers if n not in kv)
+    patched = copy.deepcopy(model)
+    new, _, _ = apply_recipe(patched, recipe)
+    for name in kv:
+        assert isinstance(new[name], BOSPrecomputed)
+        x = data[0]["encoder_hidden_states"]
+        y = new[name](x)
+        assert torch.equal(y[:, 0], recipe.layers[name].bos_output.expand(2, -1))  # exactly the fp32 output
+        assert torch.allclose(y[:, 1:], model.get_submodule(name)(x)[:, 1:], rtol=0.1, atol=0.05)
+
+
+def test_mixdq_without_a_shared_first_token_has_no_bos_path():
+    model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1, bos=False)
+    recipe = calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                       progress=False)
+    assert not recipe.meta["bos"] and all(lr.bos_output is None for lr in recipe.layers.values())
+    with pytest.raises(CalibrationError, match="bos"):
+        calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, bos=True, progress=False)
+
+
+def test_ilp_honours_the_budget_and_is_optimal():
+    rng = np.random.default_rng(0)
+    L, cands = 7, (4, 8)
+    sizes = rng.integers(10, 1000, L).astype(float)
+    costs = np.stack([rng.uniform(1, 5, L), rng.uniform(0, 1, L)], axis=1)  # 4 bits costs more
+    for budget in (4.0, 5.0, 6.3, 7.9, 8.0):
+        bits = mixdq.allocate_bits(costs, sizes, cands, budget)
+        assert (sizes * bits).sum() / sizes.sum() <= budget + 1e-9
+        best = min((sum(costs[l, cands.index(b)] for l, b in enumerate(combo)), combo)
+                   for combo in itertools.product(cands, repeat=L)
+                   if (sizes * np.array(combo)).sum() / sizes.sum() <= budget + 1e-9)
+        got = sum(costs[l, cands.index(b)] for l, b in enumerate(bits))
+        assert math.isclose(got, best[0], rel_tol=1e-9)
+    with pytest.raises(CalibrationError, match="bit budget"):
+        mixdq.allocate_bits(costs, sizes, cands, 3.5)
+
+
+def test_mixdq_allocation_meets_its_budgets_and_keeps_the_most_sensitive_activations_16bit():
+    model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="mixdq", weight_bits=6, act_bits=8, act_fp16_fraction=0.1,
+                       sensitivity_samples=1, progress=False)
+    assert recipe.average_weight_bits() <= 6 + 1e-9
+    bits = recipe.bits()
+    assert {w for w, _ in bits.values()} == {4, 8}
+    n16 = sum(a == 16 for _, a in bits.values())
+    assert n16 == math.ceil(0.1 * len(bits))
+    sens = recipe.meta["sensitivity"]
+    top = sorted(sens, key=lambda n: sens[n]["a8"], reverse=True)[:n16]
+    # the most sensitive activations (within the group-normalised cost) are the 16-bit ones
+    assert {n for n, (_, a) in bits.items() if a == 16} == set(top)
+    for name, s in sens.items():
+        assert s["group"] == ("content" if (".attn2." in name or ".ff." in name) else "quality")
+
+
+def test_metrics():
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert mixdq.ssim(x, x) == pytest.approx(1.0)
+    assert mixdq.ssim(x, x + 0.5 * torch.randn_like(x)) < 0.9
+    assert mixdq.sqnr_db(x, x + 0.01 * x) == pytest.approx(40.0, abs=1e-4)
