@@ -128,7 +128,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
 
 
 def load_classifier(device=None):
-    return DigitClassifier.from_pretrained(str(ASSETS_DIR / "classifier")).to(device or "cpu").eval()
+    return DigitClassifier.from_pretrained(str(ASSETS_DIR / "classifier"), low_cpu_mem_usage=False).to(device or "cpu").eval()
 
 
 # ------------------------------------------------------------------------------------- the pipeline
@@ -206,9 +206,9 @@ def load_reference_pipeline(kind: str = "unet", device=None, dtype=None, progres
     if not (backbone_dir / "config.json").is_file():
         raise FileNotFoundError(f"kind: no trained weights at {backbone_dir} (run benchmarks/train_reference.py {kind})")
     if kind == "unet":
-        backbone = {"unet": UNet2DConditionModel.from_pretrained(str(backbone_dir))}
+        backbone = {"unet": UNet2DConditionModel.from_pretrained(str(backbone_dir), low_cpu_mem_usage=False)}
     else:
-        backbone = {"transformer": PixArtTransformer2DModel.from_pretrained(str(backbone_dir))}
+        backbone = {"transformer": PixArtTransformer2DModel.from_pretrained(str(backbone_dir), low_cpu_mem_usage=False)}
     pipe = DigitsPipeline(text_encoder=CLIPTextModel.from_pretrained(str(ASSETS_DIR / "text_encoder")),
                           tokenizer=load_tokenizer(),
                           scheduler=DPMSolverMultistepScheduler.from_pretrained(str(ASSETS_DIR / "scheduler")),
