@@ -1,0 +1,95 @@
+"""Quantized GEMMs at SDXL UNet and Flux transformer linear shapes, M = 1 ... 16384 tokens.
+
+Ours (Triton on a GPU; the torch reference in the CPU smoke run): W8A8 int8 including the dynamic
+per-token activation quantization (fp16 in, fp16 out), the int8 GEMM alone on pre-quantized
+activations, W4A8 (int4 group 128) including quantization, FP8 (per-token fp8 quantization +
+GEMM, bf16), W4A16 (weight-only, M <= 1024). Baselines: cuBLAS fp16 and bf16 (F.linear),
+torch._int_mm (int8 GEMM only, int32 out, no dequantization), torch._scaled_mm rowwise (fp8 GEMM
+only on pre-quantized operands). No CUDA/CUTLASS GEMM exists in diffaccel yet.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks._util import annotate, device, is_smoke, measure
+from diffaccel.ops import gemm as G
+from diffaccel.quant import formats as fmt
+
+FAMILY = "gemm"
+if is_smoke():
+    SHAPES = [("tiny", 48, 128)]
+    MS = [8]
+else:  # (model, N, K) of nn.Linear(K, N)
+    SHAPES = [("sdxl-attn1280", 1280, 1280), ("sdxl-ff-geglu", 10240, 1280), ("sdxl-ff-out", 1280, 5120),
+              ("flux-qkv", 9216, 3072), ("flux-mlp-up", 12288, 3072), ("flux-mlp-down", 3072, 12288)]
+    MS = [1, 256, 1024, 4096, 16384]
+IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-gemm-only", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:w4a16",
+         "baseline:cublas-fp16", "baseline:cublas-bf16", "baseline:torch-int_mm", "baseline:torch-scaled_mm-rowwise"]
+
+_weights = {}
+
+
+def _quantized(N, K, dev):
+    key = (N, K, str(dev))
+    if key not in _weights:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(N, K, generator=g) * 0.02
+        q8, s8 = fmt.quantize_weight_int(w, 8)
+        q4, s4 = fmt.quantize_weight_int(w, 4, 128)
+        f8, sf8 = fmt.quantize_weight_fp8(w)
+        _weights[key] = {k: v.to(dev) for k, v in dict(
+            w16=w.half(), wbf=w.bfloat16(), q8=q8, s8=s8, q4=fmt.pack_int4(q4), s4=s4, f8=f8, sf8=sf8,
+            q8_t=q8.t().contiguous().t()).items()}
+    return _weights[key]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_gemm(benchmark, shape, M, impl):
+    name, N, K = shape
+    dev = device()
+    W = _quantized(N, K, dev)
+    x16 = torch.randn(M, K, device=dev).half()
+    xbf = x16.bfloat16()
+    flops = 2 * M * N * K
+    w_bytes = N * K * 2
+    if impl == "diffaccel:w8a8":
+        fn, w_bytes = (lambda: G.int8_linear(x16, W["q8"], W["s8"])), N * K
+    elif impl == "diffaccel:w8a8-gemm-only":
+        aq, sa = G.quantize_activation_int8(x16)
+        fn, w_bytes = (lambda: G.int8_gemm(aq, W["q8"], sa, W["s8"], out_dtype=torch.float16)), N * K
+    elif impl == "diffaccel:w4a8":
+        fn, w_bytes = (lambda: G.int8_linear(x16, W["q4"], W["s4"], group_size=128, w_int4=True)), N * K // 2
+    elif impl == "diffaccel:fp8":
+        if dev.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("fp8 needs sm_89+")
+        fn, w_bytes = (lambda: G.fp8_linear(xbf, W["f8"], W["sf8"])), N * K
+    elif impl == "diffaccel:w4a16":
+        if M > 1024:
+            pytest.skip("weight-only kernel is for small M (the layer dequantizes + cuBLAS above 256 rows)")
+        fn, w_bytes = (lambda: G.weight_only_gemm(x16, W["q4"], W["s4"], group_size=128, w_int4=True)), N * K // 2
+    elif impl == "baseline:cublas-fp16":
+        fn = lambda: F.linear(x16, W["w16"])  # noqa: E731
+    elif impl == "baseline:cublas-bf16":
+        fn = lambda: F.linear(xbf, W["wbf"])  # noqa: E731
+    elif impl == "baseline:torch-int_mm":
+        if dev.type == "cuda" and M <= 16:
+            pytest.skip("torch._int_mm on CUDA needs M > 16")
+        aq, _ = G.quantize_activation_int8(x16)
+        wt = W["q8"].t()
+        fn, w_bytes = (lambda: torch._int_mm(aq, wt)), N * K
+    elif impl == "baseline:torch-scaled_mm-rowwise":
+        if dev.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("fp8 needs sm_89+")
+        aq, sa = G.quantize_activation_fp8(xbf)
+        sw = W["sf8"].reshape(1, N)
+        wt = W["f8"].t()
+        fn, w_bytes = (lambda: torch._scaled_mm(aq, wt, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16)), N * K
+    else:
+        raise ValueError(impl)
+    annotate(benchmark, family=FAMILY, case=f"{name} N={N} K={K} M={M}", shape={"M": M, "N": N, "K": K},
+             dtype="fp16" if "bf16" not in impl and "fp8" not in impl and "scaled" not in impl else "bf16",
+             impl=impl, flops=flops, bytes=M * K * 2 + w_bytes + M * N * 2)
+    out = measure(benchmark, fn)
+    assert out.shape == (M, N)
