@@ -1,0 +1,164 @@
+"""Benchmark scaffolding: pytest-benchmark JSON -> results file (and its refusals), BENCHMARKS.md
+rendering with the speedup plot, and the benchmark suite's CPU smoke run."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks import render, results  # noqa: E402
+
+DEVICE = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.1, "driver": "580.65"}
+
+
+def _bench(impl, median_s, *, case="per_token", shape="4096x1280", dtype="fp16", inner=1, flops=None,
+           nbytes=None, smoke=False):
+    return {
+        "group": f"quantize/{case}", "name": f"test_{case}[{shape}-{dtype}-{impl}]",
+        "fullname": f"benchmarks/bench_quantize.py::test_{case}[{shape}-{dtype}-{impl}]",
+        "extra_info": {"family": "quantize", "case": case, "shape": shape, "dtype": dtype, "impl": impl,
+                       "flops": flops, "bytes": nbytes, "smoke": smoke, "inner_calls": inner},
+        "stats": {"min": median_s, "max": median_s * 1.2, "mean": median_s * 1.05, "stddev": median_s * 0.01,
+                  "rounds": 30, "median": median_s, "iterations": 1},
+    }
+
+
+def _raw(benches, *, device=DEVICE, smoke=False, commit="0123456789abcdef0123456789abcdef01234567"):
+    return {
+        "machine_info": {"node": "gpu-box", "diffaccel_env": {
+            "smoke": smoke, "device": device, "torch": "2.11.0+cu130", "cuda": "13.0", "triton": "3.6.0",
+            "diffaccel": "0.1.0"}},
+        "commit_info": {"id": commit, "dirty": False},
+        "benchmarks": benches,
+        "datetime": "2026-11-22T03:04:05.123456+00:00",
+        "version": "5.2.3",
+    }
+
+
+GOOD = [
+    # 10 back-to-back calls per round: 0.5 ms a round is 0.05 ms a call
+    _bench("diffaccel:triton", 0.5e-3, inner=10, nbytes=2_000_000),
+    _bench("baseline:torch-eager", 2.0e-4, nbytes=2_000_000),
+    _bench("baseline:torch-compile", 1.0e-4, nbytes=2_000_000),
+    _bench("diffaccel:cuda", 4.0e-5, nbytes=2_000_000, case="per_tensor"),
+    _bench("baseline:torch-eager", 1.2e-4, nbytes=2_000_000, case="per_tensor"),
+]
+
+
+def test_convert_good_run(tmp_path):
+    res = results.convert([("raw.json", _raw(GOOD))])
+    assert res["schema"] == 1 and res["device"] == DEVICE and res["torch"] == "2.11.0+cu130"
+    assert res["commit"].startswith("0123456") and res["date"] == "2026-11-22" and res["dirty"] is False
+    by = {(c["case"], c["impl"]): c for c in res["cases"]}
+    ours = by[("per_token", "diffaccel:triton")]
+    assert ours["median_ms"] == pytest.approx(0.05) and ours["inner_calls"] == 10
+    assert ours["gbps"] == pytest.approx(2_000_000 / 0.05e-3 / 1e9) and ours["tflops"] is None
+    assert by[("per_token", "baseline:torch-eager")]["median_ms"] == pytest.approx(0.2)
+    path = results.write(res, tmp_path)
+    assert path.name == "nvidia-h100-80gb-hbm3-2026-11-22.json"
+    assert results.load(path) == json.loads(json.dumps(res))
+    with pytest.raises(results.ResultsError, match="exists"):
+        results.write(res, tmp_path)
+    results.write(res, tmp_path, overwrite=True)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["machine_info"]["diffaccel_env"].update(smoke=True), "smoke run"),
+    (lambda r: r["machine_info"]["diffaccel_env"].update(device=None), "smoke run"),
+    (lambda r: r["benchmarks"][0]["extra_info"].update(smoke=True), "smoke measurement"),
+    (lambda r: r.update(benchmarks=[]), "--benchmark-enable"),
+    (lambda r: r["machine_info"].pop("diffaccel_env"), "not a run of benchmarks/"),
+    (lambda r: r["benchmarks"][0]["extra_info"].pop("shape"), "lacks extra_info shape"),
+    (lambda r: r["benchmarks"][0]["extra_info"].update(impl="mine"), "impl 'mine'"),
+    (lambda r: r["benchmarks"][0].update(stats={}), "no timing data"),
+    # the per_tensor baseline measured at another shape does not count for the diffaccel case
+    (lambda r: r["benchmarks"][4]["extra_info"].update(shape="4096x320"), "no baseline measured in the same run"),
+    (lambda r: r["benchmarks"].append(copy.deepcopy(r["benchmarks"][0])), "measured twice"),
+    (lambda r: r["commit_info"].update(id=None), "--commit"),
+])
+def test_convert_refusals(mutate, message):
+    raw = _raw(copy.deepcopy(GOOD))
+    mutate(raw)
+    with pytest.raises(results.ResultsError, match=message):
+        results.convert([("raw.json", raw)])
+
+
+def test_convert_refuses_mixed_devices():
+    other = _raw(copy.deepcopy(GOOD), device=dict(DEVICE, name="NVIDIA A100-SXM4-80GB"))
+    with pytest.raises(results.ResultsError, match="differ in device"):
+        results.convert([("a.json", _raw(GOOD)), ("b.json", other)])
+
+
+def test_cli_refuses_smoke_and_writes_nothing(tmp_path, capsys):
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(_raw(GOOD, smoke=True)))
+    out = tmp_path / "results"
+    assert results.main([str(raw), "--out-dir", str(out)]) == 1
+    assert "refused" in capsys.readouterr().err
+    assert not out.exists()
+    raw.write_text(json.dumps(_raw(GOOD)))
+    assert results.main([str(raw), "--out-dir", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["nvidia-h100-80gb-hbm3-2026-11-22.json"]
+
+
+PROSE = "# Benchmarks\n\nHow to run.\n\n<!-- results:begin -->\nold table\n<!-- results:end -->\n\nMore prose.\n"
+
+
+def test_render_tables_and_plot(tmp_path):
+    rdir = tmp_path / "results"
+    results.write(results.convert([("raw.json", _raw(GOOD))]), rdir)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(PROSE)
+    text = render.render(rdir, md)
+    assert text.startswith("# Benchmarks\n\nHow to run.\n\n") and text.endswith("\n\nMore prose.\n")
+    assert "old table" not in text
+    assert "### NVIDIA H100 80GB HBM3 (sm_90) — 2026-11-22" in text and "2.11.0+cu130" in text and "`0123456789`" in text
+    assert "| case | shape | dtype | impl | ours ms | torch-compile ms | torch-eager ms |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| per_token | 4096x1280 | fp16 | diffaccel:triton"))
+    assert "2.00×" in row and "4.00×" in row and "| 40 |" in row  # vs compile 0.1/0.05, vs eager 0.2/0.05; 40 GB/s
+    png = rdir / "speedup-nvidia-h100-80gb-hbm3-2026-11-22.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](results/speedup-nvidia-h100-80gb-hbm3-2026-11-22.png)" in text
+    assert render.render(rdir, md) == text  # idempotent
+
+
+def test_render_without_results_and_bad_markers(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(PROSE)
+    text = render.render(tmp_path / "empty", md)
+    assert f"{render.BEGIN}\n{render.EMPTY}\n{render.END}" in text and "More prose." in text
+    md.write_text("# Benchmarks\nno markers\n")
+    with pytest.raises(results.ResultsError, match="results:begin"):
+        render.render(tmp_path / "empty", md)
+
+
+def _pytest(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFACCEL_BACKEND", "DIFFACCEL_DISABLE")}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_benchmark_suite_collects():
+    proc = _pytest(["benchmarks/", "-q", "--collect-only"], None)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bench_quantize.py::test_quantize_per_token" in proc.stdout
+
+
+def test_quantize_smoke_run_is_recorded_as_smoke_and_refused(tmp_path):
+    raw = tmp_path / "raw.json"
+    proc = _pytest(["benchmarks/bench_quantize.py", "-q", "-x", "--benchmark-enable", f"--benchmark-json={raw}"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(raw.read_text())
+    impls = {b["extra_info"]["impl"] for b in data["benchmarks"]}
+    assert {"diffaccel:triton", "baseline:torch-eager"} <= impls
+    assert all(b["group"].startswith("quantize/") and b["extra_info"]["bytes"] > 0 for b in data["benchmarks"])
+    assert data["machine_info"]["diffaccel_env"]["smoke"] is True
+    with pytest.raises(results.ResultsError, match="smoke run"):
+        results.convert([(str(raw), data)])
