@@ -25,24 +25,19 @@ cuobjdump, nvdisasm and ptxas come from Triton's wheel (``triton/backends/nvidia
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib
+import json
 import os
-
-# Under TRITON_INTERPRET=1 @triton.jit builds interpreter objects that cannot be compiled;
-# this must happen before anything imports triton in this process.
-os.environ.pop("TRITON_INTERPRET", None)
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import pkgutil  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Iterable, Optional  # noqa: E402
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
 
 DEFAULT_ARCHS = ("80", "89", "90a")
 
@@ -496,6 +491,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a hot kernel spills or lacks expected tensor cores")
     p.add_argument("--check-archs", help="only check that _C holds SASS for these archs, e.g. 80,89,90a")
     args = p.parse_args(argv)
+    # Under TRITON_INTERPRET=1 @triton.jit builds interpreter objects that cannot be compiled. Only
+    # the command does this (before it imports any kernel): importing this module must not change
+    # the environment of a test session that runs Triton in the interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
 
     try:
         if args.check_archs:

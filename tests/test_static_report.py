@@ -101,6 +101,14 @@ def test_resource_usage_and_ptxas_log():
     assert sr.parse_ptxas_log(log) == {"stack": 288, "spill_stores": 280, "spill_loads": 272, "ptxas_registers": 255}
 
 
+def test_importing_the_report_leaves_the_interpreter_setting_alone():
+    # tests/conftest.py sets TRITON_INTERPRET=1 without CUDA; only the command may clear it
+    expected = os.environ.get("TRITON_INTERPRET")
+    import importlib
+    importlib.reload(sr)
+    assert os.environ.get("TRITON_INTERPRET") == expected
+
+
 def test_arch_names():
     assert [sr.arch_name(a) for a in ("80", "sm_89", "9.0a", "90a")] == ["sm_80", "sm_89", "sm_90a", "sm_90a"]
     with pytest.raises(ValueError, match="arch"):
