@@ -109,7 +109,9 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None) -> dict:
         envs.append((source, env))
         cases += [_case_from_bench(b, source) for b in benches]
         info = raw.get("commit_info") or {}
-        commits.add((info.get("id"), bool(info.get("dirty"))))
+        sha = info.get("id")
+        # pytest-benchmark writes 'unversioned' / 'unknown' when git was absent or failed
+        commits.add((sha if sha and re.fullmatch(r"[0-9a-f]{7,40}", str(sha)) else None, bool(info.get("dirty"))))
         dates.add(str(raw.get("datetime", ""))[:10])
     first_source, env = envs[0]
     for source, other in envs[1:]:
@@ -117,6 +119,8 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None) -> dict:
             if other.get(field) != env.get(field):
                 raise ResultsError(f"{source} and {first_source} differ in {field} "
                                    f"({other.get(field)!r} vs {env.get(field)!r}): record them separately")
+    if commit is not None and not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+        raise ResultsError(f"--commit: expected a git sha, got {commit!r}")
     if commit is None:
         ids = {c for c, _ in commits}
         if len(ids) != 1 or None in ids:

@@ -80,12 +80,20 @@ def test_convert_good_run(tmp_path):
     (lambda r: r["benchmarks"][4]["extra_info"].update(shape="4096x320"), "no baseline measured in the same run"),
     (lambda r: r["benchmarks"].append(copy.deepcopy(r["benchmarks"][0])), "measured twice"),
     (lambda r: r["commit_info"].update(id=None), "--commit"),
+    (lambda r: r["commit_info"].update(id="unversioned"), "--commit"),
 ])
 def test_convert_refusals(mutate, message):
     raw = _raw(copy.deepcopy(GOOD))
     mutate(raw)
     with pytest.raises(results.ResultsError, match=message):
         results.convert([("raw.json", raw)])
+
+
+def test_commit_given_by_hand():
+    raw = _raw(copy.deepcopy(GOOD), commit="unversioned")
+    assert results.convert([("raw.json", raw)], commit="abcdef1")["commit"] == "abcdef1"
+    with pytest.raises(results.ResultsError, match="--commit: expected a git sha"):
+        results.convert([("raw.json", raw)], commit="HEAD")
 
 
 def test_convert_refuses_mixed_devices():
