@@ -1,0 +1,71 @@
+"""Each method end to end on a tiny UNet2DConditionModel and a tiny PixArt transformer (random
+init) on CPU: calibrate, save, load, build, swap in, run through the real quantized layers."""
+import copy
+
+import pytest
+import torch
+
+from test_calib_support import apply_recipe, assert_unchanged, model_and_data, run, snapshot
+
+from diffaccel.nn import QuantConv2d, QuantLinear
+from diffaccel.quant.calibrate import calibrate
+from diffaccel.quant.recipe import BOSPrecomputed, QuantRecipe, TemporalFeatureCache
+
+OPTIONS = dict(iters=2, sensitivity_samples=1, progress=False)
+# relative L2 error of one backbone call, W8A8 on random-init tiny models (fp32)
+MAX_REL_ERROR = {"unet": 0.15, "pixart": 0.08}
+
+
+@pytest.mark.parametrize("kind", ["unet", "pixart"])
+@pytest.mark.parametrize("method", ["minmax", "qdiffusion", "tfmq", "mixdq"])
+def test_method_end_to_end(kind, method, tmp_path):
+    model, data = model_and_data(kind, timesteps=(900, 100), per_timestep=1)
+    snap = snapshot(model)
+    recipe = calibrate(model, data, method=method, weight_bits=8, act_bits=8, seed=0, **OPTIONS)
+    assert_unchanged(model, snap)
+    assert recipe.method == method and recipe.layers
+    path = tmp_path / f"{kind}-{method}.safetensors"
+    recipe.save(path)
+    loaded = QuantRecipe.load(path)
+
+    patched = copy.deepcopy(model)
+    new, removers, skipped = apply_recipe(patched, loaded)
+    quant_layers = [m for m in patched.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    assert len(quant_layers) == len(loaded.layers)
+    for name, module in new.items():
+        inner = module.layer if isinstance(module, BOSPrecomputed) else module
+        assert isinstance(inner, (QuantLinear, QuantConv2d, TemporalFeatureCache)), name
+        if name in loaded.layers:
+            lr = loaded.layers[name]
+            assert inner.spec.to_dict() == lr.spec
+            if lr.weight_q is not None:  # learned rounding reaches the layer's integer codes
+                codes = inner.weight_q if inner.spec.weight_dtype == "int8" else None
+                assert codes is None or torch.equal(codes.reshape(lr.weight_q.shape), lr.weight_q)
+    for sample in data:
+        ref, out = run(model, sample), run(patched, sample)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel < MAX_REL_ERROR[kind], (method, rel)
+    for r in removers:
+        r()
+
+
+def test_calibration_is_deterministic_under_the_seed():
+    model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
+    a = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, **OPTIONS)
+    b = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, **OPTIONS)
+    for name in a.layers:
+        assert torch.equal(a.layers[name].weight_q, b.layers[name].weight_q)
+        assert torch.equal(a.layers[name].act_scale, b.layers[name].act_scale)
+
+
+def test_w4a8_and_weight_only_recipes_run_on_the_kernels():
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    for act_bits in (8, 16):
+        recipe = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=act_bits, **OPTIONS)
+        assert all(lr.weight_bits == 4 and lr.act_bits == act_bits for lr in recipe.layers.values())
+        assert all(lr.weight_q.min() >= -8 and lr.weight_q.max() <= 7 for lr in recipe.layers.values())
+        patched = copy.deepcopy(model)
+        apply_recipe(patched, recipe)
+        out = run(patched, data[0])
+        ref = run(model, data[0])
+        assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.6

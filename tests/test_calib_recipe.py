@@ -1,0 +1,119 @@
+"""QuantRecipe: safetensors + JSON round trip, damaged / newer files, and validation against the
+model it is applied to (the model is never changed by a failing application)."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from test_calib_support import assert_unchanged, model_and_data, snapshot, tiny_unet
+
+from diffaccel.quant.calibrate import calibrate
+from diffaccel.quant.recipe import RECIPE_FORMAT_VERSION, QuantRecipe, RecipeError
+
+
+@pytest.fixture(scope="module")
+def unet_recipe():
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    return model, calibrate(model, data, method="tfmq", weight_bits=4, act_bits=8, iters=1, progress=False)
+
+
+def test_round_trip_keeps_every_field(unet_recipe, tmp_path):
+    _, recipe = unet_recipe
+    path = tmp_path / "r.safetensors"
+    recipe.save(path)
+    assert not path.read_bytes().startswith(b"\x80")  # not a pickle
+    back = QuantRecipe.load(path)
+    assert back.method == recipe.method and back.meta == json.loads(json.dumps(recipe.meta))
+    assert back.model_layers == recipe.model_layers and back.skipped == recipe.skipped
+    assert torch.equal(back.timesteps, recipe.timesteps.double())
+    assert back.layers.keys() == recipe.layers.keys()
+    for name, lr in recipe.layers.items():
+        b = back.layers[name]
+        assert (b.kind, b.weight_shape, b.spec, b.act_split) == (lr.kind, lr.weight_shape, lr.spec, lr.act_split)
+        for f in ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output"):
+            x, y = getattr(lr, f), getattr(b, f)
+            assert (x is None) == (y is None), (name, f)
+            if x is not None:
+                assert torch.equal(x, y) and x.dtype == y.dtype, (name, f)
+    assert back.temporal_cache.keys() == recipe.temporal_cache.keys()
+    for n, vals in recipe.temporal_cache.items():
+        assert all(torch.equal(a, b) for a, b in zip(vals, back.temporal_cache[n]))
+
+
+def test_damaged_newer_and_foreign_files_are_clear_errors(unet_recipe, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, recipe = unet_recipe
+    path = tmp_path / "r.safetensors"
+    recipe.save(path)
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(RecipeError, match="path: .* not a readable diffaccel recipe"):
+        QuantRecipe.load(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(RecipeError, match="not a readable"):
+        QuantRecipe.load(tmp_path / "junk.safetensors")
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["diffaccel_recipe"])
+    header["format_version"] = RECIPE_FORMAT_VERSION + 1
+    save_file(tensors, str(tmp_path / "newer.safetensors"), metadata={"diffaccel_recipe": json.dumps(header)})
+    with pytest.raises(RecipeError, match=f"version {RECIPE_FORMAT_VERSION + 1}.*upgrade"):
+        QuantRecipe.load(tmp_path / "newer.safetensors")
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(RecipeError, match="without a diffaccel recipe header"):
+        QuantRecipe.load(tmp_path / "bare.safetensors")
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"diffaccel_recipe": "{not json"})
+    with pytest.raises(RecipeError, match="corrupt recipe header"):
+        QuantRecipe.load(tmp_path / "bad.safetensors")
+    missing = dict(tensors)
+    missing.pop(next(k for k in missing if k.endswith("/weight_scale")))
+    save_file(missing, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(RecipeError, match="corrupt recipe"):
+        QuantRecipe.load(tmp_path / "missing.safetensors")
+
+
+def test_mismatched_models_are_rejected_naming_the_layer_and_left_untouched(unet_recipe):
+    from diffusers import UNet2DConditionModel
+
+    _, recipe = unet_recipe
+    torch.manual_seed(0)
+    wider = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=8, norm_num_groups=8).eval()
+    snap = snapshot(wider)
+    with pytest.raises(RecipeError, match=r"layer 'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k' "
+                                          r"has weight shape \(32, 48\), the recipe expects \(32, 32\)"):
+        recipe.build_modules(wider)
+    assert_unchanged(wider, snap)
+
+    extra = tiny_unet()
+    extra.down_blocks[0].extra_proj = nn.Linear(4, 4)
+    with pytest.raises(RecipeError, match="model has a layer 'down_blocks.0.extra_proj'"):
+        recipe.build_modules(extra)
+
+    fewer = tiny_unet()
+    fewer.conv_out = nn.Identity()
+    with pytest.raises(RecipeError, match="layer 'conv_out' of the recipe is not a Linear/Conv2d"):
+        recipe.build_modules(fewer)
+
+    model, _ = model_and_data("pixart")
+    snap = snapshot(model)
+    with pytest.raises(RecipeError, match="recipe: layer"):
+        recipe.build_modules(model)
+    assert_unchanged(model, snap)
+
+
+def test_build_modules_does_not_change_the_backbone(unet_recipe):
+    model, recipe = unet_recipe
+    fresh = copy.deepcopy(model)
+    snap = snapshot(fresh)
+    new, installers, skipped = recipe.build_modules(fresh)
+    assert_unchanged(fresh, snap)
+    assert set(new) == set(recipe.layers) | set(recipe.temporal_cache)
+    assert skipped == recipe.skipped and len(installers) == 1
