@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
-    at::ScalarType history_dtype) {
+    at::ScalarType history_dtype, bool write_history) {
   check_solver_args(sample, model_output, coeffs, row,
                     {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
                      {"noise", &noise}},
@@ -28,7 +28,9 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
   DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
   DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
   auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));
-  auto h_out = at::empty(sample.sizes(), sample.options().dtype(history_dtype));
+  // without write_history the entry is not stored (a step whose caller drops it saves a full write)
+  auto h_out = write_history ? at::empty(sample.sizes(), sample.options().dtype(history_dtype))
+                             : at::empty({0}, sample.options().dtype(history_dtype));
   const int64_t batch = sample.size(0), numel = sample.numel();
   if (numel == 0) return {x_out, h_out};
   const int64_t per_sample = numel / batch;
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
       solver::step_point(k, x.at(i), e, has_noise ? n.at(i) : 0.f, n_hist >= 1 ? s0.at(i) : 0.f,
                          n_hist >= 2 ? s1.at(i) : 0.f, n_hist >= 3 ? s2.at(i) : 0.f, has_noise, n_hist, xv, hv);
       xo.set(i, xv);
-      ho.set(i, hv);
+      if (write_history) ho.set(i, hv);
     }
   });
   return {x_out, h_out};

@@ -11,7 +11,7 @@ using solver::Src;
 
 constexpr int kThreads = 256;
 constexpr int kPerThread = 4;  // independent elements in flight per thread
-constexpr int kMaxChunks = 1024;
+constexpr int kMaxChunks = 256;
 
 struct StepArgs {
   Src x, u, c, n, h0, h1, h2;
@@ -22,7 +22,7 @@ struct StepArgs {
   int64_t n_rows, per_sample, chunk, n_chunks;
   const float* partials;  // [B, n_chunks, 4] (mean_c, M2_c, mean_g, M2_g), nullptr without rescale
   float s, rescale;
-  bool has_cond, has_noise;
+  bool has_cond, has_noise, write_history;
   int n_hist;
 };
 
@@ -125,7 +125,7 @@ __global__ void fused_solver_step_kernel(StepArgs a) {
                          a.n_hist >= 2 ? a.h1.at(i) : 0.f, a.n_hist >= 3 ? a.h2.at(i) : 0.f, a.has_noise,
                          a.n_hist, xv, hv);
       a.xo.set(i, xv);
-      a.ho.set(i, hv);
+      if (a.write_history) a.ho.set(i, hv);
     }
   }
 }
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
-    at::ScalarType history_dtype) {
+    at::ScalarType history_dtype, bool write_history) {
   check_solver_args(sample, model_output, coeffs, row,
                     {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
                      {"noise", &noise}},
@@ -155,7 +155,9 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
   DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
   const c10::cuda::CUDAGuard guard(sample.device());
   auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));
-  auto h_out = at::empty(sample.sizes(), sample.options().dtype(history_dtype));
+  // without write_history the entry is not stored (a step whose caller drops it saves a full write)
+  auto h_out = write_history ? at::empty(sample.sizes(), sample.options().dtype(history_dtype))
+                             : at::empty({0}, sample.options().dtype(history_dtype));
   const int64_t batch = sample.size(0), numel = sample.numel();
   if (numel == 0) return {x_out, h_out};
   DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535");
@@ -178,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
   a.per_sample = numel / batch;
   a.has_cond = model_output_cond.has_value();
   a.has_noise = noise.has_value();
+  a.write_history = write_history;
   a.n_hist = h0.has_value() + h1.has_value() + h2.has_value();
   a.s = static_cast<float>(guidance_scale);
   a.rescale = static_cast<float>(guidance_rescale);

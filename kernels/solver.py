@@ -21,8 +21,9 @@ import triton.language as tl
 NUM_COEFFS = 16
 # column indices, shared with diffaccel/ops/solver.py and csrc/solver.h
 A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N = range(13)
-MAX_STAT_CHUNKS = 1024
+MAX_STAT_CHUNKS = 256
 STEP_BLOCK = 2048
+STEP_WARPS = 4
 
 
 @triton.jit
@@ -94,7 +95,7 @@ def _fused_solver_step_kernel(
     x_ptr, u_ptr, c_ptr, h0_ptr, h1_ptr, h2_ptr, n_ptr, coef_ptr, row_ptr, part_ptr, xo_ptr, ho_ptr,
     per_sample, n_rows, n_chunks, s, rescale,
     HAS_COND: tl.constexpr, RESCALE: tl.constexpr, N_HIST: tl.constexpr, HAS_NOISE: tl.constexpr,
-    HAS_ROW: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROW: tl.constexpr, WRITE_HIST: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -138,7 +139,8 @@ def _fused_solver_step_kernel(
     if N_HIST >= 3:
         xo += tl.load(cp + 11) * tl.load(h2_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(xo_ptr + base + offs, xo.to(xo_ptr.dtype.element_ty), mask=mask)
-    tl.store(ho_ptr + base + offs, ho.to(ho_ptr.dtype.element_ty), mask=mask)
+    if WRITE_HIST:
+        tl.store(ho_ptr + base + offs, ho.to(ho_ptr.dtype.element_ty), mask=mask)
 
 
 def stat_chunk(per_sample: int) -> int:
@@ -149,7 +151,7 @@ def stat_chunk(per_sample: int) -> int:
 def fused_solver_step(x, u, c, h0, h1, h2, noise, coeffs, row, guidance_scale: float, guidance_rescale: float,
                       x_out, h_out) -> None:
     """All tensors contiguous with x's shape [B, ...] (coeffs fp32 [16] or [R, 16] with ``row`` an
-    integer tensor [1]); writes x_out and h_out. Absent inputs are None."""
+    integer tensor [1]); writes x_out and h_out (not written when None). Absent inputs are None."""
     batch = x.shape[0]
     per_sample = x.numel() // batch if batch else 0
     if x.numel() == 0:
@@ -166,11 +168,11 @@ def fused_solver_step(x, u, c, h0, h1, h2, noise, coeffs, row, guidance_scale: f
     grid = (batch, triton.cdiv(per_sample, STEP_BLOCK))
     _fused_solver_step_kernel[grid](
         x, u, c if c is not None else u, *(hist + [x] * (3 - len(hist))), noise if noise is not None else x,
-        coeffs, row if row is not None else coeffs, parts, x_out, h_out,
+        coeffs, row if row is not None else coeffs, parts, x_out, h_out if h_out is not None else x_out,
         per_sample, coeffs.shape[0] if coeffs.dim() == 2 else 1, n_chunks, float(guidance_scale),
         float(guidance_rescale),
         HAS_COND=c is not None, RESCALE=rescale, N_HIST=len(hist), HAS_NOISE=noise is not None,
-        HAS_ROW=row is not None, CHUNK=chunk, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, num_warps=8)
+        HAS_ROW=row is not None, WRITE_HIST=h_out is not None, CHUNK=chunk, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, num_warps=STEP_WARPS)
 
 
 def _step_case(name, dtype, **flags):
@@ -178,16 +180,18 @@ def _step_case(name, dtype, **flags):
     sig.update({"coef_ptr": "*fp32", "row_ptr": "*i64", "part_ptr": "*fp32", "xo_ptr": f"*{dtype}",
                 "ho_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32", "s": "fp32",
                 "rescale": "fp32"})
-    constexprs = dict(HAS_COND=False, RESCALE=False, N_HIST=0, HAS_NOISE=False, HAS_ROW=False, CHUNK=4096,
+    constexprs = dict(HAS_COND=False, RESCALE=False, N_HIST=0, HAS_NOISE=False, HAS_ROW=False, WRITE_HIST=True,
+                      CHUNK=4096,
                       MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK)
     constexprs.update(flags)
     for k in constexprs:
         sig[k] = "constexpr"
     return {"name": name, "fn": _fused_solver_step_kernel, "signature": sig, "constexprs": constexprs,
-            "num_warps": 8, "num_stages": 1, "hot": True, "tensor_cores": False}
+            "num_warps": STEP_WARPS, "num_stages": 1, "hot": True, "tensor_cores": False}
 
 
 STATIC_REPORT_CASES = [
+    _step_case("solver_step_flow_euler_fp16", "fp16", WRITE_HIST=False),
     _step_case("solver_step_euler_fp16", "fp16"),
     _step_case("solver_step_dpm3m_cfg_bf16", "bf16", HAS_COND=True, N_HIST=2),
     _step_case("solver_step_ddim_eta_cfg_rescale_fp16", "fp16", HAS_COND=True, RESCALE=True, HAS_NOISE=True,

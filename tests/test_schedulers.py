@@ -7,6 +7,7 @@ fused fp32-math step against diffusers' own fp16/bf16 arithmetic, so they are bo
 storage dtype's rounding compounded over the steps: fp16 2e-2, bf16 8e-2.
 """
 import copy
+import inspect
 
 import pytest
 import torch
@@ -45,6 +46,17 @@ CONFIGS = {
                                                                  euler_at_final=True),
     "lcm": lambda: LCMScheduler(),
     "lcm_clip_v": lambda: LCMScheduler(prediction_type="v_prediction", clip_sample=True, clip_sample_range=1.5),
+    "unipc_bh2": lambda: UniPCMultistepScheduler(),
+    "unipc_bh1_v_karras": lambda: UniPCMultistepScheduler(solver_type="bh1", prediction_type="v_prediction",
+                                                          use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+    # (final_sigmas_type="zero" with lower_order_final=False makes diffusers' own linalg.solve fail)
+    "unipc3_bh2_nolof": lambda: UniPCMultistepScheduler(solver_order=3, lower_order_final=False,
+                                                        final_sigmas_type="sigma_min"),
+    # (bh1 with final_sigmas_type="zero": diffusers' last step computes -inf * 0 = NaN; the fused step
+    # gives the finite limit there, so those configs are compared with sigma_min)
+    "unipc3_bh1_sample_skipcorr": lambda: UniPCMultistepScheduler(solver_order=3, solver_type="bh1",
+                                                                  prediction_type="sample", disable_corrector=[0, 4],
+                                                                  final_sigmas_type="sigma_min"),
     "euler_a_eps": lambda: EulerAncestralDiscreteScheduler(),
     "euler_a_v": lambda: EulerAncestralDiscreteScheduler(prediction_type="v_prediction",
                                                          timestep_spacing="trailing"),
@@ -64,24 +76,25 @@ def run(scheduler, steps, *, patched, dtype=torch.float32, guidance=None, step_k
         assert r.patched, r
     s.set_timesteps(steps)
     x = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)) * float(getattr(s, "init_noise_sigma", 1.0))).to(dtype)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = {"generator": torch.Generator().manual_seed(seed + 1)} \
+        if "generator" in inspect.signature(type(s).step).parameters else {}
     x0s = []
     for t in s.timesteps:
         xin = s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x
         if guidance is None:
-            out = s.step(fake_model(xin, t), t, x, generator=gen, **(step_kwargs or {}))
+            out = s.step(fake_model(xin, t), t, x, **gen, **(step_kwargs or {}))
         else:
             scale, rescale = guidance
             u, c = fake_model(xin, t), fake_model(xin * 0.9 + 0.05, t)
             if patched:
-                out = s.step_with_guidance(u, c, scale, t, x, guidance_rescale=rescale, generator=gen)
+                out = s.step_with_guidance(u, c, scale, t, x, guidance_rescale=rescale, **gen)
             else:
                 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
                 g = u + scale * (c - u)
                 if rescale:
                     g = rescale_noise_cfg(g, c, guidance_rescale=rescale)
-                out = s.step(g, t, x, generator=gen)
+                out = s.step(g, t, x, **gen)
         x = out.prev_sample
         extra = getattr(out, "pred_original_sample", None)
         if extra is None:
@@ -121,7 +134,7 @@ def test_trajectory_fp32_reference(config, steps):
     assert isinstance(patched, DDIMScheduler) or patched.step_index == steps
 
 
-@pytest.mark.parametrize("config", ["dpm3m_eps_nolof", "euler_eps", "ddim_eps_clip"])
+@pytest.mark.parametrize("config", ["dpm3m_eps_nolof", "euler_eps", "ddim_eps_clip", "unipc3_bh2_nolof"])
 def test_trajectory_50_steps(config):
     sch = CONFIGS[config]()
     want, _, _ = run(sch, 50, patched=False)
@@ -131,7 +144,7 @@ def test_trajectory_50_steps(config):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("config", ["flow", "euler_v_karras", "ddim_eps_clip", "dpm3m_v_zero_final", "dpm2m_sde",
-                                    "lcm", "euler_a_eps"])
+                                    "lcm", "euler_a_eps", "unipc3_bh2_nolof"])
 def test_trajectory_fp32_kernels(backend, config):
     _needs(backend)
     sch = CONFIGS[config]()
@@ -144,7 +157,7 @@ def test_trajectory_fp32_kernels(backend, config):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", ["flow", "euler_eps", "ddim_v_trailing", "dpm3m_eps_nolof", "lcm", "euler_a_v",
-                                    "dpm2m_sde"])
+                                    "dpm2m_sde", "unipc_bh2"])
 def test_trajectory_half(config, dtype):
     sch = CONFIGS[config]()
     want, _, _ = run(sch, 10, patched=False, dtype=dtype)
@@ -152,7 +165,8 @@ def test_trajectory_half(config, dtype):
     assert_traj_close(want, got, dtype)
 
 
-@pytest.mark.parametrize("config", ["ddim_v_trailing", "euler_eps", "dpm2m_v_karras_heun", "lcm", "flow"])
+@pytest.mark.parametrize("config", ["ddim_v_trailing", "euler_eps", "dpm2m_v_karras_heun", "lcm", "flow",
+                                    "unipc_bh1_v_karras"])
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
 def test_guidance_folded_in(config, rescale):
     sch = CONFIGS[config]()
@@ -275,7 +289,8 @@ def test_patch_and_unpatch_mid_trajectory():
     (lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
     (lambda: DPMSolverMultistepScheduler(variance_type="learned_range"), "variance_type"),
     (lambda: EulerAncestralDiscreteScheduler(prediction_type="sample"), "prediction_type"),
-    (lambda: UniPCMultistepScheduler(), "UniPCMultistepScheduler has no fused step"),
+    (lambda: UniPCMultistepScheduler(predict_x0=False), "predict_x0"),
+    (lambda: UniPCMultistepScheduler(thresholding=True), "thresholding"),
     (lambda: PNDMScheduler(), "PNDMScheduler has no fused step"),
 ])
 def test_unsupported_left_unpatched_with_reason(make, option):

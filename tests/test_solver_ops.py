@@ -100,6 +100,19 @@ def test_table_row_read_on_device(backend, row_dtype):
     assert torch.isnan(rbx).all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_without_history_write(backend):
+    _needs(backend)
+    a = _inputs((2, 4, 8, 8), torch.float16, 0, True, False)
+    with use_backend(backend):
+        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                               model_output_cond=a["model_output_cond"], guidance_scale=4.0,
+                                               write_history=False)
+    rx, _ = _ref(a, guidance_scale=4.0)
+    assert h.numel() == 0
+    _close(x, rx, torch.float16)
+
+
 def test_rescale_matches_diffusers_rescale_noise_cfg():
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -133,11 +146,11 @@ def test_opcheck():
     a = _inputs((2, 4, 4, 4), torch.float16, 2, True, True)
     h = a["history"]
     args = (a["sample"], a["model_output"], a["coeffs"], None, a["model_output_cond"], h[0], h[1], None, a["noise"],
-            3.0, 0.5, torch.float16, torch.float32)
+            3.0, 0.5, torch.float16, torch.float32, True)
     torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
     table = torch.randn(4, NUM_COEFFS)
     args = (a["sample"], a["model_output"], table, torch.tensor([2]), None, None, None, None, None, 1.0, 0.0,
-            torch.float32, torch.float16)
+            torch.float32, torch.float16, False)
     torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
 
 

@@ -36,7 +36,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise,
                                 guidance_scale: float, guidance_rescale: float, out_dtype: torch.dtype,
-                                history_dtype: torch.dtype):
+                                history_dtype: torch.dtype, write_history: bool = True):
     if row is not None:
         r = row.reshape(()).long()
         valid = (r >= 0) & (r < coeffs.shape[0])
@@ -67,30 +67,37 @@ def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_
     for col, h in ((B_H0, h0), (B_H1, h1), (B_H2, h2)):
         if h is not None:
             xo = xo + k[col] * h.float()
+    if not write_history:
+        return xo.to(out_dtype), _no_history(sample, history_dtype)
     return xo.to(out_dtype), ho.to(history_dtype)
+
+
+def _no_history(sample, history_dtype):
+    return torch.empty((0,), dtype=history_dtype, device=sample.device)
 
 
 # -- backends -----------------------------------------------------------------------------
 
-def _outputs(sample, out_dtype, history_dtype):
+def _outputs(sample, out_dtype, history_dtype, write_history):
     return (torch.empty(sample.shape, dtype=out_dtype, device=sample.device),
-            torch.empty(sample.shape, dtype=history_dtype, device=sample.device))
+            torch.empty(sample.shape, dtype=history_dtype, device=sample.device) if write_history
+            else _no_history(sample, history_dtype))
 
 
 def _ext_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale,
-              guidance_rescale, out_dtype, history_dtype):
+              guidance_rescale, out_dtype, history_dtype, write_history):
     return torch.ops.diffaccel.ext_fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1,
                                                      h2, noise, guidance_scale, guidance_rescale, out_dtype,
-                                                     history_dtype)
+                                                     history_dtype, write_history)
 
 
 def _triton_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale,
-                 guidance_rescale, out_dtype, history_dtype):
+                 guidance_rescale, out_dtype, history_dtype, write_history):
     from diffaccel.kernels import solver as k
 
-    x_out, h_out = _outputs(sample, out_dtype, history_dtype)
+    x_out, h_out = _outputs(sample, out_dtype, history_dtype, write_history)
     k.fused_solver_step(sample, model_output, model_output_cond, h0, h1, h2, noise, coeffs, row, guidance_scale,
-                        guidance_rescale, x_out, h_out)
+                        guidance_rescale, x_out, h_out if write_history else None)
     return x_out, h_out
 
 
@@ -106,20 +113,21 @@ def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coef
                           row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
                           h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
                           noise: Optional[torch.Tensor], guidance_scale: float, guidance_rescale: float,
-                          out_dtype: torch.dtype, history_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                          out_dtype: torch.dtype, history_dtype: torch.dtype,
+                          write_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
     def cont(t):
         return None if t is None else t.contiguous()
 
     return _backend.implementation("fused_solver_step", sample.device)(
         sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
-        cont(h0), cont(h1), cont(h2), cont(noise), guidance_scale, guidance_rescale, out_dtype, history_dtype)
+        cont(h0), cont(h1), cont(h2), cont(noise), guidance_scale, guidance_rescale, out_dtype, history_dtype,
+        write_history)
 
 
 @_fused_solver_step_op.register_fake
 def _(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale, guidance_rescale,
-      out_dtype, history_dtype):
-    return (torch.empty(sample.shape, dtype=out_dtype, device=sample.device),
-            torch.empty(sample.shape, dtype=history_dtype, device=sample.device))
+      out_dtype, history_dtype, write_history):
+    return _outputs(sample, out_dtype, history_dtype, write_history)
 
 
 # -- the public wrapper -------------------------------------------------------------------
@@ -137,12 +145,14 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
                       guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                       history: Sequence[torch.Tensor] = (), noise: Optional[torch.Tensor] = None,
                       out_dtype: Optional[torch.dtype] = None, history_dtype: Optional[torch.dtype] = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      write_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused solver step; returns ``(prev_sample, history_entry)`` (see the module docstring).
 
     ``sample`` is [B, ...]; ``model_output`` (the unconditional half when ``model_output_cond`` is
     given), ``model_output_cond``, ``history`` (newest first, at most 3) and ``noise`` have its
-    shape. ``out_dtype`` / ``history_dtype`` default to ``model_output``'s dtype.
+    shape. ``out_dtype`` / ``history_dtype`` default to ``model_output``'s dtype. With
+    ``write_history=False`` the history entry is not stored (an empty tensor is returned in its place),
+    saving a full-latent write for steps whose caller drops it.
     """
     check_tensor("sample", sample, dtypes=FLOAT_DTYPES)
     if sample.dim() < 1:
@@ -187,4 +197,4 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     h = history + [None] * (3 - len(history))
     return torch.ops.diffaccel.fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h[0], h[1],
                                                  h[2], noise, float(guidance_scale), float(guidance_rescale),
-                                                 out_dtype, history_dtype)
+                                                 out_dtype, history_dtype, bool(write_history))

@@ -10,7 +10,7 @@ The step's state lives where diffusers keeps it (``_step_index``, ``model_output
 
 Not fused, so left unpatched with the reason: dynamic thresholding (a per-sample quantile),
 learned variance, DPM-Solver's noise-prediction variants (``dpmsolver``, ``sde-dpmsolver``),
-UniPC. Noise for stochastic steps is drawn with diffusers' ``randn_tensor`` and the caller's
+UniPC with ``predict_x0=False`` or ``solver_p``. Noise for stochastic steps is drawn with diffusers' ``randn_tensor`` and the caller's
 generator, exactly where diffusers draws it, so seeded trajectories match.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class FlowMatchEuler(_Adapter):
             noise = _randn(sample.shape, generator, sample.device, torch.float32)
         prev, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
                                     model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
-                                    out_dtype=model_output.dtype, history_dtype=model_output.dtype)
+                                    out_dtype=model_output.dtype, write_history=False)
         sch._step_index += 1
         if not return_dict:
             return (prev,)
@@ -556,7 +556,190 @@ class DPMSolverMultistep(_Adapter):
         return SchedulerOutput(prev_sample=prev)
 
 
-ADAPTERS = {a.name: a for a in (FlowMatchEuler, EulerDiscrete, DDIM, DPMSolverMultistep, LCM, EulerAncestral)}
+# -- UniPCMultistepScheduler ------------------------------------------------------------------
+
+def _unipc_rb(order, rks, hh, solver_type):
+    """diffusers' R (powers of rks) and b for UniPC's B(h) variants, in float64."""
+    h_phi_1 = np.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial_i = 1
+    B_h = hh if solver_type == "bh1" else np.expm1(hh)
+    R, b = [], []
+    for i in range(1, order + 1):
+        R.append(np.power(rks, i - 1))
+        b.append(h_phi_k * factorial_i / B_h)
+        factorial_i *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial_i
+    return np.stack(R), np.array(b), h_phi_1, B_h
+
+
+class UniPCMultistep(_Adapter):
+    """UniPC (data prediction, B(h) = bh1/bh2) with its corrector. The rho coefficients (diffusers'
+    ``torch.linalg.solve`` on the device) are solved on the host at set_timesteps.
+
+    Kernel count: one launch without the corrector (the first step, ``disable_corrector`` steps);
+    two with it — the corrected sample is both the predictor's input and the state diffusers keeps
+    as ``last_sample``, a third output the generic op does not have. Call 1 converts the model output
+    and corrects (``noise`` slot = ``last_sample``), call 2 predicts from the corrected sample.
+    """
+
+    name = "UniPCMultistepScheduler"
+
+    def unsupported(self, sch):
+        c = sch.config
+        if not c.predict_x0:
+            return "predict_x0=False: the noise-prediction UniPC variant is not fused"
+        if c.thresholding:
+            return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
+        if sch.solver_p is not None:
+            return "solver_p is set: an external predictor scheduler is not fused"
+        if c.solver_type not in ("bh1", "bh2"):
+            return f"solver_type={c.solver_type!r} is not fused"
+        if c.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            return f"prediction_type={c.prediction_type!r} is not supported"
+        if c.solver_order > 3:
+            return f"solver_order={c.solver_order}: at most 3 (three history slots)"
+        return None
+
+    def build(self, sch, state):
+        c = sch.config
+        sig = _f64(sch.sigmas)
+        if c.use_flow_sigmas:
+            alpha, sigt = 1 - sig, sig
+        else:
+            alpha = 1 / np.sqrt(sig**2 + 1)
+            sigt = sig * alpha
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lam = np.log(alpha) - np.log(sigt)
+        n = len(sig) - 1
+        nan = np.full(NUM_COEFFS, np.nan)
+        pred, pred_only, corr = [], [], []
+        for i in range(n):
+            a_s, s_s = alpha[i], sigt[i]
+            if c.prediction_type == "epsilon":
+                p_x, p_e = 1 / a_s, -s_s / a_s
+            elif c.prediction_type == "sample":
+                p_x, p_e = 0.0, 1.0
+            elif c.prediction_type == "v_prediction":
+                p_x, p_e = a_s, -s_s
+            else:
+                p_x, p_e = 1.0, -sig[i]
+            for order in (1, 2, 3):
+                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                    pr = self._solved(self._predictor, c, i, order, alpha, sigt, lam) if order <= i + 1 else None
+                    cr = self._solved(self._corrector, c, i, order, alpha, sigt, lam) if 1 <= i and order <= i \
+                        else None
+                if pr is None:
+                    pred.append(nan)
+                    pred_only.append(nan)
+                else:
+                    b_x, b_m0, b_h = pr  # on the sample, the new x0 and H0, H1
+                    pred.append(_row(A_X=p_x, A_E=p_e, B_X=b_x, B_P=b_m0, B_H0=b_h[0], B_H1=b_h[1]))
+                    pred_only.append(_row(C_P=0.0, B_X=b_x, B_E=b_m0, B_H0=b_h[0], B_H1=b_h[1]))
+                if cr is None:
+                    corr.append(nan)
+                else:
+                    b_l, b_m0, b_h = cr  # on last_sample, the new x0 and H0, H1, H2
+                    corr.append(_row(A_X=p_x, A_E=p_e, B_N=b_l, B_P=b_m0, B_H0=b_h[0], B_H1=b_h[1], B_H2=b_h[2]))
+        for key, rows in (("pred", pred), ("pred_only", pred_only), ("corr", corr)):
+            state.host[key] = np.stack(rows) if rows else np.zeros((0, NUM_COEFFS))
+
+    @staticmethod
+    def _solved(fn, *args):
+        # a (step, order) pair the schedule never reaches can be singular (e.g. past a zero final
+        # sigma); its row stays NaN, so reaching it anyway shows instead of passing silently
+        try:
+            return fn(*args)
+        except np.linalg.LinAlgError:
+            return None
+
+    @staticmethod
+    def _predictor(c, i, order, alpha, sigt, lam):
+        a_t, s_t, s_s0 = alpha[i + 1], sigt[i + 1], sigt[i]
+        h = lam[i + 1] - lam[i]
+        rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)] + [1.0]
+        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), -h, c.solver_type)
+        if order == 1:
+            rhos = np.zeros(0)
+        elif order == 2:
+            rhos = np.array([0.5])
+        else:
+            rhos = np.linalg.solve(R[:-1, :-1], b[:-1])
+        b_h = np.zeros(3)
+        b_m0 = -a_t * h_phi_1
+        for k in range(1, order):  # D1_k = (H_{k-1} - m0) / rk_k
+            w = -a_t * B_h * rhos[k - 1] / rks[k - 1]
+            b_h[k - 1] += w
+            b_m0 -= w
+        return s_t / s_s0, b_m0, b_h
+
+    @staticmethod
+    def _corrector(c, i, order, alpha, sigt, lam):
+        a_t, s_t, s_s0 = alpha[i], sigt[i], sigt[i - 1]
+        h = lam[i] - lam[i - 1]
+        rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, order)] + [1.0]
+        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), -h, c.solver_type)
+        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+        b_h = np.zeros(3)
+        b_h[0] = -a_t * h_phi_1
+        for k in range(1, order):  # D1_k = (H_k - H0) / rk_k
+            w = -a_t * B_h * rhos[k - 1] / rks[k - 1]
+            b_h[k] += w
+            b_h[0] -= w
+        w = -a_t * B_h * rhos[-1]  # D1_t = m0_new - H0
+        return s_t / s_s0, w, b_h - np.array([w, 0.0, 0.0])
+
+    def step(self, sch, state, model_output, cond, s, rescale, timestep, sample, return_dict=True):
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        if sch.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        self._begin(sch, state, model_output, cond, sample, rescale)
+        c = sch.config
+        i = self._init_index(sch, timestep)
+        use_corrector = i > 0 and (i - 1) not in sch.disable_corrector and sch.last_sample is not None
+        before = list(sch.model_outputs)  # H0 = before[-1], H1 = before[-2], ...
+        if c.lower_order_final:
+            this_order = min(c.solver_order, len(sch.timesteps) - i)
+        else:
+            this_order = c.solver_order
+        this_order = min(this_order, sch.lower_order_nums + 1)
+        hist_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        guide = dict(model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale)
+        if use_corrector:
+            oc = sch.this_order
+            corrected, x0 = fused_solver_step(
+                sample, model_output, state.table("corr", sample.device)[3 * i + oc - 1], noise=sch.last_sample,
+                history=[before[-1 - k] for k in range(oc)], out_dtype=sch.last_sample.dtype,
+                history_dtype=hist_dtype, **guide)
+            prev, _ = fused_solver_step(
+                corrected, x0, state.table("pred_only", sample.device)[3 * i + this_order - 1],
+                history=[before[-1 - k] for k in range(this_order - 1)], out_dtype=corrected.dtype,
+                write_history=False)
+        else:
+            corrected = sample
+            prev, x0 = fused_solver_step(
+                sample, model_output, state.table("pred", sample.device)[3 * i + this_order - 1],
+                history=[before[-1 - k] for k in range(this_order - 1)], out_dtype=sample.dtype,
+                history_dtype=hist_dtype, **guide)
+        for j in range(c.solver_order - 1):
+            sch.model_outputs[j] = sch.model_outputs[j + 1]
+            sch.timestep_list[j] = sch.timestep_list[j + 1]
+        sch.model_outputs[-1] = x0
+        sch.timestep_list[-1] = timestep
+        sch.this_order = this_order
+        sch.last_sample = corrected
+        if sch.lower_order_nums < c.solver_order:
+            sch.lower_order_nums += 1
+        sch._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+
+ADAPTERS = {a.name: a for a in (FlowMatchEuler, EulerDiscrete, DDIM, DPMSolverMultistep, LCM, EulerAncestral,
+                                UniPCMultistep)}
 
 
 def unsupported_reason(scheduler) -> Optional[str]:
