@@ -83,6 +83,15 @@ def test_head_dims(head_dim, dtype):
     _close(_run("triton", q, k, v), attention_reference(q, k, v), dtype)
 
 
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_small_head_dims(head_dim):
+    """Below the issue's range (tiny test models use them): still the same kernel, tile padded to 16."""
+    _needs("triton")
+    q, k, v = _qkv(1, 2, 20, 30, head_dim, torch.float16)
+    _close(_run("triton", q, k, v), attention_reference(q, k, v), torch.float16)
+    _close(_run("triton", q, k, v, quant="int8"), attention_int8_reference(q, k, v), torch.float16, INT8_TOL)
+
+
 @pytest.mark.parametrize("lq,lk", [(33, 1), (16, 77), (8, 120), (5, 300), (1, 64), (130, 40)])
 def test_cross_attention_lengths(lq, lk):
     _needs("triton")
@@ -377,7 +386,7 @@ def test_bad_inputs_named():
         (TypeError, "k: expected dtype float16 like q", lambda: att(q, k.bfloat16(), v)),
         (TypeError, "q: expected dtype", lambda: att(q.int(), k, v)),
         (TypeError, "v: expected dtype", lambda: att(q, k, v.to(torch.int8))),
-        (ValueError, "q: head dim", lambda: att(*_qkv(1, 1, 4, 4, 16, torch.float16))),
+        (ValueError, "q: head dim", lambda: att(*_qkv(1, 1, 4, 4, 4, torch.float16))),
         (ValueError, "q: head dim", lambda: att(*_qkv(1, 1, 4, 4, 264, torch.float16))),
         (ValueError, "attn_mask: shape", lambda: att(q, k, v, attn_mask=torch.ones(1, 1, 1, 5, dtype=torch.bool))),
         (ValueError, "attn_mask: shape", lambda: att(q, k, v, attn_mask=torch.ones(3, 2, 4, 6, dtype=torch.bool))),
@@ -462,3 +471,16 @@ def test_gpu_int8_integers_bit_exact(head_dim):
     ref = attention_int8_debug(q, k, v, backend="torch")
     for name in got:
         assert torch.equal(got[name], ref[name]), name
+
+
+@pytest.mark.parametrize("family", ["sm80", "sm90"])
+def test_autotune_configs_per_arch_and_head_dim(family):
+    """Each tile head dim gets its own non-empty config list; the helper key never reaches the kernel."""
+    from diffaccel.kernels import attention as kern
+
+    tuner = kern._tuned("_attn_fwd_kernel", family)
+    for block_d in (32, 64, 128, 256):
+        kept = kern._prune_for_head_dim(tuner.configs, {}, BLOCK_D=block_d)
+        assert kept and all("_head_dims" not in c.kwargs for c in kept)
+        if block_d == 256:  # a bigger tile overflows registers/shared memory at head dim 256
+            assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)

@@ -232,3 +232,17 @@ def test_attn_processor_without_sdpa_scale():
         attn.set_processor(make_processor(attn.processor)[0])
         got = attn(x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_head_dim_out_of_range_refused_when_module_given():
+    from diffusers.models.attention_processor import Attention
+
+    wide = Attention(query_dim=64, heads=1, dim_head=320)
+    new, reason = make_processor(wide.processor, module=wide)
+    assert new is None and "head dim 320" in reason
+    ok = Attention(query_dim=64, heads=2, dim_head=32)
+    assert make_processor(ok.processor, module=ok)[0] is not None
+    flux = _tiny_flux()[0]
+    name, proc = next(iter(flux.attn_processors.items()))
+    module = flux.get_submodule(name.rsplit(".processor", 1)[0])
+    assert make_processor(proc, module=module)[0] is not None

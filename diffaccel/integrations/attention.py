@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from diffaccel.ops.attention import QUANT_MODES, attention, attention_with_lse
+from diffaccel.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, QUANT_MODES, attention, attention_with_lse
 
 DISPATCH_BACKEND_NAMES = {None: "diffaccel", "int8": "diffaccel_int8"}
 _NATIVE_BACKENDS = (None, "native")
@@ -227,12 +227,32 @@ def is_diffaccel_processor(processor) -> bool:
         getattr(processor, "_attention_backend", None) in _DISPATCH_MEMBERS.values()
 
 
-def make_processor(original, *, quant: Optional[str] = None) -> tuple:
-    """``(new_processor, reason)`` replacing ``original``, or ``(None, reason)`` when it is not supported."""
+def head_dim_of(module) -> Optional[int]:
+    """The per-head width of a diffusers attention module, or None if it does not say."""
+    if module is None:
+        return None
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    inner, heads = getattr(module, "inner_dim", None), getattr(module, "heads", None)
+    if isinstance(inner, int) and isinstance(heads, int) and heads > 0:
+        return inner // heads
+    return None
+
+
+def make_processor(original, *, quant: Optional[str] = None, module=None) -> tuple:
+    """``(new_processor, reason)`` replacing ``original``, or ``(None, reason)`` when it is not supported.
+
+    ``module`` (optional): the attention module holding ``original``; with it, head dims the op does not
+    take are refused here rather than failing at the first forward.
+    """
     _check_quant(quant)
     what = "diffaccel attention" + (" (INT8 QK)" if quant else "")
     if original is None:
         return None, "no processor"
+    head_dim = head_dim_of(module)
+    if head_dim is not None and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return None, f"head dim {head_dim} outside diffaccel attention's range [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if is_diffaccel_processor(original):
         return None, "already a diffaccel processor"
     if _diffusers_class(original, _UNET_PROCESSORS):

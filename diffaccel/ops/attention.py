@@ -4,8 +4,8 @@
 q [B, H, Lq, D], k/v [B, H, Lk, D] (v may have its own head dim Dv = D is required here), any strides
 — in particular [B, L, H, D] tensors seen through ``.transpose(1, 2)`` are read in place, and the
 output then has the same [B, L, H, D] memory order. fp16, bf16 and fp32 inputs (all three the same
-dtype); accumulation in fp32. Head dims 1..256 for the torch backend, 32..256 everywhere (the
-Triton kernels pad the tile, never the tensors). ``attn_mask`` is bool (True = attend) or
+dtype); accumulation in fp32. Head dims 8..256 (the Triton kernels pad the tile to a power of two,
+never the tensors). ``attn_mask`` is bool (True = attend) or
 additive float, broadcastable to [B, H, Lq, Lk]; ``is_causal`` is top-left aligned like SDPA.
 A query row that can see no key returns 0 (torch SDPA does the same) and LSE = -inf.
 
@@ -29,7 +29,7 @@ from ._checks import check_tensor, same_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_MODES = (None, "int8")
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256  # the range is 32..256; small ones cost nothing extra
 QUANT_BLOCK_M = 128  # must match kernels/attention.py
 QUANT_BLOCK_N = 64
 AMAX_FLOOR = 1e-12
