@@ -36,28 +36,29 @@ def _to_out(y, out_ptr):
 
 
 @triton.jit
-def _unpack_int4(p):
-    """uint8 [R, C] (two nibbles each) -> int8 [R, 2C], low nibble first."""
+def _unpack_int4_t(p):
+    """uint8 [C, R] (two nibbles each, along C) -> int8 [2C, R]: row 2i = low nibble of row i."""
     pi = p.to(tl.int32)
     lo = pi & 15
     hi = (pi >> 4) & 15
     lo = lo - ((lo & 8) << 1)
     hi = hi - ((hi & 8) << 1)
-    return tl.reshape(tl.join(lo, hi), (p.shape[0], 2 * p.shape[1])).to(tl.int8)
+    j = tl.permute(tl.join(lo, hi), (0, 2, 1))  # [C, 2, R]
+    return tl.reshape(j, (2 * p.shape[0], p.shape[1])).to(tl.int8)
 
 
 @triton.jit
-def _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr):
-    """W[offs_n, k0:k0+BLOCK_K] as int8 [BLOCK_N, BLOCK_K] (zeros past K or N)."""
+def _load_weight_tile_t(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr):
+    """W[offs_n, k0:k0+BLOCK_K]^T as int8 [BLOCK_K, BLOCK_N] (zeros past K or N)."""
     if W_INT4:
         offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kh[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_kh[None, :] < K // 2), other=0)
-        w = _unpack_int4(p)
+        p = tl.load(w_ptr + offs_kh[:, None] + offs_n[None, :] * stride_wn,
+                    mask=(offs_kh[:, None] < K // 2) & (offs_n[None, :] < N), other=0)
+        w = _unpack_int4_t(p)
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)
+        w = tl.load(w_ptr + offs_k[:, None] + offs_n[None, :] * stride_wn,
+                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0)
     return w
 
 
@@ -93,8 +94,8 @@ def _int8_act_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
 
@@ -125,8 +126,8 @@ def _int8_act_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = _load_act_tile(a_ptr, offs_m, k0, M, K, stride_am, smooth_ptr, a_scale, zp,
                            BLOCK_K, FUSE_QUANT, HAS_SMOOTH)
-        w = _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
-        part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        w = _load_weight_tile_t(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
+        part = tl.dot(a, w, out_dtype=tl.int32)
         if GROUPED:  # BLOCK_K is the group size: one scale per (n, group)
             g = k0 // BLOCK_K
             if HAS_ZP:
@@ -167,12 +168,14 @@ def _interpreting() -> bool:
 def pick_int8_config(M: int, N: int, K: int, group_size: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
     (these are the configs STATIC_REPORT_CASES compiles)."""
-    block_k = group_size if group_size else 128
+    block_k = group_size if group_size else 64
     if M <= 16:
         return 16, 64, block_k, 4, 4
     if M <= 64:
         return 64, 64, block_k, 4, 4
-    return 128, 128, block_k, 8, 3
+    if group_size and group_size >= 128:
+        return 64, 128, block_k, 8, 2
+    return 128, 128, block_k, 8, 2
 
 
 def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, *, group_size: int,
@@ -257,8 +260,8 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
                      PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -267,9 +270,9 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
         k_mask = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+        w = tl.load(w_ptr + offs_k[:, None] + offs_n[None, :] * stride_wn, mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.float32)
+        acc = tl.dot(a, w, acc, out_dtype=tl.float32)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if PER_TOKEN:
         a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
@@ -287,7 +290,7 @@ def pick_fp8_config(M: int, N: int, K: int):
         return 16, 64, 128, 4, 4
     if M <= 64:
         return 64, 64, 128, 4, 4
-    return 128, 128, 128, 8, 3
+    return 128, 128, 64, 8, 3
 
 
 def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool) -> None:
@@ -352,8 +355,8 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                              DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -361,11 +364,11 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _load_weight_tile(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
+        w = _load_weight_tile_t(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
         if DOT_FP32:  # interpreter only: its bf16 x bf16 dot returns garbage; fp32 products are exact
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), out_dtype=tl.float32)
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32)
         else:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32)
+            part = tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
         if GROUPED:
             gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // BLOCK_K, mask=n_mask, other=0.0)
             y = y + part * gscale[None, :]
@@ -423,13 +426,13 @@ def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, 
 
 
 STATIC_REPORT_CASES = [
-    _int8_case("w8a8_int8_m128", 128, 128, 128, 8, 3, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
-    _int8_case("w8a8_int8_m16", 16, 64, 128, 4, 4, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
-    _int8_case("w8a8_int8_static_zp_m128", 128, 128, 128, 8, 3, grouped=False, w_int4=False, fuse_quant=0,
+    _int8_case("w8a8_int8_m128", 128, 128, 64, 8, 2, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
+    _int8_case("w8a8_int8_m16", 16, 64, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
+    _int8_case("w8a8_int8_static_zp_m128", 128, 128, 64, 8, 2, grouped=False, w_int4=False, fuse_quant=0,
                per_token=False),
-    _int8_case("w8a8_int8_fused_quant_m16", 16, 64, 128, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
+    _int8_case("w8a8_int8_fused_quant_m16", 16, 64, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
                per_token=True, a_dtype="*fp16"),
-    _int8_case("w4a8_g128_m128", 128, 128, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    _int8_case("w4a8_g128_m64x128", 64, 128, 128, 8, 2, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
     _int8_case("w4a8_g128_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
     {
         "name": "fp8_m128", "fn": _fp8_gemm_kernel,
@@ -438,7 +441,7 @@ STATIC_REPORT_CASES = [
                       "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PER_TOKEN": "constexpr",
                       "HAS_BIAS": "constexpr"},
-        "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "PER_TOKEN": True, "HAS_BIAS": True},
+        "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "PER_TOKEN": True, "HAS_BIAS": True},
         "num_warps": 8, "num_stages": 3, "hot": True, "tensor_cores": True,
         "archs": ["89", "90a"],  # fp8 tensor cores start at sm_89
     },
@@ -448,9 +451,9 @@ STATIC_REPORT_CASES = [
                       "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                       "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUPED": "constexpr",
-                      "W_INT4": "constexpr", "HAS_BIAS": "constexpr"},
+                      "W_INT4": "constexpr", "HAS_BIAS": "constexpr", "DOT_FP32": "constexpr"},
         "constexprs": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUPED": True, "W_INT4": True,
-                       "HAS_BIAS": True},
+                       "HAS_BIAS": True, "DOT_FP32": False},
         "num_warps": 4, "num_stages": 4, "hot": True, "tensor_cores": True,
     },
 ]
