@@ -8,7 +8,10 @@ a scheduler can be patched or unpatched between steps.
 """
 from __future__ import annotations
 
+import functools
 import types
+
+import numpy as np
 from dataclasses import dataclass
 
 from .schedulers import ADAPTERS, unsupported_reason
@@ -41,30 +44,53 @@ def patch_scheduler(scheduler) -> SchedulerPatchResult:
         if attr in vars(scheduler):
             return SchedulerPatchResult(False, f"the instance already overrides {attr!r}", name)
     state = adapter.new_state(scheduler)
+    if state.ready_to_build(scheduler):  # timesteps already set: build before touching the instance
+        try:
+            state.rebuild(scheduler)
+        except (ValueError, ArithmeticError, IndexError, np.linalg.LinAlgError) as e:
+            return SchedulerPatchResult(False, f"coefficients for the current timesteps failed: {e}", name)
     vars(scheduler)[_STATE] = state
-    original_set_timesteps = type(scheduler).set_timesteps
-
-    def set_timesteps(self, *args, **kwargs):
-        out = original_set_timesteps(self, *args, **kwargs)
-        state.rebuild(self)
-        return out
-
-    def step(self, model_output, timestep, sample, *args, **kwargs):
-        return adapter.step(self, state, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
-
-    def step_with_guidance(self, model_output_uncond, model_output_cond, guidance_scale, timestep, sample,
-                           guidance_rescale=0.0, *args, **kwargs):
-        """``step`` on ``uncond + guidance_scale * (cond - uncond)`` (rescaled like diffusers'
-        ``rescale_noise_cfg`` when ``guidance_rescale`` > 0), folded into the same kernel."""
-        return adapter.step(self, state, model_output_uncond, model_output_cond, guidance_scale, guidance_rescale,
-                            timestep, sample, *args, **kwargs)
-
-    vars(scheduler)["set_timesteps"] = types.MethodType(set_timesteps, scheduler)
-    vars(scheduler)["step"] = types.MethodType(step, scheduler)
-    vars(scheduler)["step_with_guidance"] = types.MethodType(step_with_guidance, scheduler)
-    if state.ready_to_build(scheduler):
-        state.rebuild(scheduler)
+    cls = type(scheduler)
+    for attr, fn in (("set_timesteps", _set_timesteps_for(cls)), ("step", _step_for(cls)),
+                     ("step_with_guidance", _step_with_guidance)):
+        vars(scheduler)[attr] = types.MethodType(fn, scheduler)
     return SchedulerPatchResult(True, "fused step", name)
+
+
+# The methods find their state on the instance (not in a closure), so copy.deepcopy of a patched
+# scheduler gives an independent patched copy: deepcopy rebinds the methods to the copy.
+
+# functools.wraps keeps the class method's signature visible: pipelines inspect
+# ``scheduler.step`` for ``eta`` / ``generator`` and ``set_timesteps`` for ``sigmas`` / ``timesteps``.
+
+@functools.lru_cache(maxsize=None)
+def _set_timesteps_for(cls):
+    original = cls.set_timesteps
+
+    @functools.wraps(original)
+    def set_timesteps(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        vars(self)[_STATE].rebuild(self)
+        return out
+    return set_timesteps
+
+
+@functools.lru_cache(maxsize=None)
+def _step_for(cls):
+    @functools.wraps(cls.step)
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        state = vars(self)[_STATE]
+        return state.adapter.step(self, state, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
+    return step
+
+
+def _step_with_guidance(self, model_output_uncond, model_output_cond, guidance_scale, timestep, sample,
+                        guidance_rescale=0.0, *args, **kwargs):
+    """``step`` on ``uncond + guidance_scale * (cond - uncond)`` (rescaled like diffusers'
+    ``rescale_noise_cfg`` when ``guidance_rescale`` > 0), folded into the same kernel."""
+    state = vars(self)[_STATE]
+    return state.adapter.step(self, state, model_output_uncond, model_output_cond, guidance_scale,
+                              guidance_rescale, timestep, sample, *args, **kwargs)
 
 
 def unpatch_scheduler(scheduler) -> bool:
