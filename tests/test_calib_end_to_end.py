@@ -69,3 +69,45 @@ def test_w4a8_and_weight_only_recipes_run_on_the_kernels():
         out = run(patched, data[0])
         ref = run(model, data[0])
         assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.6
+
+
+def test_bit_allocation_is_logged(caplog):
+    import logging
+
+    model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
+    with caplog.at_level(logging.INFO, logger="diffaccel"):
+        calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, progress=False)
+    assert any("bit allocation W8A8: 25" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.gpu
+def test_tfmq_recipe_on_cuda_keeps_activations_on_cpu_and_replays_in_a_cuda_graph():
+    model, data = model_and_data("unet", timesteps=(900, 500, 100), per_timestep=1)
+    model = model.cuda()
+    recipe = calibrate(model, data, method="tfmq", weight_bits=8, act_bits=8, activation_device="cpu", **OPTIONS)
+    patched = copy.deepcopy(model)
+    new, _, _ = apply_recipe(patched, recipe)
+    state = next(m.step_state for m in new.values() if getattr(m, "step_state", None) is not None)
+    static = {k: v.cuda() for k, v in data[0].items()}
+    eager = []
+    for sample in data:
+        out = run(patched, {k: v.cuda() for k, v in sample.items()})
+        ref = run(model, {k: v.cuda() for k, v in sample.items()})
+        assert state.index.device.type == "cuda"
+        assert ((out - ref).norm() / ref.norm()).item() < MAX_REL_ERROR["unet"]
+        eager.append(out)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run(patched, static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = patched(**static, return_dict=False)[0]
+    for k, sample in enumerate(data):  # the step-state hook runs inside the graph: new timestep, new set
+        for name, v in sample.items():
+            static[name].copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(graph_out, eager[k])

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from test_calib_support import (apply_recipe, backbone_data, bos_embedding, model_and_data, run, tiny_unet)
+from test_calib_support import apply_recipe, backbone_data, bos_embedding, model_and_data, run
 
 from diffaccel.quant.calibrate import CalibrationError, calibrate
 from diffaccel.quant.calibrate import collect, fakequant, mixdq, qdiffusion, tfmq
 from diffaccel.quant.calibrate.common import find_split_points
 from diffaccel.quant.calibrate.reconstruct import LayerInit, reconstruct
-from diffaccel.quant.recipe import BOSPrecomputed, QuantRecipe, TemporalFeatureCache
+from diffaccel.quant.recipe import BOSPrecomputed, TemporalFeatureCache
 
 
 # -- numerics shared with the kernels ----------------------------------------------------------

@@ -220,7 +220,7 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
             bos_layers: tuple[str, ...] = (), split_points: dict[str, int] | None = None,
             capture_blocks: tuple[str, ...] = (), capture_outputs_of: tuple[str, ...] = (),
             storage: str | torch.device | None = None, seed: int = 0, progress: bool = True,
-            desc: str = "calibration: statistics") -> Observations:
+            desc: str = "calibration: collection") -> Observations:
     """One full-precision pass over the calibration set with hooks; nothing of the model changes."""
     split_points = split_points or {}
     modules = dict(backbone.named_modules())

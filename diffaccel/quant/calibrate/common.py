@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..recipe import LayerRecipe, QuantRecipe
-from .collect import CalibrationError, CalibrationSet, Observations, _to, forward
+from .collect import CalibrationError, CalibrationSet, Observations, forward
 from .fakequant import WEIGHT_DTYPE_FOR_BITS, act_params_from_range, search_act_range, weight_qrange
 from .structure import (DEFAULT_SKIP, concat_split_candidates, layer_kind, quantizable_layers,
                         split_layers_for_resnet)

@@ -19,9 +19,21 @@ from torch import nn
 
 from .collect import _to, progress_bar
 from .fakequant import SCALE_FLOOR, fake_quant_act, lsq_fake_quant_act, per_channel_view
-from .structure import first_tensor
+from .structure import output_tensors
 
 ZETA, GAMMA = 1.1, -0.1
+
+
+def _f32(obj, device):
+    """Recorded block inputs on ``device``, floating tensors in fp32 (the unit copy runs in fp32)."""
+    obj = _to(obj, device)
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _f32(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_f32(v, device) for v in obj)
+    return obj
 
 
 @dataclass
@@ -119,16 +131,6 @@ def wrap_layers(unit: nn.Module, inits: dict[str, LayerInit], ctx: dict, *, adar
     return wrapped
 
 
-def unit_error(unit: nn.Module, io: list, device, ctx: dict) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for args, kwargs, out, t in io:
-            ctx["t"] = t
-            y = first_tensor(unit(*_to(args, device), **_to(kwargs, device))).float()
-            total += (y - first_tensor(out).to(device).float()).pow(2).sum().item()
-    return total / max(len(io), 1)
-
-
 def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters: int, device,
                 seed: int, adaround: bool = True, learn_act: bool = True, weight_lr: float = 1e-2,
                 act_lr: float = 5e-3, reg_lambda: float = 0.01, warmup: float = 0.2,
@@ -154,9 +156,10 @@ def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters
             args, kwargs, out, t = io[int(torch.randint(len(io), (1,), generator=gen))]
             ctx["t"] = t
             with torch.enable_grad():
-                y = first_tensor(work(*_to(args, device), **_to(kwargs, device))).float()
-                target = first_tensor(out).to(device).float()
-                loss = (y - target).pow(2).reshape(y.shape[0], -1).sum(1).mean()
+                ys = output_tensors(work(*_f32(args, device), **_f32(kwargs, device)))
+                targets = output_tensors(out)
+                loss = sum((y.float() - t.to(device).float()).pow(2).reshape(y.shape[0], -1).sum(1).mean()
+                           for y, t in zip(ys, targets))
                 if alphas and it >= warmup * iters:
                     progress_frac = (it - warmup * iters) / max((1 - warmup) * iters, 1)
                     beta = beta_range[1] + 0.5 * (beta_range[0] - beta_range[1]) * (1 + math.cos(math.pi * progress_frac))

@@ -49,6 +49,8 @@ def temporal_info(backbone: nn.Module) -> TemporalInfo:
         if getattr(backbone.time_embedding, "cond_proj", None) is not None:
             reasons.append("time_embedding takes a timestep_cond")
         layers = [n for n in names if n.startswith("time_embedding.") and isinstance(names[n], nn.Linear)]
+        if reasons and (backbone.class_embedding is not None or getattr(backbone, "add_embedding", None) is not None):
+            projections = []  # their input mixes in non-temporal embeddings: they stay with their blocks
         return TemporalInfo("time_embedding", projections, layers + projections, not reasons,
                             "; ".join(reasons) or None)
     if "adaln_single" in names:  # PixArt: adaLN-single depends on t (and resolution/aspect conditions)
@@ -122,6 +124,17 @@ def split_layers_for_resnet(resnet: nn.Module, first_channels: int) -> list[str]
         if first_channels % per_group == 0:
             out.append("conv1")
     return out
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor a block returns (joint blocks return image and text streams; None skipped)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
 
 
 def first_tensor(out) -> torch.Tensor:

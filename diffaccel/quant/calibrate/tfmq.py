@@ -128,7 +128,7 @@ def _tiar_unit(ctx, info, tib_layers) -> dict:
     io = []
     with torch.no_grad():
         for args, kwargs, _, t in obs.block_io[info.embed]:
-            target = unit(*_to(args, ctx.device), **_to(kwargs, ctx.device))
+            target = unit(*_to(args, ctx.device), **_to(kwargs, ctx.device)).float()
             io.append((args, kwargs, target.cpu(), t))
     rel = {}
     for name in tib_layers:
