@@ -41,9 +41,9 @@ from typing import Iterable, Optional
 
 DEFAULT_ARCHS = ("80", "89", "90a")
 
-# SASS opcodes that run on tensor cores: mma.sync (HMMA/IMMA/DMMA/BMMA), Hopper wgmma
-# (HGMMA/IGMMA/QGMMA/BGMMA), Blackwell tcgen05 (UTC*MMA).
-SASS_TENSOR_CORE = re.compile(r"^(HMMA|IMMA|DMMA|BMMA|HGMMA|IGMMA|QGMMA|BGMMA|OMMA|UTC\w*MMA)$")
+# SASS opcodes that run on tensor cores: mma.sync (HMMA/IMMA/DMMA/BMMA, QMMA: fp8 on sm_89),
+# Hopper wgmma (HGMMA/IGMMA/QGMMA/BGMMA), Blackwell tcgen05 (UTC*MMA).
+SASS_TENSOR_CORE = re.compile(r"^(HMMA|IMMA|QMMA|DMMA|BMMA|OMMA|HGMMA|IGMMA|QGMMA|BGMMA|UTC\w*MMA)$")
 PTX_TENSOR_CORE = re.compile(r"\b(wgmma\.mma_async|tcgen05\.mma|mma\.sync|wmma\.mma)\b")
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);")
 # What each _C kernel must show, first matching regex (on the demangled name) wins. Kernels are

@@ -48,6 +48,7 @@ SASS = """
         /*0040*/              @P1 BRA 0x0020 ;
         /*0050*/                   STL [R1], R2 ;
         /*0060*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0068*/                   QMMA.16832.F32.E4M3.E4M3 R4, R8, R12, R4 ;
         /*0070*/                   EXIT ;
         /*0080*/                   BRA 0x0080;
 		Function : copy_kernel
@@ -62,7 +63,7 @@ def test_sass_loops_and_tensor_cores():
     assert set(kernels) == {("sm_90a", "gemm_kernel"), ("sm_90a", "copy_kernel")}
     gemm = sr.analyse_sass(kernels[("sm_90a", "gemm_kernel")])
     assert gemm["loops"] == 1  # the self-branch at 0x80 is the trap tail, not a loop
-    assert gemm["sass_tensor_core"] == ["HGMMA", "HMMA"]
+    assert gemm["sass_tensor_core"] == ["HGMMA", "HMMA", "QMMA"]  # QMMA: sm_89's fp8 mma
     assert gemm["loop_tensor_core"] == ["HGMMA"]
     assert (gemm["local_store_instrs"], gemm["local_load_instrs"]) == (1, 0)
     copy = sr.analyse_sass(kernels[("sm_90a", "copy_kernel")])
