@@ -37,6 +37,38 @@ def _interpreting() -> bool:
 # -- the float kernel ------------------------------------------------------------------------
 
 @triton.jit
+def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # bounds checks only where the tile can overhang: unmasked loads vectorise and save predicates
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn,
+                 HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    if not EVEN_N:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    if IS_CAUSAL:  # top-left aligned, like torch SDPA: key j is visible to query i when j <= i
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    if HAS_MASK:
+        mvals = tl.load(m_base + offs_n[None, :] * s_mn, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if MASK_IS_BOOL:
+            s = tl.where(mvals != 0, s, float("-inf"))
+        else:
+            s = s + mvals.to(tl.float32)
+    return s
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse,
     s_qb, s_qh, s_qm, s_qd,
@@ -44,12 +76,14 @@ def _attn_fwd_kernel(
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_mm, s_mn,
-    H, Lq, Lk, D, qk_scale,
+    H, Lq, Lk, qk_scale,
     LQ_BUCKET, LK_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -57,10 +91,10 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
-    d_ok = offs_d < D
+    d_ok = offs_d < HEAD_DIM
 
     q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :] * s_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_2d(q_ptrs, row_ok, d_ok, True, not EVEN_D)
     if BF16_DOT_IN_FP32:  # the interpreter's bf16 tl.dot returns garbage (Triton 3.8); bf16 values are exact in fp32
         q = q.to(tl.float32)
     # pointers advance by a scalar per K/V tile (cheaper than recomputing 64-bit addresses per element)
@@ -74,26 +108,17 @@ def _attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
     hi = Lk
-    if IS_CAUSAL:  # top-left aligned, like torch SDPA: key j is visible to query i when j <= i
+    if IS_CAUSAL:
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + offs_n0
         col_ok = offs_n < Lk
-        kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = _load_2d(k_ptrs, d_ok, col_ok, not EVEN_D, not EVEN_N)
         k_ptrs += BLOCK_N * s_kn
         if BF16_DOT_IN_FP32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        keep = col_ok[None, :] & row_ok[:, None]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            mvals = tl.load(m_base + offs_n[None, :] * s_mn, mask=keep, other=0)
-            if MASK_IS_BOOL:
-                keep = keep & (mvals != 0)
-            else:
-                s = s + mvals.to(tl.float32)
-        s = tl.where(keep, s, float("-inf"))
+        s = _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, EVEN_N)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows with nothing visible yet keep m = -inf; shift by 0 there so exp gives 0, not NaN
@@ -102,7 +127,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_2d(v_ptrs, col_ok, d_ok, not EVEN_N, not EVEN_D)
         v_ptrs += BLOCK_N * s_vn
         if BF16_DOT_IN_FP32:
             acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
@@ -127,9 +152,9 @@ def _attn_fwd_kernel(
 _SMALL_D, _MID_D, _ALL_D = (16, 32, 64), (16, 32, 64, 128), (16, 32, 64, 128, 256)
 _CONFIGS = {
     "sm90": [(128, 64, 8, 3, _MID_D), (128, 128, 8, 2, _SMALL_D), (64, 64, 8, 3, _MID_D), (64, 32, 4, 3, _MID_D),
-             (128, 64, 8, 2, _MID_D), (64, 32, 8, 2, (256,)), (64, 64, 8, 2, (256,)), (32, 64, 4, 2, (256,))],
+             (128, 64, 8, 2, _MID_D), (64, 32, 8, 2, (256,)), (64, 32, 8, 1, (256,)), (32, 32, 4, 2, (256,))],
     "sm80": [(128, 64, 8, 3, _MID_D), (128, 128, 8, 2, _SMALL_D), (64, 64, 4, 3, _SMALL_D), (64, 64, 8, 3, _MID_D),
-             (64, 32, 4, 3, _MID_D), (64, 32, 8, 2, (256,)), (64, 64, 8, 2, (256,)), (32, 64, 4, 2, (256,))],
+             (64, 32, 4, 3, _MID_D), (128, 64, 8, 2, _MID_D), (64, 32, 8, 2, (256,)), (64, 32, 8, 1, (256,))],
 }
 _INTERPRETER_CONFIG = (32, 32, 4, 1)  # one fixed config keeps CPU tests fast
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_MASK", "IS_CAUSAL", "DOT_PRECISION", "BF16_DOT_IN_FP32"]
@@ -162,6 +187,8 @@ def _tuned(kernel_name: str, family: str):
     else:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "_head_dims": dims}, num_warps=w, num_stages=s)
                    for bm, bn, w, s, dims in _CONFIGS[family]]
+    # EVEN_N depends on the tuned BLOCK_N, so the heuristic sits inside the autotuner
+    fn = triton.heuristics({"EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0})(fn)
     return triton.autotune(configs=configs, key=_TUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune_for_head_dim})(fn)
 
@@ -191,7 +218,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> Non
     kernel[grid](
         q, k, v, mask_t if has_mask else q, out, lse if lse is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
-        H, Lq, Lk, D, float(scale), _bucket(Lq), _bucket(Lk),
+        H, Lq, Lk, float(scale), _bucket(Lq), _bucket(Lk), HEAD_DIM=D,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret_bf16 else "tf32",
         BF16_DOT_IN_FP32=interpret_bf16, BLOCK_D=_block_d(D),
@@ -282,12 +309,15 @@ def _attn_int8_fwd_kernel(
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
     s_mb, s_mh, s_mm, s_mn,
-    H, Lq, Lk, D, n_qblocks, n_kblocks, qk_scale,
+    H, Lq, Lk, n_qblocks, n_kblocks, qk_scale,
     LQ_BUCKET, LK_BUCKET,
+    HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     PV_FP8: tl.constexpr, STORE_QK: tl.constexpr, QBLOCK_M: tl.constexpr, QBLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    D: tl.constexpr = HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -297,8 +327,8 @@ def _attn_int8_fwd_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < D
 
-    qi = tl.load(Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0)
+    qi = _load_2d(Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], row_ok, d_ok,
+                  True, not EVEN_D)
     # per-row Q scale (a tile may span several quantization blocks) with the softmax scale folded in
     q_scale = tl.load(Qs + pid_bh * n_qblocks + offs_m // QBLOCK_M, mask=row_ok, other=0.0) * qk_scale
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -315,9 +345,9 @@ def _attn_int8_fwd_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + offs_n0
         col_ok = offs_n < Lk
-        kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0)
+        kt = _load_2d(k_ptrs, d_ok, col_ok, not EVEN_D, not EVEN_N)
         k_ptrs += BLOCK_N * D
         s_int = tl.dot(qi, kt, out_dtype=tl.int32)
         if STORE_QK:  # debug: the exact integer scores, compared bit for bit with the reference
@@ -325,16 +355,7 @@ def _attn_int8_fwd_kernel(
                      mask=row_ok[:, None] & col_ok[None, :])
         k_scale = tl.load(ks_base + offs_n // QBLOCK_N, mask=col_ok, other=0.0)
         s = s_int.to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-        keep = col_ok[None, :] & row_ok[:, None]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_MASK:
-            mvals = tl.load(m_base + offs_n[None, :] * s_mn, mask=keep, other=0)
-            if MASK_IS_BOOL:
-                keep = keep & (mvals != 0)
-            else:
-                s = s + mvals.to(tl.float32)
-        s = tl.where(keep, s, float("-inf"))
+        s = _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, EVEN_N)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -342,7 +363,7 @@ def _attn_int8_fwd_kernel(
         alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_2d(v_ptrs, col_ok, d_ok, not EVEN_N, not EVEN_D)
         v_ptrs += BLOCK_N * s_vn
         if PV_FP8:
             # p <= 1, so p * 448 uses the whole E4M3 range; V arrives pre-scaled per channel. Hopper's FP8
@@ -377,7 +398,8 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     if qk_debug is not None:
         # the debug store runs per tile; one fixed config keeps it independent of tuning
-        kernel, cfg = _attn_int8_fwd_kernel, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        kernel, cfg = _attn_int8_fwd_kernel, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1,
+                                                  EVEN_N=Lk % 32 == 0)
     else:
         kernel, cfg = _tuned("_attn_int8_fwd_kernel", _arch_family(q_int8.device)), {}
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -386,7 +408,7 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
         mask_t if has_mask else q_scale, out, lse if lse is not None else q_scale,
         qk_debug if qk_debug is not None else q_scale,
         *v.stride(), *out.stride(), *ms,
-        H, Lq, Lk, D, q_scale.shape[2], k_scale.shape[2], float(scale), _bucket(Lq), _bucket(Lk),
+        H, Lq, Lk, q_scale.shape[2], k_scale.shape[2], float(scale), _bucket(Lq), _bucket(Lk), HEAD_DIM=D,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
         PV_FP8=pv_fp8, STORE_QK=qk_debug is not None, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
         BLOCK_D=_block_d(D), **cfg,
@@ -400,10 +422,10 @@ def _fp_case(name, dtype, head_dim, bm, bn, warps, stages):
     sig = {"Q": t, "K": t, "V": t, "Mask": t, "Out": t, "Lse": "*fp32"}
     sig.update({n: "i32" for n in ("s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn",
                                    "s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om",
-                                   "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "D")})
+                                   "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk")})
     sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
     # unit strides in D are specialised to the constant 1 by the JIT, as here
-    consts = dict(s_qd=1, s_kd=1, s_vd=1, s_od=1,
+    consts = dict(s_qd=1, s_kd=1, s_vd=1, s_od=1, HEAD_DIM=head_dim, EVEN_N=True,
                   HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, DOT_PRECISION="tf32",
                   BF16_DOT_IN_FP32=False,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
@@ -416,9 +438,9 @@ def _int8_case(name, head_dim, pv_fp8, bm, bn, warps, stages):
     sig = {"Qi": "*i8", "Qs": "*fp32", "Ki": "*i8", "Ks": "*fp32", "V": "*fp8e4nv" if pv_fp8 else "*fp16",
            "Vs": "*fp32", "Mask": "*fp16", "Out": "*fp16", "Lse": "*fp32", "Dbg": "*i32"}
     sig.update({n: "i32" for n in ("s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om",
-                                   "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "D", "n_qblocks", "n_kblocks")})
+                                   "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "n_qblocks", "n_kblocks")})
     sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
-    consts = dict(s_vd=1, s_od=1, HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8,
+    consts = dict(s_vd=1, s_od=1, HEAD_DIM=head_dim, EVEN_N=True, HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8,
                   STORE_QK=False, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
     sig.update({k: "constexpr" for k in consts})
@@ -429,12 +451,33 @@ def _int8_case(name, head_dim, pv_fp8, bm, bn, warps, stages):
     return case
 
 
-STATIC_REPORT_CASES = [
-    _fp_case("attn_fwd_fp16_hd64_128x64", "fp16", 64, 128, 64, 4, 3),
-    _fp_case("attn_fwd_fp16_hd128_128x64", "fp16", 128, 128, 64, 8, 3),
-    _fp_case("attn_fwd_bf16_hd128_128x128", "bf16", 128, 128, 128, 8, 2),
-    _fp_case("attn_fwd_fp16_hd256_64x64", "fp16", 256, 64, 64, 4, 3),
-    _int8_case("attn_int8_fwd_pv_fp16_hd128_128x64", 128, False, 128, 64, 8, 3),
-    _int8_case("attn_int8_fwd_pv_fp8_hd128_128x64", 128, True, 128, 64, 8, 3),
-    _int8_case("attn_int8_fwd_pv_fp8_hd64_128x64", 64, True, 128, 64, 4, 3),
-]
+def _static_report_cases():
+    """One case per (arch family config, head dim) the autotuner may pick, fp16, plus the INT8 kernel's
+    (PV fp16 on sm80, FP8 on sm89/sm90) and a bf16 sample."""
+    cases = []
+    for family, archs in (("sm80", ["80", "89"]), ("sm90", ["90a"])):
+        for bm, bn, w, st, dims in _CONFIGS[family]:
+            for hd in (64, 128, 256):
+                if _block_d(hd) not in dims:
+                    continue
+                tag = f"hd{hd}_{bm}x{bn}_w{w}s{st}"
+                fp = _fp_case(f"attn_fwd_fp16_{tag}_{family}", "fp16", hd, bm, bn, w, st)
+                fp["archs"] = archs
+                cases.append(fp)
+                if family == "sm80":
+                    i8 = _int8_case(f"attn_int8_pv_fp16_{tag}_sm80", hd, False, bm, bn, w, st)
+                    i8["archs"] = ["80"]
+                    cases.append(i8)
+                    i8 = _int8_case(f"attn_int8_pv_fp8_{tag}_sm89", hd, True, bm, bn, w, st)
+                    i8["archs"] = ["89"]
+                    cases.append(i8)
+                else:
+                    i8 = _int8_case(f"attn_int8_pv_fp8_{tag}_sm90", hd, True, bm, bn, w, st)
+                    i8["archs"] = ["90a"]
+                    cases.append(i8)
+    bf = _fp_case("attn_fwd_bf16_hd128_128x64_w8s3", "bf16", 128, 128, 64, 8, 3)
+    cases.append(bf)
+    return cases
+
+
+STATIC_REPORT_CASES = _static_report_cases()

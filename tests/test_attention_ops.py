@@ -411,8 +411,9 @@ def test_forced_triton_without_interpreter_fails_clearly(monkeypatch):
 
 # -- GPU (DESIGN.md shapes; run on a GPU machine) ---------------------------------------------------
 
-def _chunked_reference(q, k, v, mask=None, chunk=2048, fn=attention_reference):
-    # rows are independent: chunk over Lq so a 17k x 17k score matrix never exists at once
+def _chunked_reference(q, k, v, mask=None, fn=attention_reference):
+    # rows are independent: chunk over Lq so a 17k x 17k score matrix never exists at once (~1 GB per copy)
+    chunk = max(1, 2**28 // (q.shape[0] * q.shape[1] * k.shape[2]))
     outs = []
     for s in range(0, q.shape[2], chunk):
         m = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])[:, :, s:s + chunk]
