@@ -1,5 +1,21 @@
-"""Fused scheduler steps: ``patch_scheduler(scheduler)`` swaps a one-kernel step (guidance folded
-in, no host syncs) into one diffusers scheduler instance; ``unpatch_scheduler`` restores it."""
+"""Fused scheduler steps: ``patch_scheduler(scheduler)`` swaps a fused step (guidance folded in, no
+host syncs after the first step) into one diffusers scheduler instance; ``unpatch_scheduler``
+restores it.
+
+Fused: FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+DDIMScheduler (any eta), DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++, orders 1-3),
+LCMScheduler, UniPCMultistepScheduler (bh1 / bh2 with the corrector). A patched instance keeps
+``set_timesteps`` / ``step`` (signatures and return types), ``scale_model_input``, ``add_noise``,
+``step_index``, ``order`` and the history diffusers keeps, and gains
+``step_with_guidance(uncond, cond, guidance_scale, timestep, sample, guidance_rescale=0.0, ...)``.
+
+Kernel launches per step: one (two with ``guidance_rescale`` > 0: per-sample statistics first;
+UniPC: two when its corrector runs); stochastic steps add diffusers' ``randn_tensor`` for the noise,
+drawn with the caller's generator so seeded runs match. The first step of a scheduler that finds
+its step index from a CUDA timestep does diffusers' one lookup sync (avoid it with
+``set_begin_index``); after that no step reads device memory on the host, so a loop can be
+captured in a CUDA graph (with a CPU generator, stochastic steps copy noise host to device).
+"""
 from ._patch import SchedulerPatchResult, is_patched, patch_scheduler, unpatch_scheduler
 from .schedulers import ADAPTERS, unsupported_reason
 
