@@ -184,11 +184,25 @@ def demangle(names: Iterable[str]) -> dict:
 
 # -- Triton --------------------------------------------------------------------------------
 
-def kernel_modules(package: str = "diffaccel.kernels") -> list:
-    """Every public module of the kernels package (files starting with '_' are helpers)."""
+def kernels_package() -> str:
+    """'diffaccel.kernels' (installed or editable), else the source tree's top-level 'kernels'
+    (run from a clone whose diffaccel/ directory shadows an installed wheel)."""
+    for name in ("diffaccel.kernels", "kernels"):
+        try:
+            importlib.import_module(name)
+            return name
+        except ModuleNotFoundError:
+            continue
+    raise ReportError("neither diffaccel.kernels nor a source-tree kernels/ package is importable")
+
+
+def kernel_modules(package: Optional[str] = None, names: Optional[Iterable[str]] = None) -> list:
+    """The public modules of the kernels package (files starting with '_' are helpers), or ``names``."""
+    package = package or kernels_package()
     pkg = importlib.import_module(package)
-    return [importlib.import_module(f"{package}.{m.name}")
-            for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    if names is None:
+        names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    return [importlib.import_module(f"{package}.{n}") for n in names]
 
 
 def collect_cases(modules: Iterable) -> list:
@@ -455,6 +469,9 @@ def _tc(row: dict) -> str:
 def to_markdown(triton_rows: Optional[list], cuda: Optional[dict]) -> str:
     out = ["# Static kernel report", "",
            "Compiled without a GPU; figures are per thread (registers) and per block (shared memory, bytes).", ""]
+    rows = list(triton_rows or []) + list((cuda or {}).get("kernels", []))
+    n_bad = sum(bool(r["problems"]) for r in rows)
+    out += [f"{len(rows)} kernel configs x archs, {n_bad} with problems.", ""]
     if triton_rows is not None:
         out += ["## Triton kernels", "",
                 "| module | case | arch | warps/stages | regs | spills st/ld (B) | shared (B) | tensor cores | hot | problems |",
@@ -511,9 +528,7 @@ def main(argv: Optional[list] = None) -> int:
 
         triton_rows = cuda = None
         if not args.cuda_only:
-            modules = None
-            if args.module:
-                modules = [importlib.import_module(f"diffaccel.kernels.{m}") for m in args.module]
+            modules = kernel_modules(names=args.module)
             triton_rows = triton_report([a for a in args.archs.split(",") if a.strip()], modules)
         if not args.triton_only:
             cuda = cuda_report(args.so or default_so())

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # appended: an installed diffaccel wheel must not be shadowed by the source tree
+    sys.path.append(str(REPO))
 from benchmarks import render, results  # noqa: E402
 
 DEVICE = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.1, "driver": "580.65"}
