@@ -81,6 +81,19 @@ def test_tensor_core_outside_loop_is_a_problem():
     assert sr.triton_problems(row) == []
 
 
+def test_cuda_kernel_problems():
+    row = {"name": "void diffaccel::gemm_kernel<cutlass::half_t>(Params)", "stack": 16, "local_store_instrs": 3,
+           "local_load_instrs": 2, "sass_tensor_core": [], "loop_tensor_core": [], "loops": 1}
+    row.update(hot=True, tensor_cores_expected=True)
+    assert sr.cuda_problems(row) == ["hot kernel uses local memory (3 STL, 2 LDL: spills or a stack array; stack 16 B)",
+                                     "no tensor-core instruction in the SASS"]
+    assert sr.cuda_expectation("void diffaccel::(anonymous namespace)::quantize_per_token_kernel<c10::Half, 256>"
+                               "(c10::Half const*, signed char*, float*, long)") == \
+        {"hot": True, "tensor_cores_expected": False}
+    assert sr._short("void diffaccel::(anonymous namespace)::quantize_per_token_kernel<c10::Half, 256>"
+                     "(c10::Half const*, signed char*, float*, long)") == "quantize_per_token_kernel<Half, 256>"
+
+
 def test_resource_usage_and_ptxas_log():
     usage = sr.parse_resource_usage(textwrap.dedent("""
         Fatbin elf code:
