@@ -49,10 +49,10 @@ def test_method_end_to_end(kind, method, tmp_path):
         r()
 
 
-def test_calibration_is_deterministic_under_the_seed():
+def test_calibration_is_deterministic_under_the_seed_and_chunked_passes_agree():
     model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
     a = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, **OPTIONS)
-    b = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, **OPTIONS)
+    b = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, units_per_pass=2, **OPTIONS)
     for name in a.layers:
         assert torch.equal(a.layers[name].weight_q, b.layers[name].weight_q)
         assert torch.equal(a.layers[name].act_scale, b.layers[name].act_scale)
@@ -69,6 +69,18 @@ def test_w4a8_and_weight_only_recipes_run_on_the_kernels():
         out = run(patched, data[0])
         ref = run(model, data[0])
         assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.6
+
+
+def test_symmetric_activations_and_a_custom_skip_list():
+    model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, act_symmetric=True,
+                       skip=["proj_out", "transformer_blocks.0.ff.net.2"], progress=False)
+    assert "transformer_blocks.0.ff.net.2" in recipe.skipped and "pos_embed.proj" in recipe.layers
+    assert all(lr.spec["act_symmetric"] and not lr.act_zero_point.any() for lr in recipe.layers.values())
+    patched = copy.deepcopy(model)
+    apply_recipe(patched, recipe)
+    ref = run(model, data[0])
+    assert ((run(patched, data[0]) - ref).norm() / ref.norm()).item() < MAX_REL_ERROR["pixart"]
 
 
 def test_bit_allocation_is_logged(caplog):

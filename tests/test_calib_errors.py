@@ -26,6 +26,7 @@ def unet():
     (dict(method="mixdq", weight_candidates=(2, 8)), "weight_candidates"),
     (dict(method="minmax", num_timesteps=0), "num_timesteps"),
     (dict(method="qdiffusion", iters=-1), "iters"),
+    (dict(method="minmax", skip=["no_such_layer"]), "skip: 'no_such_layer' is not a module"),
 ])
 def test_bad_arguments(unet, kwargs, message):
     model, data, snap = unet

@@ -53,6 +53,7 @@ class Context:
     act_fp16_fraction: float
     sensitivity_samples: int
     bos: bool | None
+    units_per_pass: int | None = None
     options: dict = field(default_factory=dict)
 
     def meta(self, **extra) -> dict:
@@ -72,7 +73,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
               p: float = 2.4, adaround: bool = True, learn_act: bool = True, split_shortcut: bool = True,
               temporal_cache: bool = True, weight_candidates=(4, 8), act_fp16_fraction: float = 0.05,
               sensitivity_samples: int = 4, bos: bool | None = None, batch_size: int = 1,
-              pipe_kwargs: dict | None = None) -> QuantRecipe:
+              pipe_kwargs: dict | None = None, units_per_pass: int | None = None) -> QuantRecipe:
     """Calibrate ``target`` (a diffusers pipeline with prompts as ``data``, or a bare backbone with an
     iterable of forward-kwargs dicts, each holding ``timestep``) and return a QuantRecipe.
 
@@ -88,6 +89,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         40% of its free memory, else the CPU).
     sensitivity_samples: mixdq scores each layer on this many samples (timesteps spread out).
     iters: reconstruction iterations per block (qdiffusion, tfmq); p: the Lp norm of scale searches.
+    units_per_pass: record the inputs/outputs of this many reconstruction blocks per full-precision
+        pass (None: all in one pass; set it to bound memory on large models).
     skip: layer names kept in floating point (default: the model's input/output layers).
     """
     if method not in METHODS:
@@ -102,6 +105,9 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         raise CalibrationError(f"num_timesteps: expected a positive int or None, got {num_timesteps!r}")
     if samples_per_timestep is not None and (not isinstance(samples_per_timestep, int) or samples_per_timestep < 1):
         raise CalibrationError(f"samples_per_timestep: expected a positive int or None, got {samples_per_timestep!r}")
+    if units_per_pass is not None and (isinstance(units_per_pass, bool) or not isinstance(units_per_pass, int)
+                                       or units_per_pass < 1):
+        raise CalibrationError(f"units_per_pass: expected a positive int or None, got {units_per_pass!r}")
     if not isinstance(iters, int) or iters < 0:
         raise CalibrationError(f"iters: expected a non-negative int, got {iters!r}")
     if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
@@ -134,7 +140,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                       skip=resolve_skip(work, skip), activation_device=activation_device, iters=iters, p=float(p),
                       adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
                       temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),
-                      act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos)
+                      act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos,
+                      units_per_pass=units_per_pass)
         logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
                     [round(t, 3) for t in calib.timesteps.tolist()])
         recipe = METHODS[method](ctx)

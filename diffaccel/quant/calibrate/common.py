@@ -87,8 +87,14 @@ def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool
 
 
 def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
+    names = dict(backbone.named_modules())
     if skip is None:
-        return tuple(n for n in DEFAULT_SKIP if n in dict(backbone.named_modules()))
+        return tuple(n for n in DEFAULT_SKIP if n in names)
+    if isinstance(skip, str):
+        raise CalibrationError("skip: expected a list of layer names, got a single string")
+    unknown = [n for n in skip if n not in names]
+    if unknown:
+        raise CalibrationError(f"skip: {unknown[0]!r} is not a module of the backbone")
     return tuple(skip)
 
 

@@ -45,8 +45,12 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
     quant_act = spec.act_dtype is not None
     separate = {n for u in (extra_units or {}).values() for n in u[2].values()}
     units = units_for(ctx.backbone, [n for n in plan.layers if n not in separate])
+    # all units' inputs/outputs in one pass, or ``units_per_pass`` at a time (bounded memory, one
+    # more full-precision pass over the calibration set per group)
+    per_pass = ctx.units_per_pass or max(len(units), 1)
+    unit_groups = [list(units)[i:i + per_pass] for i in range(0, len(units), per_pass)] or [[]]
     obs = observe(ctx.backbone, ctx.calib, layers=list(plan.layers) if quant_act else [], device=ctx.device,
-                  split_points=plan.split_points if quant_act else {}, capture_blocks=tuple(units),
+                  split_points=plan.split_points if quant_act else {}, capture_blocks=tuple(unit_groups[0]),
                   seed=ctx.seed, progress=ctx.progress, storage=ctx.activation_device)
     modules = dict(ctx.backbone.named_modules())
     inits: dict[str, LayerInit] = {}
@@ -58,9 +62,16 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
                                 search=True, p=ctx.p)
         inits[name] = LayerInit(qrange, w_scale, a_s, a_z, plan.split_points.get(name) if quant_act else None)
     layers = {}
-    work = list(units.items()) + list((extra_units or {}).items())
-    for i, (unit_name, names) in enumerate(progress_bar(work, desc=f"calibration: reconstruction ({method})",
-                                                          enabled=ctx.progress)):
+    work = [(name, units[name], g) for g, group in enumerate(unit_groups) for name in group]
+    work += [(name, unit, len(unit_groups) - 1) for name, unit in (extra_units or {}).items()]
+    io_group = 0
+    for i, (unit_name, names, group) in enumerate(progress_bar(work, desc=f"calibration: reconstruction ({method})",
+                                                               enabled=ctx.progress)):
+        if group != io_group:
+            obs = observe(ctx.backbone, ctx.calib, layers=[], device=ctx.device,
+                          capture_blocks=tuple(unit_groups[group]), seed=ctx.seed, progress=False,
+                          storage=ctx.activation_device)
+            io_group = group
         if isinstance(names, tuple):  # (unit module, io, {relative: name})
             unit, io, rel_names = names
         else:
@@ -78,6 +89,8 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
             layers[name] = layer_recipe(plan.layers[name], spec, weight_scale=init.weight_scale,
                                         weight_q=res.weight_q, act_scale=res.act_scale,
                                         act_zero_point=init.act_zero_point, act_split=init.act_split)
+        if not isinstance(names, tuple):
+            obs.block_io.pop(unit_name, None)  # done with it: free the recorded activations
     return layers
 
 
