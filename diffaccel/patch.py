@@ -147,7 +147,7 @@ def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
             report.skipped.append(Skipped(fqn, "attention", "excluded by filter"))
             continue
         original = module.processor
-        new, reason = attn_integration.make_processor(original, quant=attention_quant)
+        new, reason = attn_integration.make_processor(original, quant=attention_quant, module=module)
         if new is None:
             report.skipped.append(Skipped(fqn, "attention", reason))
             continue
@@ -205,12 +205,15 @@ def _describe(module: nn.Module) -> str:
 
 
 def _backend_of(module: nn.Module) -> str:
-    from .ops import _backend
-
     op = getattr(module, "op_name", None)
     if op is None:
         return "n/a"
-    device = _module_device(module) or torch.device("cpu")
+    return _op_backend(op, _module_device(module) or torch.device("cpu"))
+
+
+def _op_backend(op: str, device: torch.device) -> str:
+    from .ops import _backend
+
     try:
         return _backend.choose(op, device)[0]
     except _backend.BackendUnavailable as e:
@@ -223,12 +226,17 @@ def _patch_solver(target_info, report, undo):
     scheduler = target_info.scheduler
     if scheduler is None:
         return
+    if solvers.is_patched(scheduler):
+        report.skipped.append(Skipped("scheduler", "solver", "already patched by patch_scheduler"))
+        return
     result = solvers.patch_scheduler(scheduler)
     if not result.patched:
         report.skipped.append(Skipped("scheduler", "solver", result.reason))
         return
     undo.push(lambda s=scheduler: solvers.unpatch_scheduler(s))
-    report.replaced.append(Replaced("scheduler", "solver", type(scheduler).__name__, result.name, result.backend))
+    device = next((_module_device(b) for b in target_info.backbones.values()), None) or torch.device("cpu")
+    report.replaced.append(Replaced("scheduler", "solver", result.name, f"fused {result.name}.step",
+                                    _op_backend("fused_solver_step", device)))
 
 
 # -- public ------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ def unet_sd15(seed=0):
 
     torch.manual_seed(seed)
     m = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(80, 160), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # diffusers' UNet `attention_head_dim` is the head count: 2 heads -> head dims 40 and 80, as in SD1.5
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8).eval()
     g = _g(seed + 1)
     inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
                   encoder_hidden_states=torch.randn(2, 7, 32, generator=g))
