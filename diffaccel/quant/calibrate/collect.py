@@ -15,7 +15,8 @@ from torch import nn
 from .structure import first_tensor
 
 logger = logging.getLogger("diffaccel")
-VALUES_PER_OBSERVATION = 1024  # sampled activation values kept per (layer, timestep) for range search
+VALUES_PER_OBSERVATION = 1024  # activation values sampled per call of a layer, for range searches
+MAX_VALUES_KEPT = 8192         # per (layer, timestep, split half)
 
 
 class CalibrationError(ValueError):
@@ -258,7 +259,10 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                     o.hi[t] = torch.maximum(o.hi[t], hi)
                 flat = pf.reshape(-1).cpu()
                 pick = torch.randint(0, flat.numel(), (min(VALUES_PER_OBSERVATION, flat.numel()),), generator=gen)
-                o.values[t][h] = torch.cat([o.values[t][h], flat[pick]])
+                kept = torch.cat([o.values[t][h], flat[pick]])
+                if kept.numel() > MAX_VALUES_KEPT:  # bounded memory on long calibration sets
+                    kept = kept[torch.randperm(kept.numel(), generator=gen)[:MAX_VALUES_KEPT]]
+                o.values[t][h] = kept
         return hook
 
     captured: dict[str, dict] = {}
