@@ -485,3 +485,18 @@ def test_autotune_configs_per_arch_and_head_dim(family):
         assert kept and all("_head_dims" not in c.kwargs for c in kept)
         if block_d == 256:  # a bigger tile overflows registers/shared memory at head dim 256
             assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_and_cuda_graph():
+    _needs("triton", device="cuda")
+    q, k, v = _qkv(2, 8, 1024, 77, 80, torch.float16, layout="blhd", device="cuda")
+    f = torch.compile(lambda q, k, v: diffaccel.ops.attention(q, k, v), fullgraph=True)
+    _close(f(q, k, v), attention_reference(q, k, v), torch.float16)
+    out = diffaccel.ops.attention(q, k, v, quant="int8")  # warm up (autotune) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = diffaccel.ops.attention(q, k, v, quant="int8")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out)

@@ -246,3 +246,22 @@ def test_head_dim_out_of_range_refused_when_module_given():
     name, proc = next(iter(flux.attn_processors.items()))
     module = flux.get_submodule(name.rsplit(".processor", 1)[0])
     assert make_processor(proc, module=module)[0] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gpu_patched_model_fp16(name, quant):
+    """On a GPU the default backend is Triton (FP8 PV on sm89/sm90 for int8): fp16 model vs unpatched."""
+    model, inputs = MODELS[name]()
+    model = model.to("cuda", torch.float16)
+    inputs = {k: (v.cuda().half() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep"
+                  else v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    expected = _out(model, inputs)
+    _patch(model, quant=quant)
+    assert _backend.choose("attention", torch.device("cuda"))[0] == "triton"
+    got = _out(model, inputs)
+    if quant is None:
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    else:
+        assert F.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item() >= 0.999
