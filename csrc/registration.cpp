@@ -14,8 +14,9 @@ TORCH_LIBRARY(diffaccel, m) {
   m.def("ext_quantize_per_tensor(Tensor x, Tensor scale, Tensor zero_point) -> Tensor");
   m.def("ext_quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("ext_fused_solver_step(Tensor sample, Tensor model_output, Tensor coeffs, Tensor? row, "
-        "Tensor? model_output_cond, Tensor? h0, Tensor? h1, Tensor? h2, Tensor? noise, float guidance_scale, "
-        "float guidance_rescale, ScalarType out_dtype, ScalarType history_dtype, bool write_history) -> (Tensor, Tensor)");
+        "Tensor? model_output_cond, Tensor? h0, Tensor? h1, Tensor? h2, Tensor? noise, Tensor? last_sample, "
+        "float guidance_scale, float guidance_rescale, ScalarType out_dtype, ScalarType history_dtype, "
+        "bool write_history) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(diffaccel, CPU, m) {

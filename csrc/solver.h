@@ -1,6 +1,6 @@
 // Fused diffusion-solver step. The per-element math is written once here and compiled into the
 // CPU loop and the CUDA kernel, so CPU tests pin the arithmetic the GPU runs. Layout and
-// meaning of the 16 coefficients: diffaccel/ops/solver.py (the torch reference).
+// meaning of the coefficients: diffaccel/ops/solver.py (the torch reference).
 #pragma once
 #include <cmath>
 #include <c10/util/BFloat16.h>
@@ -10,8 +10,8 @@
 namespace diffaccel {
 namespace solver {
 
-constexpr int kNumCoeffs = 16;
-enum Coeff { A_X = 0, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N };
+constexpr int kNumCoeffs = 24;
+enum Coeff { A_X = 0, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2 };
 
 // A float tensor of any storage dtype, read as fp32. The dtype branch is uniform across a
 // launch, so it costs no divergence; it saves compiling every dtype combination of 8 tensors.
@@ -35,15 +35,23 @@ struct Dst {
   }
 };
 
+// v rounded to a storage dtype and read back, as diffusers' .to(dtype) between two stages does
+DA_HD float round_to(int dtype, float v) {
+  if (dtype == 1) return static_cast<float>(c10::Half(v));
+  if (dtype == 2) return static_cast<float>(c10::BFloat16(v));
+  return v;
+}
+
 inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::kBFloat16 ? 2 : 0); }
 
 DA_HD float guided(float u, float c, float s) { return u + s * (c - u); }
 
-// e: the (guided, rescaled) model output. Writes the new sample and the history entry.
-DA_HD void step_point(const float* k, float x, float e, float n, float h0, float h1, float h2, bool has_noise,
-                      int n_hist, float& x_out, float& h_out) {
+// e: the (guided, rescaled) model output. Writes the new sample, the history entry and, with a
+// last sample (last_dtype >= 0; UniPC's corrector), the corrected sample rounded to its dtype.
+DA_HD void step_point(const float* k, float x, float e, float n, float h0, float h1, float h2, float last,
+                      bool has_noise, int n_hist, int last_dtype, float& x_out, float& h_out, float& c_out) {
   float p = k[A_X] * x + k[A_E] * e;
-  float xo = k[B_X] * x + k[B_E] * e;
+  float xo = k[B_E] * e;
   if (has_noise) {
     p += k[A_N] * n;
     xo += k[B_N] * n;
@@ -54,6 +62,12 @@ DA_HD void step_point(const float* k, float x, float e, float n, float h0, float
   if (n_hist >= 1) xo += k[B_H0] * h0;
   if (n_hist >= 2) xo += k[B_H1] * h1;
   if (n_hist >= 3) xo += k[B_H2] * h2;
+  if (last_dtype >= 0) {
+    c_out = round_to(last_dtype, k[D_L] * last + k[D_P] * p + k[D_H0] * h0 + k[D_H1] * h1 + k[D_H2] * h2);
+    xo += k[B_X] * c_out;
+  } else {
+    xo += k[B_X] * x;
+  }
   x_out = xo;
 }
 
@@ -79,18 +93,18 @@ DA_HD float rescale_factor(const Moments& mc, const Moments& mg, float rescale) 
 
 }  // namespace solver
 
-std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
-    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
     at::ScalarType history_dtype, bool write_history);
 #ifdef DIFFACCEL_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
-    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
     at::ScalarType history_dtype, bool write_history);
 #endif
 
@@ -110,15 +124,15 @@ inline void check_solver_args(const at::Tensor& sample, const at::Tensor& model_
   for (const auto& [name, t] : likes)
     if (t->has_value()) check_like(t->value(), name);
   DA_CHECK_ARG(coeffs.scalar_type() == at::kFloat && coeffs.is_contiguous() && coeffs.size(-1) == solver::kNumCoeffs,
-               "coeffs", "expected contiguous float32 [..., 16]");
+               "coeffs", "expected contiguous float32 [..., ", solver::kNumCoeffs, "]");
   check_same_device(coeffs, sample, "coeffs");
   if (row.has_value()) {
     DA_CHECK_ARG(row->numel() == 1 && (row->scalar_type() == at::kLong || row->scalar_type() == at::kInt), "row",
                  "expected one int32/int64 index");
-    DA_CHECK_ARG(coeffs.dim() == 2, "coeffs", "expected a table [R, 16] with row");
+    DA_CHECK_ARG(coeffs.dim() == 2, "coeffs", "expected a table [R, ", solver::kNumCoeffs, "] with row");
     check_same_device(*row, sample, "row");
   } else {
-    DA_CHECK_ARG(coeffs.dim() == 1, "coeffs", "expected one row [16] without row");
+    DA_CHECK_ARG(coeffs.dim() == 1, "coeffs", "expected one row [", solver::kNumCoeffs, "] without row");
   }
   for (auto d : {out_dtype, history_dtype})
     DA_CHECK_ARG(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, "out_dtype/history_dtype",

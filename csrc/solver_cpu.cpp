@@ -15,15 +15,15 @@ static Src src_of(const std::optional<at::Tensor>& t) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
-    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
     at::ScalarType history_dtype, bool write_history) {
   check_solver_args(sample, model_output, coeffs, row,
                     {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
-                     {"noise", &noise}},
+                     {"noise", &noise}, {"last_sample", &last_sample}},
                     out_dtype, history_dtype);
   DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
   DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
@@ -31,8 +31,10 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
   // without write_history the entry is not stored (a step whose caller drops it saves a full write)
   auto h_out = write_history ? at::empty(sample.sizes(), sample.options().dtype(history_dtype))
                              : at::empty({0}, sample.options().dtype(history_dtype));
+  auto c_out = last_sample.has_value() ? at::empty(sample.sizes(), last_sample->options())
+                                       : at::empty({0}, sample.options());
   const int64_t batch = sample.size(0), numel = sample.numel();
-  if (numel == 0) return {x_out, h_out};
+  if (numel == 0) return {x_out, h_out, c_out};
   const int64_t per_sample = numel / batch;
 
   float k[solver::kNumCoeffs];
@@ -48,9 +50,11 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
   if (bad_row) k[solver::A_X] = k[solver::B_X] = NAN;  // as on the GPU: poison, never read out of bounds
 
   const Src x = src_of(sample), u = src_of(model_output), c = src_of(model_output_cond), n = src_of(noise),
-            s0 = src_of(h0), s1 = src_of(h1), s2 = src_of(h2);
+            s0 = src_of(h0), s1 = src_of(h1), s2 = src_of(h2), l = src_of(last_sample);
   const Dst xo{x_out.data_ptr(), solver::dtype_code(out_dtype)};
   const Dst ho{h_out.data_ptr(), solver::dtype_code(history_dtype)};
+  const int last_dtype = last_sample.has_value() ? l.dtype : -1;
+  const Dst co{c_out.data_ptr(), last_dtype < 0 ? 0 : last_dtype};
   const bool has_cond = model_output_cond.has_value(), has_noise = noise.has_value();
   const int n_hist = h0.has_value() + h1.has_value() + h2.has_value();
   const float s = static_cast<float>(guidance_scale), rescale = static_cast<float>(guidance_rescale);
@@ -86,14 +90,16 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cpu(
     for (int64_t i = begin; i < end; ++i) {
       float e = u.at(i);
       if (has_cond) e = solver::guided(e, c.at(i), s) * factor[i / per_sample];
-      float xv, hv;
+      float xv, hv, cv = 0.f;
       solver::step_point(k, x.at(i), e, has_noise ? n.at(i) : 0.f, n_hist >= 1 ? s0.at(i) : 0.f,
-                         n_hist >= 2 ? s1.at(i) : 0.f, n_hist >= 3 ? s2.at(i) : 0.f, has_noise, n_hist, xv, hv);
+                         n_hist >= 2 ? s1.at(i) : 0.f, n_hist >= 3 ? s2.at(i) : 0.f,
+                         last_dtype >= 0 ? l.at(i) : 0.f, has_noise, n_hist, last_dtype, xv, hv, cv);
       xo.set(i, xv);
       if (write_history) ho.set(i, hv);
+      if (last_dtype >= 0) co.set(i, cv);
     }
   });
-  return {x_out, h_out};
+  return {x_out, h_out, c_out};
 }
 
 }  // namespace diffaccel

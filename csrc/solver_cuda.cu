@@ -14,8 +14,9 @@ constexpr int kPerThread = 4;  // independent elements in flight per thread
 constexpr int kMaxChunks = 256;
 
 struct StepArgs {
-  Src x, u, c, n, h0, h1, h2;
-  Dst xo, ho;
+  Src x, u, c, n, h0, h1, h2, l;
+  Dst xo, ho, co;
+  int last_dtype;  // -1: no last sample
   const float* coeffs;
   const void* row;  // nullptr: coeffs is one row
   bool row_is_long;
@@ -120,12 +121,13 @@ __global__ void fused_solver_step_kernel(StepArgs a) {
       const int64_t i = base + li;
       float e = a.u.at(i);
       if (a.has_cond) e = solver::guided(e, a.c.at(i), a.s) * f;
-      float xv, hv;
+      float xv, hv, cv = 0.f;
       solver::step_point(k, a.x.at(i), e, a.has_noise ? a.n.at(i) : 0.f, a.n_hist >= 1 ? a.h0.at(i) : 0.f,
-                         a.n_hist >= 2 ? a.h1.at(i) : 0.f, a.n_hist >= 3 ? a.h2.at(i) : 0.f, a.has_noise,
-                         a.n_hist, xv, hv);
+                         a.n_hist >= 2 ? a.h1.at(i) : 0.f, a.n_hist >= 3 ? a.h2.at(i) : 0.f,
+                         a.last_dtype >= 0 ? a.l.at(i) : 0.f, a.has_noise, a.n_hist, a.last_dtype, xv, hv, cv);
       a.xo.set(i, xv);
       if (a.write_history) a.ho.set(i, hv);
+      if (a.last_dtype >= 0) a.co.set(i, cv);
     }
   }
 }
@@ -141,15 +143,15 @@ Src src_of(const std::optional<at::Tensor>& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
-    const std::optional<at::Tensor>& noise, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
     at::ScalarType history_dtype, bool write_history) {
   check_solver_args(sample, model_output, coeffs, row,
                     {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
-                     {"noise", &noise}},
+                     {"noise", &noise}, {"last_sample", &last_sample}},
                     out_dtype, history_dtype);
   DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
   DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
@@ -158,8 +160,10 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
   // without write_history the entry is not stored (a step whose caller drops it saves a full write)
   auto h_out = write_history ? at::empty(sample.sizes(), sample.options().dtype(history_dtype))
                              : at::empty({0}, sample.options().dtype(history_dtype));
+  auto c_out = last_sample.has_value() ? at::empty(sample.sizes(), last_sample->options())
+                                       : at::empty({0}, sample.options());
   const int64_t batch = sample.size(0), numel = sample.numel();
-  if (numel == 0) return {x_out, h_out};
+  if (numel == 0) return {x_out, h_out, c_out};
   DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535");
   auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -171,6 +175,9 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
   a.h0 = src_of(h0);
   a.h1 = src_of(h1);
   a.h2 = src_of(h2);
+  a.l = src_of(last_sample);
+  a.last_dtype = last_sample.has_value() ? a.l.dtype : -1;
+  a.co = Dst{c_out.data_ptr(), a.last_dtype < 0 ? 0 : a.last_dtype};
   a.xo = Dst{x_out.data_ptr(), solver::dtype_code(out_dtype)};
   a.ho = Dst{h_out.data_ptr(), solver::dtype_code(history_dtype)};
   a.coeffs = coeffs.data_ptr<float>();
@@ -201,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> fused_solver_step_cuda(
   fused_solver_step_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch)), kThreads, 0,
                              stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {x_out, h_out};
+  return {x_out, h_out, c_out};
 }
 
 }  // namespace diffaccel

@@ -8,7 +8,9 @@ in fp32 whatever the storage dtype:
   e  = (u + s (c - u)) * f[b]             (classifier-free guidance; f = 1 without rescale)
   p  = clamp(a_x x + a_e e + a_n n, -r, r)
   h' = c_p p + c_x x                      (the new history entry, e.g. the x0 prediction)
-  x' = b_x x + b_e e + b_p p + b_h0 h0 + b_h1 h1 + b_h2 h2 + b_n n
+  y  = x, or with a last sample L (UniPC's corrector), the corrected sample stored as a third output
+  y  = round_L(d_l L + d_p p + d_h0 h0 + d_h1 h1 + d_h2 h2)
+  x' = b_x y + b_e e + b_p p + b_h0 h0 + b_h1 h1 + b_h2 h2 + b_n n
 
 With guidance rescale, f[b] = R std(c_b) / std(g_b) + (1 - R) per sample b needs a reduction
 first: ``solver_rescale_stats`` writes per-chunk (mean, M2) partials of c and g, and the step
@@ -18,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-NUM_COEFFS = 16
+NUM_COEFFS = 24
 # column indices, shared with diffaccel/ops/solver.py and csrc/solver.h
-A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N = range(13)
+A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2 = range(18)
 MAX_STAT_CHUNKS = 256
 STEP_BLOCK = 2048
 STEP_WARPS = 4
@@ -92,10 +94,11 @@ def _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK: tl.conste
 
 @triton.jit
 def _fused_solver_step_kernel(
-    x_ptr, u_ptr, c_ptr, h0_ptr, h1_ptr, h2_ptr, n_ptr, coef_ptr, row_ptr, part_ptr, xo_ptr, ho_ptr,
+    x_ptr, u_ptr, c_ptr, h0_ptr, h1_ptr, h2_ptr, n_ptr, l_ptr, coef_ptr, row_ptr, part_ptr, xo_ptr, ho_ptr, co_ptr,
     per_sample, n_rows, n_chunks, s, rescale,
     HAS_COND: tl.constexpr, RESCALE: tl.constexpr, N_HIST: tl.constexpr, HAS_NOISE: tl.constexpr,
-    HAS_ROW: tl.constexpr, WRITE_HIST: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROW: tl.constexpr, WRITE_HIST: tl.constexpr, HAS_LAST: tl.constexpr, CHUNK: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -107,7 +110,7 @@ def _fused_solver_step_kernel(
     if HAS_ROW:  # the row (e.g. DDIM's timestep) is read on the device: no host sync
         row = tl.load(row_ptr).to(tl.int64)
         ok = (row >= 0) & (row < n_rows)
-        cp = coef_ptr + tl.where(ok, row, 0) * 16
+        cp = coef_ptr + tl.where(ok, row, 0) * NCOEF
         bad = tl.where(ok, 0.0, float("nan"))  # an off-table row poisons the result, never reads out of bounds
     a_x = tl.load(cp + 0) + bad
     a_e = tl.load(cp + 1)
@@ -124,7 +127,7 @@ def _fused_solver_step_kernel(
     if RESCALE:
         e = e * _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK, MAX_CHUNKS)
     p = a_x * x + a_e * e
-    xo = b_x * x + b_e * e
+    xo = b_e * e
     if HAS_NOISE:
         nz = tl.load(n_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         p += a_n * nz
@@ -132,12 +135,27 @@ def _fused_solver_step_kernel(
     p = tl.minimum(tl.maximum(p, -clip), clip)
     ho = c_p * p + c_x * x
     xo += b_p * p
+    h0 = 0.0
+    h1 = 0.0
+    h2 = 0.0
     if N_HIST >= 1:
-        xo += tl.load(cp + 9) * tl.load(h0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        h0 = tl.load(h0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xo += tl.load(cp + 9) * h0
     if N_HIST >= 2:
-        xo += tl.load(cp + 10) * tl.load(h1_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        h1 = tl.load(h1_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xo += tl.load(cp + 10) * h1
     if N_HIST >= 3:
-        xo += tl.load(cp + 11) * tl.load(h2_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        h2 = tl.load(h2_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xo += tl.load(cp + 11) * h2
+    if HAS_LAST:  # UniPC: correct the last sample, store it, and step from it (rounded like diffusers)
+        last = tl.load(l_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(cp + 13) * last + tl.load(cp + 14) * p + tl.load(cp + 15) * h0 + tl.load(cp + 16) * h1 \
+            + tl.load(cp + 17) * h2
+        y = y.to(co_ptr.dtype.element_ty)
+        tl.store(co_ptr + base + offs, y, mask=mask)
+        xo += b_x * y.to(tl.float32)
+    else:
+        xo += b_x * x
     tl.store(xo_ptr + base + offs, xo.to(xo_ptr.dtype.element_ty), mask=mask)
     if WRITE_HIST:
         tl.store(ho_ptr + base + offs, ho.to(ho_ptr.dtype.element_ty), mask=mask)
@@ -148,10 +166,10 @@ def stat_chunk(per_sample: int) -> int:
     return max(4096, triton.next_power_of_2(triton.cdiv(per_sample, MAX_STAT_CHUNKS)))
 
 
-def fused_solver_step(x, u, c, h0, h1, h2, noise, coeffs, row, guidance_scale: float, guidance_rescale: float,
-                      x_out, h_out) -> None:
+def fused_solver_step(x, u, c, h0, h1, h2, noise, last, coeffs, row, guidance_scale: float,
+                      guidance_rescale: float, x_out, h_out, c_out) -> None:
     """All tensors contiguous with x's shape [B, ...] (coeffs fp32 [16] or [R, 16] with ``row`` an
-    integer tensor [1]); writes x_out and h_out (not written when None). Absent inputs are None."""
+    integer tensor [1]); writes x_out, h_out (not when None) and, given ``last``, c_out. Absent inputs are None."""
     batch = x.shape[0]
     per_sample = x.numel() // batch if batch else 0
     if x.numel() == 0:
@@ -168,21 +186,22 @@ def fused_solver_step(x, u, c, h0, h1, h2, noise, coeffs, row, guidance_scale: f
     grid = (batch, triton.cdiv(per_sample, STEP_BLOCK))
     _fused_solver_step_kernel[grid](
         x, u, c if c is not None else u, *(hist + [x] * (3 - len(hist))), noise if noise is not None else x,
-        coeffs, row if row is not None else coeffs, parts, x_out, h_out if h_out is not None else x_out,
+        last if last is not None else x, coeffs, row if row is not None else coeffs, parts, x_out,
+        h_out if h_out is not None else x_out, c_out if last is not None else x_out,
         per_sample, coeffs.shape[0] if coeffs.dim() == 2 else 1, n_chunks, float(guidance_scale),
         float(guidance_rescale),
         HAS_COND=c is not None, RESCALE=rescale, N_HIST=len(hist), HAS_NOISE=noise is not None,
-        HAS_ROW=row is not None, WRITE_HIST=h_out is not None, CHUNK=chunk, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, num_warps=STEP_WARPS)
+        HAS_ROW=row is not None, WRITE_HIST=h_out is not None, HAS_LAST=last is not None, CHUNK=chunk,
+        MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS, num_warps=STEP_WARPS)
 
 
 def _step_case(name, dtype, **flags):
-    sig = {k: f"*{dtype}" for k in ("x_ptr", "u_ptr", "c_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "n_ptr")}
+    sig = {k: f"*{dtype}" for k in ("x_ptr", "u_ptr", "c_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "n_ptr", "l_ptr")}
     sig.update({"coef_ptr": "*fp32", "row_ptr": "*i64", "part_ptr": "*fp32", "xo_ptr": f"*{dtype}",
-                "ho_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32", "s": "fp32",
+                "ho_ptr": f"*{dtype}", "co_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32", "s": "fp32",
                 "rescale": "fp32"})
     constexprs = dict(HAS_COND=False, RESCALE=False, N_HIST=0, HAS_NOISE=False, HAS_ROW=False, WRITE_HIST=True,
-                      CHUNK=4096,
-                      MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK)
+                      HAS_LAST=False, CHUNK=4096, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS)
     constexprs.update(flags)
     for k in constexprs:
         sig[k] = "constexpr"
@@ -197,6 +216,7 @@ STATIC_REPORT_CASES = [
     _step_case("solver_step_ddim_eta_cfg_rescale_fp16", "fp16", HAS_COND=True, RESCALE=True, HAS_NOISE=True,
                HAS_ROW=True),
     _step_case("solver_step_fp32", "fp32", HAS_COND=True, N_HIST=3, HAS_NOISE=True),
+    _step_case("solver_step_unipc3_corrector_cfg_fp16", "fp16", HAS_COND=True, N_HIST=3, HAS_LAST=True),
     {"name": "solver_rescale_stats_fp16", "fn": _solver_rescale_stats_kernel,
      "signature": {"u_ptr": "*fp16", "c_ptr": "*fp16", "part_ptr": "*fp32", "per_sample": "i32", "s": "fp32",
                    "CHUNK": "constexpr", "BLOCK": "constexpr"},

@@ -418,7 +418,7 @@ def test_gpu_cuda_graph_capture_and_replay(make):
     (lambda: FlowMatchEulerDiscreteScheduler(), 1),
     (lambda: EulerDiscreteScheduler(), 1),
     (lambda: DDIMScheduler(clip_sample=False), 1),  # row chosen on the device from the CUDA timestep
-    (lambda: UniPCMultistepScheduler(), 2),  # corrector, then predictor (see UniPCMultistep's docstring)
+    (lambda: UniPCMultistepScheduler(), 1),  # corrector and predictor in the same kernel
 ])
 def test_gpu_profile_kernels_per_step_no_sync(make, kernels_per_step, backend):
     from torch.profiler import ProfilerActivity, profile

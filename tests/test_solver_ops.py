@@ -20,7 +20,7 @@ def _needs(backend, device="cpu"):
         pytest.skip(why)
 
 
-def _inputs(shape, dtype, n_hist, cond, noise, seed=0, device="cpu"):
+def _inputs(shape, dtype, n_hist, cond, noise, seed=0, device="cpu", last=False):
     g = torch.Generator().manual_seed(seed)
 
     def r():
@@ -30,15 +30,15 @@ def _inputs(shape, dtype, n_hist, cond, noise, seed=0, device="cpu"):
     coeffs[3] = 1.5  # clip range: exercised (|p| exceeds it somewhere)
     return dict(sample=r(), model_output=r(), coeffs=coeffs.to(device),
                 model_output_cond=r() if cond else None, history=[r() for _ in range(n_hist)],
-                noise=r() if noise else None)
+                noise=r() if noise else None, last_sample=r() if last else None)
 
 
 def _ref(a, guidance_scale=1.0, guidance_rescale=0.0, row=None, out_dtype=None, history_dtype=None):
     h = list(a["history"]) + [None] * (3 - len(a["history"]))
     md = a["model_output"].dtype
     return fused_solver_step_reference(a["sample"], a["model_output"], a["coeffs"], row, a["model_output_cond"],
-                                       h[0], h[1], h[2], a["noise"], guidance_scale, guidance_rescale,
-                                       out_dtype or md, history_dtype or md)
+                                       h[0], h[1], h[2], a["noise"], a.get("last_sample"), guidance_scale,
+                                       guidance_rescale, out_dtype or md, history_dtype or md)
 
 
 def _close(got, want, dtype):
@@ -47,20 +47,27 @@ def _close(got, want, dtype):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_hist,cond,noise,rescale", [(0, False, False, 0.0), (1, True, False, 0.0),
-                                                       (2, False, True, 0.0), (3, True, True, 0.7)])
-def test_backend_matches_reference(backend, dtype, n_hist, cond, noise, rescale):
+@pytest.mark.parametrize("n_hist,cond,noise,rescale,last", [(0, False, False, 0.0, False), (1, True, False, 0.0, False),
+                                                            (2, False, True, 0.0, False), (3, True, True, 0.7, False),
+                                                            (3, True, False, 0.0, True), (1, False, False, 0.0, True)])
+def test_backend_matches_reference(backend, dtype, n_hist, cond, noise, rescale, last):
     _needs(backend)
-    a = _inputs((2, 4, 6, 5), dtype, n_hist, cond, noise)
+    a = _inputs((2, 4, 6, 5), dtype, n_hist, cond, noise, last=last)
     kw = dict(guidance_scale=7.5 if cond else 1.0, guidance_rescale=rescale)
     with use_backend(backend):
-        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
-                                               model_output_cond=a["model_output_cond"], history=a["history"],
-                                               noise=a["noise"], **kw)
-    rx, rh = _ref(a, **kw)
+        x, h, corrected = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                                          model_output_cond=a["model_output_cond"],
+                                                          history=a["history"], noise=a["noise"],
+                                                          last_sample=a["last_sample"], **kw)
+    rx, rh, rc = _ref(a, **kw)
     assert x.dtype == dtype and h.dtype == dtype and x.shape == a["sample"].shape
     _close(x, rx, dtype)
     _close(h, rh, dtype)
+    if last:  # the corrected sample, stored in last_sample's dtype
+        assert corrected.dtype == dtype and corrected.shape == x.shape
+        _close(corrected, rc, dtype)
+    else:
+        assert corrected.numel() == 0
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -70,10 +77,10 @@ def test_mixed_dtypes_and_fp32_outputs(backend):
     a = _inputs((1, 4, 8, 8), torch.float16, 1, False, True)
     a["sample"] = a["sample"].float()
     with use_backend(backend):
-        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"], history=a["history"],
+        x, h, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"], history=a["history"],
                                                noise=a["noise"], out_dtype=torch.float16,
                                                history_dtype=torch.float32)
-    rx, rh = _ref(a, out_dtype=torch.float16, history_dtype=torch.float32)
+    rx, rh, _ = _ref(a, out_dtype=torch.float16, history_dtype=torch.float32)
     assert x.dtype == torch.float16 and h.dtype == torch.float32
     _close(x, rx, torch.float16)
     _close(h, rh, torch.float32)
@@ -87,16 +94,16 @@ def test_table_row_read_on_device(backend, row_dtype):
     table = torch.randn(7, NUM_COEFFS, generator=torch.Generator().manual_seed(3))
     table[:, 3] = float("inf")
     with use_backend(backend):
-        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], table,
+        x, h, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], table,
                                                row=torch.tensor(5, dtype=row_dtype))
-        xb, hb = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], table,
+        xb, hb, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], table,
                                                  row=torch.tensor([7], dtype=row_dtype))
     a1 = dict(a, coeffs=table[5])
-    rx, rh = _ref(a1)
+    rx, rh, _ = _ref(a1)
     _close(x, rx, torch.float32)
     _close(h, rh, torch.float32)
     assert torch.isnan(xb).all()  # an off-table row poisons, never reads out of bounds
-    rbx, _ = _ref(dict(a, coeffs=table), row=torch.tensor([7]))
+    rbx, _, _ = _ref(dict(a, coeffs=table), row=torch.tensor([7]))
     assert torch.isnan(rbx).all()
 
 
@@ -105,10 +112,10 @@ def test_without_history_write(backend):
     _needs(backend)
     a = _inputs((2, 4, 8, 8), torch.float16, 0, True, False)
     with use_backend(backend):
-        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+        x, h, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
                                                model_output_cond=a["model_output_cond"], guidance_scale=4.0,
                                                write_history=False)
-    rx, _ = _ref(a, guidance_scale=4.0)
+    rx, _, _ = _ref(a, guidance_scale=4.0)
     assert h.numel() == 0
     _close(x, rx, torch.float16)
 
@@ -120,8 +127,8 @@ def test_rescale_matches_diffusers_rescale_noise_cfg():
     a["coeffs"] = torch.zeros(NUM_COEFFS)
     a["coeffs"][3] = float("inf")
     a["coeffs"][7] = 1.0  # x' = e: the guided, rescaled model output itself
-    x, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
-                                           model_output_cond=a["model_output_cond"], guidance_scale=5.0,
+    x, _, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+                                              model_output_cond=a["model_output_cond"], guidance_scale=5.0,
                                            guidance_rescale=0.7)
     u, c = a["model_output"], a["model_output_cond"]
     want = rescale_noise_cfg(u + 5.0 * (c - u), c, guidance_rescale=0.7)
@@ -135,10 +142,10 @@ def test_rescale_many_chunks(backend):
     a = _inputs((2, 3, 70, 70), torch.float32, 0, True, False)
     a["model_output_cond"] = a["model_output_cond"] + 3.0  # a mean far from 0 tests the combination
     with use_backend(backend):
-        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+        x, h, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
                                                model_output_cond=a["model_output_cond"], guidance_scale=4.0,
                                                guidance_rescale=0.5)
-    rx, rh = _ref(a, guidance_scale=4.0, guidance_rescale=0.5)
+    rx, rh, _ = _ref(a, guidance_scale=4.0, guidance_rescale=0.5)
     _close(x, rx, torch.float32)
 
 
@@ -146,10 +153,10 @@ def test_opcheck():
     a = _inputs((2, 4, 4, 4), torch.float16, 2, True, True)
     h = a["history"]
     args = (a["sample"], a["model_output"], a["coeffs"], None, a["model_output_cond"], h[0], h[1], None, a["noise"],
-            3.0, 0.5, torch.float16, torch.float32, True)
+            h[0].float(), 3.0, 0.5, torch.float16, torch.float32, True)
     torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
     table = torch.randn(4, NUM_COEFFS)
-    args = (a["sample"], a["model_output"], table, torch.tensor([2]), None, None, None, None, None, 1.0, 0.0,
+    args = (a["sample"], a["model_output"], table, torch.tensor([2]), None, None, None, None, None, None, 1.0, 0.0,
             torch.float32, torch.float16, False)
     torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
 
@@ -182,12 +189,14 @@ def test_bad_inputs_name_the_argument():
         op(x.double(), u, k)
     with pytest.raises(TypeError, match="^coeffs: expected dtype"):
         op(x, u, k.double())
-    with pytest.raises(ValueError, match="^coeffs: expected 16"):
+    with pytest.raises(ValueError, match="^last_sample: expected shape"):
+        op(x, u, k, last_sample=x[0])
+    with pytest.raises(ValueError, match=f"^coeffs: expected {NUM_COEFFS}"):
         op(x, u, k[:8])
     with pytest.raises(ValueError, match="^coeffs: a table"):
-        op(x, u, k.reshape(1, 16))
+        op(x, u, k.reshape(1, NUM_COEFFS))
     with pytest.raises(TypeError, match="^row: expected dtype"):
-        op(x, u, k.reshape(1, 16), row=torch.tensor([0.0]))
+        op(x, u, k.reshape(1, NUM_COEFFS), row=torch.tensor([0.0]))
     with pytest.raises(ValueError, match="^guidance_rescale: needs model_output_cond"):
         op(x, u, k, guidance_rescale=0.5)
     with pytest.raises(TypeError, match="^out_dtype: expected"):
@@ -211,9 +220,9 @@ def test_gpu_backend_matches_reference(backend, dtype):
     _needs(backend, "cuda")
     a = _inputs((2, 16, 64, 64), dtype, 2, True, True, device="cuda")
     with use_backend(backend):
-        x, h = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
+        x, h, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"],
                                                model_output_cond=a["model_output_cond"], history=a["history"],
                                                noise=a["noise"], guidance_scale=6.0, guidance_rescale=0.7)
-    rx, rh = _ref(a, guidance_scale=6.0, guidance_rescale=0.7)
+    rx, rh, _ = _ref(a, guidance_scale=6.0, guidance_rescale=0.7)
     _close(x, rx, dtype)
     _close(h, rh, dtype)

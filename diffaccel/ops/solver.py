@@ -9,9 +9,11 @@ n = noise), with one row ``k`` of per-step coefficients computed on the host:
   f_b = R std(c_b) / std(g_b) + (1 - R)    guidance rescale R (unbiased std per sample b, g = u + s(c-u))
   p  = clamp(k[A_X] x + k[A_E] e + k[A_N] n, -k[CLIP], k[CLIP])
   history_entry = k[C_P] p + k[C_X] x
-  prev_sample   = k[B_X] x + k[B_E] e + k[B_P] p + k[B_H0] h0 + k[B_H1] h1 + k[B_H2] h2 + k[B_N] n
+  y  = x, or given a last sample L (UniPC's corrector) the corrected sample, rounded to L's dtype:
+  corrected     = k[D_L] L + k[D_P] p + k[D_H0] h0 + k[D_H1] h1 + k[D_H2] h2;  y = corrected
+  prev_sample   = k[B_X] y + k[B_E] e + k[B_P] p + k[B_H0] h0 + k[B_H1] h1 + k[B_H2] h2 + k[B_N] n
 
-``coeffs`` is either one fp32 row [16] or a device table [R, 16] with ``row`` an integer
+``coeffs`` is either one fp32 row [24] or a device table [R, 24] with ``row`` an integer
 tensor [1] on the same device naming the row (read on the device, so e.g. DDIM can index its
 table by a CUDA timestep without a host sync; an off-table row gives NaN, never an
 out-of-bounds read). One kernel launch per call; two with guidance rescale (per-sample
@@ -27,15 +29,15 @@ from . import _backend
 from ._checks import check_tensor, same_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NUM_COEFFS = 16
-A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N = range(13)
+NUM_COEFFS = 24  # 18 used; the rest keep rows 32-byte aligned
+A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2 = range(18)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 # -- the reference ------------------------------------------------------------------------
 
 def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise,
-                                guidance_scale: float, guidance_rescale: float, out_dtype: torch.dtype,
+                                last_sample, guidance_scale: float, guidance_rescale: float, out_dtype: torch.dtype,
                                 history_dtype: torch.dtype, write_history: bool = True):
     if row is not None:
         r = row.reshape(()).long()
@@ -56,7 +58,7 @@ def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_
                 + (1.0 - guidance_rescale)
             e = e * factor
     p = k[A_X] * x + k[A_E] * e
-    xo = k[B_X] * x + k[B_E] * e
+    xo = k[B_E] * e
     if noise is not None:
         nz = noise.float()
         p = p + k[A_N] * nz
@@ -67,38 +69,48 @@ def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_
     for col, h in ((B_H0, h0), (B_H1, h1), (B_H2, h2)):
         if h is not None:
             xo = xo + k[col] * h.float()
-    if not write_history:
-        return xo.to(out_dtype), _no_history(sample, history_dtype)
-    return xo.to(out_dtype), ho.to(history_dtype)
+    corrected = _empty(sample, sample.dtype)
+    if last_sample is not None:
+        y = k[D_L] * last_sample.float() + k[D_P] * p
+        for col, h in ((D_H0, h0), (D_H1, h1), (D_H2, h2)):
+            if h is not None:
+                y = y + k[col] * h.float()
+        corrected = y.to(last_sample.dtype)
+        xo = xo + k[B_X] * corrected.float()
+    else:
+        xo = xo + k[B_X] * x
+    return xo.to(out_dtype), (ho.to(history_dtype) if write_history else _empty(sample, history_dtype)), corrected
 
 
-def _no_history(sample, history_dtype):
-    return torch.empty((0,), dtype=history_dtype, device=sample.device)
+def _empty(sample, dtype):
+    return torch.empty((0,), dtype=dtype, device=sample.device)
 
 
 # -- backends -----------------------------------------------------------------------------
 
-def _outputs(sample, out_dtype, history_dtype, write_history):
+def _outputs(sample, last_sample, out_dtype, history_dtype, write_history):
     return (torch.empty(sample.shape, dtype=out_dtype, device=sample.device),
             torch.empty(sample.shape, dtype=history_dtype, device=sample.device) if write_history
-            else _no_history(sample, history_dtype))
+            else _empty(sample, history_dtype),
+            torch.empty(sample.shape, dtype=last_sample.dtype, device=sample.device) if last_sample is not None
+            else _empty(sample, sample.dtype))
 
 
-def _ext_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale,
+def _ext_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
               guidance_rescale, out_dtype, history_dtype, write_history):
     return torch.ops.diffaccel.ext_fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1,
-                                                     h2, noise, guidance_scale, guidance_rescale, out_dtype,
-                                                     history_dtype, write_history)
+                                                     h2, noise, last_sample, guidance_scale, guidance_rescale,
+                                                     out_dtype, history_dtype, write_history)
 
 
-def _triton_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale,
-                 guidance_rescale, out_dtype, history_dtype, write_history):
+def _triton_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample,
+                 guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history):
     from diffaccel.kernels import solver as k
 
-    x_out, h_out = _outputs(sample, out_dtype, history_dtype, write_history)
-    k.fused_solver_step(sample, model_output, model_output_cond, h0, h1, h2, noise, coeffs, row, guidance_scale,
-                        guidance_rescale, x_out, h_out if write_history else None)
-    return x_out, h_out
+    x_out, h_out, c_out = _outputs(sample, last_sample, out_dtype, history_dtype, write_history)
+    k.fused_solver_step(sample, model_output, model_output_cond, h0, h1, h2, noise, last_sample, coeffs, row,
+                        guidance_scale, guidance_rescale, x_out, h_out if write_history else None, c_out)
+    return x_out, h_out, c_out
 
 
 _backend.register(_backend.OpBackends(
@@ -112,22 +124,22 @@ _backend.register(_backend.OpBackends(
 def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
                           row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
                           h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
-                          noise: Optional[torch.Tensor], guidance_scale: float, guidance_rescale: float,
-                          out_dtype: torch.dtype, history_dtype: torch.dtype,
-                          write_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          noise: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], guidance_scale: float,
+                          guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
+                          write_history: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     def cont(t):
         return None if t is None else t.contiguous()
 
     return _backend.implementation("fused_solver_step", sample.device)(
         sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
-        cont(h0), cont(h1), cont(h2), cont(noise), guidance_scale, guidance_rescale, out_dtype, history_dtype,
-        write_history)
+        cont(h0), cont(h1), cont(h2), cont(noise), cont(last_sample), guidance_scale, guidance_rescale, out_dtype,
+        history_dtype, write_history)
 
 
 @_fused_solver_step_op.register_fake
-def _(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, guidance_scale, guidance_rescale,
-      out_dtype, history_dtype, write_history):
-    return _outputs(sample, out_dtype, history_dtype, write_history)
+def _(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
+      guidance_rescale, out_dtype, history_dtype, write_history):
+    return _outputs(sample, last_sample, out_dtype, history_dtype, write_history)
 
 
 # -- the public wrapper -------------------------------------------------------------------
@@ -144,9 +156,11 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
                       row: Optional[torch.Tensor] = None, model_output_cond: Optional[torch.Tensor] = None,
                       guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                       history: Sequence[torch.Tensor] = (), noise: Optional[torch.Tensor] = None,
+                      last_sample: Optional[torch.Tensor] = None,
                       out_dtype: Optional[torch.dtype] = None, history_dtype: Optional[torch.dtype] = None,
-                      write_history: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused solver step; returns ``(prev_sample, history_entry)`` (see the module docstring).
+                      write_history: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fused solver step; returns ``(prev_sample, history_entry, corrected_sample)`` (see the
+    module docstring). ``corrected_sample`` is empty (0 elements) unless ``last_sample`` is given.
 
     ``sample`` is [B, ...]; ``model_output`` (the unconditional half when ``model_output_cond`` is
     given), ``model_output_cond``, ``history`` (newest first, at most 3) and ``noise`` have its
@@ -167,6 +181,8 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
         _check_like(f"history[{i}]", h, sample)
     if noise is not None:
         _check_like("noise", noise, sample)
+    if last_sample is not None:
+        _check_like("last_sample", last_sample, sample)
     check_tensor("coeffs", coeffs, dtypes=(torch.float32,), ndim=(1, 2))
     if not same_device(sample.device, coeffs.device):
         raise ValueError(f"coeffs: expected a tensor on {sample.device} like sample, got one on {coeffs.device}")
@@ -174,7 +190,7 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
         raise ValueError(f"coeffs: expected {NUM_COEFFS} coefficients in the last dimension, got {coeffs.shape[-1]}")
     if row is None:
         if coeffs.dim() != 1:
-            raise ValueError(f"coeffs: a table {tuple(coeffs.shape)} needs row; pass one row [16] or give row")
+            raise ValueError(f"coeffs: a table {tuple(coeffs.shape)} needs row; pass one row [{NUM_COEFFS}] or give row")
     else:
         check_tensor("row", row, dtypes=INDEX_DTYPES)
         if row.numel() != 1:
@@ -196,5 +212,6 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
             raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {d}")
     h = history + [None] * (3 - len(history))
     return torch.ops.diffaccel.fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h[0], h[1],
-                                                 h[2], noise, float(guidance_scale), float(guidance_rescale),
+                                                 h[2], noise, last_sample, float(guidance_scale),
+                                                 float(guidance_rescale),
                                                  out_dtype, history_dtype, bool(write_history))

@@ -9,8 +9,8 @@ LCMScheduler, UniPCMultistepScheduler (bh1 / bh2 with the corrector). A patched 
 ``step_index``, ``order`` and the history diffusers keeps, and gains
 ``step_with_guidance(uncond, cond, guidance_scale, timestep, sample, guidance_rescale=0.0, ...)``.
 
-Kernel launches per step: one (two with ``guidance_rescale`` > 0: per-sample statistics first;
-UniPC: two when its corrector runs); stochastic steps add diffusers' ``randn_tensor`` for the noise,
+Kernel launches per step: one, UniPC's corrector included (two with ``guidance_rescale`` > 0:
+per-sample statistics first); stochastic steps add diffusers' ``randn_tensor`` for the noise,
 drawn with the caller's generator so seeded runs match. The first step of a scheduler that finds
 its step index from a CUDA timestep does diffusers' one lookup sync (avoid it with
 ``set_begin_index``); after that no step reads device memory on the host, so a loop can be

@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_P, C_X, CLIP, NUM_COEFFS,
-                          fused_solver_step)
+from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_P, C_X, CLIP, D_H0, D_H1, D_H2,
+                          D_L, D_P, NUM_COEFFS, fused_solver_step)
 
 _INT_TIMESTEP_MSG = ("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{}.step()` is not "
                      "supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
@@ -33,7 +33,8 @@ def _row(**cols) -> np.ndarray:
     r[CLIP] = np.inf
     r[C_P] = 1.0
     names = {"A_X": A_X, "A_E": A_E, "A_N": A_N, "CLIP": CLIP, "C_P": C_P, "C_X": C_X, "B_X": B_X, "B_E": B_E,
-             "B_P": B_P, "B_H0": B_H0, "B_H1": B_H1, "B_H2": B_H2, "B_N": B_N}
+             "B_P": B_P, "B_H0": B_H0, "B_H1": B_H1, "B_H2": B_H2, "B_N": B_N, "D_L": D_L, "D_P": D_P, "D_H0": D_H0,
+             "D_H1": D_H1, "D_H2": D_H2}
     for k, v in cols.items():
         r[names[k]] = v
     return r
@@ -151,7 +152,7 @@ class FlowMatchEuler(_Adapter):
         noise = None
         if sch.config.stochastic_sampling:
             noise = _randn(sample.shape, generator, sample.device, torch.float32)
-        prev, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
+        prev, _, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
                                     model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
                                     out_dtype=model_output.dtype, write_history=False)
         sch._step_index += 1
@@ -219,7 +220,7 @@ class EulerDiscrete(_Adapter):
         if state.aux[key][i] > 0:  # diffusers draws only when churning this step
             noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
         x0_is_output = sch.config.prediction_type in ("original_sample", "sample")
-        prev, x0 = fused_solver_step(sample, model_output, state.table(key, sample.device)[i], model_output_cond=cond,
+        prev, x0, _ = fused_solver_step(sample, model_output, state.table(key, sample.device)[i], model_output_cond=cond,
                                      guidance_scale=s, guidance_rescale=rescale, noise=noise,
                                      out_dtype=model_output.dtype,
                                      history_dtype=model_output.dtype if x0_is_output else torch.float32)
@@ -262,7 +263,7 @@ class EulerAncestral(_Adapter):
                            "denoising. See `StableDiffusionPipeline` for a usage example.")
         i = self._init_index(sch, timestep)
         noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
-        prev, x0 = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
+        prev, x0, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
                                      model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
                                      out_dtype=model_output.dtype, history_dtype=torch.float32)
         sch._step_index += 1
@@ -361,7 +362,7 @@ class DDIM(_Adapter):
             noise = variance_noise if variance_noise is not None else \
                 _randn(model_output.shape, generator, model_output.device, model_output.dtype)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
-        prev, x0 = fused_solver_step(sample, model_output, coeffs, row=row, model_output_cond=cond, guidance_scale=s,
+        prev, x0, _ = fused_solver_step(sample, model_output, coeffs, row=row, model_output_cond=cond, guidance_scale=s,
                                      guidance_rescale=rescale, noise=noise, out_dtype=dtype, history_dtype=dtype)
         if not return_dict:
             return (prev, x0)
@@ -413,7 +414,7 @@ class LCM(_Adapter):
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         if i != sch.num_inference_steps - 1:
             noise = _randn(model_output.shape, generator, model_output.device, dtype)
-        prev, denoised = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
+        prev, denoised, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
                                            model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
                                            noise=noise, out_dtype=dtype, history_dtype=dtype)
         sch._step_index += 1
@@ -541,7 +542,7 @@ class DPMSolverMultistep(_Adapter):
         if c.algorithm_type == "sde-dpmsolver++":
             noise = variance_noise.to(device=model_output.device, dtype=torch.float32) if variance_noise is not None \
                 else _randn(model_output.shape, generator, model_output.device, torch.float32)
-        prev, x0 = fused_solver_step(sample, model_output, state.table("steps", sample.device)[3 * i + order - 1],
+        prev, x0, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[3 * i + order - 1],
                                      model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
                                      history=history, noise=noise, out_dtype=model_output.dtype,
                                      history_dtype=torch.promote_types(sample.dtype, model_output.dtype))
@@ -577,10 +578,10 @@ class UniPCMultistep(_Adapter):
     """UniPC (data prediction, B(h) = bh1/bh2) with its corrector. The rho coefficients (diffusers'
     ``torch.linalg.solve`` on the device) are solved on the host at set_timesteps.
 
-    Kernel count: one launch without the corrector (the first step, ``disable_corrector`` steps);
-    two with it — the corrected sample is both the predictor's input and the state diffusers keeps
-    as ``last_sample``, a third output the generic op does not have. Call 1 converts the model output
-    and corrects (``noise`` slot = ``last_sample``), call 2 predicts from the corrected sample.
+    One launch per step, corrector included: the op reads ``last_sample`` and writes the corrected
+    sample (diffusers' new ``last_sample``, rounded to its dtype before the predictor uses it, as
+    diffusers does) next to the new sample and the x0 history entry. Rows are indexed by
+    (step, corrector order, predictor order); both orders are host state, as in diffusers.
     """
 
     name = "UniPCMultistepScheduler"
@@ -613,7 +614,7 @@ class UniPCMultistep(_Adapter):
             lam = np.log(alpha) - np.log(sigt)
         n = len(sig) - 1
         nan = np.full(NUM_COEFFS, np.nan)
-        pred, pred_only, corr = [], [], []
+        pred, pc = [], []  # rows [step, predictor order] and [step, corrector order, predictor order]
         for i in range(n):
             a_s, s_s = alpha[i], sigt[i]
             if c.prediction_type == "epsilon":
@@ -624,24 +625,22 @@ class UniPCMultistep(_Adapter):
                 p_x, p_e = a_s, -s_s
             else:
                 p_x, p_e = 1.0, -sig[i]
-            for order in (1, 2, 3):
-                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                    pr = self._solved(self._predictor, c, i, order, alpha, sigt, lam) if order <= i + 1 else None
-                    cr = self._solved(self._corrector, c, i, order, alpha, sigt, lam) if 1 <= i and order <= i \
-                        else None
-                if pr is None:
-                    pred.append(nan)
-                    pred_only.append(nan)
-                else:
-                    b_x, b_m0, b_h = pr  # on the sample, the new x0 and H0, H1
-                    pred.append(_row(A_X=p_x, A_E=p_e, B_X=b_x, B_P=b_m0, B_H0=b_h[0], B_H1=b_h[1]))
-                    pred_only.append(_row(C_P=0.0, B_X=b_x, B_E=b_m0, B_H0=b_h[0], B_H1=b_h[1]))
-                if cr is None:
-                    corr.append(nan)
-                else:
-                    b_l, b_m0, b_h = cr  # on last_sample, the new x0 and H0, H1, H2
-                    corr.append(_row(A_X=p_x, A_E=p_e, B_N=b_l, B_P=b_m0, B_H0=b_h[0], B_H1=b_h[1], B_H2=b_h[2]))
-        for key, rows in (("pred", pred), ("pred_only", pred_only), ("corr", corr)):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                preds = [self._solved(self._predictor, c, i, po, alpha, sigt, lam) if po <= i + 1 else None
+                         for po in (1, 2, 3)]
+                corrs = [self._solved(self._corrector, c, i, oc, alpha, sigt, lam) if 1 <= i and oc <= i else None
+                         for oc in (1, 2, 3)]
+            for pr in preds:  # b_x on the (corrected) sample, b_m0 on the new x0, b_h on H0, H1
+                pred.append(nan if pr is None else _row(A_X=p_x, A_E=p_e, B_X=pr[0], B_P=pr[1], B_H0=pr[2][0],
+                                                        B_H1=pr[2][1]))
+            for cr in corrs:  # d_l on last_sample, d_m0 on the new x0, d_h on H0, H1, H2
+                for pr in preds:
+                    if cr is None or pr is None:
+                        pc.append(nan)
+                        continue
+                    pc.append(_row(A_X=p_x, A_E=p_e, B_X=pr[0], B_P=pr[1], B_H0=pr[2][0], B_H1=pr[2][1],
+                                   D_L=cr[0], D_P=cr[1], D_H0=cr[2][0], D_H1=cr[2][1], D_H2=cr[2][2]))
+        for key, rows in (("pred", pred), ("pc", pc)):
             state.host[key] = np.stack(rows) if rows else np.zeros((0, NUM_COEFFS))
 
     @staticmethod
@@ -706,23 +705,21 @@ class UniPCMultistep(_Adapter):
             this_order = c.solver_order
         this_order = min(this_order, sch.lower_order_nums + 1)
         hist_dtype = torch.promote_types(sample.dtype, model_output.dtype)
-        guide = dict(model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale)
         if use_corrector:
             oc = sch.this_order
-            corrected, x0 = fused_solver_step(
-                sample, model_output, state.table("corr", sample.device)[3 * i + oc - 1], noise=sch.last_sample,
-                history=[before[-1 - k] for k in range(oc)], out_dtype=sch.last_sample.dtype,
-                history_dtype=hist_dtype, **guide)
-            prev, _ = fused_solver_step(
-                corrected, x0, state.table("pred_only", sample.device)[3 * i + this_order - 1],
-                history=[before[-1 - k] for k in range(this_order - 1)], out_dtype=corrected.dtype,
-                write_history=False)
+            coeffs = state.table("pc", sample.device)[9 * i + 3 * (oc - 1) + this_order - 1]
+            history = [before[-1 - k] for k in range(max(oc, this_order - 1))]
+            last = sch.last_sample
         else:
+            coeffs = state.table("pred", sample.device)[3 * i + this_order - 1]
+            history = [before[-1 - k] for k in range(this_order - 1)]
+            last = None
+        prev, x0, corrected = fused_solver_step(
+            sample, model_output, coeffs, model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
+            history=history, last_sample=last, out_dtype=sample.dtype if last is None else last.dtype,
+            history_dtype=hist_dtype)
+        if last is None:
             corrected = sample
-            prev, x0 = fused_solver_step(
-                sample, model_output, state.table("pred", sample.device)[3 * i + this_order - 1],
-                history=[before[-1 - k] for k in range(this_order - 1)], out_dtype=sample.dtype,
-                history_dtype=hist_dtype, **guide)
         for j in range(c.solver_order - 1):
             sch.model_outputs[j] = sch.model_outputs[j + 1]
             sch.timestep_list[j] = sch.timestep_list[j + 1]
