@@ -19,7 +19,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
-    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale, double guidance_rescale, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale,
+    double guidance_rescale, at::ScalarType out_dtype,
     at::ScalarType history_dtype, bool write_history) {
   check_solver_args(sample, model_output, coeffs, row,
                     {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},

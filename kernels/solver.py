@@ -198,7 +198,8 @@ def fused_solver_step(x, u, c, h0, h1, h2, noise, last, coeffs, row, guidance_sc
 def _step_case(name, dtype, **flags):
     sig = {k: f"*{dtype}" for k in ("x_ptr", "u_ptr", "c_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "n_ptr", "l_ptr")}
     sig.update({"coef_ptr": "*fp32", "row_ptr": "*i64", "part_ptr": "*fp32", "xo_ptr": f"*{dtype}",
-                "ho_ptr": f"*{dtype}", "co_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32", "s": "fp32",
+                "ho_ptr": f"*{dtype}", "co_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32",
+                "s": "fp32",
                 "rescale": "fp32"})
     constexprs = dict(HAS_COND=False, RESCALE=False, N_HIST=0, HAS_NOISE=False, HAS_ROW=False, WRITE_HIST=True,
                       HAS_LAST=False, CHUNK=4096, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS)

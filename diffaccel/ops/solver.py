@@ -190,7 +190,8 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
         raise ValueError(f"coeffs: expected {NUM_COEFFS} coefficients in the last dimension, got {coeffs.shape[-1]}")
     if row is None:
         if coeffs.dim() != 1:
-            raise ValueError(f"coeffs: a table {tuple(coeffs.shape)} needs row; pass one row [{NUM_COEFFS}] or give row")
+            raise ValueError(f"coeffs: a table {tuple(coeffs.shape)} needs row; pass one row [{NUM_COEFFS}] "
+                             "or give row")
     else:
         check_tensor("row", row, dtypes=INDEX_DTYPES)
         if row.numel() != 1:

@@ -10,8 +10,9 @@ The step's state lives where diffusers keeps it (``_step_index``, ``model_output
 
 Not fused, so left unpatched with the reason: dynamic thresholding (a per-sample quantile),
 learned variance, DPM-Solver's noise-prediction variants (``dpmsolver``, ``sde-dpmsolver``),
-UniPC with ``predict_x0=False`` or ``solver_p``. Noise for stochastic steps is drawn with diffusers' ``randn_tensor`` and the caller's
-generator, exactly where diffusers draws it, so seeded trajectories match.
+UniPC with ``predict_x0=False`` or ``solver_p``. Noise for stochastic steps is drawn with
+diffusers' ``randn_tensor`` and the caller's generator, exactly where diffusers draws it, so
+seeded trajectories match.
 """
 from __future__ import annotations
 
@@ -153,8 +154,8 @@ class FlowMatchEuler(_Adapter):
         if sch.config.stochastic_sampling:
             noise = _randn(sample.shape, generator, sample.device, torch.float32)
         prev, _, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
-                                    model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
-                                    out_dtype=model_output.dtype, write_history=False)
+                                       model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
+                                       out_dtype=model_output.dtype, write_history=False)
         sch._step_index += 1
         if not return_dict:
             return (prev,)
@@ -220,10 +221,10 @@ class EulerDiscrete(_Adapter):
         if state.aux[key][i] > 0:  # diffusers draws only when churning this step
             noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
         x0_is_output = sch.config.prediction_type in ("original_sample", "sample")
-        prev, x0, _ = fused_solver_step(sample, model_output, state.table(key, sample.device)[i], model_output_cond=cond,
-                                     guidance_scale=s, guidance_rescale=rescale, noise=noise,
-                                     out_dtype=model_output.dtype,
-                                     history_dtype=model_output.dtype if x0_is_output else torch.float32)
+        prev, x0, _ = fused_solver_step(sample, model_output, state.table(key, sample.device)[i],
+                                        model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
+                                        noise=noise, out_dtype=model_output.dtype,
+                                        history_dtype=model_output.dtype if x0_is_output else torch.float32)
         sch._step_index += 1
         if not return_dict:
             return (prev, x0)
@@ -264,8 +265,8 @@ class EulerAncestral(_Adapter):
         i = self._init_index(sch, timestep)
         noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
         prev, x0, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
-                                     model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
-                                     out_dtype=model_output.dtype, history_dtype=torch.float32)
+                                        model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
+                                        out_dtype=model_output.dtype, history_dtype=torch.float32)
         sch._step_index += 1
         if not return_dict:
             return (prev, x0)
@@ -363,7 +364,7 @@ class DDIM(_Adapter):
                 _randn(model_output.shape, generator, model_output.device, model_output.dtype)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         prev, x0, _ = fused_solver_step(sample, model_output, coeffs, row=row, model_output_cond=cond, guidance_scale=s,
-                                     guidance_rescale=rescale, noise=noise, out_dtype=dtype, history_dtype=dtype)
+                                        guidance_rescale=rescale, noise=noise, out_dtype=dtype, history_dtype=dtype)
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -415,8 +416,8 @@ class LCM(_Adapter):
         if i != sch.num_inference_steps - 1:
             noise = _randn(model_output.shape, generator, model_output.device, dtype)
         prev, denoised, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
-                                           model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
-                                           noise=noise, out_dtype=dtype, history_dtype=dtype)
+                                              model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
+                                              noise=noise, out_dtype=dtype, history_dtype=dtype)
         sch._step_index += 1
         if not return_dict:
             return (prev, denoised)
@@ -543,9 +544,9 @@ class DPMSolverMultistep(_Adapter):
             noise = variance_noise.to(device=model_output.device, dtype=torch.float32) if variance_noise is not None \
                 else _randn(model_output.shape, generator, model_output.device, torch.float32)
         prev, x0, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[3 * i + order - 1],
-                                     model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
-                                     history=history, noise=noise, out_dtype=model_output.dtype,
-                                     history_dtype=torch.promote_types(sample.dtype, model_output.dtype))
+                                        model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
+                                        history=history, noise=noise, out_dtype=model_output.dtype,
+                                        history_dtype=torch.promote_types(sample.dtype, model_output.dtype))
         for j in range(c.solver_order - 1):
             sch.model_outputs[j] = sch.model_outputs[j + 1]
         sch.model_outputs[-1] = x0
