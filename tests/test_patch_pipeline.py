@@ -1,0 +1,101 @@
+"""diffaccel.patch on a diffusers pipeline: backbone and scheduler patched together, text encoder
+left alone, unpatch bit-exact, and a calibrated recipe applied through patch."""
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.integrations import reference as ref
+
+PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
+# fp32 on CPU: fused attention (torch reference) and the fused solver step differ from diffusers
+# only by rounding order. Random-weight backbones blow latents up to ~1e5, so the bound is
+# relative: measured 7e-7 (attention) and 2e-7 (solver) relative L2 over 8 DPM-Solver++ steps.
+FP32_REL_L2 = 1e-5
+
+
+def _rel_l2(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _pipeline(kind="unet", seed=0):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    backbone = ref.build_unet() if kind == "unet" else ref.build_dit()
+    tokenizer = ref.load_tokenizer()
+    text_encoder = CLIPTextModel.from_pretrained(str(ref.ASSETS_DIR / "text_encoder"))
+    pipe = ref.DigitsPipeline(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=ref.sampling_scheduler(),
+                              **({"unet": backbone} if kind == "unet" else {"transformer": backbone}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sample(pipe, steps=8):
+    g = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=3.0, generator=g, output_type="latent")
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_pipeline_patch_matches_and_unpatches(kind):
+    pipe = _pipeline(kind)
+    before = _sample(pipe)
+    report = diffaccel.patch(pipe)
+    assert report.by_part("attention") and report.by_part("solver"), str(report)
+    assert any(s.name == "text_encoder" for s in report.skipped)
+    assert diffaccel.solvers.is_patched(pipe.scheduler)
+    after = _sample(pipe)
+    assert _rel_l2(after, before) < FP32_REL_L2
+    diffaccel.unpatch(pipe)
+    assert not diffaccel.solvers.is_patched(pipe.scheduler)
+    assert torch.equal(_sample(pipe), before)
+
+
+def _backbone_inputs(pipe, t=999):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, ref.IMAGE_SIZE, ref.IMAGE_SIZE, generator=g)
+    return dict(sample=x, timestep=torch.tensor([t, t]), encoder_hidden_states=pipe.encode_prompt(PROMPTS, "cpu"))
+
+
+def _prediction(pipe):
+    with torch.no_grad():
+        return pipe.unet(**_backbone_inputs(pipe)).sample
+
+
+def test_pipeline_with_calibrated_recipe(tmp_path):
+    pipe = _pipeline("unet")
+    before, pred_before = _sample(pipe), _prediction(pipe)
+    # Calibrated on the backbone's own inputs. (A pipeline-collected minmax recipe of a random-weight
+    # UNet is dominated by its late latents, which grow to ~1e5: fine for the mechanics, which
+    # tests/test_calib_* cover, but no accuracy yardstick.)
+    recipe = diffaccel.calibrate(pipe.unet, [_backbone_inputs(pipe)], method="minmax", weight_bits=8, act_bits=8,
+                                 progress=False)
+    recipe.save(tmp_path / "recipe")
+    loaded = diffaccel.QuantRecipe.load(tmp_path / "recipe")
+    report = diffaccel.patch(pipe, quant=loaded)
+    quantized = report.by_part("quant")
+    assert quantized and report.by_part("solver")
+    assert all(type(pipe.unet.get_submodule(r.name.split(".", 1)[1])).__name__.startswith(("Quant", "BOS"))
+               for r in quantized)
+    _sample(pipe)  # the whole loop runs through the quantized layers and the fused step
+    rel = _rel_l2(_prediction(pipe), pred_before)
+    assert rel < 0.05, rel  # W8A8, static per-tensor minmax activations, on the calibration inputs
+    diffaccel.unpatch(pipe)
+    assert torch.equal(_sample(pipe), before)
+
+
+def test_recipe_for_another_model_is_refused_and_model_untouched():
+    unet_pipe, dit_pipe = _pipeline("unet"), _pipeline("dit")
+    recipe = diffaccel.calibrate(unet_pipe, PROMPTS[:1], method="minmax", weight_bits=8, act_bits=8,
+                                 num_inference_steps=2, progress=False)
+    before = dict(dit_pipe.transformer.named_modules())
+    with pytest.raises(ValueError, match="recipe"):
+        diffaccel.patch(dit_pipe, quant=recipe)
+    assert dict(dit_pipe.transformer.named_modules()) == before
+    assert not diffaccel.is_patched(dit_pipe) and not diffaccel.solvers.is_patched(dit_pipe.scheduler)
+
+
+def test_patch_scheduler_public_api():
+    pipe = _pipeline("unet")
+    res = diffaccel.patch_scheduler(pipe.scheduler)
+    assert res.patched, res.reason
+    assert diffaccel.unpatch_scheduler(pipe.scheduler)
