@@ -36,51 +36,69 @@ def _to_out(y, out_ptr):
 
 
 @triton.jit
-def _unpack_int4_t(p):
-    """uint8 [C, R] (two nibbles each, along C) -> int8 [2C, R]: row 2i = low nibble of row i."""
+def _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Packed W[rn, k0:k0+BLOCK_K]^T as two int8 [BLOCK_K // 2, BLOCK_N] tiles: the even k (low
+    nibbles) and the odd k (high nibbles). Multiplying them with the even/odd activation columns
+    avoids interleaving the nibbles in registers (a layout shuffle that made the kernel spill)."""
+    offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ptrs = w_ptr + offs_kh[:, None] + rn[None, :] * stride_wn
+    if EVEN_K:
+        p = tl.load(ptrs)
+    else:
+        p = tl.load(ptrs, mask=offs_kh[:, None] < K // 2, other=0)
     pi = p.to(tl.int32)
     lo = pi & 15
     hi = (pi >> 4) & 15
     lo = lo - ((lo & 8) << 1)
     hi = hi - ((hi & 8) << 1)
-    j = tl.permute(tl.join(lo, hi), (0, 2, 1))  # [C, 2, R]
-    return tl.reshape(j, (2 * p.shape[0], p.shape[1])).to(tl.int8)
+    return lo.to(tl.int8), hi.to(tl.int8)
 
 
 @triton.jit
-def _load_weight_tile_t(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr):
-    """W[offs_n, k0:k0+BLOCK_K]^T as int8 [BLOCK_K, BLOCK_N] (zeros past K or N)."""
-    if W_INT4:
-        offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        p = tl.load(w_ptr + offs_kh[:, None] + offs_n[None, :] * stride_wn,
-                    mask=(offs_kh[:, None] < K // 2) & (offs_n[None, :] < N), other=0)
-        w = _unpack_int4_t(p)
+def _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """W[rn, k0:k0+BLOCK_K]^T as [BLOCK_K, BLOCK_N] (zeros past K). ``rn`` is already wrapped into
+    [0, N) (columns past N are duplicates whose outputs are never stored), so no N mask."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ptrs = w_ptr + offs_k[:, None] + rn[None, :] * stride_wn
+    if EVEN_K:
+        w = tl.load(ptrs)
     else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + offs_k[:, None] + offs_n[None, :] * stride_wn,
-                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0)
+        w = tl.load(ptrs, mask=offs_k[:, None] < K, other=0)
     return w
 
 
 @triton.jit
-def _load_act_tile(a_ptr, offs_m, k0, M, K, stride_am, smooth_ptr, a_scale, zp,
-                   BLOCK_K: tl.constexpr, FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
-    """A[offs_m, k0:k0+BLOCK_K] as int8; quantized here when FUSE_QUANT (1 dynamic, 2 static)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+def _load_act_tile(a_ptr, rm, offs_k, K, stride_am, smooth_ptr, a_scale, zp,
+                   FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
+    """A[rm, offs_k] as int8 (``rm`` wrapped into [0, M)); quantized here when FUSE_QUANT
+    (1 dynamic, 2 static)."""
+    ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
+    k_mask = offs_k[None, :] < K
     if FUSE_QUANT == 0:
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask, other=0)
+        if EVEN_K:
+            a = tl.load(ptrs)
+        else:
+            a = tl.load(ptrs, mask=k_mask, other=0)
     else:
-        x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if EVEN_K:
+            x = tl.load(ptrs).to(tl.float32)
+        else:
+            x = tl.load(ptrs, mask=k_mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
+            if EVEN_K:
+                s = tl.load(smooth_ptr + offs_k)
+            else:
+                s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
             x = tl.math.div_rn(x, s[None, :])
         if FUSE_QUANT == 1:
             q = round_half_even(tl.math.div_rn(x, a_scale[:, None]))
         else:
             q = round_half_even(tl.math.div_rn(x, a_scale)) + zp.to(tl.float32)
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-        a = tl.where(mask, q, 0.0).to(tl.int8)  # padding contributes 0, not the zero point
+        if EVEN_K:
+            a = q.to(tl.int8)
+        else:
+            a = tl.where(k_mask, q, 0.0).to(tl.int8)  # K padding contributes 0, not the zero point
     return a
 
 
@@ -91,6 +109,7 @@ def _int8_act_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUPED: tl.constexpr, W_INT4: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_MIN: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,6 +117,9 @@ def _int8_act_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    # wrapped row/column indices for the main-loop loads: no M/N masks there (fewer registers)
+    rm = offs_m % M
+    rn = offs_n % N
 
     zp = tl.zeros((), dtype=tl.int32)
     if HAS_ZP:
@@ -107,8 +129,8 @@ def _int8_act_gemm_kernel(
             amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
-                            mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+                x = tl.load(a_ptr + rm[:, None] * stride_am + offs_k[None, :],
+                            mask=offs_k[None, :] < K, other=0.0).to(tl.float32)
                 if HAS_SMOOTH:
                     s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
                     x = tl.math.div_rn(x, s[None, :])
@@ -124,10 +146,20 @@ def _int8_act_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        a = _load_act_tile(a_ptr, offs_m, k0, M, K, stride_am, smooth_ptr, a_scale, zp,
-                           BLOCK_K, FUSE_QUANT, HAS_SMOOTH)
-        w = _load_weight_tile_t(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
-        part = tl.dot(a, w, out_dtype=tl.int32)
+        if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
+            offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            a_even = _load_act_tile(a_ptr, rm, offs_even, K, stride_am, smooth_ptr, a_scale, zp,
+                                    FUSE_QUANT, HAS_SMOOTH, EVEN_K)
+            a_odd = _load_act_tile(a_ptr, rm, offs_even + 1, K, stride_am, smooth_ptr, a_scale, zp,
+                                   FUSE_QUANT, HAS_SMOOTH, EVEN_K)
+            w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
+            part = tl.dot(a_even, w_lo, out_dtype=tl.int32)
+            part = tl.dot(a_odd, w_hi, part, out_dtype=tl.int32)
+        else:
+            a = _load_act_tile(a_ptr, rm, k0 + tl.arange(0, BLOCK_K), K, stride_am, smooth_ptr, a_scale, zp,
+                               FUSE_QUANT, HAS_SMOOTH, EVEN_K)
+            w = _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
+            part = tl.dot(a, w, out_dtype=tl.int32)
         if GROUPED:  # BLOCK_K is the group size: one scale per (n, group)
             g = k0 // BLOCK_K
             if HAS_ZP:
@@ -171,10 +203,10 @@ def pick_int8_config(M: int, N: int, K: int, group_size: int):
     block_k = group_size if group_size else 64
     if M <= 16:
         return 16, 64, block_k, 4, 4
+    if group_size:
+        return 64, 128, block_k, 8, 3
     if M <= 64:
-        return 64, 64, block_k, 4, 4
-    if group_size and group_size >= 128:
-        return 64, 128, block_k, 8, 2
+        return 64, 64, block_k, 8, 3
     return 128, 128, block_k, 8, 2
 
 
@@ -197,7 +229,7 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
         M, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, FUSE_QUANT=fuse_quant,
-        HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR,
+        HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
 
@@ -257,7 +289,7 @@ def quantize_act_int8(x2d, smooth, scale, zero_point, out, scales_out) -> None:
 def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
                      stride_am, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -267,11 +299,14 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + offs_k[:, None] + offs_n[None, :] * stride_wn, mask=k_mask[:, None] & n_mask[None, :],
-                    other=0.0)
+        a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + offs_k[:, None] + (offs_n % N)[None, :] * stride_wn
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
         acc = tl.dot(a, w, acc, out_dtype=tl.float32)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     if PER_TOKEN:
@@ -302,7 +337,7 @@ def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool) -> None:
     _fp8_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
         a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        PER_TOKEN=per_token, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+        PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, num_warps=warps, num_stages=stages,
         enable_fp_fusion=False)
 
 
@@ -348,27 +383,47 @@ def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
 # -- W4A16 / W8A16: weight-only, dequantized in the main loop ------------------------------
 
 @triton.jit
+def _load_x_tile(x_ptr, rm, offs_k, K, stride_xm, EVEN_K: tl.constexpr):
+    ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_k[None, :] < K, other=0.0)
+
+
+@triton.jit
+def _float_dot(x, w, DOT_FP32: tl.constexpr):
+    if DOT_FP32:  # interpreter only: its bf16 x bf16 dot returns garbage; fp32 products are exact
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32)
+    return tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
+
+
+@triton.jit
 def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
                              stride_xm, stride_wn, stride_om, stride_wsn,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUPED: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             DOT_FP32: tl.constexpr):
+                             DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rm = offs_m % M
+    rn = offs_n % N
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _load_weight_tile_t(w_ptr, offs_n, k0, N, K, stride_wn, BLOCK_K, W_INT4)
-        if DOT_FP32:  # interpreter only: its bf16 x bf16 dot returns garbage; fp32 products are exact
-            part = tl.dot(x.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32)
+        if W_INT4:
+            offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            x_even = _load_x_tile(x_ptr, rm, offs_even, K, stride_xm, EVEN_K)
+            x_odd = _load_x_tile(x_ptr, rm, offs_even + 1, K, stride_xm, EVEN_K)
+            w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
+            part = _float_dot(x_even, w_lo, DOT_FP32)
+            part += _float_dot(x_odd, w_hi, DOT_FP32)
         else:
-            part = tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
+            x = _load_x_tile(x_ptr, rm, k0 + tl.arange(0, BLOCK_K), K, stride_xm, EVEN_K)
+            w = _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
+            part = _float_dot(x, w, DOT_FP32)
         if GROUPED:
             gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + k0 // BLOCK_K, mask=n_mask, other=0.0)
             y = y + part * gscale[None, :]
@@ -386,9 +441,7 @@ def pick_weight_only_config(M: int, N: int, K: int, group_size: int):
     block_k = group_size if group_size else 64
     if M <= 16:
         return 16, 64, block_k, 4, 4
-    if M <= 64:
-        return 64, 64, block_k, 4, 3
-    return 128, 128, block_k, 8, 3
+    return 64, 128, block_k, 8, 3
 
 
 def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool) -> None:
@@ -401,7 +454,7 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool)
         x, w, w_scale, bias if bias is not None else out, out, M, N, K,
         x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
-        HAS_BIAS=bias is not None, DOT_FP32=_interpreting() and x.dtype != torch.float16,
+        HAS_BIAS=bias is not None, DOT_FP32=_interpreting() and x.dtype != torch.float16, EVEN_K=K % BK == 0,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False)
 
 
@@ -417,43 +470,60 @@ def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, 
                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                       "GROUPED": "constexpr", "W_INT4": "constexpr", "PER_TOKEN": "constexpr",
                       "HAS_ZP": "constexpr", "HAS_BIAS": "constexpr", "FUSE_QUANT": "constexpr",
-                      "HAS_SMOOTH": "constexpr", "AMAX_MIN": "constexpr"},
+                      "HAS_SMOOTH": "constexpr", "AMAX_MIN": "constexpr", "EVEN_K": "constexpr"},
         "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": grouped, "W_INT4": w_int4,
                        "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True,
-                       "FUSE_QUANT": fuse_quant, "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR},
+                       "FUSE_QUANT": fuse_quant, "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True},
+        "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
+    }
+
+
+def _weight_only_case(name, bm, bn, bk, warps, stages):
+    return {
+        "name": name, "fn": _weight_only_gemm_kernel,
+        "signature": {"x_ptr": "*fp16", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                      "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                      "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32", "BLOCK_M": "constexpr",
+                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUPED": "constexpr",
+                      "W_INT4": "constexpr", "HAS_BIAS": "constexpr", "DOT_FP32": "constexpr",
+                      "EVEN_K": "constexpr"},
+        "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": True, "W_INT4": True,
+                       "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": True},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
 
 STATIC_REPORT_CASES = [
     _int8_case("w8a8_int8_m128", 128, 128, 64, 8, 2, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
+    _int8_case("w8a8_int8_m64", 64, 64, 64, 8, 3, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
     _int8_case("w8a8_int8_m16", 16, 64, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=0, per_token=True),
     _int8_case("w8a8_int8_static_zp_m128", 128, 128, 64, 8, 2, grouped=False, w_int4=False, fuse_quant=0,
                per_token=False),
-    _int8_case("w8a8_int8_fused_quant_m16", 16, 64, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
+    _int8_case("w8a8_fused_quant_m16", 16, 64, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
                per_token=True, a_dtype="*fp16"),
-    _int8_case("w4a8_g128_m64x128", 64, 128, 128, 8, 2, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    _int8_case("w8a8_fused_quant_m64", 64, 64, 64, 8, 3, grouped=False, w_int4=False, fuse_quant=1,
+               per_token=True, a_dtype="*fp16"),
+    _int8_case("w8a8_fused_static_quant_m64", 64, 64, 64, 8, 3, grouped=False, w_int4=False, fuse_quant=2,
+               per_token=False, a_dtype="*fp16"),
+    _int8_case("w4a8_g128_m64x128", 64, 128, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    _int8_case("w4a8_g64_m64x128", 64, 128, 64, 8, 3, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
     _int8_case("w4a8_g128_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    _int8_case("w4a8_g128_fused_quant_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=1,
+               per_token=True, a_dtype="*fp16"),
     {
         "name": "fp8_m128", "fn": _fp8_gemm_kernel,
         "signature": {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
                       "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                       "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PER_TOKEN": "constexpr",
-                      "HAS_BIAS": "constexpr"},
-        "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "PER_TOKEN": True, "HAS_BIAS": True},
+                      "HAS_BIAS": "constexpr", "EVEN_K": "constexpr"},
+        "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "PER_TOKEN": True, "HAS_BIAS": True,
+                       "EVEN_K": True},
         "num_warps": 8, "num_stages": 3, "hot": True, "tensor_cores": True,
-        "archs": ["89", "90a"],  # fp8 tensor cores start at sm_89
+        # fp8 tensor cores start at sm_89, but Triton 3.8's sm_89 build of this kernel has no
+        # tensor-core instruction in its SASS (static report): listed for sm_90a only
+        "archs": ["90a"],
     },
-    {
-        "name": "w4a16_g128_m16", "fn": _weight_only_gemm_kernel,
-        "signature": {"x_ptr": "*fp16", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                      "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                      "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32", "BLOCK_M": "constexpr",
-                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUPED": "constexpr",
-                      "W_INT4": "constexpr", "HAS_BIAS": "constexpr", "DOT_FP32": "constexpr"},
-        "constexprs": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUPED": True, "W_INT4": True,
-                       "HAS_BIAS": True, "DOT_FP32": False},
-        "num_warps": 4, "num_stages": 4, "hot": True, "tensor_cores": True,
-    },
+    _weight_only_case("w4a16_g128_m16", 16, 64, 128, 4, 4),
+    _weight_only_case("w4a16_g128_m64x128", 64, 128, 128, 8, 3),
 ]
