@@ -81,9 +81,14 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    # The head dim is covered by a power-of-two chunk BLOCK_D and, for head dims like 40/80/160, a second
+    # narrower chunk BLOCK_D1 (160 = 128 + 32, 80 = 64 + 16): far less padding than one next-power-of-two tile.
+    SPLIT: tl.constexpr = BLOCK_D1 > 0
+    EVEN_D: tl.constexpr = HEAD_DIM >= BLOCK_D
+    EVEN_D1: tl.constexpr = BLOCK_D + BLOCK_D1 == HEAD_DIM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -93,19 +98,30 @@ def _attn_fwd_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm + offs_d[None, :] * s_qd
-    q = _load_2d(q_ptrs, row_ok, d_ok, True, not EVEN_D)
+    q_rows = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm
+    q = _load_2d(q_rows + offs_d[None, :] * s_qd, row_ok, d_ok, True, not EVEN_D)
     if BF16_DOT_IN_FP32:  # the interpreter's bf16 tl.dot returns garbage (Triton 3.8); bf16 values are exact in fp32
         q = q.to(tl.float32)
     # pointers advance by a scalar per K/V tile (cheaper than recomputing 64-bit addresses per element)
     offs_n0 = tl.arange(0, BLOCK_N)
-    k_ptrs = K + b * s_kb + h * s_kh + (offs_n0[None, :] * s_kn + offs_d[:, None] * s_kd)
-    v_ptrs = V + b * s_vb + h * s_vh + (offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd)
+    k_cols = K + b * s_kb + h * s_kh + offs_n0[None, :] * s_kn
+    v_rows = V + b * s_vb + h * s_vh + offs_n0[:, None] * s_vn
+    k_ptrs = k_cols + offs_d[:, None] * s_kd
+    v_ptrs = v_rows + offs_d[None, :] * s_vd
     m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    if SPLIT:
+        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        d1_ok = offs_d1 < HEAD_DIM
+        q1 = _load_2d(q_rows + offs_d1[None, :] * s_qd, row_ok, d1_ok, True, not EVEN_D1)
+        if BF16_DOT_IN_FP32:
+            q1 = q1.to(tl.float32)
+        k1_ptrs = k_cols + offs_d1[:, None] * s_kd
+        v1_ptrs = v_rows + offs_d1[None, :] * s_vd
+        acc1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
 
     hi = Lk
     if IS_CAUSAL:
@@ -117,7 +133,14 @@ def _attn_fwd_kernel(
         k_ptrs += BLOCK_N * s_kn
         if BF16_DOT_IN_FP32:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if SPLIT:
+            k1t = _load_2d(k1_ptrs, d1_ok, col_ok, not EVEN_D1, not EVEN_N)
+            k1_ptrs += BLOCK_N * s_kn
+            if BF16_DOT_IN_FP32:
+                k1t = k1t.to(tl.float32)
+            s = tl.dot(q1, k1t, s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         s = _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, EVEN_N)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -130,15 +153,28 @@ def _attn_fwd_kernel(
         v = _load_2d(v_ptrs, col_ok, d_ok, not EVEN_N, not EVEN_D)
         v_ptrs += BLOCK_N * s_vn
         if BF16_DOT_IN_FP32:
-            acc = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            p_in = p.to(tl.bfloat16).to(tl.float32)
+            v = v.to(tl.float32)
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            p_in = p.to(v.dtype)
+        acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
+        if SPLIT:
+            acc1 = acc1 * alpha[:, None]
+            v1 = _load_2d(v1_ptrs, col_ok, d1_ok, not EVEN_N, not EVEN_D1)
+            v1_ptrs += BLOCK_N * s_vn
+            if BF16_DOT_IN_FP32:
+                v1 = v1.to(tl.float32)
+            acc1 = tl.dot(p_in, v1, acc1, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_any = l_i > 0.0
-    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :] * s_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    inv_l = 1.0 / tl.where(has_any, l_i, 1.0)
+    o_rows = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om
+    tl.store(o_rows + offs_d[None, :] * s_od, (acc * inv_l[:, None]).to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    if SPLIT:
+        tl.store(o_rows + offs_d1[None, :] * s_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d1_ok[None, :])
     if STORE_LSE:
         lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
         tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
@@ -157,7 +193,7 @@ _CONFIGS = {
              (64, 32, 4, 3, _MID_D), (128, 64, 8, 2, _MID_D), (64, 32, 8, 2, (256,)), (64, 32, 8, 1, (256,))],
 }
 _INTERPRETER_CONFIG = (32, 32, 4, 1)  # one fixed config keeps CPU tests fast
-_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "HAS_MASK", "IS_CAUSAL", "DOT_PRECISION", "BF16_DOT_IN_FP32"]
+_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "BLOCK_D1", "HAS_MASK", "IS_CAUSAL", "DOT_PRECISION", "BF16_DOT_IN_FP32"]
 
 
 def _arch_family(device: torch.device) -> str:
@@ -168,7 +204,8 @@ def _arch_family(device: torch.device) -> str:
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    # register pressure follows the whole tile width: 160 = 128 + 32 is tuned like 256
+    block_d = _block_d(kwargs.get("BLOCK_D", 64) + kwargs.get("BLOCK_D1", 0))
     kept = [c for c in configs if block_d in c.kwargs.get("_head_dims", (block_d,))]
     return [_strip(c) for c in (kept or configs)]
 
@@ -214,6 +251,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> Non
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     kernel = _tuned("_attn_fwd_kernel", _arch_family(q.device))
     interpret_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    block_d, block_d1 = split_head_dim(D)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](
         q, k, v, mask_t if has_mask else q, out, lse if lse is not None else out,
@@ -221,12 +259,23 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> Non
         H, Lq, Lk, float(scale), _bucket(Lq), _bucket(Lk), HEAD_DIM=D,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret_bf16 else "tf32",
-        BF16_DOT_IN_FP32=interpret_bf16, BLOCK_D=_block_d(D),
+        BF16_DOT_IN_FP32=interpret_bf16, BLOCK_D=block_d, BLOCK_D1=block_d1,
     )
 
 
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
+
+
+def split_head_dim(D: int, min_chunk: int = 16) -> tuple:
+    """(BLOCK_D, BLOCK_D1): a power-of-two chunk plus, where it saves padding, a second power-of-two
+    chunk of at least ``min_chunk`` (the MMA's K granularity); BLOCK_D1 = 0 means one tile."""
+    full = _block_d(D)
+    if D <= min_chunk or D == full:
+        return full, 0
+    first = full // 2
+    second = max(min_chunk, triton.next_power_of_2(D - first))
+    return (first, second) if first + second < full else (full, 0)
 
 
 # -- INT8 quantization of Q and K (per block of tokens, per head) --------------------------------
@@ -314,10 +363,14 @@ def _attn_int8_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     PV_FP8: tl.constexpr, STORE_QK: tl.constexpr, QBLOCK_M: tl.constexpr, QBLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
+    # head dim split as in _attn_fwd_kernel; the second chunk is >= 32 wide (the INT8 MMA's K step)
     D: tl.constexpr = HEAD_DIM
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    SPLIT: tl.constexpr = BLOCK_D1 > 0
+    EVEN_D: tl.constexpr = HEAD_DIM >= BLOCK_D
+    EVEN_D1: tl.constexpr = BLOCK_D + BLOCK_D1 == HEAD_DIM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -327,19 +380,28 @@ def _attn_int8_fwd_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < D
 
-    qi = _load_2d(Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], row_ok, d_ok,
-                  True, not EVEN_D)
+    q_rows = Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D
+    qi = _load_2d(q_rows + offs_d[None, :], row_ok, d_ok, True, not EVEN_D)
     # per-row Q scale (a tile may span several quantization blocks) with the softmax scale folded in
     q_scale = tl.load(Qs + pid_bh * n_qblocks + offs_m // QBLOCK_M, mask=row_ok, other=0.0) * qk_scale
     offs_n0 = tl.arange(0, BLOCK_N)
-    k_ptrs = Ki + pid_bh * Lk * D + (offs_n0[None, :] * D + offs_d[:, None])
+    k_cols = Ki + pid_bh * Lk * D + offs_n0[None, :] * D
+    v_rows = V + b * s_vb + h * s_vh + offs_n0[:, None] * s_vn
+    k_ptrs = k_cols + offs_d[:, None]
+    v_ptrs = v_rows + offs_d[None, :] * s_vd
     ks_base = Ks + pid_bh * n_kblocks
-    v_ptrs = V + b * s_vb + h * s_vh + (offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd)
     m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    if SPLIT:
+        offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
+        d1_ok = offs_d1 < D
+        qi1 = _load_2d(q_rows + offs_d1[None, :], row_ok, d1_ok, True, not EVEN_D1)
+        k1_ptrs = k_cols + offs_d1[:, None]
+        v1_ptrs = v_rows + offs_d1[None, :] * s_vd
+        acc1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
 
     hi = Lk
     if IS_CAUSAL:
@@ -350,6 +412,10 @@ def _attn_int8_fwd_kernel(
         kt = _load_2d(k_ptrs, d_ok, col_ok, not EVEN_D, not EVEN_N)
         k_ptrs += BLOCK_N * D
         s_int = tl.dot(qi, kt, out_dtype=tl.int32)
+        if SPLIT:
+            k1t = _load_2d(k1_ptrs, d1_ok, col_ok, not EVEN_D1, not EVEN_N)
+            k1_ptrs += BLOCK_N * D
+            s_int = tl.dot(qi1, k1t, s_int, out_dtype=tl.int32)
         if STORE_QK:  # debug: the exact integer scores, compared bit for bit with the reference
             tl.store(Dbg + pid_bh * Lq * Lk + offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :], s_int,
                      mask=row_ok[:, None] & col_ok[None, :])
@@ -369,18 +435,34 @@ def _attn_int8_fwd_kernel(
             # p <= 1, so p * 448 uses the whole E4M3 range; V arrives pre-scaled per channel. Hopper's FP8
             # MMA accumulates in reduced precision, so each tile's product starts from zero and is added
             # to the fp32 accumulator outside the MMA (SageAttention2's two-level accumulation).
-            acc += tl.dot((p * 448.0).to(tl.float8e4nv), v)
+            p_in = (p * 448.0).to(tl.float8e4nv)
+            acc += tl.dot(p_in, v)
         else:
-            acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+            p_in = p.to(tl.float16)
+            acc = tl.dot(p_in, v.to(tl.float16), acc)
+        if SPLIT:
+            acc1 = acc1 * alpha[:, None]
+            v1 = _load_2d(v1_ptrs, col_ok, d1_ok, not EVEN_N, not EVEN_D1)
+            v1_ptrs += BLOCK_N * s_vn
+            if PV_FP8:
+                acc1 += tl.dot(p_in, v1)
+            else:
+                acc1 = tl.dot(p_in, v1.to(tl.float16), acc1)
         m_i = m_new
 
-    if PV_FP8:
-        v_scale = tl.load(Vs + pid_bh * D + offs_d, mask=d_ok, other=0.0) * (1.0 / 448.0)
-        acc = acc * v_scale[None, :]
     has_any = l_i > 0.0
-    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    o_ptrs = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om + offs_d[None, :] * s_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    inv_l = 1.0 / tl.where(has_any, l_i, 1.0)
+    if PV_FP8:  # undo the per-channel V scale and P's 448
+        inv_v = tl.load(Vs + pid_bh * D + offs_d, mask=d_ok, other=0.0) * (1.0 / 448.0)
+        acc = acc * inv_v[None, :]
+        if SPLIT:
+            acc1 = acc1 * (tl.load(Vs + pid_bh * D + offs_d1, mask=d1_ok, other=0.0) * (1.0 / 448.0))[None, :]
+    o_rows = Out + b * s_ob + h * s_oh + offs_m[:, None].to(tl.int64) * s_om
+    tl.store(o_rows + offs_d[None, :] * s_od, (acc * inv_l[:, None]).to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    if SPLIT:
+        tl.store(o_rows + offs_d1[None, :] * s_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d1_ok[None, :])
     if STORE_LSE:
         lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
         tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
@@ -396,6 +478,7 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
     if B * H * Lq == 0:
         return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
+    block_d, block_d1 = split_head_dim(D, min_chunk=32)
     if qk_debug is not None:
         # the debug store runs per tile; one fixed config keeps it independent of tuning
         kernel, cfg = _attn_int8_fwd_kernel, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1,
@@ -411,7 +494,7 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
         H, Lq, Lk, q_scale.shape[2], k_scale.shape[2], float(scale), _bucket(Lq), _bucket(Lk), HEAD_DIM=D,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
         PV_FP8=pv_fp8, STORE_QK=qk_debug is not None, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
-        BLOCK_D=_block_d(D), **cfg,
+        BLOCK_D=block_d, BLOCK_D1=block_d1, **cfg,
     )
 
 
@@ -425,10 +508,11 @@ def _fp_case(name, dtype, head_dim, bm, bn, warps, stages):
                                    "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk")})
     sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
     # unit strides in D are specialised to the constant 1 by the JIT, as here
-    consts = dict(s_qd=1, s_kd=1, s_vd=1, s_od=1, HEAD_DIM=head_dim, EVEN_N=True,
+    block_d, block_d1 = split_head_dim(head_dim)
+    consts = dict(s_qd=1, s_kd=1, s_vd=1, s_od=1, HEAD_DIM=head_dim, EVEN_N=True, BLOCK_D1=block_d1,
                   HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, DOT_PRECISION="tf32",
                   BF16_DOT_IN_FP32=False,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
     sig.update({k: "constexpr" for k in consts})
     return {"name": name, "fn": _attn_fwd_kernel, "signature": sig, "constexprs": consts,
             "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True}
@@ -440,9 +524,10 @@ def _int8_case(name, head_dim, pv_fp8, bm, bn, warps, stages):
     sig.update({n: "i32" for n in ("s_vb", "s_vh", "s_vn", "s_ob", "s_oh", "s_om",
                                    "s_mb", "s_mh", "s_mm", "s_mn", "H", "Lq", "Lk", "n_qblocks", "n_kblocks")})
     sig.update({"qk_scale": "fp32", "LQ_BUCKET": "i32", "LK_BUCKET": "i32"})
-    consts = dict(s_vd=1, s_od=1, HEAD_DIM=head_dim, EVEN_N=True, HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8,
-                  STORE_QK=False, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim)
+    block_d, block_d1 = split_head_dim(head_dim, min_chunk=32)
+    consts = dict(s_vd=1, s_od=1, HEAD_DIM=head_dim, EVEN_N=True, BLOCK_D1=block_d1, HAS_MASK=False,
+                  MASK_IS_BOOL=False, IS_CAUSAL=False, STORE_LSE=False, PV_FP8=pv_fp8, STORE_QK=False, QBLOCK_M=QUANT_BLOCK_M, QBLOCK_N=QUANT_BLOCK_N,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
     sig.update({k: "constexpr" for k in consts})
     case = {"name": name, "fn": _attn_int8_fwd_kernel, "signature": sig, "constexprs": consts,
             "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True}
@@ -457,8 +542,8 @@ def _static_report_cases():
     cases = []
     for family, archs in (("sm80", ["80", "89"]), ("sm90", ["90a"])):
         for bm, bn, w, st, dims in _CONFIGS[family]:
-            for hd in (64, 128, 256):
-                if _block_d(hd) not in dims:
+            for hd in (64, 80, 128, 160, 256):  # 80 = 64 + 16 and 160 = 128 + 32: the split-tile kernels
+                if _block_d(sum(split_head_dim(hd))) not in dims:
                     continue
                 tag = f"hd{hd}_{bm}x{bn}_w{w}s{st}"
                 fp = _fp_case(f"attn_fwd_fp16_{tag}_{family}", "fp16", hd, bm, bn, w, st)
