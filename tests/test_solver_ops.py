@@ -149,6 +149,17 @@ def test_rescale_many_chunks(backend):
     _close(x, rx, torch.float32)
 
 
+def test_coefficient_layout_shared_with_kernels():
+    """kernels/ may not import the package: its copy of the layout must agree."""
+    from diffaccel.kernels import solver as k
+    from diffaccel.ops import solver as o
+
+    assert k.NUM_COEFFS == o.NUM_COEFFS
+    for name in ("A_X", "A_E", "A_N", "CLIP", "C_P", "C_X", "B_X", "B_E", "B_P", "B_H0", "B_H1", "B_H2", "B_N",
+                 "D_L", "D_P", "D_H0", "D_H1", "D_H2"):
+        assert getattr(k, name) == getattr(o, name), name
+
+
 def test_opcheck():
     a = _inputs((2, 4, 4, 4), torch.float16, 2, True, True)
     h = a["history"]
