@@ -84,7 +84,7 @@ def _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK: tl.conste
     m2_c = tl.load(row + 1, mask=kmask, other=0.0)
     mean_g = tl.load(row + 2, mask=kmask, other=0.0)
     m2_g = tl.load(row + 3, mask=kmask, other=0.0)
-    n = per_sample.to(tl.float32)
+    n = per_sample + 0.0  # (not .to: Triton passes an int argument equal to 1 as a constant)
     mu_c = tl.sum(cnt * mean_c, axis=0) / n
     mu_g = tl.sum(cnt * mean_g, axis=0) / n
     var_c = (tl.sum(m2_c, axis=0) + tl.sum(cnt * (mean_c - mu_c) * (mean_c - mu_c), axis=0)) / (n - 1.0)
