@@ -274,6 +274,7 @@ def test_int4_packing_layout():
     p = fmt.pack_int4(q)
     assert p.dtype == torch.uint8 and p.tolist() == [[0xE1, 0x87]]  # low nibble = even k
     assert torch.equal(fmt.unpack_int4(p), q)
+    assert torch.equal(G._unpack_int4(p), q)  # the ops layer's own copy of the layout
     r = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
     assert torch.equal(fmt.unpack_int4(fmt.pack_int4(r)), r)
 

@@ -47,15 +47,26 @@ FUSED_QUANT_MAX_M = 64
 # -- references -------------------------------------------------------------------------------
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    from diffaccel.quant.formats import unpack_int4
-
-    return unpack_int4(packed)
+    """uint8 [N, K // 2] -> int8 [N, K]; low nibble = even k (the layout of diffaccel.quant.formats.pack_int4;
+    restated here because ops must not import the quant layer above them)."""
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, p >> 4
+    lo, hi = lo - ((lo & 8) << 1), hi - ((hi & 8) << 1)
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
 
 
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """int8 [M, K] x int8 [N, K]^T -> int32 [M, N] (torch._int_mm; exact)."""
-    if a.device.type == "cuda" and (a.shape[0] <= 16 or a.shape[1] % 8 or b_t.shape[0] % 8):
-        return (a.to(torch.int32) @ b_t.to(torch.int32).t())  # cuBLAS int8 shape limits
+    M, K = a.shape
+    N = b_t.shape[0]
+    if a.device.type == "cuda" and (M <= 16 or K % 8 or N % 8):
+        # cuBLAS int8 needs M > 16 and K, N multiples of 8: zero padding leaves the sums unchanged
+        Mp, Kp, Np = max(32, -(-M // 8) * 8), -(-K // 8) * 8, -(-N // 8) * 8
+        ap = torch.zeros(Mp, Kp, dtype=torch.int8, device=a.device)
+        bp = torch.zeros(Np, Kp, dtype=torch.int8, device=a.device)
+        ap[:M, :K] = a
+        bp[:N, :K] = b_t
+        return torch._int_mm(ap, bp.t())[:M, :N]
     return torch._int_mm(a.contiguous(), b_t.t())
 
 
