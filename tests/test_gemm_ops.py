@@ -433,7 +433,8 @@ def test_gpu_fp8(M):
         q, s = G.quantize_activation_fp8(x.to(dev))
         out = G.fp8_gemm(q, w.to(dev), s, ws.to(dev), out_dtype=torch.float32)
     assert torch.equal(q.cpu().float(), rq.float()) and torch.equal(s.cpu(), rs)
-    torch.testing.assert_close(out.cpu(), G.fp8_gemm_reference(rq, w, rs, ws, None, torch.float32), rtol=1e-5, atol=1e-4)
+    # fp32 sums over K=1024 in another order: rtol 1e-4, atol 1e-3 (outputs are O(10))
+    torch.testing.assert_close(out.cpu(), G.fp8_gemm_reference(rq, w, rs, ws, None, torch.float32), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.gpu
