@@ -229,8 +229,7 @@ def test_other_formats_run(spec, tol):
         with use_backend("triton"):
             yt = q(x)
         torch.testing.assert_close(yt, y, rtol=1.6e-2, atol=1.6e-2)
-    else:  # fp8: the Triton activation quantizer is GPU-only; the reference path ran above
-        pass
+    # fp8: the Triton fp8 activation quantizer is GPU-only (interpreter casts differ); reference ran above
     assert q.weight_bytes() < 128 * 40 * 2 * (0.55 if resolve_spec(spec).weight_bits == 8 else 0.4)
 
 
@@ -273,7 +272,7 @@ def test_compile_fullgraph():
     eager = q(x)
     compiled = torch.compile(q, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), eager)
-    d = QuantLinear.from_float(nn.Linear(32, 16), "w4a8" if False else "w8a8")
+    d = QuantLinear.from_float(nn.Linear(32, 16), "w8a8")
     assert torch.equal(torch.compile(d, fullgraph=True, backend="eager")(x), d(x))
 
 
@@ -303,7 +302,7 @@ def test_bad_inputs_named():
     with pytest.raises(ValueError, match="weight: expected shape"):
         QuantLinear.from_float(lin, "w8a8", weight=torch.randn(8, 31))
     with pytest.raises(ValueError, match="weight_q"):
-        QuantLinear.from_float(lin, "w4a8" if False else QuantSpec("int4", 32, "int8"),
+        QuantLinear.from_float(lin, QuantSpec("int4", 32, "int8"),
                                weight_q=torch.full((8, 32), 9, dtype=torch.int8), weight_scale=torch.ones(8, 1))
     with pytest.raises(ValueError, match="act_split"):
         QuantConv2d.from_float(nn.Conv2d(8, 8, 1), static, act_scale=torch.ones(1, 2), act_split=9)
