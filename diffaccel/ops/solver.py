@@ -120,13 +120,8 @@ _backend.register(_backend.OpBackends(
 
 # -- the custom op ------------------------------------------------------------------------
 
-@torch.library.custom_op("diffaccel::fused_solver_step", mutates_args=())
-def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
-                          row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
-                          h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
-                          noise: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], guidance_scale: float,
-                          guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
-                          write_history: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
+         guidance_rescale, out_dtype, history_dtype, write_history):
     def cont(t):
         return None if t is None else t.contiguous()
 
@@ -134,6 +129,17 @@ def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coef
         sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
         cont(h0), cont(h1), cont(h2), cont(noise), cont(last_sample), guidance_scale, guidance_rescale, out_dtype,
         history_dtype, write_history)
+
+
+@torch.library.custom_op("diffaccel::fused_solver_step", mutates_args=())
+def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
+                          row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
+                          h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
+                          noise: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], guidance_scale: float,
+                          guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
+                          write_history: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample,
+                guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history)
 
 
 @_fused_solver_step_op.register_fake
@@ -212,7 +218,14 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
         if d not in FLOAT_DTYPES:
             raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {d}")
     h = history + [None] * (3 - len(history))
-    return torch.ops.diffaccel.fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h[0], h[1],
-                                                 h[2], noise, last_sample, float(guidance_scale),
-                                                 float(guidance_rescale),
-                                                 out_dtype, history_dtype, bool(write_history))
+    args = (sample, model_output, coeffs, row, model_output_cond, h[0], h[1], h[2], noise, last_sample,
+            float(guidance_scale), float(guidance_rescale), out_dtype, history_dtype, bool(write_history))
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and _needs_grad(args):
+        return torch.ops.diffaccel.fused_solver_step(*args)
+    # Eager: the same implementation without the custom-op dispatch, whose host cost (tens of
+    # microseconds) would exceed the kernel itself for image-sized latents.
+    return _run(*args)
+
+
+def _needs_grad(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
