@@ -8,7 +8,9 @@ machine_info, which ``python -m benchmarks.results`` reads.
 import os
 import platform
 import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,14 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `benchmarks` is a plain folder (no __init__.py), imported as a namespace package from the
+# repository root, which is APPENDED to sys.path: prepending it (what pytest does for a package
+# conftest) would let the source tree's diffaccel/, which holds no compiled _C, shadow the
+# installed wheel.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.append(_REPO)
 
 
 def pytest_collect_file(file_path, parent):

@@ -1,1 +1,0 @@
-"""Microbenchmarks (pytest-benchmark), the results format and the static kernel report."""
