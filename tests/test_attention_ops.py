@@ -500,3 +500,13 @@ def test_gpu_compile_inductor_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out)
+
+
+def test_quant_block_sizes_agree_between_op_and_kernels():
+    import sys
+
+    from diffaccel.kernels import attention as kern
+
+    op = sys.modules["diffaccel.ops.attention"]  # the package attribute of that name is the function
+    assert (op.QUANT_BLOCK_M, op.QUANT_BLOCK_N, op.AMAX_FLOOR) == (kern.QUANT_BLOCK_M, kern.QUANT_BLOCK_N,
+                                                                    kern.AMAX_FLOOR)

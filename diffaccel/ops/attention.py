@@ -1,11 +1,11 @@
 """Scaled dot-product attention (forward) with torch SDPA's layout and meaning, and an INT8 path.
 
 ``attention(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None)``:
-q [B, H, Lq, D], k/v [B, H, Lk, D] (v may have its own head dim Dv = D is required here), any strides
-— in particular [B, L, H, D] tensors seen through ``.transpose(1, 2)`` are read in place, and the
-output then has the same [B, L, H, D] memory order. fp16, bf16 and fp32 inputs (all three the same
-dtype); accumulation in fp32. Head dims 8..256 (the Triton kernels pad the tile to a power of two,
-never the tensors). ``attn_mask`` is bool (True = attend) or
+q [B, H, Lq, D], k and v [B, H, Lk, D] (v's head dim equal to q's), any strides: in particular
+[B, L, H, D] tensors seen through ``.transpose(1, 2)`` are read in place, and the output then has
+the same [B, L, H, D] memory order. fp16, bf16 and fp32 inputs (q, k, v of one dtype); accumulation
+in fp32. Head dims 8..256: the Triton kernels cover D with one or two power-of-two tiles (160 =
+128 + 32) and masked loads, never padding the tensors. ``attn_mask`` is bool (True = attend) or
 additive float, broadcastable to [B, H, Lq, Lk]; ``is_causal`` is top-left aligned like SDPA.
 A query row that can see no key returns 0 (torch SDPA does the same) and LSE = -inf.
 
