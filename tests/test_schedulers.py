@@ -333,6 +333,15 @@ def test_unsupported_left_unpatched_with_reason(make, option):
     assert not is_patched(s) and "step" not in vars(s)
 
 
+def test_singular_step_raises_like_diffusers():
+    """UniPC order 3 up to a zero final sigma: diffusers' linalg.solve fails; the fused step raises too."""
+    make = lambda: UniPCMultistepScheduler(solver_order=3, lower_order_final=False)  # noqa: E731
+    with pytest.raises(RuntimeError):  # torch's LinAlgError
+        run(make(), 10, patched=False)
+    with pytest.raises(ValueError, match="singular or undefined"):
+        run(make(), 10, patched=True)
+
+
 def test_thresholding_unpatched_still_runs_diffusers():
     s = DDIMScheduler(thresholding=True)
     patch_scheduler(s)

@@ -81,6 +81,15 @@ class SolverState:
             self.device_tables[k] = t
         return t
 
+    def row(self, key, index: int, device: torch.device) -> torch.Tensor:
+        """Row ``index`` of table ``key`` on ``device``; a row the schedule should never reach (NaN,
+        e.g. a singular UniPC system) raises instead of poisoning the sample."""
+        if np.isnan(self.host[key][index]).any():
+            raise ValueError(f"{self.adapter.name}.step: no coefficients for this step ({key}[{index}]): the "
+                             "solver's system is singular or undefined here (diffusers' own step fails or "
+                             "returns NaN)")
+        return self.table(key, device)[index]
+
     def ensure(self, key, make) -> None:
         if key not in self.host:
             self.host[key] = make()
@@ -543,7 +552,7 @@ class DPMSolverMultistep(_Adapter):
         if c.algorithm_type == "sde-dpmsolver++":
             noise = variance_noise.to(device=model_output.device, dtype=torch.float32) if variance_noise is not None \
                 else _randn(model_output.shape, generator, model_output.device, torch.float32)
-        prev, x0, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[3 * i + order - 1],
+        prev, x0, _ = fused_solver_step(sample, model_output, state.row("steps", 3 * i + order - 1, sample.device),
                                         model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
                                         history=history, noise=noise, out_dtype=model_output.dtype,
                                         history_dtype=torch.promote_types(sample.dtype, model_output.dtype))
@@ -708,11 +717,11 @@ class UniPCMultistep(_Adapter):
         hist_dtype = torch.promote_types(sample.dtype, model_output.dtype)
         if use_corrector:
             oc = sch.this_order
-            coeffs = state.table("pc", sample.device)[9 * i + 3 * (oc - 1) + this_order - 1]
+            coeffs = state.row("pc", 9 * i + 3 * (oc - 1) + this_order - 1, sample.device)
             history = [before[-1 - k] for k in range(max(oc, this_order - 1))]
             last = sch.last_sample
         else:
-            coeffs = state.table("pred", sample.device)[3 * i + this_order - 1]
+            coeffs = state.row("pred", 3 * i + this_order - 1, sample.device)
             history = [before[-1 - k] for k in range(this_order - 1)]
             last = None
         prev, x0, corrected = fused_solver_step(
