@@ -32,10 +32,10 @@ import torch
 
 from . import _backend
 from ._checks import check_positive_finite, check_tensor, same_device
+from .quantize import AMAX_FLOOR, quantize_per_tensor_reference, quantize_per_token_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 # Below this many rows one fused kernel quantizes the activations inside the GEMM (each
@@ -101,17 +101,16 @@ def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:
     return xf / smooth.float() if smooth is not None else xf
 
 
+# The activation quantizers with SmoothQuant's 1/s folded in: the quantization itself is the one
+# reference in ops/quantize.py, applied to the smoothed fp32 activations.
 def quantize_rows_int8_reference(x, smooth):
-    xf = _smoothed(x, smooth)
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / 127.0
-    return torch.round(xf / scale).clamp_(-128, 127).to(torch.int8), scale
+    return quantize_per_token_reference(_smoothed(x, smooth))
 
 
 def quantize_static_int8_reference(x, smooth, scale, zero_point):
-    q = torch.round(_smoothed(x, smooth) / scale.float().reshape(()))
-    if zero_point is not None:
-        q = q + zero_point.reshape(()).float()
-    return q.clamp_(-128, 127).to(torch.int8)
+    if zero_point is None:
+        zero_point = torch.zeros(1, dtype=torch.int32, device=x.device)
+    return quantize_per_tensor_reference(_smoothed(x, smooth), scale, zero_point)
 
 
 def int8_linear_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size: int,
