@@ -46,6 +46,13 @@ CONFIGS = {
     "dpm2m_sde": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
     "dpm3m_sde_euler_final": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3,
                                                                  euler_at_final=True),
+    "dpm2m_noise_pred": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    "dpm3m_noise_pred_v": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_order=3,
+                                                              prediction_type="v_prediction",
+                                                              final_sigmas_type="sigma_min"),
+    "dpm2m_sde_noise_pred_heun": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver",
+                                                                     solver_type="heun", prediction_type="sample",
+                                                                     final_sigmas_type="sigma_min"),
     "lcm": lambda: LCMScheduler(),
     "lcm_clip_v": lambda: LCMScheduler(prediction_type="v_prediction", clip_sample=True, clip_sample_range=1.5),
     "unipc_bh2": lambda: UniPCMultistepScheduler(),
@@ -160,7 +167,7 @@ def test_trajectory_fp32_kernels(backend, config):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", ["flow", "euler_eps", "ddim_v_trailing", "dpm3m_eps_nolof", "lcm", "euler_a_v",
-                                    "dpm2m_sde", "unipc_bh2"])
+                                    "dpm2m_sde", "unipc_bh2", "dpm3m_noise_pred_v"])
 def test_trajectory_half(config, dtype):
     sch = CONFIGS[config]()
     want, _, _ = run(sch, 10, patched=False, dtype=dtype)
@@ -319,7 +326,8 @@ def test_patch_and_unpatch_mid_trajectory():
     (lambda: DDIMScheduler(thresholding=True), "thresholding"),
     (lambda: LCMScheduler(thresholding=True), "thresholding"),
     (lambda: DPMSolverMultistepScheduler(thresholding=True), "thresholding"),
-    (lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
+    (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
+                                         final_sigmas_type="sigma_min"), "solver_order=3"),
     (lambda: DPMSolverMultistepScheduler(variance_type="learned_range"), "variance_type"),
     (lambda: EulerAncestralDiscreteScheduler(prediction_type="sample"), "prediction_type"),
     (lambda: UniPCMultistepScheduler(predict_x0=False), "predict_x0"),

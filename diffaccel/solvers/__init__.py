@@ -3,7 +3,8 @@ host syncs after the first step) into one diffusers scheduler instance; ``unpatc
 restores it.
 
 Fused: FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-DDIMScheduler (any eta), DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++, orders 1-3),
+DDIMScheduler (any eta), DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++ / dpmsolver /
+sde-dpmsolver, orders 1-3),
 LCMScheduler, UniPCMultistepScheduler (bh1 / bh2 with the corrector). A patched instance keeps
 ``set_timesteps`` / ``step`` (signatures and return types), ``scale_model_input``, ``add_noise``,
 ``step_index``, ``order`` and the history diffusers keeps, and gains

@@ -9,8 +9,7 @@ The step's state lives where diffusers keeps it (``_step_index``, ``model_output
 ``lower_order_nums``).
 
 Not fused, so left unpatched with the reason: dynamic thresholding (a per-sample quantile),
-learned variance, DPM-Solver's noise-prediction variants (``dpmsolver``, ``sde-dpmsolver``),
-UniPC with ``predict_x0=False`` or ``solver_p``. Noise for stochastic steps is drawn with
+learned variance, UniPC with ``predict_x0=False`` or ``solver_p``. Noise for stochastic steps is drawn with
 diffusers' ``randn_tensor`` and the caller's generator, exactly where diffusers draws it, so
 seeded trajectories match.
 """
@@ -443,8 +442,12 @@ class DPMSolverMultistep(_Adapter):
 
     def unsupported(self, sch):
         c = sch.config
-        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
-            return f"algorithm_type={c.algorithm_type!r}: only dpmsolver++ and sde-dpmsolver++ are fused"
+        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"):
+            return f"algorithm_type={c.algorithm_type!r} is not fused"
+        if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
+            return "algorithm_type='sde-dpmsolver' with solver_order=3: diffusers has no such update"
+        if c.algorithm_type in ("dpmsolver", "sde-dpmsolver") and c.prediction_type == "flow_prediction":
+            return "prediction_type='flow_prediction' is not supported by the noise-prediction DPM-Solver"
         if c.thresholding:
             return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
         if c.variance_type is not None:
@@ -467,11 +470,19 @@ class DPMSolverMultistep(_Adapter):
             sigt = sig * alpha
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             lam = np.log(alpha) - np.log(sigt)
-        sde = c.algorithm_type == "sde-dpmsolver++"
+        sde = c.algorithm_type.startswith("sde-")
+        data = c.algorithm_type.endswith("++")  # DPM-Solver++ integrates x0 predictions, DPM-Solver noise ones
         rows = []
         for i in range(len(sig) - 1):
             a_s, s_s = alpha[i], sigt[i]
-            if c.prediction_type == "epsilon":
+            if not data:  # history holds epsilon
+                if c.prediction_type == "epsilon":
+                    p_x, p_e = 0.0, 1.0
+                elif c.prediction_type == "sample":
+                    p_x, p_e = 1 / s_s, -a_s / s_s
+                else:  # v_prediction
+                    p_x, p_e = s_s, a_s
+            elif c.prediction_type == "epsilon":
                 p_x, p_e = 1 / a_s, -s_s / a_s
             elif c.prediction_type == "sample":
                 p_x, p_e = 0.0, 1.0
@@ -481,15 +492,17 @@ class DPMSolverMultistep(_Adapter):
                 p_x, p_e = 1.0, -sig[i]
             for order in (1, 2, 3):
                 with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                    rows.append(self._order_row(c, sde, order, i, alpha, sigt, lam, p_x, p_e))
+                    rows.append(self._order_row(c, sde, data, order, i, alpha, sigt, lam, p_x, p_e))
         state.host["steps"] = np.stack(rows) if rows else np.zeros((0, NUM_COEFFS))
 
     @staticmethod
-    def _order_row(c, sde, order, i, alpha, sigt, lam, p_x, p_e):
+    def _order_row(c, sde, data, order, i, alpha, sigt, lam, p_x, p_e):
         a_t, s_t, s_s0 = alpha[i + 1], sigt[i + 1], sigt[i]
         h = lam[i + 1] - lam[i]
         if order > 1 and i < order - 1:
             return np.full(NUM_COEFFS, np.nan)  # never chosen: not enough history
+        if not data:
+            return DPMSolverMultistep._noise_order_row(c, sde, order, i, alpha, sigt, lam, p_x, p_e)
         if sde:
             bx = s_t / s_s0 * np.exp(-h)
             c0 = a_t * (1 - np.exp(-2.0 * h))  # on D0
@@ -527,6 +540,36 @@ class DPMSolverMultistep(_Adapter):
             m = m + c1 * d1 + c2 * d2
         return _row(A_X=p_x, A_E=p_e, B_X=bx, B_P=m[0], B_H0=m[1], B_H1=m[2], B_N=bn)
 
+    @staticmethod
+    def _noise_order_row(c, sde, order, i, alpha, sigt, lam, p_x, p_e):
+        """DPM-Solver (noise prediction): diffusers' dpmsolver / sde-dpmsolver updates."""
+        a_t, s_t, a_s0 = alpha[i + 1], sigt[i + 1], alpha[i]
+        h = lam[i + 1] - lam[i]
+        bx = a_t / a_s0
+        phi = s_t * (np.exp(h) - 1.0)
+        c0 = -2.0 * phi if sde else -phi
+        bn = s_t * np.sqrt(np.exp(2 * h) - 1.0) if sde else 0.0
+        m = np.zeros(3)
+        m[0] = c0
+        if order >= 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d10 = np.array([1 / r0, -1 / r0, 0.0])
+        heun = s_t * ((np.exp(h) - 1.0) / h - 1.0)
+        if order == 2:
+            if c.solver_type == "midpoint":
+                c1 = -phi if sde else -0.5 * phi
+            else:
+                c1 = -2.0 * heun if sde else -heun
+            m = m + c1 * d10
+        elif order == 3:
+            r1 = (lam[i - 1] - lam[i - 2]) / h
+            d11 = np.array([0.0, 1 / r1, -1 / r1])
+            d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
+            d2 = (1.0 / (r0 + r1)) * (d10 - d11)
+            c2 = -(s_t * ((np.exp(h) - 1.0 - h) / h**2 - 0.5))
+            m = m - heun * d1 + c2 * d2
+        return _row(A_X=p_x, A_E=p_e, B_X=bx, B_P=m[0], B_H0=m[1], B_H1=m[2], B_N=bn)
+
     def step(self, sch, state, model_output, cond, s, rescale, timestep, sample, generator=None, variance_noise=None,
              return_dict=True):
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -549,7 +592,7 @@ class DPMSolverMultistep(_Adapter):
             order = 3
         history = [sch.model_outputs[-1 - j] for j in range(order - 1)]
         noise = None
-        if c.algorithm_type == "sde-dpmsolver++":
+        if c.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver"):
             noise = variance_noise.to(device=model_output.device, dtype=torch.float32) if variance_noise is not None \
                 else _randn(model_output.shape, generator, model_output.device, torch.float32)
         prev, x0, _ = fused_solver_step(sample, model_output, state.row("steps", 3 * i + order - 1, sample.device),
