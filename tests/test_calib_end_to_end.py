@@ -51,11 +51,14 @@ def test_method_end_to_end(kind, method, tmp_path):
 
 def test_calibration_is_deterministic_under_the_seed_and_chunked_passes_agree():
     model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
-    a = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, **OPTIONS)
-    b = calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, units_per_pass=2, **OPTIONS)
-    for name in a.layers:
-        assert torch.equal(a.layers[name].weight_q, b.layers[name].weight_q)
-        assert torch.equal(a.layers[name].act_scale, b.layers[name].act_scale)
+    runs = [calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, **OPTIONS)
+            for _ in range(2)]
+    runs += [calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, seed=3, block_inputs="fp",
+                       units_per_pass=per_pass, **OPTIONS) for per_pass in (None, 2)]
+    for a, b in (runs[:2], runs[2:]):
+        for name in a.layers:
+            assert torch.equal(a.layers[name].weight_q, b.layers[name].weight_q)
+            assert torch.equal(a.layers[name].act_scale, b.layers[name].act_scale)
 
 
 def test_w4a8_and_weight_only_recipes_run_on_the_kernels():

@@ -128,6 +128,37 @@ def test_lsq_learns_activation_step_sizes_in_the_same_reconstruction():
     assert res["0"].act_scale.shape == (1,) and res["0"].act_scale[0] < s0  # learned a tighter step
 
 
+def test_blocks_are_reconstructed_in_call_order_from_the_quantized_model(monkeypatch):
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    seen = []
+    real = qdiffusion.reconstruct
+
+    def spy(unit, io, inits, **kw):
+        seen.append((unit, io))
+        return real(unit, io, inits, **kw)
+
+    monkeypatch.setattr(qdiffusion, "reconstruct", spy)
+    fp_inputs = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def record(module, args):
+        fp_inputs.setdefault(names[module], args[0].detach().clone())
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record)
+             for n in ("mid_block.resnets.0", "up_blocks.0.resnets.0", "down_blocks.0.resnets.0")]
+    run(model, data[0])
+    for h in hooks:
+        h.remove()
+    calibrate(model, data, method="qdiffusion", weight_bits=4, act_bits=8, iters=1, progress=False)
+    order = [names[u] for u, _ in seen if u in names]
+    assert order.index("down_blocks.0.resnets.0") < order.index("mid_block.resnets.0") < order.index("up_blocks.0.resnets.0")
+    io = {names[u]: io for u, io in seen if u in names}
+    # the first block sees the model's real input; later ones see the output of quantized blocks
+    assert torch.equal(io["down_blocks.0.resnets.0"][0][0][0], fp_inputs["down_blocks.0.resnets.0"])
+    for later in ("mid_block.resnets.0", "up_blocks.0.resnets.0"):
+        assert not torch.equal(io[later][0][0][0], fp_inputs[later])
+
+
 # -- Q-Diffusion: split quantization of cat(h, skip) ---------------------------------------------
 
 # up block i, resnet j of the tiny UNet: channels of h (the rest of the input is the skip)

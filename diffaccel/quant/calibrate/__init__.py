@@ -54,6 +54,7 @@ class Context:
     sensitivity_samples: int
     bos: bool | None
     units_per_pass: int | None = None
+    block_inputs: str = "quantized"
     options: dict = field(default_factory=dict)
 
     def meta(self, **extra) -> dict:
@@ -73,7 +74,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
               p: float = 2.4, adaround: bool = True, learn_act: bool = True, split_shortcut: bool = True,
               temporal_cache: bool = True, weight_candidates=(4, 8), act_fp16_fraction: float = 0.05,
               sensitivity_samples: int = 4, bos: bool | None = None, batch_size: int = 1,
-              pipe_kwargs: dict | None = None, units_per_pass: int | None = None) -> QuantRecipe:
+              pipe_kwargs: dict | None = None, units_per_pass: int | None = None,
+              block_inputs: str = "quantized") -> QuantRecipe:
     """Calibrate ``target`` (a diffusers pipeline with prompts as ``data``, or a bare backbone with an
     iterable of forward-kwargs dicts, each holding ``timestep``) and return a QuantRecipe.
 
@@ -89,7 +91,9 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         40% of its free memory, else the CPU).
     sensitivity_samples: mixdq scores each layer on this many samples (timesteps spread out).
     iters: reconstruction iterations per block (qdiffusion, tfmq); p: the Lp norm of scale searches.
-    units_per_pass: record the inputs/outputs of this many reconstruction blocks per full-precision
+    block_inputs: "quantized" (reconstruct blocks in call order from the already-quantized model's
+        inputs, as BRECQ / Q-Diffusion do) or "fp" (from full-precision inputs: one recording pass).
+    units_per_pass: with block_inputs="fp", record the inputs/outputs of this many reconstruction blocks per full-precision
         pass (None: all in one pass; set it to bound memory on large models).
     skip: layer names kept in floating point (default: the model's input/output layers).
     """
@@ -108,6 +112,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     if units_per_pass is not None and (isinstance(units_per_pass, bool) or not isinstance(units_per_pass, int)
                                        or units_per_pass < 1):
         raise CalibrationError(f"units_per_pass: expected a positive int or None, got {units_per_pass!r}")
+    if block_inputs not in ("quantized", "fp"):
+        raise CalibrationError(f"block_inputs: expected 'quantized' or 'fp', got {block_inputs!r}")
     if not isinstance(iters, int) or iters < 0:
         raise CalibrationError(f"iters: expected a non-negative int, got {iters!r}")
     if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
@@ -141,7 +147,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                       adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
                       temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),
                       act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos,
-                      units_per_pass=units_per_pass)
+                      units_per_pass=units_per_pass, block_inputs=block_inputs)
         logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
                     [round(t, 3) for t in calib.timesteps.tolist()])
         recipe = METHODS[method](ctx)

@@ -221,7 +221,7 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
             bos_layers: tuple[str, ...] = (), split_points: dict[str, int] | None = None,
             capture_blocks: tuple[str, ...] = (), capture_outputs_of: tuple[str, ...] = (),
             storage: str | torch.device | None = None, seed: int = 0, progress: bool = True,
-            desc: str = "calibration: collection") -> Observations:
+            desc: str = "calibration: collection", on_sample=None) -> Observations:
     """One full-precision pass over the calibration set with hooks; nothing of the model changes."""
     split_points = split_points or {}
     modules = dict(backbone.named_modules())
@@ -299,6 +299,8 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
         with torch.no_grad():
             for i in progress_bar(range(len(calib)), desc=desc, enabled=progress):
                 state["t"], state["sample"] = calib.t_index[i], i
+                if on_sample is not None:
+                    on_sample(calib.t_index[i])
                 out = forward(backbone, calib.samples[i], device)
                 if not torch.isfinite(out).all():
                     raise CalibrationError(f"activations: the backbone output contains NaN or Inf (sample {i})")

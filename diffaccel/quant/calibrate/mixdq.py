@@ -31,7 +31,7 @@ from torch import nn
 from ..recipe import QuantRecipe
 from .collect import CalibrationError, forward, observe, progress_bar, spread_indices
 from .common import (act_init, bos_outputs, detect_bos, layer_recipe, make_spec, plan_layers)
-from .fakequant import WEIGHT_DTYPE_FOR_BITS, fake_quant_act, fake_quant_weight, search_weight_scale, weight_qrange
+from .fakequant import WEIGHT_DTYPE_FOR_BITS, fake_quant_act, fake_quant_weight, weight_absmax_scale, weight_qrange
 from .structure import cross_attention_kv_layers, is_content_layer
 
 logger = logging.getLogger("diffaccel")
@@ -153,7 +153,9 @@ def run(ctx) -> QuantRecipe:
                   progress=ctx.progress)
     bos_out = bos_outputs(backbone, calib, list(kv), ctx.device) if kv else {}
     names = list(plan.layers)
-    w_scale = {n: {b: search_weight_scale(plan.layers[n].weight, weight_qrange(WEIGHT_DTYPE_FOR_BITS[b]), p=ctx.p)
+    # weights: per-channel min/max scales (MixDQ's weight quantizer); its gains come from the BOS
+    # path, the activation ranges and the allocation
+    w_scale = {n: {b: weight_absmax_scale(plan.layers[n].weight, weight_qrange(WEIGHT_DTYPE_FOR_BITS[b]))
                    for b in w_cands} for n in names}
     act = {n: act_init(obs, n, per_timestep=False, symmetric=ctx.act_symmetric, search=True, p=ctx.p) for n in names}
 

@@ -9,12 +9,17 @@ attention kernel (``attention(..., quant="int8")``), not calibrated here.
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
+import torch
 from torch import nn
 
 from ..recipe import QuantRecipe
 from .collect import observe, progress_bar
 from .common import (act_init, find_split_points, layer_recipe, make_spec, plan_layers, weight_init)
-from .reconstruct import LayerInit, reconstruct
+from .fakequant import quantize_weight
+from .reconstruct import LayerInit, reconstruct, unit_error, wrap_layers
 from .structure import blocks as find_blocks
 
 
@@ -39,39 +44,70 @@ def units_for(backbone: nn.Module, layer_names, exclude_blocks=()) -> dict[str, 
     return units
 
 
+def execution_order(backbone: nn.Module, sample: dict, device, names: list[str]) -> list[str]:
+    """``names`` in the order the forward pass first calls them (module order is not call order:
+    a UNet registers mid_block after up_blocks)."""
+    from .collect import forward
+
+    order: list[str] = []
+    modules = dict(backbone.named_modules())
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
+               for n in names]
+    try:
+        with torch.no_grad():
+            forward(backbone, sample, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in names if n not in order]
+
+
 def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, method: str) -> dict:
-    """Initial scales + block reconstruction of every planned layer; -> {name: LayerRecipe}."""
+    """Initial scales + block reconstruction of every planned layer; -> {name: LayerRecipe}.
+
+    ``ctx.block_inputs == "quantized"`` (BRECQ's and Q-Diffusion's default): blocks are
+    reconstructed in call order, each fed by the model whose earlier blocks are already quantized
+    (fake-quantized exactly like the kernels), against the full-precision block output, so a
+    block learns to compensate the error arriving from before it. ``"fp"``: every block from its
+    full-precision inputs (one recording pass, cheaper)."""
     spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric)
     quant_act = spec.act_dtype is not None
     separate = {n for u in (extra_units or {}).values() for n in u[2].values()}
     units = units_for(ctx.backbone, [n for n in plan.layers if n not in separate])
-    # all units' inputs/outputs in one pass, or ``units_per_pass`` at a time (bounded memory, one
-    # more full-precision pass over the calibration set per group)
-    per_pass = ctx.units_per_pass or max(len(units), 1)
-    unit_groups = [list(units)[i:i + per_pass] for i in range(0, len(units), per_pass)] or [[]]
+    sequential = ctx.block_inputs == "quantized"
+    if sequential:
+        unit_groups = [[u] for u in execution_order(ctx.backbone, ctx.calib.samples[0], ctx.device, list(units))]
+    else:
+        # all units' inputs/outputs in one pass, or ``units_per_pass`` at a time (bounded memory, one
+        # more full-precision pass over the calibration set per group)
+        per_pass = ctx.units_per_pass or max(len(units), 1)
+        unit_groups = [list(units)[i:i + per_pass] for i in range(0, len(units), per_pass)]
+    unit_groups = unit_groups or [[]]
     obs = observe(ctx.backbone, ctx.calib, layers=list(plan.layers) if quant_act else [], device=ctx.device,
-                  split_points=plan.split_points if quant_act else {}, capture_blocks=tuple(unit_groups[0]),
+                  split_points=plan.split_points if quant_act else {},
+                  capture_blocks=() if sequential else tuple(unit_groups[0]),
                   seed=ctx.seed, progress=ctx.progress, storage=ctx.activation_device)
     modules = dict(ctx.backbone.named_modules())
     inits: dict[str, LayerInit] = {}
+    absmax: dict[str, LayerInit] = {}
     for name, module in plan.layers.items():
         qrange, w_scale = weight_init(module, ctx.weight_bits, search=True, p=ctx.p)
+        _, w_absmax = weight_init(module, ctx.weight_bits, search=False, p=ctx.p)
         a_s = a_z = None
         if quant_act:
             a_s, a_z = act_init(obs, name, per_timestep=per_timestep, symmetric=ctx.act_symmetric,
                                 search=True, p=ctx.p)
-        inits[name] = LayerInit(qrange, w_scale, a_s, a_z, plan.split_points.get(name) if quant_act else None)
+        split = plan.split_points.get(name) if quant_act else None
+        inits[name] = LayerInit(qrange, w_scale, a_s, a_z, split)
+        absmax[name] = LayerInit(qrange, w_absmax, a_s, a_z, split)
+    qmodel, qctx = (copy.deepcopy(ctx.backbone), {"t": 0}) if sequential else (None, None)
     layers = {}
-    work = [(name, units[name], g) for g, group in enumerate(unit_groups) for name in group]
-    work += [(name, unit, len(unit_groups) - 1) for name, unit in (extra_units or {}).items()]
+    # the temporal block (TIAR) runs first in the model
+    work = [(name, unit, 0) for name, unit in (extra_units or {}).items()]
+    work += [(name, units[name], g) for g, group in enumerate(unit_groups) for name in group]
     io_group = 0
     for i, (unit_name, names, group) in enumerate(progress_bar(work, desc=f"calibration: reconstruction ({method})",
                                                                enabled=ctx.progress)):
-        if group != io_group:
-            obs = observe(ctx.backbone, ctx.calib, layers=[], device=ctx.device,
-                          capture_blocks=tuple(unit_groups[group]), seed=ctx.seed, progress=False,
-                          storage=ctx.activation_device)
-            io_group = group
         if isinstance(names, tuple):  # (unit module, io, {relative: name})
             unit, io, rel_names = names
         else:
@@ -80,17 +116,49 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
                 unit, rel_names = _LayerUnit(module), {"layer": unit_name}
             else:
                 unit, rel_names = module, {n[len(unit_name) + 1:]: n for n in names}
-            io = obs.block_io.get(unit_name, [])
-        results = reconstruct(unit, io, {rel: inits[n] for rel, n in rel_names.items()}, iters=ctx.iters,
-                              device=ctx.device, seed=ctx.seed + i, adaround=ctx.adaround,
-                              learn_act=quant_act and ctx.learn_act)
+            if sequential:
+                fp = observe(ctx.backbone, ctx.calib, layers=[], device=ctx.device, capture_blocks=(unit_name,),
+                             seed=ctx.seed, progress=False, storage=ctx.activation_device)
+                q = observe(qmodel, ctx.calib, layers=[], device=ctx.device, capture_blocks=(unit_name,),
+                            seed=ctx.seed, progress=False, storage=ctx.activation_device,
+                            on_sample=lambda t: qctx.__setitem__("t", t))
+                io = [(qa, qk, fo, t) for (qa, qk, _, t), (_, _, fo, _) in
+                      zip(q.block_io.get(unit_name, []), fp.block_io.get(unit_name, []))]
+            else:
+                if group != io_group:
+                    obs = observe(ctx.backbone, ctx.calib, layers=[], device=ctx.device,
+                                  capture_blocks=tuple(unit_groups[group]), seed=ctx.seed, progress=False,
+                                  storage=ctx.activation_device)
+                    io_group = group
+                io = obs.block_io.pop(unit_name, [])
+        # The Lp-searched weight scales minimise the weights' own error, not the block's: start from
+        # whichever of them and the absmax scales gives the smaller block error, and keep the learned
+        # rounding / step sizes only where they beat that start on the calibration data.
+        searched = {rel: inits[n] for rel, n in rel_names.items()}
+        plain = {rel: absmax[n] for rel, n in rel_names.items()}
+        start = searched
+        if io and unit_error(unit, io, plain, device=ctx.device) < unit_error(unit, io, searched, device=ctx.device):
+            start = plain
+        results = reconstruct(unit, io, start, iters=ctx.iters, device=ctx.device, seed=ctx.seed + i,
+                              adaround=ctx.adaround, learn_act=quant_act and ctx.learn_act)
+        learned = {rel: replace(init, weight_q=results[rel].weight_q,
+                                act_scale=results[rel].act_scale if init.act_scale is not None else None)
+                   for rel, init in start.items()}
+        if io and ctx.iters > 0 and unit_error(unit, io, learned, device=ctx.device) > \
+                unit_error(unit, io, start, device=ctx.device):
+            learned = {rel: replace(init, weight_q=quantize_weight(plan.layers[rel_names[rel]].weight,
+                                                                   init.weight_scale, init.qrange))
+                       for rel, init in start.items()}
         for rel, name in rel_names.items():
-            init, res = inits[name], results[rel]
+            init = learned[rel]
             layers[name] = layer_recipe(plan.layers[name], spec, weight_scale=init.weight_scale,
-                                        weight_q=res.weight_q, act_scale=res.act_scale,
+                                        weight_q=init.weight_q, act_scale=init.act_scale,
                                         act_zero_point=init.act_zero_point, act_split=init.act_split)
-        if not isinstance(names, tuple):
-            obs.block_io.pop(unit_name, None)  # done with it: free the recorded activations
+        if sequential:  # later blocks see this one quantized, exactly as the kernels will run it
+            installed = wrap_layers(qmodel, {name: learned[rel] for rel, name in rel_names.items()}, qctx,
+                                    adaround=False, learn_act=False)
+            for layer in installed.values():
+                layer.hard = True
     return layers
 
 

@@ -44,6 +44,7 @@ class LayerInit:
     act_scale: torch.Tensor | None = None    # [T] or [T, 2]
     act_zero_point: torch.Tensor | None = None
     act_split: int | None = None
+    weight_q: torch.Tensor | None = None     # fixed integer weights (evaluation of a result)
 
 
 @dataclass
@@ -85,6 +86,8 @@ class FakeQuantLayer(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     def integer_weight(self) -> torch.Tensor:
+        if self.init.weight_q is not None:
+            return self.init.weight_q.to(self.w_floor.device).float().reshape(self.w_floor.shape)
         up = (self.alpha >= 0).float() if self.adaround else torch.round(
             self.module.weight.detach().float() / self.w_scale) - self.w_floor
         return (self.w_floor + up).clamp(*self.init.qrange)
@@ -129,6 +132,24 @@ def wrap_layers(unit: nn.Module, inits: dict[str, LayerInit], ctx: dict, *, adar
         setattr(parent, child, fq)
         wrapped[rel] = fq
     return wrapped
+
+
+def unit_error(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, device) -> float:
+    """Mean squared error of ``unit`` with hard-quantized layers (nearest rounding unless an init
+    fixes its integer weights) against the recorded full-precision outputs."""
+    work = copy.deepcopy(unit).to(device).float()
+    work.eval()
+    ctx = {"t": 0}
+    for layer in wrap_layers(work, inits, ctx, adaround=False, learn_act=False).values():
+        layer.hard = True
+    total = 0.0
+    with torch.no_grad():
+        for args, kwargs, out, t in io:
+            ctx["t"] = t
+            ys = output_tensors(work(*_f32(args, device), **_f32(kwargs, device)))
+            total += sum((y.float() - r.to(device).float()).pow(2).sum().item()
+                         for y, r in zip(ys, output_tensors(out)))
+    return total / max(len(io), 1)
 
 
 def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters: int, device,
