@@ -66,6 +66,11 @@ CONFIGS = {
     "unipc3_bh1_sample_skipcorr": lambda: UniPCMultistepScheduler(solver_order=3, solver_type="bh1",
                                                                   prediction_type="sample", disable_corrector=[0, 4],
                                                                   final_sigmas_type="sigma_min"),
+    # (noise prediction up to a zero final sigma: diffusers' last step is 0 * inf = NaN; the fused step raises)
+    "unipc_noise_pred_v": lambda: UniPCMultistepScheduler(predict_x0=False, prediction_type="v_prediction",
+                                                          final_sigmas_type="sigma_min"),
+    "unipc3_noise_pred_bh1": lambda: UniPCMultistepScheduler(predict_x0=False, solver_order=3, solver_type="bh1",
+                                                             final_sigmas_type="sigma_min"),
     "euler_a_eps": lambda: EulerAncestralDiscreteScheduler(),
     "euler_a_v": lambda: EulerAncestralDiscreteScheduler(prediction_type="v_prediction",
                                                          timestep_spacing="trailing"),
@@ -330,7 +335,7 @@ def test_patch_and_unpatch_mid_trajectory():
                                          final_sigmas_type="sigma_min"), "solver_order=3"),
     (lambda: DPMSolverMultistepScheduler(variance_type="learned_range"), "variance_type"),
     (lambda: EulerAncestralDiscreteScheduler(prediction_type="sample"), "prediction_type"),
-    (lambda: UniPCMultistepScheduler(predict_x0=False), "predict_x0"),
+    (lambda: UniPCMultistepScheduler(solver_p=DDIMScheduler()), "solver_p"),
     (lambda: UniPCMultistepScheduler(thresholding=True), "thresholding"),
     (lambda: PNDMScheduler(), "PNDMScheduler has no fused step"),
 ])

@@ -4,8 +4,8 @@ restores it.
 
 Fused: FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
 DDIMScheduler (any eta), DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++ / dpmsolver /
-sde-dpmsolver, orders 1-3),
-LCMScheduler, UniPCMultistepScheduler (bh1 / bh2 with the corrector). A patched instance keeps
+sde-dpmsolver, orders 1-3), LCMScheduler, UniPCMultistepScheduler (bh1 / bh2, data or noise
+prediction, with the corrector). A patched instance keeps
 ``set_timesteps`` / ``step`` (signatures and return types), ``scale_model_input``, ``add_noise``,
 ``step_index``, ``order`` and the history diffusers keeps, and gains
 ``step_with_guidance(uncond, cond, guidance_scale, timestep, sample, guidance_rescale=0.0, ...)``.

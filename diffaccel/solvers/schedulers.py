@@ -9,7 +9,7 @@ The step's state lives where diffusers keeps it (``_step_index``, ``model_output
 ``lower_order_nums``).
 
 Not fused, so left unpatched with the reason: dynamic thresholding (a per-sample quantile),
-learned variance, UniPC with ``predict_x0=False`` or ``solver_p``. Noise for stochastic steps is drawn with
+learned variance, UniPC with ``solver_p``. Noise for stochastic steps is drawn with
 diffusers' ``randn_tensor`` and the caller's generator, exactly where diffusers draws it, so
 seeded trajectories match.
 """
@@ -628,7 +628,7 @@ def _unipc_rb(order, rks, hh, solver_type):
 
 
 class UniPCMultistep(_Adapter):
-    """UniPC (data prediction, B(h) = bh1/bh2) with its corrector. The rho coefficients (diffusers'
+    """UniPC (data or noise prediction, B(h) = bh1/bh2) with its corrector. The rho coefficients (diffusers'
     ``torch.linalg.solve`` on the device) are solved on the host at set_timesteps.
 
     One launch per step, corrector included: the op reads ``last_sample`` and writes the corrected
@@ -641,8 +641,8 @@ class UniPCMultistep(_Adapter):
 
     def unsupported(self, sch):
         c = sch.config
-        if not c.predict_x0:
-            return "predict_x0=False: the noise-prediction UniPC variant is not fused"
+        if not c.predict_x0 and c.prediction_type == "flow_prediction":
+            return "predict_x0=False with prediction_type='flow_prediction' is not supported by diffusers' UniPC"
         if c.thresholding:
             return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
         if sch.solver_p is not None:
@@ -670,7 +670,14 @@ class UniPCMultistep(_Adapter):
         pred, pc = [], []  # rows [step, predictor order] and [step, corrector order, predictor order]
         for i in range(n):
             a_s, s_s = alpha[i], sigt[i]
-            if c.prediction_type == "epsilon":
+            if not c.predict_x0:  # history holds epsilon
+                if c.prediction_type == "epsilon":
+                    p_x, p_e = 0.0, 1.0
+                elif c.prediction_type == "sample":
+                    p_x, p_e = 1 / s_s, -a_s / s_s
+                else:  # v_prediction
+                    p_x, p_e = s_s, a_s
+            elif c.prediction_type == "epsilon":
                 p_x, p_e = 1 / a_s, -s_s / a_s
             elif c.prediction_type == "sample":
                 p_x, p_e = 0.0, 1.0
@@ -706,11 +713,18 @@ class UniPCMultistep(_Adapter):
             return None
 
     @staticmethod
+    def _scales(c, t, s0, alpha, sigt, h):
+        """(coefficient on the sample, amplitude of the model terms, hh) for data or noise prediction."""
+        if c.predict_x0:
+            return sigt[t] / sigt[s0], alpha[t], -h
+        return alpha[t] / alpha[s0], sigt[t], h
+
+    @staticmethod
     def _predictor(c, i, order, alpha, sigt, lam):
-        a_t, s_t, s_s0 = alpha[i + 1], sigt[i + 1], sigt[i]
         h = lam[i + 1] - lam[i]
+        b_x, a_t, hh = UniPCMultistep._scales(c, i + 1, i, alpha, sigt, h)
         rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)] + [1.0]
-        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), -h, c.solver_type)
+        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), hh, c.solver_type)
         if order == 1:
             rhos = np.zeros(0)
         elif order == 2:
@@ -723,14 +737,14 @@ class UniPCMultistep(_Adapter):
             w = -a_t * B_h * rhos[k - 1] / rks[k - 1]
             b_h[k - 1] += w
             b_m0 -= w
-        return s_t / s_s0, b_m0, b_h
+        return b_x, b_m0, b_h
 
     @staticmethod
     def _corrector(c, i, order, alpha, sigt, lam):
-        a_t, s_t, s_s0 = alpha[i], sigt[i], sigt[i - 1]
         h = lam[i] - lam[i - 1]
+        b_l, a_t, hh = UniPCMultistep._scales(c, i, i - 1, alpha, sigt, h)
         rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, order)] + [1.0]
-        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), -h, c.solver_type)
+        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), hh, c.solver_type)
         rhos = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
         b_h = np.zeros(3)
         b_h[0] = -a_t * h_phi_1
@@ -739,7 +753,7 @@ class UniPCMultistep(_Adapter):
             b_h[k] += w
             b_h[0] -= w
         w = -a_t * B_h * rhos[-1]  # D1_t = m0_new - H0
-        return s_t / s_s0, w, b_h - np.array([w, 0.0, 0.0])
+        return b_l, w, b_h - np.array([w, 0.0, 0.0])
 
     def step(self, sch, state, model_output, cond, s, rescale, timestep, sample, return_dict=True):
         from diffusers.schedulers.scheduling_utils import SchedulerOutput
