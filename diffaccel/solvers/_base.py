@@ -1,0 +1,117 @@
+"""Shared pieces of the fused scheduler steps: the coefficient-row builder, the per-instance
+coefficient state (host float64 tables, device fp32 copies), and the adapter base class."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_P, C_X, CLIP, D_H0, D_H1, D_H2,
+                          D_L, D_P, NUM_COEFFS)
+
+_INT_TIMESTEP_MSG = ("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{}.step()` is not "
+                     "supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
+
+
+def _row(**cols) -> np.ndarray:
+    r = np.zeros(NUM_COEFFS, dtype=np.float64)
+    r[CLIP] = np.inf
+    r[C_P] = 1.0
+    names = {"A_X": A_X, "A_E": A_E, "A_N": A_N, "CLIP": CLIP, "C_P": C_P, "C_X": C_X, "B_X": B_X, "B_E": B_E,
+             "B_P": B_P, "B_H0": B_H0, "B_H1": B_H1, "B_H2": B_H2, "B_N": B_N, "D_L": D_L, "D_P": D_P, "D_H0": D_H0,
+             "D_H1": D_H1, "D_H2": D_H2}
+    for k, v in cols.items():
+        r[names[k]] = v
+    return r
+
+
+def _f64(t) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
+
+
+def _randn(shape, generator, device, dtype):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+class SolverState:
+    """Coefficient tables of one patched instance: host float64 per key, device fp32 per (key, device)."""
+
+    def __init__(self, adapter: "_Adapter"):
+        self.adapter = adapter
+        self.built = False
+        self.host: dict = {}
+        self.aux: dict = {}
+        self.device_tables: dict = {}
+
+    def ready_to_build(self, sch) -> bool:
+        return getattr(sch, "num_inference_steps", None) is not None
+
+    def rebuild(self, sch) -> None:
+        self.host, self.aux, self.device_tables = {}, {}, {}
+        self.adapter.build(sch, self)
+        self.built = True
+        dev = sch.timesteps.device if isinstance(getattr(sch, "timesteps", None), torch.Tensor) else None
+        if dev is not None and dev.type != "cpu":  # upload now, not inside a captured loop
+            for key in list(self.host):
+                self.table(key, dev)
+
+    def table(self, key, device: torch.device) -> torch.Tensor:
+        k = (key, str(device))
+        t = self.device_tables.get(k)
+        if t is None:
+            t = torch.as_tensor(self.host[key], dtype=torch.float32).to(device)
+            self.device_tables[k] = t
+        return t
+
+    def row(self, key, index: int, device: torch.device) -> torch.Tensor:
+        """Row ``index`` of table ``key`` on ``device``; a row the schedule should never reach (NaN,
+        e.g. a singular UniPC system) raises instead of poisoning the sample."""
+        if np.isnan(self.host[key][index]).any():
+            raise ValueError(f"{self.adapter.name}.step: no coefficients for this step ({key}[{index}]): the "
+                             "solver's system is singular or undefined here (diffusers' own step fails or "
+                             "returns NaN)")
+        return self.table(key, device)[index]
+
+    def ensure(self, key, make) -> None:
+        if key not in self.host:
+            self.host[key] = make()
+
+
+class _Adapter:
+    name = ""
+
+    def unsupported(self, sch) -> Optional[str]:
+        return None
+
+    def new_state(self, sch) -> SolverState:
+        return SolverState(self)
+
+    def build(self, sch, state: SolverState) -> None:
+        raise NotImplementedError
+
+    # -- shared pieces of every step --
+    def _begin(self, sch, state, model_output, cond, sample, guidance_rescale):
+        if not state.built or getattr(sch, "num_inference_steps", None) is None:
+            raise ValueError(f"{self.name}.step: call set_timesteps(...) before step; the fused step's "
+                             "coefficients are computed there")
+        for nm, t in (("model_output", model_output), ("sample", sample)) + ((("model_output_cond", cond),)
+                                                                              if cond is not None else ()):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{nm}: expected a torch.Tensor, got {type(t).__name__}")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output: expected shape {tuple(sample.shape)} like sample, got "
+                             f"{tuple(model_output.shape)}")
+        if cond is not None and cond.shape != sample.shape:
+            raise ValueError(f"model_output_cond: expected shape {tuple(sample.shape)} like sample, got "
+                             f"{tuple(cond.shape)}")
+        if guidance_rescale and cond is None:
+            raise ValueError("guidance_rescale: needs the conditional half (step_with_guidance)")
+
+    @staticmethod
+    def _init_index(sch, timestep):
+        if sch.step_index is None:
+            sch._init_step_index(timestep)
+        return sch.step_index

@@ -1,0 +1,200 @@
+"""UniPC multistep with its corrector (bh1/bh2, data or noise prediction)."""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from ..ops.solver import NUM_COEFFS, fused_solver_step
+from ._base import _Adapter, _f64, _row
+
+# -- UniPCMultistepScheduler ------------------------------------------------------------------
+
+def _unipc_rb(order, rks, hh, solver_type):
+    """diffusers' R (powers of rks) and b for UniPC's B(h) variants, in float64."""
+    h_phi_1 = np.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial_i = 1
+    B_h = hh if solver_type == "bh1" else np.expm1(hh)
+    R, b = [], []
+    for i in range(1, order + 1):
+        R.append(np.power(rks, i - 1))
+        b.append(h_phi_k * factorial_i / B_h)
+        factorial_i *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial_i
+    return np.stack(R), np.array(b), h_phi_1, B_h
+
+
+class UniPCMultistep(_Adapter):
+    """UniPC (data or noise prediction, B(h) = bh1/bh2) with its corrector. The rho coefficients (diffusers'
+    ``torch.linalg.solve`` on the device) are solved on the host at set_timesteps.
+
+    One launch per step, corrector included: the op reads ``last_sample`` and writes the corrected
+    sample (diffusers' new ``last_sample``, rounded to its dtype before the predictor uses it, as
+    diffusers does) next to the new sample and the x0 history entry. Rows are indexed by
+    (step, corrector order, predictor order); both orders are host state, as in diffusers.
+    """
+
+    name = "UniPCMultistepScheduler"
+
+    def unsupported(self, sch):
+        c = sch.config
+        if not c.predict_x0 and c.prediction_type == "flow_prediction":
+            return "predict_x0=False with prediction_type='flow_prediction' is not supported by diffusers' UniPC"
+        if c.thresholding:
+            return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
+        if sch.solver_p is not None:
+            return "solver_p is set: an external predictor scheduler is not fused"
+        if c.solver_type not in ("bh1", "bh2"):
+            return f"solver_type={c.solver_type!r} is not fused"
+        if c.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            return f"prediction_type={c.prediction_type!r} is not supported"
+        if c.solver_order > 3:
+            return f"solver_order={c.solver_order}: at most 3 (three history slots)"
+        return None
+
+    def build(self, sch, state):
+        c = sch.config
+        sig = _f64(sch.sigmas)
+        if c.use_flow_sigmas:
+            alpha, sigt = 1 - sig, sig
+        else:
+            alpha = 1 / np.sqrt(sig**2 + 1)
+            sigt = sig * alpha
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lam = np.log(alpha) - np.log(sigt)
+        n = len(sig) - 1
+        nan = np.full(NUM_COEFFS, np.nan)
+        pred, pc = [], []  # rows [step, predictor order] and [step, corrector order, predictor order]
+        for i in range(n):
+            a_s, s_s = alpha[i], sigt[i]
+            if not c.predict_x0:  # history holds epsilon
+                if c.prediction_type == "epsilon":
+                    p_x, p_e = 0.0, 1.0
+                elif c.prediction_type == "sample":
+                    p_x, p_e = 1 / s_s, -a_s / s_s
+                else:  # v_prediction
+                    p_x, p_e = s_s, a_s
+            elif c.prediction_type == "epsilon":
+                p_x, p_e = 1 / a_s, -s_s / a_s
+            elif c.prediction_type == "sample":
+                p_x, p_e = 0.0, 1.0
+            elif c.prediction_type == "v_prediction":
+                p_x, p_e = a_s, -s_s
+            else:
+                p_x, p_e = 1.0, -sig[i]
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                preds = [self._solved(self._predictor, c, i, po, alpha, sigt, lam) if po <= i + 1 else None
+                         for po in (1, 2, 3)]
+                corrs = [self._solved(self._corrector, c, i, oc, alpha, sigt, lam) if 1 <= i and oc <= i else None
+                         for oc in (1, 2, 3)]
+            for pr in preds:  # b_x on the (corrected) sample, b_m0 on the new x0, b_h on H0, H1
+                pred.append(nan if pr is None else _row(A_X=p_x, A_E=p_e, B_X=pr[0], B_P=pr[1], B_H0=pr[2][0],
+                                                        B_H1=pr[2][1]))
+            for cr in corrs:  # d_l on last_sample, d_m0 on the new x0, d_h on H0, H1, H2
+                for pr in preds:
+                    if cr is None or pr is None:
+                        pc.append(nan)
+                        continue
+                    pc.append(_row(A_X=p_x, A_E=p_e, B_X=pr[0], B_P=pr[1], B_H0=pr[2][0], B_H1=pr[2][1],
+                                   D_L=cr[0], D_P=cr[1], D_H0=cr[2][0], D_H1=cr[2][1], D_H2=cr[2][2]))
+        for key, rows in (("pred", pred), ("pc", pc)):
+            state.host[key] = np.stack(rows) if rows else np.zeros((0, NUM_COEFFS))
+
+    @staticmethod
+    def _solved(fn, *args):
+        # a (step, order) pair the schedule never reaches can be singular (e.g. past a zero final
+        # sigma); its row stays NaN, so reaching it anyway shows instead of passing silently
+        try:
+            return fn(*args)
+        except np.linalg.LinAlgError:
+            return None
+
+    @staticmethod
+    def _scales(c, t, s0, alpha, sigt, h):
+        """(coefficient on the sample, amplitude of the model terms, hh) for data or noise prediction."""
+        if c.predict_x0:
+            return sigt[t] / sigt[s0], alpha[t], -h
+        return alpha[t] / alpha[s0], sigt[t], h
+
+    @staticmethod
+    def _predictor(c, i, order, alpha, sigt, lam):
+        h = lam[i + 1] - lam[i]
+        b_x, a_t, hh = UniPCMultistep._scales(c, i + 1, i, alpha, sigt, h)
+        rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)] + [1.0]
+        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), hh, c.solver_type)
+        if order == 1:
+            rhos = np.zeros(0)
+        elif order == 2:
+            rhos = np.array([0.5])
+        else:
+            rhos = np.linalg.solve(R[:-1, :-1], b[:-1])
+        b_h = np.zeros(3)
+        b_m0 = -a_t * h_phi_1
+        for k in range(1, order):  # D1_k = (H_{k-1} - m0) / rk_k
+            w = -a_t * B_h * rhos[k - 1] / rks[k - 1]
+            b_h[k - 1] += w
+            b_m0 -= w
+        return b_x, b_m0, b_h
+
+    @staticmethod
+    def _corrector(c, i, order, alpha, sigt, lam):
+        h = lam[i] - lam[i - 1]
+        b_l, a_t, hh = UniPCMultistep._scales(c, i, i - 1, alpha, sigt, h)
+        rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, order)] + [1.0]
+        R, b, h_phi_1, B_h = _unipc_rb(order, np.array(rks), hh, c.solver_type)
+        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+        b_h = np.zeros(3)
+        b_h[0] = -a_t * h_phi_1
+        for k in range(1, order):  # D1_k = (H_k - H0) / rk_k
+            w = -a_t * B_h * rhos[k - 1] / rks[k - 1]
+            b_h[k] += w
+            b_h[0] -= w
+        w = -a_t * B_h * rhos[-1]  # D1_t = m0_new - H0
+        return b_l, w, b_h - np.array([w, 0.0, 0.0])
+
+    def step(self, sch, state, model_output, cond, s, rescale, timestep, sample, return_dict=True):
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        if sch.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        self._begin(sch, state, model_output, cond, sample, rescale)
+        c = sch.config
+        i = self._init_index(sch, timestep)
+        use_corrector = i > 0 and (i - 1) not in sch.disable_corrector and sch.last_sample is not None
+        before = list(sch.model_outputs)  # H0 = before[-1], H1 = before[-2], ...
+        if c.lower_order_final:
+            this_order = min(c.solver_order, len(sch.timesteps) - i)
+        else:
+            this_order = c.solver_order
+        this_order = min(this_order, sch.lower_order_nums + 1)
+        hist_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        if use_corrector:
+            oc = sch.this_order
+            coeffs = state.row("pc", 9 * i + 3 * (oc - 1) + this_order - 1, sample.device)
+            history = [before[-1 - k] for k in range(max(oc, this_order - 1))]
+            last = sch.last_sample
+        else:
+            coeffs = state.row("pred", 3 * i + this_order - 1, sample.device)
+            history = [before[-1 - k] for k in range(this_order - 1)]
+            last = None
+        prev, x0, corrected = fused_solver_step(
+            sample, model_output, coeffs, model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
+            history=history, last_sample=last, out_dtype=sample.dtype if last is None else last.dtype,
+            history_dtype=hist_dtype)
+        if last is None:
+            corrected = sample
+        for j in range(c.solver_order - 1):
+            sch.model_outputs[j] = sch.model_outputs[j + 1]
+            sch.timestep_list[j] = sch.timestep_list[j + 1]
+        sch.model_outputs[-1] = x0
+        sch.timestep_list[-1] = timestep
+        sch.this_order = this_order
+        sch.last_sample = corrected
+        if sch.lower_order_nums < c.solver_order:
+            sch.lower_order_nums += 1
+        sch._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
