@@ -96,16 +96,18 @@ def _attn_fwd_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < HEAD_DIM
 
-    q_rows = Q + b * s_qb + h * s_qh + offs_m[:, None].to(tl.int64) * s_qm
-    q = _load_2d(q_rows + offs_d[None, :] * s_qd, row_ok, d_ok, True, not EVEN_D)
+    q_base = Q + b * s_qb + h * s_qh
+    q_off = offs_m[:, None].to(tl.int64) * s_qm
+    q = _load_2d(q_base + q_off + offs_d[None, :] * s_qd, row_ok, d_ok, True, not EVEN_D)
     if BF16_DOT_IN_FP32:  # the interpreter's bf16 tl.dot returns garbage (Triton 3.8); bf16 values are exact in fp32
         q = q.to(tl.float32)
     # pointers advance by a scalar per K/V tile (cheaper than recomputing 64-bit addresses per element)
     offs_n0 = tl.arange(0, BLOCK_N)
-    k_cols = K + b * s_kb + h * s_kh + offs_n0[None, :] * s_kn
-    v_rows = V + b * s_vb + h * s_vh + offs_n0[:, None] * s_vn
-    k_ptrs = k_cols + offs_d[:, None] * s_kd
-    v_ptrs = v_rows + offs_d[None, :] * s_vd
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    # int32 offset tensors added to a scalar base once: the address math stays cheap in registers
+    k_ptrs = k_base + (offs_n0[None, :] * s_kn + offs_d[:, None] * s_kd)
+    v_ptrs = v_base + (offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd)
     m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -114,11 +116,11 @@ def _attn_fwd_kernel(
     if SPLIT:
         offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
         d1_ok = offs_d1 < HEAD_DIM
-        q1 = _load_2d(q_rows + offs_d1[None, :] * s_qd, row_ok, d1_ok, True, not EVEN_D1)
+        q1 = _load_2d(q_base + q_off + offs_d1[None, :] * s_qd, row_ok, d1_ok, True, not EVEN_D1)
         if BF16_DOT_IN_FP32:
             q1 = q1.to(tl.float32)
-        k1_ptrs = k_cols + offs_d1[:, None] * s_kd
-        v1_ptrs = v_rows + offs_d1[None, :] * s_vd
+        k1_ptrs = k_base + (offs_n0[None, :] * s_kn + offs_d1[:, None] * s_kd)
+        v1_ptrs = v_base + (offs_n0[:, None] * s_vn + offs_d1[None, :] * s_vd)
         acc1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
 
     hi = Lk
@@ -378,15 +380,16 @@ def _attn_int8_fwd_kernel(
     row_ok = offs_m < Lq
     d_ok = offs_d < D
 
-    q_rows = Qi + pid_bh * Lq * D + offs_m[:, None].to(tl.int64) * D
-    qi = _load_2d(q_rows + offs_d[None, :], row_ok, d_ok, True, not EVEN_D)
+    q_base = Qi + pid_bh * Lq * D
+    q_off = offs_m[:, None].to(tl.int64) * D
+    qi = _load_2d(q_base + q_off + offs_d[None, :], row_ok, d_ok, True, not EVEN_D)
     # per-row Q scale (a tile may span several quantization blocks) with the softmax scale folded in
     q_scale = tl.load(Qs + pid_bh * n_qblocks + offs_m // QBLOCK_M, mask=row_ok, other=0.0) * qk_scale
     offs_n0 = tl.arange(0, BLOCK_N)
-    k_cols = Ki + pid_bh * Lk * D + offs_n0[None, :] * D
-    v_rows = V + b * s_vb + h * s_vh + offs_n0[:, None] * s_vn
-    k_ptrs = k_cols + offs_d[:, None]
-    v_ptrs = v_rows + offs_d[None, :] * s_vd
+    k_base = Ki + pid_bh * Lk * D
+    v_base = V + b * s_vb + h * s_vh
+    k_ptrs = k_base + (offs_n0[None, :] * D + offs_d[:, None])
+    v_ptrs = v_base + (offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd)
     ks_base = Ks + pid_bh * n_kblocks
     m_base = Mask + b * s_mb + h * s_mh + offs_m[:, None].to(tl.int64) * s_mm
 
@@ -396,9 +399,9 @@ def _attn_int8_fwd_kernel(
     if SPLIT:
         offs_d1 = BLOCK_D + tl.arange(0, BLOCK_D1)
         d1_ok = offs_d1 < D
-        qi1 = _load_2d(q_rows + offs_d1[None, :], row_ok, d1_ok, True, not EVEN_D1)
-        k1_ptrs = k_cols + offs_d1[:, None]
-        v1_ptrs = v_rows + offs_d1[None, :] * s_vd
+        qi1 = _load_2d(q_base + q_off + offs_d1[None, :], row_ok, d1_ok, True, not EVEN_D1)
+        k1_ptrs = k_base + (offs_n0[None, :] * D + offs_d1[:, None])
+        v1_ptrs = v_base + (offs_n0[:, None] * s_vn + offs_d1[None, :] * s_vd)
         acc1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
 
     hi = Lk
