@@ -35,7 +35,8 @@ if _REPO not in sys.path:
 
 def pytest_collect_file(file_path, parent):
     # pyproject's python_files is test_*.py; benchmark modules are bench_*.py
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # a file named on the command line is collected by pytest itself; collecting it here too doubles it
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
