@@ -63,6 +63,7 @@ class Context:
         return {"method": self.method, "weight_bits": self.weight_bits, "act_bits": self.act_bits,
                 "seed": self.seed, "model": type(self.backbone).__name__, "diffaccel": __version__,
                 "act_symmetric": self.act_symmetric, "iters": self.iters, "p": self.p,
+                "block_inputs": self.block_inputs,
                 "schedule": [float(t) for t in self.calib.schedule.tolist()],
                 "samples": len(self.calib), **extra}
 
