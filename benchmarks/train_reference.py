@@ -119,7 +119,8 @@ def _ema_update(ema, model, decay):
             pe.lerp_(pm, 1.0 - decay)
 
 
-def train_diffusion(out: Path, kind: str, seed: int, steps: int, batch: int, lr: float, eval_samples: int):
+def train_diffusion(out: Path, kind: str, seed: int, steps: int, batch: int, lr: float, eval_samples: int,
+                    resume: bool = False):
     import copy
 
     from diffusers import DDPMScheduler
@@ -138,7 +139,12 @@ def train_diffusion(out: Path, kind: str, seed: int, steps: int, batch: int, lr:
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
     with torch.no_grad():
         prompt_embeds = text_encoder(prompt_ids).last_hidden_state  # [11, L, 64]
-    backbone = ref.build_unet() if kind == "unet" else ref.build_dit()
+    if resume:  # continue from the saved (EMA) weights with a fresh optimizer and schedule
+        cls = type(ref.build_unet() if kind == "unet" else ref.build_dit())
+        backbone = cls.from_pretrained(out / kind, low_cpu_mem_usage=False).train()
+        gen.manual_seed(seed + 2)
+    else:
+        backbone = ref.build_unet() if kind == "unet" else ref.build_dit()
     params = list(backbone.parameters())
     ema = copy.deepcopy(backbone).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in backbone.parameters())
@@ -177,6 +183,10 @@ def train_diffusion(out: Path, kind: str, seed: int, steps: int, batch: int, lr:
     ema.save_pretrained(out / kind)
     info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "seconds": round(seconds, 1),
             "parameters": n_params, "final_loss": loss.item()}
+    if resume:
+        previous = json.loads((out / "training_report.json").read_text()).get(kind, {})
+        info["resumed_from"] = {k: v for k, v in previous.items() if k not in ("resumed_from",)} | (
+            {"resumed_from": previous["resumed_from"]} if "resumed_from" in previous else {})
     if eval_samples:
         info.update(evaluate_prompt_accuracy(kind, eval_samples))
     _update_report(out, kind, info)
@@ -216,6 +226,7 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="unet/dit: continue from the saved weights")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -234,7 +245,7 @@ def main():
                                                     .get(kind, {}), **evaluate_prompt_accuracy(kind, args.eval_samples)})
         else:
             train_diffusion(args.out, stage, args.seed, args.unet_steps if stage == "unet" else args.dit_steps,
-                            args.batch, args.lr, args.eval_samples)
+                            args.batch, args.lr, args.eval_samples, args.resume)
 
 
 if __name__ == "__main__":
