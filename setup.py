@@ -13,7 +13,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.9;9.0a"
@@ -101,8 +101,7 @@ ext_modules, cmdclass = build_extension()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    packages=["diffaccel", "diffaccel.ops", "diffaccel.nn", "diffaccel.quant", "diffaccel.solvers",
-              "diffaccel.integrations", "diffaccel.kernels"],
+    packages=find_packages(include=["diffaccel", "diffaccel.*"]) + ["diffaccel.kernels"],
     package_dir={"diffaccel.kernels": "kernels"},
     package_data={"diffaccel": ["assets/**/*"]},
 )
