@@ -63,8 +63,19 @@ def _tiny_flux():
     return model, inputs
 
 
-MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux}
-EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None}
+def _tiny_wan():
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, cross_attn_norm=True, rope_max_seq_len=32).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 7, 32, generator=g))
+    return model, inputs
+
+
+MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan}
+EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None, "wan": None}
 
 
 def _out(model, inputs):
@@ -157,6 +168,19 @@ def test_patched_model_int8_close(name, monkeypatch):
     assert calls.count("attention_int8") == len(originals)
     cos = F.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
     assert cos >= 0.999, cos
+
+
+@pytest.mark.parametrize("module,cls", [
+    ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
+    ("diffusers.models.transformers.transformer_qwenimage", "QwenDoubleStreamAttnProcessor2_0"),
+    ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor")])
+def test_dispatcher_processors_accepted(module, cls):
+    import importlib
+
+    proc = getattr(importlib.import_module(module), cls)()
+    new, reason = make_processor(proc, quant="int8")
+    assert new is not None and "dispatcher" in reason and new.original is proc
+    assert new._attention_backend is dispatcher_backend("int8")
 
 
 def test_dispatcher_route_is_per_instance():
