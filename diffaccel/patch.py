@@ -168,6 +168,9 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
             fqn = f"{prefix}{name}"
+            if _targets.is_lora_branch(name):
+                report.skipped.append(Skipped(fqn, "quant", "LoRA branch kept in floating point"))
+                continue
             if _targets.is_io_layer(name):
                 report.skipped.append(Skipped(fqn, "quant", "input/output layer kept in floating point"))
                 continue

@@ -65,6 +65,12 @@ def is_timestep_embedding(qualified_name: str) -> bool:
     return any(part in TIMESTEP_EMBEDDING_NAMES for part in qualified_name.split("."))
 
 
+def is_lora_branch(qualified_name: str) -> bool:
+    """peft's LoRA matrices (lora_A / lora_B / lora_embedding_*): kept in floating point beside the
+    quantized ``base_layer`` they adapt."""
+    return any(part.startswith("lora_") for part in qualified_name.split("."))
+
+
 def attention_modules(backbone: nn.Module):
     """(qualified name, module) for every diffusers attention module holding a processor."""
     for name, module in backbone.named_modules():
