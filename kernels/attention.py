@@ -67,6 +67,19 @@ def _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn,
 
 
 @triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    """Fold one tile of scores into the running row max and sum. Returns the tile's probabilities
+    and alpha, the factor that rescales every accumulator to the new max."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # rows with nothing visible yet keep m = -inf; shift by 0 there so exp gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_shift[:, None])
+    alpha = tl.exp(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse,
     s_qb, s_qh, s_qm, s_qd,
@@ -143,12 +156,7 @@ def _attn_fwd_kernel(
         s = s * qk_scale
         s = _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, EVEN_N)
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # rows with nothing visible yet keep m = -inf; shift by 0 there so exp gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, m_new, l_i, alpha = _online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         v = _load_2d(v_ptrs, col_ok, d_ok, not EVEN_N, not EVEN_D)
         v_ptrs += BLOCK_N * s_vn
@@ -424,11 +432,7 @@ def _attn_int8_fwd_kernel(
         s = s_int.to(tl.float32) * q_scale[:, None] * k_scale[None, :]
         s = _mask_scores(s, offs_m, offs_n, row_ok, col_ok, m_base, s_mn, HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, EVEN_N)
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, m_new, l_i, alpha = _online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         v = _load_2d(v_ptrs, col_ok, d_ok, not EVEN_N, not EVEN_D)
         v_ptrs += BLOCK_N * s_vn
