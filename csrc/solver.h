@@ -141,4 +141,27 @@ inline void check_solver_args(const at::Tensor& sample, const at::Tensor& model_
                  "expected float16, bfloat16 or float32, got ", d);
 }
 
+// Validation and output allocation shared by the CPU and CUDA entry points:
+// (new sample, new history entry, corrected sample); unused outputs are empty.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_solver_step(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
+    const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
+    const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, at::ScalarType out_dtype,
+    at::ScalarType history_dtype, bool write_history) {
+  check_solver_args(sample, model_output, coeffs, row,
+                    {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
+                     {"noise", &noise}, {"last_sample", &last_sample}},
+                    out_dtype, history_dtype);
+  DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
+  DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
+  auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));
+  // without write_history the entry is not stored (a step whose caller drops it saves a full write)
+  auto h_out = write_history ? at::empty(sample.sizes(), sample.options().dtype(history_dtype))
+                             : at::empty({0}, sample.options().dtype(history_dtype));
+  auto c_out = last_sample.has_value() ? at::empty(sample.sizes(), last_sample->options())
+                                       : at::empty({0}, sample.options());
+  return {x_out, h_out, c_out};
+}
+
 }  // namespace diffaccel

@@ -150,19 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale,
     double guidance_rescale, at::ScalarType out_dtype,
     at::ScalarType history_dtype, bool write_history) {
-  check_solver_args(sample, model_output, coeffs, row,
-                    {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
-                     {"noise", &noise}, {"last_sample", &last_sample}},
-                    out_dtype, history_dtype);
-  DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
-  DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
   const c10::cuda::CUDAGuard guard(sample.device());
-  auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));
-  // without write_history the entry is not stored (a step whose caller drops it saves a full write)
-  auto h_out = write_history ? at::empty(sample.sizes(), sample.options().dtype(history_dtype))
-                             : at::empty({0}, sample.options().dtype(history_dtype));
-  auto c_out = last_sample.has_value() ? at::empty(sample.sizes(), last_sample->options())
-                                       : at::empty({0}, sample.options());
+  auto [x_out, h_out, c_out] = prepare_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2,
+                                                   noise, last_sample, out_dtype, history_dtype, write_history);
   const int64_t batch = sample.size(0), numel = sample.numel();
   if (numel == 0) return {x_out, h_out, c_out};
   DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535");
