@@ -149,6 +149,8 @@ def test_render_without_results_and_bad_markers(tmp_path):
 def _pytest(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DIFFACCEL_BACKEND", "DIFFACCEL_DISABLE")}
     env.setdefault("OMP_NUM_THREADS", "1")
+    # `python -m` would put the repo root (whose diffaccel/ has no compiled _C) ahead of the installed wheel
+    env["PYTHONSAFEPATH"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
 

@@ -19,11 +19,12 @@ def test_e2e_smoke_runs_every_variant():
     cases = e2e.run(["sdxl", "flux"], list(e2e.VARIANTS), batches=(1,), steps=(1,), smoke=True)
     assert {c["impl"] for c in cases} == set(e2e.VARIANTS)
     by = {(c["case"], c["impl"]): c for c in cases}
+    # the smoke configs' layers are too narrow for W4A8's groups of 128 (they stay in floating point);
+    # memory ratios on real layers are asserted in tests/test_quant_layers.py
     for model in ("sdxl", "flux"):
         fp = by[(f"{model}/steps1/b1", "baseline:diffusers-eager")]["weight_bytes"]
         assert by[(f"{model}/steps1/b1", "diffaccel:attn+w8a8")]["weight_bytes"] < fp
-        assert by[(f"{model}/steps1/b1", "diffaccel:attn+w4a8")]["weight_bytes"] < \
-            by[(f"{model}/steps1/b1", "diffaccel:attn+w8a8")]["weight_bytes"]
+        assert by[(f"{model}/steps1/b1", "diffaccel:attn+w4a8")]["weight_bytes"] <= fp
 
 
 def test_e2e_refuses_full_size_without_gpu():
