@@ -94,6 +94,19 @@ def test_recipe_for_another_model_is_refused_and_model_untouched():
     assert not diffaccel.is_patched(dit_pipe) and not diffaccel.solvers.is_patched(dit_pipe.scheduler)
 
 
+def test_pipeline_folds_guidance_into_the_patched_step(monkeypatch):
+    pipe = _pipeline("unet")
+    diffaccel.patch(pipe, attention=False)
+    calls = {"guided": 0, "plain": 0}
+    guided, plain = pipe.scheduler.step_with_guidance, pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step_with_guidance",
+                        lambda *a, **k: calls.__setitem__("guided", calls["guided"] + 1) or guided(*a, **k))
+    monkeypatch.setattr(pipe.scheduler, "step",
+                        lambda *a, **k: calls.__setitem__("plain", calls["plain"] + 1) or plain(*a, **k))
+    _sample(pipe, steps=4)
+    assert calls == {"guided": 4, "plain": 0}
+
+
 def test_patch_scheduler_public_api():
     pipe = _pipeline("unet")
     res = diffaccel.patch_scheduler(pipe.scheduler)

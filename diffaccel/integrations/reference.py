@@ -198,6 +198,11 @@ class DigitsPipeline(DiffusionPipeline):
             noise = backbone_forward(backbone, model_in.to(dtype), t, text).float()
             if do_cfg:
                 uncond, cond = noise.chunk(2)
+                # a scheduler patched by diffaccel folds the guidance into its one step kernel
+                step_with_guidance = getattr(self.scheduler, "step_with_guidance", None)
+                if step_with_guidance is not None:
+                    latents = step_with_guidance(uncond, cond, guidance_scale, t, latents).prev_sample
+                    continue
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise, t, latents).prev_sample
         self.maybe_free_model_hooks()
