@@ -121,14 +121,25 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
     setattr(parent, child, new)
 
     def restore():
-        # back where the replacement lives now (the user may have moved the model), else where it was
-        device = _module_device(getattr(parent, child)) or original_device
+        # back on the device and in the dtype the replacement has now (the user may have called
+        # model.to(...) after patching), else where it was
+        current = getattr(parent, child)
+        device = _module_device(current) or original_device
         if device is not None and _module_device(original) != device:
             original.to(device)
+        dtype = getattr(current, "original_dtype", None)
+        if dtype is not None and dtype.is_floating_point and _module_dtype(original) not in (None, dtype):
+            original.to(dtype)
         setattr(parent, child, original)
 
     undo.push(restore)
     undo.originals.append(original)
+
+
+def _module_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    for t in module.parameters():
+        return t.dtype
+    return None
 
 
 def _matches(name: str, patterns) -> bool:

@@ -206,3 +206,23 @@ def test_triton_backend_through_patched_model():
         out_tri = tiny_models.output_of(model, inputs)
     torch.testing.assert_close(out_tri, out_ref, rtol=1e-4, atol=1e-4)
     assert _rel_l2(out_ref, ref) < QUANT_REL_L2["w8a8"]
+
+
+def test_patched_model_follows_to_dtype():
+    """model.to(dtype) after patching: packed low-bit buffers keep their dtype, outputs follow."""
+    model, inputs = tiny_models.sd3()
+    ref = tiny_models.output_of(model, inputs)
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    model.to(torch.bfloat16)
+    q = next(m for m in model.modules() if type(m).__name__ == "QuantLinear")
+    assert q.weight_q.dtype == torch.int8
+    bf16_inputs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+                   for k, v in inputs.items()}
+    out = tiny_models.output_of(model, bf16_inputs)
+    assert out.dtype == torch.bfloat16
+    assert _rel_l2(out, ref) < QUANT_REL_L2["w8a8"] + 0.02  # bf16 activations add ~1e-2
+    diffaccel.unpatch(model)  # originals come back in the model's current dtype
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    plain, _ = tiny_models.sd3()
+    plain.to(torch.bfloat16)
+    assert torch.equal(tiny_models.output_of(model, bf16_inputs), tiny_models.output_of(plain, bf16_inputs))
