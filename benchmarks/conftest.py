@@ -6,7 +6,6 @@ measure``). Each run records the GPU, torch/triton/CUDA versions and the smoke f
 machine_info, which ``python -m benchmarks.results`` reads.
 """
 import os
-import platform
 import subprocess
 import sys
 from collections import defaultdict
@@ -62,28 +61,15 @@ def _driver_version():
 
 def environment_info() -> dict:
     """What results files record about the run: device, versions, smoke flag."""
-    import torch as _torch
-
     from benchmarks._util import is_smoke
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        import diffaccel
-        diffaccel_version = diffaccel.__version__
-    except ImportError:
-        diffaccel_version = None
-    device = None
-    if _torch.cuda.is_available():
-        props = _torch.cuda.get_device_properties(0)
-        device = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                  "memory_gib": round(props.total_memory / 2**30, 1), "driver": _driver_version()}
-    return {"smoke": is_smoke(), "device": device, "torch": _torch.__version__, "cuda": _torch.version.cuda,
-            "triton": triton_version, "diffaccel": diffaccel_version, "python": platform.python_version(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+    import diffaccel
+
+    info = diffaccel.info()  # one place that reads the versions and the GPU
+    device = dict(info["gpu"], driver=_driver_version()) if info["gpu"] else None
+    return {"smoke": is_smoke(), "device": device, "torch": info["torch"], "cuda": info["torch_cuda"],
+            "triton": info["triton"], "diffaccel": info["diffaccel"], "python": info["python"],
+            "triton_interpret": info["triton_interpret"]}
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
