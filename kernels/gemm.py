@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_half_even
+from ._common import round_half_even, row_abs_max
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -246,14 +246,8 @@ def _quantize_act_int8_kernel(x_ptr, smooth_ptr, scale_ptr, zp_ptr, out_ptr, K, 
     if STATIC:
         scale = tl.load(scale_ptr)
     else:
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0))
-            acc = tl.maximum(acc, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(acc, axis=0), AMAX_MIN), 127.0)
+        amax = row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
+        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
         tl.store(scale_ptr + row, scale)
     zp = 0.0
     if HAS_ZP:
@@ -350,14 +344,8 @@ def _quantize_act_fp8_kernel(x_ptr, smooth_ptr, scale_ptr, out_ptr, K, stride_xm
     if STATIC:
         scale = tl.load(scale_ptr)
     else:
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0))
-            acc = tl.maximum(acc, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(acc, axis=0), AMAX_MIN), FMAX)
+        amax = row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
+        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), FMAX)
         tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)

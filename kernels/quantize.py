@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_half_even
+from ._common import round_half_even, row_abs_max
 
 AMAX_FLOOR = 1e-12
 
@@ -47,12 +47,7 @@ def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, K, AMAX_MIN: tl.conste
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
         tl.store(o_row + offs, q.to(tl.int8), mask=mask)
     else:
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            offs = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            acc = tl.maximum(acc, tl.abs(x))
-        amax = tl.max(acc, axis=0)
+        amax = row_abs_max(x_row, x_row, K, False, BLOCK_K)
         scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
         for start in range(0, K, BLOCK_K):
             offs = start + tl.arange(0, BLOCK_K)
