@@ -8,13 +8,14 @@ Speedup = baseline median / diffaccel median (> 1: diffaccel is faster), both fr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.results import RESULTS_DIR, ResultsError, case_key, is_baseline, is_ours, load
+from benchmarks.results import RESULTS_DIR, SCHEMA, ResultsError, case_key, is_baseline, is_ours, load
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -113,7 +114,9 @@ def speedup_plot(results: dict, png: Path) -> Path:
 
 
 def render_section(results_dir: Path, output: Path, plots: bool = True) -> str:
-    files = sorted(Path(results_dir).glob("*.json"))
+    # speed results only (schema 1, as benchmarks/results.py and e2e.py write them); the quality
+    # benchmark's files live beside them with their own table
+    files = [f for f in sorted(Path(results_dir).glob("*.json")) if json.loads(f.read_text()).get("schema") == SCHEMA]
     if not files:
         return EMPTY
     out = []

@@ -173,3 +173,9 @@ def test_quantize_smoke_run_is_recorded_as_smoke_and_refused(tmp_path):
     assert data["machine_info"]["diffaccel_env"]["smoke"] is True
     with pytest.raises(results.ResultsError, match="smoke run"):
         results.convert([(str(raw), data)])
+
+
+def test_render_ignores_other_json_in_results(tmp_path):
+    """benchmarks/results/ also holds the quality benchmark's JSON (another schema): not a speed table."""
+    (tmp_path / "quality-cpu-2026-01-01.json").write_text(json.dumps({"meta": {}, "results": []}))
+    assert render.render_section(tmp_path, tmp_path / "BENCHMARKS.md", plots=False) == render.EMPTY
