@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from diffaccel.nn.shared_input import project_shared
 from diffaccel.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, QUANT_MODES, attention, attention_with_lse
 
 DISPATCH_BACKEND_NAMES = {None: "diffaccel", "int8": "diffaccel_int8"}
@@ -63,13 +64,14 @@ class DiffaccelAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
+        # quantized projections of one input share one activation quantization (project_shared)
         if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+            query, key, value = project_shared(hidden_states, attn.to_q, attn.to_k, attn.to_v)
+        else:
+            query = attn.to_q(hidden_states)
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key, value = project_shared(encoder_hidden_states, attn.to_k, attn.to_v)
         head_dim = key.shape[-1] // attn.heads
         # [B, L, H, D] seen as [B, H, L, D]: the kernel reads the projections in place
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -106,9 +108,7 @@ class DiffaccelJointAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
+        query, key, value = project_shared(hidden_states, attn.to_q, attn.to_k, attn.to_v)
         head_dim = key.shape[-1] // attn.heads
         # kept as [B, L, H, D] (norms act on D, so the order does not matter to them)
         query = query.view(batch_size, -1, attn.heads, head_dim)
@@ -119,9 +119,8 @@ class DiffaccelJointAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
-            ek = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
-            ev = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            eq, ek, ev = (t.view(batch_size, -1, attn.heads, head_dim) for t in project_shared(
+                encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:

@@ -256,6 +256,20 @@ class QuantLayerBase(nn.Module):
             return self._split_fp8(x2, scale, out_dtype)
         return self._weight_only(x2)
 
+    def forward_quantized(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """[M, N] from activations already quantized dynamically per token (``codes`` [M, K] int8
+        or float8_e4m3fn, ``scale`` [M, 1] fp32, as ``diffaccel.ops.gemm.quantize_activation_*``
+        return them): the GEMM ``_gemm`` runs after its own quantization, so results are identical."""
+        s = self.spec
+        if s.act_dtype is None or s.act_mode != "dynamic" or self.smooth is not None:
+            raise ValueError(f"codes: pre-quantized input needs dynamic activations without smoothing; this layer has "
+                             f"{self._spec_repr()}")
+        if s.act_dtype == "int8":
+            return G.int8_gemm(codes, self.weight_q, scale, self.weight_scale, bias=self.bias,
+                               group_size=self.group_size, w_int4=s.weight_dtype == "int4",
+                               out_dtype=self.original_dtype)
+        return G.fp8_gemm(codes, self.weight_q, scale, self.weight_scale, bias=self.bias, out_dtype=self.original_dtype)
+
     def _split_int8(self, x2, scale, zp, w_int4, out_dtype):
         # Q-Diffusion split shortcut: the two input ranges have their own quantizers, so the GEMM
         # runs as two K ranges summed in fp32 (each exact against the reference), bias on the second

@@ -1,0 +1,181 @@
+"""project_shared: sibling projections of one input (q/k/v) quantize it once.
+
+The shared codes are the ones each layer computes itself, so every comparison here is bit-exact
+(torch.equal), on the torch backend and on Triton (interpreter on CPU)."""
+import pytest
+import torch
+from torch import nn
+
+from diffaccel.nn import QuantLinear
+from diffaccel.nn import shared_input as S
+from diffaccel.ops import gemm as G
+from diffaccel.ops import use_backend
+
+M_SHARED = G.FUSED_QUANT_MAX_M + 13  # above the fused-quantization threshold: sharing applies
+
+
+def _layers(spec, K=64, Ns=(32, 48, 40), dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return [QuantLinear.from_float(nn.Linear(K, n, bias=i != 1).to(dtype), spec) for i, n in enumerate(Ns)]
+
+
+class _CountQuantizer:
+    """Counts the separate activation-quantization calls (int8 and fp8) made through ops.gemm."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("quantize_activation_int8", "quantize_activation_fp8"):
+            orig = getattr(G, name)
+
+            def counted(*a, _orig=orig, **k):
+                self.calls += 1
+                return _orig(*a, **k)
+
+            monkeypatch.setattr(G, name, counted)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spec", ["w8a8", "w4a8", "fp8"])
+def test_shared_equals_separate(spec, backend, monkeypatch):
+    if backend == "triton" and spec == "fp8":
+        pytest.skip("the Triton fp8 kernels are GPU-only (the interpreter's fp8 casts differ)")
+    layers = _layers(spec, K=128)
+    x = torch.randn(2, M_SHARED, 128) * 3
+    with use_backend(backend):
+        separate = [layer(x) for layer in layers]
+        counter = _CountQuantizer(monkeypatch)
+        assert S.can_share_input(x, layers)
+        shared = S.project_shared(x, *layers)
+    assert counter.calls == 1
+    for a, b, layer in zip(shared, separate, layers):
+        assert a.shape == (2, M_SHARED, layer.out_features) and a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+def test_bf16_layers_share_and_keep_dtype():
+    layers = _layers("w8a8", dtype=torch.bfloat16)
+    x = torch.randn(M_SHARED, 64, dtype=torch.bfloat16)
+    with use_backend("torch"):
+        for a, b in zip(S.project_shared(x, *layers), [layer(x) for layer in layers]):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def _not_shared_cases():
+    w8 = _layers("w8a8")
+    torch.manual_seed(1)
+    smooth = QuantLinear.from_float(nn.Linear(64, 16), "w8a8", smooth=torch.rand(64) + 0.5)
+    static = QuantLinear.from_float(nn.Linear(64, 16), _static_spec(), act_scale=torch.tensor([0.05]))
+    fp8 = _layers("fp8", Ns=(16,))[0]
+    weight_only = _layers(_weight_only_spec(), Ns=(16,))[0]
+    hooked = _layers("w8a8", Ns=(16,), seed=3)[0]
+    hooked.register_forward_hook(lambda m, i, o: None)
+    return {
+        "smoothing vector": (w8[:2] + [smooth], M_SHARED),
+        "static activations": (w8[:2] + [static], M_SHARED),
+        "mixed int8 and fp8": (w8[:2] + [fp8], M_SHARED),
+        "weight-only layer": (w8[:2] + [weight_only], M_SHARED),
+        "float nn.Linear": (w8[:2] + [nn.Linear(64, 16)], M_SHARED),
+        "forward hook": (w8[:2] + [hooked], M_SHARED),
+        "small M (fused kernel quantizes)": (w8, G.FUSED_QUANT_MAX_M),
+        "single layer": (w8[:1], M_SHARED),
+    }
+
+
+def _weight_only_spec():
+    from diffaccel.quant import QuantSpec
+
+    return QuantSpec("int8", None, None)
+
+
+def _static_spec():
+    from diffaccel.quant import QuantSpec
+
+    return QuantSpec("int8", None, "int8", "static", True)
+
+
+NOT_SHARED = ["smoothing vector", "static activations", "mixed int8 and fp8", "weight-only layer",
+              "float nn.Linear", "forward hook", "small M (fused kernel quantizes)", "single layer"]
+
+
+def test_not_shared_case_list_is_complete():
+    assert sorted(NOT_SHARED) == sorted(_not_shared_cases())
+
+
+@pytest.mark.parametrize("case", NOT_SHARED)
+def test_not_shared_falls_back_to_each_layer(case, monkeypatch):
+    layers, M = _not_shared_cases()[case]
+    x = torch.randn(M, 64)
+    assert not S.can_share_input(x, layers)
+    counter = _CountQuantizer(monkeypatch)
+    expected = [layer(x) for layer in layers]
+    calls_separate, counter.calls = counter.calls, 0
+    got = S.project_shared(x, *layers)
+    assert counter.calls == calls_separate  # no shared quantization pass was added
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_global_hook_disables_sharing():
+    layers = _layers("w8a8")
+    x = torch.randn(M_SHARED, 64)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert not S.can_share_input(x, layers)
+    finally:
+        handle.remove()
+    assert S.can_share_input(x, layers)
+
+
+def test_forward_quantized_refuses_static_layer():
+    layer = QuantLinear.from_float(nn.Linear(64, 16), _static_spec(), act_scale=torch.tensor([0.05]))
+    q, s = G.quantize_activation_int8(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="codes: pre-quantized input needs dynamic activations"):
+        layer.forward_quantized(q, s)
+
+
+def test_compiles_fullgraph():
+    layers = _layers("w8a8")
+    x = torch.randn(M_SHARED, 64)
+    with use_backend("torch"):
+        expected = S.project_shared(x, *layers)
+        got = torch.compile(lambda t: S.project_shared(t, *layers), fullgraph=True, backend="eager")(x)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_attention_processor_quantizes_qkv_input_once(monkeypatch):
+    """A patched UNet self-attention with W8A8 projections: one quantization for q/k/v, and the
+    output equals the same processor with sharing turned off."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffaccel.integrations.attention import make_processor
+
+    torch.manual_seed(0)
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=64, heads=2, dim_head=32).eval()
+    for name in ("to_q", "to_k", "to_v"):
+        setattr(attn, name, QuantLinear.from_float(getattr(attn, name), "w8a8"))
+    proc, why = make_processor(attn.processor, module=attn)
+    assert proc is not None, why
+    attn.set_processor(proc)
+    x = torch.randn(2, M_SHARED, 64)
+    with use_backend("torch"):
+        counter = _CountQuantizer(monkeypatch)
+        shared = attn(x)
+        assert counter.calls == 1
+        monkeypatch.setattr(S, "can_share_input", lambda x, layers: False)
+        separate = attn(x)
+    assert torch.equal(shared, separate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["w8a8", "w4a8", "fp8"])
+def test_gpu_shared_equals_separate(spec):
+    """SDXL self-attention projections (K = N = 1280) at 4096 tokens, fp16, default backends."""
+    if spec == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89 or newer")
+    layers = [layer.cuda() for layer in _layers(spec, K=1280, Ns=(1280, 1280, 1280), dtype=torch.float16)]
+    x = torch.randn(2, 4096, 1280, dtype=torch.float16, device="cuda")
+    assert S.can_share_input(x, layers)
+    for a, b in zip(S.project_shared(x, *layers), [layer(x) for layer in layers]):
+        assert torch.equal(a, b)
