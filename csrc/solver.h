@@ -11,7 +11,10 @@ namespace diffaccel {
 namespace solver {
 
 constexpr int kNumCoeffs = 24;
-enum Coeff { A_X = 0, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2 };
+enum Coeff {
+  A_X = 0, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2,
+  C_H0, C_H1, C_H2  // history terms of the new history entry (DC-Solver's compensated x0)
+};
 
 // A float tensor of any storage dtype, read as fp32. The dtype branch is uniform across a
 // launch, so it costs no divergence; it saves compiling every dtype combination of 8 tensors.
@@ -59,9 +62,18 @@ DA_HD void step_point(const float* k, float x, float e, float n, float h0, float
   p = fminf(fmaxf(p, -k[CLIP]), k[CLIP]);
   h_out = k[C_P] * p + k[C_X] * x;
   xo += k[B_P] * p;
-  if (n_hist >= 1) xo += k[B_H0] * h0;
-  if (n_hist >= 2) xo += k[B_H1] * h1;
-  if (n_hist >= 3) xo += k[B_H2] * h2;
+  if (n_hist >= 1) {
+    xo += k[B_H0] * h0;
+    h_out += k[C_H0] * h0;
+  }
+  if (n_hist >= 2) {
+    xo += k[B_H1] * h1;
+    h_out += k[C_H1] * h1;
+  }
+  if (n_hist >= 3) {
+    xo += k[B_H2] * h2;
+    h_out += k[C_H2] * h2;
+  }
   if (last_dtype >= 0) {
     c_out = round_to(last_dtype, k[D_L] * last + k[D_P] * p + k[D_H0] * h0 + k[D_H1] * h1 + k[D_H2] * h2);
     xo += k[B_X] * c_out;

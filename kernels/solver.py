@@ -7,7 +7,8 @@ in fp32 whatever the storage dtype:
   e  = u                                  (one model output), or
   e  = (u + s (c - u)) * f[b]             (classifier-free guidance; f = 1 without rescale)
   p  = clamp(a_x x + a_e e + a_n n, -r, r)
-  h' = c_p p + c_x x                      (the new history entry, e.g. the x0 prediction)
+  h' = c_p p + c_x x + c_h0 h0 + c_h1 h1 + c_h2 h2   (the new history entry, e.g. the x0 prediction;
+                                          the history terms carry DC-Solver's compensation)
   y  = x, or with a last sample L (UniPC's corrector), the corrected sample stored as a third output
   y  = round_L(d_l L + d_p p + d_h0 h0 + d_h1 h1 + d_h2 h2)
   x' = b_x y + b_e e + b_p p + b_h0 h0 + b_h1 h1 + b_h2 h2 + b_n n
@@ -22,7 +23,8 @@ import triton.language as tl
 
 NUM_COEFFS = 24
 # column indices, shared with diffaccel/ops/solver.py and csrc/solver.h
-A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2 = range(18)
+(A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2, C_H0, C_H1,
+ C_H2) = range(21)
 MAX_STAT_CHUNKS = 256
 STEP_BLOCK = 2048
 STEP_WARPS = 4
@@ -141,12 +143,15 @@ def _fused_solver_step_kernel(
     if N_HIST >= 1:
         h0 = tl.load(h0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         xo += tl.load(cp + 9) * h0
+        ho += tl.load(cp + 18) * h0
     if N_HIST >= 2:
         h1 = tl.load(h1_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         xo += tl.load(cp + 10) * h1
+        ho += tl.load(cp + 19) * h1
     if N_HIST >= 3:
         h2 = tl.load(h2_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         xo += tl.load(cp + 11) * h2
+        ho += tl.load(cp + 20) * h2
     if HAS_LAST:  # UniPC: correct the last sample, store it, and step from it (rounded like diffusers)
         last = tl.load(l_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(cp + 13) * last + tl.load(cp + 14) * p + tl.load(cp + 15) * h0 + tl.load(cp + 16) * h1 \

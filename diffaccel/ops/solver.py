@@ -8,7 +8,8 @@ n = noise), with one row ``k`` of per-step coefficients computed on the host:
   e  = (u + s (c - u)) * f_b               with guidance scale s; f_b = 1 unless rescaled
   f_b = R std(c_b) / std(g_b) + (1 - R)    guidance rescale R (unbiased std per sample b, g = u + s(c-u))
   p  = clamp(k[A_X] x + k[A_E] e + k[A_N] n, -k[CLIP], k[CLIP])
-  history_entry = k[C_P] p + k[C_X] x
+  history_entry = k[C_P] p + k[C_X] x + k[C_H0] h0 + k[C_H1] h1 + k[C_H2] h2
+                                           (the history terms: DC-Solver's compensated x0 entry)
   y  = x, or given a last sample L (UniPC's corrector) the corrected sample, rounded to L's dtype:
   corrected     = k[D_L] L + k[D_P] p + k[D_H0] h0 + k[D_H1] h1 + k[D_H2] h2;  y = corrected
   prev_sample   = k[B_X] y + k[B_E] e + k[B_P] p + k[B_H0] h0 + k[B_H1] h1 + k[B_H2] h2 + k[B_N] n
@@ -29,8 +30,9 @@ from . import _backend
 from ._checks import check_tensor, same_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NUM_COEFFS = 24  # 18 used; the rest keep rows 32-byte aligned
-A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2 = range(18)
+NUM_COEFFS = 24  # 21 used; the rest keep rows 32-byte aligned
+(A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2, C_H0, C_H1,
+ C_H2) = range(21)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -66,9 +68,10 @@ def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_
     p = torch.minimum(torch.maximum(p, -k[CLIP]), k[CLIP])
     ho = k[C_P] * p + k[C_X] * x
     xo = xo + k[B_P] * p
-    for col, h in ((B_H0, h0), (B_H1, h1), (B_H2, h2)):
+    for col, hcol, h in ((B_H0, C_H0, h0), (B_H1, C_H1, h1), (B_H2, C_H2, h2)):
         if h is not None:
             xo = xo + k[col] * h.float()
+            ho = ho + k[hcol] * h.float()
     corrected = _empty(sample, sample.dtype)
     if last_sample is not None:
         y = k[D_L] * last_sample.float() + k[D_P] * p

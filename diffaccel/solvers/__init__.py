@@ -16,11 +16,16 @@ drawn with the caller's generator so seeded runs match. The first step of a sche
 its step index from a CUDA timestep does diffusers' one lookup sync (avoid it with
 ``set_begin_index``); after that no step reads device memory on the host, so a loop can be
 captured in a CUDA graph (with a CPU generator, stochastic steps copy noise host to device).
+
+DC-Solver (Zhao et al., ECCV 2024): ``patch_scheduler(unipc, dc_ratios=...)`` adds its dynamic
+compensation to UniPC's predictor, folded into the same kernel; ``fit_dc_ratios`` fits the ratios
+against a high-NFE reference; ``DCUniPCReference`` is the plain torch sampler (see ``dc.py``).
 """
+from .dc import DCUniPCReference, fit_dc_ratios
 from ._patch import SchedulerPatchResult, is_patched, patch_scheduler, unpatch_scheduler
 from .schedulers import ADAPTERS, unsupported_reason
 
 SUPPORTED_SCHEDULERS = tuple(sorted(ADAPTERS))
 
-__all__ = ["SchedulerPatchResult", "SUPPORTED_SCHEDULERS", "is_patched", "patch_scheduler", "unpatch_scheduler",
+__all__ = ["DCUniPCReference", "SchedulerPatchResult", "fit_dc_ratios", "SUPPORTED_SCHEDULERS", "is_patched", "patch_scheduler", "unpatch_scheduler",
            "unsupported_reason"]

@@ -7,8 +7,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_P, C_X, CLIP, D_H0, D_H1, D_H2,
-                          D_L, D_P, NUM_COEFFS)
+from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_H0, C_H1, C_H2, C_P, C_X, CLIP,
+                          D_H0, D_H1, D_H2, D_L, D_P, NUM_COEFFS)
 
 _INT_TIMESTEP_MSG = ("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to `{}.step()` is not "
                      "supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
@@ -20,7 +20,7 @@ def _row(**cols) -> np.ndarray:
     r[C_P] = 1.0
     names = {"A_X": A_X, "A_E": A_E, "A_N": A_N, "CLIP": CLIP, "C_P": C_P, "C_X": C_X, "B_X": B_X, "B_E": B_E,
              "B_P": B_P, "B_H0": B_H0, "B_H1": B_H1, "B_H2": B_H2, "B_N": B_N, "D_L": D_L, "D_P": D_P, "D_H0": D_H0,
-             "D_H1": D_H1, "D_H2": D_H2}
+             "D_H1": D_H1, "D_H2": D_H2, "C_H0": C_H0, "C_H1": C_H1, "C_H2": C_H2}
     for k, v in cols.items():
         r[names[k]] = v
     return r
@@ -45,12 +45,14 @@ class SolverState:
         self.host: dict = {}
         self.aux: dict = {}
         self.device_tables: dict = {}
+        self.options: dict = {}  # adapter options given to patch_scheduler (UniPC: "dc" = (ratios, dc_order))
 
     def ready_to_build(self, sch) -> bool:
         return getattr(sch, "num_inference_steps", None) is not None
 
     def rebuild(self, sch) -> None:
         self.host, self.aux, self.device_tables = {}, {}, {}
+        self.built = False  # a failed build (e.g. DC ratios for another step count) leaves no stale tables
         self.adapter.build(sch, self)
         self.built = True
         dev = sch.timesteps.device if isinstance(getattr(sch, "timesteps", None), torch.Tensor) else None

@@ -31,11 +31,35 @@ def is_patched(scheduler) -> bool:
     return _STATE in vars(scheduler)
 
 
-def patch_scheduler(scheduler) -> SchedulerPatchResult:
-    """Swap the fused step into this scheduler instance; unsupported configs are left alone, with the reason."""
+def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None) -> SchedulerPatchResult:
+    """Swap the fused step into this scheduler instance; unsupported configs are left alone, with the reason.
+
+    ``dc_ratios`` (one float per step, 1.0 = no compensation) turns on DC-Solver's dynamic
+    compensation of UniPC's predictor (diffaccel/solvers/dc.py; ``dc_order``: interpolation over
+    ``dc_order + 1`` data predictions, default 2). Asking for it on anything but a fusable
+    UniPCMultistepScheduler raises ValueError (the result would silently differ otherwise); the
+    ratios are checked against the schedule at each ``set_timesteps``. On an instance already
+    patched, the DC options replace its current ones.
+    """
     name = type(scheduler).__name__
+    dc = None
+    if dc_ratios is not None or dc_order is not None:
+        from .dc import DEFAULT_DC_ORDER, as_dc_ratios, check_dc_order, dc_unsupported_reason
+
+        if dc_ratios is None:
+            raise ValueError("dc_ratios: dc_order was given without dc_ratios (one ratio per step)")
+        why = dc_unsupported_reason(scheduler)
+        if why is not None:
+            raise ValueError(f"dc_ratios: {why}")
+        dc = (as_dc_ratios(dc_ratios), check_dc_order(DEFAULT_DC_ORDER if dc_order is None else dc_order))
     if is_patched(scheduler):
-        return SchedulerPatchResult(True, "already patched", name)
+        if dc is None:
+            return SchedulerPatchResult(True, "already patched", name)
+        state = vars(scheduler)[_STATE]
+        if state.adapter.name != "UniPCMultistepScheduler":  # pragma: no cover - caught above
+            raise ValueError(f"dc_ratios: {name} is patched with {state.adapter.name}")
+        _set_dc(state, scheduler, dc)
+        return SchedulerPatchResult(True, "already patched; DC-Solver options replaced", name)
     why = unsupported_reason(scheduler)
     if why is not None:
         return SchedulerPatchResult(False, why, name)
@@ -44,7 +68,9 @@ def patch_scheduler(scheduler) -> SchedulerPatchResult:
         if attr in vars(scheduler):
             return SchedulerPatchResult(False, f"the instance already overrides {attr!r}", name)
     state = adapter.new_state(scheduler)
-    if state.ready_to_build(scheduler):  # timesteps already set: build before touching the instance
+    if dc is not None:
+        _set_dc(state, scheduler, dc)  # a bad ratio vector raises here, before the instance is touched
+    elif state.ready_to_build(scheduler):  # timesteps already set: build before touching the instance
         try:
             state.rebuild(scheduler)
         except (ValueError, ArithmeticError, IndexError, np.linalg.LinAlgError) as e:
@@ -54,7 +80,21 @@ def patch_scheduler(scheduler) -> SchedulerPatchResult:
     for attr, fn in (("set_timesteps", _set_timesteps_for(cls)), ("step", _step_for(cls)),
                      ("step_with_guidance", _step_with_guidance)):
         vars(scheduler)[attr] = types.MethodType(fn, scheduler)
-    return SchedulerPatchResult(True, "fused step", name)
+    return SchedulerPatchResult(True, "fused step" + (" with DC-Solver compensation" if dc is not None else ""), name)
+
+
+def _set_dc(state, scheduler, dc) -> None:
+    """Install DC options; with timesteps set, rebuild now (validating the ratios) and keep the old
+    options and tables if that fails."""
+    old_options, old = dict(state.options), (state.built, state.host, state.aux, state.device_tables)
+    state.options["dc"] = dc
+    if state.ready_to_build(scheduler):
+        try:
+            state.rebuild(scheduler)
+        except Exception:
+            state.options = old_options
+            state.built, state.host, state.aux, state.device_tables = old
+            raise
 
 
 # The methods find their state on the instance (not in a closure), so copy.deepcopy of a patched

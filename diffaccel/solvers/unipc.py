@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops.solver import NUM_COEFFS, fused_solver_step
+from ..ops.solver import B_H0, B_P, C_H0, C_P, NUM_COEFFS, fused_solver_step
 from ._base import _Adapter, _f64, _row
 
 # -- UniPCMultistepScheduler ------------------------------------------------------------------
@@ -33,6 +33,11 @@ class UniPCMultistep(_Adapter):
     sample (diffusers' new ``last_sample``, rounded to its dtype before the predictor uses it, as
     diffusers does) next to the new sample and the x0 history entry. Rows are indexed by
     (step, corrector order, predictor order); both orders are host state, as in diffusers.
+
+    With DC-Solver's compensation (``patch_scheduler(s, dc_ratios=...)``; diffaccel/solvers/dc.py)
+    the compensated data prediction w0 m_i + w1 H0 + ... replaces m_i in the predictor and in the
+    stored history entry: the weights fold into B_P / B_H* and C_P / C_H*, so the step stays one
+    launch. The history then holds ``max(solver_order, dc_order + 1)`` entries, as in their code.
     """
 
     name = "UniPCMultistepScheduler"
@@ -100,6 +105,31 @@ class UniPCMultistep(_Adapter):
                                    D_L=cr[0], D_P=cr[1], D_H0=cr[2][0], D_H1=cr[2][1], D_H2=cr[2][2]))
         for key, rows in (("pred", pred), ("pc", pc)):
             state.host[key] = np.stack(rows) if rows else np.zeros((0, NUM_COEFFS))
+        dc = state.options.get("dc")
+        state.aux["dc_steps"] = frozenset()
+        if dc is not None:
+            self._fold_dc(sch, state, *dc)
+
+    @staticmethod
+    def _fold_dc(sch, state, ratios, dc_order):
+        from .dc import IDENTITY_RATIO, check_dc_ratios, dc_weight_table
+
+        ratios = check_dc_ratios(ratios, sch.timesteps, dc_order)
+        weights = dc_weight_table(sch.timesteps, ratios, dc_order)
+        steps = np.flatnonzero(ratios != IDENTITY_RATIO)
+        for key, per_step in (("pred", 3), ("pc", 9)):
+            table = state.host[key]
+            for i in steps:
+                rows = table[per_step * i:per_step * (i + 1)]  # a view: edits land in the table
+                w = weights[i]
+                b_m0 = rows[:, B_P].copy()  # the predictor's coefficient on m_i, now on its interpolation
+                rows[:, B_P] = b_m0 * w[0]
+                rows[:, C_P] = w[0]
+                for k in range(1, dc_order + 1):
+                    rows[:, B_H0 + k - 1] += b_m0 * w[k]
+                    rows[:, C_H0 + k - 1] = w[k]
+        state.aux["dc_steps"] = frozenset(int(i) for i in steps)
+        state.aux["dc_order"] = dc_order
 
     @staticmethod
     def _solved(fn, *args):
@@ -163,7 +193,17 @@ class UniPCMultistep(_Adapter):
         c = sch.config
         i = self._init_index(sch, timestep)
         use_corrector = i > 0 and (i - 1) not in sch.disable_corrector and sch.last_sample is not None
+        dc_steps = state.aux.get("dc_steps", frozenset())
+        if state.options.get("dc") is not None:  # DC-Solver keeps dc_order + 1 entries (their buffer_size)
+            grow = max(c.solver_order, state.options["dc"][1] + 1) - len(sch.model_outputs)
+            if grow > 0:
+                sch.model_outputs[:0] = [None] * grow
+                sch.timestep_list[:0] = [None] * grow
         before = list(sch.model_outputs)  # H0 = before[-1], H1 = before[-2], ...
+        dc_hist = state.aux["dc_order"] if i in dc_steps else 0
+        if dc_hist and any(h is None for h in before[len(before) - dc_hist:]):
+            raise ValueError(f"dc_ratios[{i}]: step {i} has fewer than dc_order + 1 = {dc_hist + 1} data predictions "
+                             "(e.g. a schedule begun mid-way): use 1.0 there")
         if c.lower_order_final:
             this_order = min(c.solver_order, len(sch.timesteps) - i)
         else:
@@ -173,11 +213,11 @@ class UniPCMultistep(_Adapter):
         if use_corrector:
             oc = sch.this_order
             coeffs = state.row("pc", 9 * i + 3 * (oc - 1) + this_order - 1, sample.device)
-            history = [before[-1 - k] for k in range(max(oc, this_order - 1))]
+            history = [before[-1 - k] for k in range(max(oc, this_order - 1, dc_hist))]
             last = sch.last_sample
         else:
             coeffs = state.row("pred", 3 * i + this_order - 1, sample.device)
-            history = [before[-1 - k] for k in range(this_order - 1)]
+            history = [before[-1 - k] for k in range(max(this_order - 1, dc_hist))]
             last = None
         prev, x0, corrected = fused_solver_step(
             sample, model_output, coeffs, model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
@@ -185,7 +225,7 @@ class UniPCMultistep(_Adapter):
             history_dtype=hist_dtype)
         if last is None:
             corrected = sample
-        for j in range(c.solver_order - 1):
+        for j in range(len(sch.model_outputs) - 1):
             sch.model_outputs[j] = sch.model_outputs[j + 1]
             sch.timestep_list[j] = sch.timestep_list[j + 1]
         sch.model_outputs[-1] = x0
