@@ -237,3 +237,27 @@ def test_gpu_backend_matches_reference(backend, dtype):
     rx, rh, _ = _ref(a, guidance_scale=6.0, guidance_rescale=0.7)
     _close(x, rx, dtype)
     _close(h, rh, dtype)
+
+
+def test_history_entry_carries_history_terms():
+    """C_H0..C_H2 (DC-Solver's compensated history entry): h' = c_p p + c_x x + sum c_hk hk, on every backend,
+    against the formula written out here; absent history slots contribute nothing."""
+    from diffaccel.kernels import solver as k
+    from diffaccel.ops import solver as o
+
+    for name in ("C_H0", "C_H1", "C_H2"):
+        assert getattr(k, name) == getattr(o, name), name
+    a = _inputs((2, 3, 5), torch.float32, 3, False, False, seed=11)
+    c = torch.zeros(NUM_COEFFS)
+    c[o.CLIP] = float("inf")
+    c[o.A_E], c[o.C_P], c[o.C_X] = 1.0, 0.25, 0.5
+    c[o.C_H0], c[o.C_H1], c[o.C_H2] = -0.75, 1.5, 2.0
+    u, x, (h0, h1, h2) = a["model_output"], a["sample"], a["history"]
+    for backend in CPU_BACKENDS:
+        if _backend._why_not(_backend.registered_ops()["fused_solver_step"], backend, torch.device("cpu")):
+            continue
+        with use_backend(backend):
+            _, got3, _ = diffaccel.ops.fused_solver_step(x, u, c, history=[h0, h1, h2])
+            _, got1, _ = diffaccel.ops.fused_solver_step(x, u, c, history=[h0])
+        torch.testing.assert_close(got3, 0.25 * u + 0.5 * x - 0.75 * h0 + 1.5 * h1 + 2.0 * h2, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got1, 0.25 * u + 0.5 * x - 0.75 * h0, atol=1e-6, rtol=1e-6)

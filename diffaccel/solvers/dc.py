@@ -193,7 +193,8 @@ class DCUniPCReference:
 
     def _rb(self, order, rks, h):
         hh = -h if self.config.predict_x0 else h
-        return _unipc_rb(order, np.array(rks, dtype=np.float64), hh, self.config.solver_type)
+        with np.errstate(divide="ignore", invalid="ignore"):  # h = 0 (a repeated final sigma): order 1, unused
+            return _unipc_rb(order, np.array(rks, dtype=np.float64), hh, self.config.solver_type)
 
     def _base(self, t, s0, x, m0, h_phi_1):
         if self.config.predict_x0:
@@ -354,6 +355,11 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
                          f"the {num_inference_steps}-step one at {few_sigmas[0]:.6g} (timestep_spacing="
                          f"{scheduler.config.timestep_spacing!r}); the same latents cannot start both")
 
+    bad = [j for j, st in enumerate(ref_states) if not bool(torch.isfinite(st).all())]
+    if bad:
+        raise ValueError(f"reference_steps: the {reference_steps}-step reference trajectory is not finite from state "
+                         f"{bad[0]} on (diffusers' own step gives NaN/inf there, e.g. solver_type='bh1' with "
+                         "final_sigmas_type='zero')")
     from tqdm.auto import tqdm
 
     sampler = DCUniPCReference(few, None, dc_order)
@@ -382,6 +388,9 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
                         nxt = sampler.corrector(m, sampler.last_sample, sampler.this_order)
                     loss = torch.nn.functional.mse_loss(nxt, target)
                     loss.backward()
+                if not (torch.isfinite(loss) and torch.isfinite(param.grad)):
+                    raise ValueError(f"fit_dc_ratios: step {i}: the loss or its gradient is not finite at ratio "
+                                     f"{float(param.detach()):.6g} (lr={lr} too large, or model_fn returns NaN/inf)")
                 opt.step()
             sampler.restore(snap)
             ratios[i] = float(param.detach())
