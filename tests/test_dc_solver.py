@@ -384,3 +384,75 @@ def test_gpu_patched_matches_reference(config):
         x = s.step(fake_model(x, t), t, x).prev_sample
     want = run_reference(make, 8, ratios, dc_order, torch.float32)
     assert rel_err(x.cpu(), want) <= 1e-5
+
+
+def test_guidance_and_deepcopy_with_compensation():
+    import copy
+
+    make, dc_order = CONFIGS["bh2_eps"]
+    ratios = some_ratios(6, dc_order)
+    s = make()
+    patch_scheduler(s, dc_ratios=ratios)
+    s.set_timesteps(6)
+    r = make()
+    r.set_timesteps(6)
+    ref = DCUniPCReference(r, ratios)
+    x = y = _x0(torch.float32)
+    for k, t in enumerate(s.timesteps):
+        if k == 3:  # a deep copy mid-trajectory carries the DC tables and history and runs independently
+            twin = copy.deepcopy(s)
+            tx = x
+        u, c = fake_model(x, t), fake_model(0.9 * x + 0.05, t)
+        x = s.step_with_guidance(u, c, 4.0, t, x).prev_sample
+        yu, yc = fake_model(y, t), fake_model(0.9 * y + 0.05, t)
+        y = ref.step(yu + 4.0 * (yc - yu), y)
+    assert rel_err(x, y) <= 1e-5
+    for t in twin.timesteps[3:]:
+        u, c = fake_model(tx, t), fake_model(0.9 * tx + 0.05, t)
+        tx = twin.step_with_guidance(u, c, 4.0, t, tx).prev_sample
+    assert torch.equal(tx, x)
+
+
+@pytest.mark.gpu
+def test_gpu_dc_one_kernel_per_step_and_graph_capture():
+    from torch.profiler import ProfilerActivity, profile
+
+    ratios = some_ratios(10, 2)
+    s = UniPCMultistepScheduler()
+    patch_scheduler(s, dc_ratios=ratios)
+    x0 = torch.randn(2, 4, 64, 64, device="cuda")
+
+    def loop(x):
+        for t in s.timesteps:
+            u, c = torch.tanh(x * 0.7), torch.tanh(x * 0.6 + 0.1)
+            x = s.step_with_guidance(u, c, 5.0, t, x).prev_sample
+        return x
+
+    def reset():
+        s.set_timesteps(10, device="cuda")
+        s.set_begin_index(0)
+
+    reset()
+    want = loop(x0.clone())
+    reset()
+    x = x0.clone()
+    u, c = torch.randn_like(x), torch.randn_like(x)
+    for t in s.timesteps[:2]:
+        x = s.step_with_guidance(u, c, 5.0, t, x).prev_sample
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for t in s.timesteps[2:7]:  # compensated steps
+            x = s.step_with_guidance(u, c, 5.0, t, x).prev_sample
+    torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert len([n for n in names if "LaunchKernel" in n]) == 5
+    assert names.count("cudaStreamSynchronize") == 0 and names.count("cudaMemcpyAsync") == 0
+    reset()
+    static_x = x0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = loop(static_x)
+    static_x.copy_(x0)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
