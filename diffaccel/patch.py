@@ -8,6 +8,8 @@ bit-identical to before.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -83,13 +85,31 @@ class _UndoLog:
     def __init__(self):
         self._undo: list[Callable[[], None]] = []
         self.originals: list[nn.Module] = []  # replaced float modules, held for restore
+        self._where: Optional[dict] = None  # id(root) -> {id(module): [(parent, attr), ...]}, during rollback
 
     def push(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
 
     def rollback(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._where = {}
+        try:
+            while self._undo:
+                self._undo.pop()()
+        finally:
+            self._where = None
+
+    def where_is(self, root: nn.Module, module: nn.Module) -> list:
+        """(parent, attribute) pairs where ``module`` sits in ``root`` now (indexed once per rollback)."""
+        index = None if self._where is None else self._where.get(id(root))
+        if index is None:
+            index = {}
+            for parent in root.modules():
+                for attr, child in parent._modules.items():
+                    if child is not None:
+                        index.setdefault(id(child), []).append((parent, attr))
+            if self._where is not None:
+                self._where[id(root)] = index
+        return index.get(id(module), [])
 
     def __len__(self):
         return len(self._undo)
@@ -119,21 +139,50 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
     original = getattr(parent, child)
     original_device = _module_device(original)
     setattr(parent, child, new)
+    _adopt_lora_parent(parent, child, undo)
 
     def restore():
+        # Put the original back wherever `new` sits now: LoRA loaded after patching wraps it (it is
+        # then peft's base_layer, and the restored float layer keeps the LoRA), and unloading LoRA
+        # loaded before patching moves it up to the wrapper's place.
+        places = undo.where_is(root, new)
+        if not places:
+            log.warning("diffaccel.unpatch: %s is no longer in the model; nothing to restore there", qualified_name)
+            return
         # back on the device and in the dtype the replacement has now (the user may have called
         # model.to(...) after patching), else where it was
-        current = getattr(parent, child)
-        device = _module_device(current) or original_device
+        device = _module_device(new) or original_device
         if device is not None and _module_device(original) != device:
             original.to(device)
-        dtype = getattr(current, "original_dtype", None)
+        dtype = getattr(new, "original_dtype", None)
         if dtype is not None and dtype.is_floating_point and _module_dtype(original) not in (None, dtype):
             original.to(dtype)
-        setattr(parent, child, original)
+        for where, attr in places:
+            setattr(where, attr, original)
 
     undo.push(restore)
     undo.originals.append(original)
+
+
+def _adopt_lora_parent(parent: nn.Module, attr: str, undo: _UndoLog) -> None:
+    """A peft lora.Linear/Conv2d (LoRA loaded before patching) whose base layer was just quantized
+    becomes diffaccel's subclass of it (no extra state): adapters added later then land on the
+    quantized layer's device and dtype, and merging into low-bit codes raises a clear error."""
+    if attr != "base_layer" or type(parent).__module__.split(".")[0] != "peft":
+        return
+    from .nn import lora as dlora
+
+    adopted = dlora.LORA_CLASS_FOR_PEFT_CLASS.get(type(parent))
+    if adopted is None:
+        return
+    peft_cls = type(parent)
+    parent.__class__ = adopted
+
+    def give_back():
+        if type(parent) is adopted:
+            parent.__class__ = peft_cls
+
+    undo.push(give_back)
 
 
 def _module_dtype(module: nn.Module) -> Optional[torch.dtype]:
@@ -253,6 +302,35 @@ def _patch_solver(target_info, report, undo):
                                     _op_backend("fused_solver_step", device)))
 
 
+def _support_lora_on_quantized(target, info, undo: _UndoLog) -> None:
+    """LoRA loaded after patching lands beside the quantized layers (peft learns to wrap them, once
+    per process, see diffaccel.nn.lora); fuse_lora on the patched target or its backbones refuses,
+    before merging anything, while a LoRA layer sits on a quantized base."""
+    from .nn import lora as dlora
+
+    dlora.install_peft_dispatch()
+    backbones = list(info.backbones.values())
+    owners = backbones if any(b is target for b in backbones) else [target] + backbones
+    for owner in owners:
+        fuse = getattr(owner, "fuse_lora", None)
+        if fuse is None or "fuse_lora" in vars(owner):
+            continue
+
+        @functools.wraps(fuse)
+        def fuse_lora(*args, _fuse=fuse, **kwargs):
+            for backbone in backbones:
+                dlora.check_fusable(backbone)
+            return _fuse(*args, **kwargs)
+
+        object.__setattr__(owner, "fuse_lora", fuse_lora)
+
+        def drop_guard(owner=owner, guard=fuse_lora):
+            if vars(owner).get("fuse_lora") is guard:
+                object.__delattr__(owner, "fuse_lora")
+
+        undo.push(drop_guard)
+
+
 # -- public ------------------------------------------------------------------------------
 
 def patch(target, *, attention=True, quant=None, solver=True, attention_quant=None,
@@ -309,6 +387,8 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
             report.skipped.append(Skipped("scheduler", "solver", "solver=False"))
         for name, reason in info.left_alone.items():
             report.skipped.append(Skipped(name, "component", reason))
+        if quant is not None and importlib.util.find_spec("peft") is not None:
+            _support_lora_on_quantized(target, info, undo)
     except BaseException:
         undo.rollback()
         raise
