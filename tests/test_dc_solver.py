@@ -456,3 +456,62 @@ def test_gpu_dc_one_kernel_per_step_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+# -- cascade polynomial regression -------------------------------------------------------------
+
+def their_cascade_polynomial_regression(test_CFG, test_NFE, cpr_coeffs):
+    """Their ``cascade_polynomial_regression``, transcribed (coefficients passed instead of a path)."""
+    def f1(x, a, b, c):
+        return a * x ** 2 + b * x + c
+
+    def f2(x, a, b, c):
+        return a * x ** 2 + b * x + c
+
+    def predict(xs, *coeffs):
+        CFG, NFE, x = xs[0], xs[1], xs[2]
+        CFG = CFG / 12
+        x = x / NFE
+        NFE = NFE / 50
+        NFE = NFE.reshape(-1, 1, 1)
+        CFG = CFG.reshape(-1, 1)
+        coeffs = np.array(coeffs).reshape(-1, 3, 3)
+        coeffs1 = f2(NFE, coeffs[..., 0], coeffs[..., 1], coeffs[..., 2])
+        coeffs2 = f1(CFG, coeffs1[..., 0], coeffs1[..., 1], coeffs1[..., 2])
+        x_pow = 1
+        result = 0
+        for i in range(coeffs2.shape[-1]):
+            result = result + coeffs2[:, i] * x_pow
+            x_pow = x_pow * x
+        return result
+
+    ratios = []
+    for step in range(1, test_NFE + 1):
+        if step < 3:
+            ratio = 1
+        else:
+            ratio = predict(np.array([test_CFG, test_NFE, step], dtype=np.float64).reshape(3, -1),
+                            *cpr_coeffs).item()
+        ratios.append(ratio)
+    return ratios
+
+
+def test_cascade_polynomial_regression_matches_theirs_and_fits_back():
+    from diffaccel.solvers import fit_cascade_polynomial, predict_dc_ratios
+
+    coeffs = np.random.default_rng(0).normal(size=(3, 3, 3)) * 0.2
+    coeffs[0, 2, 2] += 1.0
+    for cfg, nfe in ((7.5, 10), (3.0, 6), (12.0, 25)):
+        want = their_cascade_polynomial_regression(cfg, nfe, coeffs.reshape(-1))
+        got = predict_dc_ratios(coeffs, cfg, nfe)
+        assert np.allclose(got, want, rtol=1e-12, atol=1e-12) and got[:2] == [1.0, 1.0]
+    fitted = {(cfg, nfe): predict_dc_ratios(coeffs, cfg, nfe) for cfg in (2.0, 5.0, 9.0) for nfe in (5, 8, 12)}
+    back = fit_cascade_polynomial(fitted)
+    for cfg, nfe in ((4.0, 7), (7.5, 10)):  # unseen settings
+        assert np.allclose(predict_dc_ratios(back, cfg, nfe), predict_dc_ratios(coeffs, cfg, nfe), atol=1e-8)
+    with pytest.raises(ValueError, match=r"^fitted_ratios: .* do not determine the 27 coefficients"):
+        fit_cascade_polynomial({(5.0, 8): fitted[(5.0, 8)], (2.0, 8): fitted[(2.0, 8)]})
+    with pytest.raises(ValueError, match=r"^fitted_ratios\[\(5.0, 8\)\]: expected 8 ratios"):
+        fit_cascade_polynomial({(5.0, 8): [1.0] * 7})
+    with pytest.raises(ValueError, match=r"^cpr_coeffs: expected finite coefficients, a multiple of 9"):
+        predict_dc_ratios(np.ones(10), 7.5, 10)

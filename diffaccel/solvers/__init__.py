@@ -19,13 +19,16 @@ captured in a CUDA graph (with a CPU generator, stochastic steps copy noise host
 
 DC-Solver (Zhao et al., ECCV 2024): ``patch_scheduler(unipc, dc_ratios=...)`` adds its dynamic
 compensation to UniPC's predictor, folded into the same kernel; ``fit_dc_ratios`` fits the ratios
-against a high-NFE reference; ``DCUniPCReference`` is the plain torch sampler (see ``dc.py``).
+against a high-NFE reference; ``fit_cascade_polynomial`` / ``predict_dc_ratios`` their cascade
+polynomial regression for unseen step counts and guidance scales; ``DCUniPCReference`` is the
+plain torch sampler (see ``dc.py``).
 """
-from .dc import DCUniPCReference, fit_dc_ratios
+from .dc import DCUniPCReference, fit_cascade_polynomial, fit_dc_ratios, predict_dc_ratios
 from ._patch import SchedulerPatchResult, is_patched, patch_scheduler, unpatch_scheduler
 from .schedulers import ADAPTERS, unsupported_reason
 
 SUPPORTED_SCHEDULERS = tuple(sorted(ADAPTERS))
 
-__all__ = ["DCUniPCReference", "SchedulerPatchResult", "fit_dc_ratios", "SUPPORTED_SCHEDULERS", "is_patched", "patch_scheduler", "unpatch_scheduler",
+__all__ = ["DCUniPCReference", "SchedulerPatchResult", "SUPPORTED_SCHEDULERS", "fit_cascade_polynomial",
+           "fit_dc_ratios", "is_patched", "patch_scheduler", "predict_dc_ratios", "unpatch_scheduler",
            "unsupported_reason"]

@@ -312,7 +312,8 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     the next corrector, and minimise the MSE to the reference state at that noise level with
     AdamW (``lr``, ``num_iters`` iterations); then take the step with the fitted ratio and go on.
     The reference is the same scheduler config run for ``reference_steps`` steps (default: the
-    smallest multiple of ``num_inference_steps`` >= 100, so linspace/trailing grids nest).
+    smallest multiple of ``num_inference_steps`` >= 200, their reference length, so that
+    linspace/trailing grids nest).
 
     ``model_fn(sample, timestep) -> model_output`` is what ``scheduler.step`` receives (guidance
     applied); gradients flow through it when it is differentiable. ``latents``: the initial noisy
@@ -331,7 +332,7 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
         raise TypeError(f"latents: expected a floating-point torch.Tensor, got {type(latents).__name__}"
                         + (f" of {latents.dtype}" if isinstance(latents, torch.Tensor) else ""))
     if reference_steps is None:
-        reference_steps = num_inference_steps * math.ceil(100 / num_inference_steps)
+        reference_steps = num_inference_steps * math.ceil(200 / num_inference_steps)
     if isinstance(reference_steps, bool) or not isinstance(reference_steps, int) or \
             reference_steps <= num_inference_steps:
         raise ValueError(f"reference_steps: expected an int > num_inference_steps ({num_inference_steps}), got "
@@ -401,5 +402,75 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     return ratios
 
 
+# -- cascade polynomial regression (ratios for unseen step counts / guidance scales) -------------
+
+CPR_CFG_SCALE, CPR_NFE_SCALE = 12.0, 50.0  # their normalisations: CFG / 12, NFE / 50, step / NFE
+CPR_FIRST_STEP = 3  # 1-based: their predictor leaves steps 1 and 2 at 1.0 (dc_order 2)
+
+
+def _cpr_features(guidance_scale, nfe, step, num_terms):
+    """Row of the linear map coefficients[i, j, k] -> ratio: x^i * cfg^(2-j) * nfe^(2-k) (their f1(f2(...)))."""
+    cfg, x, n = guidance_scale / CPR_CFG_SCALE, step / nfe, nfe / CPR_NFE_SCALE
+    return np.array([x**i * cfg**(2 - j) * n**(2 - k) for i in range(num_terms) for j in range(3) for k in range(3)])
+
+
+def _as_cpr_coeffs(cpr_coeffs) -> np.ndarray:
+    arr = _f64(cpr_coeffs).reshape(-1)
+    if arr.size == 0 or arr.size % 9 or not np.isfinite(arr).all():
+        raise ValueError(f"cpr_coeffs: expected finite coefficients, a multiple of 9 of them ([K, 3, 3]), got "
+                         f"{arr.size}" + ("" if np.isfinite(arr).all() else " with NaN/inf"))
+    return arr.reshape(-1, 3, 3)
+
+
+def predict_dc_ratios(cpr_coeffs, guidance_scale: float, num_inference_steps: int) -> list:
+    """DC-Solver's cascade polynomial regression (their ``cascade_polynomial_regression``): ratios for
+    ``num_inference_steps`` steps at ``guidance_scale`` from coefficients [K, 3, 3] (their ``.npy``
+    files, or ``fit_cascade_polynomial``). The ratio of 1-based step s >= 3 is a degree K-1
+    polynomial in s / NFE whose coefficients are quadratics in CFG / 12 whose coefficients are
+    quadratics in NFE / 50; steps 1 and 2 get 1.0."""
+    coeffs = _as_cpr_coeffs(cpr_coeffs)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
+            not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite float, got {guidance_scale!r}")
+    flat = coeffs.reshape(-1)
+    return [IDENTITY_RATIO if step < CPR_FIRST_STEP else
+            float(_cpr_features(float(guidance_scale), num_inference_steps, step, len(coeffs)) @ flat)
+            for step in range(1, num_inference_steps + 1)]
+
+
+def fit_cascade_polynomial(fitted_ratios, num_terms: int = 3) -> np.ndarray:
+    """Least-squares coefficients [num_terms, 3, 3] for ``predict_dc_ratios`` from ratios fitted at
+    several settings: ``fitted_ratios`` maps ``(guidance_scale, num_inference_steps)`` to that
+    setting's ratios (e.g. from ``fit_dc_ratios``). The model is linear in its coefficients, so this
+    is the exact least-squares optimum their curve fit approaches; use at least three guidance scales
+    and three step counts (fewer leave the quadratics undetermined: ValueError)."""
+    if isinstance(num_terms, bool) or not isinstance(num_terms, int) or num_terms < 1:
+        raise ValueError(f"num_terms: expected a positive int, got {num_terms!r}")
+    rows, values = [], []
+    for key, ratios in dict(fitted_ratios).items():
+        try:
+            cfg, nfe = float(key[0]), key[1]
+        except (TypeError, IndexError, ValueError):
+            raise ValueError(f"fitted_ratios: expected keys (guidance_scale, num_inference_steps), got {key!r}") \
+                from None
+        r = as_dc_ratios(ratios)
+        if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or len(r) != nfe:
+            raise ValueError(f"fitted_ratios[{key!r}]: expected {nfe!r} ratios (one per step), got {len(r)}")
+        for step in range(CPR_FIRST_STEP, int(nfe) + 1):
+            rows.append(_cpr_features(cfg, int(nfe), step, num_terms))
+            values.append(r[step - 1])
+    if not rows:
+        raise ValueError(f"fitted_ratios: no step >= {CPR_FIRST_STEP} to fit")
+    a = np.stack(rows)
+    if np.linalg.matrix_rank(a) < a.shape[1]:
+        raise ValueError(f"fitted_ratios: {len(rows)} ratios from {len(dict(fitted_ratios))} settings do not determine "
+                         f"the {a.shape[1]} coefficients (use >= 3 guidance scales, >= 3 step counts and enough steps "
+                         "per setting, or fewer num_terms)")
+    coeffs, *_ = np.linalg.lstsq(a, np.array(values), rcond=None)
+    return coeffs.reshape(num_terms, 3, 3)
+
+
 __all__ = ["DCUniPCReference", "DEFAULT_DC_ORDER", "IDENTITY_RATIO", "check_dc_ratios", "dc_weights",
-           "dc_weight_table", "fit_dc_ratios"]
+           "dc_weight_table", "fit_cascade_polynomial", "fit_dc_ratios", "predict_dc_ratios"]
