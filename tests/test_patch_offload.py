@@ -1,0 +1,167 @@
+"""diffaccel.patch with accelerate's offload hooks (diffusers' enable_model_cpu_offload).
+
+Model offload moves a whole backbone with ``module.to(device)`` before its forward and back
+after, so a patched module is correct under it when every tensor it computes with is a registered
+parameter or buffer (QuantLinear/QuantConv2d move their packed buffers keeping their dtypes), and
+patch/unpatch keep working while the hooks sit on the top-level models.
+
+diffusers refuses ``enable_model_cpu_offload()`` without an accelerator only when it has to guess
+the device; with ``device="cpu"`` it attaches the same hooks, which is what the CPU tests use
+(offloading to the same device: outputs must be bit-identical). The GPU test runs the real thing.
+"""
+import pytest
+import torch
+
+import diffaccel
+from diffaccel.integrations import reference as ref
+
+peft = pytest.importorskip("peft")
+
+PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _sample(pipe, steps=3):
+    g = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=3.0, generator=g, output_type="latent")
+
+
+def _pipeline(device="cpu"):
+    pipe = ref.load_reference_pipeline("unet", device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _add_lora(unet, seed=1):
+    torch.manual_seed(seed)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False),
+                     adapter_name=f"lora{seed}")
+
+
+def _has_offload_hook(module):
+    return type(getattr(module, "_hf_hook", None)).__name__ == "CpuOffload"
+
+
+def _unregistered_tensors(obj, where):
+    """Tensor attributes of ``obj`` that are not its registered parameters/buffers: a device move
+    of the owning model would leave them behind."""
+    found = []
+    for name, value in vars(obj).items():
+        if name in ("_parameters", "_buffers", "_modules"):
+            continue
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, torch.Tensor) for v in values):
+            found.append(f"{where}.{name}")
+    return found
+
+
+def test_patched_modules_compute_only_with_registered_tensors():
+    pipe = _pipeline()
+    diffaccel.patch(pipe, quant="w8a8")
+    _add_lora(pipe.unet)  # LoRA after patching: peft layers around the quantized ones
+    kinds = set()
+    bad = []
+    for name, module in pipe.unet.named_modules():
+        if type(module).__module__.startswith(("diffaccel", "peft")):
+            kinds.add(type(module).__name__)
+            bad += _unregistered_tensors(module, name)
+        processor = getattr(module, "processor", None)
+        if processor is not None and type(processor).__module__.startswith("diffaccel"):
+            kinds.add(type(processor).__name__)
+            bad += _unregistered_tensors(processor, f"{name}.processor")
+    assert {"QuantLinear", "QuantConv2d", "LoraLinear", "DiffaccelAttnProcessor"} <= kinds, kinds
+    assert not bad, bad
+    # and all of them follow a device move of the backbone: everything sits in state_dict/buffers
+    quant = [m for m in pipe.unet.modules() if type(m).__name__ in ("QuantLinear", "QuantConv2d")]
+    names = {id(t) for t in pipe.unet.state_dict(keep_vars=True).values()}
+    for m in quant:
+        assert all(id(b) in names for b in m.buffers())
+
+
+def test_offload_enabled_after_patch():
+    pipe = _pipeline()
+    original = _sample(pipe)
+    diffaccel.patch(pipe, quant="w8a8")
+    patched = _sample(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert _has_offload_hook(pipe.unet)
+    assert torch.equal(_sample(pipe), patched)
+    diffaccel.unpatch(pipe)  # under the hooks
+    assert _has_offload_hook(pipe.unet)
+    assert torch.equal(_sample(pipe), original)
+
+
+def test_patch_and_unpatch_with_offload_hooks_attached():
+    pipe = _pipeline()
+    original = _sample(pipe)
+    reference = _pipeline()
+    diffaccel.patch(reference, quant="w8a8")
+    _add_lora(reference.unet)
+    expected = _sample(reference)
+
+    pipe.enable_model_cpu_offload(device="cpu")
+    hook = pipe.unet._hf_hook
+    report = diffaccel.patch(pipe, quant="w8a8")
+    assert report.by_part("quant") and report.by_part("attention")
+    _add_lora(pipe.unet)
+    assert pipe.unet._hf_hook is hook  # patching touches submodules, not the top-level hooks
+    # (each pipeline call ends in maybe_free_model_hooks, which enables the offload afresh: on
+    # the patched model from the second call on)
+    assert torch.equal(_sample(pipe), expected)
+    assert torch.equal(_sample(pipe), expected)
+    hook = pipe.unet._hf_hook
+    diffaccel.unpatch(pipe)
+    assert pipe.unet._hf_hook is hook
+    pipe.unet.delete_adapters("lora1")  # (diffusers re-attaches the offload hooks here)
+    assert _has_offload_hook(pipe.unet)
+    assert torch.equal(_sample(pipe), original)
+
+
+def test_accelerate_cpu_offload_with_hook_moves_quantized_buffers():
+    from accelerate import cpu_offload_with_hook
+
+    pipe = _pipeline()
+    diffaccel.patch(pipe.unet, quant="w8a8")
+    unet = pipe.unet
+    quant = next(m for m in unet.modules() if type(m).__name__ == "QuantLinear")
+    dtypes = {k: v.dtype for k, v in quant.state_dict().items()}
+    _, hook = cpu_offload_with_hook(unet, "cpu")
+    x = torch.randn(1, 1, ref.IMAGE_SIZE, ref.IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    text = pipe.encode_prompt(PROMPTS[:1], "cpu")
+    with torch.no_grad():
+        out = unet(x, torch.tensor([500]), encoder_hidden_states=text).sample
+    hook.offload()
+    assert {k: v.dtype for k, v in quant.state_dict().items()} == dtypes  # packed codes kept their dtypes
+    hook.remove()
+    with torch.no_grad():
+        assert torch.equal(unet(x, torch.tensor([500]), encoder_hidden_states=text).sample, out)
+    diffaccel.unpatch(unet)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_enable_model_cpu_offload_on_cuda_matches_resident_pipeline(with_lora):
+    """On a GPU: the patched pipeline with model offload (weights on the CPU between calls) gives
+    the resident patched pipeline's output. Same kernels on the same device: expected identical;
+    the 1e-6 relative bound only allows a nondeterministic reduction order."""
+    resident = _pipeline("cuda")
+    diffaccel.patch(resident, quant="w8a8")
+    offloaded = _pipeline("cpu")
+    diffaccel.patch(offloaded, quant="w8a8")
+    if with_lora:
+        _add_lora(resident.unet)
+        _add_lora(offloaded.unet)
+    offloaded.enable_model_cpu_offload()
+    expected = _sample(resident)
+    out = _sample(offloaded)
+    assert out.device.type == "cuda"
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-6
+    quant = next(m for m in offloaded.unet.modules() if type(m).__name__ == "QuantLinear")
+    assert quant.weight_q.device.type == "cpu" and quant.weight_q.dtype == torch.int8  # offloaded after the call
+    diffaccel.unpatch(offloaded)
+    diffaccel.unpatch(resident)
+    if with_lora:
+        for p in (offloaded, resident):
+            p.unet.delete_adapters("lora1")
+    out, expected = _sample(offloaded), _sample(resident)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-6
