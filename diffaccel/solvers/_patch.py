@@ -137,6 +137,12 @@ def unpatch_scheduler(scheduler) -> bool:
     """Restore the class's own methods; True if the instance was patched."""
     if not is_patched(scheduler):
         return False
+    if vars(scheduler)[_STATE].options.get("dc") is not None:  # diffusers' own step shifts solver_order entries
+        keep = scheduler.config.solver_order
+        for name in ("model_outputs", "timestep_list"):
+            hist = getattr(scheduler, name, None)
+            if isinstance(hist, list) and len(hist) > keep:
+                setattr(scheduler, name, hist[len(hist) - keep:])
     for attr in _ATTRS + (_STATE,):
         vars(scheduler).pop(attr, None)
     return True

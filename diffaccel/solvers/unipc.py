@@ -119,14 +119,15 @@ class UniPCMultistep(_Adapter):
         steps = np.flatnonzero(ratios != IDENTITY_RATIO)
         for key, per_step in (("pred", 3), ("pc", 9)):
             table = state.host[key]
-            for i in steps:
+            for i in steps:  # (orders a step never reaches may hold NaN/inf rows: they stay unusable)
                 rows = table[per_step * i:per_step * (i + 1)]  # a view: edits land in the table
                 w = weights[i]
                 b_m0 = rows[:, B_P].copy()  # the predictor's coefficient on m_i, now on its interpolation
                 rows[:, B_P] = b_m0 * w[0]
                 rows[:, C_P] = w[0]
                 for k in range(1, dc_order + 1):
-                    rows[:, B_H0 + k - 1] += b_m0 * w[k]
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        rows[:, B_H0 + k - 1] += b_m0 * w[k]
                     rows[:, C_H0 + k - 1] = w[k]
         state.aux["dc_steps"] = frozenset(int(i) for i in steps)
         state.aux["dc_order"] = dc_order
