@@ -324,3 +324,61 @@ def test_adapters_loaded_after_patch_take_the_quantized_layers_dtype():
         assert layer.lora_B["lora2"].weight.dtype == torch.bfloat16, name
     bf16_inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
     assert tiny_models.output_of(model, bf16_inputs).dtype == torch.bfloat16
+
+
+def _tiny_sd_pipeline(seed=0):
+    """A StableDiffusionPipeline (diffusers' LoRA loader mixin) with tiny random components."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffaccel.integrations import reference as ref
+
+    torch.manual_seed(seed)
+    tokenizer = ref.load_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=1, norm_num_groups=8).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8, sample_size=8)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(ref.text_encoder_config(tokenizer)).eval(),
+                                   tokenizer=tokenizer, unet=unet, scheduler=ref.sampling_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet_prediction(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    text = pipe.text_encoder(pipe.tokenizer(["a digit", "a cat"], padding="max_length",
+                                            return_tensors="pt").input_ids)[0]
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500, 10]), encoder_hidden_states=text.detach()).sample
+
+
+def test_pipeline_load_lora_weights_after_patch_fuse_refused_unload_unpatch():
+    pipe, plain = _tiny_sd_pipeline(), _tiny_sd_pipeline()
+    donor = _tiny_sd_pipeline().unet
+    torch.manual_seed(1)
+    donor.add_adapter(_lora_config(), adapter_name="x")
+    lora = {f"unet.{k}": v.clone() for k, v in peft.get_peft_model_state_dict(donor, adapter_name="x").items()}
+    original = _unet_prediction(pipe)
+    diffaccel.patch(pipe, quant="w8a8")
+    quantized = _unet_prediction(pipe)
+    for p in (pipe, plain):
+        p.load_lora_weights(dict(lora), adapter_name="style")
+    assert type(pipe.unet.get_submodule(TO_Q)).__name__ == "LoraLinear"
+    with_lora = _unet_prediction(pipe)
+    assert _rel_l2(with_lora, quantized) > 0.05  # the adapter is live
+    assert _rel_l2(with_lora, _unet_prediction(plain)) < W8A8_REL_L2
+    latents = pipe(["a digit"], num_inference_steps=2, height=8, width=8, output_type="latent").images
+    assert latents.shape == (1, 4, 8, 8) and bool(torch.isfinite(latents).all())
+    with pytest.raises(RuntimeError, match="cannot merge LoRA"):
+        pipe.fuse_lora(lora_scale=0.5)
+    assert torch.equal(_unet_prediction(pipe), with_lora)
+    pipe.unload_lora_weights()
+    assert torch.equal(_unet_prediction(pipe), quantized)
+    diffaccel.unpatch(pipe)
+    assert "fuse_lora" not in vars(pipe) and "fuse_lora" not in vars(pipe.unet)
+    assert torch.equal(_unet_prediction(pipe), original)
