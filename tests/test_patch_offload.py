@@ -144,13 +144,12 @@ def test_enable_model_cpu_offload_on_cuda_matches_resident_pipeline(with_lora):
     """On a GPU: the patched pipeline with model offload (weights on the CPU between calls) gives
     the resident patched pipeline's output. Same kernels on the same device: expected identical;
     the 1e-6 relative bound only allows a nondeterministic reduction order."""
-    resident = _pipeline("cuda")
-    diffaccel.patch(resident, quant="w8a8")
-    offloaded = _pipeline("cpu")
-    diffaccel.patch(offloaded, quant="w8a8")
-    if with_lora:
-        _add_lora(resident.unet)
-        _add_lora(offloaded.unet)
+    resident, offloaded = _pipeline("cpu"), _pipeline("cpu")
+    for p in (resident, offloaded):
+        diffaccel.patch(p, quant="w8a8")  # both quantized on the CPU: the same codes
+        if with_lora:
+            _add_lora(p.unet)
+    resident.to("cuda")
     offloaded.enable_model_cpu_offload()
     expected = _sample(resident)
     out = _sample(offloaded)
