@@ -8,7 +8,6 @@ bit-identical to before.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import importlib.util
 import logging
 import os
@@ -302,6 +301,23 @@ def _patch_solver(target_info, report, undo):
                                     _op_backend("fused_solver_step", device)))
 
 
+class _FuseLoraGuard:
+    """Set as the instance attribute ``fuse_lora`` of a patched target and its backbones: checks
+    every backbone before the class's fuse_lora merges anything (diffusers scales and merges layer
+    by layer, so a refusal from the first quantized layer would come after others changed)."""
+
+    def __init__(self, owner, backbones):
+        self.owner = owner
+        self.backbones = backbones
+
+    def __call__(self, *args, **kwargs):
+        from .nn import lora as dlora
+
+        for backbone in self.backbones:
+            dlora.check_fusable(backbone)
+        return type(self.owner).fuse_lora(self.owner, *args, **kwargs)
+
+
 def _support_lora_on_quantized(target, info, undo: _UndoLog) -> None:
     """LoRA loaded after patching lands beside the quantized layers (peft learns to wrap them, once
     per process, see diffaccel.nn.lora); fuse_lora on the patched target or its backbones refuses,
@@ -312,19 +328,12 @@ def _support_lora_on_quantized(target, info, undo: _UndoLog) -> None:
     backbones = list(info.backbones.values())
     owners = backbones if any(b is target for b in backbones) else [target] + backbones
     for owner in owners:
-        fuse = getattr(owner, "fuse_lora", None)
-        if fuse is None or "fuse_lora" in vars(owner):
+        if not callable(getattr(type(owner), "fuse_lora", None)) or "fuse_lora" in vars(owner):
             continue
+        guard = _FuseLoraGuard(owner, backbones)
+        object.__setattr__(owner, "fuse_lora", guard)
 
-        @functools.wraps(fuse)
-        def fuse_lora(*args, _fuse=fuse, **kwargs):
-            for backbone in backbones:
-                dlora.check_fusable(backbone)
-            return _fuse(*args, **kwargs)
-
-        object.__setattr__(owner, "fuse_lora", fuse_lora)
-
-        def drop_guard(owner=owner, guard=fuse_lora):
+        def drop_guard(owner=owner, guard=guard):
             if vars(owner).get("fuse_lora") is guard:
                 object.__delattr__(owner, "fuse_lora")
 
