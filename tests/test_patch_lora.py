@@ -382,3 +382,20 @@ def test_pipeline_load_lora_weights_after_patch_fuse_refused_unload_unpatch():
     diffaccel.unpatch(pipe)
     assert "fuse_lora" not in vars(pipe) and "fuse_lora" not in vars(pipe.unet)
     assert torch.equal(_unet_prediction(pipe), original)
+
+
+def test_io_layers_with_lora_stay_in_float_whichever_the_order():
+    targets = TARGETS + ["conv_in", "conv_out"]
+    before, inputs = tiny_models.unet_sd15()
+    after, _ = tiny_models.unet_sd15()
+    torch.manual_seed(1)
+    before.add_adapter(_lora_config(targets))
+    report = diffaccel.patch(before, quant="w8a8", solver=False)
+    diffaccel.patch(after, quant="w8a8", solver=False)
+    torch.manual_seed(1)
+    after.add_adapter(_lora_config(targets))
+    assert {s.name for s in report.skipped if s.reason.startswith("input/output layer")} == \
+        {"conv_in.base_layer", "conv_out.base_layer"}
+    for model in (before, after):
+        assert type(model.conv_in.base_layer) is torch.nn.Conv2d
+    assert torch.equal(tiny_models.output_of(before, inputs), tiny_models.output_of(after, inputs))

@@ -57,8 +57,14 @@ def resolve_target(target) -> Target:
 
 
 def is_io_layer(qualified_name: str) -> bool:
-    """The backbone's own input/output layers (top level only: blocks have proj_in/proj_out too)."""
-    return qualified_name in IO_LAYER_NAMES
+    """The backbone's own input/output layers (top level only: blocks have proj_in/proj_out too),
+    also when LoRA loaded before patching wraps one (peft's ``conv_in.base_layer``)."""
+    return _without_lora_wrapper(qualified_name) in IO_LAYER_NAMES
+
+
+def _without_lora_wrapper(qualified_name: str) -> str:
+    parts = qualified_name.split(".")
+    return ".".join(parts[:-1]) if len(parts) > 1 and parts[-1] == "base_layer" else qualified_name
 
 
 def is_timestep_embedding(qualified_name: str) -> bool:
