@@ -29,21 +29,22 @@ MAX_INT32_OFFSET = 2**31 - 1
 
 
 @triton.jit
-def _gather_x(x_rows, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw,
+def _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw,
               KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, EVEN_K: tl.constexpr):
-    """fp32 A[m, offs_k] gathered from x: ``x_rows`` are the per-pixel base pointers (batch and
-    top-left corner of the receptive field folded in), 0 outside the image and past K."""
+    """fp32 A[m, offs_k] gathered from one image ``x_img``: ``row_off`` is each output pixel's
+    receptive-field corner offset, 0 outside the image and past K."""
     c = offs_k // (KH * KW)
     r = offs_k % (KH * KW)
     di = (r // KW) * DH
     dj = (r % KW) * DW
-    ih = ih0[:, None] + di[None, :]
-    iw = iw0[:, None] + dj[None, :]
-    mask = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # one unsigned compare per axis covers both 0 <= i and i < size
+    ih = (ih0[:, None] + di[None, :]).to(tl.uint32, bitcast=True)
+    iw = (iw0[:, None] + dj[None, :]).to(tl.uint32, bitcast=True)
+    mask = (ih < H) & (iw < W)
     if not EVEN_K:
         mask = mask & (offs_k[None, :] < K)
     koff = c * stride_xc + di * stride_xh + dj * stride_xw
-    return tl.load(x_rows[:, None] + koff[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(x_img + (row_off[:, None] + koff[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -55,11 +56,12 @@ def _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH: tl.constexpr, KHW: tl.conste
 
 
 @triton.jit
-def _act_codes(x_rows, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, a_scale, zp,
+def _act_codes(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, a_scale, zp,
                KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                PER_TOKEN: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
     """int8 codes of the gathered tile: dynamic (per-row ``a_scale``) or static (+ ``zp``)."""
-    x = _gather_x(x_rows, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW, EVEN_K)
+    x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW,
+                  EVEN_K)
     x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
     if PER_TOKEN:
         q = round_half_even(tl.math.div_rn(x, a_scale[:, None]))
@@ -74,28 +76,28 @@ def _act_codes(x_rows, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_x
 @triton.jit
 def _int8_conv2d_kernel(
     x_ptr, w_ptr, a_scale_ptr, w_scale_ptr, zp_ptr, wsum_ptr, bias_ptr, smooth_ptr, out_ptr,
-    M, N, K, H, W, Wo, HWo, PH, PW,
+    N, K, H, W, Wo, HWo, PH, PW, TILES_PER_IMAGE,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn, stride_ob, stride_on,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
     GROUPED: tl.constexpr, W_INT4: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_MIN: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    # one image per M tile: the batch offset is a scalar and every offset inside an image is int32
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = pid_m // TILES_PER_IMAGE
+    offs_p = (pid_m % TILES_PER_IMAGE) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
+    p_mask = offs_p < HWo
     n_mask = offs_n < N
-    # wrapped indices for the main-loop loads (rows/columns past M/N are never stored)
-    rm = offs_m % M
+    # wrapped indices for the main-loop loads (pixels/columns past HWo/N are never stored)
+    p = offs_p % HWo
     rn = offs_n % N
-    b = rm // HWo
-    p = rm % HWo
     ih0 = (p // Wo) * SH - PH
     iw0 = (p % Wo) * SW - PW
-    # 64-bit only in the per-pixel base: offsets inside one sample fit int32 (checked at launch)
-    x_rows = x_ptr + b.to(tl.int64) * stride_xb + (ih0 * stride_xh + iw0 * stride_xw)
+    x_img = x_ptr + b.to(tl.int64) * stride_xb
+    row_off = ih0 * stride_xh + iw0 * stride_xw
 
     zp = tl.zeros((), dtype=tl.int32)
     if HAS_ZP:
@@ -104,8 +106,8 @@ def _int8_conv2d_kernel(
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = _gather_x(x_rows, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW,
-                          EVEN_K)
+            x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH,
+                          DW, EVEN_K)
             x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
@@ -114,32 +116,33 @@ def _int8_conv2d_kernel(
 
     if GROUPED:
         y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
-            offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            a_even = _act_codes(x_rows, ih0, iw0, offs_even, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr,
-                                a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
-            a_odd = _act_codes(x_rows, ih0, iw0, offs_even + 1, K, H, W, stride_xc, stride_xh, stride_xw,
-                               smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
-            w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
-            part = tl.dot(a_even, w_lo, out_dtype=tl.int32)
-            part = tl.dot(a_odd, w_hi, part, out_dtype=tl.int32)
-        else:
-            a = _act_codes(x_rows, ih0, iw0, k0 + tl.arange(0, BLOCK_K), K, H, W, stride_xc, stride_xh, stride_xw,
-                           smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
-            w = _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
-            part = tl.dot(a, w, out_dtype=tl.int32)
-        if GROUPED:  # BLOCK_K is the group size: one scale per (n, group)
-            g = k0 // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # GROUP_K: the weight group (one scale per (n, group)), or BLOCK_K for per-channel scales;
+    # a group runs as GROUP_K // BLOCK_K sub-blocks so the gathered tile stays small in registers
+    for k0 in range(0, K, GROUP_K):
+        if GROUPED:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kk in range(0, GROUP_K, BLOCK_K):
+            kb = k0 + kk
+            if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
+                a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), K, H, W, stride_xc, stride_xh,
+                               stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
+                a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, kb, K, stride_wn, BLOCK_K, EVEN_K)
+                acc = tl.dot(a_even, w_lo, acc, out_dtype=tl.int32)
+                acc = tl.dot(a_odd, w_hi, acc, out_dtype=tl.int32)
+            else:
+                a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), K, H, W, stride_xc, stride_xh,
+                               stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
+                w = _load_int8_tile_t(w_ptr, rn, kb, K, stride_wn, BLOCK_K, EVEN_K)
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        if GROUPED:
+            g = k0 // GROUP_K
             if HAS_ZP:
                 gsum = tl.load(wsum_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0)
-                part = part - zp * gsum[None, :]
+                acc = acc - zp * gsum[None, :]
             gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0.0)
-            y = y + part.to(tl.float32) * gscale[None, :]
-        else:
-            acc += part
+            y = y + acc.to(tl.float32) * gscale[None, :]
 
     if GROUPED:
         if PER_TOKEN:
@@ -159,18 +162,24 @@ def _int8_conv2d_kernel(
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
         y = y + bias[None, :]
     # [B, N, Ho, Wo]: pixels are contiguous within one (b, n) plane, so stores coalesce along m
-    out_rows = out_ptr + b.to(tl.int64) * stride_ob + p
-    tl.store(out_rows[:, None] + offs_n[None, :] * stride_on, _to_out(y, out_ptr),
-             mask=m_mask[:, None] & n_mask[None, :])
+    out_img = out_ptr + b.to(tl.int64) * stride_ob
+    tl.store(out_img + (p[:, None] + offs_n[None, :] * stride_on), _to_out(y, out_ptr),
+             mask=p_mask[:, None] & n_mask[None, :])
 
 
-def pick_conv_config(M: int, N: int, K: int, group_size: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table (the configs
-    STATIC_REPORT_CASES compiles). Group-wise scales need BLOCK_K = group size."""
-    block_k = group_size if group_size else 64
+def pick_conv_config(M: int, N: int, K: int, group_size: int, w_int4: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, num_warps, num_stages): a fixed table (the configs
+    STATIC_REPORT_CASES compiles spill-free for sm_80/89/90a). GROUP_K is the weight group size
+    (per-channel: BLOCK_K). The in-kernel gather + quantization is CUDA-core work that every N tile
+    repeats, so tiles favour many threads per A tile over large register tiles; int4 weights need
+    BLOCK_K = 64 (two K = 32 dots over the even and odd k) and a smaller tile to stay in registers."""
+    if w_int4:
+        return 64, 64, 64, group_size or 64, 8, 3
     if M <= 64:
-        return 64, 64, block_k, 4, 3
-    return 128, 128 if N > 64 else 64, block_k, 8, 3
+        return 64, 64, 32, group_size or 32, 4, 3
+    if group_size:  # a second (fp32) accumulator for the group sums
+        return 64, 128, 32, group_size, 8, 3
+    return 128, 128, 32, 32, 16, 3
 
 
 def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, *, kernel_size, stride, padding,
@@ -192,18 +201,19 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
         raise ValueError(f"x: one sample spans more than 2**31 - 1 elements (shape {tuple(x.shape)}, "
                          f"out {tuple(out.shape)}); the kernel indexes within a sample in int32")
     per_token = act_scale is None
-    BM, BN, BK, warps, stages = pick_conv_config(M, N, K, group_size)
+    BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4)
     dummy = out  # never read: the constexpr flags switch its loads off
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    tiles_per_image = triton.cdiv(Ho * Wo, BM)
+    grid = (B * tiles_per_image, triton.cdiv(N, BN))
     _int8_conv2d_kernel[grid](
         x, w, act_scale if act_scale is not None else dummy, w_scale,
         zero_point if zero_point is not None else dummy, w_sum if w_sum is not None else dummy,
         bias if bias is not None else dummy, smooth if smooth is not None else dummy, out,
-        M, N, K, H, W, Wo, Ho * Wo, padding[0], padding[1],
+        N, K, H, W, Wo, Ho * Wo, padding[0], padding[1], tiles_per_image,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), w_scale.stride(0) if group_size else 0,
         out.stride(0), out.stride(1),
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_K=GK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
         AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
@@ -211,30 +221,34 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
 
 # -- static report ----------------------------------------------------------------------------
 
-def _conv_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, per_token, stride=1, x_dtype="*fp16"):
+def _conv_case(name, bm, bn, bk, warps, stages, *, group, w_int4, per_token, stride=1, x_dtype="*fp16"):
     return {
         "name": name, "fn": _int8_conv2d_kernel,
         "signature": {"x_ptr": x_dtype, "w_ptr": "*u8" if w_int4 else "*i8", "a_scale_ptr": "*fp32",
                       "w_scale_ptr": "*fp32", "zp_ptr": "*i32", "wsum_ptr": "*i32", "bias_ptr": "*fp32",
-                      "smooth_ptr": "*fp32", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "H": "i32",
-                      "W": "i32", "Wo": "i32", "HWo": "i32", "PH": "i32", "PW": "i32", "stride_xb": "i32",
-                      "stride_xc": "i32", "stride_xh": "i32", "stride_xw": "i32", "stride_wn": "i32",
-                      "stride_wsn": "i32", "stride_ob": "i32", "stride_on": "i32"},
+                      "smooth_ptr": "*fp32", "out_ptr": "*fp16", "N": "i32", "K": "i32", "H": "i32", "W": "i32",
+                      "Wo": "i32", "HWo": "i32", "PH": "i32", "PW": "i32", "TILES_PER_IMAGE": "i32",
+                      "stride_xb": "i32", "stride_xc": "i32", "stride_xh": "i32", "stride_xw": "i32",
+                      "stride_wn": "i32", "stride_wsn": "i32", "stride_ob": "i32", "stride_on": "i32"},
         "constexprs": {"KH": 3, "KW": 3, "SH": stride, "SW": stride, "DH": 1, "DW": 1,
-                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": grouped, "W_INT4": w_int4,
-                       "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True, "HAS_SMOOTH": False,
-                       "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True},
+                       "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_K": group or bk, "GROUPED": bool(group),
+                       "W_INT4": w_int4, "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True,
+                       "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
 
+# the configs pick_conv_config returns, per activation mode and weight format
 STATIC_REPORT_CASES = [
-    _conv_case("conv3x3_w8a8_dynamic_m128", 128, 128, 64, 8, 3, grouped=False, w_int4=False, per_token=True),
-    _conv_case("conv3x3_w8a8_static_zp_m128", 128, 128, 64, 8, 3, grouped=False, w_int4=False, per_token=False),
-    _conv_case("conv3x3_s2_w8a8_dynamic_m128", 128, 128, 64, 8, 3, grouped=False, w_int4=False, per_token=True,
+    _conv_case("conv3x3_w8a8_dynamic_m128", 128, 128, 32, 16, 3, group=None, w_int4=False, per_token=True),
+    _conv_case("conv3x3_w8a8_static_zp_m128", 128, 128, 32, 16, 3, group=None, w_int4=False, per_token=False),
+    _conv_case("conv3x3_s2_w8a8_dynamic_m128", 128, 128, 32, 16, 3, group=None, w_int4=False, per_token=True,
                stride=2),
-    _conv_case("conv3x3_w8a8_dynamic_m64", 64, 64, 64, 4, 3, grouped=False, w_int4=False, per_token=True),
-    _conv_case("conv3x3_w4a8_g128_dynamic_m128", 128, 128, 128, 8, 3, grouped=True, w_int4=True, per_token=True),
-    _conv_case("conv3x3_w4a8_g64_static_zp_m128", 128, 128, 64, 8, 3, grouped=True, w_int4=True, per_token=False),
-    _conv_case("conv3x3_w8a8_g128_dynamic_m64", 64, 64, 128, 4, 3, grouped=True, w_int4=False, per_token=True),
+    _conv_case("conv3x3_w8a8_g128_dynamic_m64x128", 64, 128, 32, 8, 3, group=128, w_int4=False, per_token=True),
+    _conv_case("conv3x3_w8a8_g64_static_zp_m64x128", 64, 128, 32, 8, 3, group=64, w_int4=False, per_token=False),
+    _conv_case("conv3x3_w8a8_g64_dynamic_m64", 64, 64, 32, 4, 3, group=64, w_int4=False, per_token=True),
+    _conv_case("conv3x3_w8a8_dynamic_m64", 64, 64, 32, 4, 3, group=None, w_int4=False, per_token=True),
+    _conv_case("conv3x3_w4a8_g128_dynamic", 64, 64, 64, 8, 3, group=128, w_int4=True, per_token=True),
+    _conv_case("conv3x3_w4a8_g64_static_zp", 64, 64, 64, 8, 3, group=64, w_int4=True, per_token=False),
+    _conv_case("conv3x3_w4a8_channel_dynamic", 64, 64, 64, 8, 3, group=None, w_int4=True, per_token=True),
 ]

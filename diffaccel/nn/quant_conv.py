@@ -1,7 +1,8 @@
-"""QuantConv2d: 1x1 convs run as a GEMM over pixels (channels as K); k x k convs as im2col
-(F.unfold) feeding the same GEMM, K ordered (channel, kh, kw) like the conv weight. Implicit
-GEMM in Triton is not done. Dynamic activation quantization is per GEMM row: per pixel over
-channels for 1x1, per output position over its receptive field for k x k."""
+"""QuantConv2d: 1x1 convs run as a GEMM over pixels (channels as K); k x k convs with int8
+activations (W8A8, W4A8; static or dynamic) as an implicit GEMM (``diffaccel.ops.int8_conv2d``:
+the kernel gathers and quantizes the activations itself, no im2col in memory). K is ordered
+(channel, kh, kw) like the conv weight. Dynamic activation quantization is per GEMM row: per pixel
+over channels for 1x1, per output position over its receptive field for k x k."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffaccel.ops import conv as CV
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
-from ._base import QuantLayerBase, _float_tensor, _positive, check_float_weight, reason_for_k
+from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
+                    reason_for_k)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -83,14 +86,50 @@ class QuantConv2d(QuantLayerBase):
             x2 = x.permute(0, 2, 3, 1).reshape(-1, C)
             y = self._gemm(x2)
             return y.reshape(B, H, W, N).permute(0, 3, 1, 2).contiguous()
+        s = self.spec
+        if s.act_dtype == "int8" and self.act_split_k is None:
+            return self._implicit_gemm_int8(x)
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if s.act_dtype is None and not self._weight_only_kernel_fits(B * Ho * Wo):
+            return self._dequantized_conv(x)
+        # im2col (F.unfold) + GEMM remains for: the Q-Diffusion split input (two quantizers over two
+        # K ranges; the implicit-GEMM kernel has one activation quantizer), fp8 activations (no fp8
+        # implicit-GEMM kernel, and the interpreter cannot check fp8 rounding on CPU), and
+        # weight-only layers small enough for the in-kernel dequantizing GEMM
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         x2 = cols.transpose(1, 2).reshape(-1, self.gemm_k)
         y = self._gemm(x2)
         return y.reshape(B, Ho * Wo, N).transpose(1, 2).reshape(B, N, Ho, Wo)
+
+    def _implicit_gemm_int8(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        kh, kw = self.kernel_size
+        common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                      # smooth is stored per K (c, kh, kw); the conv op takes it per input channel
+                      smooth=None if self.smooth is None else self.smooth[::kh * kw].contiguous(),
+                      bias=self.bias, group_size=self.group_size, w_int4=s.weight_dtype == "int4",
+                      out_dtype=self.original_dtype)
+        if s.act_mode == "dynamic":
+            return CV.int8_conv2d(x, self.weight_q, self.weight_scale, **common)
+        scale, zp = self._act_params()
+        return CV.int8_conv2d(x, self.weight_q, self.weight_scale, act_scale=scale, act_zero_point=zp,
+                              w_sum=self.weight_sum, **common)
+
+    def _weight_only_kernel_fits(self, M: int) -> bool:
+        # the same choice QuantLayerBase._weight_only makes for a GEMM of M rows
+        dt = self.original_dtype if self.original_dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return self.spec.weight_dtype in ("int8", "int4") and dt != torch.float32 and M <= WEIGHT_ONLY_KERNEL_MAX_M
+
+    def _dequantized_conv(self, x: torch.Tensor) -> torch.Tensor:
+        # weight-only at large M: dequantize once, then cuDNN's own implicit GEMM (instead of unfold + GEMM)
+        dt = self.original_dtype if self.original_dtype in (torch.float16, torch.bfloat16) else torch.float32
+        w = self._weight_gemm_dequantized().reshape(self.out_channels, self.in_channels, *self.kernel_size).to(dt)
+        y = F.conv2d(x.to(dt), w, None if self.bias is None else self.bias.to(dt), self.stride, self.padding,
+                     self.dilation)
+        return y.to(self.original_dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [out_channels, in_channels, kh, kw]: the weight this layer computes with."""

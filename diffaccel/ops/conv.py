@@ -44,7 +44,7 @@ def int8_conv2d_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_su
     smooth_k = smooth.repeat_interleave(kh * kw) if smooth is not None else None  # K order is (c, kh, kw)
     y = int8_linear_reference(x2, w, w_scale, smooth_k, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
                               out_dtype)
-    return y.reshape(B, Ho * Wo, N).transpose(1, 2).reshape(B, N, Ho, Wo)
+    return y.reshape(B, Ho * Wo, N).transpose(1, 2).reshape(B, N, Ho, Wo).contiguous()  # a view when B == 1
 
 
 # -- Triton backend -----------------------------------------------------------------------------
