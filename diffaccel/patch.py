@@ -133,9 +133,21 @@ def _module_device(module: nn.Module) -> Optional[torch.device]:
     return None
 
 
+# Model offload hooks the top-level models only; a hook on a layer itself (device_map dispatch,
+# sequential offload) would not follow a replacement, so such layers are not replaced.
+_ACCELERATE_HOOK_REASON = "carries an accelerate hook (device_map dispatch or sequential offload)"
+
+
+def _has_accelerate_hook(module: nn.Module) -> bool:
+    return getattr(module, "_hf_hook", None) is not None
+
+
 def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog):
     parent, child = _get_parent(root, qualified_name)
     original = getattr(parent, child)
+    if _has_accelerate_hook(original):
+        raise ValueError(f"target: {qualified_name} {_ACCELERATE_HOOK_REASON}; patch before dispatching or "
+                         f"offloading layer by layer (enable_model_cpu_offload is fine either way)")
     original_device = _module_device(original)
     setattr(parent, child, new)
     _adopt_lora_parent(parent, child, undo)
@@ -239,7 +251,7 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             if not select(module, fqn):
                 report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))
                 continue
-            reason = dnn.quantize_reason(module, spec)
+            reason = _ACCELERATE_HOOK_REASON if _has_accelerate_hook(module) else dnn.quantize_reason(module, spec)
             if reason is not None:
                 report.skipped.append(Skipped(fqn, "quant", reason))
                 continue

@@ -9,6 +9,8 @@ diffusers refuses ``enable_model_cpu_offload()`` without an accelerator only whe
 the device; with ``device="cpu"`` it attaches the same hooks, which is what the CPU tests use
 (offloading to the same device: outputs must be bit-identical). The GPU test runs the real thing.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -164,3 +166,29 @@ def test_enable_model_cpu_offload_on_cuda_matches_resident_pipeline(with_lora):
             p.unet.delete_adapters("lora1")
     out, expected = _sample(offloaded), _sample(resident)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-6
+
+
+def test_layers_carrying_their_own_accelerate_hook_are_left_alone():
+    """device_map dispatch / sequential offload hook individual layers; a replacement would drop
+    the hook, so the preset path leaves such a layer alone (with the reason) and a recipe that
+    names it is refused, the model unchanged."""
+    import tiny_models
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model, inputs = tiny_models.unet_sd15()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    hooked = model.get_submodule(name)
+    add_hook_to_module(hooked, ModelHook())
+    before = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert any(s.name == name and "accelerate hook" in s.reason for s in report.skipped)
+    assert model.get_submodule(name) is hooked
+    assert report.by_part("quant")
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), before)
+
+    patch_module = importlib.import_module("diffaccel.patch")  # (diffaccel.patch is the function)
+    undo = patch_module._UndoLog()
+    with pytest.raises(ValueError, match="target: .*to_q carries an accelerate hook"):
+        patch_module._swap_module(model, name, torch.nn.Identity(), undo)
+    assert model.get_submodule(name) is hooked and len(undo) == 0
