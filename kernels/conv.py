@@ -173,8 +173,8 @@ def pick_conv_config(M: int, N: int, K: int, group_size: int, w_int4: bool):
     (per-channel: BLOCK_K). The in-kernel gather + quantization is CUDA-core work that every N tile
     repeats, so tiles favour many threads per A tile over large register tiles; int4 weights need
     BLOCK_K = 64 (two K = 32 dots over the even and odd k) and a smaller tile to stay in registers."""
-    if w_int4:
-        return 64, 64, 64, group_size or 64, 8, 3
+    if w_int4:  # per-channel int4 (no group scales) spills at BLOCK_N = 64 on sm_89
+        return 64, 64 if group_size else 32, 64, group_size or 64, 8, 3
     if M <= 64:
         return 64, 64, 32, group_size or 32, 4, 3
     if group_size:  # a second (fp32) accumulator for the group sums
@@ -250,5 +250,5 @@ STATIC_REPORT_CASES = [
     _conv_case("conv3x3_w8a8_dynamic_m64", 64, 64, 32, 4, 3, group=None, w_int4=False, per_token=True),
     _conv_case("conv3x3_w4a8_g128_dynamic", 64, 64, 64, 8, 3, group=128, w_int4=True, per_token=True),
     _conv_case("conv3x3_w4a8_g64_static_zp", 64, 64, 64, 8, 3, group=64, w_int4=True, per_token=False),
-    _conv_case("conv3x3_w4a8_channel_dynamic", 64, 64, 64, 8, 3, group=None, w_int4=True, per_token=True),
+    _conv_case("conv3x3_w4a8_channel_dynamic", 64, 32, 64, 8, 3, group=None, w_int4=True, per_token=True),
 ]

@@ -1,0 +1,88 @@
+"""Quantized 3x3 convs at SDXL UNet resnet shapes (batch 2 = the CFG pair, fp16 NCHW in and out).
+
+Ours (Triton on a GPU; the torch reference in the CPU smoke run): the implicit-GEMM int8 conv
+``diffaccel.ops.int8_conv2d`` including the activation quantization — W8A8 dynamic per output
+pixel, W8A8 static per tensor with a zero point, W4A8 (int4 group 128) dynamic. Baselines: cuDNN
+fp16 ``F.conv2d``, and the path QuantConv2d took before (``F.unfold`` + ``int8_linear`` + the
+transpose back to NCHW), W8A8 dynamic and W4A8.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks._util import annotate, device, is_smoke, measure
+from diffaccel.ops import conv as CV
+from diffaccel.ops import gemm as G
+from diffaccel.quant import formats as fmt
+
+FAMILY = "conv"
+if is_smoke():
+    SHAPES = [("tiny", 1, 16, 6, 6, 8)]
+else:  # (name, B, C, H, W, N): the resnet conv1/conv2 of each SDXL UNet level at 1024x1024
+    SHAPES = [("sdxl-res320@128", 2, 320, 128, 128, 320), ("sdxl-res640@64", 2, 640, 64, 64, 640),
+              ("sdxl-res1280@32", 2, 1280, 32, 32, 1280)]
+IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-static-zp", "diffaccel:w4a8", "baseline:cudnn-fp16",
+         "baseline:unfold-int8_linear-w8a8", "baseline:unfold-int8_linear-w4a8"]
+KS, PAD = 3, 1
+
+_weights = {}
+
+
+def _quantized(C, N, dev):
+    key = (C, N, str(dev))
+    if key not in _weights:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(N, C, KS, KS, generator=g) * 0.02
+        w2 = w.reshape(N, -1)
+        q8, s8 = fmt.quantize_weight_int(w2, 8)
+        q4, s4 = fmt.quantize_weight_int(w2, 4, 128 if w2.shape[1] % 128 == 0 else 16)
+        _weights[key] = {k: v.to(dev) for k, v in dict(
+            w16=w.half(), q8=q8, s8=s8, sum8=q8.to(torch.int32).sum(1, dtype=torch.int32), q4=fmt.pack_int4(q4),
+            s4=s4, bias=torch.randn(N, generator=g)).items()}
+        _weights[key]["group4"] = 128 if w2.shape[1] % 128 == 0 else 16
+    return _weights[key]
+
+
+def _unfold_linear(x, q, s, N, **kw):
+    B, _, H, W = x.shape
+    cols = F.unfold(x, KS, padding=PAD)
+    y = G.int8_linear(cols.transpose(1, 2).reshape(-1, cols.shape[1]), q, s, **kw)
+    return y.reshape(B, H * W, N).transpose(1, 2).reshape(B, N, H, W)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+def test_conv(benchmark, shape, impl):
+    name, B, C, H, W, N = shape
+    dev = device()
+    Wt = _quantized(C, N, dev)
+    x = torch.randn(B, C, H, W, device=dev).half()
+    K = C * KS * KS
+    bias = Wt["bias"]
+    conv = dict(kernel_size=KS, padding=PAD, bias=bias)
+    w_bytes = N * K
+    if impl == "diffaccel:w8a8":
+        fn = lambda: CV.int8_conv2d(x, Wt["q8"], Wt["s8"], **conv)  # noqa: E731
+    elif impl == "diffaccel:w8a8-static-zp":
+        scale = (x.float().abs().amax() / 120).reshape(1)
+        zp = torch.tensor([3], dtype=torch.int32, device=dev)
+        fn = lambda: CV.int8_conv2d(x, Wt["q8"], Wt["s8"], act_scale=scale, act_zero_point=zp,  # noqa: E731
+                                    w_sum=Wt["sum8"], **conv)
+    elif impl == "diffaccel:w4a8":
+        fn, w_bytes = (lambda: CV.int8_conv2d(x, Wt["q4"], Wt["s4"], group_size=Wt["group4"], w_int4=True,
+                                              **conv)), N * K // 2
+    elif impl == "baseline:cudnn-fp16":
+        b16 = bias.half()
+        fn, w_bytes = (lambda: F.conv2d(x, Wt["w16"], b16, padding=PAD)), N * K * 2
+    elif impl == "baseline:unfold-int8_linear-w8a8":
+        fn = lambda: _unfold_linear(x, Wt["q8"], Wt["s8"], N, bias=bias)  # noqa: E731
+    elif impl == "baseline:unfold-int8_linear-w4a8":
+        fn, w_bytes = (lambda: _unfold_linear(x, Wt["q4"], Wt["s4"], N, bias=bias, group_size=Wt["group4"],
+                                              w_int4=True)), N * K // 2
+    else:
+        raise ValueError(impl)
+    annotate(benchmark, family=FAMILY, case=f"{name} 3x3 C={C} N={N}",
+             shape={"B": B, "C": C, "H": H, "W": W, "N": N, "k": KS}, dtype="fp16", impl=impl,
+             flops=2 * B * H * W * N * K, bytes=x.numel() * 2 + w_bytes + B * N * H * W * 2)
+    out = measure(benchmark, fn)
+    assert out.shape == (B, N, H, W) and out.dtype == torch.float16
