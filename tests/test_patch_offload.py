@@ -149,9 +149,12 @@ def test_enable_model_cpu_offload_on_cuda_matches_resident_pipeline(with_lora):
     resident, offloaded = _pipeline("cpu"), _pipeline("cpu")
     for p in (resident, offloaded):
         diffaccel.patch(p, quant="w8a8")  # both quantized on the CPU: the same codes
-        if with_lora:
-            _add_lora(p.unet)
     resident.to("cuda")
+    if with_lora:
+        _add_lora(resident.unet)  # onto CUDA-resident quantized layers: peft must place it on CUDA
+        _add_lora(offloaded.unet)  # onto offloaded (CPU) layers: the hook moves it with the model
+        assert resident.unet.get_submodule(
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").lora_A["lora1"].weight.is_cuda
     offloaded.enable_model_cpu_offload()
     expected = _sample(resident)
     out = _sample(offloaded)

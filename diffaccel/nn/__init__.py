@@ -1,4 +1,6 @@
-"""Quantized layers: QuantLinear, QuantConv2d (packed low-bit weights, real low-bit GEMMs)."""
+"""Quantized layers: QuantLinear, QuantConv2d (packed low-bit weights, real low-bit GEMMs).
+
+``diffaccel.nn.lora`` (imported on demand, needs peft) holds the peft LoRA layers that wrap them."""
 from __future__ import annotations
 
 from typing import Optional
