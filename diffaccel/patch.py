@@ -4,6 +4,13 @@ Per instance (classes are never touched), atomic (every change is recorded in an
 and rolled back if a later step fails) and idempotent (a second `patch` with the same options
 returns the first report). `unpatch` puts the very same original objects back, so outputs are
 bit-identical to before.
+
+LoRA (peft) and quantization: a quantizing patch, when peft is installed, also teaches peft's
+LoRA dispatch to wrap QuantLinear/QuantConv2d (once per process, and only for those base layers:
+``diffaccel.nn.lora.install_peft_dispatch``), turns a peft LoRA layer whose base it quantizes into
+diffaccel's state-free subclass of it (undone by unpatch), and guards ``fuse_lora`` on the target.
+`unpatch` restores each original float layer wherever its replacement sits then, so LoRA loaded
+after patching stays on the restored float layers.
 """
 from __future__ import annotations
 
