@@ -118,22 +118,29 @@ def _int8_conv2d_kernel(
         y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     # GROUP_K: the weight group (one scale per (n, group)), or BLOCK_K for per-channel scales;
-    # a group runs as GROUP_K // BLOCK_K sub-blocks so the gathered tile stays small in registers
+    # a group runs as GROUP_K // BLOCK_K sub-blocks so the gathered tile stays small in registers.
+    # Groups that are not a multiple of BLOCK_K (16, 32: below the int8 dot's minimum K) mask the
+    # activations past the group's end to 0, so each group's int32 sum stays its own.
+    k_lim = K
     for k0 in range(0, K, GROUP_K):
         if GROUPED:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        if GROUP_K % BLOCK_K != 0:
+            k_lim = k0 + GROUP_K
         for kk in range(0, GROUP_K, BLOCK_K):
             kb = k0 + kk
             if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
-                a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), K, H, W, stride_xc, stride_xh,
-                               stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
+                a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), k_lim, H, W, stride_xc,
+                               stride_xh, stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH,
+                               EVEN_K)
                 a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
                 w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, kb, K, stride_wn, BLOCK_K, EVEN_K)
                 acc = tl.dot(a_even, w_lo, acc, out_dtype=tl.int32)
                 acc = tl.dot(a_odd, w_hi, acc, out_dtype=tl.int32)
             else:
-                a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), K, H, W, stride_xc, stride_xh,
-                               stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
+                a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), k_lim, H, W, stride_xc,
+                               stride_xh, stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH,
+                               EVEN_K)
                 w = _load_int8_tile_t(w_ptr, rn, kb, K, stride_wn, BLOCK_K, EVEN_K)
                 acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         if GROUPED:
@@ -213,9 +220,10 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), w_scale.stride(0) if group_size else 0,
         out.stride(0), out.stride(1),
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_K=GK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_K=GK, GROUPED=bool(group_size), W_INT4=w_int4,
+        PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
-        AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0 and GK % BK == 0, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
 
 

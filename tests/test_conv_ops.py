@@ -168,6 +168,20 @@ def test_triton_multi_tile_formats(case):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("int4", [False, True])
+@pytest.mark.parametrize("group", [16, 32, 48])
+def test_triton_groups_smaller_than_the_k_block(group, int4):
+    """Group sizes below (or not a multiple of) the kernel's K block: each group's sum stays its own."""
+    _needs_triton()
+    g = _gen(group + int4)
+    x, wq, w, w_scale, kw = _operands(g, B=1, C=32, H=4, W=3, N=6, ks=(3, 3), int4=int4, group=group, static=True,
+                                      zp=True, bias=True)
+    ref = _reference(x, w, w_scale, kw, (3, 3), (1, 1), (1, 1), (1, 1), group, int4, torch.float32)
+    with use_backend("triton"):
+        out = int8_conv2d(x, w, w_scale, kernel_size=3, padding=1, group_size=group, w_int4=int4, **kw)
+    assert torch.equal(out, ref)
+
+
 def test_padding_is_code_zero_point():
     """A zero input quantizes to the zero point everywhere, padding included: only w_sum and the
     zero point then reach the output, and they cancel exactly."""
