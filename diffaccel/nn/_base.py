@@ -179,6 +179,12 @@ class QuantLayerBase(nn.Module):
                 self._buffers[name] = buf.to(probe.device)
         return self
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """weight_q under the name peft reads a quantized base layer's device from when it wraps the
+        layer in LoRA (as for GPTQ layers); the packed codes, not a float weight."""
+        return self.weight_q
+
     def weight_bytes(self) -> int:
         """Bytes of the packed weights, their scales and the zero-point corrections."""
         return sum(t.numel() * t.element_size() for t in (self.weight_q, self.weight_scale, self.weight_sum)

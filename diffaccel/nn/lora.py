@@ -161,11 +161,6 @@ def dispatch_quantized(target: nn.Module, adapter_name: str, config, parameter_n
             raise ValueError("config: fan_in_fan_out=True does not apply to a QuantLinear (an nn.Linear layout)")
         return LoraLinear(target, adapter_name, config=config, **kwargs)
     if isinstance(base, QuantConv2d):
-        if not hasattr(base, "qweight"):
-            # peft places the new layer by reading the base's qweight/weight/first parameter
-            raise NotImplementedError("target: LoRA on a QuantConv2d loaded after patching needs "
-                                      "QuantConv2d.qweight (weight_q under peft's name), which this version lacks; "
-                                      "load the LoRA before patching, or leave the convs out of its targets")
         return LoraConv2d(target, adapter_name, config=config, **kwargs)
     return None
 

@@ -57,12 +57,6 @@ class QuantLinear(QuantLayerBase):
         y = self._gemm(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
 
-    @property
-    def qweight(self) -> torch.Tensor:
-        """weight_q under the name peft reads a quantized base layer's device from when it wraps the
-        layer in LoRA (as for GPTQ layers); the packed codes, not a float weight."""
-        return self.weight_q
-
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [out_features, in_features]: the weight this layer computes with (smoothing undone)."""
         return self._dequantized_weight_2d()
