@@ -254,6 +254,7 @@ def _old_unfold_path(q: QuantConv2d, x):
     (QuantSpec("int8", None, "int8", "dynamic"), False, False),
     (QuantSpec("int8", None, "int8", "dynamic"), False, True),
     (QuantSpec("int4", 64, "int8", "dynamic"), False, False),
+    (QuantSpec("int4", 16, "int8", "dynamic"), False, True),
     (QuantSpec("int8", None, "int8", "static", False), True, True),
     (QuantSpec("int4", 64, "int8", "static", False), True, False),
 ])
