@@ -301,16 +301,42 @@ def _op_backend(op: str, device: torch.device) -> str:
         return f"unavailable ({e})"
 
 
-def _patch_solver(target_info, report, undo):
+SOLVER_OPTIONS = ("dc_ratios", "dc_order")
+
+
+def _solver_key(solver):
+    """A hashable form of ``solver`` (bool, or a dict of patch_scheduler options) for the idempotence check."""
+    if not isinstance(solver, dict):
+        return bool(solver)
+    unknown = sorted(set(solver) - set(SOLVER_OPTIONS))
+    if unknown:
+        raise ValueError(f"solver: unknown option(s) {unknown}; expected a bool or a dict with keys from "
+                         f"{list(SOLVER_OPTIONS)} (passed to diffaccel.patch_scheduler)")
+    key = []
+    for name in SOLVER_OPTIONS:
+        v = solver.get(name)
+        if name == "dc_ratios" and v is not None:
+            try:
+                v = tuple(float(r) for r in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist())
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"solver: dc_ratios must be a sequence of floats, got {type(v).__name__}") from e
+        key.append((name, v))
+    return tuple(key)
+
+
+def _patch_solver(target_info, report, undo, solver_options=None):
     from . import solvers
 
     scheduler = target_info.scheduler
     if scheduler is None:
         return
     if solvers.is_patched(scheduler):
+        if solver_options:
+            raise ValueError("solver: the scheduler is already patched by patch_scheduler; give the DC-Solver "
+                             "options to patch_scheduler, or unpatch_scheduler it first")
         report.skipped.append(Skipped("scheduler", "solver", "already patched by patch_scheduler"))
         return
-    result = solvers.patch_scheduler(scheduler)
+    result = solvers.patch_scheduler(scheduler, **(solver_options or {}))
     if not result.patched:
         report.skipped.append(Skipped("scheduler", "solver", result.reason))
         return
@@ -372,7 +398,9 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
         selects the quantized attention path.
     quant: None, a preset name ("w8a8", "fp8", "w4a8", "w4a16"), a QuantSpec, or a
         QuantRecipe from ``diffaccel.calibrate``.
-    solver: replace the pipeline scheduler's step with the fused one.
+    solver: replace the pipeline scheduler's step with the fused one; a dict passes its options
+        to ``patch_scheduler`` (``{"dc_ratios": [...], "dc_order": 2}``: DC-Solver's compensation
+        on UniPC).
     filter_fn(module, qualified_name) -> bool and ``exclude`` (fnmatch patterns of qualified
         names) choose where attention and quantization apply.
     keep_originals: keep the replaced float modules so ``unpatch`` can restore them (set False
@@ -387,7 +415,7 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     if quant is not None:
         _check_quant_arg(quant)
     info = _targets.resolve_target(target)
-    options = (bool(attention), _quant_key(quant), bool(solver), attention_quant, filter_fn, tuple(exclude),
+    options = (bool(attention), _quant_key(quant), _solver_key(solver), attention_quant, filter_fn, tuple(exclude),
                keep_originals)
     state = getattr(target, _STATE_ATTR, None)
     if state is not None:
@@ -409,8 +437,8 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
                 _patch_attention(prefix, backbone, report, undo, select, attention_quant)
             if quant is not None:
                 _patch_quant(prefix, backbone, quant, report, undo, select)
-        if solver:
-            _patch_solver(info, report, undo)
+        if isinstance(solver, dict) or solver:
+            _patch_solver(info, report, undo, solver if isinstance(solver, dict) else None)
         elif info.scheduler is not None:
             report.skipped.append(Skipped("scheduler", "solver", "solver=False"))
         for name, reason in info.left_alone.items():

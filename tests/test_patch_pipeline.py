@@ -112,3 +112,52 @@ def test_patch_scheduler_public_api():
     res = diffaccel.patch_scheduler(pipe.scheduler)
     assert res.patched, res.reason
     assert diffaccel.unpatch_scheduler(pipe.scheduler)
+
+
+def _unipc_pipeline():
+    from diffusers import UniPCMultistepScheduler
+
+    pipe = _pipeline("unet")
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def test_patch_passes_dc_solver_options_to_the_scheduler():
+    from diffaccel import solvers
+
+    ratios = [1.0, 1.0, 0.97, 1.02, 0.99, 1.0]
+    pipe = _unipc_pipeline()
+    report = diffaccel.patch(pipe, attention=False, solver={"dc_ratios": ratios})
+    assert any(r.part == "solver" for r in report.replaced)
+    assert diffaccel.patch(pipe, attention=False, solver={"dc_ratios": tuple(ratios)}) is report  # same options
+    with pytest.raises(ValueError, match="already patched with other options"):
+        diffaccel.patch(pipe, attention=False, solver={"dc_ratios": [1.0] * 6})
+    got = _sample(pipe, steps=6)
+    # the same ratios given to patch_scheduler directly
+    direct = _unipc_pipeline()
+    solvers.patch_scheduler(direct.scheduler, dc_ratios=ratios)
+    assert torch.equal(got, _sample(direct, steps=6))
+    # and they change the trajectory (the option is not ignored)
+    plain = _unipc_pipeline()
+    diffaccel.patch(plain, attention=False)
+    assert not torch.equal(got, _sample(plain, steps=6))
+    diffaccel.unpatch(pipe)
+    assert not solvers.is_patched(pipe.scheduler)
+
+
+def test_patch_solver_options_errors_leave_the_pipeline_unpatched():
+    from diffaccel import solvers
+
+    pipe = _pipeline("unet")  # DPM-Solver++: DC-Solver applies to UniPC only
+    with pytest.raises(ValueError, match="dc_ratios"):
+        diffaccel.patch(pipe, attention=False, solver={"dc_ratios": [1.0] * 4})
+    assert not solvers.is_patched(pipe.scheduler) and not diffaccel.is_patched(pipe)
+    with pytest.raises(ValueError, match=r"solver: unknown option\(s\) \['eta'\]"):
+        diffaccel.patch(pipe, solver={"eta": 0.5})
+    with pytest.raises(ValueError, match="solver: dc_ratios must be a sequence of floats"):
+        diffaccel.patch(pipe, solver={"dc_ratios": "fast"})
+    pipe = _unipc_pipeline()
+    solvers.patch_scheduler(pipe.scheduler)
+    with pytest.raises(ValueError, match="solver: the scheduler is already patched by patch_scheduler"):
+        diffaccel.patch(pipe, attention=False, solver={"dc_ratios": [1.0] * 4})
+    assert not diffaccel.is_patched(pipe)
