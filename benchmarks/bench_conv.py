@@ -35,11 +35,13 @@ def _quantized(C, N, dev):
         w = torch.randn(N, C, KS, KS, generator=g) * 0.02
         w2 = w.reshape(N, -1)
         q8, s8 = fmt.quantize_weight_int(w2, 8)
-        q4, s4 = fmt.quantize_weight_int(w2, 4, 128 if w2.shape[1] % 128 == 0 else 16)
+        # W4A8 preset groups of 128 where K allows (K = 2880 at 320 channels takes 64)
+        group4 = next(gs for gs in (128, 64, 16) if w2.shape[1] % gs == 0)
+        q4, s4 = fmt.quantize_weight_int(w2, 4, group4)
         _weights[key] = {k: v.to(dev) for k, v in dict(
             w16=w.half(), q8=q8, s8=s8, sum8=q8.to(torch.int32).sum(1, dtype=torch.int32), q4=fmt.pack_int4(q4),
             s4=s4, bias=torch.randn(N, generator=g)).items()}
-        _weights[key]["group4"] = 128 if w2.shape[1] % 128 == 0 else 16
+        _weights[key]["group4"] = group4
     return _weights[key]
 
 
