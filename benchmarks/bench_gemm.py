@@ -93,3 +93,47 @@ def test_gemm(benchmark, shape, M, impl):
              impl=impl, flops=flops, bytes=M * K * 2 + w_bytes + M * N * 2)
     out = measure(benchmark, fn)
     assert out.shape == (M, N)
+
+
+# -- q/k/v projections of one input: one shared activation quantization vs one per layer --------
+
+QKV_SHAPES = [("tiny", 64)] if is_smoke() else [("sdxl-attn1280", 1280), ("flux-attn3072", 3072)]
+QKV_MS = [G.FUSED_QUANT_MAX_M + 8] if is_smoke() else [1024, 4096, 16384]
+QKV_IMPLS = ["diffaccel:w8a8-shared", "diffaccel:w8a8-per-layer", "baseline:cublas-fp16"]
+_qkv_layers = {}
+
+
+def _qkv(D, dev):
+    from torch import nn
+
+    from diffaccel.nn import QuantLinear
+
+    key = (D, str(dev))
+    if key not in _qkv_layers:
+        torch.manual_seed(0)
+        lins = [nn.Linear(D, D).half().to(dev) for _ in range(3)]
+        _qkv_layers[key] = (lins, [QuantLinear.from_float(lin, "w8a8") for lin in lins])
+    return _qkv_layers[key]
+
+
+@pytest.mark.parametrize("impl", QKV_IMPLS)
+@pytest.mark.parametrize("M", QKV_MS)
+@pytest.mark.parametrize("shape", QKV_SHAPES, ids=lambda s: s[0])
+def test_qkv_projections(benchmark, shape, M, impl):
+    """What diffaccel's attention processors run for q/k/v: ``project_shared`` quantizes the input once."""
+    from diffaccel.nn.shared_input import project_shared
+
+    name, D = shape
+    dev = device()
+    lins, quant = _qkv(D, dev)
+    x = torch.randn(M, D, device=dev).half()
+    if impl == "diffaccel:w8a8-shared":
+        fn, w_bytes = (lambda: project_shared(x, *quant)), 3 * D * D
+    elif impl == "diffaccel:w8a8-per-layer":
+        fn, w_bytes = (lambda: tuple(layer(x) for layer in quant)), 3 * D * D
+    else:
+        fn, w_bytes = (lambda: tuple(lin(x) for lin in lins)), 3 * D * D * 2
+    annotate(benchmark, family=FAMILY, case=f"qkv {name} D={D} M={M}", shape={"M": M, "N": 3 * D, "K": D},
+             dtype="fp16", impl=impl, flops=3 * 2 * M * D * D, bytes=M * D * 2 + w_bytes + 3 * M * D * 2)
+    out = measure(benchmark, fn)
+    assert len(out) == 3 and out[0].shape == (M, D)
