@@ -31,27 +31,29 @@ MAX_INT32_OFFSET = 2**31 - 1
 @triton.jit
 def _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw,
               KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, EVEN_K: tl.constexpr):
-    """fp32 A[m, offs_k] gathered from one image ``x_img``: ``row_off`` is each output pixel's
-    receptive-field corner offset, 0 outside the image and past K."""
+    """fp32 A[m, offs_k]^T ([BLOCK_K, BLOCK_M]) gathered from one image ``x_img``: ``row_off`` is
+    each output pixel's receptive-field corner offset; 0 outside the image and past K. K-major so
+    that the default layout puts a warp's threads on consecutive pixels: for stride 1 they read
+    consecutive addresses (pixel-major is contiguous in NCHW), where k-major threads would not."""
     c = offs_k // (KH * KW)
     r = offs_k % (KH * KW)
     di = (r // KW) * DH
     dj = (r % KW) * DW
     # one unsigned compare per axis covers both 0 <= i and i < size
-    ih = (ih0[:, None] + di[None, :]).to(tl.uint32, bitcast=True)
-    iw = (iw0[:, None] + dj[None, :]).to(tl.uint32, bitcast=True)
+    ih = (ih0[None, :] + di[:, None]).to(tl.uint32, bitcast=True)
+    iw = (iw0[None, :] + dj[:, None]).to(tl.uint32, bitcast=True)
     mask = (ih < H) & (iw < W)
     if not EVEN_K:
-        mask = mask & (offs_k[None, :] < K)
+        mask = mask & (offs_k[:, None] < K)
     koff = c * stride_xc + di * stride_xh + dj * stride_xw
-    return tl.load(x_img + (row_off[:, None] + koff[None, :]), mask=mask, other=0.0).to(tl.float32)
+    return tl.load(x_img + (koff[:, None] + row_off[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH: tl.constexpr, KHW: tl.constexpr):
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + offs_k // KHW, mask=offs_k < K, other=1.0)
-        x = tl.math.div_rn(x, s[None, :])
+        x = tl.math.div_rn(x, s[:, None])
     return x
 
 
@@ -59,18 +61,19 @@ def _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH: tl.constexpr, KHW: tl.conste
 def _act_codes(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, a_scale, zp,
                KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                PER_TOKEN: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
-    """int8 codes of the gathered tile: dynamic (per-row ``a_scale``) or static (+ ``zp``)."""
+    """int8 codes [BLOCK_M, BLOCK_K] of the gathered tile: dynamic (per-pixel ``a_scale``) or
+    static (+ ``zp``)."""
     x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW,
                   EVEN_K)
     x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
     if PER_TOKEN:
-        q = round_half_even(tl.math.div_rn(x, a_scale[:, None]))
+        q = round_half_even(tl.math.div_rn(x, a_scale[None, :]))
     else:
         q = round_half_even(tl.math.div_rn(x, a_scale)) + zp.to(tl.float32)
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     if not EVEN_K:
-        q = tl.where(offs_k[None, :] < K, q, 0.0)  # K padding contributes 0, not the zero point
-    return q.to(tl.int8)
+        q = tl.where(offs_k[:, None] < K, q, 0.0)  # K padding contributes 0, not the zero point
+    return tl.trans(q.to(tl.int8))
 
 
 @triton.jit
@@ -109,7 +112,7 @@ def _int8_conv2d_kernel(
             x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH,
                           DW, EVEN_K)
             x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
         a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
     else:
         a_scale = tl.load(a_scale_ptr)
@@ -180,8 +183,12 @@ def pick_conv_config(M: int, N: int, K: int, group_size: int, w_int4: bool):
     (per-channel: BLOCK_K). The in-kernel gather + quantization is CUDA-core work that every N tile
     repeats, so tiles favour many threads per A tile over large register tiles; int4 weights need
     BLOCK_K = 64 (two K = 32 dots over the even and odd k) and a smaller tile to stay in registers."""
-    if w_int4:  # per-channel int4 (no group scales) spills at BLOCK_N = 64 on sm_89
-        return 64, 64 if group_size else 32, 64, group_size or 64, 8, 3
+    if w_int4:  # shapes ptxas keeps spill-free on all three archs (64 x 64 at 8 warps spills on sm_89)
+        if not group_size:
+            return 64, 32, 64, 64, 8, 3
+        if M <= 64:
+            return 64, 64, 64, group_size, 4, 3
+        return 128, 64, 64, group_size, 8, 3
     if M <= 64:
         return 64, 64, 32, group_size or 32, 4, 3
     if group_size:  # a second (fp32) accumulator for the group sums
@@ -256,7 +263,8 @@ STATIC_REPORT_CASES = [
     _conv_case("conv3x3_w8a8_g64_static_zp_m64x128", 64, 128, 32, 8, 3, group=64, w_int4=False, per_token=False),
     _conv_case("conv3x3_w8a8_g64_dynamic_m64", 64, 64, 32, 4, 3, group=64, w_int4=False, per_token=True),
     _conv_case("conv3x3_w8a8_dynamic_m64", 64, 64, 32, 4, 3, group=None, w_int4=False, per_token=True),
-    _conv_case("conv3x3_w4a8_g128_dynamic", 64, 64, 64, 8, 3, group=128, w_int4=True, per_token=True),
-    _conv_case("conv3x3_w4a8_g64_static_zp", 64, 64, 64, 8, 3, group=64, w_int4=True, per_token=False),
+    _conv_case("conv3x3_w4a8_g128_dynamic_m128x64", 128, 64, 64, 8, 3, group=128, w_int4=True, per_token=True),
+    _conv_case("conv3x3_w4a8_g64_static_zp_m128x64", 128, 64, 64, 8, 3, group=64, w_int4=True, per_token=False),
+    _conv_case("conv3x3_w4a8_g128_dynamic_m64", 64, 64, 64, 4, 3, group=128, w_int4=True, per_token=True),
     _conv_case("conv3x3_w4a8_channel_dynamic", 64, 32, 64, 8, 3, group=None, w_int4=True, per_token=True),
 ]

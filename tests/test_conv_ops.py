@@ -153,13 +153,13 @@ def test_triton_matches_reference_formats(case, dtype):
 
 @pytest.mark.parametrize("case", ["w8_g64_static_zp", "w4_g64_dynamic", "w4_channel_static_zp"])
 def test_triton_multi_tile_formats(case):
-    """Group-wise / int4 configs with several pixel tiles per image (72 pixels, 64-row tiles), a
-    ragged last tile, two images and N over two column tiles."""
+    """Group-wise / int4 configs with several pixel tiles per image (132 pixels; 64- or 128-row
+    tiles), a ragged last tile, two images and N over two column tiles."""
     _needs_triton()
     int4 = case.startswith("w4")
     group = 64 if "g64" in case else None
     g = _gen(zlib.crc32(case.encode()))
-    x, wq, w, w_scale, kw = _operands(g, B=2, C=64, H=9, W=8, N=70, ks=(3, 3), int4=int4, group=group,
+    x, wq, w, w_scale, kw = _operands(g, B=2, C=64, H=12, W=11, N=70, ks=(3, 3), int4=int4, group=group,
                                       static="static" in case, zp="zp" in case, smooth=True, bias=True,
                                       dtype=torch.float16)
     ref = _reference(x, w, w_scale, kw, (3, 3), (1, 1), (1, 1), (1, 1), group, int4, torch.float16)
