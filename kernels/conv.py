@@ -230,7 +230,8 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_K=GK, GROUPED=bool(group_size), W_INT4=w_int4,
         PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
-        AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0 and GK % BK == 0, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0 and GK % BK == 0, num_warps=warps, num_stages=stages,
+        enable_fp_fusion=False,
     )
 
 

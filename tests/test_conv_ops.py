@@ -20,7 +20,6 @@ from torch import nn
 from diffaccel.nn import QuantConv2d
 from diffaccel.ops import _backend, int8_conv2d, use_backend
 from diffaccel.ops import conv as CV
-from diffaccel.ops import gemm as G
 from diffaccel.quant import formats as fmt
 from diffaccel.quant.formats import QuantSpec
 
@@ -79,7 +78,8 @@ def _int64_expected(x, wq, w_scale, kw, ks, stride, padding, dilation):
     for i in range(kh):
         for j in range(kw_):
             hs, ws = i * dilation[0], j * dilation[1]
-            cols[:, :, i, j] = xp[:, :, hs:hs + stride[0] * (Ho - 1) + 1:stride[0], ws:ws + stride[1] * (Wo - 1) + 1:stride[1]]
+            he, we = hs + stride[0] * (Ho - 1) + 1, ws + stride[1] * (Wo - 1) + 1
+            cols[:, :, i, j] = xp[:, :, hs:he:stride[0], ws:we:stride[1]]
     cols = cols.reshape(B, C * kh * kw_, Ho * Wo).transpose(1, 2).reshape(-1, C * kh * kw_)
     if "act_scale" in kw:
         sa = kw["act_scale"].reshape(())
