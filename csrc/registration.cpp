@@ -16,13 +16,15 @@ TORCH_LIBRARY(diffaccel, m) {
   m.def("ext_fused_solver_step(Tensor sample, Tensor model_output, Tensor coeffs, Tensor? row, "
         "Tensor? model_output_cond, Tensor? h0, Tensor? h1, Tensor? h2, Tensor? noise, Tensor? last_sample, "
         "float guidance_scale, float guidance_rescale, ScalarType out_dtype, ScalarType history_dtype, "
-        "bool write_history) -> (Tensor, Tensor, Tensor)");
+        "bool write_history, Tensor? noise_seed=None, int noise_offset=0) -> (Tensor, Tensor, Tensor)");
+  m.def("ext_philox4x32(Tensor seed, int offset, int numel) -> Tensor");  // the raw noise stream, for tests
 }
 
 TORCH_LIBRARY_IMPL(diffaccel, CPU, m) {
   m.impl("ext_quantize_per_tensor", &diffaccel::quantize_per_tensor_cpu);
   m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cpu);
   m.impl("ext_fused_solver_step", &diffaccel::fused_solver_step_cpu);
+  m.impl("ext_philox4x32", &diffaccel::philox4x32_cpu);
 }
 
 #ifdef DIFFACCEL_WITH_CUDA
@@ -30,6 +32,7 @@ TORCH_LIBRARY_IMPL(diffaccel, CUDA, m) {
   m.impl("ext_quantize_per_tensor", &diffaccel::quantize_per_tensor_cuda);
   m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cuda);
   m.impl("ext_fused_solver_step", &diffaccel::fused_solver_step_cuda);
+  m.impl("ext_philox4x32", &diffaccel::philox4x32_cuda);
 }
 #endif
 

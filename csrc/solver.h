@@ -3,6 +3,8 @@
 // meaning of the coefficients: diffaccel/ops/solver.py (the torch reference).
 #pragma once
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include "common.h"
@@ -43,6 +45,51 @@ DA_HD float round_to(int dtype, float v) {
   if (dtype == 1) return static_cast<float>(c10::Half(v));
   if (dtype == 2) return static_cast<float>(c10::BFloat16(v));
   return v;
+}
+
+// -- Philox4x32-10: the in-kernel noise, Triton's tl.randn stream word for word ------------------
+// Formula and constants: diffaccel/ops/philox.py (the torch reference). Element i of a step uses
+// counter (lo32(offset + i), hi32(offset + i), 0, 0) and key (lo32(seed), hi32(seed)).
+DA_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+DA_HD void philox4x32_10(uint64_t seed, uint64_t counter, uint32_t out[4]) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {  // a constant trip count: nvcc unrolls it
+    const uint32_t p0 = c0, p2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, p2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, p0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * p2;
+    c3 = 0xD2511F53u * p0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// Triton's uint_to_uniform_float: the word read as int32, negatives folded by ~x, scaled into [0, 1).
+DA_HD float uint32_to_uniform(uint32_t w) {
+  const int32_t x = static_cast<int32_t>(w);
+  return static_cast<float>(x < 0 ? ~x : x) * 4.6566127342e-10f;
+}
+
+// Triton's randn: Box-Muller on the first two words (u1 clamped to 1e-7), fp32 throughout.
+DA_HD float philox_normal(uint64_t seed, uint64_t counter) {
+  uint32_t w[4];
+  philox4x32_10(seed, counter, w);
+  const float u1 = fmaxf(1.0e-7f, uint32_to_uniform(w[0]));
+  const float th = 6.283185307179586f * uint32_to_uniform(w[1]);
+  const float r = sqrtf(-2.0f * logf(u1));
+  return r * cosf(th);
 }
 
 inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::kBFloat16 ? 2 : 0); }
@@ -111,15 +158,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale,
     double guidance_rescale, at::ScalarType out_dtype,
-    at::ScalarType history_dtype, bool write_history);
+    at::ScalarType history_dtype, bool write_history, const std::optional<at::Tensor>& noise_seed,
+    int64_t noise_offset);
+// Raw Philox words [numel, 4] (int64 holding uint32) for counters offset .. offset + numel - 1: tests only.
+at::Tensor philox4x32_cpu(const at::Tensor& seed, int64_t offset, int64_t numel);
 #ifdef DIFFACCEL_WITH_CUDA
+at::Tensor philox4x32_cuda(const at::Tensor& seed, int64_t offset, int64_t numel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
     const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale,
     double guidance_rescale, at::ScalarType out_dtype,
-    at::ScalarType history_dtype, bool write_history);
+    at::ScalarType history_dtype, bool write_history, const std::optional<at::Tensor>& noise_seed,
+    int64_t noise_offset);
 #endif
 
 inline void check_solver_args(const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& coeffs,
@@ -153,6 +205,11 @@ inline void check_solver_args(const at::Tensor& sample, const at::Tensor& model_
                  "expected float16, bfloat16 or float32, got ", d);
 }
 
+inline void check_philox_seed(const at::Tensor& seed) {
+  DA_CHECK_ARG(seed.scalar_type() == at::kLong && seed.numel() == 1, "noise_seed",
+               "expected an int64 tensor with one element, got ", seed.scalar_type(), " ", seed.sizes());
+}
+
 // Validation and output allocation shared by the CPU and CUDA entry points:
 // (new sample, new history entry, corrected sample); unused outputs are empty.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_solver_step(
@@ -160,11 +217,19 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_solver_step(
     const std::optional<at::Tensor>& row, const std::optional<at::Tensor>& model_output_cond,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, at::ScalarType out_dtype,
-    at::ScalarType history_dtype, bool write_history) {
+    at::ScalarType history_dtype, bool write_history, const std::optional<at::Tensor>& noise_seed,
+    int64_t noise_offset) {
   check_solver_args(sample, model_output, coeffs, row,
                     {{"model_output_cond", &model_output_cond}, {"h0", &h0}, {"h1", &h1}, {"h2", &h2},
                      {"noise", &noise}, {"last_sample", &last_sample}},
                     out_dtype, history_dtype);
+  if (noise_seed.has_value()) {
+    DA_CHECK_ARG(!noise.has_value(), "noise_seed", "given together with noise; pass one of them");
+    check_philox_seed(*noise_seed);
+    check_same_device(*noise_seed, sample, "noise_seed");
+    DA_CHECK_ARG(noise_offset >= 0 && noise_offset <= std::numeric_limits<int64_t>::max() - sample.numel(), "noise_offset",
+                 "expected 0 <= noise_offset <= 2**63 - 1 - numel, got ", noise_offset);
+  }
   DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
   DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");
   auto x_out = at::empty(sample.sizes(), sample.options().dtype(out_dtype));

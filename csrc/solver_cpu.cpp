@@ -21,9 +21,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale,
     double guidance_rescale, at::ScalarType out_dtype,
-    at::ScalarType history_dtype, bool write_history) {
+    at::ScalarType history_dtype, bool write_history, const std::optional<at::Tensor>& noise_seed,
+    int64_t noise_offset) {
   auto [x_out, h_out, c_out] = prepare_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2,
-                                                   noise, last_sample, out_dtype, history_dtype, write_history);
+                                                   noise, last_sample, out_dtype, history_dtype, write_history,
+                                                   noise_seed, noise_offset);
   const int64_t batch = sample.size(0), numel = sample.numel();
   if (numel == 0) return {x_out, h_out, c_out};
   const int64_t per_sample = numel / batch;
@@ -47,6 +49,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
   const int last_dtype = last_sample.has_value() ? l.dtype : -1;
   const Dst co{c_out.data_ptr(), last_dtype < 0 ? 0 : last_dtype};
   const bool has_cond = model_output_cond.has_value(), has_noise = noise.has_value();
+  const bool philox = noise_seed.has_value();
+  const uint64_t seed = philox ? static_cast<uint64_t>(noise_seed->data_ptr<int64_t>()[0]) : 0;
+  const uint64_t counter0 = static_cast<uint64_t>(noise_offset);
   const int n_hist = h0.has_value() + h1.has_value() + h2.has_value();
   const float s = static_cast<float>(guidance_scale), rescale = static_cast<float>(guidance_rescale);
 
@@ -82,15 +87,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cpu(
       float e = u.at(i);
       if (has_cond) e = solver::guided(e, c.at(i), s) * factor[i / per_sample];
       float xv, hv, cv = 0.f;
-      solver::step_point(k, x.at(i), e, has_noise ? n.at(i) : 0.f, n_hist >= 1 ? s0.at(i) : 0.f,
+      const float nv = has_noise ? n.at(i) : (philox ? solver::philox_normal(seed, counter0 + i) : 0.f);
+      solver::step_point(k, x.at(i), e, nv, n_hist >= 1 ? s0.at(i) : 0.f,
                          n_hist >= 2 ? s1.at(i) : 0.f, n_hist >= 3 ? s2.at(i) : 0.f,
-                         last_dtype >= 0 ? l.at(i) : 0.f, has_noise, n_hist, last_dtype, xv, hv, cv);
+                         last_dtype >= 0 ? l.at(i) : 0.f, has_noise || philox, n_hist, last_dtype, xv, hv, cv);
       xo.set(i, xv);
       if (write_history) ho.set(i, hv);
       if (last_dtype >= 0) co.set(i, cv);
     }
   });
   return {x_out, h_out, c_out};
+}
+
+at::Tensor philox4x32_cpu(const at::Tensor& seed, int64_t offset, int64_t numel) {
+  check_philox_seed(seed);
+  DA_CHECK_ARG(numel >= 0 && offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - numel, "offset",
+               "expected 0 <= offset and offset + numel < 2**63");
+  auto out = at::empty({numel, 4}, seed.options().dtype(at::kLong));
+  const uint64_t s = static_cast<uint64_t>(seed.data_ptr<int64_t>()[0]);
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, numel, 1 << 12, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t w[4];
+      solver::philox4x32_10(s, static_cast<uint64_t>(offset + i), w);
+      for (int j = 0; j < 4; ++j) o[i * 4 + j] = w[j];
+    }
+  });
+  return out;
 }
 
 }  // namespace diffaccel

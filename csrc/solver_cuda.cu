@@ -25,6 +25,8 @@ struct StepArgs {
   float s, rescale;
   bool has_cond, has_noise, write_history;
   int n_hist;
+  const int64_t* seed;  // nullptr: no in-kernel noise; read on the device so a graph replays with a new seed
+  uint64_t noise_offset;
 };
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
@@ -112,6 +114,8 @@ __global__ void fused_solver_step_kernel(StepArgs a) {
   }
   __syncthreads();
   const float f = factor;
+  const bool philox = a.seed != nullptr;
+  const uint64_t seed = philox ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t tile = static_cast<int64_t>(kThreads) * kPerThread;
   for (int64_t t0 = blockIdx.x * tile; t0 < a.per_sample; t0 += static_cast<int64_t>(gridDim.x) * tile) {
 #pragma unroll
@@ -122,14 +126,26 @@ __global__ void fused_solver_step_kernel(StepArgs a) {
       float e = a.u.at(i);
       if (a.has_cond) e = solver::guided(e, a.c.at(i), a.s) * f;
       float xv, hv, cv = 0.f;
-      solver::step_point(k, a.x.at(i), e, a.has_noise ? a.n.at(i) : 0.f, a.n_hist >= 1 ? a.h0.at(i) : 0.f,
+      const float nv = a.has_noise ? a.n.at(i)
+                                   : (philox ? solver::philox_normal(seed, a.noise_offset + static_cast<uint64_t>(i))
+                                             : 0.f);
+      solver::step_point(k, a.x.at(i), e, nv, a.n_hist >= 1 ? a.h0.at(i) : 0.f,
                          a.n_hist >= 2 ? a.h1.at(i) : 0.f, a.n_hist >= 3 ? a.h2.at(i) : 0.f,
-                         a.last_dtype >= 0 ? a.l.at(i) : 0.f, a.has_noise, a.n_hist, a.last_dtype, xv, hv, cv);
+                         a.last_dtype >= 0 ? a.l.at(i) : 0.f, a.has_noise || philox, a.n_hist, a.last_dtype, xv, hv,
+                         cv);
       a.xo.set(i, xv);
       if (a.write_history) a.ho.set(i, hv);
       if (a.last_dtype >= 0) a.co.set(i, cv);
     }
   }
+}
+
+__global__ void philox4x32_kernel(const int64_t* seed, uint64_t offset, int64_t numel, int64_t* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= numel) return;
+  uint32_t w[4];
+  solver::philox4x32_10(static_cast<uint64_t>(*seed), offset + static_cast<uint64_t>(i), w);
+  for (int j = 0; j < 4; ++j) out[i * 4 + j] = w[j];
 }
 
 Src src_of(const std::optional<at::Tensor>& t) {
@@ -149,10 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& h1, const std::optional<at::Tensor>& h2,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& last_sample, double guidance_scale,
     double guidance_rescale, at::ScalarType out_dtype,
-    at::ScalarType history_dtype, bool write_history) {
+    at::ScalarType history_dtype, bool write_history, const std::optional<at::Tensor>& noise_seed,
+    int64_t noise_offset) {
   const c10::cuda::CUDAGuard guard(sample.device());
   auto [x_out, h_out, c_out] = prepare_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2,
-                                                   noise, last_sample, out_dtype, history_dtype, write_history);
+                                                   noise, last_sample, out_dtype, history_dtype, write_history,
+                                                   noise_seed, noise_offset);
   const int64_t batch = sample.size(0), numel = sample.numel();
   if (numel == 0) return {x_out, h_out, c_out};
   DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535");
@@ -180,6 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
   a.has_noise = noise.has_value();
   a.write_history = write_history;
   a.n_hist = h0.has_value() + h1.has_value() + h2.has_value();
+  a.seed = noise_seed.has_value() ? noise_seed->data_ptr<int64_t>() : nullptr;
+  a.noise_offset = static_cast<uint64_t>(noise_offset);
   a.s = static_cast<float>(guidance_scale);
   a.rescale = static_cast<float>(guidance_rescale);
   a.chunk = 4096;
@@ -200,6 +220,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
                              stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {x_out, h_out, c_out};
+}
+
+at::Tensor philox4x32_cuda(const at::Tensor& seed, int64_t offset, int64_t numel) {
+  const c10::cuda::CUDAGuard guard(seed.device());
+  check_philox_seed(seed);
+  DA_CHECK_ARG(numel >= 0 && offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - numel, "offset",
+               "expected 0 <= offset and offset + numel < 2**63");
+  auto out = at::empty({numel, 4}, seed.options().dtype(at::kLong));
+  if (numel == 0) return out;
+  const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  DA_CHECK_ARG(blocks <= 2147483647LL, "numel", "too large for one launch");
+  philox4x32_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      seed.data_ptr<int64_t>(), static_cast<uint64_t>(offset), numel, out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace diffaccel

@@ -13,6 +13,11 @@ in fp32 whatever the storage dtype:
   y  = round_L(d_l L + d_p p + d_h0 h0 + d_h1 h1 + d_h2 h2)
   x' = b_x y + b_e e + b_p p + b_h0 h0 + b_h1 h1 + b_h2 h2 + b_n n
 
+The noise n is loaded from a tensor (HAS_NOISE) or generated here (PHILOX): ``tl.randn(seed,
+noise_offset + i)`` with i the flat element index and the int64 seed loaded from a pointer (so a
+captured CUDA graph replays with a new seed); diffaccel/ops/philox.py holds the formula and the
+torch reference, csrc/solver.h the C++ copy.
+
 With guidance rescale, f[b] = R std(c_b) / std(g_b) + (1 - R) per sample b needs a reduction
 first: ``solver_rescale_stats`` writes per-chunk (mean, M2) partials of c and g, and the step
 kernel combines them (Chan's formula) at its start — two launches in all, deterministic.
@@ -97,10 +102,10 @@ def _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK: tl.conste
 @triton.jit
 def _fused_solver_step_kernel(
     x_ptr, u_ptr, c_ptr, h0_ptr, h1_ptr, h2_ptr, n_ptr, l_ptr, coef_ptr, row_ptr, part_ptr, xo_ptr, ho_ptr, co_ptr,
-    per_sample, n_rows, n_chunks, s, rescale,
+    seed_ptr, per_sample, n_rows, n_chunks, s, rescale, noise_offset,
     HAS_COND: tl.constexpr, RESCALE: tl.constexpr, N_HIST: tl.constexpr, HAS_NOISE: tl.constexpr,
     HAS_ROW: tl.constexpr, WRITE_HIST: tl.constexpr, HAS_LAST: tl.constexpr, CHUNK: tl.constexpr,
-    MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, NCOEF: tl.constexpr, PHILOX: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -132,6 +137,10 @@ def _fused_solver_step_kernel(
     xo = b_e * e
     if HAS_NOISE:
         nz = tl.load(n_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        p += a_n * nz
+        xo += tl.load(cp + 12) * nz
+    if PHILOX:
+        nz = tl.randn(tl.load(seed_ptr), noise_offset + base + offs)
         p += a_n * nz
         xo += tl.load(cp + 12) * nz
     p = tl.minimum(tl.maximum(p, -clip), clip)
@@ -172,9 +181,11 @@ def stat_chunk(per_sample: int) -> int:
 
 
 def fused_solver_step(x, u, c, h0, h1, h2, noise, last, coeffs, row, guidance_scale: float,
-                      guidance_rescale: float, x_out, h_out, c_out) -> None:
-    """All tensors contiguous with x's shape [B, ...] (coeffs fp32 [16] or [R, 16] with ``row`` an
-    integer tensor [1]); writes x_out, h_out (not when None) and, given ``last``, c_out. Absent inputs are None."""
+                      guidance_rescale: float, x_out, h_out, c_out, noise_seed=None, noise_offset: int = 0) -> None:
+    """All tensors contiguous with x's shape [B, ...] (coeffs fp32 [24] or [R, 24] with ``row`` an
+    integer tensor [1]); writes x_out, h_out (not when None) and, given ``last``, c_out. Absent inputs are None.
+    ``noise_seed`` (an int64 tensor with one element) replaces ``noise`` by Philox noise at counters
+    ``noise_offset + i``."""
     batch = x.shape[0]
     per_sample = x.numel() // batch if batch else 0
     if x.numel() == 0:
@@ -193,21 +204,43 @@ def fused_solver_step(x, u, c, h0, h1, h2, noise, last, coeffs, row, guidance_sc
         x, u, c if c is not None else u, *(hist + [x] * (3 - len(hist))), noise if noise is not None else x,
         last if last is not None else x, coeffs, row if row is not None else coeffs, parts, x_out,
         h_out if h_out is not None else x_out, c_out if last is not None else x_out,
+        noise_seed if noise_seed is not None else coeffs,
         per_sample, coeffs.shape[0] if coeffs.dim() == 2 else 1, n_chunks, float(guidance_scale),
-        float(guidance_rescale),
+        float(guidance_rescale), int(noise_offset),
         HAS_COND=c is not None, RESCALE=rescale, N_HIST=len(hist), HAS_NOISE=noise is not None,
         HAS_ROW=row is not None, WRITE_HIST=h_out is not None, HAS_LAST=last is not None, CHUNK=chunk,
-        MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS, num_warps=STEP_WARPS)
+        MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS, PHILOX=noise_seed is not None,
+        num_warps=STEP_WARPS)
+
+
+@triton.jit
+def _philox_words_kernel(seed_ptr, out_ptr, offset, numel, BLOCK: tl.constexpr):
+    # the raw uint32 words of Triton's own tl.randint4x (as int64), to pin the stream in tests
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    w0, w1, w2, w3 = tl.randint4x(tl.load(seed_ptr), offset + i)
+    tl.store(out_ptr + i * 4 + 0, w0.to(tl.uint32).to(tl.int64), mask=mask)
+    tl.store(out_ptr + i * 4 + 1, w1.to(tl.uint32).to(tl.int64), mask=mask)
+    tl.store(out_ptr + i * 4 + 2, w2.to(tl.uint32).to(tl.int64), mask=mask)
+    tl.store(out_ptr + i * 4 + 3, w3.to(tl.uint32).to(tl.int64), mask=mask)
+
+
+def philox_words(seed, offset: int, numel: int):
+    """[numel, 4] int64: the uint32 words tl.randint4x gives for counters offset .. offset + numel - 1."""
+    out = torch.empty((numel, 4), dtype=torch.int64, device=seed.device)
+    if numel:
+        _philox_words_kernel[(triton.cdiv(numel, 1024),)](seed, out, int(offset), numel, BLOCK=1024)
+    return out
 
 
 def _step_case(name, dtype, **flags):
     sig = {k: f"*{dtype}" for k in ("x_ptr", "u_ptr", "c_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "n_ptr", "l_ptr")}
     sig.update({"coef_ptr": "*fp32", "row_ptr": "*i64", "part_ptr": "*fp32", "xo_ptr": f"*{dtype}",
-                "ho_ptr": f"*{dtype}", "co_ptr": f"*{dtype}", "per_sample": "i32", "n_rows": "i32", "n_chunks": "i32",
-                "s": "fp32",
-                "rescale": "fp32"})
+                "ho_ptr": f"*{dtype}", "co_ptr": f"*{dtype}", "seed_ptr": "*i64", "per_sample": "i32", "n_rows": "i32",
+                "n_chunks": "i32", "s": "fp32", "rescale": "fp32", "noise_offset": "i64"})
     constexprs = dict(HAS_COND=False, RESCALE=False, N_HIST=0, HAS_NOISE=False, HAS_ROW=False, WRITE_HIST=True,
-                      HAS_LAST=False, CHUNK=4096, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS)
+                      HAS_LAST=False, CHUNK=4096, MAX_CHUNKS=MAX_STAT_CHUNKS, BLOCK=STEP_BLOCK, NCOEF=NUM_COEFFS,
+                      PHILOX=False)
     constexprs.update(flags)
     for k in constexprs:
         sig[k] = "constexpr"
@@ -223,6 +256,8 @@ STATIC_REPORT_CASES = [
                HAS_ROW=True),
     _step_case("solver_step_fp32", "fp32", HAS_COND=True, N_HIST=3, HAS_NOISE=True),
     _step_case("solver_step_unipc3_corrector_cfg_fp16", "fp16", HAS_COND=True, N_HIST=3, HAS_LAST=True),
+    _step_case("solver_step_euler_ancestral_philox_cfg_fp16", "fp16", HAS_COND=True, PHILOX=True),
+    _step_case("solver_step_dpm2m_sde_philox_bf16", "bf16", HAS_COND=True, N_HIST=1, PHILOX=True),
     {"name": "solver_rescale_stats_fp16", "fn": _solver_rescale_stats_kernel,
      "signature": {"u_ptr": "*fp16", "c_ptr": "*fp16", "part_ptr": "*fp32", "per_sample": "i32", "s": "fp32",
                    "CHUNK": "constexpr", "BLOCK": "constexpr"},

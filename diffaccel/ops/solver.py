@@ -19,6 +19,13 @@ tensor [1] on the same device naming the row (read on the device, so e.g. DDIM c
 table by a CUDA timestep without a host sync; an off-table row gives NaN, never an
 out-of-bounds read). One kernel launch per call; two with guidance rescale (per-sample
 statistics, then the step).
+
+The noise n is either a tensor (``noise``) or generated inside the kernel (``noise_seed``, a
+one-element int64 tensor on the sample's device read by the kernel, and ``noise_offset``, a host
+int): element i (flat index over the whole latent) gets the fp32 normal of Philox4x32-10 at
+counter ``noise_offset + i`` under that seed, Triton's ``tl.randn`` stream (formula:
+diffaccel/ops/philox.py). As the seed is read on the device, a captured CUDA graph replays with
+new noise after ``noise_seed.copy_(...)`` / ``fill_(...)``; the offset is baked into the launch.
 """
 from __future__ import annotations
 
@@ -28,19 +35,22 @@ import torch
 
 from . import _backend
 from ._checks import check_tensor, same_device
+from .philox import philox_normal_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NUM_COEFFS = 24  # 21 used; the rest keep rows 32-byte aligned
 (A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2, C_H0, C_H1,
  C_H2) = range(21)
 INDEX_DTYPES = (torch.int32, torch.int64)
+MAX_NOISE_OFFSET = 2**63 - 1
 
 
 # -- the reference ------------------------------------------------------------------------
 
 def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise,
                                 last_sample, guidance_scale: float, guidance_rescale: float, out_dtype: torch.dtype,
-                                history_dtype: torch.dtype, write_history: bool = True):
+                                history_dtype: torch.dtype, write_history: bool = True,
+                                noise_seed: Optional[torch.Tensor] = None, noise_offset: int = 0):
     if row is not None:
         r = row.reshape(()).long()
         valid = (r >= 0) & (r < coeffs.shape[0])
@@ -61,6 +71,8 @@ def fused_solver_step_reference(sample, model_output, coeffs, row, model_output_
             e = e * factor
     p = k[A_X] * x + k[A_E] * e
     xo = k[B_E] * e
+    if noise_seed is not None:
+        noise = philox_normal_reference(noise_seed, noise_offset, sample.numel()).reshape(sample.shape)
     if noise is not None:
         nz = noise.float()
         p = p + k[A_N] * nz
@@ -100,19 +112,22 @@ def _outputs(sample, last_sample, out_dtype, history_dtype, write_history):
 
 
 def _ext_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
-              guidance_rescale, out_dtype, history_dtype, write_history):
+              guidance_rescale, out_dtype, history_dtype, write_history, noise_seed=None, noise_offset=0):
     return torch.ops.diffaccel.ext_fused_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1,
                                                      h2, noise, last_sample, guidance_scale, guidance_rescale,
-                                                     out_dtype, history_dtype, write_history)
+                                                     out_dtype, history_dtype, write_history, noise_seed,
+                                                     noise_offset)
 
 
 def _triton_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample,
-                 guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history):
+                 guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history, noise_seed=None,
+                 noise_offset=0):
     from diffaccel.kernels import solver as k
 
     x_out, h_out, c_out = _outputs(sample, last_sample, out_dtype, history_dtype, write_history)
     k.fused_solver_step(sample, model_output, model_output_cond, h0, h1, h2, noise, last_sample, coeffs, row,
-                        guidance_scale, guidance_rescale, x_out, h_out if write_history else None, c_out)
+                        guidance_scale, guidance_rescale, x_out, h_out if write_history else None, c_out,
+                        noise_seed=noise_seed, noise_offset=noise_offset)
     return x_out, h_out, c_out
 
 
@@ -124,14 +139,17 @@ _backend.register(_backend.OpBackends(
 # -- the custom op ------------------------------------------------------------------------
 
 def _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
-         guidance_rescale, out_dtype, history_dtype, write_history):
+         guidance_rescale, out_dtype, history_dtype, write_history, noise_seed=None, noise_offset=0):
     def cont(t):
         return None if t is None else t.contiguous()
 
-    return _backend.implementation("fused_solver_step", sample.device)(
-        sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
-        cont(h0), cont(h1), cont(h2), cont(noise), cont(last_sample), guidance_scale, guidance_rescale, out_dtype,
-        history_dtype, write_history)
+    impl = _backend.implementation("fused_solver_step", sample.device)
+    args = (sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
+            cont(h0), cont(h1), cont(h2), cont(noise), cont(last_sample), guidance_scale, guidance_rescale, out_dtype,
+            history_dtype, write_history)
+    if noise_seed is None:
+        return impl(*args)
+    return impl(*args, noise_seed.reshape(()), noise_offset)
 
 
 @torch.library.custom_op("diffaccel::fused_solver_step", mutates_args=())
@@ -140,14 +158,15 @@ def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coef
                           h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
                           noise: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], guidance_scale: float,
                           guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
-                          write_history: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          write_history: bool, noise_seed: Optional[torch.Tensor] = None,
+                          noise_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample,
-                guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history)
+                guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history, noise_seed, noise_offset)
 
 
 @_fused_solver_step_op.register_fake
 def _(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
-      guidance_rescale, out_dtype, history_dtype, write_history):
+      guidance_rescale, out_dtype, history_dtype, write_history, noise_seed=None, noise_offset=0):
     return _outputs(sample, last_sample, out_dtype, history_dtype, write_history)
 
 
@@ -167,7 +186,9 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
                       history: Sequence[torch.Tensor] = (), noise: Optional[torch.Tensor] = None,
                       last_sample: Optional[torch.Tensor] = None,
                       out_dtype: Optional[torch.dtype] = None, history_dtype: Optional[torch.dtype] = None,
-                      write_history: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      write_history: bool = True, noise_seed: Optional[torch.Tensor] = None,
+                      noise_offset: Optional[int] = None,
+                      needs_noise: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused solver step; returns ``(prev_sample, history_entry, corrected_sample)`` (see the
     module docstring). ``corrected_sample`` is empty (0 elements) unless ``last_sample`` is given.
 
@@ -176,6 +197,11 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     shape. ``out_dtype`` / ``history_dtype`` default to ``model_output``'s dtype. With
     ``write_history=False`` the history entry is not stored (an empty tensor is returned in its place),
     saving a full-latent write for steps whose caller drops it.
+
+    Noise: ``noise`` (a tensor like sample), or ``noise_seed`` (int64 tensor with one element on
+    sample's device, read by the kernel) with ``noise_offset`` (a host int >= 0, the Philox counter
+    of element 0; see diffaccel/ops/philox.py) for noise generated inside the kernel, or neither
+    (no noise term). ``needs_noise=True`` makes "neither" an error, ``False`` makes any noise one.
     """
     check_tensor("sample", sample, dtypes=FLOAT_DTYPES)
     if sample.dim() < 1:
@@ -190,6 +216,7 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
         _check_like(f"history[{i}]", h, sample)
     if noise is not None:
         _check_like("noise", noise, sample)
+    noise_offset = _check_noise_source(sample, noise, noise_seed, noise_offset, needs_noise)
     if last_sample is not None:
         _check_like("last_sample", last_sample, sample)
     check_tensor("coeffs", coeffs, dtypes=(torch.float32,), ndim=(1, 2))
@@ -223,6 +250,8 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     h = history + [None] * (3 - len(history))
     args = (sample, model_output, coeffs, row, model_output_cond, h[0], h[1], h[2], noise, last_sample,
             float(guidance_scale), float(guidance_rescale), out_dtype, history_dtype, bool(write_history))
+    if noise_seed is not None:
+        args = args + (noise_seed.reshape(()), noise_offset)
     if torch.compiler.is_compiling() or torch.is_grad_enabled() and _needs_grad(args):
         return torch.ops.diffaccel.fused_solver_step(*args)
     # Eager: the same implementation without the custom-op dispatch, whose host cost (tens of
@@ -232,3 +261,31 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
 
 def _needs_grad(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _check_noise_source(sample, noise, noise_seed, noise_offset, needs_noise) -> int:
+    """Validate the noise arguments; returns the offset (0 when unused)."""
+    if noise is not None and noise_seed is not None:
+        raise ValueError("noise_seed: given together with noise; pass either a noise tensor or a seed for "
+                         "in-kernel noise, not both")
+    if needs_noise is True and noise is None and noise_seed is None:
+        raise ValueError("noise: this step needs noise; pass noise (a tensor) or noise_seed and noise_offset")
+    if needs_noise is False and (noise is not None or noise_seed is not None):
+        raise ValueError(f"{'noise' if noise is not None else 'noise_seed'}: this step takes no noise")
+    if noise_seed is None:
+        if noise_offset is not None:
+            raise ValueError("noise_offset: given without noise_seed")
+        return 0
+    check_tensor("noise_seed", noise_seed, dtypes=(torch.int64,))
+    if noise_seed.numel() != 1:
+        raise ValueError(f"noise_seed: expected one int64 seed (a 0-d tensor), got shape {tuple(noise_seed.shape)}")
+    if not same_device(sample.device, noise_seed.device):
+        raise ValueError(f"noise_seed: expected a tensor on {sample.device} like sample (the kernel reads it), got "
+                         f"one on {noise_seed.device}")
+    if noise_offset is None:
+        raise ValueError("noise_offset: needed with noise_seed (the Philox counter of element 0)")
+    if isinstance(noise_offset, bool) or not isinstance(noise_offset, int):
+        raise TypeError(f"noise_offset: expected a python int, got {type(noise_offset).__name__}")
+    if not 0 <= noise_offset <= MAX_NOISE_OFFSET - sample.numel():
+        raise ValueError(f"noise_offset: expected 0 <= noise_offset <= 2**63 - 1 - numel, got {noise_offset}")
+    return noise_offset

@@ -12,7 +12,10 @@ prediction, with the corrector). A patched instance keeps
 
 Kernel launches per step: one, UniPC's corrector included (two with ``guidance_rescale`` > 0:
 per-sample statistics first); stochastic steps add diffusers' ``randn_tensor`` for the noise,
-drawn with the caller's generator so seeded runs match. The first step of a scheduler that finds
+drawn with the caller's generator so seeded runs match — or, with
+``patch_scheduler(s, noise="philox", seed=...)``, a step called without a generator generates
+its noise inside the same kernel (Philox; ``set_noise_seed`` reseeds in place, so a captured
+graph replays with new noise; ``noise_state`` reads the seed and the next step's counter). The first step of a scheduler that finds
 its step index from a CUDA timestep does diffusers' one lookup sync (avoid it with
 ``set_begin_index``); after that no step reads device memory on the host, so a loop can be
 captured in a CUDA graph (with a CPU generator, stochastic steps copy noise host to device).
@@ -24,11 +27,12 @@ polynomial regression for unseen step counts and guidance scales; ``DCUniPCRefer
 plain torch sampler (see ``dc.py``).
 """
 from .dc import DCUniPCReference, fit_cascade_polynomial, fit_dc_ratios, predict_dc_ratios
-from ._patch import SchedulerPatchResult, is_patched, patch_scheduler, unpatch_scheduler
+from ._patch import (SchedulerPatchResult, is_patched, noise_state, patch_scheduler, set_noise_seed,
+                     unpatch_scheduler)
 from .schedulers import ADAPTERS, unsupported_reason
 
 SUPPORTED_SCHEDULERS = tuple(sorted(ADAPTERS))
 
 __all__ = ["DCUniPCReference", "SchedulerPatchResult", "SUPPORTED_SCHEDULERS", "fit_cascade_polynomial",
-           "fit_dc_ratios", "is_patched", "patch_scheduler", "predict_dc_ratios", "unpatch_scheduler",
-           "unsupported_reason"]
+           "fit_dc_ratios", "is_patched", "noise_state", "patch_scheduler", "predict_dc_ratios", "set_noise_seed",
+           "unpatch_scheduler", "unsupported_reason"]

@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..ops.philox import seed_as_int64
 from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_H0, C_H1, C_H2, C_P, C_X, CLIP,
                           D_H0, D_H1, D_H2, D_L, D_P, NUM_COEFFS)
 
@@ -36,6 +37,36 @@ def _randn(shape, generator, device, dtype):
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+class PhiloxNoise:
+    """In-kernel noise of one patched instance (``patch_scheduler(..., noise="philox")``).
+
+    ``seed`` is the host copy (as int64); the kernels read one 0-d int64 tensor per device, which
+    ``reseed`` writes in place, so a CUDA graph captured earlier replays with the new seed.
+    ``offset`` is the Philox counter of element 0 of the next step that draws noise; each such step
+    advances it by the latent's numel, so no two steps share a counter. ``set_timesteps`` leaves it
+    alone (a new trajectory gets fresh noise); ``reseed`` sets it (default 0).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed_as_int64(seed)
+        self.offset = 0
+        self.seed_tensors: dict = {}
+
+    def seed_tensor(self, device) -> torch.Tensor:
+        key = str(torch.device(device))
+        t = self.seed_tensors.get(key)
+        if t is None:  # a fill kernel, no host-to-device copy
+            t = torch.full((), self.seed, dtype=torch.int64, device=device)
+            self.seed_tensors[key] = t
+        return t
+
+    def reseed(self, seed: int, offset: int = 0) -> None:
+        self.seed = seed_as_int64(seed)
+        self.offset = offset
+        for t in self.seed_tensors.values():
+            t.fill_(self.seed)
+
+
 class SolverState:
     """Coefficient tables of one patched instance: host float64 per key, device fp32 per (key, device)."""
 
@@ -45,7 +76,8 @@ class SolverState:
         self.host: dict = {}
         self.aux: dict = {}
         self.device_tables: dict = {}
-        self.options: dict = {}  # adapter options given to patch_scheduler (UniPC: "dc" = (ratios, dc_order))
+        # options given to patch_scheduler: "dc" = (ratios, dc_order) (UniPC), "noise" = PhiloxNoise
+        self.options: dict = {}
 
     def ready_to_build(self, sch) -> bool:
         return getattr(sch, "num_inference_steps", None) is not None
@@ -59,6 +91,8 @@ class SolverState:
         if dev is not None and dev.type != "cpu":  # upload now, not inside a captured loop
             for key in list(self.host):
                 self.table(key, dev)
+            if self.options.get("noise") is not None:
+                self.options["noise"].seed_tensor(dev)
 
     def table(self, key, device: torch.device) -> torch.Tensor:
         k = (key, str(device))
@@ -93,6 +127,27 @@ class _Adapter:
 
     def build(self, sch, state: SolverState) -> None:
         raise NotImplementedError
+
+    def noise_free_reason(self, sch) -> Optional[str]:
+        """None if some step of this scheduler may draw noise, else why in-kernel noise has nothing to do."""
+        return None
+
+    # -- noise: diffusers' randn_tensor with the caller's generator, or in-kernel Philox --
+    @staticmethod
+    def _noise(state, generator, sample, dtype) -> dict:
+        """The fused op's noise arguments for one noise-drawing step. In philox mode a step without
+        a generator draws in the kernel; a generator keeps diffusers' randn_tensor (its seeded
+        trajectories)."""
+        philox = state.options.get("noise")
+        if philox is None or generator is not None:
+            return {"noise": _randn(sample.shape, generator, sample.device, dtype)}
+        return {"noise_seed": philox.seed_tensor(sample.device), "noise_offset": philox.offset}
+
+    @staticmethod
+    def _noise_drawn(state, noise_args: dict, sample) -> None:
+        """After a successful step: advance the Philox counter past this step's elements."""
+        if "noise_seed" in noise_args:
+            state.options["noise"].offset += sample.numel()
 
     # -- shared pieces of every step --
     def _begin(self, sch, state, model_output, cond, sample, guidance_rescale):

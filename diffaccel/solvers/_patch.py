@@ -12,8 +12,10 @@ import functools
 import types
 
 import numpy as np
+import torch
 from dataclasses import dataclass
 
+from ._base import PhiloxNoise
 from .schedulers import ADAPTERS, unsupported_reason
 
 _ATTRS = ("set_timesteps", "step", "step_with_guidance")
@@ -31,7 +33,7 @@ def is_patched(scheduler) -> bool:
     return _STATE in vars(scheduler)
 
 
-def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None) -> SchedulerPatchResult:
+def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None, noise=None, seed=None) -> SchedulerPatchResult:
     """Swap the fused step into this scheduler instance; unsupported configs are left alone, with the reason.
 
     ``dc_ratios`` (one float per step, 1.0 = no compensation) turns on DC-Solver's dynamic
@@ -40,8 +42,20 @@ def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None) -> SchedulerPat
     UniPCMultistepScheduler raises ValueError (the result would silently differ otherwise); the
     ratios are checked against the schedule at each ``set_timesteps``. On an instance already
     patched, the DC options replace its current ones.
+
+    ``noise``: ``"generator"`` (the default for a new patch) draws a stochastic step's noise with
+    diffusers' ``randn_tensor`` exactly as diffusers does. ``"philox"`` makes a step called without
+    a ``generator`` generate its noise inside the fused kernel (Philox4x32-10, Triton's tl.randn
+    stream; diffaccel/ops/philox.py) from ``seed`` (an int; None: ``torch.initial_seed()`` now) at
+    counters ``offset + i``, where the offset starts at 0 and advances by the latent's numel at
+    each step that draws noise (``set_timesteps`` does not reset it; ``set_noise_seed`` does). A
+    step given a ``generator`` (or DDIM / DPM-Solver's ``variance_noise``) still uses it. The seed
+    lives in a device tensor written in place by ``set_noise_seed``, so a captured CUDA graph
+    replays with new noise. Asking for philox on a scheduler whose steps never draw noise raises
+    ValueError. On an instance already patched, given noise options replace the current ones.
     """
     name = type(scheduler).__name__
+    noise_opt = _noise_option(scheduler, noise, seed)
     dc = None
     if dc_ratios is not None or dc_order is not None:
         from .dc import DEFAULT_DC_ORDER, as_dc_ratios, check_dc_order, dc_unsupported_reason
@@ -53,13 +67,19 @@ def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None) -> SchedulerPat
             raise ValueError(f"dc_ratios: {why}")
         dc = (as_dc_ratios(dc_ratios), check_dc_order(DEFAULT_DC_ORDER if dc_order is None else dc_order))
     if is_patched(scheduler):
-        if dc is None:
+        if dc is None and noise_opt is _KEEP:
             return SchedulerPatchResult(True, "already patched", name)
         state = vars(scheduler)[_STATE]
-        if state.adapter.name != "UniPCMultistepScheduler":  # pragma: no cover - caught above
-            raise ValueError(f"dc_ratios: {name} is patched with {state.adapter.name}")
-        _set_dc(state, scheduler, dc)
-        return SchedulerPatchResult(True, "already patched; DC-Solver options replaced", name)
+        replaced = []
+        if dc is not None:
+            if state.adapter.name != "UniPCMultistepScheduler":  # pragma: no cover - caught above
+                raise ValueError(f"dc_ratios: {name} is patched with {state.adapter.name}")
+            _set_dc(state, scheduler, dc)
+            replaced.append("DC-Solver")
+        if noise_opt is not _KEEP:
+            _set_noise(state, scheduler, noise_opt)
+            replaced.append("noise")
+        return SchedulerPatchResult(True, f"already patched; {' and '.join(replaced)} options replaced", name)
     why = unsupported_reason(scheduler)
     if why is not None:
         return SchedulerPatchResult(False, why, name)
@@ -68,6 +88,8 @@ def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None) -> SchedulerPat
         if attr in vars(scheduler):
             return SchedulerPatchResult(False, f"the instance already overrides {attr!r}", name)
     state = adapter.new_state(scheduler)
+    if isinstance(noise_opt, PhiloxNoise):
+        state.options["noise"] = noise_opt
     if dc is not None:
         _set_dc(state, scheduler, dc)  # a bad ratio vector raises here, before the instance is touched
     elif state.ready_to_build(scheduler):  # timesteps already set: build before touching the instance
@@ -80,7 +102,65 @@ def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None) -> SchedulerPat
     for attr, fn in (("set_timesteps", _set_timesteps_for(cls)), ("step", _step_for(cls)),
                      ("step_with_guidance", _step_with_guidance)):
         vars(scheduler)[attr] = types.MethodType(fn, scheduler)
-    return SchedulerPatchResult(True, "fused step" + (" with DC-Solver compensation" if dc is not None else ""), name)
+    return SchedulerPatchResult(True, "fused step" + (" with DC-Solver compensation" if dc is not None else "")
+                                + (" with in-kernel Philox noise" if isinstance(noise_opt, PhiloxNoise) else ""), name)
+
+
+_KEEP = object()  # no noise option given: a new patch uses the generator, a patched instance keeps its mode
+
+
+def _noise_option(scheduler, noise, seed):
+    """_KEEP, None (diffusers' generator noise) or a PhiloxNoise; a combination that cannot work raises."""
+    if noise is None and seed is None:
+        return _KEEP
+    mode = "generator" if noise is None else noise
+    if mode not in ("generator", "philox"):
+        raise ValueError(f"noise: expected 'generator' or 'philox', got {noise!r}")
+    if mode == "generator":
+        if seed is not None:
+            raise ValueError("seed: only used with noise='philox' (with noise='generator' the step's generator "
+                             "argument seeds the noise)")
+        return None
+    adapter = ADAPTERS.get(type(scheduler).__name__)
+    if adapter is not None and unsupported_reason(scheduler) is None:
+        why = adapter().noise_free_reason(scheduler)
+        if why is not None:
+            raise ValueError(f"noise: 'philox' has nothing to do: {why}")
+    return PhiloxNoise(torch.initial_seed() if seed is None else seed)
+
+
+def _set_noise(state, scheduler, opt) -> None:
+    current = state.options.get("noise")
+    if opt is None:
+        state.options.pop("noise", None)
+    elif current is not None:  # in place: graphs captured with the current seed tensors see the new seed
+        current.reseed(opt.seed)
+    else:
+        state.options["noise"] = opt
+        dev = getattr(scheduler, "timesteps", None)
+        if state.built and isinstance(dev, torch.Tensor) and dev.device.type != "cpu":
+            opt.seed_tensor(dev.device)
+
+
+def set_noise_seed(scheduler, seed: int, *, offset: int = 0) -> None:
+    """Reseed the in-kernel noise of a scheduler patched with ``noise="philox"``: writes ``seed`` into
+    its device seed tensors in place (a CUDA graph captured before replays with the new noise; a
+    fill kernel, no host sync) and sets the Philox counter of the next noise-drawing step to
+    ``offset`` (default 0: the run that follows repeats one started right after patching with this seed)."""
+    state = vars(scheduler).get(_STATE)
+    philox = state.options.get("noise") if state is not None else None
+    if philox is None:
+        raise ValueError("scheduler: not patched with noise='philox' (patch_scheduler(scheduler, noise='philox'))")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset: expected a python int >= 0, got {offset!r}")
+    philox.reseed(seed, offset)
+
+
+def noise_state(scheduler):
+    """(seed as int64, offset of the next noise-drawing step) of a philox-mode scheduler, else None."""
+    state = vars(scheduler).get(_STATE)
+    philox = state.options.get("noise") if state is not None else None
+    return None if philox is None else (philox.seed, philox.offset)
 
 
 def _set_dc(state, scheduler, dc) -> None:

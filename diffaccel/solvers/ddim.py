@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _f64, _randn, _row
+from ._base import _Adapter, _f64, _row
 
 # -- DDIMScheduler ----------------------------------------------------------------------------
 
@@ -91,16 +91,17 @@ class DDIM(_Adapter):
             if not 0 <= t < T:
                 raise ValueError(f"timestep: {t} is outside the training schedule [0, {T})")
             coeffs = table[t]
-        noise = None
+        noise = {}
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
                                  "`generator` or `variance_noise` stays `None`.")
-            noise = variance_noise if variance_noise is not None else \
-                _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            noise = {"noise": variance_noise} if variance_noise is not None else \
+                self._noise(state, generator, model_output, model_output.dtype)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         prev, x0, _ = fused_solver_step(sample, model_output, coeffs, row=row, model_output_cond=cond, guidance_scale=s,
-                                        guidance_rescale=rescale, noise=noise, out_dtype=dtype, history_dtype=dtype)
+                                        guidance_rescale=rescale, **noise, out_dtype=dtype, history_dtype=dtype)
+        self._noise_drawn(state, noise, sample)
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -147,13 +148,14 @@ class LCM(_Adapter):
             if int(timestep) != state.aux["timesteps"][i]:
                 raise ValueError(f"timestep: {int(timestep)} is not the schedule's timesteps[{i}] = "
                                  f"{state.aux['timesteps'][i]}; the fused step follows the schedule")
-        noise = None
+        noise = {}
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         if i != sch.num_inference_steps - 1:
-            noise = _randn(model_output.shape, generator, model_output.device, dtype)
+            noise = self._noise(state, generator, model_output, dtype)
         prev, denoised, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
                                               model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
-                                              noise=noise, out_dtype=dtype, history_dtype=dtype)
+                                              **noise, out_dtype=dtype, history_dtype=dtype)
+        self._noise_drawn(state, noise, sample)
         sch._step_index += 1
         if not return_dict:
             return (prev, denoised)

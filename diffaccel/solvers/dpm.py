@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _f64, _randn, _row
+from ._base import _Adapter, _f64, _row
 
 # -- DPMSolverMultistepScheduler ----------------------------------------------------------------
 
@@ -15,6 +15,11 @@ class DPMSolverMultistep(_Adapter):
     since set_timesteps), which the host tracks exactly as diffusers does."""
 
     name = "DPMSolverMultistepScheduler"
+
+    def noise_free_reason(self, sch):
+        if not sch.config.algorithm_type.startswith("sde-"):
+            return f"{self.name} with algorithm_type={sch.config.algorithm_type!r} draws no noise (sde-* do)"
+        return None
 
     def unsupported(self, sch):
         c = sch.config
@@ -167,14 +172,15 @@ class DPMSolverMultistep(_Adapter):
         else:
             order = 3
         history = [sch.model_outputs[-1 - j] for j in range(order - 1)]
-        noise = None
+        noise = {}
         if c.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver"):
-            noise = variance_noise.to(device=model_output.device, dtype=torch.float32) if variance_noise is not None \
-                else _randn(model_output.shape, generator, model_output.device, torch.float32)
+            noise = {"noise": variance_noise.to(device=model_output.device, dtype=torch.float32)} \
+                if variance_noise is not None else self._noise(state, generator, model_output, torch.float32)
         prev, x0, _ = fused_solver_step(sample, model_output, state.row("steps", 3 * i + order - 1, sample.device),
                                         model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
-                                        history=history, noise=noise, out_dtype=model_output.dtype,
+                                        history=history, **noise, out_dtype=model_output.dtype,
                                         history_dtype=torch.promote_types(sample.dtype, model_output.dtype))
+        self._noise_drawn(state, noise, sample)
         for j in range(c.solver_order - 1):
             sch.model_outputs[j] = sch.model_outputs[j + 1]
         sch.model_outputs[-1] = x0

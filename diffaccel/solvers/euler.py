@@ -7,12 +7,17 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _INT_TIMESTEP_MSG, _Adapter, _f64, _randn, _row
+from ._base import _INT_TIMESTEP_MSG, _Adapter, _f64, _row
 
 # -- FlowMatchEulerDiscreteScheduler --------------------------------------------------------
 
 class FlowMatchEuler(_Adapter):
     name = "FlowMatchEulerDiscreteScheduler"
+
+    def noise_free_reason(self, sch):
+        if not sch.config.stochastic_sampling:
+            return f"{self.name} with stochastic_sampling=False draws no noise"
+        return None
 
     def build(self, sch, state):
         sig = _f64(sch.sigmas)
@@ -36,12 +41,13 @@ class FlowMatchEuler(_Adapter):
                              "unpatch_scheduler(scheduler) to use it")
         self._begin(sch, state, model_output, cond, sample, rescale)
         i = self._init_index(sch, timestep)
-        noise = None
+        noise = {}
         if sch.config.stochastic_sampling:
-            noise = _randn(sample.shape, generator, sample.device, torch.float32)
+            noise = self._noise(state, generator, sample, torch.float32)
         prev, _, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
-                                       model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
+                                       model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, **noise,
                                        out_dtype=model_output.dtype, write_history=False)
+        self._noise_drawn(state, noise, sample)
         sch._step_index += 1
         if not return_dict:
             return (prev,)
@@ -103,14 +109,15 @@ class EulerDiscrete(_Adapter):
             ("churn", float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
         if key not in state.host:
             state.host[key], state.aux[key] = self._make(sch, s_churn, s_tmin, s_tmax, s_noise)
-        noise = None
+        noise = {}
         if state.aux[key][i] > 0:  # diffusers draws only when churning this step
-            noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            noise = self._noise(state, generator, model_output, model_output.dtype)
         x0_is_output = sch.config.prediction_type in ("original_sample", "sample")
         prev, x0, _ = fused_solver_step(sample, model_output, state.table(key, sample.device)[i],
                                         model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
-                                        noise=noise, out_dtype=model_output.dtype,
+                                        **noise, out_dtype=model_output.dtype,
                                         history_dtype=model_output.dtype if x0_is_output else torch.float32)
+        self._noise_drawn(state, noise, sample)
         sch._step_index += 1
         if not return_dict:
             return (prev, x0)
@@ -149,10 +156,11 @@ class EulerAncestral(_Adapter):
             logger.warning("The `scale_model_input` function should be called before `step` to ensure correct "
                            "denoising. See `StableDiffusionPipeline` for a usage example.")
         i = self._init_index(sch, timestep)
-        noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        noise = self._noise(state, generator, model_output, model_output.dtype)
         prev, x0, _ = fused_solver_step(sample, model_output, state.table("steps", sample.device)[i],
-                                        model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, noise=noise,
+                                        model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale, **noise,
                                         out_dtype=model_output.dtype, history_dtype=torch.float32)
+        self._noise_drawn(state, noise, sample)
         sch._step_index += 1
         if not return_dict:
             return (prev, x0)

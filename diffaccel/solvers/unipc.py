@@ -42,6 +42,9 @@ class UniPCMultistep(_Adapter):
 
     name = "UniPCMultistepScheduler"
 
+    def noise_free_reason(self, sch):
+        return f"{self.name} draws no noise"
+
     def unsupported(self, sch):
         c = sch.config
         if not c.predict_x0 and c.prediction_type == "flow_prediction":
