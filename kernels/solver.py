@@ -99,7 +99,7 @@ def _rescale_factor(part_ptr, b, n_chunks, per_sample, rescale, CHUNK: tl.conste
     return rescale * (tl.sqrt(var_c) / tl.sqrt(var_g)) + (1.0 - rescale)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["noise_offset"])  # the offset changes every step: one compiled variant
 def _fused_solver_step_kernel(
     x_ptr, u_ptr, c_ptr, h0_ptr, h1_ptr, h2_ptr, n_ptr, l_ptr, coef_ptr, row_ptr, part_ptr, xo_ptr, ho_ptr, co_ptr,
     seed_ptr, per_sample, n_rows, n_chunks, s, rescale, noise_offset,

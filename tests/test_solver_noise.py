@@ -178,6 +178,21 @@ def test_opcheck_with_noise_seed():
     torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
 
 
+def test_compile_fullgraph_with_noise_seed():
+    x = torch.randn(1, 4, 8, 8)
+    k = torch.randn(NUM_COEFFS)
+    k[CLIP] = float("inf")
+    seed = torch.tensor(12)
+
+    u = torch.tanh(x)
+
+    def f(x, u, k, seed):
+        return fused_solver_step(x, u, k, noise_seed=seed, noise_offset=256)[0] * 2.0
+
+    got = torch.compile(f, fullgraph=True)(x, u, k, seed)
+    torch.testing.assert_close(got, f(x, u, k, seed), rtol=1e-6, atol=1e-6)
+
+
 def test_op_errors_name_the_argument():
     x = torch.zeros(1, 4, 4, 4)
     k = _noise_row()
