@@ -227,8 +227,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_solver_step(
     DA_CHECK_ARG(!noise.has_value(), "noise_seed", "given together with noise; pass one of them");
     check_philox_seed(*noise_seed);
     check_same_device(*noise_seed, sample, "noise_seed");
-    DA_CHECK_ARG(noise_offset >= 0 && noise_offset <= std::numeric_limits<int64_t>::max() - sample.numel(), "noise_offset",
-                 "expected 0 <= noise_offset <= 2**63 - 1 - numel, got ", noise_offset);
+    DA_CHECK_ARG(noise_offset >= 0 && noise_offset <= std::numeric_limits<int64_t>::max() - sample.numel(),
+                 "noise_offset", "expected 0 <= noise_offset <= 2**63 - 1 - numel, got ", noise_offset);
   }
   DA_CHECK_ARG(!h1.has_value() || h0.has_value(), "h1", "given without h0");
   DA_CHECK_ARG(!h2.has_value() || h1.has_value(), "h2", "given without h1");

@@ -22,7 +22,7 @@ import diffaccel
 from diffaccel.ops import _backend, use_backend
 from diffaccel.ops.philox import (philox4x32_10_reference, philox_normal_reference, seed_as_int64,
                                   uint32_to_uniform_reference)
-from diffaccel.ops.solver import A_E, A_N, A_X, B_E, B_N, B_X, CLIP, NUM_COEFFS, fused_solver_step
+from diffaccel.ops.solver import B_N, CLIP, NUM_COEFFS, fused_solver_step
 from diffaccel.solvers import noise_state, patch_scheduler, set_noise_seed, unpatch_scheduler
 
 CPU_NORMAL_ATOL = 1e-5
@@ -341,6 +341,18 @@ def test_determinism_reseed_and_counter():
     d = copy.deepcopy(a)
     set_noise_seed(d, 7)
     assert noise_state(a)[0] == 8 and noise_state(d) == (7, 0)
+
+
+def test_failed_step_does_not_advance_the_counter():
+    s = EulerAncestralDiscreteScheduler()
+    patch_scheduler(s, noise="philox", seed=4)
+    s.set_timesteps(4)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="^model_output: expected shape"):
+        s.step(torch.zeros(1, 4, 8, 8), s.timesteps[0], x)
+    assert noise_state(s) == (4, 0)
+    s.step(torch.zeros(SHAPE), s.timesteps[0], x)
+    assert noise_state(s) == (4, x.numel())
 
 
 def test_default_seed_is_torch_initial_seed():

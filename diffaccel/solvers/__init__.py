@@ -15,8 +15,9 @@ per-sample statistics first); stochastic steps add diffusers' ``randn_tensor`` f
 drawn with the caller's generator so seeded runs match — or, with
 ``patch_scheduler(s, noise="philox", seed=...)``, a step called without a generator generates
 its noise inside the same kernel (Philox; ``set_noise_seed`` reseeds in place, so a captured
-graph replays with new noise; ``noise_state`` reads the seed and the next step's counter). The first step of a scheduler that finds
-its step index from a CUDA timestep does diffusers' one lookup sync (avoid it with
+graph replays with new noise; ``noise_state`` reads the seed and the next step's counter).
+The first step of a scheduler that finds its step index from a CUDA timestep does diffusers'
+one lookup sync (avoid it with
 ``set_begin_index``); after that no step reads device memory on the host, so a loop can be
 captured in a CUDA graph (with a CPU generator, stochastic steps copy noise host to device).
 

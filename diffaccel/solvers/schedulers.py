@@ -11,7 +11,8 @@ The step's state lives where diffusers keeps it (``_step_index``, ``model_output
 Not fused, so left unpatched with the reason: dynamic thresholding (a per-sample quantile),
 learned variance, UniPC with ``solver_p``. Noise for stochastic steps is drawn with
 diffusers' ``randn_tensor`` and the caller's generator, exactly where diffusers draws it, so
-seeded trajectories match.
+seeded trajectories match; with ``patch_scheduler(..., noise="philox")`` a step called without
+a generator has the kernel generate it instead (``_Adapter._noise``; offsets in PhiloxNoise).
 """
 from __future__ import annotations
 
