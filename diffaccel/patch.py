@@ -301,7 +301,7 @@ def _op_backend(op: str, device: torch.device) -> str:
         return f"unavailable ({e})"
 
 
-SOLVER_OPTIONS = ("dc_ratios", "dc_order")
+SOLVER_OPTIONS = ("dc_ratios", "dc_order", "noise", "seed")
 
 
 def _solver_key(solver):
@@ -400,7 +400,7 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
         QuantRecipe from ``diffaccel.calibrate``.
     solver: replace the pipeline scheduler's step with the fused one; a dict passes its options
         to ``patch_scheduler`` (``{"dc_ratios": [...], "dc_order": 2}``: DC-Solver's compensation
-        on UniPC).
+        on UniPC; ``{"noise": "philox", "seed": 0}``: noise drawn inside the step kernel).
     filter_fn(module, qualified_name) -> bool and ``exclude`` (fnmatch patterns of qualified
         names) choose where attention and quantization apply.
     keep_originals: keep the replaced float modules so ``unpatch`` can restore them (set False

@@ -161,3 +161,15 @@ def test_patch_solver_options_errors_leave_the_pipeline_unpatched():
     with pytest.raises(ValueError, match="solver: the scheduler is already patched by patch_scheduler"):
         diffaccel.patch(pipe, attention=False, solver={"dc_ratios": [1.0] * 4})
     assert not diffaccel.is_patched(pipe)
+
+
+def test_patch_passes_philox_noise_options():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from diffaccel import solvers
+
+    pipe = _pipeline("unet")
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    diffaccel.patch(pipe, attention=False, solver={"noise": "philox", "seed": 7})
+    pipe.scheduler.set_timesteps(4)
+    assert solvers.noise_state(pipe.scheduler)[0] == 7
