@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor
-from .gemm import (FLOAT_DTYPES, _check_bias, _check_out_dtype, _check_scalar, _check_smooth,
-                   _check_weight, _check_zero_point, _same_layout, _value_checks_enabled, int8_linear_reference)
+from ._checks import check_tensor
+from .gemm import (FLOAT_DTYPES, _check_bias, _check_out_dtype, _check_smooth, _check_weight, _same_layout,
+                   check_static_act, int8_linear_reference)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -125,16 +125,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
     dev = x.device
     N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
     smooth = _check_smooth(smooth, C, dev, "x")
-    zp = None
-    if act_scale is not None:
-        act_scale = _check_scalar("act_scale", act_scale, torch.float32, dev, "x")
-        if _value_checks_enabled(act_scale):
-            check_positive_finite("act_scale", act_scale)
-        zp = _check_zero_point(act_zero_point, dev, "x")
-        if zp is not None and w_sum is None:
-            raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
-    elif act_zero_point is not None:
-        raise ValueError("act_zero_point: needs act_scale (dynamic per-token quantization is symmetric)")
+    act_scale, zp = check_static_act(act_scale, act_zero_point, w_sum, dev)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
     return torch.ops.diffaccel.int8_conv2d(x, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,

@@ -464,6 +464,21 @@ def _check_act_scale(a_scale, M, device, like, name="a_scale"):
     return a_scale.reshape(-1).contiguous()
 
 
+def check_static_act(act_scale, act_zero_point, w_sum, device):
+    """(act_scale, zero point or None) of static int8 activations, or (None, None) for dynamic ones."""
+    zp = None
+    if act_scale is not None:
+        act_scale = _check_scalar("act_scale", act_scale, torch.float32, device, "x")
+        if _value_checks_enabled(act_scale):
+            check_positive_finite("act_scale", act_scale)
+        zp = _check_zero_point(act_zero_point, device, "x")
+        if zp is not None and w_sum is None:
+            raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
+    elif act_zero_point is not None:
+        raise ValueError("act_zero_point: needs act_scale (dynamic per-token quantization is symmetric)")
+    return act_scale, zp
+
+
 # -- public wrappers -------------------------------------------------------------------------
 
 def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, *,
@@ -517,16 +532,7 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smoo
     dev = x.device
     N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
     smooth = _check_smooth(smooth, K, dev, "x")
-    zp = None
-    if act_scale is not None:
-        act_scale = _check_scalar("act_scale", act_scale, torch.float32, dev, "x")
-        if _value_checks_enabled(act_scale):
-            check_positive_finite("act_scale", act_scale)
-        zp = _check_zero_point(act_zero_point, dev, "x")
-        if zp is not None and w_sum is None:
-            raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
-    elif act_zero_point is not None:
-        raise ValueError("act_zero_point: needs act_scale (dynamic per-token quantization is symmetric)")
+    act_scale, zp = check_static_act(act_scale, act_zero_point, w_sum, dev)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
     y = torch.ops.diffaccel.int8_linear(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
