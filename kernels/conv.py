@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_half_even
-from .gemm import _load_int4_tile_t, _load_int8_tile_t, _to_out
+from .gemm import _add_weight_group, _int8_epilogue, _load_int4_tile_t, _load_int8_tile_t, _to_out
 
 AMAX_FLOOR = 1e-12
 MAX_INT32_OFFSET = 2**31 - 1
@@ -147,30 +147,15 @@ def _int8_conv2d_kernel(
                 w = _load_int8_tile_t(w_ptr, rn, kb, K, stride_wn, BLOCK_K, EVEN_K)
                 acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         if GROUPED:
-            g = k0 // GROUP_K
-            if HAS_ZP:
-                gsum = tl.load(wsum_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0)
-                acc = acc - zp * gsum[None, :]
-            gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0.0)
-            y = y + acc.to(tl.float32) * gscale[None, :]
+            y = _add_weight_group(y, acc, k0 // GROUP_K, zp, wsum_ptr, w_scale_ptr, offs_n, n_mask, stride_wsn,
+                                  HAS_ZP)
 
     if GROUPED:
-        if PER_TOKEN:
-            y = y * a_scale[:, None]
-        else:
-            y = y * a_scale
+        y = _int8_epilogue(y, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, PER_TOKEN,
+                           HAS_ZP, HAS_BIAS)
     else:
-        if HAS_ZP:
-            wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)
-            acc = acc - zp * wsum[None, :]
-        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
-        if PER_TOKEN:
-            y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-        else:
-            y = acc.to(tl.float32) * a_scale * w_scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-        y = y + bias[None, :]
+        y = _int8_epilogue(acc, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, PER_TOKEN,
+                           HAS_ZP, HAS_BIAS)
     # [B, N, Ho, Wo]: pixels are contiguous within one (b, n) plane, so stores coalesce along m
     out_img = out_ptr + b.to(tl.int64) * stride_ob
     tl.store(out_img + (p[:, None] + offs_n[None, :] * stride_on), _to_out(y, out_ptr),

@@ -36,6 +36,43 @@ def _to_out(y, out_ptr):
 
 
 @triton.jit
+def _add_weight_group(y, part, g, zp, wsum_ptr, w_scale_ptr, offs_n, n_mask, stride_wsn, HAS_ZP: tl.constexpr):
+    """y + fp32(part - zp * wsum[n, g]) * w_scale[n, g]: one weight group's int32 sum, dequantized."""
+    if HAS_ZP:
+        gsum = tl.load(wsum_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0)
+        part = part - zp * gsum[None, :]
+    gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0.0)
+    return y + part.to(tl.float32) * gscale[None, :]
+
+
+@triton.jit
+def _int8_epilogue(total, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask,
+                   GROUPED: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] before the output cast. ``total`` is the int32 accumulator
+    (per-channel weights) or the fp32 sum of dequantized groups (GROUPED); the multiplication
+    order is the reference's (see the module docstring)."""
+    if GROUPED:
+        if PER_TOKEN:
+            y = total * a_scale[:, None]
+        else:
+            y = total * a_scale
+    else:
+        acc = total
+        if HAS_ZP:
+            wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)
+            acc = acc - zp * wsum[None, :]
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+        if PER_TOKEN:
+            y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        else:
+            y = acc.to(tl.float32) * a_scale * w_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        y = y + bias[None, :]
+    return y
+
+
+@triton.jit
 def _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """Packed W[rn, k0:k0+BLOCK_K]^T as two int8 [BLOCK_K // 2, BLOCK_N] tiles: the even k (low
     nibbles) and the odd k (high nibbles). Multiplying them with the even/odd activation columns
@@ -141,8 +178,8 @@ def _int8_act_gemm_kernel(
     else:
         a_scale = tl.load(a_scale_ptr)
 
-    if GROUPED:
-        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GROUPED:  # fp32 sum of dequantized groups
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -161,32 +198,13 @@ def _int8_act_gemm_kernel(
             w = _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
             part = tl.dot(a, w, out_dtype=tl.int32)
         if GROUPED:  # BLOCK_K is the group size: one scale per (n, group)
-            g = k0 // BLOCK_K
-            if HAS_ZP:
-                gsum = tl.load(wsum_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0)
-                part = part - zp * gsum[None, :]
-            gscale = tl.load(w_scale_ptr + offs_n * stride_wsn + g, mask=n_mask, other=0.0)
-            y = y + part.to(tl.float32) * gscale[None, :]
+            acc = _add_weight_group(acc, part, k0 // BLOCK_K, zp, wsum_ptr, w_scale_ptr, offs_n, n_mask, stride_wsn,
+                                    HAS_ZP)
         else:
             acc += part
 
-    if GROUPED:
-        if PER_TOKEN:
-            y = y * a_scale[:, None]
-        else:
-            y = y * a_scale
-    else:
-        if HAS_ZP:
-            wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0)
-            acc = acc - zp * wsum[None, :]
-        w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
-        if PER_TOKEN:
-            y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-        else:
-            y = acc.to(tl.float32) * a_scale * w_scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-        y = y + bias[None, :]
+    y = _int8_epilogue(acc, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, PER_TOKEN, HAS_ZP,
+                       HAS_BIAS)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
              mask=m_mask[:, None] & n_mask[None, :])
 
