@@ -31,6 +31,40 @@ def _f64(t) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
 
 
+def alpha_sigma_lambda(sigmas, use_flow_sigmas: bool) -> tuple:
+    """float64 (sigma, alpha_t, sigma_t, lambda_t) per entry of ``sigmas``, as diffusers' multistep
+    solvers derive them (``_sigma_to_alpha_sigma_t``; lambda = log alpha_t - log sigma_t, infinite
+    where sigma is 0)."""
+    sig = _f64(sigmas)
+    if use_flow_sigmas:
+        alpha, sigt = 1 - sig, sig
+    else:
+        alpha = 1 / np.sqrt(sig**2 + 1)
+        sigt = sig * alpha
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lam = np.log(alpha) - np.log(sigt)
+    return sig, alpha, sigt, lam
+
+
+def output_conversion(prediction_type: str, to_x0: bool, alpha_s: float, sigma_s: float, sig: float) -> tuple:
+    """(p_x, p_e): diffusers' ``convert_model_output`` as p_x * sample + p_e * model_output, to the
+    x0 prediction (``to_x0``) or to epsilon. The epsilon form takes no flow prediction (refused by
+    the adapters' ``unsupported``)."""
+    if not to_x0:
+        if prediction_type == "epsilon":
+            return 0.0, 1.0
+        if prediction_type == "sample":
+            return 1 / sigma_s, -alpha_s / sigma_s
+        return sigma_s, alpha_s  # v_prediction
+    if prediction_type == "epsilon":
+        return 1 / alpha_s, -sigma_s / alpha_s
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return alpha_s, -sigma_s
+    return 1.0, -sig  # flow_prediction
+
+
 def _randn(shape, generator, device, dtype):
     from diffusers.utils.torch_utils import randn_tensor
 

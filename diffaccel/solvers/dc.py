@@ -27,12 +27,12 @@ ratios) the fused path is tested against and ``fit_dc_ratios`` optimises with.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ._base import _f64
+from ._base import _f64, alpha_sigma_lambda
 from .unipc import UniPCMultistep, _unipc_rb
 
 DEFAULT_DC_ORDER = 2
@@ -143,14 +143,7 @@ class DCUniPCReference:
         c = scheduler.config
         self.config = c
         self.dc_order = check_dc_order(dc_order)
-        sig = _f64(scheduler.sigmas)
-        if c.use_flow_sigmas:
-            self.alpha, self.sigt = 1 - sig, sig
-        else:
-            self.alpha = 1 / np.sqrt(sig**2 + 1)
-            self.sigt = sig * self.alpha
-        with np.errstate(divide="ignore"):
-            self.lam = np.log(self.alpha) - np.log(self.sigt)
+        sig, self.alpha, self.sigt, self.lam = alpha_sigma_lambda(scheduler.sigmas, c.use_flow_sigmas)
         self.sig = sig
         self.timesteps = _f64(scheduler.timesteps)
         self.num_steps = len(self.timesteps)

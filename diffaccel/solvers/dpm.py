@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _f64, _row
+from ._base import _Adapter, _row, alpha_sigma_lambda, output_conversion
 
 # -- DPMSolverMultistepScheduler ----------------------------------------------------------------
 
@@ -43,34 +43,12 @@ class DPMSolverMultistep(_Adapter):
 
     def build(self, sch, state):
         c = sch.config
-        sig = _f64(sch.sigmas)
-        if c.use_flow_sigmas:
-            alpha, sigt = 1 - sig, sig
-        else:
-            alpha = 1 / np.sqrt(sig**2 + 1)
-            sigt = sig * alpha
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            lam = np.log(alpha) - np.log(sigt)
+        sig, alpha, sigt, lam = alpha_sigma_lambda(sch.sigmas, c.use_flow_sigmas)
         sde = c.algorithm_type.startswith("sde-")
         data = c.algorithm_type.endswith("++")  # DPM-Solver++ integrates x0 predictions, DPM-Solver noise ones
         rows = []
         for i in range(len(sig) - 1):
-            a_s, s_s = alpha[i], sigt[i]
-            if not data:  # history holds epsilon
-                if c.prediction_type == "epsilon":
-                    p_x, p_e = 0.0, 1.0
-                elif c.prediction_type == "sample":
-                    p_x, p_e = 1 / s_s, -a_s / s_s
-                else:  # v_prediction
-                    p_x, p_e = s_s, a_s
-            elif c.prediction_type == "epsilon":
-                p_x, p_e = 1 / a_s, -s_s / a_s
-            elif c.prediction_type == "sample":
-                p_x, p_e = 0.0, 1.0
-            elif c.prediction_type == "v_prediction":
-                p_x, p_e = a_s, -s_s
-            else:  # flow_prediction
-                p_x, p_e = 1.0, -sig[i]
+            p_x, p_e = output_conversion(c.prediction_type, data, alpha[i], sigt[i], sig[i])
             for order in (1, 2, 3):
                 with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                     rows.append(self._order_row(c, sde, data, order, i, alpha, sigt, lam, p_x, p_e))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import B_H0, B_P, C_H0, C_P, NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _f64, _row
+from ._base import _Adapter, _row, alpha_sigma_lambda, output_conversion
 
 # -- UniPCMultistepScheduler ------------------------------------------------------------------
 
@@ -63,34 +63,12 @@ class UniPCMultistep(_Adapter):
 
     def build(self, sch, state):
         c = sch.config
-        sig = _f64(sch.sigmas)
-        if c.use_flow_sigmas:
-            alpha, sigt = 1 - sig, sig
-        else:
-            alpha = 1 / np.sqrt(sig**2 + 1)
-            sigt = sig * alpha
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            lam = np.log(alpha) - np.log(sigt)
+        sig, alpha, sigt, lam = alpha_sigma_lambda(sch.sigmas, c.use_flow_sigmas)
         n = len(sig) - 1
         nan = np.full(NUM_COEFFS, np.nan)
         pred, pc = [], []  # rows [step, predictor order] and [step, corrector order, predictor order]
         for i in range(n):
-            a_s, s_s = alpha[i], sigt[i]
-            if not c.predict_x0:  # history holds epsilon
-                if c.prediction_type == "epsilon":
-                    p_x, p_e = 0.0, 1.0
-                elif c.prediction_type == "sample":
-                    p_x, p_e = 1 / s_s, -a_s / s_s
-                else:  # v_prediction
-                    p_x, p_e = s_s, a_s
-            elif c.prediction_type == "epsilon":
-                p_x, p_e = 1 / a_s, -s_s / a_s
-            elif c.prediction_type == "sample":
-                p_x, p_e = 0.0, 1.0
-            elif c.prediction_type == "v_prediction":
-                p_x, p_e = a_s, -s_s
-            else:
-                p_x, p_e = 1.0, -sig[i]
+            p_x, p_e = output_conversion(c.prediction_type, c.predict_x0, alpha[i], sigt[i], sig[i])
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 preds = [self._solved(self._predictor, c, i, po, alpha, sigt, lam) if po <= i + 1 else None
                          for po in (1, 2, 3)]
