@@ -393,3 +393,34 @@ def test_io_layers_with_lora_stay_in_float_whichever_the_order():
     for model in (before, after):
         assert type(model.conv_in.base_layer) is torch.nn.Conv2d
     assert torch.equal(tiny_models.output_of(before, inputs), tiny_models.output_of(after, inputs))
+
+
+def test_peft_merge_and_unload_refuses_before_merging_anything():
+    """peft merges layer by layer; the float layer met before the quantized one must stay unmerged."""
+    from collections import OrderedDict
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import LoraLayer
+    from torch import nn
+
+    from diffaccel.nn import QuantLinear
+    from diffaccel.nn import lora as dlora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(a=nn.Linear(64, 64), act=nn.GELU(), b=nn.Linear(64, 64)))
+    model.b = QuantLinear.from_float(model.b, "w8a8")
+    dlora.install_peft_dispatch()
+    pm = get_peft_model(model, LoraConfig(target_modules=["a", "b"], r=4, init_lora_weights=False))
+    x = torch.randn(5, 64)
+    out = pm(x)
+    state = {k: v.clone() for k, v in pm.state_dict().items()}
+    for call in (pm.merge_and_unload, pm.merge_adapter):
+        with pytest.raises(RuntimeError, match=r"merge: b: cannot merge LoRA into diffaccel's quantized layers"):
+            call()
+    inner = pm.base_model.model
+    assert isinstance(inner.a, LoraLayer) and not inner.a.merged and isinstance(inner.b, LoraLayer)
+    after = pm.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert torch.equal(pm(x), out)
+    base = pm.unload()  # without merging: allowed
+    assert type(base.a) is nn.Linear and type(base.b) is QuantLinear

@@ -15,6 +15,9 @@ returns a layer only when the target's base is a QuantLinear/QuantConv2d and oth
 peft's function unchanged, so models without diffaccel layers see no difference; per-config
 mappings (``LoraConfig._register_custom_module``) still take precedence, and installing twice is a
 no-op. ``register_lora_layers(config)`` registers the same classes on one LoraConfig instead.
+It also puts ``check_fusable`` in front of ``LoraModel._check_merge_allowed``, the check peft runs
+before ``merge_adapter`` / ``merge_and_unload`` touch any layer, so those refuse before merging
+anything when a LoRA layer sits on a quantized base (``unload()`` without merging still works).
 
 Importing this module needs peft.
 """
@@ -184,6 +187,18 @@ def install_peft_dispatch() -> None:
     setattr(dispatch_default, _INSTALLED_MARK, True)
     lora_model.dispatch_default = dispatch_default
 
+    # peft merges layer by layer: without this check merge_and_unload would merge and unload the
+    # float layers it meets before the first quantized one raises
+    peft_check = lora_model.LoraModel._check_merge_allowed
+
+    def _check_merge_allowed(self):
+        check_fusable(self.model, "merge")
+        peft_check(self)
+
+    _check_merge_allowed.__wrapped__ = peft_check
+    _check_merge_allowed.__doc__ = "diffaccel.nn.lora.check_fusable, then peft's _check_merge_allowed."
+    lora_model.LoraModel._check_merge_allowed = _check_merge_allowed
+
 
 def register_lora_layers(config) -> None:
     """Register LoraLinear/LoraConv2d for QuantLinear/QuantConv2d on one peft LoraConfig (peft's
@@ -197,12 +212,13 @@ def lora_layers_on_quantized_base(model: nn.Module) -> list:
             if isinstance(m, BaseTunerLayer) and _quantized(m.get_base_layer())]
 
 
-def check_fusable(model: nn.Module) -> None:
-    """Raise (before anything is merged) if fusing LoRA into ``model`` would hit a quantized layer."""
+def check_fusable(model: nn.Module, what: str = "fuse_lora") -> None:
+    """Raise (before anything is merged) if fusing LoRA into ``model`` would hit a quantized layer;
+    ``what`` names the call in the message."""
     names = lora_layers_on_quantized_base(model)
     if names:
         more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-        raise RuntimeError(f"fuse_lora: {names[0]}{more}: {FUSE_REFUSED}")
+        raise RuntimeError(f"{what}: {names[0]}{more}: {FUSE_REFUSED}")
 
 
 __all__ = ["LoraLinear", "LoraConv2d", "dispatch_quantized", "install_peft_dispatch", "register_lora_layers",
