@@ -91,8 +91,10 @@ def _case_from_bench(bench: dict, source: str) -> dict:
     }
 
 
-def convert(raws: Iterable[tuple], commit: Optional[str] = None) -> dict:
-    """[(source name, pytest-benchmark JSON dict)] -> a results dict (raises ResultsError)."""
+def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: bool = False) -> dict:
+    """[(source name, pytest-benchmark JSON dict)] -> a results dict (raises ResultsError).
+    ``drop_unpaired``: leave out (and list under "dropped") the diffaccel cases whose baselines did
+    not run, as when a run was stopped at its time limit, instead of refusing the whole run."""
     raws = list(raws)
     if not raws:
         raise ResultsError("no raw benchmark files given")
@@ -140,9 +142,15 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None) -> dict:
         seen[k] = c["name"]
     baselines = {case_key(c) for c in cases if is_baseline(c["impl"])}
     lacking = sorted({case_key(c) for c in cases if is_ours(c["impl"]) and case_key(c) not in baselines})
+    dropped = []
+    if lacking and drop_unpaired:
+        dropped = sorted(c["name"] for c in cases if is_ours(c["impl"]) and case_key(c) in lacking)
+        cases = [c for c in cases if not (is_ours(c["impl"]) and case_key(c) in lacking)]
+        lacking = []
     if lacking:
         listed = "; ".join(" ".join(k) for k in lacking[:10])
-        raise ResultsError(f"{len(lacking)} diffaccel case(s) have no baseline measured in the same run: {listed}")
+        raise ResultsError(f"{len(lacking)} diffaccel case(s) have no baseline measured in the same run: {listed} "
+                           "(--drop-unpaired leaves them out)")
     if not any(is_ours(c["impl"]) for c in cases):
         raise ResultsError("the run holds baselines only: no diffaccel measurement to record")
 
@@ -151,6 +159,7 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None) -> dict:
         "cuda": env.get("cuda"), "diffaccel": env.get("diffaccel"), "commit": commit, "dirty": dirty,
         "date": dates.pop(), "source": [Path(s).name for s, _ in raws],
         "cases": sorted(cases, key=lambda c: case_key(c) + (not is_ours(c["impl"]), c["impl"])),
+        **({"dropped": dropped} if dropped else {}),
     }
 
 
@@ -181,6 +190,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--commit", help="the commit measured, when the run had no git checkout")
+    p.add_argument("--drop-unpaired", action="store_true",
+                   help="leave out diffaccel cases whose baselines did not run (a run stopped at its time limit)")
     args = p.parse_args(argv)
     try:
         raws = []
@@ -189,7 +200,9 @@ def main(argv: Optional[list] = None) -> int:
                 raws.append((name, json.loads(Path(name).read_text())))
             except (OSError, json.JSONDecodeError) as e:
                 raise ResultsError(f"{name}: cannot read a JSON file ({e})") from e
-        results = convert(raws, commit=args.commit)
+        results = convert(raws, commit=args.commit, drop_unpaired=args.drop_unpaired)
+        for name in results.get("dropped", []):
+            print(f"benchmarks.results: left out (no baseline in this run): {name}", file=sys.stderr)
         path = write(results, Path(args.out_dir), overwrite=args.overwrite)
     except ResultsError as e:
         print(f"benchmarks.results: refused: {e}", file=sys.stderr)

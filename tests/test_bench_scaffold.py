@@ -90,6 +90,22 @@ def test_convert_refusals(mutate, message):
         results.convert([("raw.json", raw)])
 
 
+def test_drop_unpaired_leaves_out_cases_whose_baselines_did_not_run():
+    raw = _raw(copy.deepcopy(GOOD))
+    del raw["benchmarks"][4]  # the run stopped before per_tensor's baseline
+    with pytest.raises(results.ResultsError, match="--drop-unpaired"):
+        results.convert([("raw.json", raw)])
+    res = results.convert([("raw.json", raw)], drop_unpaired=True)
+    assert res["dropped"] == ["test_per_tensor[4096x1280-fp16-diffaccel:cuda]"]
+    assert {(c["case"], c["impl"]) for c in res["cases"]} == {
+        ("per_token", "diffaccel:triton"), ("per_token", "baseline:torch-eager"),
+        ("per_token", "baseline:torch-compile")}
+    assert "dropped" not in results.convert([("raw.json", _raw(copy.deepcopy(GOOD)))], drop_unpaired=True)
+    only_ours = _raw([_bench("diffaccel:triton", 1e-4)])
+    with pytest.raises(results.ResultsError, match="baselines only|no diffaccel"):
+        results.convert([("raw.json", only_ours)], drop_unpaired=True)
+
+
 def test_commit_given_by_hand():
     raw = _raw(copy.deepcopy(GOOD), commit="unversioned")
     assert results.convert([("raw.json", raw)], commit="abcdef1")["commit"] == "abcdef1"
@@ -179,3 +195,16 @@ def test_render_ignores_other_json_in_results(tmp_path):
     """benchmarks/results/ also holds the quality benchmark's JSON (another schema): not a speed table."""
     (tmp_path / "quality-cpu-2026-01-01.json").write_text(json.dumps({"meta": {}, "results": []}))
     assert render.render_section(tmp_path, tmp_path / "BENCHMARKS.md", plots=False) == render.EMPTY
+
+
+def test_pytest_deadline_stops_cleanly_with_reports(tmp_path):
+    """DIFFACCEL_PYTEST_DEADLINE (set by benchmarks/gpu_session.sh): once passed, no new test starts,
+    and the session still ends normally, so the junit report of what ran is written."""
+    junit = tmp_path / "junit.xml"
+    env = dict(os.environ, DIFFACCEL_PYTEST_DEADLINE="0")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "refusals",
+                          f"--junitxml={junit}", str(REPO / "tests" / "test_bench_scaffold.py")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert "DIFFACCEL_PYTEST_DEADLINE passed" in out.stdout, out.stdout[-2000:]
+    assert "1 passed" in out.stdout
+    assert 'tests="1"' in junit.read_text()

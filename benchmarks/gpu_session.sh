@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU checks in one prepared call, for a lent GPU machine (the device tool: one H100/H200 with
+# about 15 minutes of device time per session, start-up included, and at most 10 minutes per
+# command). Run from the repository root. Each stage has its own time limit and writes into $OUT
+# as it goes, so a stage that overruns still leaves what the others measured.
+#
+#   bash benchmarks/gpu_session.sh                          # build gpu bench (the default)
+#   STAGES="build e2e" bash benchmarks/gpu_session.sh       # another session: the end-to-end run
+#   BENCH_K="gemm and 4096" bash benchmarks/gpu_session.sh  # a subset of the microbenchmarks
+#
+# The whole microbenchmark suite is 622 cases (gemm 288, attention 210, quantize 64, solver 36,
+# conv 24), each compiling its Triton kernels on first use: more than one call's 10 minutes.
+# Give one or two families per call, e.g. BENCH_FILES="benchmarks/bench_gemm.py benchmarks/bench_conv.py".
+#
+# Stages, in this order whatever STAGES lists:
+#   build   pip install -e . with CUDA for this GPU's arch only (DIFFACCEL_CUDA_ARCH overrides)
+#   gpu     pytest -m gpu                          -> $OUT/gpu-junit.xml
+#   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
+#   e2e     python -m benchmarks.e2e               -> $OUT/e2e.json
+#   static  the static kernel report with the _C just built -> $OUT/static-report.md
+# Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC.
+# Wheels in .whl/ are installed first (the H200 image has no diffusers; BENCHMARKS.md says how
+# to fetch them). Everything printed also goes to $OUT/session.log; $OUT/env.txt records the
+# device, versions and commit. At most 6 files land in $OUT (the tool returns 8).
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build gpu bench"}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+stage() {  # stage NAME LIMIT CMD...: run CMD under a time limit, report its exit status and time
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "== $name (limit ${limit}s): $*"
+    # pytest stops starting tests 45 s before the limit (the conftests read this), so its JSON and
+    # junit reports of what ran are written; timeout is the backstop
+    DIFFACCEL_PYTEST_DEADLINE=$(( $(date +%s) + limit - 45 )) timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "== $name: rc=$rc after $((SECONDS - t0))s$([[ $rc == 124 || $rc == 137 ]] && echo ' (timed out)')"
+    return $rc
+}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheels failed"; exit 1; }
+fi
+
+{
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+    nvcc --version 2>&1 | tail -1
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+if want build; then
+    # one arch: Hopper needs its 'a' target for wgmma; four times faster than the default three-arch build
+    ARCH=${DIFFACCEL_CUDA_ARCH:-$(python3 -c "import torch; c = torch.cuda.get_device_capability(); \
+print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")}
+    DIFFACCEL_CUDA_ARCH=$ARCH stage build "${LIMIT_BUILD:-240}" \
+        python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+    python3 -m diffaccel info || exit 1
+fi
+if want gpu; then
+    # a hung test costs its own 120 s, not the stage (pytest-timeout is on the H200 image)
+    PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+    stage gpu "${LIMIT_GPU:-180}" python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST \
+        --junitxml="$OUT/gpu-junit.xml" tests/
+fi
+if want bench; then
+    # shellcheck disable=SC2086  # BENCH_FILES is a list of paths
+    stage bench "${LIMIT_BENCH:-240}" python3 -m pytest ${BENCH_FILES:-benchmarks/} -q -p no:cacheprovider --benchmark-enable \
+        --benchmark-json="$OUT/raw.json" ${BENCH_K:+-k "$BENCH_K"}
+fi
+if want e2e; then
+    stage e2e "${LIMIT_E2E:-420}" python3 -m benchmarks.e2e --out "$OUT/e2e.json"
+fi
+if want static; then
+    SO=$(python3 -c "import diffaccel._C as c; print(c.__file__)")
+    stage static "${LIMIT_STATIC:-120}" python3 -m benchmarks.static_report --so "$SO" \
+        --markdown "$OUT/static-report.md"
+fi
+echo "== done after ${SECONDS}s"
