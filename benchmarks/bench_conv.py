@@ -2,9 +2,10 @@
 
 Ours (Triton on a GPU; the torch reference in the CPU smoke run): the implicit-GEMM int8 conv
 ``diffaccel.ops.int8_conv2d`` including the activation quantization — W8A8 dynamic per output
-pixel, W8A8 static per tensor with a zero point, W4A8 (int4 group 128) dynamic. Baselines: cuDNN
-fp16 ``F.conv2d``, and the path QuantConv2d took before (``F.unfold`` + ``int8_linear`` + the
-transpose back to NCHW), W8A8 dynamic and W4A8.
+pixel, W8A8 static per tensor with a zero point, W4A8 (int4 group 128) dynamic — and the FP8
+one, ``diffaccel.ops.fp8_conv2d`` (E4M3 dynamic per output pixel; sm_89+). Baselines: cuDNN fp16
+``F.conv2d``, and the paths QuantConv2d took before (``F.unfold`` + ``int8_linear`` /
+``fp8_linear`` + the transpose back to NCHW), W8A8 dynamic, W4A8 and FP8.
 """
 import pytest
 import torch
@@ -21,8 +22,8 @@ if is_smoke():
 else:  # (name, B, C, H, W, N): the resnet conv1/conv2 of each SDXL UNet level at 1024x1024
     SHAPES = [("sdxl-res320@128", 2, 320, 128, 128, 320), ("sdxl-res640@64", 2, 640, 64, 64, 640),
               ("sdxl-res1280@32", 2, 1280, 32, 32, 1280)]
-IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-static-zp", "diffaccel:w4a8", "baseline:cudnn-fp16",
-         "baseline:unfold-int8_linear-w8a8", "baseline:unfold-int8_linear-w4a8"]
+IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-static-zp", "diffaccel:w4a8", "diffaccel:fp8", "baseline:cudnn-fp16",
+         "baseline:unfold-int8_linear-w8a8", "baseline:unfold-int8_linear-w4a8", "baseline:unfold-fp8_linear"]
 KS, PAD = 3, 1
 
 _weights = {}
@@ -38,17 +39,18 @@ def _quantized(C, N, dev):
         # W4A8 preset groups of 128 where K allows (K = 2880 at 320 channels takes 64)
         group4 = next(gs for gs in (128, 64, 16) if w2.shape[1] % gs == 0)
         q4, s4 = fmt.quantize_weight_int(w2, 4, group4)
+        f8, sf8 = fmt.quantize_weight_fp8(w2)
         _weights[key] = {k: v.to(dev) for k, v in dict(
             w16=w.half(), q8=q8, s8=s8, sum8=q8.to(torch.int32).sum(1, dtype=torch.int32), q4=fmt.pack_int4(q4),
-            s4=s4, bias=torch.randn(N, generator=g)).items()}
+            s4=s4, f8=f8, sf8=sf8, bias=torch.randn(N, generator=g)).items()}
         _weights[key]["group4"] = group4
     return _weights[key]
 
 
-def _unfold_linear(x, q, s, N, **kw):
+def _unfold_linear(x, q, s, N, linear=G.int8_linear, **kw):
     B, _, H, W = x.shape
     cols = F.unfold(x, KS, padding=PAD)
-    y = G.int8_linear(cols.transpose(1, 2).reshape(-1, cols.shape[1]), q, s, **kw)
+    y = linear(cols.transpose(1, 2).reshape(-1, cols.shape[1]), q, s, **kw)
     return y.reshape(B, H * W, N).transpose(1, 2).reshape(B, N, H, W)
 
 
@@ -57,6 +59,8 @@ def _unfold_linear(x, q, s, N, **kw):
 def test_conv(benchmark, shape, impl):
     name, B, C, H, W, N = shape
     dev = device()
+    if "fp8" in impl and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
     Wt = _quantized(C, N, dev)
     x = torch.randn(B, C, H, W, device=dev).half()
     K = C * KS * KS
@@ -73,6 +77,8 @@ def test_conv(benchmark, shape, impl):
     elif impl == "diffaccel:w4a8":
         fn, w_bytes = (lambda: CV.int8_conv2d(x, Wt["q4"], Wt["s4"], group_size=Wt["group4"], w_int4=True,
                                               **conv)), N * K // 2
+    elif impl == "diffaccel:fp8":
+        fn = lambda: CV.fp8_conv2d(x, Wt["f8"], Wt["sf8"], **conv)  # noqa: E731
     elif impl == "baseline:cudnn-fp16":
         b16 = bias.half()
         fn, w_bytes = (lambda: F.conv2d(x, Wt["w16"], b16, padding=PAD)), N * K * 2
@@ -81,6 +87,8 @@ def test_conv(benchmark, shape, impl):
     elif impl == "baseline:unfold-int8_linear-w4a8":
         fn, w_bytes = (lambda: _unfold_linear(x, Wt["q4"], Wt["s4"], N, bias=bias, group_size=Wt["group4"],
                                               w_int4=True)), N * K // 2
+    elif impl == "baseline:unfold-fp8_linear":
+        fn = lambda: _unfold_linear(x, Wt["f8"], Wt["sf8"], N, linear=G.fp8_linear, bias=bias)  # noqa: E731
     else:
         raise ValueError(impl)
     annotate(benchmark, family=FAMILY, case=f"{name} 3x3 C={C} N={N}",

@@ -280,9 +280,14 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
 
 
 def _describe(module: nn.Module) -> str:
+    """e.g. ``QuantLinear(w=int8/channel a=int8/dynamic) via int8_linear``: the format and the op it runs."""
     spec = getattr(module, "spec", None)
-    tag = getattr(spec, "name", None) or (str(spec) if spec is not None else "")
-    return f"{type(module).__name__}({tag})" if tag else type(module).__name__
+    if spec is None:
+        return type(module).__name__
+    w = f"w={spec.weight_dtype}/{spec.weight_group_size or 'channel'}"
+    a = f"a={spec.act_dtype}/{spec.act_mode}{'' if spec.act_symmetric else '-asym'}" if spec.act_dtype else "a=float"
+    op = getattr(module, "op_name", None)
+    return f"{type(module).__name__}({w} {a})" + (f" via {op}" if op else "")
 
 
 def _backend_of(module: nn.Module) -> str:

@@ -1,6 +1,13 @@
 """Device helpers shared by the kernel families."""
+import os
+
 import triton
 import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (the CPU tests): kernels switch around the interpreter's gaps."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -26,3 +33,18 @@ def row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.cons
             x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0))
         acc = tl.maximum(acc, tl.abs(x))
     return tl.max(acc, axis=0)
+
+
+@triton.jit
+def to_e4m3(x, EMULATE: tl.constexpr):
+    """fp32 ``x`` with |x| <= 448 -> float8e4nv, round to nearest, ties to even (torch's cast).
+    EMULATE (the interpreter, whose fp8 cast does not round: seen 127.3 -> 64) first rounds onto
+    the E4M3 grid in fp32 (3 mantissa bits; below 2^-6 the subnormal step 2^-9), so the cast
+    only has to convert an exactly representable value. Zero keeps its sign, as torch's does."""
+    if EMULATE:
+        e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e): powers of two, exact
+        step = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+        r = round_half_even(x * inv_step) * step
+        x = tl.where(r == 0.0, x * 0.0, r)
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")

@@ -14,22 +14,17 @@ QUANT_BLOCK_N tokens per (batch, head), symmetric: s = max(amax, 1e-12) / 127,
 q = clamp(round_half_even(x / s), -127, 127) with IEEE division; QK^T in int32.
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import round_half_even
+from ._common import interpreting, round_half_even
 
 AMAX_FLOOR = 1e-12
 QUANT_BLOCK_M = 128  # Q rows per INT8 scale
 QUANT_BLOCK_N = 64  # K rows per INT8 scale
 FP8_E4M3_MAX = 448.0  # P is scaled by this before its E4M3 cast (the kernel spells it out as 448.0)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # -- the float kernel ------------------------------------------------------------------------
@@ -205,7 +200,7 @@ _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "BLOCK_D1", "HAS_MASK", "IS_CA
 
 
 def _arch_family(device: torch.device) -> str:
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return "interpreter"
     major, _ = torch.cuda.get_device_capability(device)
     return "sm90" if major >= 9 else "sm80"
@@ -258,7 +253,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> Non
         return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     kernel = _tuned("_attn_fwd_kernel", _arch_family(q.device))
-    interpret_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    interpret_bf16 = interpreting() and q.dtype == torch.bfloat16
     block_d, block_d1 = split_head_dim(D)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](

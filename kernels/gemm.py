@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_half_even, row_abs_max
+from ._common import interpreting, round_half_even, row_abs_max, to_e4m3
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -209,12 +209,6 @@ def _int8_act_gemm_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def pick_int8_config(M: int, N: int, K: int, group_size: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
     (these are the configs STATIC_REPORT_CASES compiles)."""
@@ -356,7 +350,7 @@ def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool) -> None:
 @triton.jit
 def _quantize_act_fp8_kernel(x_ptr, smooth_ptr, scale_ptr, out_ptr, K, stride_xm, HAS_SMOOTH: tl.constexpr,
                              STATIC: tl.constexpr, AMAX_MIN: tl.constexpr, FMAX: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             EMULATE_FP8: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     if STATIC:
@@ -372,7 +366,7 @@ def _quantize_act_fp8_kernel(x_ptr, smooth_ptr, scale_ptr, out_ptr, K, stride_xm
         if HAS_SMOOTH:
             x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=mask, other=1.0))
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
-        tl.store(out_ptr + row * K + offs, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(out_ptr + row * K + offs, to_e4m3(q, EMULATE_FP8), mask=mask)
 
 
 def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
@@ -383,7 +377,7 @@ def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
     _quantize_act_fp8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out, out, K, x2d.stride(0),
         HAS_SMOOTH=smooth is not None, STATIC=static, AMAX_MIN=AMAX_FLOOR, FMAX=FP8_MAX,
-        BLOCK_K=min(triton.next_power_of_2(K), 4096))
+        EMULATE_FP8=interpreting(), BLOCK_K=min(triton.next_power_of_2(K), 4096))
 
 
 # -- W4A16 / W8A16: weight-only, dequantized in the main loop ------------------------------
@@ -460,7 +454,7 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool)
         x, w, w_scale, bias if bias is not None else out, out, M, N, K,
         x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
-        HAS_BIAS=bias is not None, DOT_FP32=_interpreting() and x.dtype != torch.float16, EVEN_K=K % BK == 0,
+        HAS_BIAS=bias is not None, DOT_FP32=interpreting() and x.dtype != torch.float16, EVEN_K=K % BK == 0,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False)
 
 

@@ -302,6 +302,182 @@ def test_quant_conv_weight_only_large_m_uses_dequantized_conv(spec):
     torch.testing.assert_close(y, _old_unfold_path(q, x), rtol=1e-5, atol=1e-5)
 
 
+# -- Q-Diffusion's split input: two static quantizers over the channel ranges [0, C1), [C1, C) -------
+
+def _split_operands(g, *, B, C, H, W, N, ks, split, int4=False, group=None, zp=False, smooth=False, bias=False,
+                    dtype=torch.float32):
+    """Like _operands, but the two channel ranges have different magnitudes (h and the skip tensor)
+    and their own calibrated-like ranges; w_sum is [2, N] per channel or [N, G] per group."""
+    x, wq, w, w_scale, kw = _operands(g, B=B, C=C, H=H, W=W, N=N, ks=ks, int4=int4, group=group, smooth=smooth,
+                                      bias=bias, dtype=dtype)
+    x = x.float()
+    x[:, split:] *= 6.0
+    x = x.to(dtype)
+    K1 = split * ks[0] * ks[1]
+    amax = torch.stack((x[:, :split].float().abs().amax(), x[:, split:].float().abs().amax()))
+    kw["act_scale"] = (amax / 115).float()
+    if zp:
+        kw["act_zero_point"] = torch.tensor([-7, 5], dtype=torch.int32)
+        w32 = wq.to(torch.int32)
+        if group:
+            kw["w_sum"] = w32.reshape(N, -1, group).sum(-1, dtype=torch.int32)
+        else:
+            kw["w_sum"] = torch.stack((w32[:, :K1].sum(1, dtype=torch.int32), w32[:, K1:].sum(1, dtype=torch.int32)))
+    return x, wq, w, w_scale, kw
+
+
+def _split_reference(x, w, w_scale, kw, ks, stride, padding, group, int4, out_dtype, split):
+    return CV.int8_conv2d_reference(x, w, w_scale, kw.get("smooth"), kw["act_scale"], kw.get("act_zero_point"),
+                                    kw.get("w_sum"), kw.get("bias"), ks, stride, padding, (1, 1), group or 0, int4,
+                                    out_dtype, split)
+
+
+# (B, C, H, W, N, kernel, stride, padding, split, int4, group, zp, smooth, bias)
+SPLIT_CASES = {
+    # K1 = 27: the split falls inside a 32-wide K block (masked on both sides)
+    "w8_channel_zp_bias_K1_unaligned": (1, 7, 5, 6, 9, (3, 3), (1, 1), (1, 1), 3, False, None, True, False, True),
+    "w8_channel_smooth": (2, 5, 4, 5, 7, (3, 3), (2, 2), (1, 1), 2, False, None, False, True, False),
+    "w4_channel_zp_bias": (1, 6, 4, 4, 5, (3, 3), (1, 1), (1, 1), 2, True, None, True, False, True),
+    "w4_g16_zp_smooth": (1, 32, 3, 4, 6, (3, 3), (1, 1), (1, 1), 16, True, 16, True, True, False),
+    "w8_g64_zp_bias": (1, 128, 3, 3, 5, (3, 3), (1, 1), (1, 1), 64, False, 64, True, False, True),
+    # M = 180 (two 128-row tiles per image... and batch 2), N = 130 (two column tiles)
+    "w8_channel_multi_tile": (2, 4, 9, 10, 130, (3, 3), (1, 1), (1, 1), 1, False, None, True, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_triton_split_matches_reference(case):
+    _needs_triton()
+    B, C, H, W, N, ks, stride, padding, split, int4, group, zp, smooth, bias = SPLIT_CASES[case]
+    g = _gen(zlib.crc32(case.encode()))
+    x, wq, w, w_scale, kw = _split_operands(g, B=B, C=C, H=H, W=W, N=N, ks=ks, split=split, int4=int4, group=group,
+                                            zp=zp, smooth=smooth, bias=bias)
+    ref = _split_reference(x, w, w_scale, kw, ks, stride, padding, group, int4, torch.float32, split)
+    with use_backend("triton"):
+        out = int8_conv2d(x, w, w_scale, kernel_size=ks, stride=stride, padding=padding, group_size=group,
+                          w_int4=int4, act_split=split, **kw)
+    assert torch.equal(out, ref)
+    # the split reference is the sum, in fp32 with the bias on the second, of the two channel ranges'
+    # own convs (K order is (c, kh, kw), so a channel range is a K range)
+    K1 = split * ks[0] * ks[1]
+    wk = K1 // 2 if int4 else K1
+    parts = []
+    for p, (cs, ws) in enumerate(((slice(0, split), slice(0, wk)), (slice(split, None), slice(wk, None)))):
+        sc = w_scale if not group else (w_scale[:, :K1 // group] if p == 0 else w_scale[:, K1 // group:])
+        sums = None
+        if zp:
+            sums = kw["w_sum"][p] if not group else (kw["w_sum"][:, :K1 // group] if p == 0
+                                                     else kw["w_sum"][:, K1 // group:])
+        parts.append(CV.int8_conv2d_reference(
+            x[:, cs], w[:, ws].contiguous(), sc.contiguous(), kw["smooth"][cs] if smooth else None,
+            kw["act_scale"][p:p + 1], kw["act_zero_point"][p:p + 1] if zp else None,
+            None if sums is None else sums.contiguous(), kw.get("bias") if p == 1 else None, ks, stride, padding,
+            (1, 1), group or 0, int4, torch.float32))
+    assert torch.equal(ref, parts[0] + parts[1])
+    # one quantizer for both ranges would clip the skip half or waste the codes of h: the split matters
+    one = CV.int8_conv2d_reference(x, w, w_scale, kw.get("smooth"), kw["act_scale"][1:], None, None, kw.get("bias"),
+                                   ks, stride, padding, (1, 1), group or 0, int4, torch.float32)
+    assert not torch.equal(one, ref)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), C=st.integers(2, 8), H=st.integers(1, 6), W=st.integers(1, 6), N=st.integers(1, 9),
+       kh=st.sampled_from([1, 3]), kw=st.sampled_from([1, 3]), stride=st.integers(1, 2), pad=st.integers(0, 1),
+       zp=st.booleans(), int4=st.booleans(), data=st.data())
+def test_property_triton_split_matches_reference(B, C, H, W, N, kh, kw, stride, pad, zp, int4, data):
+    _needs_triton()
+    ks = (kh, kw)
+    if H + 2 * pad < kh or W + 2 * pad < kw:
+        return  # empty output: rejected by validation (tested above)
+    if int4:
+        C = max(C, 3)  # an even split point below C exists
+        C += (C * kh * kw) % 2  # packed int4 needs an even K
+    split = data.draw(st.sampled_from([s for s in range(1, C) if not int4 or (s * kh * kw) % 2 == 0]), label="split")
+    g = _gen(data.draw(st.integers(0, 2**16), label="seed"))
+    x, wq, w, w_scale, kwargs = _split_operands(g, B=B, C=C, H=H, W=W, N=N, ks=ks, split=split, int4=int4, zp=zp,
+                                                bias=zp, smooth=not zp, dtype=torch.float16)
+    ref = _split_reference(x, w, w_scale, kwargs, ks, (stride, stride), (pad, pad), None, int4, torch.float16, split)
+    with use_backend("triton"):
+        out = int8_conv2d(x, w, w_scale, kernel_size=ks, stride=stride, padding=pad, w_int4=int4, act_split=split,
+                          **kwargs)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_split_half_inputs_and_outputs(dtype):
+    _needs_triton()
+    g = _gen(21)
+    x, wq, w, w_scale, kw = _split_operands(g, B=1, C=6, H=5, W=5, N=10, ks=(3, 3), split=4, zp=True, bias=True,
+                                            dtype=dtype)
+    ref = _split_reference(x, w, w_scale, kw, (3, 3), (1, 1), (1, 1), None, False, dtype, 4)
+    with use_backend("triton"):
+        out = int8_conv2d(x, w, w_scale, kernel_size=3, padding=1, act_split=4, **kw)
+    assert out.dtype == dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spec", [QuantSpec("int8", None, "int8", "static", False),
+                                  QuantSpec("int4", 16, "int8", "static", False),
+                                  QuantSpec("int8", None, "int8", "static", True)])
+def test_quant_conv_split_runs_implicit_gemm_bit_identical_to_unfold(backend, spec, monkeypatch):
+    """The up path's first resnet conv of a Q-Diffusion recipe: same output as the unfold + two-GEMM
+    path it replaces, per timestep set, through the implicit-GEMM op."""
+    if backend == "triton":
+        _needs_triton()
+    torch.manual_seed(5)
+    conv = nn.Conv2d(48, 20, 3, padding=1).half()
+    scales = torch.tensor([[0.04, 0.2], [0.07, 0.3]])
+    zps = None if spec.act_symmetric else torch.tensor([[3, -4], [0, 7]], dtype=torch.int32)
+    q = QuantConv2d.from_float(conv, spec, act_scale=scales, act_zero_point=zps, act_split=32)
+    x = torch.cat((torch.randn(2, 32, 6, 5), 8 * torch.randn(2, 16, 6, 5)), 1).half()
+    calls = []
+    orig = CV.int8_conv2d
+    monkeypatch.setattr(CV, "int8_conv2d", lambda *a, **k: calls.append(k.get("act_split")) or orig(*a, **k))
+    outs = []
+    for t in (0, 1):
+        q.step_state = _Step(t)
+        with use_backend(backend):
+            y = q(x)
+            old = _old_unfold_path(q, x)
+        assert y.dtype == torch.float16 and torch.equal(y, old)
+        outs.append(y)
+    assert calls == [32, 32]
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_split_bad_inputs_named():
+    g = _gen(22)
+    x, wq, w, ws, kw = _split_operands(g, B=1, C=4, H=4, W=4, N=6, ks=(3, 3), split=2, zp=True)
+    base = dict(x=x, w=w, w_scale=ws, kernel_size=3, padding=1, act_split=2, **kw)
+    call = lambda **k: int8_conv2d(**{**base, **k})  # noqa: E731
+    call()  # the valid call
+    for bad in (0, 4, -1, True, 1.5):
+        with pytest.raises(ValueError, match="act_split: expected an int channel index"):
+            call(act_split=bad)
+    with pytest.raises(ValueError, match="act_scale: act_split needs static"):
+        call(act_scale=None, act_zero_point=None)
+    with pytest.raises(ValueError, match="act_scale: expected 2 values"):
+        call(act_scale=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="act_scale"):
+        call(act_scale=torch.tensor([0.1, float("nan")]))
+    with pytest.raises(ValueError, match="act_zero_point: expected 2 values"):
+        call(act_zero_point=torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="act_zero_point: expected values in"):
+        call(act_zero_point=torch.tensor([1, 200], dtype=torch.int32))
+    with pytest.raises(ValueError, match="w_sum: required"):
+        call(w_sum=None)
+    with pytest.raises(ValueError, match=r"w_sum: expected shape \(2, 6\)"):
+        call(w_sum=kw["w_sum"][0])
+    # K1 = 18 is not on a 16-wide group boundary; int4 needs an even K1
+    xg, _, wg, sg, kwg = _split_operands(g, B=1, C=16, H=2, W=2, N=3, ks=(3, 3), split=8, group=16)
+    with pytest.raises(ValueError, match="act_split: the split at K=18 must fall on a weight group boundary"):
+        int8_conv2d(xg, wg, sg, kernel_size=3, padding=1, group_size=16, act_split=2, act_scale=kwg["act_scale"])
+    x4, _, w4, s4, kw4 = _split_operands(g, B=1, C=4, H=2, W=2, N=3, ks=(1, 3), split=2, int4=True)
+    with pytest.raises(ValueError, match="act_split: the split at K=3 must be even"):
+        int8_conv2d(x4, w4, s4, kernel_size=(1, 3), padding=(0, 1), w_int4=True, act_split=1,
+                    act_scale=kw4["act_scale"])
+
+
 # -- torch.compile, opcheck, bad input ------------------------------------------------------------
 
 def test_opcheck():
@@ -309,12 +485,16 @@ def test_opcheck():
     x, wq, w, w_scale, kw = _operands(g, B=1, C=4, H=4, W=5, N=6, ks=(3, 3), static=True, zp=True, smooth=True,
                                       bias=True)
     args = (x, w, w_scale, kw["smooth"], kw["act_scale"], kw["act_zero_point"], kw["w_sum"], kw["bias"],
-            [3, 3], [2, 1], [1, 1], [1, 1], 0, False, torch.float16)
+            [3, 3], [2, 1], [1, 1], [1, 1], 0, False, torch.float16, 0)
     torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default, args)
     x4, wq4, w4, s4, _ = _operands(g, B=1, C=64, H=2, W=2, N=3, ks=(3, 3), int4=True, group=64)
     torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default,
                           (x4, w4, s4, None, None, None, None, None, [3, 3], [1, 1], [1, 1], [1, 1], 64, True,
-                           torch.float32))
+                           torch.float32, 0))
+    xs, wqs, ws, ss, kws = _split_operands(g, B=1, C=5, H=3, W=4, N=6, ks=(3, 3), split=2, zp=True)
+    torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default,
+                          (xs, ws, ss, None, kws["act_scale"], kws["act_zero_point"], kws["w_sum"], None, [3, 3],
+                           [1, 1], [1, 1], [1, 1], 0, False, torch.float32, 2))
 
 
 def test_compile_no_graph_break():
@@ -422,3 +602,26 @@ def test_gpu_quant_conv_bit_identical_to_unfold():
     x = torch.randn(2, 640, 64, 64, device=dev).half()
     with use_backend("triton"):
         assert torch.equal(q(x), _old_unfold_path(q, x))
+
+
+# SDXL's up path: the first resnet conv of each up block reads cat(h, skip) (Q-Diffusion's split)
+GPU_SPLIT_SHAPES = [(2, 2560, 32, 32, 1280, 1280), (2, 1920, 64, 64, 640, 1280), (2, 960, 128, 128, 320, 640)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", ["w8a8_static_zp", "w4a8_g64_static_zp"])
+def test_gpu_split_bit_exact_sdxl_up_path(shape, case):
+    _needs_triton("cuda")
+    dev = torch.device("cuda")
+    B, C, H, W, N, split = shape
+    g = _gen(C + N + split)
+    int4 = case.startswith("w4")
+    group = 64 if int4 else None
+    x, wq, w, w_scale, kw = _split_operands(g, B=B, C=C, H=H, W=W, N=N, ks=(3, 3), split=split, int4=int4,
+                                            group=group, zp=True, bias=True, dtype=torch.float16)
+    ref = _split_reference(x, w, w_scale, kw, (3, 3), (1, 1), (1, 1), group, int4, torch.float16, split)
+    with use_backend("triton"):
+        out = int8_conv2d(x.to(dev), w.to(dev), w_scale.to(dev), kernel_size=3, padding=1, group_size=group,
+                          w_int4=int4, act_split=split, **{k: v.to(dev) for k, v in kw.items()})
+    assert torch.equal(out.cpu(), ref)

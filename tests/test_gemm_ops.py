@@ -202,8 +202,9 @@ def test_property_triton_matches_reference(m, n, kg, group, int4, seed):
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp8_gemm_exact_accumulation(backend, M, bias):
     """Small integer fp8 operands make every fp32 partial sum exact, so any summation order gives
-    the same accumulator: the kernel's accumulation and epilogue are checked bit for bit. (The
-    interpreter's fp8 *casts* differ from torch's, so activation quantization to fp8 is GPU-tested.)"""
+    the same accumulator: the kernel's accumulation and epilogue are checked bit for bit. (The fp8 activation quantizers
+    are checked in tests/test_conv_fp8.py, on CPU too: under the interpreter they round onto the
+    E4M3 grid before the cast.)"""
     _needs(backend, "fp8_gemm")
     g = _gen(M)
     N, K = 37, 96

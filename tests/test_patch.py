@@ -141,6 +141,26 @@ def test_report_table_and_logging(caplog):
     assert any("diffaccel.patch" in rec.message for rec in caplog.records)
 
 
+@pytest.mark.parametrize("preset, conv_op", [("w8a8", "int8_conv2d"), ("fp8", "fp8_conv2d"), ("w4a16", None)])
+def test_report_names_the_op_and_backend_of_quantized_layers(preset, conv_op):
+    from diffaccel.nn import QuantConv2d, QuantLinear
+
+    model, _ = tiny_models.unet_sd15()
+    report = diffaccel.patch(model, quant=preset, solver=False)
+    rows = {r.name: r for r in report.replaced if r.part == "quant"}
+    assert rows and all(r.backend == "torch" for r in rows.values())  # the reference, on CPU
+    linear_op = {"w8a8": "int8_linear", "fp8": "fp8_gemm", "w4a16": "weight_only_gemm"}[preset]
+    for name in rows:
+        layer = model.get_submodule(name)
+        if isinstance(layer, QuantConv2d) and not layer.is_pointwise:
+            assert layer.op_name == (conv_op or linear_op), name
+        else:
+            assert isinstance(layer, (QuantLinear, QuantConv2d)) and layer.op_name == linear_op, name
+    with use_backend("triton"):  # a forced backend is what the report names
+        again = diffaccel.patch(tiny_models.unet_sd15()[0], quant=preset, solver=False)
+    assert {r.backend for r in again.replaced if r.part == "quant"} == {"triton"}
+
+
 def test_keep_originals_false_frees_and_refuses_unpatch():
     model, inputs = tiny_models.unet_sd15()
     diffaccel.patch(model, quant="w8a8", solver=False, keep_originals=False)

@@ -237,6 +237,16 @@ class QuantLayerBase(nn.Module):
             zp = torch.index_select(zp, 0, idx)[0]
         return scale, zp
 
+    @property
+    def op_name(self) -> str:
+        """The op that does this layer's main work (the patch report names the backend it runs on)."""
+        s = self.spec
+        if s.act_dtype == "int8":
+            return "int8_linear"
+        if s.act_dtype == "fp8_e4m3":
+            return "fp8_gemm"
+        return "weight_only_gemm"
+
     def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [M, K] float -> [M, N] in the module's output dtype."""
         s = self.spec
@@ -277,24 +287,13 @@ class QuantLayerBase(nn.Module):
         return G.fp8_gemm(codes, self.weight_q, scale, self.weight_scale, bias=self.bias, out_dtype=self.original_dtype)
 
     def _split_int8(self, x2, scale, zp, w_int4, out_dtype):
-        # Q-Diffusion split shortcut: the two input ranges have their own quantizers, so the GEMM
-        # runs as two K ranges summed in fp32 (each exact against the reference), bias on the second
-        k1, K, g = self.act_split_k, self.gemm_k, self.group_size
-        wk1 = k1 // 2 if w_int4 else k1
-        ys = []
-        for part, (ks, ws) in enumerate(((slice(0, k1), slice(0, wk1)), (slice(k1, K), slice(wk1, None)))):
-            if g is None:
-                w_scale = self.weight_scale
-                w_sum = self.weight_sum[part] if self.weight_sum is not None else None
-            else:
-                gs = slice(0, k1 // g) if part == 0 else slice(k1 // g, None)
-                w_scale = self.weight_scale[:, gs]
-                w_sum = self.weight_sum[:, gs] if self.weight_sum is not None else None
-            ys.append(G.int8_linear(
-                x2[:, ks], self.weight_q[:, ws], w_scale, smooth=None if self.smooth is None else self.smooth[ks],
-                act_scale=scale[part], act_zero_point=None if zp is None else zp[part], w_sum=w_sum,
-                bias=self.bias if part == 1 else None, group_size=g, w_int4=w_int4, out_dtype=torch.float32))
-        return (ys[0] + ys[1]).to(out_dtype)
+        # Q-Diffusion split shortcut: two K ranges with their own quantizers (see split_k_int8_linear)
+        def linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+            return G.int8_linear(x, w, w_scale, smooth=smooth, act_scale=act_scale, act_zero_point=act_zero_point,
+                                 w_sum=w_sum, bias=bias, group_size=group_size, w_int4=w_int4, out_dtype=out_dtype)
+
+        return G.split_k_int8_linear(linear, x2, self.weight_q, self.weight_scale, self.smooth, scale, zp,
+                                     self.weight_sum, self.bias, self.group_size, w_int4, out_dtype, self.act_split_k)
 
     def _split_fp8(self, x2, scale, out_dtype):
         k1 = self.act_split_k

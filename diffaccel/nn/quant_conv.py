@@ -1,7 +1,8 @@
 """QuantConv2d: 1x1 convs run as a GEMM over pixels (channels as K); k x k convs with int8
-activations (W8A8, W4A8; static or dynamic) as an implicit GEMM (``diffaccel.ops.int8_conv2d``:
-the kernel gathers and quantizes the activations itself, no im2col in memory). K is ordered
-(channel, kh, kw) like the conv weight. Dynamic activation quantization is per GEMM row: per pixel
+activations (W8A8, W4A8; static or dynamic, Q-Diffusion's split input included) or fp8 ones (not
+split) as an implicit GEMM (``diffaccel.ops.int8_conv2d`` / ``fp8_conv2d``: the kernel gathers
+and quantizes the activations itself, no im2col in memory). K is ordered (channel, kh, kw) like
+the conv weight. Dynamic activation quantization is per GEMM row: per pixel
 over channels for 1x1, per output position over its receptive field for k x k."""
 from __future__ import annotations
 
@@ -87,36 +88,55 @@ class QuantConv2d(QuantLayerBase):
             y = self._gemm(x2)
             return y.reshape(B, H, W, N).permute(0, 3, 1, 2).contiguous()
         s = self.spec
-        if s.act_dtype == "int8" and self.act_split_k is None:
+        if s.act_dtype == "int8":
             return self._implicit_gemm_int8(x)
+        if s.act_dtype == "fp8_e4m3" and self.act_split_k is None:
+            return self._implicit_gemm_fp8(x)
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if s.act_dtype is None and not self._weight_only_kernel_fits(B * Ho * Wo):
             return self._dequantized_conv(x)
-        # im2col (F.unfold) + GEMM remains for: the Q-Diffusion split input (two quantizers over two
-        # K ranges; the implicit-GEMM kernel has one activation quantizer), fp8 activations (no fp8
-        # implicit-GEMM kernel, and the interpreter cannot check fp8 rounding on CPU), and
-        # weight-only layers small enough for the in-kernel dequantizing GEMM
+        # im2col (F.unfold) + GEMM remains for a split input with fp8 activations and for weight-only
+        # layers small enough for the in-kernel dequantizing GEMM
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         x2 = cols.transpose(1, 2).reshape(-1, self.gemm_k)
         y = self._gemm(x2)
         return y.reshape(B, Ho * Wo, N).transpose(1, 2).reshape(B, N, Ho, Wo)
 
+    @property
+    def op_name(self) -> str:
+        s = self.spec
+        if not self.is_pointwise:
+            if s.act_dtype == "int8":
+                return "int8_conv2d"
+            if s.act_dtype == "fp8_e4m3" and self.act_split_k is None:
+                return "fp8_conv2d"
+        return super().op_name
+
     def _implicit_gemm_int8(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        kh, kw = self.kernel_size
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                      # smooth is stored per K (c, kh, kw); the conv op takes it per input channel
-                      smooth=None if self.smooth is None else self.smooth[::kh * kw].contiguous(),
-                      bias=self.bias, group_size=self.group_size, w_int4=s.weight_dtype == "int4",
-                      out_dtype=self.original_dtype)
+                      smooth=self._smooth_per_channel(), bias=self.bias, group_size=self.group_size,
+                      w_int4=s.weight_dtype == "int4", out_dtype=self.original_dtype)
         if s.act_mode == "dynamic":
             return CV.int8_conv2d(x, self.weight_q, self.weight_scale, **common)
-        scale, zp = self._act_params()
+        scale, zp = self._act_params()  # two of each with a split input
         return CV.int8_conv2d(x, self.weight_q, self.weight_scale, act_scale=scale, act_zero_point=zp,
-                              w_sum=self.weight_sum, **common)
+                              w_sum=self.weight_sum, act_split=self.act_split, **common)
+
+    def _implicit_gemm_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        scale = None if self.spec.act_mode == "dynamic" else self._act_params()[0]
+        return CV.fp8_conv2d(x, self.weight_q, self.weight_scale, kernel_size=self.kernel_size, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, act_scale=scale,
+                             smooth=self._smooth_per_channel(), bias=self.bias, out_dtype=self.original_dtype)
+
+    def _smooth_per_channel(self):
+        # smooth is stored per K (c, kh, kw), every kh * kw entries equal; the conv ops take it per channel
+        if self.smooth is None:
+            return None
+        return self.smooth[::self.kernel_size[0] * self.kernel_size[1]].contiguous()
 
     def _weight_only_kernel_fits(self, M: int) -> bool:
         # the same choice QuantLayerBase._weight_only makes for a GEMM of M rows

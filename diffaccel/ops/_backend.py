@@ -39,6 +39,7 @@ class OpBackends:
     # which devices the extension's kernels cover: "cpu" (C++ loop) and/or "cuda"
     cuda_devices: tuple = ("cuda",)
     triton_cpu: bool = True  # False where the interpreter lacks what the kernel needs
+    triton_min_capability: tuple = (8, 0)  # the oldest GPU arch its Triton kernel compiles for (fp8: sm_89)
 
 
 _REGISTRY: dict[str, OpBackends] = {}
@@ -161,6 +162,11 @@ def _why_not(op: OpBackends, backend: str, device: torch.device) -> Optional[str
                 return f"{op.name}'s Triton kernel needs what the interpreter lacks"
         elif device.type != "cuda":
             return f"Triton does not run on {device.type}"
+        else:
+            cap = torch.cuda.get_device_capability(device)
+            if tuple(cap) < tuple(op.triton_min_capability):
+                need = "".join(map(str, op.triton_min_capability))
+                return f"{op.name}'s Triton kernel needs sm_{need}+ (this GPU is sm_{cap[0]}{cap[1]})"
         return None
     raise BackendUnavailable(f"unknown backend {backend!r}")
 

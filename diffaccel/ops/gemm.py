@@ -38,6 +38,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_MIN_CAPABILITY = (8, 9)  # fp8 dots (Triton) and torch._scaled_mm start at sm_89
 # Below this many rows one fused kernel quantizes the activations inside the GEMM (each
 # N-tile requantizes its rows, cheaper than a second launch); above, one quantization pass
 # then the int8 GEMM.
@@ -120,6 +121,28 @@ def int8_linear_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_su
     else:
         q, s = quantize_static_int8_reference(x, smooth, act_scale, act_zero_point), act_scale
     return int8_act_gemm_reference(q, w, s, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+
+
+def split_k_int8_linear(linear, x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size: int,
+                        w_int4: bool, out_dtype: torch.dtype, split_k: int):
+    """Q-Diffusion's split input (cat(h, skip)): K ranges [0, split_k) and [split_k, K) have their own
+    static quantizers (``act_scale[p]``, ``act_zero_point[p]``), so the GEMM runs as two, each exact
+    against the reference, summed in fp32 with the bias on the second, then cast once. ``w_sum`` is
+    [2, N] per channel or [N, G] per group (split_k on a group boundary). ``linear`` has
+    ``int8_linear_reference``'s signature: the reference itself, or a dispatching wrapper."""
+    K = x.shape[1]
+    wk = split_k // 2 if w_int4 else split_k
+    ys = []
+    for part, (ks, ws) in enumerate(((slice(0, split_k), slice(0, wk)), (slice(split_k, K), slice(wk, None)))):
+        if group_size:
+            gs = slice(0, split_k // group_size) if part == 0 else slice(split_k // group_size, None)
+            p_scale, p_sum = w_scale[:, gs], (w_sum[:, gs] if w_sum is not None else None)
+        else:
+            p_scale, p_sum = w_scale, (w_sum[part] if w_sum is not None else None)
+        ys.append(linear(x[:, ks], w[:, ws], p_scale, None if smooth is None else smooth[ks], act_scale[part:part + 1],
+                         None if act_zero_point is None else act_zero_point[part:part + 1], p_sum,
+                         bias if part == 1 else None, group_size, w_int4, torch.float32))
+    return (ys[0] + ys[1]).to(out_dtype)
 
 
 def _fp8_acc(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -248,18 +271,18 @@ def _triton_weight_only_gemm(x, w, w_scale, bias, group_size, w_int4):
     return out
 
 
-def _register(name, ref, triton_fn, triton_cpu=True):
-    _backend.register(_backend.OpBackends(name, torch=ref, triton=triton_fn, triton_cpu=triton_cpu))
+def _register(name, ref, triton_fn, **options):
+    _backend.register(_backend.OpBackends(name, torch=ref, triton=triton_fn, **options))
 
 
 _register("int8_act_gemm", int8_act_gemm_reference, _triton_int8_act_gemm)
 _register("quantize_rows_int8", quantize_rows_int8_reference, _triton_quantize_rows_int8)
 _register("quantize_static_int8", quantize_static_int8_reference, _triton_quantize_static_int8)
 _register("int8_linear", int8_linear_reference, _triton_int8_linear)
-_register("fp8_gemm", fp8_gemm_reference, _triton_fp8_gemm)
-# the interpreter's fp8 casts do not round like torch's: GPU only
-_register("quantize_rows_fp8", quantize_rows_fp8_reference, _triton_quantize_rows_fp8, triton_cpu=False)
-_register("quantize_static_fp8", quantize_static_fp8_reference, _triton_quantize_static_fp8, triton_cpu=False)
+_register("fp8_gemm", fp8_gemm_reference, _triton_fp8_gemm, triton_min_capability=FP8_MIN_CAPABILITY)
+# (the interpreter's fp8 casts do not round like torch's: the kernels round on the E4M3 grid first there)
+_register("quantize_rows_fp8", quantize_rows_fp8_reference, _triton_quantize_rows_fp8)
+_register("quantize_static_fp8", quantize_static_fp8_reference, _triton_quantize_static_fp8)
 _register("weight_only_gemm", weight_only_gemm_reference, _triton_weight_only_gemm)
 
 
