@@ -11,6 +11,11 @@ Numerics, identical to ``diffaccel.ops.gemm``'s reference so results are bit-exa
 - fused activation quantization (int8): x' = x / smooth[k] (IEEE division, only with smooth);
   dynamic: a_scale[m] = max(amax_k |x'|, 1e-12) / 127, q = clamp(rne(x' / a_scale), -128, 127);
   static: q = clamp(rne(x' / scale) + zp, -128, 127).
+- feed-forward epilogue (``int8_ffn_up``): v = act(y) with act = GELU (erf or tanh form) or, gated
+  (GEGLU), v = y[:, n] * gelu(y[:, N + n]) over the two weight halves; then either one cast to
+  out, or the next layer's static int8 quantization of that cast value (its codes written
+  instead of the float activation). act is libdevice/interpreter math, not torch's: equal to
+  the reference within a few fp32 ulps (the int32 sums before it are exact).
 Launches pass enable_fp_fusion=False so the GPU epilogue does not contract a*b+c into an FMA,
 which would round differently from the reference.
 """
@@ -33,6 +38,30 @@ def _to_out(y, out_ptr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         y = bits.to(tl.float32, bitcast=True)
     return y.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _round_to(y, VALUE_DTYPE: tl.constexpr):
+    """fp32 ``y`` rounded to the float type VALUE_DTYPE (0 fp32, 1 fp16, 2 bf16) and back: the value
+    a float output of that type would hold (bf16 rounded on the bits, as in _to_out)."""
+    if VALUE_DTYPE == 1:
+        y = y.to(tl.float16).to(tl.float32)
+    elif VALUE_DTYPE == 2:
+        bits = y.to(tl.uint32, bitcast=True)
+        y = ((bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return y
+
+
+@triton.jit
+def _gelu(y, TANH: tl.constexpr):
+    """GELU in fp32: x * Phi(x) (erf), or the tanh form written as x * sigmoid(2u), which is
+    0.5 * x * (1 + tanh(u)) without the cancellation of 1 + tanh(u) at large negative u; the
+    sigmoid from t = exp(-2|u|) <= 1, so nothing overflows."""
+    if TANH:
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        t = tl.exp(-2.0 * tl.abs(u))
+        return y * tl.where(u >= 0, 1.0, t) / (1.0 + t)
+    return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
 
 
 @triton.jit
@@ -142,12 +171,20 @@ def _load_act_tile(a_ptr, rm, offs_k, K, stride_am, smooth_ptr, a_scale, zp,
 @triton.jit
 def _int8_act_gemm_kernel(
     a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, zp_ptr, wsum_ptr, bias_ptr, smooth_ptr, out_ptr,
+    out_scale_ptr, out_zp_ptr, out_smooth_ptr,
     M, N, K, stride_am, stride_wn, stride_om, stride_wsn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUPED: tl.constexpr, W_INT4: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr,
     HAS_BIAS: tl.constexpr, FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_MIN: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, ACTIVATION: tl.constexpr = 0, GATED: tl.constexpr = False,
+    OUT_QUANT: tl.constexpr = False, OUT_HAS_ZP: tl.constexpr = False, OUT_HAS_SMOOTH: tl.constexpr = False,
+    VALUE_DTYPE: tl.constexpr = 0,
 ):
+    # N is the number of output columns. The feed-forward epilogue (int8_ffn_up): ACTIVATION 1 =
+    # GELU (erf), 2 = GELU (tanh); GATED reads a second weight tile at rows N + n (GEGLU's gate
+    # half, its own accumulator) and writes y_n * gelu(gate_n). OUT_QUANT writes int8 codes of the
+    # value rounded to VALUE_DTYPE, quantized with the next layer's static scale / zero point /
+    # smoothing, instead of the float value.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,7 +211,7 @@ def _int8_act_gemm_kernel(
                 amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
         else:
-            a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
+            a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)  # rows past M: never stored
     else:
         a_scale = tl.load(a_scale_ptr)
 
@@ -182,6 +219,7 @@ def _int8_act_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_gate = acc  # GATED only: the gate half's accumulator
     for k0 in range(0, K, BLOCK_K):
         if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
             offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
@@ -192,56 +230,113 @@ def _int8_act_gemm_kernel(
             w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
             part = tl.dot(a_even, w_lo, out_dtype=tl.int32)
             part = tl.dot(a_odd, w_hi, part, out_dtype=tl.int32)
+            if GATED:
+                g_lo, g_hi = _load_int4_tile_t(w_ptr, rn + N, k0, K, stride_wn, BLOCK_K, EVEN_K)
+                part_gate = tl.dot(a_even, g_lo, out_dtype=tl.int32)
+                part_gate = tl.dot(a_odd, g_hi, part_gate, out_dtype=tl.int32)
         else:
             a = _load_act_tile(a_ptr, rm, k0 + tl.arange(0, BLOCK_K), K, stride_am, smooth_ptr, a_scale, zp,
                                FUSE_QUANT, HAS_SMOOTH, EVEN_K)
             w = _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
             part = tl.dot(a, w, out_dtype=tl.int32)
+            if GATED:
+                part_gate = tl.dot(a, _load_int8_tile_t(w_ptr, rn + N, k0, K, stride_wn, BLOCK_K, EVEN_K),
+                                   out_dtype=tl.int32)
         if GROUPED:  # BLOCK_K is the group size: one scale per (n, group)
             acc = _add_weight_group(acc, part, k0 // BLOCK_K, zp, wsum_ptr, w_scale_ptr, offs_n, n_mask, stride_wsn,
                                     HAS_ZP)
+            if GATED:
+                acc_gate = _add_weight_group(acc_gate, part_gate, k0 // BLOCK_K, zp, wsum_ptr, w_scale_ptr,
+                                             offs_n + N, n_mask, stride_wsn, HAS_ZP)
         else:
             acc += part
+            if GATED:
+                acc_gate += part_gate
 
     y = _int8_epilogue(acc, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, PER_TOKEN, HAS_ZP,
                        HAS_BIAS)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
-             mask=m_mask[:, None] & n_mask[None, :])
+    if GATED:
+        gate = _int8_epilogue(acc_gate, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n + N, n_mask, GROUPED,
+                              PER_TOKEN, HAS_ZP, HAS_BIAS)
+        y = y * _gelu(gate, ACTIVATION == 2)
+    elif ACTIVATION != 0:
+        y = _gelu(y, ACTIVATION == 2)
+    # (the output pointers are formed in each branch: formed before it, ptxas kept them live
+    # through the epilogue and the W4A8 g128 tile spilled on sm_90a)
+    if OUT_QUANT:  # the next layer's static quantization of the value it would have read
+        v = _round_to(y, VALUE_DTYPE)
+        if OUT_HAS_SMOOTH:
+            v = tl.math.div_rn(v, tl.load(out_smooth_ptr + offs_n, mask=n_mask, other=1.0)[None, :])
+        q = round_half_even(tl.math.div_rn(v, tl.load(out_scale_ptr)))
+        if OUT_HAS_ZP:
+            q = q + tl.load(out_zp_ptr).to(tl.float32)
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], q.to(tl.int8),
+                 mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
-def pick_int8_config(M: int, N: int, K: int, group_size: int):
+ACTIVATIONS = {None: (0, False), "gelu": (1, False), "gelu_tanh": (2, False), "geglu": (1, True),
+               "geglu_tanh": (2, True)}  # name -> (ACTIVATION, GATED)
+VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
-    (these are the configs STATIC_REPORT_CASES compiles)."""
+    (these are the configs STATIC_REPORT_CASES compiles). With the feed-forward epilogue the tiles
+    shrink where the static report found them spilling: gated (GEGLU, two accumulators) output
+    tiles are 32 columns wide (64 weight rows; 128 x 64 spilled on sm_80/89, the W4A8 64 x 64 on all
+    three archs), and group-wise weights take 32 rows (64 x 128 spilled on sm_89 with GELU)."""
     block_k = group_size if group_size else 64
     if M <= 16:
-        return 16, 64, block_k, 4, 4
-    if group_size:
-        return 64, 128, block_k, 8, 3
-    if M <= 64:
-        return 64, 64, block_k, 8, 3
-    return 128, 128, block_k, 8, 2
+        bm, bn, warps, stages = 16, 64, 4, 4
+    elif group_size:
+        bm, bn, warps, stages = 64, 128, 8, 3
+    elif M <= 64:
+        bm, bn, warps, stages = 64, 64, 8, 3
+    else:
+        bm, bn, warps, stages = 128, 128, 8, 2
+    if activation is not None:
+        if ACTIVATIONS[activation][1]:
+            bn = 32
+        elif group_size and M > 16:
+            bm = 32
+    return bm, bn, block_k, warps, stages
 
 
 def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, *, group_size: int,
-                  w_int4: bool, fuse_quant: int, per_token: bool) -> None:
+                  w_int4: bool, fuse_quant: int, per_token: bool, activation=None, out_quant=None,
+                  value_dtype=torch.float32) -> None:
     """out[M, N] = dequant(A_q @ W_q^T) (+ bias). ``a`` is int8 [M, K] (fuse_quant=0) or the float
-    activations (1: dynamic per-token, 2: static per-tensor); ``K`` is the logical K."""
+    activations (1: dynamic per-token, 2: static per-tensor); ``K`` is the logical K.
+    ``activation`` (a key of ACTIVATIONS) applies the feed-forward epilogue; gated ones read 2N
+    weight rows for N = out.shape[1] columns. ``out_quant`` = (scale [1], zero point [1] or None,
+    smooth [N] or None): ``out`` is int8 and receives the codes of the value rounded to
+    ``value_dtype``."""
     M = a.shape[0]
-    N = w.shape[0]
+    N = out.shape[1]
     K = a.shape[1]
     if M == 0 or N == 0:
         return
-    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size)
+    act, gated = ACTIVATIONS[activation]
+    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size, activation)
     dummy = out  # never read: the constexpr flags switch its loads off
+    o_scale, o_zp, o_smooth = out_quant if out_quant is not None else (None, None, None)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _int8_act_gemm_kernel[grid](
         a, w, a_scale if a_scale is not None else dummy, w_scale,
         zero_point if zero_point is not None else dummy, w_sum if w_sum is not None else dummy,
         bias if bias is not None else dummy, smooth if smooth is not None else dummy, out,
+        o_scale if o_scale is not None else dummy, o_zp if o_zp is not None else dummy,
+        o_smooth if o_smooth is not None else dummy,
         M, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, FUSE_QUANT=fuse_quant,
         HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0,
+        ACTIVATION=act, GATED=gated, OUT_QUANT=out_quant is not None, OUT_HAS_ZP=o_zp is not None,
+        OUT_HAS_SMOOTH=o_smooth is not None, VALUE_DTYPE=VALUE_DTYPES[value_dtype],
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
 
@@ -460,20 +555,27 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool)
 
 # -- static report ----------------------------------------------------------------------------
 
-def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, per_token, a_dtype="*i8"):
+def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, per_token, a_dtype="*i8",
+               activation=None, out_codes=False):
+    act, gated = ACTIVATIONS[activation]
+    epilogue = {"ACTIVATION": "constexpr", "GATED": "constexpr", "OUT_QUANT": "constexpr",
+                "OUT_HAS_ZP": "constexpr", "OUT_HAS_SMOOTH": "constexpr", "VALUE_DTYPE": "constexpr"}
     return {
         "name": name, "fn": _int8_act_gemm_kernel,
         "signature": {"a_ptr": a_dtype, "w_ptr": "*u8" if w_int4 else "*i8", "a_scale_ptr": "*fp32",
                       "w_scale_ptr": "*fp32", "zp_ptr": "*i32", "wsum_ptr": "*i32", "bias_ptr": "*fp32",
-                      "smooth_ptr": "*fp32", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                      "smooth_ptr": "*fp32", "out_ptr": "*i8" if out_codes else "*fp16", "out_scale_ptr": "*fp32",
+                      "out_zp_ptr": "*i32", "out_smooth_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
                       "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32",
                       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                       "GROUPED": "constexpr", "W_INT4": "constexpr", "PER_TOKEN": "constexpr",
                       "HAS_ZP": "constexpr", "HAS_BIAS": "constexpr", "FUSE_QUANT": "constexpr",
-                      "HAS_SMOOTH": "constexpr", "AMAX_MIN": "constexpr", "EVEN_K": "constexpr"},
+                      "HAS_SMOOTH": "constexpr", "AMAX_MIN": "constexpr", "EVEN_K": "constexpr", **epilogue},
         "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": grouped, "W_INT4": w_int4,
                        "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True,
-                       "FUSE_QUANT": fuse_quant, "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True},
+                       "FUSE_QUANT": fuse_quant, "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True,
+                       "ACTIVATION": act, "GATED": gated, "OUT_QUANT": out_codes, "OUT_HAS_ZP": out_codes,
+                       "OUT_HAS_SMOOTH": out_codes, "VALUE_DTYPE": 1},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
@@ -510,6 +612,24 @@ STATIC_REPORT_CASES = [
     _int8_case("w4a8_g128_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
     _int8_case("w4a8_g128_fused_quant_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=1,
                per_token=True, a_dtype="*fp16"),
+    # the feed-forward epilogue (int8_ffn_up): GELU, GEGLU (two accumulators, half-wide N tile), and
+    # the next layer's static codes written instead of the float value
+    _int8_case("w8a8_ffn_gelu_tanh_m128", 128, 128, 64, 8, 2, grouped=False, w_int4=False, fuse_quant=0,
+               per_token=True, activation="gelu_tanh"),
+    _int8_case("w8a8_ffn_geglu_m128x32", 128, 32, 64, 8, 2, grouped=False, w_int4=False, fuse_quant=0,
+               per_token=True, activation="geglu"),
+    _int8_case("w8a8_ffn_geglu_codes_static_zp_m128x32", 128, 32, 64, 8, 2, grouped=False, w_int4=False,
+               fuse_quant=0, per_token=False, activation="geglu", out_codes=True),
+    _int8_case("w8a8_ffn_geglu_m64x32", 64, 32, 64, 8, 3, grouped=False, w_int4=False, fuse_quant=0,
+               per_token=True, activation="geglu"),
+    _int8_case("w4a8_g128_ffn_geglu_m64x32", 64, 32, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0,
+               per_token=True, activation="geglu"),
+    _int8_case("w4a8_g128_ffn_gelu_tanh_codes_m32x128", 32, 128, 128, 8, 3, grouped=True, w_int4=True,
+               fuse_quant=0, per_token=True, activation="gelu_tanh", out_codes=True),
+    _int8_case("w8a8_g128_ffn_gelu_codes_static_zp_m32x128", 32, 128, 128, 8, 3, grouped=True, w_int4=False,
+               fuse_quant=0, per_token=False, activation="gelu", out_codes=True),
+    _int8_case("w8a8_ffn_geglu_fused_quant_m16", 16, 32, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
+               per_token=True, a_dtype="*fp16", activation="geglu"),
     {
         "name": "fp8_m128", "fn": _fp8_gemm_kernel,
         "signature": {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",

@@ -223,16 +223,20 @@ def _triton_quantize_static_int8(x, smooth, scale, zero_point):
 
 
 def _triton_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
-                        out_dtype):
+                        out_dtype, *, activation=None, out_quant=None, N=None):
+    """int8_linear on Triton; ``activation`` / ``out_quant`` / ``N`` (output columns) are the
+    feed-forward epilogue's (diffaccel.ops.ffn), passed through to the GEMM kernel."""
     w_scale, w_sum = _same_layout(w_scale, w_sum)
     M = x.shape[0]
-    out = torch.empty(M, w.shape[0], dtype=out_dtype, device=x.device)
+    N = w.shape[0] if N is None else N
+    out = torch.empty(M, N, dtype=torch.int8 if out_quant is not None else out_dtype, device=x.device)
     k = _k()
+    epilogue = dict(activation=activation, out_quant=out_quant, value_dtype=out_dtype)
     dynamic = act_scale is None
     if M <= FUSED_QUANT_MAX_M:
         k.int8_act_gemm(x, w, None if dynamic else act_scale.reshape(1), w_scale, act_zero_point, w_sum, bias,
                         smooth, out, group_size=group_size, w_int4=w_int4, fuse_quant=1 if dynamic else 2,
-                        per_token=dynamic)
+                        per_token=dynamic, **epilogue)
         return out
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     if dynamic:
@@ -242,7 +246,7 @@ def _triton_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
         s = act_scale.reshape(1)
         k.quantize_act_int8(x, smooth, s, act_zero_point, q, None)
     k.int8_act_gemm(q, w, s, w_scale, act_zero_point, w_sum, bias, None, out, group_size=group_size,
-                    w_int4=w_int4, fuse_quant=0, per_token=dynamic)
+                    w_int4=w_int4, fuse_quant=0, per_token=dynamic, **epilogue)
     return out
 
 

@@ -1,0 +1,140 @@
+"""The feed-forward up projection with its activation in the GEMM epilogue: ``int8_ffn_up``.
+
+A diffusers ``FeedForward`` runs ``proj`` (dim -> inner, or -> 2 * inner for GEGLU), then GELU
+(GEGLU: chunk, GELU of the gate half, product), then the down projection, which quantizes its
+input again. Unfused that is the GEMM, one to three elementwise passes over [M, inner] and a
+quantization pass. Here one int8 GEMM applies the activation to its fp32 result and writes
+either the activation in the output dtype, or, when the down projection's activations are
+static (calibrated recipes), directly its int8 codes: [M, inner] crosses memory once, as int8.
+
+Numerics (the reference below; the Triton kernel computes the same):
+    y = int8_linear(x, ...) in fp32 (exact int32 sums, the epilogue of ``diffaccel.ops.gemm``)
+    v = gelu(y)                                   "gelu" (erf) / "gelu_tanh"
+    v = y[:, :N] * gelu(y[:, N:])                 "geglu" / "geglu_tanh" (weights [2N, K], diffusers' order)
+    out = v.to(out_dtype), or with ``next_scale``: quantize_per_tensor(out.float() / next_smooth,
+          next_scale, next_zero_point) -- the codes the down projection would compute from ``out``.
+GELU is torch's in the reference and libdevice / interpreter math in Triton: the two agree to a few
+fp32 ulps, so float outputs match within one rounding of out_dtype and codes within one step where
+the value sits at a rounding boundary (tests/test_ffn_ops.py states the bounds).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from ._checks import check_positive_finite, check_tensor
+from .gemm import (FLOAT_DTYPES, _check_bias, _check_out_dtype, _check_scalar, _check_smooth,
+                   _check_weight, _triton_int8_linear, _value_checks_enabled, check_static_act,
+                   int8_linear_reference, quantize_static_int8_reference)
+
+FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu", "geglu_tanh")
+
+
+def is_gated(activation: str) -> bool:
+    return activation.startswith("geglu")
+
+
+def ffn_activation_reference(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """fp32 [M, N or 2N] -> fp32 [M, N]: diffusers' GELU / GEGLU (activations.py) in fp32."""
+    approximate = "tanh" if activation.endswith("_tanh") else "none"
+    if is_gated(activation):
+        h, gate = y.chunk(2, dim=-1)
+        return h * F.gelu(gate, approximate=approximate)
+    return F.gelu(y, approximate=approximate)
+
+
+def int8_ffn_up_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size: int,
+                          w_int4: bool, activation: str, next_scale, next_zero_point, next_smooth,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    y = int8_linear_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                              torch.float32)
+    v = ffn_activation_reference(y, activation).to(out_dtype)
+    if next_scale is None:
+        return v
+    return quantize_static_int8_reference(v, next_smooth, next_scale, next_zero_point)
+
+
+def _triton_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                        activation, next_scale, next_zero_point, next_smooth, out_dtype):
+    out_quant = None if next_scale is None else (next_scale.reshape(1), next_zero_point, next_smooth)
+    N = w.shape[0] // 2 if is_gated(activation) else w.shape[0]
+    return _triton_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                               out_dtype, activation=activation, out_quant=out_quant, N=N)
+
+
+_backend.register(_backend.OpBackends("int8_ffn_up", torch=int8_ffn_up_reference, triton=_triton_int8_ffn_up))
+
+
+@torch.library.custom_op("diffaccel::int8_ffn_up", mutates_args=())
+def _int8_ffn_up_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
+                    act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
+                    w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
+                    activation: str, next_scale: Optional[torch.Tensor], next_zero_point: Optional[torch.Tensor],
+                    next_smooth: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    return _backend.implementation("int8_ffn_up", x.device)(
+        x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, activation,
+        next_scale, next_zero_point, next_smooth, out_dtype)
+
+
+@_int8_ffn_up_op.register_fake
+def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, activation, next_scale,
+      next_zero_point, next_smooth, out_dtype):
+    N = w.shape[0] // 2 if is_gated(activation) else w.shape[0]
+    return x.new_empty((x.shape[0], N), dtype=torch.int8 if next_scale is not None else out_dtype)
+
+
+def _check_next_quant(next_scale, next_zero_point, next_smooth, N, device):
+    """The down projection's static activation quantizer: scale [1], zero point [1] int32, smooth [N]."""
+    if next_scale is None:
+        for name, v in (("next_zero_point", next_zero_point), ("next_smooth", next_smooth)):
+            if v is not None:
+                raise ValueError(f"{name}: needs next_scale (the next layer's static activation quantizer)")
+        return None, None, None
+    next_scale = _check_scalar("next_scale", next_scale, torch.float32, device, "x")
+    if _value_checks_enabled(next_scale):
+        check_positive_finite("next_scale", next_scale)
+    zp = None
+    if next_zero_point is not None:
+        zp = _check_scalar("next_zero_point", next_zero_point, torch.int32, device, "x")
+        if _value_checks_enabled(zp) and not -128 <= int(zp.item()) <= 127:
+            raise ValueError(f"next_zero_point: expected a value in [-128, 127], got {int(zp.item())}")
+    return next_scale, zp, _check_smooth(next_smooth, N, device, "x")
+
+
+def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, activation: str, smooth=None,
+                act_scale=None, act_zero_point=None, w_sum=None, bias=None, group_size: Optional[int] = None,
+                w_int4: bool = False, next_scale=None, next_zero_point=None, next_smooth=None,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` [..., K] float -> ``int8_linear`` (same arguments) -> ``activation`` in the epilogue ->
+    [..., N] in ``out_dtype`` (default x.dtype), where N = w's rows (half of them for the gated
+    "geglu" / "geglu_tanh": the first half is the value, the second the gate, as in diffusers'
+    GEGLU.proj). With ``next_scale`` (and optionally ``next_zero_point``, ``next_smooth`` [N]) the
+    result is instead the int8 codes of that output under the next layer's static quantizer."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}")
+    if activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(FFN_ACTIVATIONS)}, got {activation!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    K = x2.shape[1]
+    dev = x.device
+    rows = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+    if is_gated(activation) and rows % 2:
+        raise ValueError(f"w: {activation} needs an even number of rows (value half, then gate half), got {rows}")
+    N = rows // 2 if is_gated(activation) else rows
+    smooth = _check_smooth(smooth, K, dev, "x")
+    act_scale, zp = check_static_act(act_scale, act_zero_point, w_sum, dev)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_out_dtype(out_dtype)
+    next_scale, next_zp, next_smooth = _check_next_quant(next_scale, next_zero_point, next_smooth, N, dev)
+    y = torch.ops.diffaccel.int8_ffn_up(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
+                                        _check_bias(bias, rows, dev, "x"), group_size or 0, bool(w_int4), activation,
+                                        next_scale, next_zp, next_smooth, out_dtype)
+    return y.reshape(*lead, N)
+
+
+__all__ = ["FFN_ACTIVATIONS", "int8_ffn_up", "int8_ffn_up_reference", "ffn_activation_reference", "is_gated"]
