@@ -5,8 +5,12 @@ per-token activation quantization (fp16 in, fp16 out), the int8 GEMM alone on pr
 activations, W4A8 (int4 group 128) including quantization, FP8 (per-token fp8 quantization +
 GEMM, bf16), W4A16 (weight-only, M <= 1024). Baselines: cuBLAS fp16 and bf16 (F.linear),
 torch._int_mm (int8 GEMM only, int32 out, no dequantization), torch._scaled_mm rowwise (fp8 GEMM
-only on pre-quantized operands). No CUDA/CUTLASS GEMM exists in diffaccel yet.
+only on pre-quantized operands). No CUDA/CUTLASS GEMM exists in diffaccel yet. Also: q/k/v
+projections with one shared activation quantization, and whole diffusers feed-forwards
+(FusedFeedForward vs the same quantized layers run one by one vs fp16).
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +141,70 @@ def test_qkv_projections(benchmark, shape, M, impl):
              dtype="fp16", impl=impl, flops=3 * 2 * M * D * D, bytes=M * D * 2 + w_bytes + 3 * M * D * 2)
     out = measure(benchmark, fn)
     assert len(out) == 3 and out[0].shape == (M, D)
+
+
+# -- the whole feed-forward: activation in the up projection's epilogue vs the loop over net ------
+
+FF_SHAPES = [("tiny-geglu", 64, "geglu"), ("tiny-gelu-tanh", 64, "gelu-approximate")] if is_smoke() else [
+    ("sdxl-ff-geglu", 1280, "geglu"), ("flux-ff-gelu-tanh", 3072, "gelu-approximate")]
+FF_MS = [G.FUSED_QUANT_MAX_M + 8] if is_smoke() else [1024, 4096, 16384]
+FF_IMPLS = ["diffaccel:w8a8-fused", "diffaccel:w8a8-static-fused", "baseline:w8a8-loop", "baseline:w8a8-static-loop",
+            "baseline:cublas-fp16"]
+_ffs = {}
+
+
+def _feed_forwards(D, activation_fn, dev):
+    """diffusers FeedForward(D, mult=4): fp16 float, W8A8 dynamic and W8A8 static (scales from one
+    batch, as a calibrated recipe holds them), each quantized one also as FusedFeedForward."""
+    from diffusers.models.attention import FeedForward
+
+    from diffaccel.nn import FusedFeedForward, QuantLinear
+    from diffaccel.quant import QuantSpec
+
+    key = (D, activation_fn, str(dev))
+    if key not in _ffs:
+        torch.manual_seed(0)
+        ff = FeedForward(D, mult=4, activation_fn=activation_fn).eval().half().to(dev)
+        x = torch.randn(256, D, device=dev).half()
+        h = ff.net[0](x)
+        static = QuantSpec(weight_dtype="int8", act_dtype="int8", act_mode="static")
+        made = {"fp16": ff}
+        for mode in ("dynamic", "static"):
+            q = copy.deepcopy(ff)
+            for holder, attr, inp in ((q.net[0], "proj", x), (q.net, 2, h)):
+                lin = getattr(holder, attr) if isinstance(attr, str) else holder[attr]
+                if mode == "static":
+                    scale = (inp.float().abs().amax() / 127).reshape(1).cpu()
+                    new = QuantLinear.from_float(lin, static, act_scale=scale)
+                else:
+                    new = QuantLinear.from_float(lin, "w8a8")
+                if isinstance(attr, str):
+                    setattr(holder, attr, new)
+                else:
+                    holder[attr] = new
+            made[f"{mode}-loop"] = q
+            made[f"{mode}-fused"] = FusedFeedForward(q)
+        _ffs[key] = made
+    return _ffs[key]
+
+
+@pytest.mark.parametrize("impl", FF_IMPLS)
+@pytest.mark.parametrize("M", FF_MS)
+@pytest.mark.parametrize("shape", FF_SHAPES, ids=lambda s: s[0])
+def test_feed_forward(benchmark, shape, M, impl):
+    """A diffusers FeedForward (dim D, inner 4D) at M tokens: FusedFeedForward (GELU / GEGLU in the up
+    projection's epilogue; static: it writes the down projection's int8 codes) vs the same quantized
+    layers run one by one as diffusers does, vs fp16 cuBLAS."""
+    name, D, activation_fn = shape
+    dev = device()
+    made = _feed_forwards(D, activation_fn, dev)
+    mode = "static" if "static" in impl else "dynamic"
+    module = made["fp16"] if impl == "baseline:cublas-fp16" else made[f"{mode}-{impl.rsplit('-', 1)[-1]}"]
+    x = torch.randn(M, D, device=dev).half()
+    up_rows = 8 * D if activation_fn == "geglu" else 4 * D
+    w_bytes = (up_rows * D + 4 * D * D) * (2 if impl == "baseline:cublas-fp16" else 1)
+    annotate(benchmark, family=FAMILY, case=f"ff {name} D={D} M={M}", shape={"M": M, "D": D, "inner": 4 * D},
+             dtype="fp16", impl=impl, flops=2 * M * D * (up_rows + 4 * D), bytes=2 * M * D * 2 + w_bytes)
+    with torch.no_grad():
+        out = measure(benchmark, lambda: module(x))
+    assert out.shape == (M, D)

@@ -149,7 +149,7 @@ def _has_accelerate_hook(module: nn.Module) -> bool:
     return getattr(module, "_hf_hook", None) is not None
 
 
-def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog):
+def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog, hold_original: bool = True):
     parent, child = _get_parent(root, qualified_name)
     original = getattr(parent, child)
     if _has_accelerate_hook(original):
@@ -179,7 +179,8 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
             setattr(where, attr, original)
 
     undo.push(restore)
-    undo.originals.append(original)
+    if hold_original:
+        undo.originals.append(original)
 
 
 def _adopt_lora_parent(parent: nn.Module, attr: str, undo: _UndoLog) -> None:
@@ -265,18 +266,48 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             new = dnn.quantize_module(module, spec)
             _swap_module(backbone, name, new, undo)
             report.replaced.append(Replaced(fqn, "quant", type(module).__name__, _describe(new), _backend_of(new)))
-        return
-    # a calibrated recipe: it knows its layers; it must match this backbone
-    new_modules, hooks, skipped = quant.build_modules(backbone)
-    for name, new in new_modules.items():
-        old = backbone.get_submodule(name)
-        _swap_module(backbone, name, new, undo)
-        report.replaced.append(Replaced(f"{prefix}{name}", "quant", type(old).__name__, _describe(new),
-                                        _backend_of(new)))
-    for name, reason in skipped.items():
-        report.skipped.append(Skipped(f"{prefix}{name}", "quant", reason))
-    for install in hooks:
-        undo.push(install(backbone))
+    else:
+        # a calibrated recipe: it knows its layers; it must match this backbone
+        new_modules, hooks, skipped = quant.build_modules(backbone)
+        for name, new in new_modules.items():
+            old = backbone.get_submodule(name)
+            _swap_module(backbone, name, new, undo)
+            report.replaced.append(Replaced(f"{prefix}{name}", "quant", type(old).__name__, _describe(new),
+                                            _backend_of(new)))
+        for name, reason in skipped.items():
+            report.skipped.append(Skipped(f"{prefix}{name}", "quant", reason))
+        for install in hooks:
+            undo.push(install(backbone))
+    _fuse_feed_forwards(prefix, backbone, report, undo, select)
+
+
+def _fuse_feed_forwards(prefix, backbone, report, undo, select):
+    """Each diffusers FeedForward whose projections were just quantized with int8 activations runs its
+    activation in the up projection's epilogue (diffaccel.nn.FusedFeedForward)."""
+    from .nn import QuantLinear
+    from .nn import feed_forward as dff
+
+    for name, module in list(backbone.named_modules()):
+        reason = dff.fuse_reason(module)
+        if reason == "not a diffusers FeedForward" or reason == "diffusers is not installed":
+            continue
+        fqn = f"{prefix}{name}"
+        if not any(isinstance(m, QuantLinear) for m in module.modules()):
+            continue  # nothing of it was quantized: nothing to say
+        if reason is None and not select(module, fqn):
+            reason = "excluded by filter"
+        if reason is None and _has_accelerate_hook(module):
+            reason = _ACCELERATE_HOOK_REASON
+        if reason is not None:
+            report.skipped.append(Skipped(fqn, "quant", f"feed-forward not fused: {reason}"))
+            continue
+        fused = dff.FusedFeedForward(module)
+        # the original shares its net with the replacement: it is a container, not a float module to hold
+        _swap_module(backbone, name, fused, undo, hold_original=False)
+        after = f"FusedFeedForward({fused.activation} epilogue, " + \
+            ("writes net.2's int8 codes)" if fused.writes_codes else "writes the activation)")
+        report.replaced.append(Replaced(fqn, "quant", type(module).__name__, f"{after} via {fused.op_name}",
+                                        _backend_of(fused)))
 
 
 def _describe(module: nn.Module) -> str:

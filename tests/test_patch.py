@@ -63,7 +63,7 @@ def test_quant_preset_within_error_bound(name, preset):
     assert quantized, str(report)
     # the modules really are the quantized layers, and the skipped ones say why
     for r in quantized:
-        assert type(model.get_submodule(r.name)).__name__.startswith("Quant"), r
+        assert type(model.get_submodule(r.name)).__name__.startswith(("Quant", "FusedFeedForward")), r
     assert all(s.reason for s in report.skipped)
     err = _rel_l2(tiny_models.output_of(model, inputs), ref)
     assert err < QUANT_REL_L2[preset], f"{name} {preset}: rel L2 {err:.4f}"
@@ -143,16 +143,25 @@ def test_report_table_and_logging(caplog):
 
 @pytest.mark.parametrize("preset, conv_op", [("w8a8", "int8_conv2d"), ("fp8", "fp8_conv2d"), ("w4a16", None)])
 def test_report_names_the_op_and_backend_of_quantized_layers(preset, conv_op):
-    from diffaccel.nn import QuantConv2d, QuantLinear
+    from diffaccel.nn import FusedFeedForward, QuantConv2d, QuantLinear
 
     model, _ = tiny_models.unet_sd15()
     report = diffaccel.patch(model, quant=preset, solver=False)
     rows = {r.name: r for r in report.replaced if r.part == "quant"}
     assert rows and all(r.backend == "torch" for r in rows.values())  # the reference, on CPU
     linear_op = {"w8a8": "int8_linear", "fp8": "fp8_gemm", "w4a16": "weight_only_gemm"}[preset]
+    fused = [n for n in rows if isinstance(model.get_submodule(n), FusedFeedForward)]
+    # feed-forwards fuse their GEGLU into the up projection with int8 activations only, and say why not else
+    assert bool(fused) == (preset == "w8a8")
+    assert all(rows[n].after.endswith("via int8_ffn_up") for n in fused)
+    if preset == "fp8":
+        assert any(s.reason.startswith("feed-forward not fused: net.0.proj has fp8_e4m3 activations")
+                   for s in report.skipped)
     for name in rows:
         layer = model.get_submodule(name)
-        if isinstance(layer, QuantConv2d) and not layer.is_pointwise:
+        if isinstance(layer, FusedFeedForward):
+            assert layer.op_name == "int8_ffn_up"
+        elif isinstance(layer, QuantConv2d) and not layer.is_pointwise:
             assert layer.op_name == (conv_op or linear_op), name
         else:
             assert isinstance(layer, (QuantLinear, QuantConv2d)) and layer.op_name == linear_op, name

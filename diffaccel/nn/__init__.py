@@ -1,4 +1,5 @@
-"""Quantized layers: QuantLinear, QuantConv2d (packed low-bit weights, real low-bit GEMMs).
+"""Quantized layers: QuantLinear, QuantConv2d (packed low-bit weights, real low-bit GEMMs), and
+FusedFeedForward (a diffusers FeedForward whose activation runs in the up projection's epilogue).
 
 ``diffaccel.nn.lora`` (imported on demand, needs peft) holds the peft LoRA layers that wrap them."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ from torch import nn
 
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
+from .feed_forward import FusedFeedForward
 from .quant_conv import QuantConv2d, quantize_conv_reason
 from .quant_linear import QuantLinear, quantize_linear_reason
 
@@ -44,4 +46,4 @@ def quantize_module(module: nn.Module, spec, **params):
     return QuantConv2d.from_float(module, spec, **params)
 
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantSpec", "quantize_reason", "quantize_module"]
+__all__ = ["QuantLinear", "QuantConv2d", "FusedFeedForward", "QuantSpec", "quantize_reason", "quantize_module"]

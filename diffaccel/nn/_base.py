@@ -286,6 +286,20 @@ class QuantLayerBase(nn.Module):
                                out_dtype=self.original_dtype)
         return G.fp8_gemm(codes, self.weight_q, scale, self.weight_scale, bias=self.bias, out_dtype=self.original_dtype)
 
+    def forward_static_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """[M, N] from int8 ``codes`` [M, K] already quantized with this layer's own static quantizer
+        (the active timestep set of ``act_scale`` / ``act_zero_point``, smoothing applied), as
+        ``diffaccel.ops.int8_ffn_up(..., next_scale=...)`` writes them: the GEMM ``_gemm`` runs after
+        its own quantization."""
+        s = self.spec
+        if s.act_dtype != "int8" or s.act_mode != "static" or self.act_split_k is not None:
+            raise ValueError(f"codes: pre-quantized static input needs static int8 activations (one input range); "
+                             f"this layer has {self._spec_repr()}")
+        scale, zp = self._act_params()
+        return G.int8_gemm(codes, self.weight_q, scale, self.weight_scale, bias=self.bias, zero_point=zp,
+                           w_sum=self.weight_sum if zp is not None else None, group_size=self.group_size,
+                           w_int4=s.weight_dtype == "int4", out_dtype=self.original_dtype)
+
     def _split_int8(self, x2, scale, zp, w_int4, out_dtype):
         # Q-Diffusion split shortcut: two K ranges with their own quantizers (see split_k_int8_linear)
         def linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype):

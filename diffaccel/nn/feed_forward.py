@@ -1,0 +1,154 @@
+"""FusedFeedForward: a diffusers ``FeedForward`` whose quantized up projection applies its GELU /
+GEGLU in the GEMM epilogue (``diffaccel.ops.int8_ffn_up``) and, when the down projection's
+activations are static, writes that layer's int8 codes directly, so the [M, inner] activation
+crosses memory once as int8 instead of as a float tensor, an activation pass and a quantization
+pass. With dynamic (per-token) down-projection activations the float activation is written and
+the down projection quantizes it as usual: the activation pass (one to three for GEGLU) is saved.
+
+The module keeps the original ``net`` ModuleList (the same object), so parameter and buffer
+names, ``state_dict`` and LoRA target names are unchanged. Each call checks that the fused path
+computes what the loop over ``net`` would; otherwise (a LoRA wrapper on a projection, hooks,
+dropout in training, a format without the fused epilogue) it runs that loop. The only numerical
+difference of the fused path: GELU acts on the fp32 GEMM result instead of its rounding to the
+output dtype, so the activation is one rounding closer to exact.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from diffaccel.ops import ffn as FF
+
+from .quant_linear import QuantLinear
+
+
+_CLASSES: Optional[tuple] = None
+
+
+def _feed_forward_classes() -> tuple:
+    """(FeedForward, GELU, GEGLU) of diffusers, imported once (not inside a compiled forward)."""
+    global _CLASSES
+    if _CLASSES is None:
+        from diffusers.models.activations import GEGLU, GELU
+        from diffusers.models.attention import FeedForward
+
+        _CLASSES = (FeedForward, GELU, GEGLU)
+    return _CLASSES
+
+
+def _activation_name(act: nn.Module) -> Optional[str]:
+    _, GELU, GEGLU = _feed_forward_classes()
+    if type(act) is GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if type(act) is GEGLU:  # diffusers' GEGLU always uses the erf GELU
+        return "geglu"
+    return None
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _int8_reason(name: str, layer: nn.Module) -> Optional[str]:
+    if type(layer) is not QuantLinear:
+        return f"{name} is {type(layer).__name__}, not a QuantLinear"
+    s = layer.spec
+    if s.act_dtype != "int8":
+        return f"{name} has {s.act_dtype or 'float (weight-only)'} activations; the fused epilogue is int8 only"
+    return None
+
+
+def unfused_reason(ff: nn.Module) -> Optional[str]:
+    """Why the fused path cannot replace ``ff``'s loop now (None when it can)."""
+    net = ff.net
+    if len(net) not in (3, 4) or not all(isinstance(net[i], nn.Dropout) for i in range(1, len(net), 2)):
+        return "net is not [activation, Dropout, Linear(, Dropout)]"
+    act = net[0]
+    activation = _activation_name(act)
+    if activation is None:
+        return f"activation {type(act).__name__} has no fused epilogue (GELU, GELU tanh and GEGLU do)"
+    for name, layer in (("net.0.proj", act.proj), ("net.2", net[2])):
+        why = _int8_reason(name, layer)
+        if why:
+            return why
+    if ff.training and any(d.p > 0 for d in net if isinstance(d, nn.Dropout)):
+        return "dropout is active (training mode)"
+    if any(_hooked(m) for m in (act, act.proj, *net)) or _module._global_forward_hooks \
+            or _module._global_forward_pre_hooks:
+        return "forward hooks on its layers would be bypassed"
+    return None
+
+
+class FusedFeedForward(nn.Module):
+    """Wraps a diffusers FeedForward (sharing its ``net``); see the module docstring."""
+
+    def __init__(self, ff: nn.Module):
+        super().__init__()
+        FeedForward, _, _ = _feed_forward_classes()
+        if type(ff) is not FeedForward:
+            raise TypeError(f"ff: expected a diffusers FeedForward, got {type(ff).__name__}")
+        why = unfused_reason(ff)
+        if why is not None:
+            raise ValueError(f"ff: cannot fuse this feed-forward: {why}")
+        self.net = ff.net
+        self.training = ff.training
+
+    @property
+    def activation(self) -> str:
+        return _activation_name(self.net[0])
+
+    @property
+    def writes_codes(self) -> bool:
+        """True when the up projection writes the down projection's static int8 codes."""
+        return self.net[2].spec.act_mode == "static"
+
+    @property
+    def op_name(self) -> str:
+        return "int8_ffn_up"
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # (FeedForward takes and ignores a deprecated ``scale`` argument the same way)
+        if unfused_reason(self) is not None:
+            for module in self.net:
+                hidden_states = module(hidden_states)
+            return hidden_states
+        up, down = self.net[0].proj, self.net[2]
+        if hidden_states.shape[-1] != up.in_features:
+            raise ValueError(f"hidden_states: expected last dimension {up.in_features}, got shape "
+                             f"{tuple(hidden_states.shape)}")
+        lead = hidden_states.shape[:-1]
+        x2 = hidden_states.reshape(-1, up.in_features)
+        kw = dict(activation=self.activation, smooth=up.smooth, bias=up.bias, group_size=up.group_size,
+                  w_int4=up.spec.weight_dtype == "int4", out_dtype=up.original_dtype)
+        if up.spec.act_mode == "static":
+            scale, zp = up._act_params()
+            kw.update(act_scale=scale, act_zero_point=zp, w_sum=up.weight_sum if zp is not None else None)
+        if self.writes_codes:
+            next_scale, next_zp = down._act_params()
+            codes = FF.int8_ffn_up(x2, up.weight_q, up.weight_scale, next_scale=next_scale, next_zero_point=next_zp,
+                                   next_smooth=down.smooth, **kw)
+            y = down.forward_static_codes(codes)
+        else:
+            y = down(FF.int8_ffn_up(x2, up.weight_q, up.weight_scale, **kw))
+        return y.reshape(*lead, down.out_features)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, writes_codes={self.writes_codes}"
+
+
+def fuse_reason(module: nn.Module) -> Optional[str]:
+    """None when ``module`` is a diffusers FeedForward that FusedFeedForward can take now, else why not
+    (also "not a FeedForward" for anything else)."""
+    try:
+        FeedForward, _, _ = _feed_forward_classes()
+    except ImportError:  # pragma: no cover - diffusers is optional
+        return "diffusers is not installed"
+    if type(module) is not FeedForward:
+        return "not a diffusers FeedForward"
+    return unfused_reason(module)
+
+
+__all__ = ["FusedFeedForward", "fuse_reason", "unfused_reason"]
