@@ -246,12 +246,17 @@ def pick_conv_config(M: int, N: int, K: int, group_size: int, w_int4: bool, spli
     return 128, 128, 32, 32, 16, 3
 
 
-def _check_sample_offsets(x, out) -> None:
-    # the kernels index within one sample in int32; x may be a strided view, so measure its span
+def _gemm_view(x, w, out, kernel_size) -> tuple:
+    """(B, H, W, N, Ho, Wo, K, M) of the implicit GEMM x [B, C, H, W] -> out [B, N, Ho, Wo]. Checks that
+    one sample fits the kernels' int32 offsets (x may be a strided view, so its span is measured)."""
+    B, C, H, W = x.shape
+    N, (Ho, Wo) = w.shape[0], out.shape[2:]
+    K, M = C * kernel_size[0] * kernel_size[1], B * Ho * Wo
     per_sample_x = sum((s - 1) * abs(st) for s, st in zip(x.shape[1:], x.stride()[1:]))
-    if per_sample_x > MAX_INT32_OFFSET or out[0].numel() > MAX_INT32_OFFSET:
+    if M and N and (per_sample_x > MAX_INT32_OFFSET or out[0].numel() > MAX_INT32_OFFSET):
         raise ValueError(f"x: one sample spans more than 2**31 - 1 elements (shape {tuple(x.shape)}, "
                          f"out {tuple(out.shape)}); the kernel indexes within a sample in int32")
+    return B, H, W, N, Ho, Wo, K, M
 
 
 def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, *, kernel_size, stride, padding,
@@ -261,15 +266,10 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
     ``smooth`` is per input channel [C]; ``w_scale`` / ``w_sum`` [N] or [N, K // group_size] with
     unit stride along groups. ``act_split`` = C1 > 0 (static only): channels [0, C1) and [C1, C) have
     their own quantizers, ``act_scale`` / ``zero_point`` [2] and per-channel ``w_sum`` contiguous [2, N]."""
-    B, C, H, W = x.shape
-    N = w.shape[0]
-    _, _, Ho, Wo = out.shape
-    KH, KW = kernel_size
-    K = C * KH * KW
-    M = B * Ho * Wo
+    B, H, W, N, Ho, Wo, K, M = _gemm_view(x, w, out, kernel_size)
     if M == 0 or N == 0:
         return
-    _check_sample_offsets(x, out)
+    KH, KW = kernel_size
     per_token = act_scale is None
     K1 = act_split * KH * KW if act_split else K
     BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4, split=bool(act_split))
@@ -345,15 +345,10 @@ def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stri
     """out[B, N, Ho, Wo] = conv(E4M3(x' / a_scale), W_fp8) * a_scale * w_scale (+ bias), im2col-free.
     ``act_scale`` None: dynamic per output pixel (amax / 448 over its receptive field); else
     static per tensor. ``w`` float8_e4m3fn [N, C * KH * KW], ``w_scale`` [N], ``smooth`` [C]."""
-    B, C, H, W = x.shape
-    N = w.shape[0]
-    _, _, Ho, Wo = out.shape
-    KH, KW = kernel_size
-    K = C * KH * KW
-    M = B * Ho * Wo
+    B, H, W, N, Ho, Wo, K, M = _gemm_view(x, w, out, kernel_size)
     if M == 0 or N == 0:
         return
-    _check_sample_offsets(x, out)
+    KH, KW = kernel_size
     BM, BN, BK, _, warps, stages = pick_conv_config(M, N, K, 0, False)  # the int8 per-channel tiles
     tiles_per_image = triton.cdiv(Ho * Wo, BM)
     dummy = out

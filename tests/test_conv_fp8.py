@@ -273,10 +273,12 @@ def test_launchers_refuse_samples_past_int32_offsets():
     from diffaccel.kernels import conv as kconv
 
     out = torch.empty(1, 4, 8, 8, device="meta")
+    w = torch.empty(4, 18, device="meta")
     small = torch.empty(64, device="meta").as_strided((1, 2, 8, 8), (0, 2**31, 8, 1))  # 128 elements, huge span
     with pytest.raises(ValueError, match="x: one sample spans more than 2"):
-        kconv._check_sample_offsets(small, out)
-    kconv._check_sample_offsets(torch.empty(1, 2, 8, 8, device="meta"), out)  # fits: no error
+        kconv._gemm_view(small, w, out, (3, 3))
+    # fits: no error; (B, H, W, N, Ho, Wo, K, M)
+    assert kconv._gemm_view(torch.empty(1, 2, 8, 8, device="meta"), w, out, (3, 3)) == (1, 8, 8, 4, 8, 8, 18, 64)
 
 
 # -- custom op, compile, bad input -------------------------------------------------------------------
