@@ -283,12 +283,14 @@ ACTIVATIONS = {None: (0, False), "gelu": (1, False), "gelu_tanh": (2, False), "g
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None):
+def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None, w_int4: bool = True):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
     (these are the configs STATIC_REPORT_CASES compiles). With the feed-forward epilogue the tiles
     shrink where the static report found them spilling: gated (GEGLU, two accumulators) output
     tiles are 32 columns wide (64 weight rows; 128 x 64 spilled on sm_80/89, the W4A8 64 x 64 on all
-    three archs), and group-wise weights take 32 rows (64 x 128 spilled on sm_89 with GELU)."""
+    three archs), and group-wise weights take 32 rows (64 x 128 spilled on sm_89 with GELU). Group-wise
+    int8 weights (not a preset) take 32 x 128 too: at 64 x 128 with BLOCK_K = 128 they spilled
+    270-490 B on all three archs, at 32 x 128 8 B on sm_80 (so they are not in STATIC_REPORT_CASES)."""
     block_k = group_size if group_size else 64
     if M <= 16:
         bm, bn, warps, stages = 16, 64, 4, 4
@@ -298,11 +300,10 @@ def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None):
         bm, bn, warps, stages = 64, 64, 8, 3
     else:
         bm, bn, warps, stages = 128, 128, 8, 2
-    if activation is not None:
-        if ACTIVATIONS[activation][1]:
-            bn = 32
-        elif group_size and M > 16:
-            bm = 32
+    if activation is not None and ACTIVATIONS[activation][1]:
+        bn = 32
+    elif group_size and M > 16 and (activation is not None or not w_int4):
+        bm = 32
     return bm, bn, block_k, warps, stages
 
 
@@ -321,7 +322,7 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
     if M == 0 or N == 0:
         return
     act, gated = ACTIVATIONS[activation]
-    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size, activation)
+    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size, activation, w_int4)
     dummy = out  # never read: the constexpr flags switch its loads off
     o_scale, o_zp, o_smooth = out_quant if out_quant is not None else (None, None, None)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
