@@ -388,10 +388,27 @@ def quantize_act_int8(x2d, smooth, scale, zero_point, out, scales_out) -> None:
 # -- FP8 ------------------------------------------------------------------------------------
 
 @triton.jit
+def _fp8_epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+                  PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc * a_scale[m] * w_scale[n] (+ bias[n]) in fp32, in the reference's order."""
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if PER_TOKEN:
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+        y = acc * a_scale[:, None] * w_scale[None, :]
+    else:
+        y = acc * tl.load(a_scale_ptr) * w_scale[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    return y
+
+
+@triton.jit
 def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
                      stride_am, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                     PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     ACTIVATION: tl.constexpr = 0, GATED: tl.constexpr = False):
+    # N output columns; ACTIVATION / GATED as in _int8_act_gemm_kernel (the gate half at weight rows N + n)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -399,6 +416,7 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = acc
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
@@ -410,37 +428,47 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0.0)
             w = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
         acc = tl.dot(a, w, acc, out_dtype=tl.float32)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
-    if PER_TOKEN:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
-        y = acc * a_scale[:, None] * w_scale[None, :]
-    else:
-        y = acc * tl.load(a_scale_ptr) * w_scale[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            if EVEN_K:
+                wg = tl.load(w_ptrs + N * stride_wn)
+            else:
+                wg = tl.load(w_ptrs + N * stride_wn, mask=offs_k[:, None] < K, other=0.0)
+            acc_gate = tl.dot(a, wg, acc_gate, out_dtype=tl.float32)
+    y = _fp8_epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, PER_TOKEN, HAS_BIAS)
+    if GATED:
+        gate = _fp8_epilogue(acc_gate, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n + N, m_mask, n_mask,
+                             PER_TOKEN, HAS_BIAS)
+        y = y * _gelu(gate, ACTIVATION == 2)
+    elif ACTIVATION != 0:
+        y = _gelu(y, ACTIVATION == 2)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def pick_fp8_config(M: int, N: int, K: int):
+def pick_fp8_config(M: int, N: int, K: int, gated: bool = False):
     if M <= 16:
-        return 16, 64, 128, 4, 4
-    if M <= 64:
-        return 64, 64, 128, 4, 4
-    return 128, 128, 64, 8, 3
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif M <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 128, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    return bm, (bn // 2 if gated else bn), bk, warps, stages
 
 
-def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool) -> None:
+def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool, activation=None) -> None:
+    """out[M, N] = (A_fp8 @ W_fp8^T) * scales (+ bias); ``activation`` (a key of ACTIVATIONS) applies
+    the feed-forward epilogue, gated ones reading 2N weight rows for N = out.shape[1]."""
     M, K = a.shape
-    N = w.shape[0]
+    N = out.shape[1]
     if M == 0 or N == 0:
         return
-    BM, BN, BK, warps, stages = pick_fp8_config(M, N, K)
+    act, gated = ACTIVATIONS[activation]
+    BM, BN, BK, warps, stages = pick_fp8_config(M, N, K, gated)
     _fp8_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
         a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, num_warps=warps, num_stages=stages,
-        enable_fp_fusion=False)
+        PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, ACTIVATION=act, GATED=gated,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -581,6 +609,22 @@ def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, 
     }
 
 
+def _fp8_case(name, bm, bn, bk, warps, stages, activation=None):
+    act, gated = ACTIVATIONS[activation]
+    return {
+        "name": name, "fn": _fp8_gemm_kernel,
+        "signature": {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                      "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                      "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32"},
+        "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_TOKEN": True, "HAS_BIAS": True,
+                       "EVEN_K": True, "ACTIVATION": act, "GATED": gated},
+        "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
+        # fp8 tensor cores start at sm_89, but Triton 3.8's sm_89 build of this kernel has no
+        # tensor-core instruction in its SASS (static report): listed for sm_90a only
+        "archs": ["90a"],
+    }
+
+
 def _weight_only_case(name, bm, bn, bk, warps, stages):
     return {
         "name": name, "fn": _weight_only_gemm_kernel,
@@ -631,20 +675,10 @@ STATIC_REPORT_CASES = [
                fuse_quant=0, per_token=False, activation="gelu", out_codes=True),
     _int8_case("w8a8_ffn_geglu_fused_quant_m16", 16, 32, 64, 4, 4, grouped=False, w_int4=False, fuse_quant=1,
                per_token=True, a_dtype="*fp16", activation="geglu"),
-    {
-        "name": "fp8_m128", "fn": _fp8_gemm_kernel,
-        "signature": {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                      "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-                      "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32", "BLOCK_M": "constexpr",
-                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PER_TOKEN": "constexpr",
-                      "HAS_BIAS": "constexpr", "EVEN_K": "constexpr"},
-        "constexprs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "PER_TOKEN": True, "HAS_BIAS": True,
-                       "EVEN_K": True},
-        "num_warps": 8, "num_stages": 3, "hot": True, "tensor_cores": True,
-        # fp8 tensor cores start at sm_89, but Triton 3.8's sm_89 build of this kernel has no
-        # tensor-core instruction in its SASS (static report): listed for sm_90a only
-        "archs": ["90a"],
-    },
+    _fp8_case("fp8_m128", 128, 128, 64, 8, 3),
+    _fp8_case("fp8_ffn_gelu_tanh_m128", 128, 128, 64, 8, 3, activation="gelu_tanh"),
+    _fp8_case("fp8_ffn_geglu_m128x64", 128, 64, 64, 8, 3, activation="geglu"),
+    _fp8_case("fp8_ffn_geglu_m16", 16, 32, 128, 4, 4, activation="geglu"),
     _weight_only_case("w4a16_g128_m16", 16, 64, 128, 4, 4),
     _weight_only_case("w4a16_g128_m64x128", 64, 128, 128, 8, 3),
 ]

@@ -57,10 +57,15 @@ def _rel_l2(a, b):
 
 
 @pytest.mark.parametrize("activation_fn", list(ACTIVATION_FNS))
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("mode", ["dynamic", "static", "w4a8-g32"])
 def test_fused_equals_the_loop_in_fp32(activation_fn, mode):
-    ff = _quantize(_ff(activation_fn), static=(torch.tensor([0.03]), torch.tensor([0.02])) if mode == "static"
-                   else None)
+    from diffaccel.quant import QuantSpec
+
+    if mode == "w4a8-g32":
+        ff = _quantize(_ff(activation_fn), spec=QuantSpec(weight_dtype="int4", weight_group_size=32, act_dtype="int8"))
+    else:
+        ff = _quantize(_ff(activation_fn), static=(torch.tensor([0.03]), torch.tensor([0.02])) if mode == "static"
+                       else None)
     fused = FusedFeedForward(ff)
     assert fused.net is ff.net and fused.activation == ACTIVATION_FNS[activation_fn]
     assert fused.writes_codes == (mode == "static")
@@ -72,6 +77,25 @@ def test_fused_equals_the_loop_in_fp32(activation_fn, mode):
         tri = fused(x)
     assert tri.shape == (2, 77, 64)
     assert _rel_l2(tri, out) <= 1e-3
+
+
+@pytest.mark.parametrize("activation_fn", list(ACTIVATION_FNS))
+@pytest.mark.parametrize("down", ["fp8", "float"])
+def test_fp8_up_projection(activation_fn, down):
+    """The fp8 preset: the fp8 GEMM's epilogue applies the activation; net.2 (fp8, or left in float) runs
+    on the float result. fp32, torch backend: equal to the loop."""
+    ff = _ff(activation_fn)
+    ff.net[0].proj = QuantLinear.from_float(ff.net[0].proj, "fp8")
+    if down == "fp8":
+        ff.net[2] = QuantLinear.from_float(ff.net[2], "fp8")
+    fused = FusedFeedForward(ff)
+    assert fused.op_name == "fp8_ffn_up" and not fused.writes_codes
+    x = torch.randn(77, 64) * 2
+    with use_backend("torch"):
+        out = fused(x)
+        assert torch.equal(out, _loop(ff, x))
+    with use_backend("triton"):
+        assert _rel_l2(fused(x), out) <= 1e-3
 
 
 def test_static_codes_follow_the_timestep_set():
@@ -128,14 +152,12 @@ def test_falls_back_to_the_loop_and_says_why():
     assert dff.unfused_reason(fused) == "net.0.proj is Identity, not a QuantLinear"
 
 
-@pytest.mark.parametrize("spec,why", [("fp8", "fp8_e4m3 activations"), ("w4a16", "float (weight-only)")])
-def test_formats_without_the_epilogue_are_refused(spec, why):
+def test_weight_only_has_no_epilogue_and_is_refused():
     from diffaccel.quant import QuantSpec
 
-    if spec == "w4a16":
-        spec = QuantSpec(weight_dtype="int4", weight_group_size=32, act_dtype=None)
-    ff = _quantize(_ff("gelu"), spec=spec)
-    assert why in dff.fuse_reason(ff)
+    ff = _quantize(_ff("gelu"), spec=QuantSpec(weight_dtype="int4", weight_group_size=32, act_dtype=None))
+    assert dff.fuse_reason(ff) == ("net.0.proj has float (weight-only) activations; the fused epilogue needs int8 "
+                                   "or fp8 ones")
     with pytest.raises(ValueError, match="ff: cannot fuse this feed-forward"):
         FusedFeedForward(ff)
     assert dff.fuse_reason(nn.Linear(2, 2)) == "not a diffusers FeedForward"

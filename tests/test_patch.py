@@ -151,16 +151,13 @@ def test_report_names_the_op_and_backend_of_quantized_layers(preset, conv_op):
     assert rows and all(r.backend == "torch" for r in rows.values())  # the reference, on CPU
     linear_op = {"w8a8": "int8_linear", "fp8": "fp8_gemm", "w4a16": "weight_only_gemm"}[preset]
     fused = [n for n in rows if isinstance(model.get_submodule(n), FusedFeedForward)]
-    # feed-forwards fuse their GEGLU into the up projection with int8 activations only, and say why not else
-    assert bool(fused) == (preset == "w8a8")
-    assert all(rows[n].after.endswith("via int8_ffn_up") for n in fused)
-    if preset == "fp8":
-        assert any(s.reason.startswith("feed-forward not fused: net.0.proj has fp8_e4m3 activations")
-                   for s in report.skipped)
+    # feed-forwards fuse their GEGLU into the up projection with int8 or fp8 activations
+    assert bool(fused) == (preset != "w4a16")
+    assert all(rows[n].after.endswith(f"via {'fp8' if preset == 'fp8' else 'int8'}_ffn_up") for n in fused)
     for name in rows:
         layer = model.get_submodule(name)
         if isinstance(layer, FusedFeedForward):
-            assert layer.op_name == "int8_ffn_up"
+            assert layer.op_name == ("fp8_ffn_up" if preset == "fp8" else "int8_ffn_up")
         elif isinstance(layer, QuantConv2d) and not layer.is_pointwise:
             assert layer.op_name == (conv_op or linear_op), name
         else:

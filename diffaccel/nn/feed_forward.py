@@ -1,9 +1,10 @@
 """FusedFeedForward: a diffusers ``FeedForward`` whose quantized up projection applies its GELU /
-GEGLU in the GEMM epilogue (``diffaccel.ops.int8_ffn_up``) and, when the down projection's
-activations are static, writes that layer's int8 codes directly, so the [M, inner] activation
-crosses memory once as int8 instead of as a float tensor, an activation pass and a quantization
-pass. With dynamic (per-token) down-projection activations the float activation is written and
-the down projection quantizes it as usual: the activation pass (one to three for GEGLU) is saved.
+GEGLU in the GEMM epilogue (``diffaccel.ops.int8_ffn_up``, ``fp8_ffn_up``). When both projections
+have int8 activations and the down projection's are static, the epilogue writes that layer's int8
+codes directly, so the [M, inner] activation crosses memory once as int8 instead of as a float
+tensor, an activation pass and a quantization pass. Otherwise (dynamic per-token activations, fp8,
+a float down projection) the float activation is written and the down projection runs as usual:
+the activation pass (one to three for GEGLU) is saved.
 
 The module keeps the original ``net`` ModuleList (the same object), so parameter and buffer
 names, ``state_dict`` and LoRA target names are unchanged. Each call checks that the fused path
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from diffaccel.ops import ffn as FF
+from diffaccel.ops import gemm as G
 
 from .quant_linear import QuantLinear
 
@@ -52,13 +54,20 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _int8_reason(name: str, layer: nn.Module) -> Optional[str]:
+def _up_reason(layer: nn.Module) -> Optional[str]:
     if type(layer) is not QuantLinear:
-        return f"{name} is {type(layer).__name__}, not a QuantLinear"
+        return f"net.0.proj is {type(layer).__name__}, not a QuantLinear"
     s = layer.spec
-    if s.act_dtype != "int8":
-        return f"{name} has {s.act_dtype or 'float (weight-only)'} activations; the fused epilogue is int8 only"
+    if s.act_dtype not in ("int8", "fp8_e4m3"):
+        return (f"net.0.proj has {s.act_dtype or 'float (weight-only)'} activations; the fused epilogue needs "
+                f"int8 or fp8 ones")
     return None
+
+
+def _takes_static_codes(up: nn.Module, down: nn.Module) -> bool:
+    """The int8 epilogue can write ``down``'s codes: both int8, ``down``'s activations static."""
+    return (up.spec.act_dtype == "int8" and type(down) is QuantLinear and down.spec.act_dtype == "int8"
+            and down.spec.act_mode == "static")
 
 
 def unfused_reason(ff: nn.Module) -> Optional[str]:
@@ -70,10 +79,9 @@ def unfused_reason(ff: nn.Module) -> Optional[str]:
     activation = _activation_name(act)
     if activation is None:
         return f"activation {type(act).__name__} has no fused epilogue (GELU, GELU tanh and GEGLU do)"
-    for name, layer in (("net.0.proj", act.proj), ("net.2", net[2])):
-        why = _int8_reason(name, layer)
-        if why:
-            return why
+    why = _up_reason(act.proj)
+    if why:
+        return why
     if ff.training and any(d.p > 0 for d in net if isinstance(d, nn.Dropout)):
         return "dropout is active (training mode)"
     if any(_hooked(m) for m in (act, act.proj, *net)) or _module._global_forward_hooks \
@@ -103,11 +111,11 @@ class FusedFeedForward(nn.Module):
     @property
     def writes_codes(self) -> bool:
         """True when the up projection writes the down projection's static int8 codes."""
-        return self.net[2].spec.act_mode == "static"
+        return _takes_static_codes(self.net[0].proj, self.net[2])
 
     @property
     def op_name(self) -> str:
-        return "int8_ffn_up"
+        return "fp8_ffn_up" if self.net[0].proj.spec.act_dtype == "fp8_e4m3" else "int8_ffn_up"
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # (FeedForward takes and ignores a deprecated ``scale`` argument the same way)
@@ -121,6 +129,13 @@ class FusedFeedForward(nn.Module):
                              f"{tuple(hidden_states.shape)}")
         lead = hidden_states.shape[:-1]
         x2 = hidden_states.reshape(-1, up.in_features)
+        if up.spec.act_dtype == "fp8_e4m3":
+            scale = up._act_params()[0] if up.spec.act_mode == "static" else None
+            codes, a_scale = G.quantize_activation_fp8(x2, smooth=up.smooth, scale=scale)
+            h = FF.fp8_ffn_up(codes, up.weight_q, a_scale, up.weight_scale, activation=self.activation, bias=up.bias,
+                              out_dtype=up.original_dtype)
+            y = down(h)
+            return y.reshape(*lead, y.shape[-1])
         kw = dict(activation=self.activation, smooth=up.smooth, bias=up.bias, group_size=up.group_size,
                   w_int4=up.spec.weight_dtype == "int4", out_dtype=up.original_dtype)
         if up.spec.act_mode == "static":
@@ -133,7 +148,7 @@ class FusedFeedForward(nn.Module):
             y = down.forward_static_codes(codes)
         else:
             y = down(FF.int8_ffn_up(x2, up.weight_q, up.weight_scale, **kw))
-        return y.reshape(*lead, down.out_features)
+        return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, writes_codes={self.writes_codes}"

@@ -5,10 +5,10 @@ from .quantize import quantize_per_tensor, quantize_per_token
 from .gemm import (fp8_gemm, fp8_linear, int8_gemm, int8_linear, quantize_activation_fp8, quantize_activation_int8,
                    weight_only_gemm)
 from .conv import fp8_conv2d, int8_conv2d
-from .ffn import int8_ffn_up
+from .ffn import fp8_ffn_up, int8_ffn_up
 from .solver import fused_solver_step
 from .attention import attention
 
 __all__ = ["BACKENDS", "BackendUnavailable", "explain", "use_backend", "quantize_per_tensor", "quantize_per_token",
            "int8_gemm", "int8_linear", "quantize_activation_int8", "fp8_gemm", "fp8_linear", "quantize_activation_fp8",
-           "weight_only_gemm", "int8_conv2d", "fp8_conv2d", "int8_ffn_up", "fused_solver_step", "attention"]
+           "weight_only_gemm", "int8_conv2d", "fp8_conv2d", "int8_ffn_up", "fp8_ffn_up", "fused_solver_step", "attention"]

@@ -1,4 +1,5 @@
-"""The feed-forward up projection with its activation in the GEMM epilogue: ``int8_ffn_up``.
+"""The feed-forward up projection with its activation in the GEMM epilogue: ``int8_ffn_up`` (and
+``fp8_ffn_up``, the same epilogue on the fp8 GEMM, float output only).
 
 A diffusers ``FeedForward`` runs ``proj`` (dim -> inner, or -> 2 * inner for GEGLU), then GELU
 (GEGLU: chunk, GELU of the gate half, product), then the down projection, which quantizes its
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 
 from . import _backend
 from ._checks import check_positive_finite, check_tensor
-from .gemm import (FLOAT_DTYPES, _check_bias, _check_out_dtype, _check_scalar, _check_smooth,
-                   _check_weight, _triton_int8_linear, _value_checks_enabled, check_static_act,
-                   int8_linear_reference, quantize_static_int8_reference)
+from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_act_scale, _check_bias, _check_out_dtype,
+                   _check_scalar, _check_smooth, _check_weight, _k, _triton_int8_linear, _value_checks_enabled,
+                   check_static_act, fp8_gemm_reference, int8_linear_reference, quantize_static_int8_reference)
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu", "geglu_tanh")
 
@@ -137,4 +138,54 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
     return y.reshape(*lead, N)
 
 
-__all__ = ["FFN_ACTIVATIONS", "int8_ffn_up", "int8_ffn_up_reference", "ffn_activation_reference", "is_gated"]
+# -- fp8: the same epilogue on the fp8 GEMM (its input quantized by quantize_activation_fp8) ----------
+
+def fp8_ffn_up_reference(a, w, a_scale, w_scale, bias, activation: str, out_dtype: torch.dtype) -> torch.Tensor:
+    y = fp8_gemm_reference(a, w, a_scale, w_scale, bias, torch.float32)
+    return ffn_activation_reference(y, activation).to(out_dtype)
+
+
+def _triton_fp8_ffn_up(a, w, a_scale, w_scale, bias, activation, out_dtype):
+    N = w.shape[0] // 2 if is_gated(activation) else w.shape[0]
+    out = torch.empty(a.shape[0], N, dtype=out_dtype, device=a.device)
+    _k().fp8_gemm(a, w, a_scale.reshape(-1), w_scale, bias, out, per_token=a_scale.numel() > 1,
+                  activation=activation)
+    return out
+
+
+_backend.register(_backend.OpBackends("fp8_ffn_up", torch=fp8_ffn_up_reference, triton=_triton_fp8_ffn_up,
+                                      triton_min_capability=FP8_MIN_CAPABILITY))
+
+
+@torch.library.custom_op("diffaccel::fp8_ffn_up", mutates_args=())
+def _fp8_ffn_up_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                   bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype) -> torch.Tensor:
+    return _backend.implementation("fp8_ffn_up", a.device)(a.contiguous(), w, a_scale, w_scale, bias, activation,
+                                                          out_dtype)
+
+
+@_fp8_ffn_up_op.register_fake
+def _(a, w, a_scale, w_scale, bias, activation, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0] // 2 if is_gated(activation) else w.shape[0]), dtype=out_dtype)
+
+
+def fp8_ffn_up(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, *, activation: str,
+               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``diffaccel.ops.fp8_gemm`` (float8_e4m3fn codes ``a`` [M, K] with scales per row or tensor, weights
+    [N or 2N, K] per channel) with ``activation`` applied to its fp32 result in the epilogue -> [M, N]."""
+    check_tensor("a", a, dtypes=(FP8_DTYPE,), ndim=2)
+    if activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(FFN_ACTIVATIONS)}, got {activation!r}")
+    M, K = a.shape
+    rows = _check_weight(w, w_scale, None, K=K, group_size=None, w_int4=False, device=a.device, like="a",
+                         allowed=(FP8_DTYPE,))
+    if is_gated(activation) and rows % 2:
+        raise ValueError(f"w: {activation} needs an even number of rows (value half, then gate half), got {rows}")
+    a_scale = _check_act_scale(a_scale, M, a.device, "a")
+    _check_out_dtype(out_dtype)
+    return torch.ops.diffaccel.fp8_ffn_up(a, w, a_scale, w_scale, _check_bias(bias, rows, a.device, "a"), activation,
+                                          out_dtype)
+
+
+__all__ = ["FFN_ACTIVATIONS", "int8_ffn_up", "int8_ffn_up_reference", "fp8_ffn_up", "fp8_ffn_up_reference",
+           "ffn_activation_reference", "is_gated"]
