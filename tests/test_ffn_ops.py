@@ -231,23 +231,23 @@ def test_bad_input_is_named(change, match):
 # -- GPU --------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("M", [1, 77, 333, 4096])
+@pytest.mark.parametrize("act", ["gelu_tanh", "geglu"])
+@pytest.mark.parametrize("M", [1, 4096])
 @pytest.mark.parametrize("weights", ["int8", "int4-g128"])
 def test_gpu_matches_reference(act, M, weights):
     """SDXL-sized feed-forward (dim 1280 -> inner 5120) on the GPU's Triton kernel vs the reference
-    on the same device; codes under a static next-layer quantizer too."""
+    on the same device, fp16 out; codes under a static next-layer quantizer too. (M = 1 takes the
+    fused-quantization tile, 4096 the quantization pass and the large tile; few variants, so the
+    GPU session does not spend its minutes compiling.)"""
     _needs_triton("cuda")
     group, w_int4 = (128, True) if weights == "int4-g128" else (None, False)
     x, w, s, kw = _operands(torch.Generator().manual_seed(M), M, 1280, 5120, act, group=group, w_int4=w_int4,
                             device="cuda", dtype=torch.float16)
-    out, ref = _both(x, w, s, kw, out_dtype=torch.float32)
-    _assert_float_close(out.cpu(), ref.cpu(), _scale(x, w, s, kw).cpu())
+    out, ref = _both(x, w, s, kw)
+    _assert_float_close(out.cpu(), ref.cpu(), None)
     nq = dict(next_scale=torch.tensor([0.05], device="cuda"))
-    codes, ref_codes = _both(x, w, s, kw, out_dtype=torch.float16, **nq)
-    with use_backend("triton"):
-        value = int8_ffn_up(x, w, s, **kw, out_dtype=torch.float16)
-    assert torch.equal(codes, G.quantize_static_int8_reference(value, None, nq["next_scale"], None))
+    codes, ref_codes = _both(x, w, s, kw, **nq)
+    assert torch.equal(codes, G.quantize_static_int8_reference(out, None, nq["next_scale"], None))
     assert (codes.int() - ref_codes.int()).abs().max().item() <= 1
 
 
@@ -309,7 +309,7 @@ def test_fp8_ffn_up_plumbing_and_bad_input():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ["gelu_tanh", "geglu"])
-@pytest.mark.parametrize("M", [1, 333, 4096])
+@pytest.mark.parametrize("M", [1, 4096])
 def test_gpu_fp8_ffn_up(act, M):
     """Flux-sized (3072 -> 12288) fp8 up projection on sm_89+: the kernel's fp32 sum over K runs in its
     own order, so against the reference (torch._scaled_mm) within rtol 1e-4 / atol 1e-3 (fp32 out)."""
