@@ -241,3 +241,27 @@ def test_lora_on_feed_forward_projections_runs_the_loop():
     assert fused and all(dff.unfused_reason(f).startswith("net.0.proj is LoraLinear") for f in fused)
     with use_backend("torch"):
         assert torch.equal(tiny_models.output_of(model, inputs), tiny_models.output_of(unfused, inputs))
+
+
+def test_failure_while_fusing_rolls_everything_back(monkeypatch):
+    """A failure at the second feed-forward (after layers were quantized and one feed-forward fused)
+    leaves the model as it was: same module objects, same outputs."""
+    model, inputs = tiny_models.unet_sd15()
+    ref = tiny_models.output_of(model, inputs)
+    before = dict(model.named_modules())
+    real = dff.FusedFeedForward
+    calls = {"n": 0}
+
+    def failing(ff):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real(ff)
+
+    monkeypatch.setattr(dff, "FusedFeedForward", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        diffaccel.patch(model, quant="w8a8", solver=False)
+    assert calls["n"] == 2
+    assert dict(model.named_modules()) == before
+    assert not diffaccel.is_patched(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), ref)
