@@ -5,7 +5,9 @@ Ours (Triton on a GPU; the torch reference in the CPU smoke run): the implicit-G
 pixel, W8A8 static per tensor with a zero point, W4A8 (int4 group 128) dynamic — and the FP8
 one, ``diffaccel.ops.fp8_conv2d`` (E4M3 dynamic per output pixel; sm_89+). Baselines: cuDNN fp16
 ``F.conv2d``, and the paths QuantConv2d took before (``F.unfold`` + ``int8_linear`` /
-``fp8_linear`` + the transpose back to NCHW), W8A8 dynamic, W4A8 and FP8.
+``fp8_linear`` + the transpose back to NCHW), W8A8 dynamic, W4A8 and FP8. Also whole diffusers
+ResnetBlock2Ds: the fused forward (GroupNorm + SiLU in the convs' gather) vs diffusers' forward on
+the same W8A8 convs vs fp16.
 """
 import pytest
 import torch
@@ -96,3 +98,51 @@ def test_conv(benchmark, shape, impl):
              flops=2 * B * H * W * N * K, bytes=x.numel() * 2 + w_bytes + B * N * H * W * 2)
     out = measure(benchmark, fn)
     assert out.shape == (B, N, H, W) and out.dtype == torch.float16
+
+
+# -- whole ResNet blocks: GroupNorm + SiLU inside the convs' gather vs diffusers' forward ----------
+
+RES_SHAPES = [("tiny", 1, 16, 6, 6)] if is_smoke() else [
+    ("sdxl-res320@128", 2, 320, 128, 128), ("sdxl-res640@64", 2, 640, 64, 64), ("sdxl-res1280@32", 2, 1280, 32, 32)]
+RES_IMPLS = ["diffaccel:w8a8-fused", "baseline:w8a8-diffusers-forward", "baseline:fp16-diffusers-forward"]
+_blocks = {}
+
+
+def _resnet_blocks(C, dev):
+    """diffusers ResnetBlock2D(C -> C, temb 1280, 32 groups) in fp16: float, W8A8 convs run by diffusers'
+    forward, and the same W8A8 convs with diffaccel.nn.resnet's fused forward."""
+    import copy
+
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from diffaccel.nn import QuantConv2d
+    from diffaccel.nn import resnet as dres
+
+    key = (C, str(dev))
+    if key not in _blocks:
+        torch.manual_seed(0)
+        groups = 32 if C % 32 == 0 else 8
+        blk = ResnetBlock2D(in_channels=C, out_channels=C, temb_channels=1280 if C >= 320 else 16,
+                            groups=groups).eval().half().to(dev)
+        q = copy.deepcopy(blk)
+        q.conv1, q.conv2 = QuantConv2d.from_float(q.conv1, "w8a8"), QuantConv2d.from_float(q.conv2, "w8a8")
+        _blocks[key] = {"fp16": blk, "w8a8": q, "fused": dres.fuse_resnet(copy.deepcopy(q))}
+    return _blocks[key]
+
+
+@pytest.mark.parametrize("impl", RES_IMPLS)
+@pytest.mark.parametrize("shape", RES_SHAPES, ids=lambda s: s[0])
+def test_resnet_block(benchmark, shape, impl):
+    name, B, C, H, W = shape
+    dev = device()
+    blocks = _resnet_blocks(C, dev)
+    module = {"diffaccel:w8a8-fused": blocks["fused"], "baseline:w8a8-diffusers-forward": blocks["w8a8"],
+              "baseline:fp16-diffusers-forward": blocks["fp16"]}[impl]
+    x = torch.randn(B, C, H, W, device=dev).half()
+    temb = torch.randn(B, module.time_emb_proj.in_features, device=dev).half()
+    K = C * KS * KS
+    annotate(benchmark, family=FAMILY, case=f"resnet {name} C={C}", shape={"B": B, "C": C, "H": H, "W": W},
+             dtype="fp16", impl=impl, flops=2 * 2 * B * H * W * C * K, bytes=2 * x.numel() * 2)
+    with torch.no_grad():
+        out = measure(benchmark, lambda: module(x, temb))
+    assert out.shape == (B, C, H, W)

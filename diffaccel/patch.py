@@ -279,6 +279,7 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
         for install in hooks:
             undo.push(install(backbone))
     _fuse_feed_forwards(prefix, backbone, report, undo, select)
+    _fuse_resnets(prefix, backbone, report, undo, select)
 
 
 def _fuse_feed_forwards(prefix, backbone, report, undo, select):
@@ -308,6 +309,33 @@ def _fuse_feed_forwards(prefix, backbone, report, undo, select):
             ("writes net.2's int8 codes)" if fused.writes_codes else "writes the activation)")
         report.replaced.append(Replaced(fqn, "quant", type(module).__name__, f"{after} via {fused.op_name}",
                                         _backend_of(fused)))
+
+
+def _fuse_resnets(prefix, backbone, report, undo, select):
+    """Each diffusers ResnetBlock2D whose convs were just quantized with int8 activations runs its
+    GroupNorm + SiLU inside them (diffaccel.nn.resnet: the instance's class becomes FusedResnetBlock2D)."""
+    from .nn import QuantConv2d
+    from .nn import resnet as dres
+
+    for name, module in list(backbone.named_modules()):
+        reason = dres.fuse_reason(module)
+        if reason in ("not a ResnetBlock2D", "diffusers is not installed"):
+            continue
+        fqn = f"{prefix}{name}"
+        if not any(isinstance(m, QuantConv2d) for m in module.modules()):
+            continue  # nothing of it was quantized: nothing to say
+        if reason is None and not select(module, fqn):
+            reason = "excluded by filter"
+        if reason is None and _has_accelerate_hook(module):
+            reason = _ACCELERATE_HOOK_REASON
+        if reason is not None:
+            report.skipped.append(Skipped(fqn, "quant", f"resnet block not fused: {reason}"))
+            continue
+        dres.fuse_resnet(module)
+        undo.push(lambda m=module: dres.unfuse_resnet(m))
+        after = "FusedResnetBlock2D(GroupNorm + SiLU in conv1 / conv2's gather) via int8_conv2d"
+        report.replaced.append(Replaced(fqn, "quant", "ResnetBlock2D", after,
+                                        _op_backend("int8_conv2d", _module_device(module) or torch.device("cpu"))))
 
 
 def _describe(module: nn.Module) -> str:

@@ -32,12 +32,23 @@ MAX_INT32_OFFSET = 2**31 - 1
 
 
 @triton.jit
-def _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw,
-              KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, EVEN_K: tl.constexpr):
+def _silu(z):
+    """z * sigmoid(z) in fp32, the sigmoid from t = exp(-|z|) <= 1 (nothing overflows)."""
+    t = tl.exp(-tl.abs(z))
+    return z * tl.where(z >= 0, 1.0, t) / (1.0 + t)
+
+
+@triton.jit
+def _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, aff_img,
+              KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, EVEN_K: tl.constexpr,
+              IN_AFFINE: tl.constexpr = False, IN_SILU: tl.constexpr = False):
     """fp32 A[m, offs_k]^T ([BLOCK_K, BLOCK_M]) gathered from one image ``x_img``: ``row_off`` is
     each output pixel's receptive-field corner offset; 0 outside the image and past K. K-major so
     that the default layout puts a warp's threads on consecutive pixels: for stride 1 they read
-    consecutive addresses (pixel-major is contiguous in NCHW), where k-major threads would not."""
+    consecutive addresses (pixel-major is contiguous in NCHW), where k-major threads would not.
+    IN_AFFINE: each value is first x * scale[c] + shift[c] (``aff_img``: this image's [C, 2] rows of
+    (scale, shift), a GroupNorm folded per channel), then SiLU with IN_SILU; padding stays 0 (the
+    conv pads the transformed input)."""
     c = offs_k // (KH * KW)
     r = offs_k % (KH * KW)
     di = (r // KW) * DH
@@ -49,7 +60,16 @@ def _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, s
     if not EVEN_K:
         mask = mask & (offs_k[:, None] < K)
     koff = c * stride_xc + di * stride_xh + dj * stride_xw
-    return tl.load(x_img + (koff[:, None] + row_off[None, :]), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_img + (koff[:, None] + row_off[None, :]), mask=mask, other=0.0).to(tl.float32)
+    if IN_AFFINE:
+        c_ok = offs_k < K
+        scale = tl.load(aff_img + 2 * c, mask=c_ok, other=0.0)
+        shift = tl.load(aff_img + 2 * c + 1, mask=c_ok, other=0.0)
+        x = x * scale[:, None] + shift[:, None]
+        if IN_SILU:
+            x = _silu(x)
+        x = tl.where(mask, x, 0.0)
+    return x
 
 
 @triton.jit
@@ -93,16 +113,17 @@ def _store_nchw(out_ptr, y, b, p, offs_n, p_mask, n_mask, stride_ob, stride_on):
 
 
 @triton.jit
-def _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr,
+def _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, aff_img,
                 KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
+                IN_AFFINE: tl.constexpr = False, IN_SILU: tl.constexpr = False):
     """max |x'| over each output pixel's receptive field (one unfolded row): dynamic per-token
     quantization's extra pass over this block's rows."""
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW,
-                      EVEN_K)
+        x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, aff_img, KH, KW, DH,
+                      DW, EVEN_K, IN_AFFINE, IN_SILU)
         x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
     return amax
@@ -110,12 +131,13 @@ def _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_
 
 @triton.jit
 def _act_codes(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, a_scale, zp,
-               KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-               PER_TOKEN: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
+               aff_img, KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+               PER_TOKEN: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
+               IN_AFFINE: tl.constexpr, IN_SILU: tl.constexpr):
     """int8 codes [BLOCK_M, BLOCK_K] of the gathered tile: dynamic (per-pixel ``a_scale``) or
     static (+ ``zp``)."""
-    x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW,
-                  EVEN_K)
+    x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, aff_img, KH, KW, DH, DW,
+                  EVEN_K, IN_AFFINE, IN_SILU)
     x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
     if PER_TOKEN:
         q = round_half_even(tl.math.div_rn(x, a_scale[None, :]))
@@ -129,11 +151,11 @@ def _act_codes(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, 
 
 @triton.jit
 def _conv_k_range(k_begin, k_end, x_img, row_off, ih0, iw0, rn, offs_n, n_mask, w_ptr, w_scale_ptr, wsum_ptr,
-                  smooth_ptr, a_scale, zp, K, H, W, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn,
+                  smooth_ptr, a_scale, zp, K, H, W, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn, aff_img,
                   KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
                   GROUPED: tl.constexpr, W_INT4: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr,
-                  HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
+                  HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr, IN_AFFINE: tl.constexpr, IN_SILU: tl.constexpr):
     """The GEMM over k in [k_begin, k_end) with one activation quantizer (a_scale, zp): the int32
     accumulator (per-channel weights) or the fp32 sum of its dequantized weight groups (GROUPED).
     GROUP_K: the weight group (one scale per (n, group)), or BLOCK_K for per-channel scales; a
@@ -153,7 +175,8 @@ def _conv_k_range(k_begin, k_end, x_img, row_off, ih0, iw0, rn, offs_n, n_mask, 
         for kk in range(0, GROUP_K, BLOCK_K):
             kb = k0 + kk
             a = _act_codes(x_img, row_off, ih0, iw0, kb + tl.arange(0, BLOCK_K), k_lim, H, W, stride_xc, stride_xh,
-                           stride_xw, smooth_ptr, a_scale, zp, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K)
+                           stride_xw, smooth_ptr, a_scale, zp, aff_img, KH, KW, DH, DW, PER_TOKEN, HAS_SMOOTH, EVEN_K,
+                           IN_AFFINE, IN_SILU)
             if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
                 a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
                 w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, kb, K, stride_wn, BLOCK_K, EVEN_K)
@@ -173,24 +196,25 @@ def _conv_k_range(k_begin, k_end, x_img, row_off, ih0, iw0, rn, offs_n, n_mask, 
 
 @triton.jit
 def _int8_conv2d_kernel(
-    x_ptr, w_ptr, a_scale_ptr, w_scale_ptr, zp_ptr, wsum_ptr, bias_ptr, smooth_ptr, out_ptr,
+    x_ptr, w_ptr, a_scale_ptr, w_scale_ptr, zp_ptr, wsum_ptr, bias_ptr, smooth_ptr, aff_ptr, out_ptr,
     N, K, K1, H, W, Wo, HWo, PH, PW, TILES_PER_IMAGE,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn, stride_ob, stride_on,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_K: tl.constexpr,
     GROUPED: tl.constexpr, W_INT4: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_ZP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, AMAX_MIN: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, IN_AFFINE: tl.constexpr = False, IN_SILU: tl.constexpr = False,
 ):
     b, p, offs_n, p_mask, n_mask, rn, ih0, iw0, x_img, row_off = _conv_tile(
         x_ptr, N, Wo, HWo, PH, PW, TILES_PER_IMAGE, stride_xb, stride_xh, stride_xw, SH, SW, BLOCK_M, BLOCK_N)
+    aff_img = aff_ptr + b.to(tl.int64) * (2 * (K // (KH * KW)))  # this image's [C, 2] (scale, shift)
 
     zp = tl.zeros((), dtype=tl.int32)
     if HAS_ZP:
         zp = tl.load(zp_ptr)
     if PER_TOKEN:
-        amax = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, KH, KW, DH,
-                           DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K)
+        amax = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, aff_img, KH,
+                           KW, DH, DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K, IN_AFFINE, IN_SILU)
         a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
     else:
         a_scale = tl.load(a_scale_ptr)
@@ -200,8 +224,8 @@ def _int8_conv2d_kernel(
     # summed in fp32 with the bias on the second, as the reference's two GEMMs are
     total = _conv_k_range(0, K1, x_img, row_off, ih0, iw0, rn, offs_n, n_mask, w_ptr, w_scale_ptr, wsum_ptr,
                           smooth_ptr, a_scale, zp, K, H, W, stride_xc, stride_xh, stride_xw, stride_wn, stride_wsn,
-                          KH, KW, DH, DW, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, GROUPED, W_INT4, PER_TOKEN, HAS_ZP,
-                          HAS_SMOOTH, EVEN_K)
+                          aff_img, KH, KW, DH, DW, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, GROUPED, W_INT4, PER_TOKEN,
+                          HAS_ZP, HAS_SMOOTH, EVEN_K, IN_AFFINE, IN_SILU)
     if SPLIT:
         y = _int8_epilogue(total, a_scale, zp, wsum_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, PER_TOKEN,
                            HAS_ZP, False)
@@ -213,8 +237,8 @@ def _int8_conv2d_kernel(
         wsum2_ptr = wsum_ptr if GROUPED else wsum_ptr + N
         total2 = _conv_k_range(K1, K, x_img, row_off, ih0, iw0, rn, offs_n, n_mask, w_ptr, w_scale_ptr, wsum_ptr,
                                smooth_ptr, a_scale2, zp2, K, H, W, stride_xc, stride_xh, stride_xw, stride_wn,
-                               stride_wsn, KH, KW, DH, DW, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, GROUPED, W_INT4,
-                               PER_TOKEN, HAS_ZP, HAS_SMOOTH, EVEN_K)
+                               stride_wsn, aff_img, KH, KW, DH, DW, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, GROUPED,
+                               W_INT4, PER_TOKEN, HAS_ZP, HAS_SMOOTH, EVEN_K, IN_AFFINE, IN_SILU)
         y = y + _int8_epilogue(total2, a_scale2, zp2, wsum2_ptr, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED,
                                PER_TOKEN, HAS_ZP, HAS_BIAS)
     else:
@@ -223,18 +247,20 @@ def _int8_conv2d_kernel(
     _store_nchw(out_ptr, y, b, p, offs_n, p_mask, n_mask, stride_ob, stride_on)
 
 
-def pick_conv_config(M: int, N: int, K: int, group_size: int, w_int4: bool, split: bool = False):
+def pick_conv_config(M: int, N: int, K: int, group_size: int, w_int4: bool, split: bool = False,
+                     prologue: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_K, num_warps, num_stages): a fixed table (the configs
     STATIC_REPORT_CASES compiles spill-free for sm_80/89/90a). GROUP_K is the weight group size
     (per-channel: BLOCK_K). The in-kernel gather + quantization is CUDA-core work that every N tile
     repeats, so tiles favour many threads per A tile over large register tiles; int4 weights need
     BLOCK_K = 64 (two K = 32 dots over the even and odd k) and a smaller tile to stay in registers.
     A split input keeps the first range's fp32 result live through the second range's loop, one
-    more [BLOCK_M, BLOCK_N] tile: its tiles are those that stay spill-free with it."""
+    more [BLOCK_M, BLOCK_N] tile: its tiles are those that stay spill-free with it. The GroupNorm +
+    SiLU prologue takes the same smaller tile with group-wise int4 weights (128 x 64 spilled 4-40 B)."""
     if w_int4:  # shapes ptxas keeps spill-free on all three archs (64 x 64 at 8 warps spills on sm_89)
         if not group_size:
             return 64, 32, 64, 64, 8, 3
-        if split:  # 128 x 64 at 8 warps and 64 x 64 at 4 warps spill on sm_89 with the extra tile
+        if split or prologue:  # 128 x 64 at 8 warps and 64 x 64 at 4 warps spill on sm_89 with the extra tile
             return 64, 64, 64, group_size, 8, 3
         if M <= 64:
             return 64, 64, 64, group_size, 4, 3
@@ -260,26 +286,31 @@ def _gemm_view(x, w, out, kernel_size) -> tuple:
 
 
 def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, *, kernel_size, stride, padding,
-                dilation, group_size: int, w_int4: bool, act_split: int = 0) -> None:
+                dilation, group_size: int, w_int4: bool, act_split: int = 0, in_affine=None,
+                in_silu: bool = False) -> None:
     """out[B, N, Ho, Wo] = dequant(quant(im2col(x)) @ W_q^T) (+ bias) without materialising im2col.
     ``act_scale`` None: dynamic per output pixel; else static per tensor (``zero_point`` optional).
     ``smooth`` is per input channel [C]; ``w_scale`` / ``w_sum`` [N] or [N, K // group_size] with
     unit stride along groups. ``act_split`` = C1 > 0 (static only): channels [0, C1) and [C1, C) have
-    their own quantizers, ``act_scale`` / ``zero_point`` [2] and per-channel ``w_sum`` contiguous [2, N]."""
+    their own quantizers, ``act_scale`` / ``zero_point`` [2] and per-channel ``w_sum`` contiguous [2, N].
+    ``in_affine`` fp32 contiguous [B, C, 2]: x is first x * scale[b, c] + shift[b, c] (then SiLU with
+    ``in_silu``), a GroupNorm (+ SiLU) applied in the gather."""
     B, H, W, N, Ho, Wo, K, M = _gemm_view(x, w, out, kernel_size)
     if M == 0 or N == 0:
         return
     KH, KW = kernel_size
     per_token = act_scale is None
     K1 = act_split * KH * KW if act_split else K
-    BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4, split=bool(act_split))
+    BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4, split=bool(act_split),
+                                                     prologue=in_affine is not None)
     dummy = out  # never read: the constexpr flags switch its loads off
     tiles_per_image = triton.cdiv(Ho * Wo, BM)
     grid = (B * tiles_per_image, triton.cdiv(N, BN))
     _int8_conv2d_kernel[grid](
         x, w, act_scale if act_scale is not None else dummy, w_scale,
         zero_point if zero_point is not None else dummy, w_sum if w_sum is not None else dummy,
-        bias if bias is not None else dummy, smooth if smooth is not None else dummy, out,
+        bias if bias is not None else dummy, smooth if smooth is not None else dummy,
+        in_affine if in_affine is not None else dummy, out,
         N, K, K1, H, W, Wo, Ho * Wo, padding[0], padding[1], tiles_per_image,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), w_scale.stride(0) if group_size else 0,
         out.stride(0), out.stride(1),
@@ -288,6 +319,7 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
         PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
         SPLIT=bool(act_split), AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0 and K1 % BK == 0 and GK % BK == 0,
+        IN_AFFINE=in_affine is not None, IN_SILU=bool(in_silu),
         num_warps=warps, num_stages=stages,
         enable_fp_fusion=False,
     )
@@ -310,8 +342,8 @@ def _fp8_conv2d_kernel(
     b, p, offs_n, p_mask, n_mask, rn, ih0, iw0, x_img, row_off = _conv_tile(
         x_ptr, N, Wo, HWo, PH, PW, TILES_PER_IMAGE, stride_xb, stride_xh, stride_xw, SH, SW, BLOCK_M, BLOCK_N)
     if PER_TOKEN:
-        amax = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, KH, KW, DH,
-                           DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K)
+        amax = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, x_img, KH,
+                           KW, DH, DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K)
         a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), FMAX)
         a_div = a_scale[None, :]
     else:
@@ -320,8 +352,8 @@ def _fp8_conv2d_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, KH, KW, DH, DW,
-                      EVEN_K)
+        x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, x_img, KH, KW, DH,
+                      DW, EVEN_K)
         x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, a_div), -FMAX), FMAX)  # K padding: x = 0 -> code 0
         a = tl.trans(to_e4m3(q, EMULATE_FP8))
@@ -367,12 +399,13 @@ def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stri
 # -- static report ----------------------------------------------------------------------------
 
 def _conv_case(name, bm, bn, bk, warps, stages, *, group, w_int4, per_token, stride=1, x_dtype="*fp16",
-               split=False):
+               split=False, prologue=False):
     return {
         "name": name, "fn": _int8_conv2d_kernel,
         "signature": {"x_ptr": x_dtype, "w_ptr": "*u8" if w_int4 else "*i8", "a_scale_ptr": "*fp32",
                       "w_scale_ptr": "*fp32", "zp_ptr": "*i32", "wsum_ptr": "*i32", "bias_ptr": "*fp32",
-                      "smooth_ptr": "*fp32", "out_ptr": "*fp16", "N": "i32", "K": "i32", "K1": "i32", "H": "i32",
+                      "smooth_ptr": "*fp32", "aff_ptr": "*fp32", "out_ptr": "*fp16", "N": "i32", "K": "i32",
+                      "K1": "i32", "H": "i32",
                       "W": "i32",
                       "Wo": "i32", "HWo": "i32", "PH": "i32", "PW": "i32", "TILES_PER_IMAGE": "i32",
                       "stride_xb": "i32", "stride_xc": "i32", "stride_xh": "i32", "stride_xw": "i32",
@@ -380,7 +413,8 @@ def _conv_case(name, bm, bn, bk, warps, stages, *, group, w_int4, per_token, str
         "constexprs": {"KH": 3, "KW": 3, "SH": stride, "SW": stride, "DH": 1, "DW": 1,
                        "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_K": group or bk, "GROUPED": bool(group),
                        "W_INT4": w_int4, "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True,
-                       "HAS_SMOOTH": False, "SPLIT": split, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True},
+                       "HAS_SMOOTH": False, "SPLIT": split, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True,
+                       "IN_AFFINE": prologue, "IN_SILU": prologue},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
@@ -431,6 +465,17 @@ STATIC_REPORT_CASES = [
     _conv_case("conv3x3_w4a8_g64_split_static_zp_m64x64", 64, 64, 64, 8, 3, group=64, w_int4=True,
                per_token=False, split=True),
     # fp8 activations and weights: the per-channel rows of pick_conv_config (fp32 accumulator)
+    # the GroupNorm + SiLU prologue (a ResNet block's convs): the per-channel affine and SiLU in the gather
+    _conv_case("conv3x3_w8a8_dynamic_gn_silu_m128", 128, 128, 32, 16, 3, group=None, w_int4=False,
+               per_token=True, prologue=True),
+    _conv_case("conv3x3_w8a8_static_zp_gn_silu_m128", 128, 128, 32, 16, 3, group=None, w_int4=False,
+               per_token=False, prologue=True),
+    _conv_case("conv3x3_w8a8_dynamic_gn_silu_m64", 64, 64, 32, 4, 3, group=None, w_int4=False, per_token=True,
+               prologue=True),
+    _conv_case("conv3x3_w4a8_g128_dynamic_gn_silu_m64x64", 64, 64, 64, 8, 3, group=128, w_int4=True,
+               per_token=True, prologue=True),
+    _conv_case("conv3x3_w4a8_g64_static_zp_gn_silu_m64x64", 64, 64, 64, 8, 3, group=64, w_int4=True,
+               per_token=False, prologue=True),
     _fp8_conv_case("conv3x3_fp8_dynamic_m128", 128, 128, 32, 16, 3, per_token=True),
     _fp8_conv_case("conv3x3_fp8_static_m64", 64, 64, 32, 4, 3, per_token=False),
 ]

@@ -485,16 +485,18 @@ def test_opcheck():
     x, wq, w, w_scale, kw = _operands(g, B=1, C=4, H=4, W=5, N=6, ks=(3, 3), static=True, zp=True, smooth=True,
                                       bias=True)
     args = (x, w, w_scale, kw["smooth"], kw["act_scale"], kw["act_zero_point"], kw["w_sum"], kw["bias"],
-            [3, 3], [2, 1], [1, 1], [1, 1], 0, False, torch.float16, 0)
+            [3, 3], [2, 1], [1, 1], [1, 1], 0, False, torch.float16, 0, None, False)
     torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default, args)
+    in_affine = torch.rand(1, 4, 2, generator=g)  # a GroupNorm + SiLU prologue
+    torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default, args[:-2] + (in_affine, True))
     x4, wq4, w4, s4, _ = _operands(g, B=1, C=64, H=2, W=2, N=3, ks=(3, 3), int4=True, group=64)
     torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default,
                           (x4, w4, s4, None, None, None, None, None, [3, 3], [1, 1], [1, 1], [1, 1], 64, True,
-                           torch.float32, 0))
+                           torch.float32, 0, None, False))
     xs, wqs, ws, ss, kws = _split_operands(g, B=1, C=5, H=3, W=4, N=6, ks=(3, 3), split=2, zp=True)
     torch.library.opcheck(torch.ops.diffaccel.int8_conv2d.default,
                           (xs, ws, ss, None, kws["act_scale"], kws["act_zero_point"], kws["w_sum"], None, [3, 3],
-                           [1, 1], [1, 1], [1, 1], 0, False, torch.float32, 2))
+                           [1, 1], [1, 1], [1, 1], 0, False, torch.float32, 2, None, False))
 
 
 def test_compile_no_graph_break():

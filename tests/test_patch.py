@@ -63,7 +63,7 @@ def test_quant_preset_within_error_bound(name, preset):
     assert quantized, str(report)
     # the modules really are the quantized layers, and the skipped ones say why
     for r in quantized:
-        assert type(model.get_submodule(r.name)).__name__.startswith(("Quant", "FusedFeedForward")), r
+        assert type(model.get_submodule(r.name)).__name__.startswith(("Quant", "Fused")), r
     assert all(s.reason for s in report.skipped)
     err = _rel_l2(tiny_models.output_of(model, inputs), ref)
     assert err < QUANT_REL_L2[preset], f"{name} {preset}: rel L2 {err:.4f}"
@@ -158,6 +158,8 @@ def test_report_names_the_op_and_backend_of_quantized_layers(preset, conv_op):
         layer = model.get_submodule(name)
         if isinstance(layer, FusedFeedForward):
             assert layer.op_name == ("fp8_ffn_up" if preset == "fp8" else "int8_ffn_up")
+        elif type(layer).__name__ == "FusedResnetBlock2D":  # int8 k x k convs only
+            assert preset == "w8a8" and rows[name].after.endswith("via int8_conv2d")
         elif isinstance(layer, QuantConv2d) and not layer.is_pointwise:
             assert layer.op_name == (conv_op or linear_op), name
         else:

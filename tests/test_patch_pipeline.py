@@ -74,7 +74,7 @@ def test_pipeline_with_calibrated_recipe(tmp_path):
     report = diffaccel.patch(pipe, quant=loaded)
     quantized = report.by_part("quant")
     assert quantized and report.by_part("solver")
-    assert all(type(pipe.unet.get_submodule(r.name.split(".", 1)[1])).__name__.startswith(("Quant", "BOS", "FusedFeedForward"))
+    assert all(type(pipe.unet.get_submodule(r.name.split(".", 1)[1])).__name__.startswith(("Quant", "BOS", "Fused"))
                for r in quantized)
     _sample(pipe)  # the whole loop runs through the quantized layers and the fused step
     rel = _rel_l2(_prediction(pipe), pred_before)

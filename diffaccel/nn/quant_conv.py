@@ -115,11 +115,27 @@ class QuantConv2d(QuantLayerBase):
                 return "fp8_conv2d"
         return super().op_name
 
-    def _implicit_gemm_int8(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_normalized_input(self) -> bool:
+        """True when ``forward_normalized`` can run: a k x k conv on the int8 implicit GEMM."""
+        return self.spec.act_dtype == "int8" and not self.is_pointwise
+
+    def forward_normalized(self, x: torch.Tensor, in_affine: torch.Tensor, in_silu: bool) -> torch.Tensor:
+        """``self(silu?(x * in_affine[..., 0] + in_affine[..., 1]))`` with the per-(sample, channel)
+        affine (a GroupNorm, ``diffaccel.ops.group_norm_affine``) and the SiLU applied while the
+        kernel gathers x: the normalized input is never written."""
+        if not self.takes_normalized_input:
+            raise ValueError(f"x: a normalized-input conv needs int8 activations and a k x k kernel; this layer has "
+                             f"{self._spec_repr()}, kernel {self.kernel_size}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
+        return self._implicit_gemm_int8(x, in_affine=in_affine, in_silu=in_silu)
+
+    def _implicit_gemm_int8(self, x: torch.Tensor, **prologue) -> torch.Tensor:
         s = self.spec
         common = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
                       smooth=self._smooth_per_channel(), bias=self.bias, group_size=self.group_size,
-                      w_int4=s.weight_dtype == "int4", out_dtype=self.original_dtype)
+                      w_int4=s.weight_dtype == "int4", out_dtype=self.original_dtype, **prologue)
         if s.act_mode == "dynamic":
             return CV.int8_conv2d(x, self.weight_q, self.weight_scale, **common)
         scale, zp = self._act_params()  # two of each with a split input

@@ -56,11 +56,21 @@ def _to_nchw(y, B, Ho, Wo):
 
 # -- reference ----------------------------------------------------------------------------------
 
+def input_prologue_reference(x, in_affine, in_silu: bool) -> torch.Tensor:
+    """x itself, or fp32 silu?(x * in_affine[b, c, 0] + in_affine[b, c, 1]): the GroupNorm (+ SiLU) a
+    conv's gather applies to its input (``diffaccel.ops.group_norm_affine`` gives ``in_affine``)."""
+    if in_affine is None:
+        return x
+    y = x.float() * in_affine[:, :, 0, None, None] + in_affine[:, :, 1, None, None]
+    return F.silu(y) if in_silu else y
+
+
 def int8_conv2d_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, kernel_size: Sequence[int],
                           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], group_size: int,
-                          w_int4: bool, out_dtype: torch.dtype, act_split: int = 0) -> torch.Tensor:
+                          w_int4: bool, out_dtype: torch.dtype, act_split: int = 0, in_affine=None,
+                          in_silu: bool = False) -> torch.Tensor:
     kh, kw = kernel_size
-    x2 = _unfold_rows(x, kernel_size, stride, padding, dilation)
+    x2 = _unfold_rows(input_prologue_reference(x, in_affine, in_silu), kernel_size, stride, padding, dilation)
     smooth_k = smooth.repeat_interleave(kh * kw) if smooth is not None else None  # K order is (c, kh, kw)
     if act_split:
         y = split_k_int8_linear(int8_linear_reference, x2, w, w_scale, smooth_k, act_scale, act_zero_point, w_sum,
@@ -87,7 +97,7 @@ def fp8_conv2d_reference(x, w, w_scale, smooth, act_scale, bias, kernel_size: Se
 # -- Triton backend -----------------------------------------------------------------------------
 
 def _triton_int8_conv2d(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, kernel_size, stride, padding,
-                        dilation, group_size, w_int4, out_dtype, act_split=0):
+                        dilation, group_size, w_int4, out_dtype, act_split=0, in_affine=None, in_silu=False):
     from diffaccel.kernels import conv
 
     w_scale, w_sum = _same_layout(w_scale, w_sum)
@@ -95,7 +105,8 @@ def _triton_int8_conv2d(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
                       dtype=out_dtype)
     conv.int8_conv2d(x, w, w_scale, smooth, None if act_scale is None else act_scale.reshape(-1), act_zero_point,
                      w_sum, bias, out, kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
-                     dilation=tuple(dilation), group_size=group_size, w_int4=w_int4, act_split=act_split)
+                     dilation=tuple(dilation), group_size=group_size, w_int4=w_int4, act_split=act_split,
+                     in_affine=in_affine, in_silu=in_silu)
     return out
 
 
@@ -122,16 +133,17 @@ def _int8_conv2d_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smo
                     act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], kernel_size: list[int],
                     stride: list[int], padding: list[int], dilation: list[int], group_size: int, w_int4: bool,
-                    out_dtype: torch.dtype, act_split: int) -> torch.Tensor:
+                    out_dtype: torch.dtype, act_split: int, in_affine: Optional[torch.Tensor],
+                    in_silu: bool) -> torch.Tensor:
     # x is read in place with its own strides (any NCHW / channels-last layout)
     return _backend.implementation("int8_conv2d", x.device)(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
                                                             bias, kernel_size, stride, padding, dilation, group_size,
-                                                            w_int4, out_dtype, act_split)
+                                                            w_int4, out_dtype, act_split, in_affine, in_silu)
 
 
 @_int8_conv2d_op.register_fake
 def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, kernel_size, stride, padding, dilation,
-      group_size, w_int4, out_dtype, act_split):
+      group_size, w_int4, out_dtype, act_split, in_affine, in_silu):
     return x.new_empty((x.shape[0], w.shape[0], *_output_hw(x, kernel_size, stride, padding, dilation)),
                        dtype=out_dtype)
 
@@ -178,7 +190,8 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
                 dilation=1, smooth: Optional[torch.Tensor] = None, act_scale: Optional[torch.Tensor] = None,
                 act_zero_point: Optional[torch.Tensor] = None, w_sum: Optional[torch.Tensor] = None,
                 bias: Optional[torch.Tensor] = None, group_size: Optional[int] = None, w_int4: bool = False,
-                act_split: Optional[int] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                act_split: Optional[int] = None, in_affine: Optional[torch.Tensor] = None, in_silu: bool = False,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x`` float [B, C, H, W] -> int8 activations (dynamic per output pixel over its receptive
     field, or static per tensor with ``act_scale`` / ``act_zero_point``; ``x / smooth[c]`` folded in)
     -> conv with int8 [N, C*kh*kw] or packed int4 [N, C*kh*kw // 2] weights in (c, kh, kw) order ->
@@ -188,7 +201,12 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
     ``act_split=C1`` (Q-Diffusion's split input, static activations only): input channels [0, C1)
     and [C1, C) have their own quantizers, ``act_scale`` / ``act_zero_point`` hold two values, and
     per-channel ``w_sum`` is [2, N] (the row sums over each K range); the kernel quantizes each range
-    with its own parameters, so the concatenated input is never unfolded."""
+    with its own parameters, so the concatenated input is never unfolded.
+
+    ``in_affine`` fp32 [B, C, 2] (per sample and channel: scale, shift) transforms the input first,
+    x' = x * scale + shift, then SiLU with ``in_silu``: a GroupNorm + SiLU in front of the conv,
+    applied in the gather (``diffaccel.ops.group_norm_affine`` computes ``in_affine``); the conv
+    pads the transformed input with zeros, as after an explicit GroupNorm + SiLU."""
     ks, st, pd, dl = _check_geometry(x, kernel_size, stride, padding, dilation)
     C = x.shape[1]
     K = C * ks[0] * ks[1]
@@ -204,9 +222,23 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
                                          group_size=group_size, w_int4=w_int4, device=dev)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
+    in_affine = _check_in_affine(in_affine, in_silu, x)
     return torch.ops.diffaccel.int8_conv2d(x, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
                                            _check_bias(bias, N, dev, "x"), ks, st, pd, dl, group_size or 0,
-                                           bool(w_int4), out_dtype, act_split or 0)
+                                           bool(w_int4), out_dtype, act_split or 0, in_affine, bool(in_silu))
+
+
+def _check_in_affine(in_affine, in_silu, x):
+    if in_affine is None:
+        if in_silu:
+            raise ValueError("in_silu: needs in_affine (the SiLU follows the per-channel affine of a GroupNorm)")
+        return None
+    check_tensor("in_affine", in_affine, dtypes=(torch.float32,), ndim=3, contiguous=True)
+    want = (x.shape[0], x.shape[1], 2)
+    if tuple(in_affine.shape) != want:
+        raise ValueError(f"in_affine: expected shape {want} ([B, C, (scale, shift)]), got {tuple(in_affine.shape)}")
+    _check_device("in_affine", in_affine, x.device, "x")
+    return in_affine
 
 
 def fp8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kernel_size, stride=1, padding=0,
@@ -272,4 +304,5 @@ def _check_pair(name, t, dtype, device):
     return t.reshape(2).contiguous()
 
 
-__all__ = ["int8_conv2d", "int8_conv2d_reference", "fp8_conv2d", "fp8_conv2d_reference", "conv_output_size"]
+__all__ = ["int8_conv2d", "int8_conv2d_reference", "fp8_conv2d", "fp8_conv2d_reference", "conv_output_size",
+           "input_prologue_reference"]
