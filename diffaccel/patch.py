@@ -278,64 +278,57 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             report.skipped.append(Skipped(f"{prefix}{name}", "quant", reason))
         for install in hooks:
             undo.push(install(backbone))
-    _fuse_feed_forwards(prefix, backbone, report, undo, select)
-    _fuse_resnets(prefix, backbone, report, undo, select)
+    _fuse_blocks(prefix, backbone, report, undo, select)
 
 
-def _fuse_feed_forwards(prefix, backbone, report, undo, select):
-    """Each diffusers FeedForward whose projections were just quantized with int8 activations runs its
-    activation in the up projection's epilogue (diffaccel.nn.FusedFeedForward)."""
-    from .nn import QuantLinear
+def _fuse_blocks(prefix, backbone, report, undo, select):
+    """Blocks whose layers were just quantized with int8 (or fp8) activations get their fused form:
+    a diffusers FeedForward runs its activation in the up projection's epilogue
+    (diffaccel.nn.FusedFeedForward), a ResnetBlock2D its GroupNorm + SiLU inside its convs
+    (diffaccel.nn.resnet: that instance's class becomes FusedResnetBlock2D)."""
+    from .nn import QuantConv2d, QuantLinear
     from .nn import feed_forward as dff
-
-    for name, module in list(backbone.named_modules()):
-        reason = dff.fuse_reason(module)
-        if reason == "not a diffusers FeedForward" or reason == "diffusers is not installed":
-            continue
-        fqn = f"{prefix}{name}"
-        if not any(isinstance(m, QuantLinear) for m in module.modules()):
-            continue  # nothing of it was quantized: nothing to say
-        if reason is None and not select(module, fqn):
-            reason = "excluded by filter"
-        if reason is None and _has_accelerate_hook(module):
-            reason = _ACCELERATE_HOOK_REASON
-        if reason is not None:
-            report.skipped.append(Skipped(fqn, "quant", f"feed-forward not fused: {reason}"))
-            continue
-        fused = dff.FusedFeedForward(module)
-        # the original shares its net with the replacement: it is a container, not a float module to hold
-        _swap_module(backbone, name, fused, undo, hold_original=False)
-        after = f"FusedFeedForward({fused.activation} epilogue, " + \
-            ("writes net.2's int8 codes)" if fused.writes_codes else "writes the activation)")
-        report.replaced.append(Replaced(fqn, "quant", type(module).__name__, f"{after} via {fused.op_name}",
-                                        _backend_of(fused)))
-
-
-def _fuse_resnets(prefix, backbone, report, undo, select):
-    """Each diffusers ResnetBlock2D whose convs were just quantized with int8 activations runs its
-    GroupNorm + SiLU inside them (diffaccel.nn.resnet: the instance's class becomes FusedResnetBlock2D)."""
-    from .nn import QuantConv2d
     from .nn import resnet as dres
 
+    # (the block's module, the quantized layer type it needs, what the report calls it, how to fuse it)
+    kinds = ((dff, QuantLinear, "feed-forward", _fuse_feed_forward), (dres, QuantConv2d, "resnet block", _fuse_resnet))
     for name, module in list(backbone.named_modules()):
-        reason = dres.fuse_reason(module)
-        if reason in ("not a ResnetBlock2D", "diffusers is not installed"):
-            continue
-        fqn = f"{prefix}{name}"
-        if not any(isinstance(m, QuantConv2d) for m in module.modules()):
-            continue  # nothing of it was quantized: nothing to say
-        if reason is None and not select(module, fqn):
-            reason = "excluded by filter"
-        if reason is None and _has_accelerate_hook(module):
-            reason = _ACCELERATE_HOOK_REASON
-        if reason is not None:
-            report.skipped.append(Skipped(fqn, "quant", f"resnet block not fused: {reason}"))
-            continue
-        dres.fuse_resnet(module)
-        undo.push(lambda m=module: dres.unfuse_resnet(m))
-        after = "FusedResnetBlock2D(GroupNorm + SiLU in conv1 / conv2's gather) via int8_conv2d"
-        report.replaced.append(Replaced(fqn, "quant", "ResnetBlock2D", after,
-                                        _op_backend("int8_conv2d", _module_device(module) or torch.device("cpu"))))
+        for kind, layer_type, what, fuse in kinds:
+            if not kind.is_target(module):
+                continue
+            fqn = f"{prefix}{name}"
+            if not any(isinstance(m, layer_type) for m in module.modules()):
+                continue  # nothing of it was quantized: nothing to say
+            reason = kind.fuse_reason(module)
+            if reason is None and not select(module, fqn):
+                reason = "excluded by filter"
+            if reason is None and _has_accelerate_hook(module):
+                reason = _ACCELERATE_HOOK_REASON
+            if reason is not None:
+                report.skipped.append(Skipped(fqn, "quant", f"{what} not fused: {reason}"))
+                continue
+            before = type(module).__name__  # (a ResNet block's class changes in place)
+            after, backend = fuse(backbone, name, module, undo)
+            report.replaced.append(Replaced(fqn, "quant", before, after, backend))
+
+
+def _fuse_feed_forward(backbone, name, module, undo):
+    from .nn import feed_forward as dff
+
+    fused = dff.FusedFeedForward(module)
+    # the original shares its net with the replacement: it is a container, not a float module to hold
+    _swap_module(backbone, name, fused, undo, hold_original=False)
+    writes = "writes net.2's int8 codes" if fused.writes_codes else "writes the activation"
+    return f"FusedFeedForward({fused.activation} epilogue, {writes}) via {fused.op_name}", _backend_of(fused)
+
+
+def _fuse_resnet(backbone, name, module, undo):
+    from .nn import resnet as dres
+
+    dres.fuse_resnet(module)
+    undo.push(lambda m=module: dres.unfuse_resnet(m))
+    return ("FusedResnetBlock2D(GroupNorm + SiLU in conv1 / conv2's gather) via int8_conv2d",
+            _op_backend("int8_conv2d", _module_device(module) or torch.device("cpu")))
 
 
 def _describe(module: nn.Module) -> str:

@@ -232,6 +232,7 @@ def test_patch_fuses_unet_resnets_and_unpatch_restores():
     rows = [r for r in report.replaced if r.after.startswith("FusedResnetBlock2D")]
     blocks = [n for n, m in unfused.named_modules() if type(m).__name__ == "ResnetBlock2D"]
     assert sorted(r.name for r in rows) == sorted(blocks) and blocks
+    assert all(r.before == "ResnetBlock2D" for r in rows)
     # the same layers quantized without fusing: same names, outputs within the bound
     # (the pattern names the blocks, not their convs, which stay quantized)
     r2 = diffaccel.patch(unfused, attention=False, quant="w8a8", solver=False, exclude=("*resnets.[0-9]",))

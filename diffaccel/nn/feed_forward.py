@@ -154,16 +154,20 @@ class FusedFeedForward(nn.Module):
         return f"activation={self.activation}, writes_codes={self.writes_codes}"
 
 
+def is_target(module: nn.Module) -> bool:
+    """True for exactly diffusers' FeedForward (False without diffusers)."""
+    try:
+        return type(module) is _feed_forward_classes()[0]
+    except ImportError:  # pragma: no cover - diffusers is optional
+        return False
+
+
 def fuse_reason(module: nn.Module) -> Optional[str]:
     """None when ``module`` is a diffusers FeedForward that FusedFeedForward can take now, else why not
-    (also "not a FeedForward" for anything else)."""
-    try:
-        FeedForward, _, _ = _feed_forward_classes()
-    except ImportError:  # pragma: no cover - diffusers is optional
-        return "diffusers is not installed"
-    if type(module) is not FeedForward:
+    (also "not a diffusers FeedForward" for anything else)."""
+    if not is_target(module):
         return "not a diffusers FeedForward"
     return unfused_reason(module)
 
 
-__all__ = ["FusedFeedForward", "fuse_reason", "unfused_reason"]
+__all__ = ["FusedFeedForward", "fuse_reason", "is_target", "unfused_reason"]

@@ -109,14 +109,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def fuse_reason(module: nn.Module) -> Optional[str]:
-    """None when ``fuse_resnet`` can take ``module`` now, else why not ("not a ResnetBlock2D" for
-    anything that is not exactly diffusers' ResnetBlock2D)."""
+def is_target(module: nn.Module) -> bool:
+    """True for exactly diffusers' ResnetBlock2D (False without diffusers)."""
     try:
         from diffusers.models.resnet import ResnetBlock2D
     except ImportError:  # pragma: no cover - diffusers is optional
-        return "diffusers is not installed"
-    if type(module) is not ResnetBlock2D:
+        return False
+    return type(module) is ResnetBlock2D
+
+
+def fuse_reason(module: nn.Module) -> Optional[str]:
+    """None when ``fuse_resnet`` can take ``module`` now, else why not ("not a ResnetBlock2D" for
+    anything that is not exactly diffusers' ResnetBlock2D)."""
+    if not is_target(module):
         return "not a ResnetBlock2D"
     return unfused_reason(module)
 
@@ -137,4 +142,4 @@ def unfuse_resnet(block: nn.Module) -> nn.Module:
     return block
 
 
-__all__ = ["fuse_resnet", "unfuse_resnet", "fuse_reason", "unfused_reason", "fused_class"]
+__all__ = ["fuse_resnet", "unfuse_resnet", "fuse_reason", "is_target", "unfused_reason", "fused_class"]
