@@ -48,3 +48,19 @@ def to_e4m3(x, EMULATE: tl.constexpr):
         r = round_half_even(x * inv_step) * step
         x = tl.where(r == 0.0, x * 0.0, r)
     return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def round_to_bf16(y):
+    """fp32 ``y`` rounded to nearest-even on the bf16 grid, still fp32. Done on the bits: the
+    interpreter's fp32 -> bf16 cast truncates, the GPU's rounds; this is the same on both."""
+    bits = y.to(tl.uint32, bitcast=True)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mul_sigmoid(x, z):
+    """x * sigmoid(z) in fp32, the sigmoid from t = exp(-|z|) <= 1: nothing overflows, and there is
+    no cancellation where sigmoid(z) is tiny (SiLU is mul_sigmoid(z, z); GELU's tanh form x * sigmoid(2u))."""
+    t = tl.exp(-tl.abs(z))
+    return x * tl.where(z >= 0, 1.0, t) / (1.0 + t)

@@ -24,18 +24,11 @@ Launches pass enable_fp_fusion=False (no FMA contraction in the epilogue, as in 
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_half_even, to_e4m3
+from ._common import interpreting, mul_sigmoid, round_half_even, to_e4m3
 from .gemm import FP8_MAX, _add_weight_group, _int8_epilogue, _load_int4_tile_t, _load_int8_tile_t, _to_out
 
 AMAX_FLOOR = 1e-12
 MAX_INT32_OFFSET = 2**31 - 1
-
-
-@triton.jit
-def _silu(z):
-    """z * sigmoid(z) in fp32, the sigmoid from t = exp(-|z|) <= 1 (nothing overflows)."""
-    t = tl.exp(-tl.abs(z))
-    return z * tl.where(z >= 0, 1.0, t) / (1.0 + t)
 
 
 @triton.jit
@@ -67,7 +60,7 @@ def _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, s
         shift = tl.load(aff_img + 2 * c + 1, mask=c_ok, other=0.0)
         x = x * scale[:, None] + shift[:, None]
         if IN_SILU:
-            x = _silu(x)
+            x = mul_sigmoid(x, x)  # SiLU
         x = tl.where(mask, x, 0.0)
     return x
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_half_even, row_abs_max, to_e4m3
+from ._common import interpreting, mul_sigmoid, round_half_even, round_to_bf16, row_abs_max, to_e4m3
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -31,36 +31,31 @@ FP8_MAX = 448.0
 
 @triton.jit
 def _to_out(y, out_ptr):
-    """fp32 -> the output element type with round-to-nearest-even for bf16 done on the bits:
-    the interpreter's fp32->bf16 cast truncates, the GPU's rounds; this is the same on both."""
+    """fp32 -> the output element type, bf16 rounded on the bits (round_to_bf16: the same in the
+    interpreter and on the GPU)."""
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True)
+        y = round_to_bf16(y)
     return y.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
 def _round_to(y, VALUE_DTYPE: tl.constexpr):
     """fp32 ``y`` rounded to the float type VALUE_DTYPE (0 fp32, 1 fp16, 2 bf16) and back: the value
-    a float output of that type would hold (bf16 rounded on the bits, as in _to_out)."""
+    a float output of that type would hold (as _to_out writes it)."""
     if VALUE_DTYPE == 1:
         y = y.to(tl.float16).to(tl.float32)
     elif VALUE_DTYPE == 2:
-        bits = y.to(tl.uint32, bitcast=True)
-        y = ((bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        y = round_to_bf16(y)
     return y
 
 
 @triton.jit
 def _gelu(y, TANH: tl.constexpr):
     """GELU in fp32: x * Phi(x) (erf), or the tanh form written as x * sigmoid(2u), which is
-    0.5 * x * (1 + tanh(u)) without the cancellation of 1 + tanh(u) at large negative u; the
-    sigmoid from t = exp(-2|u|) <= 1, so nothing overflows."""
+    0.5 * x * (1 + tanh(u)) without the cancellation of 1 + tanh(u) at large negative u."""
     if TANH:
         u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        t = tl.exp(-2.0 * tl.abs(u))
-        return y * tl.where(u >= 0, 1.0, t) / (1.0 + t)
+        return mul_sigmoid(y, 2.0 * u)
     return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
 
 

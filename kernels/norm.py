@@ -14,6 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _group_values(base, add_ptr, c0, i0, n, HW, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """The group's values [i0, i0 + BLOCK) in fp32 (+ add of their channel), 0 past its n, and the mask."""
+    offs = i0 + tl.arange(0, BLOCK)
+    ok = offs < n
+    v = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        v = tl.where(ok, v + tl.load(add_ptr + c0 + offs // HW, mask=ok, other=0.0), 0.0)
+    return v, ok
+
+
+@triton.jit
 def _group_norm_affine_kernel(x_ptr, add_ptr, gamma_ptr, beta_ptr, out_ptr, C, HW, CG, G, eps,
                               HAS_ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -24,27 +35,20 @@ def _group_norm_affine_kernel(x_ptr, add_ptr, gamma_ptr, beta_ptr, out_ptr, C, H
     c0 = b * C + g * CG  # this group's first (b, c) row of add / out
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i0 in range(0, n, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        ok = offs < n
-        v = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            v = tl.where(ok, v + tl.load(add_ptr + c0 + offs // HW, mask=ok, other=0.0), 0.0)
+        v, _ = _group_values(base, add_ptr, c0, i0, n, HW, HAS_ADD, BLOCK)
         acc += v
     mean = tl.sum(acc, axis=0) / n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i0 in range(0, n, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        ok = offs < n
-        v = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            v = v + tl.load(add_ptr + c0 + offs // HW, mask=ok, other=0.0)
+        v, ok = _group_values(base, add_ptr, c0, i0, n, HW, HAS_ADD, BLOCK)
         d = tl.where(ok, v - mean, 0.0)
         acc += d * d
     rstd = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / n + eps)
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < CG
-    scale = tl.load(gamma_ptr + g * CG + offs_c, mask=c_ok, other=0.0) * rstd
-    shift = tl.load(beta_ptr + g * CG + offs_c, mask=c_ok, other=0.0) - mean * scale
+    # gamma / beta in the module's own dtype (no per-call fp32 copy of the parameters)
+    scale = tl.load(gamma_ptr + g * CG + offs_c, mask=c_ok, other=0.0).to(tl.float32) * rstd
+    shift = tl.load(beta_ptr + g * CG + offs_c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
     if HAS_ADD:
         shift = shift + tl.load(add_ptr + c0 + offs_c, mask=c_ok, other=0.0) * scale
     tl.store(out_ptr + (c0 + offs_c) * 2, scale, mask=c_ok)
@@ -53,7 +57,7 @@ def _group_norm_affine_kernel(x_ptr, add_ptr, gamma_ptr, beta_ptr, out_ptr, C, H
 
 def group_norm_affine(x, add, gamma, beta, out, *, num_groups: int, eps: float) -> None:
     """out [B, C, 2] fp32 = (scale, shift) of GroupNorm(x (+ add[b, c])); x contiguous [B, C, H, W];
-    ``add`` fp32 contiguous [B, C] or None; gamma / beta fp32 [C]."""
+    ``add`` fp32 contiguous [B, C] or None; gamma / beta contiguous [C], any float dtype."""
     B, C = x.shape[0], x.shape[1]
     HW = x[0, 0].numel()
     CG = C // num_groups

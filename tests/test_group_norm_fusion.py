@@ -310,3 +310,16 @@ def test_gpu_sdxl_resnet_block(C, H):
     with use_backend("triton"):
         stats = group_norm_affine(x, 32, w, b, blk.norm1.eps)
     torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_affine_half_parameters():
+    """A fp16 model's GroupNorm parameters are read in their own dtype (no fp32 copy per call)."""
+    _needs_triton("group_norm_affine")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 6, 6, generator=g).half()
+    weight, bias = (torch.rand(16, generator=g) + 0.5).half(), torch.randn(16, generator=g).half()
+    with use_backend("torch"):
+        ref = group_norm_affine(x, 4, weight, bias, 1e-5)
+    with use_backend("triton"):
+        out = group_norm_affine(x, 4, weight, bias, 1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

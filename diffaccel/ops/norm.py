@@ -41,8 +41,8 @@ def _triton_group_norm_affine(x, weight, bias, add, num_groups, eps):
     from diffaccel.kernels import norm
 
     out = torch.empty(x.shape[0], x.shape[1], 2, dtype=torch.float32, device=x.device)
-    norm.group_norm_affine(x.contiguous(), add, weight.float().contiguous(), bias.float().contiguous(), out,
-                           num_groups=num_groups, eps=eps)
+    norm.group_norm_affine(x.contiguous(), add, weight.contiguous(), bias.contiguous(), out, num_groups=num_groups,
+                           eps=eps)
     return out
 
 
