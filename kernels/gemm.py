@@ -278,7 +278,7 @@ ACTIVATIONS = {None: (0, False), "gelu": (1, False), "gelu_tanh": (2, False), "g
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None, w_int4: bool = True):
+def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None, w_int4: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
     (these are the configs STATIC_REPORT_CASES compiles). With the feed-forward epilogue the tiles
     shrink where the static report found them spilling: gated (GEGLU, two accumulators) output
