@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -213,6 +213,8 @@ def test_strided_input_read_in_place():
        kh=st.sampled_from([1, 2, 3]), kw=st.sampled_from([1, 3]), sh=st.integers(1, 2), sw=st.integers(1, 3),
        ph=st.integers(0, 2), pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2),
        act=st.sampled_from(["dynamic", "static", "static_zp"]), int4=st.booleans(), seed=st.integers(0, 2**16))
+# found by CI: K = 1, where CPU torch._int_mm (the reference's GEMM) returned garbage
+@example(B=1, C=1, H=1, W=1, N=2, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1, act="dynamic", int4=False, seed=0)
 def test_property_triton_matches_reference(B, C, H, W, N, kh, kw, sh, sw, ph, pw, dh, dw, act, int4, seed):
     _needs_triton()
     ks = (kh, kw)

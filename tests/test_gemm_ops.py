@@ -451,3 +451,12 @@ def test_gpu_weight_only(M):
         out = G.weight_only_gemm(x.to(dev), fmt.pack_int4(wq).to(dev), ws.to(dev), group_size=128, w_int4=True)
     torch.testing.assert_close(out.cpu(), G.weight_only_gemm_reference(x, fmt.pack_int4(wq), ws, None, 128, True),
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("N", [1, 2, 37])
+def test_reference_int_mm_k1(N):
+    """K = 1 (a 1x1 conv over one channel): CPU torch._int_mm returns garbage there (torch 2.14), so the
+    reference's int GEMM must not rely on it; found by the conv property test."""
+    g = _gen(N)
+    a, w = _int8((5, 1), g), _int8((N, 1), g, -127, 127)
+    assert torch.equal(G._int_mm(a, w), _int64_acc(a, w).to(torch.int32))

@@ -68,6 +68,8 @@ def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         ap[:M, :K] = a
         bp[:N, :K] = b_t
         return torch._int_mm(ap, bp.t())[:M, :N]
+    if K == 1:  # CPU torch._int_mm returns garbage for K = 1 (torch 2.14, seen: N >= 2); an outer product is exact
+        return a.to(torch.int32) * b_t.to(torch.int32).reshape(1, N)
     return torch._int_mm(a.contiguous(), b_t.t())
 
 
