@@ -44,21 +44,21 @@ def test_weight_codes_match_the_layer_format(bits):
     from diffaccel.quant.formats import quantize_weight_int
 
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
-    qrange = fakequant.weight_qrange(fakequant.WEIGHT_DTYPE_FOR_BITS[bits])
-    scale = fakequant.weight_absmax_scale(w, qrange)
+    grid = fakequant.weight_grid({8: "int8", 4: "int4"}[bits])
+    scale = fakequant.weight_absmax_scale(w, grid)
     q_ref, s_ref = quantize_weight_int(w, bits)
     assert torch.allclose(scale, s_ref, rtol=1e-6, atol=0)
-    assert torch.equal(fakequant.quantize_weight(w, s_ref, qrange), q_ref)
+    assert torch.equal(fakequant.quantize_weight(w, s_ref, grid), q_ref)
 
 
 def test_lp_clip_search_never_loses_to_absmax():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
     w[:, 0] *= 8  # an outlier per channel: clipping it pays at 4 bits
-    qrange = (-8, 7)
+    grid = fakequant.weight_grid("int4")
     p = 2.4
-    err = lambda s: (w - fakequant.fake_quant_weight(w, s, qrange)).abs().pow(p).sum(1)
-    searched = fakequant.search_weight_scale(w, qrange, p=p)
-    absmax = fakequant.weight_absmax_scale(w, qrange)
+    err = lambda s: (w - fakequant.fake_quant_weight(w, s, grid)).abs().pow(p).sum(1)
+    searched = fakequant.search_weight_scale(w, grid, p=p)
+    absmax = fakequant.weight_absmax_scale(w, grid)
     assert (err(searched) <= err(absmax) + 1e-6).all()
     assert (searched < absmax).any()
 
@@ -87,8 +87,8 @@ def test_adaround_learns_a_rounding_that_beats_nearest_on_a_toy_block():
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         io = [((x,), {}, block(x), 0) for x in (torch.randn(64, 16, generator=g) for _ in range(4))]
-    qrange = (-8, 7)
-    inits = {rel: LayerInit(qrange, fakequant.weight_absmax_scale(block[i].weight, qrange))
+    grid = fakequant.weight_grid("int4")
+    inits = {rel: LayerInit(grid, fakequant.weight_absmax_scale(block[i].weight, grid))
              for rel, i in (("0", 0), ("2", 2))}
     learned = reconstruct(block, io, inits, iters=400, device="cpu", seed=0, learn_act=False)
 
@@ -101,7 +101,7 @@ def test_adaround_learns_a_rounding_that_beats_nearest_on_a_toy_block():
         with torch.no_grad():
             return sum((fwd(a[0]) - out).pow(2).sum().item() for a, _, out, _ in io)
 
-    nearest = {rel: fakequant.quantize_weight(block[int(rel)].weight, inits[rel].weight_scale, qrange).float()
+    nearest = {rel: fakequant.quantize_weight(block[int(rel)].weight, inits[rel].weight_scale, grid).float()
                for rel in inits}
     adaround = {rel: learned[rel].weight_q.float() for rel in inits}
     for rel in inits:
@@ -120,9 +120,9 @@ def test_lsq_learns_activation_step_sizes_in_the_same_reconstruction():
     x = torch.randn(128, 8) * torch.linspace(0.1, 4, 8)
     with torch.no_grad():
         io = [((x,), {}, block(x), 0)]
-    qrange = (-127, 127)
+    grid = fakequant.weight_grid("int8")
     s0, z0 = fakequant.act_params_from_range(torch.tensor(-40.0), torch.tensor(40.0), False)  # far too wide
-    init = {"0": LayerInit(qrange, fakequant.weight_absmax_scale(block[0].weight, qrange), s0.reshape(1),
+    init = {"0": LayerInit(grid, fakequant.weight_absmax_scale(block[0].weight, grid), s0.reshape(1),
                            z0.reshape(1))}
     res = reconstruct(block, io, init, iters=60, device="cpu", seed=0, adaround=False)
     assert res["0"].act_scale.shape == (1,) and res["0"].act_scale[0] < s0  # learned a tighter step

@@ -40,7 +40,7 @@ class LayerRecipe:
     weight_shape: tuple
     spec: dict                                 # QuantSpec.to_dict()
     weight_scale: torch.Tensor | None = None   # fp32 [O]: per output channel
-    weight_q: torch.Tensor | None = None       # int8 [O, K] (conv: K = I*kh*kw) learned-rounding weights
+    weight_q: torch.Tensor | None = None       # int8 (float8_e4m3fn for fp8) [O, K] (conv: K = I*kh*kw) learned-rounding codes
     act_scale: torch.Tensor | None = None      # fp32 [T] (or [T, 2] with act_split)
     act_zero_point: torch.Tensor | None = None  # int32, same shape
     act_split: int | None = None               # conv input channels [0:C1) and [C1:) quantized apart
@@ -231,10 +231,10 @@ def _quantized_layer(original: nn.Module, lr: LayerRecipe, spec, dnn) -> nn.Modu
     if lr.weight_scale is not None:
         weight_q = lr.weight_q
         if weight_q is None:  # scale calibrated, rounding to nearest (the kernels' convention)
-            from .calibrate.fakequant import quantize_weight, weight_qrange
+            from .calibrate.fakequant import quantize_weight, weight_grid
 
             weight_q = quantize_weight(original.weight.reshape(original.weight.shape[0], -1), lr.weight_scale,
-                                       weight_qrange(spec.weight_dtype))
+                                       weight_grid(spec.weight_dtype))
         kw["weight_q"] = weight_q.reshape(weight_q.shape[0], -1)
         kw["weight_scale"] = lr.weight_scale
     if lr.act_scale is not None:

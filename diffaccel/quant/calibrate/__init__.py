@@ -21,7 +21,7 @@ from ..recipe import QuantRecipe, RecipeError
 from . import minmax, mixdq, qdiffusion, tfmq
 from .collect import (CalibrationError, CalibrationSet, backbone_of, from_backbone_data, from_pipeline,
                       is_pipeline, working_copy)
-from .common import check_bits, log_allocation, resolve_skip
+from .common import check_bits, check_format, log_allocation, resolve_skip
 
 logger = logging.getLogger("diffaccel")
 METHODS = {"minmax": minmax.run, "qdiffusion": qdiffusion.run, "tfmq": tfmq.run, "mixdq": mixdq.run}
@@ -41,6 +41,7 @@ class Context:
     seed: int
     progress: bool
     act_symmetric: bool
+    number_format: str
     skip: tuple
     activation_device: object
     iters: int
@@ -62,7 +63,7 @@ class Context:
 
         return {"method": self.method, "weight_bits": self.weight_bits, "act_bits": self.act_bits,
                 "seed": self.seed, "model": type(self.backbone).__name__, "diffaccel": __version__,
-                "act_symmetric": self.act_symmetric, "iters": self.iters, "p": self.p,
+                "act_symmetric": self.act_symmetric, "format": self.number_format, "iters": self.iters, "p": self.p,
                 "block_inputs": self.block_inputs,
                 "schedule": [float(t) for t in self.calib.schedule.tolist()],
                 "samples": len(self.calib), **extra}
@@ -71,7 +72,7 @@ class Context:
 def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: float = 8,
               num_timesteps: int | None = None, samples_per_timestep: int | None = None,
               num_inference_steps: int = 10, seed: int = 0, device=None, activation_device=None,
-              progress: bool = True, act_symmetric: bool = False, skip=None, iters: int = 100,
+              progress: bool = True, format: str = "int", act_symmetric: bool | None = None, skip=None, iters: int = 100,
               p: float = 2.4, adaround: bool = True, learn_act: bool = True, split_shortcut: bool = True,
               temporal_cache: bool = True, weight_candidates=(4, 8), act_fp16_fraction: float = 0.05,
               sensitivity_samples: int = 4, bos: bool | None = None, batch_size: int = 1,
@@ -83,6 +84,12 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     method: "minmax" | "qdiffusion" | "tfmq" | "mixdq".
     weight_bits / act_bits: 4 or 8 / 8 or 16 (16 = weight-only); for mixdq the target averages of
         the mixed-precision allocation (weights from ``weight_candidates``, activations 8 or 16).
+    format: "int" (INT8/INT4 weights per output channel, static INT8 activations) or "fp8" (FP8 E4M3
+        weights per output channel, static per-tensor FP8 E4M3 activations: weight_bits must be 8;
+        mixdq then allocates only the activations' 8 or 16 bits). Every method works in either:
+        scale searches, AdaRound (between neighbouring E4M3 values) and LSQ run on the format's grid.
+    act_symmetric: symmetric static activations (None: asymmetric with a zero point for int8,
+        symmetric for fp8, which has no zero point).
     num_timesteps: calibrated timesteps spread uniformly over the trajectory (None: every step);
         tfmq keeps one set of activation parameters per calibrated timestep.
     samples_per_timestep: samples kept per timestep (None: all; a pipeline gives one per prompt batch).
@@ -101,6 +108,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     if method not in METHODS:
         raise CalibrationError(f"method: unknown calibration method {method!r}; expected one of {tuple(METHODS)}")
     check_bits(method, weight_bits, act_bits)
+    act_symmetric = check_format(format, act_symmetric, weight_bits, method)
     if method == "mixdq":
         bad = [b for b in weight_candidates if b not in (4, 8)]
         if bad or not weight_candidates:
@@ -143,7 +151,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         work = working_copy(backbone, device)
         work.eval()
         ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,
-                      device=device, seed=seed, progress=progress, act_symmetric=act_symmetric,
+                      device=device, seed=seed, progress=progress, act_symmetric=act_symmetric, number_format=format,
                       skip=resolve_skip(work, skip), activation_device=activation_device, iters=iters, p=float(p),
                       adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
                       temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),

@@ -11,22 +11,51 @@ from torch import nn
 
 from ..recipe import LayerRecipe, QuantRecipe
 from .collect import CalibrationError, CalibrationSet, Observations, forward
-from .fakequant import WEIGHT_DTYPE_FOR_BITS, act_params_from_range, search_act_range, weight_qrange
+from .fakequant import act_params_from_range, search_act_range, weight_grid
 from .structure import (DEFAULT_SKIP, concat_split_candidates, layer_kind, quantizable_layers,
                         split_layers_for_resnet)
 
 logger = logging.getLogger("diffaccel")
 SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_ACT_BITS = (8, 16)
+# number format -> (weight dtype per bit width, activation dtype at 8 bits)
+NUMBER_FORMATS = {"int": ({8: "int8", 4: "int4"}, "int8"),
+                  "fp8": ({8: "fp8_e4m3"}, "fp8_e4m3")}
 
 
-def make_spec(weight_bits: int, act_bits: int, act_symmetric: bool):
+def weight_dtype_for(weight_bits: int, number_format: str = "int") -> str:
+    return NUMBER_FORMATS[number_format][0][weight_bits]
+
+
+def act_dtype_for(number_format: str = "int") -> str:
+    return NUMBER_FORMATS[number_format][1]
+
+
+def make_spec(weight_bits: int, act_bits: int, act_symmetric: bool, number_format: str = "int"):
     from ..formats import QuantSpec
 
+    weight_dtype = weight_dtype_for(weight_bits, number_format)
     if act_bits == 16:
-        return QuantSpec(weight_dtype=WEIGHT_DTYPE_FOR_BITS[weight_bits], act_dtype=None, act_mode="dynamic")
-    return QuantSpec(weight_dtype=WEIGHT_DTYPE_FOR_BITS[weight_bits], act_dtype="int8", act_mode="static",
+        return QuantSpec(weight_dtype=weight_dtype, act_dtype=None, act_mode="dynamic")
+    return QuantSpec(weight_dtype=weight_dtype, act_dtype=act_dtype_for(number_format), act_mode="static",
                      act_symmetric=act_symmetric)
+
+
+def check_format(number_format, act_symmetric, weight_bits, method: str) -> bool:
+    """-> act_symmetric resolved (None: asymmetric int8, symmetric fp8)."""
+    if number_format not in NUMBER_FORMATS:
+        raise CalibrationError(f"format: expected one of {tuple(NUMBER_FORMATS)}, got {number_format!r}")
+    if act_symmetric is not None and not isinstance(act_symmetric, bool):
+        raise CalibrationError(f"act_symmetric: expected a bool or None, got {act_symmetric!r}")
+    if number_format == "fp8":
+        if act_symmetric is False:
+            raise CalibrationError("act_symmetric: fp8 (E4M3) activations are symmetric; leave act_symmetric=None "
+                                   "or set it True")
+        if weight_bits != 8:
+            raise CalibrationError(f"weight_bits: format='fp8' stores FP8 E4M3 weights (8 bits), got {weight_bits}"
+                                   + (" (mixdq's average: its only candidate is 8)" if method == "mixdq" else ""))
+        return True
+    return bool(act_symmetric)
 
 
 def check_bits(method: str, weight_bits, act_bits) -> None:
@@ -62,7 +91,8 @@ class Plan:
     bos_layers: tuple[str, ...] = ()
 
 
-def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool, skip, exclude=()) -> Plan:
+def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool, skip, exclude=(),
+                number_format: str = "int") -> Plan:
     """Every Linear/Conv2d minus the input/output layers (``skip``) and those the kernels can't take
     at any of the candidate weight widths."""
     from ... import nn as dnn
@@ -78,7 +108,7 @@ def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool
             continue
         reason = None
         for wb in weight_bits_options:
-            reason = dnn.quantize_reason(module, make_spec(wb, 8, act_symmetric)) or reason
+            reason = dnn.quantize_reason(module, make_spec(wb, 8, act_symmetric, number_format)) or reason
         if reason is not None:
             skipped[name] = reason
             continue
@@ -128,16 +158,18 @@ def find_split_points(backbone: nn.Module, sample: dict, device) -> dict[str, in
     return points
 
 
-def weight_init(module: nn.Module, weight_bits: int, *, search: bool, p: float):
+def weight_init(module: nn.Module, weight_dtype: str, *, search: bool, p: float):
+    """-> (grid, per-channel scale [O]): absmax, or the Lp clip-ratio search."""
     from .fakequant import search_weight_scale, weight_absmax_scale
 
-    qrange = weight_qrange(WEIGHT_DTYPE_FOR_BITS[weight_bits])
+    grid = weight_grid(weight_dtype)
     if search:
-        return qrange, search_weight_scale(module.weight, qrange, p=p)
-    return qrange, weight_absmax_scale(module.weight, qrange)
+        return grid, search_weight_scale(module.weight, grid, p=p)
+    return grid, weight_absmax_scale(module.weight, grid)
 
 
-def act_init(obs: Observations, name: str, *, per_timestep: bool, symmetric: bool, search: bool, p: float):
+def act_init(obs: Observations, name: str, *, per_timestep: bool, symmetric: bool, search: bool, p: float,
+             act_dtype: str = "int8"):
     """Static activation params [T] / [T, 2] (per timestep) or [1] / [1, 2] (pooled over timesteps)."""
     o = obs.layers[name]
     split = o.lo.dim() == 2
@@ -154,9 +186,9 @@ def act_init(obs: Observations, name: str, *, per_timestep: bool, symmetric: boo
                 raise CalibrationError(f"activations: layer '{name}' saw no input at timestep index {t}")
             if search:
                 vals = torch.cat([o.values[tt][h] for tt in (range(T) if t is None else [t])])
-                s, z = search_act_range(vals, lo, hi, symmetric, p=p)
+                s, z = search_act_range(vals, lo, hi, symmetric, p=p, act_dtype=act_dtype)
             else:
-                s, z = act_params_from_range(lo, hi, symmetric)
+                s, z = act_params_from_range(lo, hi, symmetric, act_dtype)
             row_s.append(s.reshape(()))
             row_z.append(z.reshape(()))
         scales.append(torch.stack(row_s) if split else row_s[0])
@@ -205,10 +237,15 @@ def layer_recipe(module: nn.Module, spec, *, weight_scale=None, weight_q=None, a
         act_scale = act_zero_point = act_split = None
     return LayerRecipe(kind=layer_kind(module), weight_shape=tuple(module.weight.shape), spec=spec.to_dict(),
                        weight_scale=None if weight_scale is None else weight_scale.float().cpu(),
-                       weight_q=None if weight_q is None else weight_q.to(torch.int8).cpu().reshape(
+                       weight_q=None if weight_q is None else _codes(weight_q).cpu().reshape(
                            module.weight.shape[0], -1),
                        act_scale=act_scale, act_zero_point=act_zero_point, act_split=act_split,
                        bos_output=bos_output)
+
+
+def _codes(weight_q: torch.Tensor) -> torch.Tensor:
+    # fp8 codes keep their dtype; integer codes are stored as int8
+    return weight_q if weight_q.dtype == torch.float8_e4m3fn else weight_q.to(torch.int8)
 
 
 def log_allocation(recipe: QuantRecipe) -> None:

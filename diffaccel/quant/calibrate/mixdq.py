@@ -30,8 +30,9 @@ from torch import nn
 
 from ..recipe import QuantRecipe
 from .collect import CalibrationError, forward, observe, progress_bar, spread_indices
-from .common import (act_init, bos_outputs, detect_bos, layer_recipe, make_spec, plan_layers)
-from .fakequant import WEIGHT_DTYPE_FOR_BITS, fake_quant_act, fake_quant_weight, weight_absmax_scale, weight_qrange
+from .common import (act_dtype_for, act_init, bos_outputs, detect_bos, layer_recipe, make_spec, plan_layers,
+                     weight_dtype_for)
+from .fakequant import fake_quant_act, fake_quant_weight, weight_absmax_scale, weight_grid
 from .structure import cross_attention_kv_layers, is_content_layer
 
 logger = logging.getLogger("diffaccel")
@@ -131,20 +132,24 @@ def _layer_delta_hook(module: nn.Module, delta_w: torch.Tensor):
     return module.register_forward_hook(hook)
 
 
-def _act_quant_hook(module: nn.Module, scale, zp, keep_first_token: bool):
+def _act_quant_hook(module: nn.Module, scale, zp, keep_first_token: bool, act_dtype: str):
     def hook(mod, args):
         x = args[0]
         if keep_first_token and x.dim() == 3 and x.shape[1] > 1:
-            return (torch.cat([x[:, :1], fake_quant_act(x[:, 1:], scale, zp)], dim=1),)
-        return (fake_quant_act(x, scale, zp),)
+            return (torch.cat([x[:, :1], fake_quant_act(x[:, 1:], scale, zp, act_dtype)], dim=1),)
+        return (fake_quant_act(x, scale, zp, act_dtype),)
     return module.register_forward_pre_hook(hook)
 
 
 def run(ctx) -> QuantRecipe:
     backbone, calib = ctx.backbone, ctx.calib
-    w_cands = tuple(sorted(ctx.weight_candidates))
+    fmt = ctx.number_format
+    # fp8 has one weight width (E4M3); the allocation then only chooses the activations' 8 or 16 bits
+    w_cands = tuple(sorted(ctx.weight_candidates)) if fmt == "int" else (8,)
+    act_dtype = act_dtype_for(fmt)
     a_cands = (8, 16)
-    plan = plan_layers(backbone, weight_bits_options=w_cands, act_symmetric=ctx.act_symmetric, skip=ctx.skip)
+    plan = plan_layers(backbone, weight_bits_options=w_cands, act_symmetric=ctx.act_symmetric, skip=ctx.skip,
+                       number_format=fmt)
     use_bos = detect_bos(calib) if ctx.bos is None else bool(ctx.bos)
     if use_bos and not detect_bos(calib):
         raise CalibrationError("bos: bos=True but the calibration samples do not share their first text token")
@@ -155,9 +160,10 @@ def run(ctx) -> QuantRecipe:
     names = list(plan.layers)
     # weights: per-channel min/max scales (MixDQ's weight quantizer); its gains come from the BOS
     # path, the activation ranges and the allocation
-    w_scale = {n: {b: weight_absmax_scale(plan.layers[n].weight, weight_qrange(WEIGHT_DTYPE_FOR_BITS[b]))
+    w_scale = {n: {b: weight_absmax_scale(plan.layers[n].weight, weight_grid(weight_dtype_for(b, fmt)))
                    for b in w_cands} for n in names}
-    act = {n: act_init(obs, n, per_timestep=False, symmetric=ctx.act_symmetric, search=True, p=ctx.p) for n in names}
+    act = {n: act_init(obs, n, per_timestep=False, symmetric=ctx.act_symmetric, search=True, p=ctx.p,
+                       act_dtype=act_dtype) for n in names}
 
     subset = _sample_subset(calib, ctx.sensitivity_samples)
     refs = [obs.outputs[i] for i in subset]
@@ -180,13 +186,13 @@ def run(ctx) -> QuantRecipe:
     for i, n in progress_bar(jobs, desc="calibration: sensitivity", enabled=ctx.progress):
         module = plan.layers[n]
         for j, b in enumerate(w_cands):
-            qrange = weight_qrange(WEIGHT_DTYPE_FOR_BITS[b])
-            delta = (fake_quant_weight(module.weight, w_scale[n][b].to(module.weight.device), qrange)
+            grid = weight_grid(weight_dtype_for(b, fmt))
+            delta = (fake_quant_weight(module.weight, w_scale[n][b].to(module.weight.device), grid)
                      - module.weight.float()).detach()
             w_cost[i, j] = score(n, lambda m=module, d=delta: _layer_delta_hook(m, d))
         s, z = act[n]
         a_cost[i, 0] = score(n, lambda m=module, s=s, z=z, k=(n in kv): _act_quant_hook(
-            m, s[0].to(ctx.device), z[0].to(ctx.device), k))
+            m, s[0].to(ctx.device), z[0].to(ctx.device), k, act_dtype))
     content = np.array([is_content_layer(n) for n in names])
     for group in (content, ~content):
         for cost in (w_cost, a_cost):
@@ -202,7 +208,7 @@ def run(ctx) -> QuantRecipe:
 
     layers = {}
     for i, n in enumerate(names):
-        spec = make_spec(w_bits[i], a_bits[i], ctx.act_symmetric)
+        spec = make_spec(w_bits[i], a_bits[i], ctx.act_symmetric, fmt)
         s, z = act[n]
         layers[n] = layer_recipe(plan.layers[n], spec, weight_scale=w_scale[n][w_bits[i]], act_scale=s,
                                  act_zero_point=z, bos_output=bos_out.get(n))

@@ -70,7 +70,7 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
     (fake-quantized exactly like the kernels), against the full-precision block output, so a
     block learns to compensate the error arriving from before it. ``"fp"``: every block from its
     full-precision inputs (one recording pass, cheaper)."""
-    spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric)
+    spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric, ctx.number_format)
     quant_act = spec.act_dtype is not None
     separate = {n for u in (extra_units or {}).values() for n in u[2].values()}
     units = units_for(ctx.backbone, [n for n in plan.layers if n not in separate])
@@ -91,15 +91,16 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
     inits: dict[str, LayerInit] = {}
     absmax: dict[str, LayerInit] = {}
     for name, module in plan.layers.items():
-        qrange, w_scale = weight_init(module, ctx.weight_bits, search=True, p=ctx.p)
-        _, w_absmax = weight_init(module, ctx.weight_bits, search=False, p=ctx.p)
+        grid, w_scale = weight_init(module, spec.weight_dtype, search=True, p=ctx.p)
+        _, w_absmax = weight_init(module, spec.weight_dtype, search=False, p=ctx.p)
         a_s = a_z = None
         if quant_act:
             a_s, a_z = act_init(obs, name, per_timestep=per_timestep, symmetric=ctx.act_symmetric,
-                                search=True, p=ctx.p)
+                                search=True, p=ctx.p, act_dtype=spec.act_dtype)
         split = plan.split_points.get(name) if quant_act else None
-        inits[name] = LayerInit(qrange, w_scale, a_s, a_z, split)
-        absmax[name] = LayerInit(qrange, w_absmax, a_s, a_z, split)
+        act_dtype = spec.act_dtype or "int8"
+        inits[name] = LayerInit(grid, w_scale, a_s, a_z, split, act_dtype=act_dtype)
+        absmax[name] = LayerInit(grid, w_absmax, a_s, a_z, split, act_dtype=act_dtype)
     qmodel, qctx = (copy.deepcopy(ctx.backbone), {"t": 0}) if sequential else (None, None)
     layers = {}
     # the temporal block (TIAR) runs first in the model
@@ -147,7 +148,7 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
         if io and ctx.iters > 0 and unit_error(unit, io, learned, device=ctx.device) > \
                 unit_error(unit, io, start, device=ctx.device):
             learned = {rel: replace(init, weight_q=quantize_weight(plan.layers[rel_names[rel]].weight,
-                                                                   init.weight_scale, init.qrange))
+                                                                   init.weight_scale, init.grid))
                        for rel, init in start.items()}
         for rel, name in rel_names.items():
             init = learned[rel]
@@ -164,7 +165,7 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
 
 def run(ctx) -> QuantRecipe:
     plan = plan_layers(ctx.backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
-                       skip=ctx.skip)
+                       skip=ctx.skip, number_format=ctx.number_format)
     if ctx.split_shortcut:
         plan.split_points = {n: c for n, c in find_split_points(ctx.backbone, ctx.calib.samples[0], ctx.device).items()
                              if n in plan.layers}

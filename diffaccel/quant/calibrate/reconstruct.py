@@ -1,9 +1,11 @@
 """BRECQ block reconstruction with AdaRound learned rounding and LSQ-learned activation step
 sizes, on fake-quantized copies of a block (the user's modules are never touched).
 
-Per layer: weights w -> s * clamp(floor(w/s) + h(alpha), qmin, qmax), h the rectified sigmoid of
-AdaRound (zeta=1.1, gamma=-0.1), annealed to hard 0/1 by the regulariser sum(1 - |2h-1|^beta);
-activations -> the kernels' static INT8 quantizer with a learned scale (straight-through round),
+Per layer: weights w -> s * clamp(lo + h(alpha) * step, qmin, qmax), lo the grid value at or below
+w/s and step the distance to the next one (1 on the integer grids; on the FP8 grid it grows with the
+magnitude), h the rectified sigmoid of AdaRound (zeta=1.1, gamma=-0.1), annealed to hard 0/1 by the
+regulariser sum(1 - |2h-1|^beta); activations -> the kernels' static INT8 or FP8 quantizer with a
+learned scale (straight-through round),
 one scale per calibrated timestep where the method has them, two for a split concat input.
 Loss: ||block_q(x) - block_fp(x)||^2 (sum over features, mean over the batch) + lambda * reg.
 """
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .collect import _to, progress_bar
-from .fakequant import SCALE_FLOOR, fake_quant_act, lsq_fake_quant_act, per_channel_view
+from .fakequant import SCALE_FLOOR, WeightGrid, fake_quant_act, lsq_fake_quant_act, per_channel_view
 from .structure import output_tensors
 
 ZETA, GAMMA = 1.1, -0.1
@@ -38,13 +40,14 @@ def _f32(obj, device):
 
 @dataclass
 class LayerInit:
-    """Starting point of one layer: weight format and scale, activation params (None: 16-bit)."""
-    qrange: tuple[int, int] | None
+    """Starting point of one layer: weight grid and scale, activation params (None: 16-bit)."""
+    grid: WeightGrid | None
     weight_scale: torch.Tensor | None        # [O]
     act_scale: torch.Tensor | None = None    # [T] or [T, 2]
     act_zero_point: torch.Tensor | None = None
     act_split: int | None = None
-    weight_q: torch.Tensor | None = None     # fixed integer weights (evaluation of a result)
+    weight_q: torch.Tensor | None = None     # fixed weight codes (evaluation of a result)
+    act_dtype: str = "int8"                  # "int8" | "fp8_e4m3" (with act_scale)
 
 
 @dataclass
@@ -64,14 +67,16 @@ class FakeQuantLayer(nn.Module):
         self.ctx = ctx
         self.init = init
         self.hard = False
-        self.adaround = adaround and init.qrange is not None
+        self.adaround = adaround and init.grid is not None
         w = module.weight.detach().float()
-        if init.qrange is not None:
+        if init.grid is not None:
             s = per_channel_view(init.weight_scale.float().to(w.device), w)
+            lo, step = init.grid.floor_step(w / s)
             self.register_buffer("w_scale", s)
-            self.register_buffer("w_floor", torch.floor(w / s))
+            self.register_buffer("w_floor", lo)
+            self.register_buffer("w_step", step)
             if self.adaround:
-                rest = (w / s - torch.floor(w / s)).clamp(1e-4, 1 - 1e-4)
+                rest = ((w / s - lo) / step.clamp(min=1e-30)).clamp(1e-4, 1 - 1e-4)
                 self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         if init.act_scale is not None:
             # log-parametrised: Adam's steps are then relative changes of the step size
@@ -85,20 +90,21 @@ class FakeQuantLayer(nn.Module):
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
-    def integer_weight(self) -> torch.Tensor:
+    def grid_weight(self) -> torch.Tensor:
+        """The weight codes as fp32 grid values: learned up/down choices, fixed codes, or nearest."""
         if self.init.weight_q is not None:
             return self.init.weight_q.to(self.w_floor.device).float().reshape(self.w_floor.shape)
-        up = (self.alpha >= 0).float() if self.adaround else torch.round(
-            self.module.weight.detach().float() / self.w_scale) - self.w_floor
-        return (self.w_floor + up).clamp(*self.init.qrange)
+        if self.adaround:
+            return self.init.grid.clamp(self.w_floor + (self.alpha >= 0).float() * self.w_step)
+        return self.init.grid.nearest(self.module.weight.detach().float() / self.w_scale)
 
     def weight(self) -> torch.Tensor:
-        if self.init.qrange is None:
+        if self.init.grid is None:
             return self.module.weight
         if self.adaround and not self.hard:
-            w = (self.w_floor + self.h()).clamp(*self.init.qrange) * self.w_scale
+            w = self.init.grid.clamp(self.w_floor + self.h() * self.w_step) * self.w_scale
         else:
-            w = self.integer_weight() * self.w_scale
+            w = self.grid_weight() * self.w_scale
         return w.to(self.module.weight.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,10 +114,11 @@ class FakeQuantLayer(nn.Module):
         scale = self.act_log_scale[t].exp()
         zp = self.act_zp[t]
         fq = lsq_fake_quant_act if self.act_log_scale.requires_grad and not self.hard else fake_quant_act
+        dt = self.init.act_dtype
         if self.init.act_split is None:
-            return fq(x, scale, zp)
+            return fq(x, scale, zp, dt)
         c = self.init.act_split
-        return torch.cat([fq(x[:, :c], scale[0], zp[0]), fq(x[:, c:], scale[1], zp[1])], dim=1)
+        return torch.cat([fq(x[:, :c], scale[0], zp[0], dt), fq(x[:, c:], scale[1], zp[1], dt)], dim=1)
 
     def forward(self, x):
         x = self.quantize_input(x)
@@ -192,7 +199,7 @@ def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters
     with torch.no_grad():
         for rel, l in layers.items():
             l.hard = True
-            wq = l.integer_weight().to(torch.int8).cpu() if l.init.qrange is not None else None
+            wq = l.init.grid.codes(l.grid_weight()).cpu() if l.init.grid is not None else None
             act = (l.act_log_scale.detach().float().exp().cpu().clamp(min=SCALE_FLOOR)
                    if l.init.act_scale is not None else None)
             results[rel] = LayerResult(wq, act)

@@ -75,7 +75,7 @@ def run(ctx) -> QuantRecipe:
         exclude[name] = ("replaced by the temporal feature cache (exact full-precision features)" if use_cache
                          else "reconstructed in the temporal information block")
     plan = plan_layers(backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
-                       skip=ctx.skip, exclude=exclude)
+                       skip=ctx.skip, exclude=exclude, number_format=ctx.number_format)
     if ctx.split_shortcut:
         plan.split_points = {n: c for n, c in find_split_points(backbone, ctx.calib.samples[0], ctx.device).items()
                              if n in plan.layers}
@@ -98,7 +98,7 @@ def run(ctx) -> QuantRecipe:
         from ... import nn as dnn
         from .common import make_spec
 
-        spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric)
+        spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric, ctx.number_format)
         for n in list(tib_layers):
             reason = dnn.quantize_reason(tib_layers[n], spec)
             if reason is not None:
