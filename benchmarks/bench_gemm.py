@@ -5,7 +5,10 @@ per-token activation quantization (fp16 in, fp16 out), the int8 GEMM alone on pr
 activations, W4A8 (int4 group 128) including quantization, FP8 (per-token fp8 quantization +
 GEMM, bf16), W4A16 (weight-only, M <= 1024). Baselines: cuBLAS fp16 and bf16 (F.linear),
 torch._int_mm (int8 GEMM only, int32 out, no dequantization), torch._scaled_mm rowwise (fp8 GEMM
-only on pre-quantized operands). No CUDA/CUTLASS GEMM exists in diffaccel yet. Also: q/k/v
+only on pre-quantized operands), and torchao when its wheel is installed (carried to the GPU machine
+like diffusers' wheel, see BENCHMARKS.md): its int8 dynamic-activation Linear eager (the path that is
+~20x slower than bf16 on Flux without compilation) and under torch.compile (M >= 4096 only: every M is
+a separate compile), and its fp8 rowwise Linear eager. No CUDA/CUTLASS GEMM exists in diffaccel yet. Also: q/k/v
 projections with one shared activation quantization, and whole diffusers feed-forwards
 (FusedFeedForward vs the same quantized layers run one by one vs fp16).
 """
@@ -28,9 +31,41 @@ else:  # (model, N, K) of nn.Linear(K, N)
               ("flux-qkv", 9216, 3072), ("flux-mlp-up", 12288, 3072), ("flux-mlp-down", 3072, 12288)]
     MS = [1, 256, 1024, 4096, 16384]
 IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-gemm-only", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:w4a16",
-         "baseline:cublas-fp16", "baseline:cublas-bf16", "baseline:torch-int_mm", "baseline:torch-scaled_mm-rowwise"]
+         "baseline:cublas-fp16", "baseline:cublas-bf16", "baseline:torch-int_mm", "baseline:torch-scaled_mm-rowwise",
+         "baseline:torchao-int8-dynamic", "baseline:torchao-int8-dynamic-compiled", "baseline:torchao-fp8-rowwise"]
+TORCHAO_COMPILED_MIN_M = 4096
 
 _weights = {}
+_torchao = {}
+
+
+def _torchao_linear(impl, N, K, dev, weight):
+    """nn.Linear(K, N) holding ``weight``, quantized in place by torchao's ``quantize_`` (int8 weights +
+    dynamic per-token int8 activations in fp16, or fp8 rowwise in bf16); compiled for ``-compiled``."""
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        pytest.skip("torchao is not installed")
+    key = (impl, N, K, str(dev))
+    if key not in _torchao:
+        from torch import nn
+
+        if impl == "baseline:torchao-fp8-rowwise":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+            config, dtype = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), torch.bfloat16
+        else:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+            config, dtype = Int8DynamicActivationInt8WeightConfig(), torch.float16
+        lin = nn.Linear(K, N, bias=False, device=dev, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight.to(dtype))
+        quantize_(lin, config)
+        if impl.endswith("-compiled"):
+            lin = torch.compile(lin, dynamic=False)
+        _torchao[key] = (lin, dtype)
+    return _torchao[key]
 
 
 def _quantized(N, K, dev):
@@ -90,12 +125,23 @@ def test_gemm(benchmark, shape, M, impl):
         sw = W["sf8"].reshape(1, N)
         wt = W["f8"].t()
         fn, w_bytes = (lambda: torch._scaled_mm(aq, wt, scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16)), N * K
+    elif impl.startswith("baseline:torchao"):
+        if "fp8" in impl and dev.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("fp8 needs sm_89+")
+        if "fp8" in impl and dev.type != "cuda":
+            pytest.skip("torchao's fp8 Linear needs a CUDA GPU (sm_89+)")
+        if impl.endswith("-compiled") and not is_smoke() and M < TORCHAO_COMPILED_MIN_M:
+            pytest.skip(f"torchao compiled only at M >= {TORCHAO_COMPILED_MIN_M} (each M compiles anew)")
+        lin, dt = _torchao_linear(impl, N, K, dev, W["w16"])
+        xt = x16.to(dt)
+        fn, w_bytes = (lambda: lin(xt)), N * K
     else:
         raise ValueError(impl)
     annotate(benchmark, family=FAMILY, case=f"{name} N={N} K={K} M={M}", shape={"M": M, "N": N, "K": K},
              dtype="fp16" if "bf16" not in impl and "fp8" not in impl and "scaled" not in impl else "bf16",
              impl=impl, flops=flops, bytes=M * K * 2 + w_bytes + M * N * 2)
-    out = measure(benchmark, fn)
+    with torch.no_grad():
+        out = measure(benchmark, fn)
     assert out.shape == (M, N)
 
 

@@ -81,7 +81,17 @@ def environment_info() -> dict:
     device = dict(info["gpu"], driver=_driver_version()) if info["gpu"] else None
     return {"smoke": is_smoke(), "device": device, "torch": info["torch"], "cuda": info["torch_cuda"],
             "triton": info["triton"], "diffaccel": info["diffaccel"], "python": info["python"],
-            "triton_interpret": info["triton_interpret"]}
+            "triton_interpret": info["triton_interpret"], "torchao": _version_of("torchao")}
+
+
+def _version_of(package: str):
+    """A baseline package's version, or None when it is not installed (its cases then skip)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
