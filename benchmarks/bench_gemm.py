@@ -2,7 +2,9 @@
 
 Ours (Triton on a GPU; the torch reference in the CPU smoke run): W8A8 int8 including the dynamic
 per-token activation quantization (fp16 in, fp16 out), the int8 GEMM alone on pre-quantized
-activations, W4A8 (int4 group 128) including quantization, FP8 (per-token fp8 quantization +
+activations, the int8 GEMM quantizing its own rows at every M (``-quant-in-gemm``: the data for
+``diffaccel.ops.gemm.FUSED_QUANT_MAX_M``, the M up to which ``int8_linear`` does that instead of a
+separate quantization pass), W4A8 (int4 group 128) including quantization, FP8 (per-token fp8 quantization +
 GEMM, bf16), W4A16 (weight-only, M <= 1024). Baselines: cuBLAS fp16 and bf16 (F.linear),
 torch._int_mm (int8 GEMM only, int32 out, no dequantization), torch._scaled_mm rowwise (fp8 GEMM
 only on pre-quantized operands), and torchao when its wheel is installed (carried to the GPU machine
@@ -30,7 +32,7 @@ else:  # (model, N, K) of nn.Linear(K, N)
     SHAPES = [("sdxl-attn1280", 1280, 1280), ("sdxl-ff-geglu", 10240, 1280), ("sdxl-ff-out", 1280, 5120),
               ("flux-qkv", 9216, 3072), ("flux-mlp-up", 12288, 3072), ("flux-mlp-down", 3072, 12288)]
     MS = [1, 256, 1024, 4096, 16384]
-IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-gemm-only", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:w4a16",
+IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-gemm-only", "diffaccel:w8a8-quant-in-gemm", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:w4a16",
          "baseline:cublas-fp16", "baseline:cublas-bf16", "baseline:torch-int_mm", "baseline:torch-scaled_mm-rowwise",
          "baseline:torchao-int8-dynamic", "baseline:torchao-int8-dynamic-compiled", "baseline:torchao-fp8-rowwise"]
 TORCHAO_COMPILED_MIN_M = 4096
@@ -98,6 +100,18 @@ def test_gemm(benchmark, shape, M, impl):
     elif impl == "diffaccel:w8a8-gemm-only":
         aq, sa = G.quantize_activation_int8(x16)
         fn, w_bytes = (lambda: G.int8_gemm(aq, W["q8"], sa, W["s8"], out_dtype=torch.float16)), N * K
+    elif impl == "diffaccel:w8a8-quant-in-gemm":
+        # int8_linear's other form at every M: each output tile quantizes its own rows (an amax pass
+        # over them, then quantize-on-load), no separate pass; it takes it up to FUSED_QUANT_MAX_M rows
+        from diffaccel.kernels import gemm as kernels_gemm
+
+        out16 = torch.empty(M, N, dtype=torch.float16, device=dev)
+
+        def fn():
+            kernels_gemm.int8_act_gemm(x16, W["q8"], None, W["s8"], None, None, None, None, out16, group_size=0,
+                                       w_int4=False, fuse_quant=1, per_token=True)
+            return out16
+        w_bytes = N * K
     elif impl == "diffaccel:w4a8":
         fn, w_bytes = (lambda: G.int8_linear(x16, W["q4"], W["s4"], group_size=128, w_int4=True)), N * K // 2
     elif impl == "diffaccel:fp8":
