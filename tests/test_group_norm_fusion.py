@@ -323,3 +323,35 @@ def test_group_norm_affine_half_parameters():
     with use_backend("triton"):
         out = group_norm_affine(x, 4, weight, bias, 1e-5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_with_a_wrapped_forward_is_not_fused():
+    """diffusers' HookRegistry replaces ``block.forward`` on the instance; a fused forward would never
+    run, so the block is left as it is (its convs still quantized) and the report says why."""
+    hooks = pytest.importorskip("diffusers.hooks")
+    model, inputs = tiny_models.unet_sd15()
+    ref = tiny_models.output_of(model, inputs)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    calls = []
+
+    class Counting(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    block = model.get_submodule(names[0])
+    hooks.HookRegistry.check_if_exists_or_initialize(block).register_hook(Counting(), "count")
+    report = diffaccel.patch(model, attention=False, quant="w8a8", solver=False)
+    why = {s.name: s.reason for s in report.skipped}
+    assert why[names[0]] == ("resnet block not fused: its forward is wrapped on the instance "
+                             "(e.g. a diffusers hook), which would bypass the fused one")
+    assert type(model.get_submodule(names[0])).__name__ == "ResnetBlock2D"
+    assert type(block.conv1) is QuantConv2d
+    fused = {r.name for r in report.replaced if r.after.startswith("FusedResnetBlock2D")}
+    assert fused == set(names[1:])
+    with use_backend("torch"):
+        assert _rel_l2(tiny_models.output_of(model, inputs), ref) <= W8A8_REL_L2
+    assert calls == [1]
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), ref)
+    assert len(calls) == 2

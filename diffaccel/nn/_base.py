@@ -331,6 +331,17 @@ class QuantLayerBase(nn.Module):
         return y.to(self.original_dtype)
 
 
+def has_forward_hooks(m: nn.Module) -> bool:
+    """Forward (pre-)hooks registered on ``m`` itself."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def forward_wrapped(m: nn.Module) -> bool:
+    """``m.forward`` replaced on the instance (diffusers' HookRegistry, accelerate's hooks do that): a
+    forward defined by the class, or a replacement module's, would not be the one that runs."""
+    return "forward" in m.__dict__
+
+
 def reason_for_k(spec: QuantSpec, K: int) -> Optional[str]:
     g = spec.weight_group_size
     if g is not None and K % g:
@@ -347,4 +358,4 @@ def check_float_weight(module: nn.Module):
     return w
 
 
-__all__ = ["QuantLayerBase", "reason_for_k", "resolve_spec"]
+__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "resolve_spec"]

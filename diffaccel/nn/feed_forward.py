@@ -24,6 +24,7 @@ from torch.nn.modules import module as _module
 from diffaccel.ops import ffn as FF
 from diffaccel.ops import gemm as G
 
+from ._base import forward_wrapped, has_forward_hooks
 from .quant_linear import QuantLinear
 
 
@@ -48,10 +49,6 @@ def _activation_name(act: nn.Module) -> Optional[str]:
     if type(act) is GEGLU:  # diffusers' GEGLU always uses the erf GELU
         return "geglu"
     return None
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _up_reason(layer: nn.Module) -> Optional[str]:
@@ -84,7 +81,7 @@ def unfused_reason(ff: nn.Module) -> Optional[str]:
         return why
     if ff.training and any(d.p > 0 for d in net if isinstance(d, nn.Dropout)):
         return "dropout is active (training mode)"
-    if any(_hooked(m) for m in (act, act.proj, *net)) or _module._global_forward_hooks \
+    if any(has_forward_hooks(m) for m in (act, act.proj, *net)) or _module._global_forward_hooks \
             or _module._global_forward_pre_hooks:
         return "forward hooks on its layers would be bypassed"
     return None
@@ -167,6 +164,9 @@ def fuse_reason(module: nn.Module) -> Optional[str]:
     (also "not a diffusers FeedForward" for anything else)."""
     if not is_target(module):
         return "not a diffusers FeedForward"
+    if has_forward_hooks(module) or forward_wrapped(module):
+        # FusedFeedForward takes the FeedForward's place: what is attached to the module itself would go
+        return "hooks on the FeedForward itself would be dropped (the fused module replaces it)"
     return unfused_reason(module)
 
 

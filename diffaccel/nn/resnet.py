@@ -26,13 +26,10 @@ from torch.nn.modules import module as _module
 
 from diffaccel.ops import norm as NORM
 
+from ._base import forward_wrapped, has_forward_hooks
 from .quant_conv import QuantConv2d
 
 _FUSED_CLASS: Optional[type] = None
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _conv_reason(name: str, conv: nn.Module) -> Optional[str]:
@@ -63,7 +60,7 @@ def unfused_reason(block: nn.Module, temb: Optional[torch.Tensor] = None, check_
     if block.training and block.dropout.p > 0:
         return "dropout is active (training mode)"
     chain = (block.norm1, block.nonlinearity, block.conv1, block.norm2, block.dropout, block.conv2)
-    if any(_hooked(m) for m in chain) or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if any(has_forward_hooks(m) for m in chain) or _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return "forward hooks on its layers would be bypassed"
     if check_temb and (temb is None) != (block.time_emb_proj is None):
         return "temb given without a time_emb_proj (or missing)"
@@ -123,6 +120,9 @@ def fuse_reason(module: nn.Module) -> Optional[str]:
     anything that is not exactly diffusers' ResnetBlock2D)."""
     if not is_target(module):
         return "not a ResnetBlock2D"
+    if forward_wrapped(module):
+        # the instance's own forward runs before the class's: the fused forward would never be called
+        return "its forward is wrapped on the instance (e.g. a diffusers hook), which would bypass the fused one"
     return unfused_reason(module)
 
 
