@@ -149,13 +149,40 @@ def _has_accelerate_hook(module: nn.Module) -> bool:
     return getattr(module, "_hf_hook", None) is not None
 
 
+# diffusers' HookRegistry (layerwise casting, group offloading, caches) replaces forward on the instance
+_WRAPPED_FORWARD_REASON = "its forward is wrapped on the instance (a diffusers hook), which a replacement would drop"
+
+
+def _wrapper_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` cannot be replaced without losing what wraps it (None: it can)."""
+    if _has_accelerate_hook(module):
+        return _ACCELERATE_HOOK_REASON
+    if "forward" in module.__dict__:
+        return _WRAPPED_FORWARD_REASON
+    return None
+
+
+# torch's per-module hook tables: shared (the same dict objects) with a replacement, hooks registered
+# on the original keep firing, their handles still remove them, and unpatch hands them back as they are
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _share_hooks(original: nn.Module, new: nn.Module) -> None:
+    for table in _HOOK_TABLES:
+        if hasattr(original, table):
+            setattr(new, table, getattr(original, table))
+
+
 def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog, hold_original: bool = True):
     parent, child = _get_parent(root, qualified_name)
     original = getattr(parent, child)
-    if _has_accelerate_hook(original):
-        raise ValueError(f"target: {qualified_name} {_ACCELERATE_HOOK_REASON}; patch before dispatching or "
-                         f"offloading layer by layer (enable_model_cpu_offload is fine either way)")
+    why = _wrapper_reason(original)
+    if why is not None:
+        raise ValueError(f"target: {qualified_name} {why}; patch before dispatching, offloading layer by layer "
+                         f"or enabling layerwise hooks (enable_model_cpu_offload is fine either way)")
     original_device = _module_device(original)
+    _share_hooks(original, new)
     setattr(parent, child, new)
     _adopt_lora_parent(parent, child, undo)
 
@@ -259,7 +286,7 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             if not select(module, fqn):
                 report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))
                 continue
-            reason = _ACCELERATE_HOOK_REASON if _has_accelerate_hook(module) else dnn.quantize_reason(module, spec)
+            reason = _wrapper_reason(module) or dnn.quantize_reason(module, spec)
             if reason is not None:
                 report.skipped.append(Skipped(fqn, "quant", reason))
                 continue
@@ -302,8 +329,8 @@ def _fuse_blocks(prefix, backbone, report, undo, select):
             reason = kind.fuse_reason(module)
             if reason is None and not select(module, fqn):
                 reason = "excluded by filter"
-            if reason is None and _has_accelerate_hook(module):
-                reason = _ACCELERATE_HOOK_REASON
+            if reason is None:
+                reason = _wrapper_reason(module)
             if reason is not None:
                 report.skipped.append(Skipped(fqn, "quant", f"{what} not fused: {reason}"))
                 continue

@@ -267,22 +267,22 @@ def test_failure_while_fusing_rolls_everything_back(monkeypatch):
     assert torch.equal(tiny_models.output_of(model, inputs), ref)
 
 
-def test_hooks_on_the_feed_forward_itself_keep_it_unfused():
-    """A forward hook on the FeedForward container would be lost with the container (the fused module
-    takes its place): that one stays diffusers' loop, says why, and its hook keeps firing."""
+def test_hooks_on_the_feed_forward_itself_follow_the_fused_module():
+    """A torch hook on the FeedForward container is carried to the fused module that takes its place
+    (the same hook table): it fires on every call and its handle still removes it."""
     model, inputs = tiny_models.unet_sd15()
     names = [n for n, m in model.named_modules() if type(m).__name__ == "FeedForward"]
-    hooked = model.get_submodule(names[0])
     calls = []
-    hooked.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    handle = model.get_submodule(names[0]).register_forward_hook(lambda mod, args, out: calls.append(out.shape))
     report = diffaccel.patch(model, attention=False, quant="w8a8", solver=False)
-    why = {s.name: s.reason for s in report.skipped}
-    assert why[names[0]] == ("feed-forward not fused: hooks on the FeedForward itself would be dropped "
-                             "(the fused module replaces it)")
     fused = {r.name for r in report.replaced if r.after.startswith("FusedFeedForward")}
-    assert fused == set(names[1:])
-    assert model.get_submodule(names[0]) is hooked
+    assert fused == set(names)
     tiny_models.output_of(model, inputs)
     assert len(calls) == 1
+    handle.remove()
+    tiny_models.output_of(model, inputs)
+    assert len(calls) == 1
+    model.get_submodule(names[0]).register_forward_hook(lambda mod, args, out: calls.append(out.shape))
     diffaccel.unpatch(model)
-    assert model.get_submodule(names[0]) is hooked
+    tiny_models.output_of(model, inputs)  # registered while patched: the original has it too
+    assert len(calls) == 2

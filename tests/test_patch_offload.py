@@ -195,3 +195,47 @@ def test_layers_carrying_their_own_accelerate_hook_are_left_alone():
     with pytest.raises(ValueError, match="target: .*to_q carries an accelerate hook"):
         patch_module._swap_module(model, name, torch.nn.Identity(), undo)
     assert model.get_submodule(name) is hooked and len(undo) == 0
+
+
+def test_layers_with_a_diffusers_hook_are_left_alone():
+    """diffusers' HookRegistry (layerwise casting, group offloading) replaces a layer's forward on the
+    instance: the preset path leaves such a layer alone and says why; the others are quantized."""
+    import tiny_models
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, inputs = tiny_models.unet_sd15()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    hooked = model.get_submodule(name)
+    HookRegistry.check_if_exists_or_initialize(hooked).register_hook(ModelHook(), "noop")
+    before = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    why = {s.name: s.reason for s in report.skipped}
+    assert why[name] == "its forward is wrapped on the instance (a diffusers hook), which a replacement would drop"
+    assert model.get_submodule(name) is hooked
+    assert report.by_part("quant")
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), before)
+
+
+def test_torch_hooks_on_a_quantized_layer_keep_firing():
+    """register_forward_(pre_)hook on a layer that patch quantizes: the QuantLinear shares its hook
+    tables, so the hooks see every call (with the quantized output), handles still remove them, and
+    unpatch gives the original its hooks back."""
+    import tiny_models
+
+    model, inputs = tiny_models.unet_sd15()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    seen = []
+    pre = model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    post = model.get_submodule(name).register_forward_hook(lambda m, args, out: seen.append(("post", out.shape)))
+    diffaccel.patch(model, attention=False, quant="w8a8", solver=False)
+    assert type(model.get_submodule(name)).__name__ == "QuantLinear"
+    tiny_models.output_of(model, inputs)
+    assert [k for k, _ in seen] == ["pre", "post"] and seen[0][1] == "QuantLinear"
+    pre.remove()
+    seen.clear()
+    diffaccel.unpatch(model)
+    tiny_models.output_of(model, inputs)
+    assert [k for k, _ in seen] == ["post"]
+    post.remove()
+    assert not model.get_submodule(name)._forward_hooks

@@ -164,9 +164,10 @@ def fuse_reason(module: nn.Module) -> Optional[str]:
     (also "not a diffusers FeedForward" for anything else)."""
     if not is_target(module):
         return "not a diffusers FeedForward"
-    if has_forward_hooks(module) or forward_wrapped(module):
-        # FusedFeedForward takes the FeedForward's place: what is attached to the module itself would go
-        return "hooks on the FeedForward itself would be dropped (the fused module replaces it)"
+    if forward_wrapped(module):
+        # FusedFeedForward takes the FeedForward's place: a forward set on the instance would go with it
+        # (torch hooks on it are carried over by diffaccel.patch)
+        return "its forward is wrapped on the instance (e.g. a diffusers hook), which the fused module would drop"
     return unfused_reason(module)
 
 
