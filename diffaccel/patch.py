@@ -243,6 +243,15 @@ def _matches(name: str, patterns) -> bool:
 
 # -- the parts ---------------------------------------------------------------------------
 
+def _restore_processor(module, original, installed, qualified_name: str) -> None:
+    # a processor set since patching (e.g. by fuse_qkv_projections) is the user's: left in place
+    if module.processor is not installed:
+        log.warning("diffaccel.unpatch: %s's attention processor was replaced since patching (now %s); left as it is",
+                    qualified_name, type(module.processor).__name__)
+        return
+    module.set_processor(original)
+
+
 def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
     from .integrations import attention as attn_integration
     from .ops import _backend
@@ -258,7 +267,7 @@ def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
             report.skipped.append(Skipped(fqn, "attention", reason))
             continue
         module.set_processor(new)
-        undo.push(lambda m=module, p=original: m.set_processor(p))
+        undo.push(lambda m=module, p=original, n=new, q=fqn: _restore_processor(m, p, n, q))
         device = _module_device(module) or torch.device("cpu")
         backend, _ = _backend.choose("attention", device)
         report.replaced.append(Replaced(fqn, "attention", type(original).__name__, type(new).__name__, backend))

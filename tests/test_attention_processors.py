@@ -36,12 +36,12 @@ def _tiny_unet():
     return model, inputs
 
 
-def _tiny_sd3():
+def _tiny_sd3(**overrides):
     torch.manual_seed(0)
     model = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16).eval()
+        pos_embed_max_size=16, **overrides).eval()
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
                   encoder_hidden_states=torch.randn(2, 9, 32, generator=g),
@@ -74,8 +74,20 @@ def _tiny_wan():
     return model, inputs
 
 
-MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan}
-EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None, "wan": None}
+def _fused(factory, **overrides):
+    """``fuse_qkv_projections()`` applied (diffusers' Fused*AttnProcessor2_0 with to_qkv / to_kv /
+    to_added_qkv): the patched processors must project through the fused layers as the originals do."""
+    def make():
+        model, inputs = factory(**overrides)
+        model.fuse_qkv_projections()
+        return model, inputs
+    return make
+
+
+MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan,
+          "unet_fused_qkv": _fused(_tiny_unet), "sd3_fused_qkv": _fused(_tiny_sd3, qk_norm="rms_norm")}
+EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None, "wan": None,
+                      "unet_fused_qkv": DiffaccelAttnProcessor, "sd3_fused_qkv": DiffaccelJointAttnProcessor}
 
 
 def _out(model, inputs):
@@ -224,9 +236,9 @@ def test_dispatcher_backend_matches_sdpa_with_key_padding():
 
 
 def test_unsupported_processors_refused_with_reason():
-    from diffusers.models.attention_processor import FusedAttnProcessor2_0, PAGJointAttnProcessor2_0
+    from diffusers.models.attention_processor import PAGJointAttnProcessor2_0, SlicedAttnProcessor
 
-    for proc in (FusedAttnProcessor2_0(), PAGJointAttnProcessor2_0(), object()):
+    for proc in (SlicedAttnProcessor(2), PAGJointAttnProcessor2_0(), object()):
         new, reason = make_processor(proc)
         assert new is None and "not a supported" in reason
     new, reason = make_processor(torch.nn.Linear(2, 2))

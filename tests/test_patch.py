@@ -71,6 +71,38 @@ def test_quant_preset_within_error_bound(name, preset):
     assert torch.equal(tiny_models.output_of(model, inputs), ref)
 
 
+@pytest.mark.parametrize("name", ["unet_sd15", "unet_sdxl", "sd3", "flux"])
+def test_fused_qkv_projections_patched(name):
+    """After diffusers' ``fuse_qkv_projections()`` (a common step before torch.compile): the fused
+    processors are replaced too, the fused projection layers quantized, and outputs stay within the
+    same bounds as the unfused model's."""
+    model, inputs = tiny_models.FACTORIES[name]()
+    model.fuse_qkv_projections()
+    ref = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, attention=True, quant="w8a8", solver=False)
+    assert not [s for s in report.skipped if s.part == "attention"], str(report)
+    fused = {r.name.rsplit(".", 1)[-1] for r in report.by_part("quant")} & {"to_qkv", "to_kv", "to_added_qkv"}
+    assert fused, str(report)
+    assert _rel_l2(tiny_models.output_of(model, inputs), ref) < QUANT_REL_L2["w8a8"]
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), ref)
+
+
+def test_unpatch_leaves_processors_set_after_patching(caplog):
+    """fuse_qkv_projections() after patch sets diffusers' fused processors over diffaccel's: unpatch
+    leaves those (the user's now) in place, says so, and restores everything else."""
+    model, inputs = tiny_models.unet_sd15()
+    ref = tiny_models.output_of(model, inputs)
+    diffaccel.patch(model, solver=False)
+    model.fuse_qkv_projections()
+    with caplog.at_level(logging.WARNING, logger="diffaccel"):
+        diffaccel.unpatch(model)
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    assert "attention processor was replaced since patching (now FusedAttnProcessor2_0)" in caplog.text
+    out = tiny_models.output_of(model, inputs)
+    torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_RTOL * ref.abs().max().item())
+
+
 def test_patch_is_idempotent_and_per_instance():
     a, inputs = tiny_models.unet_sd15()
     b = copy.deepcopy(a)

@@ -8,13 +8,16 @@ calls per attention module. Each new processor keeps the one it replaces as ``.o
 - ``AttnProcessor2_0`` / ``AttnProcessor`` (UNet self/cross attention, PixArt, DiT): ``DiffaccelAttnProcessor``.
 - ``JointAttnProcessor2_0`` (SD3): ``DiffaccelJointAttnProcessor``; image and text tokens are joined
   in [B, L, H, D] order so the kernel reads them in place and the output reshapes without a copy.
+- Their fused-projection variants (``FusedAttnProcessor2_0``, ``FusedJointAttnProcessor2_0``, set by
+  diffusers' ``fuse_qkv_projections()``): the same processors projecting through ``to_qkv`` /
+  ``to_kv`` / ``to_added_qkv``; q, k and v are column slices of one GEMM's output, read in place.
 - Processors that call diffusers' attention dispatcher with ``backend=self._attention_backend``
   (Flux, Wan, HunyuanVideo, QwenImage, ...): a per-instance copy of the processor whose
   ``_attention_backend`` names a dispatcher backend registered here (``"diffaccel"`` /
   ``"diffaccel_int8"``). Only that instance routes to it; the class and other instances are untouched.
 
 Everything else is refused with the reason (processors holding weights such as IP-adapters,
-fused-projection variants, PAG, context-parallel, a user-chosen non-native backend).
+PAG, context-parallel, a user-chosen non-native backend).
 """
 from __future__ import annotations
 
@@ -36,6 +39,21 @@ def _check_quant(quant):
         raise ValueError(f"quant: expected one of {QUANT_MODES}, got {quant!r}")
 
 
+def _split_columns(t: torch.Tensor, parts: int):
+    """Equal column slices of a fused projection's output (views, as diffusers' torch.split)."""
+    return torch.split(t, t.shape[-1] // parts, dim=-1)
+
+
+def _fused_projections(attn, hidden_states, encoder_hidden_states):
+    """q, k, v as ``FusedAttnProcessor2_0`` computes them: one ``to_qkv`` GEMM for self-attention,
+    ``to_q`` and one ``to_kv`` GEMM for cross-attention."""
+    if encoder_hidden_states is None:
+        return _split_columns(attn.to_qkv(hidden_states), 3)
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    return (attn.to_q(hidden_states), *_split_columns(attn.to_kv(encoder_hidden_states), 2))
+
+
 # -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
 
 class DiffaccelAttnProcessor:
@@ -46,6 +64,7 @@ class DiffaccelAttnProcessor:
         self.original = original
         self.quant = quant
         self.uses_module_scale = type(original).__name__ == "AttnProcessor"
+        self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -65,7 +84,9 @@ class DiffaccelAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         # quantized projections of one input share one activation quantization (project_shared)
-        if encoder_hidden_states is None:
+        if self.fused_projections:
+            query, key, value = _fused_projections(attn, hidden_states, encoder_hidden_states)
+        elif encoder_hidden_states is None:
             query, key, value = project_shared(hidden_states, attn.to_q, attn.to_k, attn.to_v)
         else:
             query = attn.to_q(hidden_states)
@@ -104,8 +125,11 @@ class DiffaccelJointAttnProcessor:
         _check_quant(quant)
         self.original = original
         self.quant = quant
+        self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if self.fused_projections:
+            return self._fused_call(attn, hidden_states, encoder_hidden_states)
         residual = hidden_states
         batch_size = hidden_states.shape[0]
         query, key, value = project_shared(hidden_states, attn.to_q, attn.to_k, attn.to_v)
@@ -143,6 +167,31 @@ class DiffaccelJointAttnProcessor:
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+    def _fused_call(self, attn, hidden_states, encoder_hidden_states):
+        """``FusedJointAttnProcessor2_0``: one ``to_qkv`` and one ``to_added_qkv`` GEMM. Like it, this
+        applies no q/k norms (diffusers' fused variant skips ``norm_q``/``norm_added_q``, and the patched
+        model must give what the unpatched one gives)."""
+        if encoder_hidden_states is None:
+            raise ValueError("encoder_hidden_states: FusedJointAttnProcessor2_0 needs the context tokens, got None")
+        for name, t in (("hidden_states", hidden_states), ("encoder_hidden_states", encoder_hidden_states)):
+            if t.ndim != 3:  # (the original's 4-D branch splits the joint output at the channel count)
+                raise ValueError(f"{name}: expected [batch, tokens, channels], got shape {tuple(t.shape)}")
+        batch_size, n_sample = hidden_states.shape[:2]
+        sample = _split_columns(attn.to_qkv(hidden_states), 3)
+        context = _split_columns(attn.to_added_qkv(encoder_hidden_states), 3)
+        head_dim = sample[1].shape[-1] // attn.heads
+        query, key, value = (torch.cat([a, b], dim=1).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+                             for a, b in zip(sample, context))
+        hidden_states = attention(query, key, value, quant=self.quant)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states, encoder_hidden_states = hidden_states[:, :n_sample], hidden_states[:, n_sample:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
 
 
 # -- diffusers' attention dispatcher ------------------------------------------------------------------
@@ -212,8 +261,9 @@ def _routes_through_dispatcher(processor) -> bool:
 
 # -- the entry point used by patch ---------------------------------------------------------------------
 
-_UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
-_JOINT_PROCESSORS = ("JointAttnProcessor2_0",)
+_UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "FusedAttnProcessor2_0")
+_JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+_FUSED_PROCESSORS = ("FusedAttnProcessor2_0", "FusedJointAttnProcessor2_0")
 
 
 def _diffusers_class(processor, names, module="diffusers.models.attention_processor"):
