@@ -3,9 +3,10 @@
 Ours (Triton on a GPU; the torch reference in the CPU smoke run): the implicit-GEMM int8 conv
 ``diffaccel.ops.int8_conv2d`` including the activation quantization — W8A8 dynamic per output
 pixel, W8A8 static per tensor with a zero point, W4A8 (int4 group 128) dynamic — and the FP8
-one, ``diffaccel.ops.fp8_conv2d`` (E4M3 dynamic per output pixel; sm_89+). Baselines: cuDNN fp16
+one, ``diffaccel.ops.fp8_conv2d`` (E4M3 dynamic per output pixel, and static with Q-Diffusion's split
+input: two scales over the channel halves; sm_89+). Baselines: cuDNN fp16
 ``F.conv2d``, and the paths QuantConv2d took before (``F.unfold`` + ``int8_linear`` /
-``fp8_linear`` + the transpose back to NCHW), W8A8 dynamic, W4A8 and FP8. Also whole diffusers
+``fp8_linear`` + the transpose back to NCHW), W8A8 dynamic, W4A8, FP8 and FP8 split. Also whole diffusers
 ResnetBlock2Ds: the fused forward (GroupNorm + SiLU in the convs' gather) vs diffusers' forward on
 the same W8A8 convs vs fp16.
 """
@@ -24,8 +25,9 @@ if is_smoke():
 else:  # (name, B, C, H, W, N): the resnet conv1/conv2 of each SDXL UNet level at 1024x1024
     SHAPES = [("sdxl-res320@128", 2, 320, 128, 128, 320), ("sdxl-res640@64", 2, 640, 64, 64, 640),
               ("sdxl-res1280@32", 2, 1280, 32, 32, 1280)]
-IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-static-zp", "diffaccel:w4a8", "diffaccel:fp8", "baseline:cudnn-fp16",
-         "baseline:unfold-int8_linear-w8a8", "baseline:unfold-int8_linear-w4a8", "baseline:unfold-fp8_linear"]
+IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-static-zp", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:fp8-split-static",
+         "baseline:cudnn-fp16", "baseline:unfold-int8_linear-w8a8", "baseline:unfold-int8_linear-w4a8",
+         "baseline:unfold-fp8_linear", "baseline:unfold-fp8_linear-split-static"]
 KS, PAD = 3, 1
 
 _weights = {}
@@ -56,6 +58,24 @@ def _unfold_linear(x, q, s, N, linear=G.int8_linear, **kw):
     return y.reshape(B, H * W, N).transpose(1, 2).reshape(B, N, H, W)
 
 
+def _split_scales(x):
+    """Q-Diffusion's split input at the half: two static FP8 scales (a conv on cat(h, skip))."""
+    C1 = x.shape[1] // 2
+    return torch.stack([x[:, :C1].float().abs().amax(), x[:, C1:].float().abs().amax()]) / 448, C1
+
+
+def _unfold_fp8_split(x, q, s, N, scales, C1, bias):
+    """What QuantConv2d ran for a split fp8 input before fp8_conv2d took act_split: im2col, then two
+    static fp8 GEMMs over the K ranges, summed in fp32 with the bias on the second."""
+    B, _, H, W = x.shape
+    cols = F.unfold(x, KS, padding=PAD)
+    x2 = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    k1 = C1 * KS * KS
+    ys = [G.fp8_linear(x2[:, ks], q[:, ks], s, act_scale=scales[p], bias=bias if p else None, out_dtype=torch.float32)
+          for p, ks in enumerate((slice(0, k1), slice(k1, None)))]
+    return (ys[0] + ys[1]).half().reshape(B, H * W, N).transpose(1, 2).reshape(B, N, H, W)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 def test_conv(benchmark, shape, impl):
@@ -81,6 +101,12 @@ def test_conv(benchmark, shape, impl):
                                               **conv)), N * K // 2
     elif impl == "diffaccel:fp8":
         fn = lambda: CV.fp8_conv2d(x, Wt["f8"], Wt["sf8"], **conv)  # noqa: E731
+    elif impl == "diffaccel:fp8-split-static":
+        scales, C1 = _split_scales(x)
+        fn = lambda: CV.fp8_conv2d(x, Wt["f8"], Wt["sf8"], act_scale=scales, act_split=C1, **conv)  # noqa: E731
+    elif impl == "baseline:unfold-fp8_linear-split-static":
+        scales, C1 = _split_scales(x)
+        fn = lambda: _unfold_fp8_split(x, Wt["f8"], Wt["sf8"], N, scales, C1, bias)  # noqa: E731
     elif impl == "baseline:cudnn-fp16":
         b16 = bias.half()
         fn, w_bytes = (lambda: F.conv2d(x, Wt["w16"], b16, padding=PAD)), N * K * 2

@@ -321,17 +321,43 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
 # -- FP8 activations and weights (sm_89+; Triton emits fp8 tensor-core code for sm_90a) ---------
 
 @triton.jit
+def _fp8_k_range(k_begin, k_end, x_img, row_off, ih0, iw0, rn, w_ptr, smooth_ptr, a_div, K, H, W, stride_xc,
+                 stride_xh, stride_xw, stride_wn, KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr,
+                 DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_SMOOTH: tl.constexpr, FMAX: tl.constexpr, EMULATE_FP8: tl.constexpr, EVEN_K: tl.constexpr):
+    """The fp32 sum over k in [k_begin, k_end) of E4M3(x' / a_div) * w: activations and weights past
+    k_end are masked to 0 (K padding, or the end of a split input's first range)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = _gather_x(x_img, row_off, ih0, iw0, offs_k, k_end, H, W, stride_xc, stride_xh, stride_xw, x_img, KH, KW,
+                      DH, DW, EVEN_K)
+        x = _smoothed(x, offs_k, k_end, smooth_ptr, HAS_SMOOTH, KH * KW)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, a_div), -FMAX), FMAX)  # masked: x = 0 -> code 0
+        a = tl.trans(to_e4m3(q, EMULATE_FP8))
+        w_ptrs = w_ptr + offs_k[:, None] + rn[None, :] * stride_wn  # W^T tile [BLOCK_K, BLOCK_N]
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_end, other=0.0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _fp8_conv2d_kernel(
     x_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, smooth_ptr, out_ptr,
-    N, K, H, W, Wo, HWo, PH, PW, TILES_PER_IMAGE,
+    N, K, K1, H, W, Wo, HWo, PH, PW, TILES_PER_IMAGE,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wn, stride_ob, stride_on,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_MIN: tl.constexpr, FMAX: tl.constexpr,
-    EMULATE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    EMULATE_FP8: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     # the int8 kernel's tiling and gather; codes are E4M3 (no zero point), the accumulator fp32,
-    # the epilogue that of kernels/gemm.py's fp8 GEMM
+    # the epilogue that of kernels/gemm.py's fp8 GEMM. K1 == K without a split; with one (static
+    # only), [K1, K) has its own scale and the two ranges are dequantized and summed in fp32 with
+    # the bias on the second, as the reference's two GEMMs are.
     b, p, offs_n, p_mask, n_mask, rn, ih0, iw0, x_img, row_off = _conv_tile(
         x_ptr, N, Wo, HWo, PH, PW, TILES_PER_IMAGE, stride_xb, stride_xh, stride_xw, SH, SW, BLOCK_M, BLOCK_N)
     if PER_TOKEN:
@@ -342,50 +368,53 @@ def _fp8_conv2d_kernel(
     else:
         a_scale = tl.load(a_scale_ptr)
         a_div = a_scale
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, x_img, KH, KW, DH,
-                      DW, EVEN_K)
-        x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, a_div), -FMAX), FMAX)  # K padding: x = 0 -> code 0
-        a = tl.trans(to_e4m3(q, EMULATE_FP8))
-        w_ptrs = w_ptr + offs_k[:, None] + rn[None, :] * stride_wn  # W^T tile [BLOCK_K, BLOCK_N]
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0.0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+    acc = _fp8_k_range(0, K1, x_img, row_off, ih0, iw0, rn, w_ptr, smooth_ptr, a_div, K, H, W, stride_xc, stride_xh,
+                       stride_xw, stride_wn, KH, KW, DH, DW, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SMOOTH, FMAX, EMULATE_FP8,
+                       EVEN_K)
     w_scale = tl.load(w_scale_ptr + rn)
     if PER_TOKEN:
         y = acc * a_scale[:, None] * w_scale[None, :]
     else:
         y = acc * a_scale * w_scale[None, :]
-    if HAS_BIAS:
+    if SPLIT:
+        a_scale2 = tl.load(a_scale_ptr + 1)
+        acc2 = _fp8_k_range(K1, K, x_img, row_off, ih0, iw0, rn, w_ptr, smooth_ptr, a_scale2, K, H, W, stride_xc,
+                            stride_xh, stride_xw, stride_wn, KH, KW, DH, DW, BLOCK_M, BLOCK_N, BLOCK_K, HAS_SMOOTH,
+                            FMAX, EMULATE_FP8, EVEN_K)
+        y2 = acc2 * a_scale2 * w_scale[None, :]
+        if HAS_BIAS:
+            y2 = y2 + tl.load(bias_ptr + rn)[None, :]
+        y = y + y2
+    elif HAS_BIAS:
         y = y + tl.load(bias_ptr + rn)[None, :]
     _store_nchw(out_ptr, y, b, p, offs_n, p_mask, n_mask, stride_ob, stride_on)
 
 
-def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stride, padding, dilation) -> None:
+def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stride, padding, dilation,
+               act_split: int = 0) -> None:
     """out[B, N, Ho, Wo] = conv(E4M3(x' / a_scale), W_fp8) * a_scale * w_scale (+ bias), im2col-free.
     ``act_scale`` None: dynamic per output pixel (amax / 448 over its receptive field); else
-    static per tensor. ``w`` float8_e4m3fn [N, C * KH * KW], ``w_scale`` [N], ``smooth`` [C]."""
+    static per tensor ([1], or [2] with ``act_split`` = C1 > 0: channels [0, C1) and [C1, C) have
+    their own scale). ``w`` float8_e4m3fn [N, C * KH * KW], ``w_scale`` [N], ``smooth`` [C]."""
     B, H, W, N, Ho, Wo, K, M = _gemm_view(x, w, out, kernel_size)
     if M == 0 or N == 0:
         return
     KH, KW = kernel_size
-    BM, BN, BK, _, warps, stages = pick_conv_config(M, N, K, 0, False)  # the int8 per-channel tiles
+    K1 = act_split * KH * KW if act_split else K
+    # the int8 per-channel tiles (a split keeps the first range's fp32 result live: its tiles)
+    BM, BN, BK, _, warps, stages = pick_conv_config(M, N, K, 0, False, split=bool(act_split))
     tiles_per_image = triton.cdiv(Ho * Wo, BM)
     dummy = out
     _fp8_conv2d_kernel[(B * tiles_per_image, triton.cdiv(N, BN))](
         x, w, act_scale if act_scale is not None else dummy, w_scale, bias if bias is not None else dummy,
         smooth if smooth is not None else dummy, out,
-        N, K, H, W, Wo, Ho * Wo, padding[0], padding[1], tiles_per_image,
+        N, K, K1, H, W, Wo, Ho * Wo, padding[0], padding[1], tiles_per_image,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), out.stride(0), out.stride(1),
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PER_TOKEN=act_scale is None, HAS_BIAS=bias is not None,
         HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR, FMAX=FP8_MAX, EMULATE_FP8=interpreting(),
-        EVEN_K=K % BK == 0, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        EVEN_K=K % BK == 0 and K1 % BK == 0, SPLIT=bool(act_split), num_warps=warps, num_stages=stages,
+        enable_fp_fusion=False,
     )
 
 
@@ -413,17 +442,18 @@ def _conv_case(name, bm, bn, bk, warps, stages, *, group, w_int4, per_token, str
 
 
 # the configs pick_conv_config returns, per activation mode and weight format
-def _fp8_conv_case(name, bm, bn, bk, warps, stages, *, per_token):
+def _fp8_conv_case(name, bm, bn, bk, warps, stages, *, per_token, split=False):
     return {
         "name": name, "fn": _fp8_conv2d_kernel,
         "signature": {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
                       "bias_ptr": "*fp32", "smooth_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-                      "H": "i32", "W": "i32", "Wo": "i32", "HWo": "i32", "PH": "i32", "PW": "i32",
+                      "K1": "i32", "H": "i32", "W": "i32", "Wo": "i32", "HWo": "i32", "PH": "i32", "PW": "i32",
                       "TILES_PER_IMAGE": "i32", "stride_xb": "i32", "stride_xc": "i32", "stride_xh": "i32",
                       "stride_xw": "i32", "stride_wn": "i32", "stride_ob": "i32", "stride_on": "i32"},
         "constexprs": {"KH": 3, "KW": 3, "SH": 1, "SW": 1, "DH": 1, "DW": 1, "BLOCK_M": bm, "BLOCK_N": bn,
                        "BLOCK_K": bk, "PER_TOKEN": per_token, "HAS_BIAS": True, "HAS_SMOOTH": False,
-                       "AMAX_MIN": AMAX_FLOOR, "FMAX": FP8_MAX, "EMULATE_FP8": False, "EVEN_K": True},
+                       "AMAX_MIN": AMAX_FLOOR, "FMAX": FP8_MAX, "EMULATE_FP8": False, "EVEN_K": True,
+                       "SPLIT": split},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
         # fp8 dots start at sm_89 (QMMA there, unlike kernels/gemm.py's fp8 GEMM; QGMMA on sm_90a)
         "archs": ["89", "90a"],
@@ -471,4 +501,6 @@ STATIC_REPORT_CASES = [
                per_token=False, prologue=True),
     _fp8_conv_case("conv3x3_fp8_dynamic_m128", 128, 128, 32, 16, 3, per_token=True),
     _fp8_conv_case("conv3x3_fp8_static_m64", 64, 64, 32, 4, 3, per_token=False),
+    _fp8_conv_case("conv3x3_fp8_split_static_m64x128", 64, 128, 32, 8, 3, per_token=False, split=True),
+    _fp8_conv_case("conv3x3_fp8_split_static_m64", 64, 64, 32, 4, 3, per_token=False, split=True),
 ]

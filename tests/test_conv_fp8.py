@@ -88,6 +88,8 @@ GEOMETRIES = {
     "odd_C5_N7_batch2": (2, 5, 4, 5, 7, (3, 3), (1, 1), (1, 1), (1, 1)),
     # 90 pixels per image (M = 180 > 64: the large config), N = 130 over two column tiles
     "multi_tile_batch2": (2, 3, 9, 10, 130, (3, 3), (1, 1), (1, 1), (1, 1)),
+    # K = 64, two whole K blocks (the unmasked EVEN_K loads; with C1 = 8 the split falls on a block)
+    "2x2_K64_even": (1, 16, 5, 5, 9, (2, 2), (1, 1), (0, 0), (1, 1)),
 }
 
 
@@ -164,6 +166,110 @@ def test_triton_half_inputs_and_outputs(dtype, act):
     assert out.dtype == dtype
     rtol = 2.0**-8 if dtype == torch.float16 else 2.0**-7  # one rounding of the fp32 result
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=1e-3)
+
+
+# -- Q-Diffusion's split input (two static scales over the channel ranges [0, C1) and [C1, C)) --------
+
+def _split_bound(x, w, w_scale, scales, C1, ks, stride, padding, dilation):
+    """_abs_bound for a split input: each K range with its own scale."""
+    parts = []
+    for xs, ws, s in ((x[:, :C1], w[:, :C1 * ks[0] * ks[1]], scales[0]), (x[:, C1:], w[:, C1 * ks[0] * ks[1]:],
+                                                                           scales[1])):
+        parts.append(_abs_bound(xs, ws, w_scale, {"act_scale": s.reshape(1)}, ks, stride, padding, dilation))
+    return parts[0] + parts[1]
+
+
+# (geometry, C1): K1 = C1 * kh * kw off the 32-wide K block (the masked boundary tile) but for the
+# last (K1 = 32); the multi-tile case spans two N tiles and the large config
+SPLITS = [("3x3_s1_p1", 2), ("odd_C5_N7_batch2", 1), ("odd_C5_N7_batch2", 4), ("multi_tile_batch2", 2),
+          ("1x3_dil2_asym", 1), ("3x3_s2_p1_downsample", 3), ("2x2_K64_even", 8)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("geom,C1", SPLITS)
+def test_split_exact_with_integer_operands(geom, C1, bias):
+    """Scales 1 and 2 over the two ranges (codes x and x / 2, exact in E4M3 for |x| <= 8): kernel and
+    reference agree bit for bit, so a code quantized with the other range's scale, a range boundary
+    off by one or a K-padding code that is not 0 shows."""
+    _needs_triton()
+    B, C, H, W, N, ks, stride, padding, dilation = GEOMETRIES[geom]
+    g = _gen(C1 * 7 + len(geom))
+    x = torch.randint(-8, 9, (B, C, H, W), generator=g).float()
+    w = torch.randint(-8, 9, (N, C * ks[0] * ks[1]), generator=g).float().to(FP8)
+    w_scale = torch.rand(N, generator=g) + 0.1
+    scales = torch.tensor([1.0, 2.0])
+    bias_t = torch.randn(N, generator=g) if bias else None
+    ref = CV.fp8_conv2d_reference(x, w, w_scale, None, scales, bias_t, ks, stride, padding, dilation, torch.float32,
+                                  act_split=C1)
+    with use_backend("triton"):
+        out = fp8_conv2d(x, w, w_scale, kernel_size=ks, stride=stride, padding=padding, dilation=dilation,
+                         act_scale=scales, act_split=C1, bias=bias_t)
+    assert torch.equal(out, ref)
+    # the two scales really act on their own ranges: one scale for both gives another result
+    one_scale = CV.fp8_conv2d_reference(x, w, w_scale, None, torch.ones(1), bias_t, ks, stride, padding, dilation,
+                                        torch.float32)
+    assert not torch.equal(out, one_scale)
+
+
+@pytest.mark.parametrize("geom,C1", SPLITS)
+def test_split_matches_reference(geom, C1):
+    _needs_triton()
+    B, C, H, W, N, ks, stride, padding, dilation = GEOMETRIES[geom]
+    g = _gen(C1 * 11 + len(geom))
+    x, w, w_scale, kw = _operands(g, B, C, H, W, N, ks, smooth=True, bias=True)
+    x[:, C1:] *= 5  # the skip half on another scale, as in a UNet's up path
+    scales = torch.stack([x[:, :C1].abs().amax() / 400, x[:, C1:].abs().amax() / 400])
+    ref = CV.fp8_conv2d_reference(x, w, w_scale, kw["smooth"], scales, kw["bias"], ks, stride, padding, dilation,
+                                  torch.float32, act_split=C1)
+    with use_backend("triton"):
+        out = fp8_conv2d(x, w, w_scale, kernel_size=ks, stride=stride, padding=padding, dilation=dilation,
+                         act_scale=scales, act_split=C1, smooth=kw["smooth"], bias=kw["bias"])
+    xs = x / kw["smooth"].reshape(1, -1, 1, 1)  # (the bound only needs the codes' magnitudes)
+    _assert_fp32_close(out, ref, _split_bound(xs, w, w_scale, scales, C1, ks, stride, padding, dilation))
+
+
+def test_split_reference_is_the_two_range_composition():
+    """The reference's split equals the composition QuantConv2d's im2col path ran: two static fp8
+    GEMMs over the K ranges, summed in fp32 with the bias on the second."""
+    B, C, H, W, N, ks, stride, padding, dilation = GEOMETRIES["odd_C5_N7_batch2"]
+    x, w, w_scale, kw = _operands(_gen(21), B, C, H, W, N, ks, bias=True)
+    scales, C1 = torch.tensor([0.02, 0.05]), 2
+    k1 = C1 * 9
+    cols = F.unfold(x, ks, padding=padding).transpose(1, 2).reshape(-1, C * 9)
+    ys = [G.fp8_gemm_reference(G.quantize_static_fp8_reference(cols[:, sl], None, scales[p]), w[:, sl], scales[p],
+                               w_scale, kw["bias"] if p else None, torch.float32)
+          for p, sl in enumerate((slice(0, k1), slice(k1, None)))]
+    want = (ys[0] + ys[1]).reshape(B, H * W, N).transpose(1, 2).reshape(B, N, H, W)
+    got = CV.fp8_conv2d_reference(x, w, w_scale, None, scales, kw["bias"], ks, stride, padding, dilation,
+                                  torch.float32, act_split=C1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quant_conv_fp8_split_uses_implicit_gemm(backend, monkeypatch):
+    if backend == "triton":
+        _needs_triton()
+    g = _gen(17)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    spec = QuantSpec("fp8_e4m3", None, "fp8_e4m3", "static")
+    x = torch.randn(2, 6, 7, 7, generator=g)
+    x[:, 4:] *= 4
+    q = QuantConv2d.from_float(conv, spec, act_scale=torch.tensor([[0.01, 0.04]]), act_split=4)
+    assert q.op_name == "fp8_conv2d"
+    calls = []
+    real = CV.fp8_conv2d
+    monkeypatch.setattr(CV, "fp8_conv2d", lambda *a, **k: calls.append(k["act_split"]) or real(*a, **k))
+    if backend == "triton":
+        monkeypatch.setattr(F, "unfold", lambda *a, **k: pytest.fail("the fp8 k x k kernel must not unfold"))
+    with use_backend(backend):
+        y = q(x)
+    monkeypatch.undo()
+    assert calls == [4]
+    cols = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 54)
+    with use_backend(backend):
+        y_unfold = q._gemm(cols).reshape(2, 49, 10).transpose(1, 2).reshape(2, 10, 7, 7)
+    torch.testing.assert_close(y, y_unfold, rtol=1e-5, atol=1e-5)
+    assert ((y - conv(x)).norm() / conv(x).norm()).item() < 0.05
 
 
 def test_reference_close_to_float_conv():
@@ -287,9 +393,9 @@ def test_opcheck():
     g = _gen(1)
     x, w, w_scale, _ = _operands(g, 1, 3, 5, 5, 4, (3, 3))
     no_schema = ("test_faketensor", "test_aot_dispatch_dynamic")
-    for scale in (None, torch.tensor([0.05])):
+    for scale, split in ((None, 0), (torch.tensor([0.05]), 0), (torch.tensor([0.05, 0.1]), 1)):
         torch.library.opcheck(torch.ops.diffaccel.fp8_conv2d.default,
-                              (x, w, w_scale, None, scale, None, [3, 3], [1, 1], [1, 1], [1, 1], torch.float32),
+                              (x, w, w_scale, None, scale, None, [3, 3], [1, 1], [1, 1], [1, 1], torch.float32, split),
                               test_utils=no_schema)
 
 
@@ -338,6 +444,14 @@ def test_bad_inputs_named():
         call(x=x.to(torch.int32))
     with pytest.raises(TypeError, match="out_dtype"):
         call(out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="act_scale: act_split needs static activations"):
+        call(act_split=1)
+    with pytest.raises(ValueError, match="act_scale: expected 2 values with act_split"):
+        call(act_split=1, act_scale=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match=r"act_split: expected an int channel index in \(0, 3\)"):
+        call(act_split=3, act_scale=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="act_scale"):
+        call(act_split=1, act_scale=torch.tensor([0.1, 0.0]))
 
 
 # -- GPU ---------------------------------------------------------------------------------------------
@@ -371,4 +485,32 @@ def test_gpu_sdxl_shapes(shape, act):
     ref_i = _reference(xi, wi, w_scale, {"act_scale": one}, (3, 3), (1, 1), (1, 1), (1, 1), torch.float32)
     with use_backend("triton"):
         out_i = fp8_conv2d(xi.to(dev), wi.to(dev), w_scale.to(dev), kernel_size=3, padding=1, act_scale=one.to(dev))
+    assert torch.equal(out_i.cpu(), ref_i)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,C1,N,H", [(1920, 1280, 640, 64), (960, 640, 320, 128)], ids=["up1_1920", "up2_960"])
+def test_gpu_split_sdxl_up_path(C, C1, N, H):
+    """SDXL up-path resnet conv1 on cat(h, skip) (C1 = h's channels), batch 2, static split scales:
+    integer operands bit-exact (the hardware E4M3 cast), random ones within the fp32 bound."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    dev = torch.device("cuda")
+    g = _gen(C + C1)
+    geo = ((1, 1), (1, 1), (1, 1))
+    x, w, w_scale, kw = _operands(g, 2, C, H, H, N, (3, 3), bias=True, dtype=torch.bfloat16)
+    scales = torch.stack([x[:, :C1].float().abs().amax() / 400, x[:, C1:].float().abs().amax() / 400])
+    ref = CV.fp8_conv2d_reference(x.float(), w, w_scale, None, scales, kw["bias"], (3, 3), *geo, torch.float32,
+                                  act_split=C1)
+    with use_backend("triton"):
+        out = fp8_conv2d(x.to(dev), w.to(dev), w_scale.to(dev), kernel_size=3, padding=1, act_scale=scales.to(dev),
+                         act_split=C1, bias=kw["bias"].to(dev), out_dtype=torch.float32)
+    _assert_fp32_close(out.cpu(), ref, _split_bound(x.float(), w, w_scale, scales, C1, (3, 3), *geo))
+    xi = torch.randint(-8, 9, (1, C, 16, 16), generator=_gen(1)).float()
+    wi = torch.randint(-8, 9, (N, C * 9), generator=_gen(2)).float().to(FP8)
+    two = torch.tensor([1.0, 2.0])
+    ref_i = CV.fp8_conv2d_reference(xi, wi, w_scale, None, two, None, (3, 3), *geo, torch.float32, act_split=C1)
+    with use_backend("triton"):
+        out_i = fp8_conv2d(xi.to(dev), wi.to(dev), w_scale.to(dev), kernel_size=3, padding=1, act_scale=two.to(dev),
+                           act_split=C1)
     assert torch.equal(out_i.cpu(), ref_i)

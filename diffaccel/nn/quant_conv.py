@@ -1,6 +1,6 @@
 """QuantConv2d: 1x1 convs run as a GEMM over pixels (channels as K); k x k convs with int8
-activations (W8A8, W4A8; static or dynamic, Q-Diffusion's split input included) or fp8 ones (not
-split) as an implicit GEMM (``diffaccel.ops.int8_conv2d`` / ``fp8_conv2d``: the kernel gathers
+activations (W8A8, W4A8) or fp8 ones, static or dynamic, Q-Diffusion's split input included, as an
+implicit GEMM (``diffaccel.ops.int8_conv2d`` / ``fp8_conv2d``: the kernel gathers
 and quantizes the activations itself, no im2col in memory). K is ordered (channel, kh, kw) like
 the conv weight. Dynamic activation quantization is per GEMM row: per pixel
 over channels for 1x1, per output position over its receptive field for k x k."""
@@ -90,7 +90,7 @@ class QuantConv2d(QuantLayerBase):
         s = self.spec
         if s.act_dtype == "int8":
             return self._implicit_gemm_int8(x)
-        if s.act_dtype == "fp8_e4m3" and self.act_split_k is None:
+        if s.act_dtype == "fp8_e4m3":
             return self._implicit_gemm_fp8(x)
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
@@ -98,8 +98,8 @@ class QuantConv2d(QuantLayerBase):
         Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if s.act_dtype is None and not self._weight_only_kernel_fits(B * Ho * Wo):
             return self._dequantized_conv(x)
-        # im2col (F.unfold) + GEMM remains for a split input with fp8 activations and for weight-only
-        # layers small enough for the in-kernel dequantizing GEMM
+        # im2col (F.unfold) + GEMM remains for weight-only layers small enough for the in-kernel
+        # dequantizing GEMM
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         x2 = cols.transpose(1, 2).reshape(-1, self.gemm_k)
         y = self._gemm(x2)
@@ -111,7 +111,7 @@ class QuantConv2d(QuantLayerBase):
         if not self.is_pointwise:
             if s.act_dtype == "int8":
                 return "int8_conv2d"
-            if s.act_dtype == "fp8_e4m3" and self.act_split_k is None:
+            if s.act_dtype == "fp8_e4m3":
                 return "fp8_conv2d"
         return super().op_name
 
@@ -146,7 +146,8 @@ class QuantConv2d(QuantLayerBase):
         scale = None if self.spec.act_mode == "dynamic" else self._act_params()[0]
         return CV.fp8_conv2d(x, self.weight_q, self.weight_scale, kernel_size=self.kernel_size, stride=self.stride,
                              padding=self.padding, dilation=self.dilation, act_scale=scale,
-                             smooth=self._smooth_per_channel(), bias=self.bias, out_dtype=self.original_dtype)
+                             smooth=self._smooth_per_channel(), bias=self.bias, act_split=self.act_split,
+                             out_dtype=self.original_dtype)
 
     def _smooth_per_channel(self):
         # smooth is stored per K (c, kh, kw), every kh * kw entries equal; the conv ops take it per channel

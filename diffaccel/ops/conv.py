@@ -82,15 +82,27 @@ def int8_conv2d_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_su
 
 
 def fp8_conv2d_reference(x, w, w_scale, smooth, act_scale, bias, kernel_size: Sequence[int], stride: Sequence[int],
-                         padding: Sequence[int], dilation: Sequence[int], out_dtype: torch.dtype) -> torch.Tensor:
+                         padding: Sequence[int], dilation: Sequence[int], out_dtype: torch.dtype,
+                         act_split: int = 0) -> torch.Tensor:
     kh, kw = kernel_size
     x2 = _unfold_rows(x, kernel_size, stride, padding, dilation)
     smooth_k = smooth.repeat_interleave(kh * kw) if smooth is not None else None
-    if act_scale is None:
+    if act_split:
+        # two K ranges with their own static scale, dequantized apart and summed in fp32 with the
+        # bias on the second, then cast once (QuantConv2d's im2col composition, split_k_int8_linear's)
+        k1 = act_split * kh * kw
+        ys = []
+        for part, ks in enumerate((slice(0, k1), slice(k1, None))):
+            s = act_scale.reshape(2)[part]
+            q = quantize_static_fp8_reference(x2[:, ks], None if smooth_k is None else smooth_k[ks], s)
+            ys.append(fp8_gemm_reference(q, w[:, ks], s, w_scale, bias if part == 1 else None, torch.float32))
+        y = (ys[0] + ys[1]).to(out_dtype)
+    elif act_scale is None:
         q, s = quantize_rows_fp8_reference(x2, smooth_k)
+        y = fp8_gemm_reference(q, w, s, w_scale, bias, out_dtype)
     else:
-        q, s = quantize_static_fp8_reference(x2, smooth_k, act_scale), act_scale
-    y = fp8_gemm_reference(q, w, s, w_scale, bias, out_dtype)
+        q = quantize_static_fp8_reference(x2, smooth_k, act_scale)
+        y = fp8_gemm_reference(q, w, act_scale, w_scale, bias, out_dtype)
     return _to_nchw(y, x.shape[0], *_output_hw(x, kernel_size, stride, padding, dilation))
 
 
@@ -110,14 +122,15 @@ def _triton_int8_conv2d(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
     return out
 
 
-def _triton_fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, kernel_size, stride, padding, dilation, out_dtype):
+def _triton_fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, kernel_size, stride, padding, dilation, out_dtype,
+                       act_split=0):
     from diffaccel.kernels import conv
 
     out = x.new_empty((x.shape[0], w.shape[0], *_output_hw(x, kernel_size, stride, padding, dilation)),
                       dtype=out_dtype)
-    conv.fp8_conv2d(x, w, w_scale, smooth, None if act_scale is None else act_scale.reshape(1), bias, out,
+    conv.fp8_conv2d(x, w, w_scale, smooth, None if act_scale is None else act_scale.reshape(-1), bias, out,
                     kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
-                    dilation=tuple(dilation))
+                    dilation=tuple(dilation), act_split=act_split)
     return out
 
 
@@ -152,13 +165,13 @@ def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, kernel_size
 def _fp8_conv2d_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
                    act_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], kernel_size: list[int],
                    stride: list[int], padding: list[int], dilation: list[int],
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, act_split: int) -> torch.Tensor:
     return _backend.implementation("fp8_conv2d", x.device)(x, w, w_scale, smooth, act_scale, bias, kernel_size, stride,
-                                                           padding, dilation, out_dtype)
+                                                           padding, dilation, out_dtype, act_split)
 
 
 @_fp8_conv2d_op.register_fake
-def _(x, w, w_scale, smooth, act_scale, bias, kernel_size, stride, padding, dilation, out_dtype):
+def _(x, w, w_scale, smooth, act_scale, bias, kernel_size, stride, padding, dilation, out_dtype, act_split):
     return x.new_empty((x.shape[0], w.shape[0], *_output_hw(x, kernel_size, stride, padding, dilation)),
                        dtype=out_dtype)
 
@@ -243,25 +256,33 @@ def _check_in_affine(in_affine, in_silu, x):
 
 def fp8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kernel_size, stride=1, padding=0,
                dilation=1, smooth: Optional[torch.Tensor] = None, act_scale: Optional[torch.Tensor] = None,
-               bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, act_split: Optional[int] = None,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x`` float [B, C, H, W] -> float8_e4m3fn activations (dynamic per output pixel over its
     receptive field, amax / 448, or static per tensor with ``act_scale``; ``x / smooth[c]`` folded
     in) -> conv with float8_e4m3fn [N, C*kh*kw] weights in (c, kh, kw) order, scales per output
-    channel ``w_scale`` [N] -> [B, N, Ho, Wo] in ``out_dtype`` (default x.dtype)."""
+    channel ``w_scale`` [N] -> [B, N, Ho, Wo] in ``out_dtype`` (default x.dtype).
+
+    ``act_split=C1`` (Q-Diffusion's split input, static only): input channels [0, C1) and [C1, C)
+    have their own scale (``act_scale`` holds two); the kernel quantizes each range with its own,
+    so the concatenated input is never unfolded."""
     ks, st, pd, dl = _check_geometry(x, kernel_size, stride, padding, dilation)
     C = x.shape[1]
     dev = x.device
     smooth = _check_smooth(smooth, C, dev, "x")
     N = _check_weight(w, w_scale, None, K=C * ks[0] * ks[1], group_size=None, w_int4=False, device=dev, like="x",
                       allowed=(FP8_DTYPE,))
-    if act_scale is not None:
+    if act_split is not None:
+        act_scale, _ = _check_split_act(act_split, act_scale, None, None, N=N, C=C, khw=ks[0] * ks[1], group_size=None,
+                                        w_int4=False, device=dev)
+    elif act_scale is not None:
         act_scale = _check_scalar("act_scale", act_scale, torch.float32, dev, "x")
         if _value_checks_enabled(act_scale):
             check_positive_finite("act_scale", act_scale)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
     return torch.ops.diffaccel.fp8_conv2d(x, w, w_scale, smooth, act_scale, _check_bias(bias, N, dev, "x"), ks, st,
-                                          pd, dl, out_dtype)
+                                          pd, dl, out_dtype, act_split or 0)
 
 
 def _check_split_act(act_split, act_scale, act_zero_point, w_sum, *, N, C, khw, group_size, w_int4, device):
