@@ -490,7 +490,10 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     attention: replace attention processors with diffaccel's; ``attention_quant="int8"``
         selects the quantized attention path.
     quant: None, a preset name ("w8a8", "fp8", "w4a8", "w4a16"), a QuantSpec, or a
-        QuantRecipe from ``diffaccel.calibrate``.
+        QuantRecipe from ``diffaccel.calibrate``. For a pipeline with several backbones (Wan 2.2's
+        ``transformer`` and ``transformer_2``), a dict from backbone name to any of those: a recipe
+        belongs to one backbone, so one recipe for several is refused; backbones the dict leaves
+        out are not quantized.
     solver: replace the pipeline scheduler's step with the fused one; a dict passes its options
         to ``patch_scheduler`` (``{"dc_ratios": [...], "dc_order": 2}``: DC-Solver's compensation
         on UniPC; ``{"noise": "philox", "seed": 0}``: noise drawn inside the step kernel).
@@ -505,9 +508,8 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
         return report
     if attention_quant not in (None, "int8"):
         raise ValueError(f"attention_quant: expected None or 'int8', got {attention_quant!r}")
-    if quant is not None:
-        _check_quant_arg(quant)
     info = _targets.resolve_target(target)
+    quant_of = _quant_per_backbone(quant, info)
     options = (bool(attention), _quant_key(quant), _solver_key(solver), attention_quant, filter_fn, tuple(exclude),
                keep_originals)
     state = getattr(target, _STATE_ATTR, None)
@@ -528,8 +530,10 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
             prefix = f"{attr}." if attr else ""
             if attention:
                 _patch_attention(prefix, backbone, report, undo, select, attention_quant)
-            if quant is not None:
-                _patch_quant(prefix, backbone, quant, report, undo, select)
+            if quant_of[attr] is not None:
+                _patch_quant(prefix, backbone, quant_of[attr], report, undo, select)
+            elif isinstance(quant, dict):
+                report.skipped.append(Skipped(attr, "quant", "backbone not in the quant dict"))
         if isinstance(solver, dict) or solver:
             _patch_solver(info, report, undo, solver if isinstance(solver, dict) else None)
         elif info.scheduler is not None:
@@ -579,18 +583,46 @@ def patch_report(target) -> Optional[PatchReport]:
     return None if state is None else state.report
 
 
-def _check_quant_arg(quant) -> None:
+def _check_quant_arg(quant, name: str = "quant") -> None:
     from . import quant as dquant
 
     if isinstance(quant, str):
-        dquant.resolve_spec(quant)  # raises for unknown presets, naming the argument
+        try:
+            dquant.resolve_spec(quant)  # raises for unknown presets, naming the argument
+        except ValueError as e:
+            raise ValueError(f"{name}: {str(e).removeprefix('spec: ')}") from None
         return
     if isinstance(quant, dquant.QuantSpec) or hasattr(quant, "build_modules"):
         return
-    raise TypeError(f"quant: expected None, a preset name, a QuantSpec or a QuantRecipe, got {type(quant).__name__}")
+    raise TypeError(f"{name}: expected None, a preset name, a QuantSpec or a QuantRecipe"
+                    f"{' (or a dict of them per backbone)' if name == 'quant' else ''}, got {type(quant).__name__}")
+
+
+def _quant_per_backbone(quant, info) -> dict:
+    """{backbone attribute: what quantizes it (None: nothing)}, with ``quant`` checked."""
+    names = list(info.backbones)
+    if isinstance(quant, dict):
+        if names == [""]:
+            raise TypeError("quant: a dict maps a pipeline's backbone names to their quantization; for a module, "
+                            "pass the preset, QuantSpec or recipe itself")
+        unknown = sorted(set(quant) - set(names), key=str)
+        if unknown:
+            raise ValueError(f"quant: {unknown} are not backbones of this pipeline (it has {names})")
+        for name, q in quant.items():
+            if q is not None:
+                _check_quant_arg(q, f"quant[{name!r}]")
+        return {name: quant.get(name) for name in names}
+    if quant is not None:
+        _check_quant_arg(quant)
+        if hasattr(quant, "build_modules") and len(names) > 1:
+            raise ValueError(f"quant: a recipe is calibrated for one backbone and this pipeline has {len(names)} "
+                             f"({', '.join(names)}); pass a dict, e.g. quant={{{names[0]!r}: recipe, ...}}")
+    return {name: quant for name in names}
 
 
 def _quant_key(quant):
+    if isinstance(quant, dict):
+        return tuple(sorted((name, _quant_key(q)) for name, q in quant.items()))
     if quant is None or isinstance(quant, str):
         return quant
     return id(quant)

@@ -117,3 +117,52 @@ def test_build_modules_does_not_change_the_backbone(unet_recipe):
     assert_unchanged(fresh, snap)
     assert set(new) == set(recipe.layers) | set(recipe.temporal_cache)
     assert skipped == recipe.skipped and len(installers) == 1
+
+
+def test_same_architecture_other_weights_is_refused(unet_recipe):
+    """Structure alone does not tell two checkpoints apart: the weight probes do. A model with one
+    layer's weights changed is refused naming that layer (and left as it is); the same weights in
+    fp16 or bf16 are accepted."""
+    import diffaccel
+
+    model, recipe = unet_recipe
+    assert set(recipe.weight_probes) == set(recipe.layers)
+    name = next(n for n in recipe.layers if n.endswith("attn1.to_q"))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_submodule(name).weight.mul_(1.01)
+    snap = snapshot(other)
+    with pytest.raises(RecipeError, match=rf"layer '{name}' has other weights than the model the recipe was "
+                                          r"calibrated on \(sampled values differ by up to 0.0099"):
+        diffaccel.patch(other, quant=recipe, solver=False)
+    assert_unchanged(other, snap)
+    with pytest.raises(RecipeError, match="has other weights"):
+        recipe.validate(tiny_unet(seed=1))  # the same architecture, another initialization
+    for dtype in (torch.float16, torch.bfloat16):
+        recipe.validate(copy.deepcopy(model).to(dtype))
+
+
+def test_probes_round_trip_and_format_1_files_load_without_them(unet_recipe, tmp_path, caplog):
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, recipe = unet_recipe
+    path = tmp_path / "r.safetensors"
+    recipe.save(path)
+    back = QuantRecipe.load(path)
+    assert back.weight_probes.keys() == recipe.weight_probes.keys()
+    assert all(torch.equal(back.weight_probes[n], p) and back.weight_probes[n].dtype == p.dtype
+               for n, p in recipe.weight_probes.items())
+    # a format-1 file (written before probes): loads, applies, and says the weights are not checked
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("probe/")}
+    header = json.loads(meta["diffaccel_recipe"])
+    header["format_version"] = 1
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"diffaccel_recipe": json.dumps(header)})
+    old = QuantRecipe.load(tmp_path / "v1.safetensors")
+    assert old.weight_probes == {}
+    with caplog.at_level(logging.WARNING, logger="diffaccel"):
+        old.validate(copy.deepcopy(model))
+    assert "no weight probes" in caplog.text

@@ -173,3 +173,62 @@ def test_patch_passes_philox_noise_options():
     diffaccel.patch(pipe, attention=False, solver={"noise": "philox", "seed": 7})
     pipe.scheduler.set_timesteps(4)
     assert solvers.noise_state(pipe.scheduler)[0] == 7
+
+
+def _two_expert_pipeline():
+    """Wan 2.2 A14B's layout: two denoisers of one architecture (``transformer``, ``transformer_2``)."""
+    import tiny_models
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    class TwoExperts(DiffusionPipeline):
+        def __init__(self, transformer, transformer_2, scheduler):
+            super().__init__()
+            self.register_modules(transformer=transformer, transformer_2=transformer_2, scheduler=scheduler)
+
+    (high, inputs), (low, _) = tiny_models.wan(seed=0), tiny_models.wan(seed=1)
+    return TwoExperts(high, low, FlowMatchEulerDiscreteScheduler()), inputs
+
+
+def test_both_experts_of_a_two_backbone_pipeline_are_patched():
+    import tiny_models
+
+    pipe, inputs = _two_expert_pipeline()
+    refs = [tiny_models.output_of(m, inputs) for m in (pipe.transformer, pipe.transformer_2)]
+    report = diffaccel.patch(pipe, quant="w8a8")
+    for attr in ("transformer", "transformer_2"):
+        assert any(r.name.startswith(f"{attr}.") for r in report.by_part("quant")), attr
+        assert any(r.name.startswith(f"{attr}.") for r in report.by_part("attention")), attr
+    diffaccel.unpatch(pipe)
+    assert all(torch.equal(tiny_models.output_of(m, inputs), r)
+               for m, r in zip((pipe.transformer, pipe.transformer_2), refs))
+
+
+def test_recipes_per_backbone_through_a_dict():
+    """A recipe belongs to one backbone: one recipe for two experts is refused upfront; a dict gives
+    each its own (a recipe of the other expert fails the weights check, naming the layer); a
+    backbone the dict leaves out is reported and stays in floating point."""
+    pipe, inputs = _two_expert_pipeline()
+    data = [dict(inputs)]
+    r_high = diffaccel.calibrate(pipe.transformer, data, method="minmax", progress=False)
+    r_low = diffaccel.calibrate(pipe.transformer_2, data, method="minmax", progress=False)
+    with pytest.raises(ValueError, match=r"quant: a recipe is calibrated for one backbone and this pipeline has 2 "
+                                         r"\(transformer, transformer_2\); pass a dict"):
+        diffaccel.patch(pipe, quant=r_high)
+    with pytest.raises(ValueError, match=r"recipe: layer '.*' has other weights"):
+        diffaccel.patch(pipe, quant={"transformer": r_high, "transformer_2": r_high})
+    assert not diffaccel.is_patched(pipe)
+    assert not any(type(m).__name__.startswith("Quant") for m in pipe.transformer.modules())
+    with pytest.raises(ValueError, match=r"quant: \['unet'\] are not backbones of this pipeline"):
+        diffaccel.patch(pipe, quant={"unet": "w8a8"})
+    with pytest.raises(ValueError, match=r"quant\['transformer'\]: unknown preset 'w9a9'"):
+        diffaccel.patch(pipe, quant={"transformer": "w9a9"})
+    with pytest.raises(TypeError, match="quant: a dict maps a pipeline's backbone names"):
+        diffaccel.patch(pipe.transformer, quant={"transformer": "w8a8"})
+
+    report = diffaccel.patch(pipe, quant={"transformer": r_high, "transformer_2": r_low})
+    assert {r.name.split(".")[0] for r in report.by_part("quant")} == {"transformer", "transformer_2"}
+    diffaccel.unpatch(pipe)
+    report = diffaccel.patch(pipe, quant={"transformer_2": "w8a8"}, solver=False)
+    assert {r.name.split(".")[0] for r in report.by_part("quant")} == {"transformer_2"}
+    assert any(s.name == "transformer" and s.reason == "backbone not in the quant dict" for s in report.skipped)
+    assert diffaccel.patch(pipe, quant={"transformer_2": "w8a8"}, solver=False) is report  # idempotent

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch.nn as nn
 
-BACKBONE_ATTRS = ("unet", "transformer", "prior", "decoder")
+# every denoiser a pipeline runs per step (Wan 2.2 A14B switches between two experts)
+BACKBONE_ATTRS = ("unet", "transformer", "transformer_2", "prior", "decoder")
 LEFT_ALONE_ATTRS = {
     "text_encoder": "text encoder left alone (patch it directly to include it)",
     "text_encoder_2": "text encoder left alone (patch it directly to include it)",

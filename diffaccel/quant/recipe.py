@@ -13,25 +13,54 @@ Applying a recipe (used by ``diffaccel.patch(model, quant=recipe)``)::
     # skipped:     {qualified_name: why the layer stays in floating point}
 
 ``build_modules`` validates first (missing / extra layers, shape or kind mismatch raise
-``RecipeError`` naming the layer) and never changes the backbone.
+``RecipeError`` naming the layer) and never changes the backbone. A recipe also holds a probe of
+each quantized layer's weights (a few values at fixed positions): a model of the same architecture
+with other weights (another checkpoint or fine-tune, Wan 2.2's second expert) is refused too, since
+the recipe's scales, and its learned-rounding codes, belong to the weights it was calibrated on.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-RECIPE_FORMAT_VERSION = 1
+RECIPE_FORMAT_VERSION = 2  # 2: weight probes (version 1 files load, without the weights check)
 _META_KEY = "diffaccel_recipe"
+WEIGHT_PROBE_SIZE = 16
+_log = logging.getLogger("diffaccel")
 _TENSOR_FIELDS = ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output")
 
 
 class RecipeError(ValueError):
     """A recipe that can't be read, or that does not match the model it is applied to."""
+
+
+def weight_probe(weight: torch.Tensor) -> torch.Tensor:
+    """WEIGHT_PROBE_SIZE values of ``weight`` at evenly spaced flat positions, in its own dtype, on the CPU."""
+    flat = weight.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(WEIGHT_PROBE_SIZE, flat.numel()), device=flat.device).round().long()
+    return flat[idx].cpu().clone()
+
+
+def _probe_mismatch(probe: torch.Tensor, weight: torch.Tensor):
+    """None if ``weight`` holds the probed values, up to the rounding of the coarser of the two
+    dtypes (a recipe calibrated in fp32 applies to the model cast to fp16 / bf16, and the other way
+    round); else the largest relative difference."""
+    got = weight_probe(weight)
+    if got.shape != probe.shape:
+        return float("inf")
+    eps = max(torch.finfo(probe.dtype).eps, torch.finfo(got.dtype).eps)
+    tiny = max(torch.finfo(probe.dtype).tiny, torch.finfo(got.dtype).tiny)
+    a, b = probe.float(), got.float()
+    mag = torch.maximum(a.abs(), b.abs())
+    if bool(((a - b).abs() <= 2 * eps * mag + tiny).all()):
+        return None
+    return float(((a - b).abs() / mag.clamp(min=tiny)).max())
 
 
 @dataclass
@@ -70,6 +99,14 @@ class QuantRecipe:
     timesteps: torch.Tensor | None = None       # [T] calibrated timestep values (sampling order)
     temporal_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module -> [T, ...] outputs
     meta: dict = field(default_factory=dict)
+    weight_probes: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> weight_probe() of its weights
+
+    def record_weight_probes(self, backbone: nn.Module) -> None:
+        """Probe the quantized layers' weights of ``backbone`` (the model calibrated)."""
+        from .calibrate.structure import quantizable_layers
+
+        present = quantizable_layers(backbone)
+        self.weight_probes = {name: weight_probe(present[name].weight) for name in self.layers if name in present}
 
     # -- summary -------------------------------------------------------------------------
     def bits(self) -> dict[str, tuple[int, int]]:
@@ -107,6 +144,8 @@ class QuantRecipe:
             cache[name] = len(values)
         if self.timesteps is not None:
             tensors["timesteps"] = self.timesteps.detach().cpu().to(torch.float64).contiguous()
+        for name, probe in self.weight_probes.items():
+            tensors[f"probe/{name}"] = probe.contiguous()
         header = {"format_version": RECIPE_FORMAT_VERSION, "method": self.method, "layers": layers,
                   "model_layers": {k: list(v) for k, v in self.model_layers.items()}, "skipped": self.skipped,
                   "temporal_cache": cache, "meta": self.meta}
@@ -144,7 +183,8 @@ class QuantRecipe:
             recipe = cls(method=header["method"], layers=layers,
                          model_layers={k: tuple(v) for k, v in header["model_layers"].items()},
                          skipped=dict(header["skipped"]), timesteps=tensors.get("timesteps"),
-                         temporal_cache=cache, meta=dict(header["meta"]))
+                         temporal_cache=cache, meta=dict(header["meta"]),
+                         weight_probes={k[len("probe/"):]: v for k, v in tensors.items() if k.startswith("probe/")})
         except (KeyError, TypeError, AttributeError) as e:
             raise RecipeError(f"path: {path} has a corrupt recipe (missing or malformed entry {e})") from None
         for name, lr in recipe.layers.items():
@@ -173,6 +213,15 @@ class QuantRecipe:
             if layer_kind(present[name]) != lr.kind:
                 raise RecipeError(f"recipe: layer '{name}' is a {type(present[name]).__name__}, "
                                   f"the recipe holds a {lr.kind}")
+        if not self.weight_probes:
+            _log.warning("recipe: no weight probes (a format-1 file): whether this model has the weights it was "
+                         "calibrated on is not checked")
+        for name, probe in self.weight_probes.items():
+            diff = _probe_mismatch(probe, present[name].weight)
+            if diff is not None:
+                raise RecipeError(f"recipe: layer '{name}' has other weights than the model the recipe was "
+                                  f"calibrated on (sampled values differ by up to {diff:.3g} relative): a recipe's "
+                                  f"scales and rounding belong to one set of weights; calibrate this model")
         modules = dict(backbone.named_modules())
         for name in self.temporal_cache:
             if name not in modules:

@@ -160,6 +160,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
                     [round(t, 3) for t in calib.timesteps.tolist()])
         recipe = METHODS[method](ctx)
+        recipe.record_weight_probes(backbone)  # the user's weights, not the working copy's
     finally:
         for m, flag in training.items():
             m.training = flag
