@@ -144,6 +144,55 @@ def test_pipeline_collection_spreads_timesteps_over_the_trajectory():
         assert s["sample"].shape == (2, 4, 8, 8)  # the CFG batch the pipeline actually ran
 
 
+def _two_expert_pipeline(boundary=500):
+    """Wan 2.2 A14B's scheme on tiny UNets: ``transformer`` denoises at t >= boundary,
+    ``transformer_2`` below it."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    base = type(tiny_pipeline())
+
+    class TwoExperts(DiffusionPipeline):
+        encode = base.encode
+
+        def __init__(self, transformer, transformer_2, scheduler):
+            super().__init__()
+            self.register_modules(transformer=transformer, transformer_2=transformer_2, scheduler=scheduler)
+
+        @torch.no_grad()
+        def __call__(self, prompt, num_inference_steps=10, generator=None, output_type="latent"):
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            cond = self.encode(prompts)
+            latents = torch.randn(len(prompts), 4, 8, 8, generator=generator)
+            self.scheduler.set_timesteps(num_inference_steps)
+            for t in self.scheduler.timesteps:
+                expert = self.transformer if t >= boundary else self.transformer_2
+                latents = self.scheduler.step(expert(latents, t, encoder_hidden_states=cond).sample, t,
+                                              latents).prev_sample
+            return latents
+
+    return TwoExperts(tiny_unet(seed=0), tiny_unet(seed=1), DDIMScheduler())
+
+
+def test_calibrate_the_second_expert_of_a_pipeline():
+    import diffaccel
+    from diffaccel.quant.calibrate import CalibrationError, calibrate
+
+    pipe = _two_expert_pipeline()
+    kw = dict(method="minmax", num_inference_steps=6, progress=False)
+    high = calibrate(pipe, ["a cat"], **kw)  # default: the pipeline's `transformer`
+    low = calibrate(pipe, ["a cat"], backbone="transformer_2", **kw)
+    assert high.timesteps.min() >= 500 and low.timesteps.max() < 500  # each saw only its own steps
+    assert len(high.timesteps) + len(low.timesteps) == 6
+    report = diffaccel.patch(pipe, quant={"transformer": high, "transformer_2": low}, solver=False)
+    assert {r.name.split(".")[0] for r in report.by_part("quant")} == {"transformer", "transformer_2"}
+    assert torch.isfinite(pipe("a cat", num_inference_steps=6, generator=torch.Generator().manual_seed(0))).all()
+    diffaccel.unpatch(pipe)
+    with pytest.raises(CalibrationError, match="backbone: TwoExperts has no module component 'unet_2'"):
+        calibrate(pipe, ["a cat"], backbone="unet_2", **kw)
+    with pytest.raises(CalibrationError, match="backbone: names a pipeline component"):
+        calibrate(pipe.transformer, [{}], backbone="transformer", **kw)
+
+
 def test_calibrate_pipeline_end_to_end_and_patch():
     from diffaccel.nn import QuantConv2d, QuantLinear
     from diffaccel.quant.calibrate import calibrate

@@ -77,7 +77,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
               temporal_cache: bool = True, weight_candidates=(4, 8), act_fp16_fraction: float = 0.05,
               sensitivity_samples: int = 4, bos: bool | None = None, batch_size: int = 1,
               pipe_kwargs: dict | None = None, units_per_pass: int | None = None,
-              block_inputs: str = "quantized") -> QuantRecipe:
+              block_inputs: str = "quantized", backbone: str | None = None) -> QuantRecipe:
     """Calibrate ``target`` (a diffusers pipeline with prompts as ``data``, or a bare backbone with an
     iterable of forward-kwargs dicts, each holding ``timestep``) and return a QuantRecipe.
 
@@ -94,6 +94,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         tfmq keeps one set of activation parameters per calibrated timestep.
     samples_per_timestep: samples kept per timestep (None: all; a pipeline gives one per prompt batch).
     num_inference_steps, batch_size, pipe_kwargs: the full-precision pipeline run that is recorded.
+    backbone: for a pipeline, the component to calibrate (default "unet", else "transformer"); e.g.
+        "transformer_2" for Wan 2.2's second expert, which records only the steps that expert runs.
     device: where to calibrate (default: the backbone's device; another device works on a copy).
     activation_device: where recorded block activations are kept (None: the device if they fit in
         40% of its free memory, else the CPU).
@@ -128,8 +130,11 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
         raise CalibrationError(f"p: expected a positive number, got {p!r}")
 
+    if backbone is not None and not is_pipeline(target):
+        raise CalibrationError("backbone: names a pipeline component; with a module as the target, leave it None")
     if is_pipeline(target):
-        backbone = backbone_of(target)
+        component = backbone
+        backbone = backbone_of(target, component)
     elif isinstance(target, nn.Module):
         backbone = target
     else:
@@ -143,7 +148,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     try:
         backbone.eval()
         if is_pipeline(target):
-            calib = from_pipeline(target, data, num_inference_steps=num_inference_steps, num_timesteps=n_t,
+            calib = from_pipeline(target, data, backbone=component, num_inference_steps=num_inference_steps,
+                                  num_timesteps=n_t,
                                   samples_per_timestep=samples_per_timestep, seed=seed, batch_size=batch_size,
                                   pipe_kwargs=dict(pipe_kwargs or {}), progress=progress)
         else:

@@ -126,7 +126,13 @@ def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | 
     return _select(groups, order, num_timesteps, samples_per_timestep, order)
 
 
-def backbone_of(pipe) -> nn.Module:
+def backbone_of(pipe, name: str | None = None) -> nn.Module:
+    """The pipeline's component ``name``, or by default its ``unet`` else its ``transformer``."""
+    if name is not None:
+        module = getattr(pipe, name, None) if isinstance(name, str) else None
+        if not isinstance(module, nn.Module):
+            raise CalibrationError(f"backbone: {type(pipe).__name__} has no module component {name!r}")
+        return module
     for attr in ("unet", "transformer"):
         module = getattr(pipe, attr, None)
         if isinstance(module, nn.Module):
@@ -138,7 +144,7 @@ def is_pipeline(target) -> bool:
     return not isinstance(target, nn.Module) and callable(target) and hasattr(target, "scheduler")
 
 
-def from_pipeline(pipe, prompts, *, num_inference_steps: int, num_timesteps: int,
+def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_steps: int, num_timesteps: int,
                   samples_per_timestep: int | None, seed: int, batch_size: int, pipe_kwargs: dict,
                   progress: bool) -> CalibrationSet:
     """Run the pipeline in full precision with its own scheduler, recording every backbone call."""
@@ -149,7 +155,7 @@ def from_pipeline(pipe, prompts, *, num_inference_steps: int, num_timesteps: int
         raise CalibrationError("data: empty - calibration needs at least one prompt")
     if not all(isinstance(p, str) for p in prompts):
         raise CalibrationError("data: a pipeline is calibrated with a list of prompt strings")
-    backbone = backbone_of(pipe)
+    backbone = backbone_of(pipe, backbone)
     signature = inspect.signature(backbone.forward)
     calls: list[dict] = []
 
