@@ -18,7 +18,9 @@
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
 #   e2e     python -m benchmarks.e2e               -> $OUT/e2e.json
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
-# Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC.
+# Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC. TOTAL_LIMIT
+# (default 560: the device tool kills a command at 600 s, and a killed pytest writes no JSON) caps
+# them all: each stage gets at most what is left of it, so the last stage still ends on its own.
 # Wheels in .whl/ are installed first (the H200 image has no diffusers; BENCHMARKS.md says how
 # to fetch them). Everything printed also goes to $OUT/session.log; $OUT/env.txt records the
 # device, versions and commit. At most 6 files land in $OUT (the tool returns 8).
@@ -30,9 +32,15 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
+TOTAL_LIMIT=${TOTAL_LIMIT:-560}
 stage() {  # stage NAME LIMIT CMD...: run CMD under a time limit, report its exit status and time
     local name=$1 limit=$2; shift 2
-    local t0=$SECONDS
+    local t0=$SECONDS left=$(( TOTAL_LIMIT - SECONDS ))
+    if (( left < 60 )); then
+        echo "== $name: skipped, ${left}s of TOTAL_LIMIT=${TOTAL_LIMIT}s left"
+        return 124
+    fi
+    (( limit > left )) && limit=$left
     echo "== $name (limit ${limit}s): $*"
     # pytest stops starting tests 45 s before the limit (the conftests read this), so its JSON and
     # junit reports of what ran are written; timeout is the backstop
