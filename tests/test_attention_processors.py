@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffaccel.integrations.attention import (DiffaccelAttnProcessor, DiffaccelJointAttnProcessor,  # noqa: E402
-                                              dispatcher_backend, is_diffaccel_processor, make_processor,
-                                              original_processor)
+from diffaccel.integrations.attention import (DiffaccelAttnProcessor, DiffaccelCogVideoXAttnProcessor,  # noqa: E402
+                                              DiffaccelJointAttnProcessor, dispatcher_backend,
+                                              is_diffaccel_processor, make_processor, original_processor)
 from diffaccel.ops import _backend, use_backend  # noqa: E402
 
 TOL = {"torch": (1e-5, 1e-5), "triton": (1e-4, 1e-4), "triton_bf16": (3e-2, 3e-2)}
@@ -84,10 +84,19 @@ def _fused(factory, **overrides):
     return make
 
 
-MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan,
-          "unet_fused_qkv": _fused(_tiny_unet), "sd3_fused_qkv": _fused(_tiny_sd3, qk_norm="rms_norm")}
+def _tiny_cogvideox():
+    import tiny_models
+
+    return tiny_models.cogvideox()
+
+
+MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan, "cogvideox": _tiny_cogvideox,
+          "unet_fused_qkv": _fused(_tiny_unet), "sd3_fused_qkv": _fused(_tiny_sd3, qk_norm="rms_norm"),
+          "cogvideox_fused_qkv": _fused(_tiny_cogvideox)}
 EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None, "wan": None,
-                      "unet_fused_qkv": DiffaccelAttnProcessor, "sd3_fused_qkv": DiffaccelJointAttnProcessor}
+                      "cogvideox": DiffaccelCogVideoXAttnProcessor, "unet_fused_qkv": DiffaccelAttnProcessor,
+                      "sd3_fused_qkv": DiffaccelJointAttnProcessor,
+                      "cogvideox_fused_qkv": DiffaccelCogVideoXAttnProcessor}
 
 
 def _out(model, inputs):

@@ -116,8 +116,26 @@ def wan(seed=0):
     return m, inputs
 
 
+def cogvideox(seed=0):
+    """CogVideoX with rotary embeddings (the 5B's layout): text and video tokens in one sequence."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                    time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=8,
+                                    sample_height=8, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
+                                    max_text_seq_length=6, use_rotary_positional_embeddings=True).eval()
+    g = _g(seed + 1)
+    frames, tokens = 2, 2 * 4 * 4  # latent frames; video tokens = frames * (8 / 2) * (8 / 2)
+    angles = torch.rand(tokens, 16, generator=g) * 6.28
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  image_rotary_emb=(angles.cos(), angles.sin()))
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
-             "dit": dit, "wan": wan}
+             "dit": dit, "wan": wan, "cogvideox": cogvideox}
 
 
 def output_of(model, inputs):

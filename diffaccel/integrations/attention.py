@@ -8,9 +8,12 @@ calls per attention module. Each new processor keeps the one it replaces as ``.o
 - ``AttnProcessor2_0`` / ``AttnProcessor`` (UNet self/cross attention, PixArt, DiT): ``DiffaccelAttnProcessor``.
 - ``JointAttnProcessor2_0`` (SD3): ``DiffaccelJointAttnProcessor``; image and text tokens are joined
   in [B, L, H, D] order so the kernel reads them in place and the output reshapes without a copy.
-- Their fused-projection variants (``FusedAttnProcessor2_0``, ``FusedJointAttnProcessor2_0``, set by
-  diffusers' ``fuse_qkv_projections()``): the same processors projecting through ``to_qkv`` /
-  ``to_kv`` / ``to_added_qkv``; q, k and v are column slices of one GEMM's output, read in place.
+- ``CogVideoXAttnProcessor2_0`` (CogVideoX: text and video tokens in one sequence, RoPE on the video
+  part): ``DiffaccelCogVideoXAttnProcessor``.
+- Their fused-projection variants (``FusedAttnProcessor2_0``, ``FusedJointAttnProcessor2_0``,
+  ``FusedCogVideoXAttnProcessor2_0``, set by diffusers' ``fuse_qkv_projections()``): the same
+  processors projecting through ``to_qkv`` / ``to_kv`` / ``to_added_qkv``; q, k and v are column
+  slices of one GEMM's output, read in place.
 - Processors that call diffusers' attention dispatcher with ``backend=self._attention_backend``
   (Flux, Wan, HunyuanVideo, QwenImage, ...): a per-instance copy of the processor whose
   ``_attention_backend`` names a dispatcher backend registered here (``"diffaccel"`` /
@@ -194,6 +197,52 @@ class DiffaccelJointAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+# -- CogVideoXAttnProcessor2_0 ---------------------------------------------------------------------
+
+class DiffaccelCogVideoXAttnProcessor:
+    """``CogVideoXAttnProcessor2_0``'s (and its fused variant's) computation with diffaccel attention."""
+
+    def __init__(self, original, quant: Optional[str] = None):
+        _check_quant(quant)
+        self.original = original
+        self.quant = quant
+        self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        text_seq_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if self.fused_projections:  # (diffusers' fused variant takes the mask length from the text tokens)
+            sequence_length = text_seq_length
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if self.fused_projections:
+            query, key, value = _split_columns(attn.to_qkv(hidden_states), 3)
+        else:
+            query, key, value = project_shared(hidden_states, attn.to_q, attn.to_k, attn.to_v)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:  # RoPE on the video tokens only, in place as the original does
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+        hidden_states = attention(query, key, value, attn_mask=attention_mask, quant=self.quant)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
 # -- diffusers' attention dispatcher ------------------------------------------------------------------
 
 def _dispatch_fn(quant):
@@ -263,7 +312,9 @@ def _routes_through_dispatcher(processor) -> bool:
 
 _UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "FusedAttnProcessor2_0")
 _JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
-_FUSED_PROCESSORS = ("FusedAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+_COGVIDEOX_PROCESSORS = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
+_FUSED_PROCESSORS = ("FusedAttnProcessor2_0", "FusedJointAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
+_OWN_PROCESSORS = (DiffaccelAttnProcessor, DiffaccelJointAttnProcessor, DiffaccelCogVideoXAttnProcessor)
 
 
 def _diffusers_class(processor, names, module="diffusers.models.attention_processor"):
@@ -272,7 +323,7 @@ def _diffusers_class(processor, names, module="diffusers.models.attention_proces
 
 
 def is_diffaccel_processor(processor) -> bool:
-    return isinstance(processor, (DiffaccelAttnProcessor, DiffaccelJointAttnProcessor)) or \
+    return isinstance(processor, _OWN_PROCESSORS) or \
         getattr(processor, "_attention_backend", None) in _DISPATCH_MEMBERS.values()
 
 
@@ -308,6 +359,8 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
         return DiffaccelAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
     if _diffusers_class(original, _JOINT_PROCESSORS):
         return DiffaccelJointAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
+    if _diffusers_class(original, _COGVIDEOX_PROCESSORS):
+        return DiffaccelCogVideoXAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
     if isinstance(original, torch.nn.Module):
         return None, f"{type(original).__name__} holds weights (e.g. IP-adapter); not replaced"
     if _routes_through_dispatcher(original):
