@@ -277,6 +277,11 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
     from . import nn as dnn
     from . import quant as dquant
 
+    # a model built under init_empty_weights / device="meta" has no values to quantize yet
+    meta = next((n for n, p in backbone.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"target: {prefix}{meta} is on the meta device (weights not loaded yet, or offloaded by an "
+                         f"accelerate device_map); load the weights onto a device, then patch with quant")
     if isinstance(quant, (str, dquant.QuantSpec)):
         spec = dquant.resolve_spec(quant)
         for name, module in list(backbone.named_modules()):

@@ -231,6 +231,18 @@ def test_bad_inputs():
     diffaccel.unpatch(model)  # unpatching an unpatched model is a no-op
 
 
+def test_meta_weights_are_refused_for_quant_and_fine_for_attention():
+    """A model built without weights (accelerate's init_empty_weights) can't be quantized: the
+    error names a parameter; attention-only patching holds no weights and works."""
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        model, _ = tiny_models.unet_sd15()
+    with pytest.raises(ValueError, match=r"target: conv_in.weight is on the meta device \(weights not loaded"):
+        diffaccel.patch(model, quant="w8a8", solver=False)
+    assert not diffaccel.is_patched(model)
+    assert diffaccel.patch(model, solver=False).by_part("attention")
+
+
 def test_state_dict_round_trip_of_patched_model(tmp_path):
     from safetensors.torch import load_file, save_file
 
