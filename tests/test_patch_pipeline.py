@@ -232,3 +232,25 @@ def test_recipes_per_backbone_through_a_dict():
     assert {r.name.split(".")[0] for r in report.by_part("quant")} == {"transformer_2"}
     assert any(s.name == "transformer" and s.reason == "backbone not in the quant dict" for s in report.skipped)
     assert diffaccel.patch(pipe, quant={"transformer_2": "w8a8"}, solver=False) is report  # idempotent
+
+
+def test_every_other_component_is_reported_left_alone():
+    """Modules of the pipeline that are not backbones (text encoder, a ControlNet, ...) are listed
+    in the report with how to include them, never skipped silently."""
+    import tiny_models
+    from diffusers import ControlNetModel, DDIMScheduler, DiffusionPipeline
+
+    class WithControlNet(DiffusionPipeline):
+        def __init__(self, unet, controlnet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, controlnet=controlnet, scheduler=scheduler)
+
+    unet, _ = tiny_models.unet_sd15()
+    pipe = WithControlNet(unet, ControlNetModel.from_unet(unet), DDIMScheduler())
+    report = diffaccel.patch(pipe, quant="w8a8")
+    left = {s.name: s.reason for s in report.skipped if s.part == "component"}
+    assert left == {"controlnet": "ControlNet left alone (patch pipe.controlnet directly to include it)"}
+    assert not any(r.name.startswith("controlnet") for r in report.replaced)
+    assert "ControlNet left alone" in str(report)
+    diffaccel.patch(pipe.controlnet, quant="w8a8")  # and it can be patched directly
+    assert any(type(m).__name__ == "QuantLinear" for m in pipe.controlnet.modules())

@@ -8,13 +8,14 @@ import torch.nn as nn
 
 # every denoiser a pipeline runs per step (Wan 2.2 A14B switches between two experts)
 BACKBONE_ATTRS = ("unet", "transformer", "transformer_2", "prior", "decoder")
-LEFT_ALONE_ATTRS = {
-    "text_encoder": "text encoder left alone (patch it directly to include it)",
-    "text_encoder_2": "text encoder left alone (patch it directly to include it)",
-    "text_encoder_3": "text encoder left alone (patch it directly to include it)",
-    "vae": "VAE left alone (patch it directly to include it)",
-    "image_encoder": "image encoder left alone (patch it directly to include it)",
-}
+# what the report calls a left-alone component, by the start of its pipeline attribute name
+_COMPONENT_KINDS = (("text_encoder", "text encoder"), ("vae", "VAE"), ("image_encoder", "image encoder"),
+                    ("controlnet", "ControlNet"))
+
+
+def left_alone_reason(name: str) -> str:
+    kind = next((k for prefix, k in _COMPONENT_KINDS if name.startswith(prefix)), name)
+    return f"{kind} left alone (patch pipe.{name} directly to include it)"
 # Input and output layers are the most quantization-sensitive (Q-Diffusion and MixDQ keep them
 # in full precision); data-free presets leave them alone.
 IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "x_embedder", "pos_embed.proj", "norm_out.linear",
@@ -50,11 +51,20 @@ def resolve_target(target) -> Target:
         if not backbones:
             raise TypeError(f"target: a {type(target).__name__} pipeline with no backbone "
                             f"(looked for {', '.join(BACKBONE_ATTRS)})")
-        left = {a: r for a, r in LEFT_ALONE_ATTRS.items() if getattr(target, a, None) is not None}
+        # every other module the pipeline holds (text encoders, VAE, a ControlNet, ...) is reported
+        left = {a: left_alone_reason(a) for a, m in _components(target).items()
+                if isinstance(m, nn.Module) and a not in backbones}
         return Target(backbones, getattr(target, "scheduler", None), left)
     if isinstance(target, nn.Module):
         return Target({"": target})
     raise TypeError(f"target: expected a diffusers pipeline or a torch.nn.Module, got {type(target).__name__}")
+
+
+def _components(pipe) -> dict:
+    components = getattr(pipe, "components", None)
+    if isinstance(components, dict):
+        return components
+    return {a: getattr(pipe, a, None) for a in vars(pipe)}
 
 
 def is_io_layer(qualified_name: str) -> bool:
