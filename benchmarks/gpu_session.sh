@@ -16,7 +16,7 @@
 #   build   pip install -e . with CUDA for this GPU's arch only (DIFFACCEL_CUDA_ARCH overrides)
 #   gpu     pytest -m gpu                          -> $OUT/gpu-junit.xml
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
-#   e2e     python -m benchmarks.e2e               -> $OUT/e2e.json
+#   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json (one model per call fits: --models sdxl)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
 # Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC. TOTAL_LIMIT
 # (default 560: the device tool kills a command at 600 s, and a killed pytest writes no JSON) caps
@@ -84,7 +84,8 @@ if want bench; then
         --benchmark-json="$OUT/raw.json" ${BENCH_K:+-k "$BENCH_K"}
 fi
 if want e2e; then
-    stage e2e "${LIMIT_E2E:-420}" python3 -m benchmarks.e2e --out "$OUT/e2e.json"
+    # shellcheck disable=SC2086  # E2E_ARGS: e.g. "--models sdxl --variants baseline:diffusers-eager,diffaccel:attn+w8a8"
+    stage e2e "${LIMIT_E2E:-420}" python3 -m benchmarks.e2e --out "$OUT/e2e.json" ${E2E_ARGS:-}
 fi
 if want static; then
     SO=$(python3 -c "import diffaccel._C as c; print(c.__file__)")
