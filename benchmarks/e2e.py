@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+DEADLINE_ENV = "DIFFACCEL_PYTEST_DEADLINE"  # set by benchmarks/gpu_session.sh per stage
 VARIANTS = {
     "baseline:diffusers-eager": dict(patch=None, compile=False),
     "baseline:diffusers-compile": dict(patch=None, compile=True),
@@ -125,7 +127,10 @@ def _time_ms(fn, reps: int, smoke: bool) -> list:
     return out
 
 
-def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10) -> list:
+def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, deadline=None, on_case=None) -> list:
+    """The cases measured. ``deadline`` (unix time): no variant starts after it, so a time-limited
+    run ends on its own; ``on_case(cases)`` is called after each case (main writes the JSON there,
+    so what was measured survives a kill)."""
     import diffaccel
 
     device = torch.device("cpu" if smoke else "cuda")
@@ -133,6 +138,9 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10) ->
     cases = []
     for mname in models:
         for vname in variants:
+            if deadline is not None and time.time() > deadline:
+                print(f"deadline passed: not starting {mname} {vname} or anything after it", flush=True)
+                return cases
             v = VARIANTS[vname]
             torch.manual_seed(0)
             model, make_inputs = MODELS[mname](smoke)
@@ -161,6 +169,8 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10) ->
                     print(f"{mname:5} {vname:28} b{batch} steps{n_steps}: {cases[-1]['median_ms']:9.2f} ms  "
                           f"weights {weight_bytes / 2**30:.2f} GiB" + (f"  peak {peak / 2**30:.2f} GiB" if peak else ""),
                           flush=True)
+                    if on_case is not None:
+                        on_case(cases)
             del model, fwd
             if not smoke:
                 torch.cuda.empty_cache()
@@ -183,9 +193,10 @@ def main(argv=None) -> int:
             p.error(f"{what}: unknown {', '.join(bad)}; expected some of {', '.join(known)}")
     if not a.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: full-size end-to-end runs need a GPU (use --smoke for a CPU check)")
-    cases = run(models, variants, smoke=a.smoke, reps=a.reps, batches=(1,) if a.smoke else (1, 2),
-                steps=(1,) if a.smoke else (1, 4))
+    deadline = os.environ.get(DEADLINE_ENV)
+    deadline = float(deadline) if deadline else None
     if a.smoke:
+        run(models, variants, smoke=True, reps=a.reps, batches=(1,), steps=(1,), deadline=deadline)
         return 0
     from benchmarks.results import RESULTS_DIR, gpu_slug
 
@@ -196,10 +207,16 @@ def main(argv=None) -> int:
     doc = {"schema": 1, "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
                                    "memory_gib": round(props.total_memory / 2**30, 1)},
            "torch": torch.__version__, "cuda": torch.version.cuda, "diffaccel": diffaccel.__version__,
-           "commit": commit, "date": date, "source": ["benchmarks/e2e.py"], "cases": cases}
+           "commit": commit, "date": date, "source": ["benchmarks/e2e.py"], "cases": []}
     out = Path(a.out) if a.out else RESULTS_DIR / f"{gpu_slug(props.name)}-{date}-e2e.json"
-    out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
+
+    def save(cases):
+        doc["cases"] = cases
+        out.write_text(json.dumps(doc, indent=1))
+
+    cases = run(models, variants, reps=a.reps, deadline=deadline, on_case=save)
+    save(cases)
+    print(f"wrote {out} ({len(cases)} cases)")
     return 0
 
 

@@ -37,3 +37,12 @@ def test_e2e_refuses_full_size_without_gpu():
         e2e.main(["--models", "sdxl"])
     with pytest.raises(SystemExit):
         e2e.main(["--smoke", "--models", "sd9"])
+
+
+def test_e2e_stops_at_the_deadline_and_reports_each_case():
+    e2e = _load()
+    seen = []
+    cases = e2e.run(["sdxl"], list(e2e.VARIANTS)[:2], batches=(1,), steps=(1,), smoke=True,
+                    on_case=lambda cs: seen.append(len(cs)))
+    assert seen == [1, 2] and len(cases) == 2
+    assert e2e.run(["sdxl"], list(e2e.VARIANTS), batches=(1,), steps=(1,), smoke=True, deadline=0) == []
