@@ -473,3 +473,32 @@ def test_gpu_profile_kernels_per_step_no_sync(make, kernels_per_step, backend):
     assert not any("Memcpy" in n and "DtoH" in n for n in names), [n for n in names if "Memcpy" in n]
     # .item() / CPU-table indexing with a CUDA index show up as a memcpy plus cudaStreamSynchronize
     assert names.count("cudaStreamSynchronize") == 0 and names.count("cudaMemcpyAsync") == 0
+
+
+@pytest.mark.parametrize("config", ["bh1_flow_wan", "bh1_eps"])
+def test_unipc_bh1_to_a_zero_final_sigma_gives_the_finite_limit(config):
+    """UniPC bh1 down to sigma = 0 (final_sigmas_type="zero", e.g. Wan's flow sigmas): diffusers'
+    last order-1 step computes B(h) * 0 with B(h) = h = -inf, i.e. NaN. The fused step drops that
+    zero term, so its last sample is the limit, the x0 prediction at the last step, which diffusers
+    returns for bh2. Every step before matches diffusers as usual."""
+    sch = (UniPCMultistepScheduler(solver_type="bh1", prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   flow_shift=5.0) if config == "bh1_flow_wan" else
+           UniPCMultistepScheduler(solver_type="bh1"))
+    steps = 10
+    ref = copy.deepcopy(sch)
+    ours = copy.deepcopy(sch)
+    assert patch_scheduler(ours).patched
+    for s in (ref, ours):
+        s.set_timesteps(steps)
+    x_ref = x_ours = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(ref.timesteps):
+        if i == steps - 1:
+            limit = copy.deepcopy(ref).convert_model_output(fake_model(x_ref, t), sample=x_ref)
+        x_ref = ref.step(fake_model(x_ref, t), t, x_ref).prev_sample
+        with use_backend("torch"):
+            x_ours = ours.step(fake_model(x_ours, t), t, x_ours).prev_sample
+        if i < steps - 1:
+            assert_traj_close(x_ref, x_ours, torch.float32)
+    assert not torch.isfinite(x_ref).all()  # diffusers' NaN (if this fails, diffusers fixed it: compare directly)
+    assert torch.isfinite(x_ours).all()
+    assert_traj_close(limit, x_ours, torch.float32)
