@@ -530,26 +530,29 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
 
     report = PatchReport()
     undo = _UndoLog()
-    try:
-        for attr, backbone in info.backbones.items():
-            prefix = f"{attr}." if attr else ""
-            if attention:
-                _patch_attention(prefix, backbone, report, undo, select, attention_quant)
-            if quant_of[attr] is not None:
-                _patch_quant(prefix, backbone, quant_of[attr], report, undo, select)
-            elif isinstance(quant, dict):
-                report.skipped.append(Skipped(attr, "quant", "backbone not in the quant dict"))
-        if isinstance(solver, dict) or solver:
-            _patch_solver(info, report, undo, solver if isinstance(solver, dict) else None)
-        elif info.scheduler is not None:
-            report.skipped.append(Skipped("scheduler", "solver", "solver=False"))
-        for name, reason in info.left_alone.items():
-            report.skipped.append(Skipped(name, "component", reason))
-        if quant is not None and importlib.util.find_spec("peft") is not None:
-            _support_lora_on_quantized(target, info, undo)
-    except BaseException:
-        undo.rollback()
-        raise
+    # modules built inside torch.inference_mode would hold inference tensors, whose in-place
+    # updates (the per-timestep state of a recipe) fail in a later plain no_grad run
+    with torch.inference_mode(False):
+        try:
+            for attr, backbone in info.backbones.items():
+                prefix = f"{attr}." if attr else ""
+                if attention:
+                    _patch_attention(prefix, backbone, report, undo, select, attention_quant)
+                if quant_of[attr] is not None:
+                    _patch_quant(prefix, backbone, quant_of[attr], report, undo, select)
+                elif isinstance(quant, dict):
+                    report.skipped.append(Skipped(attr, "quant", "backbone not in the quant dict"))
+            if isinstance(solver, dict) or solver:
+                _patch_solver(info, report, undo, solver if isinstance(solver, dict) else None)
+            elif info.scheduler is not None:
+                report.skipped.append(Skipped("scheduler", "solver", "solver=False"))
+            for name, reason in info.left_alone.items():
+                report.skipped.append(Skipped(name, "component", reason))
+            if quant is not None and importlib.util.find_spec("peft") is not None:
+                _support_lora_on_quantized(target, info, undo)
+        except BaseException:
+            undo.rollback()
+            raise
     # Only now, with nothing left to roll back, let the float originals go (or off the GPU).
     restorable = bool(keep_originals) or not undo.originals
     if not keep_originals and undo.originals:

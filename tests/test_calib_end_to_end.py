@@ -86,6 +86,26 @@ def test_symmetric_activations_and_a_custom_skip_list():
     assert ((run(patched, data[0]) - ref).norm() / ref.norm()).item() < MAX_REL_ERROR["pixart"]
 
 
+@pytest.mark.parametrize("method", ["qdiffusion", "tfmq"])
+def test_inside_inference_mode_as_outside(method):
+    """A script run under torch.inference_mode (model, data, calibrate and patch inside it): AdaRound
+    and LSQ still get their autograd, and the patched model then also runs outside inference mode
+    (the per-timestep state updates its index in place, which inference tensors would refuse)."""
+    import diffaccel
+
+    with torch.inference_mode():
+        model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+        recipe = calibrate(model, data, method=method, weight_bits=8, act_bits=8, iters=2, progress=False)
+        ref = copy.deepcopy(model)
+        diffaccel.patch(model, quant=recipe, solver=False)
+        inside = run(model, data[0])
+    with torch.no_grad():
+        outside = run(model, data[0])
+    assert torch.equal(inside, outside)
+    rel = ((outside - run(ref, data[0])).norm() / run(ref, data[0]).norm()).item()
+    assert rel < 0.15, rel
+
+
 def test_bit_allocation_is_logged(caplog):
     import logging
 

@@ -145,30 +145,32 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     n_t = num_timesteps if num_timesteps is not None else 10**9
 
     training = {m: m.training for m in backbone.modules()}
-    try:
-        backbone.eval()
-        if is_pipeline(target):
-            calib = from_pipeline(target, data, backbone=component, num_inference_steps=num_inference_steps,
-                                  num_timesteps=n_t,
-                                  samples_per_timestep=samples_per_timestep, seed=seed, batch_size=batch_size,
-                                  pipe_kwargs=dict(pipe_kwargs or {}), progress=progress)
-        else:
-            calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep)
-        work = working_copy(backbone, device)
-        work.eval()
-        ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,
-                      device=device, seed=seed, progress=progress, act_symmetric=act_symmetric, number_format=format,
-                      skip=resolve_skip(work, skip), activation_device=activation_device, iters=iters, p=float(p),
-                      adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
-                      temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),
-                      act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos,
-                      units_per_pass=units_per_pass, block_inputs=block_inputs)
-        logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
-                    [round(t, 3) for t in calib.timesteps.tolist()])
-        recipe = METHODS[method](ctx)
-        recipe.record_weight_probes(backbone)  # the user's weights, not the working copy's
-    finally:
-        for m, flag in training.items():
-            m.training = flag
+    # AdaRound / LSQ need autograd, and the recipe's tensors must be usable outside inference
+    # mode: a call made inside torch.inference_mode works as one made outside
+    with torch.inference_mode(False):
+        try:
+            backbone.eval()
+            if is_pipeline(target):
+                calib = from_pipeline(target, data, backbone=component, num_inference_steps=num_inference_steps,
+                                      num_timesteps=n_t, samples_per_timestep=samples_per_timestep, seed=seed,
+                                      batch_size=batch_size, pipe_kwargs=dict(pipe_kwargs or {}), progress=progress)
+            else:
+                calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep)
+            work = working_copy(backbone, device)
+            work.eval()
+            ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,
+                          device=device, seed=seed, progress=progress, act_symmetric=act_symmetric, number_format=format,
+                          skip=resolve_skip(work, skip), activation_device=activation_device, iters=iters, p=float(p),
+                          adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
+                          temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),
+                          act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos,
+                          units_per_pass=units_per_pass, block_inputs=block_inputs)
+            logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
+                        [round(t, 3) for t in calib.timesteps.tolist()])
+            recipe = METHODS[method](ctx)
+            recipe.record_weight_probes(backbone)  # the user's weights, not the working copy's
+        finally:
+            for m, flag in training.items():
+                m.training = flag
     log_allocation(recipe)
     return recipe

@@ -64,7 +64,9 @@ def timestep_value(ts) -> float:
 
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
+        t = obj.detach().to(device)
+        # data made under torch.inference_mode can't enter the reconstructions' autograd: a normal copy
+        return t.clone() if t.is_inference() else t
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
