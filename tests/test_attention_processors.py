@@ -84,25 +84,35 @@ def _fused(factory, **overrides):
     return make
 
 
-def _tiny_cogvideox():
-    import tiny_models
+def _tiny(name):
+    """A model of tests/tiny_models.py (its masks: QwenImage and HunyuanVideo boolean key padding and
+    [B, 1, L, L], LTX additive [B, H, 1, Lk]). (Z-Image, which has no attn_processors, goes through
+    patch in tests/test_patch.py.)"""
+    def make():
+        import tiny_models
 
-    return tiny_models.cogvideox()
+        return tiny_models.FACTORIES[name]()
+    return make
+
+
+_tiny_cogvideox = _tiny("cogvideox")
 
 
 MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan, "cogvideox": _tiny_cogvideox,
           "unet_fused_qkv": _fused(_tiny_unet), "sd3_fused_qkv": _fused(_tiny_sd3, qk_norm="rms_norm"),
-          "cogvideox_fused_qkv": _fused(_tiny_cogvideox)}
+          "cogvideox_fused_qkv": _fused(_tiny_cogvideox), "qwenimage": _tiny("qwenimage"),
+          "hunyuan_video": _tiny("hunyuan_video"), "ltx_video": _tiny("ltx_video")}
 EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None, "wan": None,
                       "cogvideox": DiffaccelCogVideoXAttnProcessor, "unet_fused_qkv": DiffaccelAttnProcessor,
                       "sd3_fused_qkv": DiffaccelJointAttnProcessor,
-                      "cogvideox_fused_qkv": DiffaccelCogVideoXAttnProcessor}
+                      "cogvideox_fused_qkv": DiffaccelCogVideoXAttnProcessor, "qwenimage": None,
+                      "hunyuan_video": None, "ltx_video": None}
 
 
 def _out(model, inputs):
-    with torch.no_grad():
-        out = model(**inputs, return_dict=False)[0]
-    return out.float()
+    import tiny_models
+
+    return tiny_models.output_of(model, inputs).float()
 
 
 def _patch(model, quant=None):

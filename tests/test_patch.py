@@ -103,6 +103,26 @@ def test_unpatch_leaves_processors_set_after_patching(caplog):
     torch.testing.assert_close(out, ref, rtol=FP32_RTOL, atol=FP32_RTOL * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("name,kept", [
+    ("zimage", {"t_embedder.mlp.0": "timestep", "t_embedder.mlp.2": "timestep", "all_x_embedder.2-1": "input/output",
+                "all_final_layer.2-1.linear": "input/output", "cap_embedder.1": "input/output"}),
+    ("flux", {"context_embedder": "input/output", "x_embedder": "input/output", "proj_out": "input/output"}),
+    ("qwenimage", {"img_in": "input/output", "txt_in": "input/output"}),
+    ("flux2", {"context_embedder": "input/output", "x_embedder": "input/output"}),
+])
+def test_presets_keep_each_models_io_and_timestep_layers_float(name, kept):
+    """The data-free presets keep input/output layers (text-side input projections included) and
+    timestep MLPs in floating point under each model's own names. (Z-Image's TimestepEmbedder reads
+    mlp[0].weight.dtype: quantizing it broke the forward.)"""
+    model, inputs = tiny_models.FACTORIES[name]()
+    report = diffaccel.patch(model, attention=False, quant="w8a8", solver=False)
+    why = {s.name: s.reason for s in report.skipped if s.part == "quant"}
+    for layer, kind in kept.items():
+        assert why.get(layer, "").startswith(kind), (layer, why.get(layer))
+        assert type(model.get_submodule(layer)) in (torch.nn.Linear, torch.nn.Conv2d)
+    assert torch.isfinite(tiny_models.output_of(model, inputs)).all()
+
+
 def test_patch_is_idempotent_and_per_instance():
     a, inputs = tiny_models.unet_sd15()
     b = copy.deepcopy(a)

@@ -134,11 +134,107 @@ def cogvideox(seed=0):
     return m, inputs
 
 
+def qwenimage(seed=0):
+    """QwenImage double-stream blocks: joint [txt, img] attention; padded text -> [B, 1, 1, Ltxt+Limg] bool mask."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                    num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    g = _g(seed + 1)
+    n_txt = 7
+    mask = torch.ones(2, n_txt, dtype=torch.long)
+    mask[1, 4:] = 0  # second prompt padded
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),  # 4x4 packed latent tokens
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g),
+                  encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5, 0.9]),
+                  img_shapes=[[(1, 4, 4)]] * 2)
+    return m, inputs
+
+
+def hunyuan_video(seed=0):
+    """HunyuanVideo: token refiner (self-attn, [B, 1, L, L] bool mask), dual- and single-stream blocks
+    ([B, 1, 1, Limg+Ltxt] bool mask from encoder_attention_mask)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                       num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                       patch_size=2, patch_size_t=1, guidance_embeds=False, text_embed_dim=32,
+                                       pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    mask = torch.ones(2, n_txt, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), encoder_attention_mask=mask,
+                  pooled_projections=torch.randn(2, 16, generator=g))
+    return m, inputs
+
+
+def ltx_video(seed=0):
+    """LTX-Video: self-attn with RoPE; cross-attn with an additive [B, 1, Ltxt] mask -> [B, H, 1, Ltxt]."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                   attention_head_dim=16, cross_attention_dim=32, num_layers=2,
+                                   caption_channels=24).eval()
+    g = _g(seed + 1)
+    frames, h, w, n_txt = 2, 4, 4, 6
+    mask = torch.ones(2, n_txt, dtype=torch.long)
+    mask[1, 2:] = 0
+    inputs = dict(hidden_states=torch.randn(2, frames * h * w, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 24, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_attention_mask=mask, num_frames=frames, height=h, width=w,
+                  rope_interpolation_scale=(1.0, 1.0, 1.0))
+    return m, inputs
+
+
+def zimage(seed=0):
+    """Z-Image: lists of per-sample latents / captions of different lengths, padded into one batch with
+    [B, L] bool padding masks (noise refiner, context refiner and the joint layers)."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2,
+                                 n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                 axes_dims=[8, 12, 12], axes_lens=[256, 32, 32]).eval()
+    g = _g(seed + 1)
+    inputs = dict(x=[torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 12, generator=g)],
+                  t=torch.tensor([0.3, 0.7]),
+                  cap_feats=[torch.randn(5, 32, generator=g), torch.randn(40, 32, generator=g)])
+    return m, inputs
+
+
+def flux2(seed=0):
+    """Flux.2: dual-stream blocks (Flux2AttnProcessor) and parallel single-stream blocks
+    (Flux2ParallelSelfAttnProcessor); 4-axis RoPE ids."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32,
+                                mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), torch.zeros(1),
+                                         indexing="ij"), -1).reshape(-1, 4)
+    txt_ids = torch.stack([torch.zeros(n_txt), torch.zeros(n_txt), torch.zeros(n_txt), torch.arange(float(n_txt))], -1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  img_ids=img_ids, txt_ids=txt_ids)
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
-             "dit": dit, "wan": wan, "cogvideox": cogvideox}
+             "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
+             "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2}
 
 
 def output_of(model, inputs):
     with torch.no_grad():
         out = model(**inputs, return_dict=False)[0]
+    if isinstance(out, (list, tuple)):  # Z-Image: one tensor per sample (their sizes differ)
+        out = torch.cat([t.flatten() for t in out])
     return out

@@ -16,17 +16,23 @@ _COMPONENT_KINDS = (("text_encoder", "text encoder"), ("vae", "VAE"), ("image_en
 def left_alone_reason(name: str) -> str:
     kind = next((k for prefix, k in _COMPONENT_KINDS if name.startswith(prefix)), name)
     return f"{kind} left alone (patch pipe.{name} directly to include it)"
+
+
 # Input and output layers are the most quantization-sensitive (Q-Diffusion and MixDQ keep them
-# in full precision); data-free presets leave them alone.
+# in full precision); data-free presets leave them alone. Top-level names: blocks have their own
+# proj_in / proj_out. The text-side input projections count too (Flux, SD3, QwenImage).
 IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "x_embedder", "pos_embed.proj", "norm_out.linear",
-                  "patch_embed.proj")
+                  "patch_embed.proj", "context_embedder", "img_in", "txt_in")
+# top-level modules whose every layer is an input/output layer (Z-Image keys its embedders and final
+# layer by patch size: all_x_embedder.2-1, all_final_layer.2-1.linear / .adaLN_modulation.1)
+IO_MODULE_ROOTS = ("all_x_embedder", "all_final_layer", "cap_embedder")
 
 
 # Timestep-embedding MLPs run at M = batch (nothing to gain) and carry the features TFMQ-DM
 # found most quantization-sensitive; data-free presets keep them in floating point. (Some
 # diffusers code also reads their parameters' dtype, which a fully quantized MLP no longer has.)
 TIMESTEP_EMBEDDING_NAMES = ("time_embedding", "time_embedder", "timestep_embedder", "add_embedding",
-                            "guidance_embedder", "time_proj")
+                            "guidance_embedder", "time_proj", "t_embedder")
 
 
 @dataclass
@@ -70,7 +76,8 @@ def _components(pipe) -> dict:
 def is_io_layer(qualified_name: str) -> bool:
     """The backbone's own input/output layers (top level only: blocks have proj_in/proj_out too),
     also when LoRA loaded before patching wraps one (peft's ``conv_in.base_layer``)."""
-    return _without_lora_wrapper(qualified_name) in IO_LAYER_NAMES
+    name = _without_lora_wrapper(qualified_name)
+    return name in IO_LAYER_NAMES or name.split(".")[0] in IO_MODULE_ROOTS
 
 
 def _without_lora_wrapper(qualified_name: str) -> str:
