@@ -326,3 +326,16 @@ def test_gpu_layers_match_cpu_reference():
         qc = q.to("cuda")
         assert qc.weight_q.is_cuda and qc.weight_q.dtype == q.weight_q.dtype
         assert torch.equal(qc(x.cuda()).cpu(), ref)
+
+
+def test_reading_weight_says_what_to_do():
+    """Code written for nn.Linear that reads ``layer.weight`` (diffusers reads some layers' dtype
+    that way) gets an AttributeError that says why and how to keep the layer in floating point;
+    hasattr / getattr with a default behave as for any missing attribute."""
+    for layer in (QuantLinear.from_float(nn.Linear(64, 32), "w8a8"),
+                  QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "w8a8")):
+        with pytest.raises(AttributeError, match=r"has no float 'weight'.*exclude="):
+            layer.weight
+        assert not hasattr(layer, "weight") and getattr(layer, "weight", None) is None
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            layer.nope

@@ -45,6 +45,16 @@ class QuantLayerBase(nn.Module):
     codes for the zero-point correction, static asymmetric only), bias (fp32), smooth (fp32 [K]),
     act_scale / act_zero_point ([T] or [T, 2] for a split input). K is the GEMM's K."""
 
+    def __getattr__(self, name: str):
+        # (only reached when normal lookup fails) code written for nn.Linear / nn.Conv2d that reads
+        # layer.weight, e.g. diffusers' own forwards reading a layer's dtype, gets told what to do
+        if name == "weight":
+            raise AttributeError(f"{type(self).__name__} has no float 'weight': it stores low-bit codes (weight_q) "
+                                 f"and scales (weight_scale); its dtype is in original_dtype. Code that reads "
+                                 f"layer.weight needs that layer left in floating point: "
+                                 f"diffaccel.patch(..., exclude=['<its name>'])")
+        return super().__getattr__(name)
+
     def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):
         self.spec = spec
         self.gemm_n = N
