@@ -86,7 +86,8 @@ def _fused(factory, **overrides):
 
 def _tiny(name):
     """A model of tests/tiny_models.py (its masks: QwenImage and HunyuanVideo boolean key padding and
-    [B, 1, L, L], LTX additive [B, H, 1, Lk]). (Z-Image, which has no attn_processors, goes through
+    [B, 1, L, L], LTX additive [B, H, 1, Lk], HunyuanVideo 1.5 query rows with every key masked,
+    SkyReels-V2 block-causal). (Z-Image, which has no attn_processors, goes through
     patch in tests/test_patch.py.)"""
     def make():
         import tiny_models
@@ -101,12 +102,13 @@ _tiny_cogvideox = _tiny("cogvideox")
 MODELS = {"unet": _tiny_unet, "sd3": _tiny_sd3, "flux": _tiny_flux, "wan": _tiny_wan, "cogvideox": _tiny_cogvideox,
           "unet_fused_qkv": _fused(_tiny_unet), "sd3_fused_qkv": _fused(_tiny_sd3, qk_norm="rms_norm"),
           "cogvideox_fused_qkv": _fused(_tiny_cogvideox), "qwenimage": _tiny("qwenimage"),
-          "hunyuan_video": _tiny("hunyuan_video"), "ltx_video": _tiny("ltx_video")}
+          "hunyuan_video": _tiny("hunyuan_video"), "ltx_video": _tiny("ltx_video"),
+          "hunyuan_video15": _tiny("hunyuan_video15"), "skyreels_v2": _tiny("skyreels_v2")}
 EXPECTED_PROCESSOR = {"unet": DiffaccelAttnProcessor, "sd3": DiffaccelJointAttnProcessor, "flux": None, "wan": None,
                       "cogvideox": DiffaccelCogVideoXAttnProcessor, "unet_fused_qkv": DiffaccelAttnProcessor,
                       "sd3_fused_qkv": DiffaccelJointAttnProcessor,
                       "cogvideox_fused_qkv": DiffaccelCogVideoXAttnProcessor, "qwenimage": None,
-                      "hunyuan_video": None, "ltx_video": None}
+                      "hunyuan_video": None, "ltx_video": None, "hunyuan_video15": None, "skyreels_v2": None}
 
 
 def _out(model, inputs):

@@ -227,9 +227,48 @@ def flux2(seed=0):
     return m, inputs
 
 
+def hunyuan_video15(seed=0, i2v=False):
+    """HunyuanVideo 1.5: token refiner + dual-stream blocks; text (mllm + byT5 + image) tokens reordered
+    valid-first with a [B, L] mask -> [B, 1, L, L] mask (query AND key valid). t2v (zero image_embeds):
+    the image tokens are all masked, so their query rows are fully masked."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                         num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1,
+                                         patch_size_t=1, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=16,
+                                         rope_axes_dim=(4, 6, 6)).eval()
+    g = _g(seed + 1)
+    n_txt, n_txt2, n_img = 6, 5, 3
+    mask, mask2 = torch.ones(2, n_txt, dtype=torch.long), torch.ones(2, n_txt2, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask2[0, 2:] = 0
+    image_embeds = torch.randn(2, n_img, 16, generator=g) if i2v else torch.zeros(2, n_img, 16)
+    inputs = dict(hidden_states=torch.randn(2, 9, 2, 4, 4, generator=g), timestep=torch.tensor([10.0, 500.0]),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), encoder_attention_mask=mask,
+                  encoder_hidden_states_2=torch.randn(2, n_txt2, 24, generator=g), encoder_attention_mask_2=mask2,
+                  image_embeds=image_embeds)
+    return m, inputs
+
+
+def skyreels_v2(seed=0):
+    """SkyReels-V2 (Wan-like) with num_frame_per_block=2: block-causal [1, 1, L, L] bool self-attention mask."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                     out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                     rope_max_seq_len=32, num_frame_per_block=2).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g))
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
              "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
-             "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2}
+             "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2, "hunyuan_video15": hunyuan_video15,
+             "skyreels_v2": skyreels_v2}
 
 
 def output_of(model, inputs):
