@@ -320,6 +320,18 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
         for install in hooks:
             undo.push(install(backbone))
     _fuse_blocks(prefix, backbone, report, undo, select)
+    _link_shared_inputs(backbone, undo)
+
+
+def _link_shared_inputs(backbone, undo):
+    """Sibling q/k/v projections called by diffusers' own processors quantize their shared input
+    once (diffaccel.nn.shared_input.link_siblings; diffaccel's processors share it themselves)."""
+    from .nn import shared_input
+
+    for _, attn in _targets.attention_modules(backbone):
+        linked = shared_input.link_siblings(attn)
+        if linked:
+            undo.push(lambda layers=linked: shared_input.unlink(layers))
 
 
 def _fuse_blocks(prefix, backbone, report, undo, select):

@@ -166,6 +166,113 @@ def test_attention_processor_quantizes_qkv_input_once(monkeypatch):
     assert torch.equal(shared, separate)
 
 
+# -- SharedInputGroup: siblings that diffusers' own processors call one by one ---------------------
+
+class _CountQuantizationPasses(_CountQuantizer):
+    """Every dynamic activation quantization: the shared ones, and each int8_linear / fp8_linear call
+    on float activations (which quantizes inside)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__(monkeypatch)
+        for name in ("int8_linear", "fp8_linear"):
+            orig = getattr(G, name)
+
+            def counted(x, *a, _orig=orig, **k):
+                self.calls += k.get("act_scale") is None
+                return _orig(x, *a, **k)
+
+            monkeypatch.setattr(G, name, counted)
+
+
+def _linked(spec, **kw):
+    layers = _layers(spec, **kw)
+    group = S.SharedInputGroup(len(layers))
+    for layer in layers:
+        layer.shared_input = group
+    return layers, group
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spec", ["w8a8", "w4a8", "fp8"])
+def test_linked_siblings_quantize_once_bit_exact(spec, backend, monkeypatch):
+    layers, group = _linked(spec, K=128)
+    x = torch.randn(2, M_SHARED, 128) * 3
+    with use_backend(backend):
+        S.unlink(layers)
+        separate = [layer(x) for layer in layers]
+        layers, group = _linked(spec, K=128)
+        counter = _CountQuantizer(monkeypatch)
+        linked = [layer(x) for layer in layers]
+    assert counter.calls == 1
+    assert group._entry is None  # every sibling had the codes: x and the codes are let go
+    for a, b in zip(linked, separate):
+        assert torch.equal(a, b)
+
+
+def test_group_requantizes_a_changed_or_other_input(monkeypatch):
+    """Sharing keys on the tensor itself and its version counter: an in-place change between the
+    calls, or another tensor with the same values, is quantized afresh."""
+    layers, group = _linked("w8a8")
+    x = torch.randn(M_SHARED, 64)
+    with use_backend("torch"):
+        counter = _CountQuantizer(monkeypatch)
+        layers[0](x)
+        x.mul_(2)  # in place: the version counter moves
+        got = layers[1](x)
+        assert counter.calls == 2 and torch.equal(got, S.QuantLinear.forward(_unlinked(layers[1]), x))
+        y = x.clone()
+        layers[2](y)
+        assert counter.calls == 3
+    assert group._entry is not None and group._entry[0] is y  # not all three used y's codes: held
+
+
+def _unlinked(layer):
+    import copy
+
+    other = copy.copy(layer)
+    other.shared_input = None
+    return other
+
+
+def test_group_stands_aside_in_inference_mode_and_small_m(monkeypatch):
+    layers, group = _linked("w8a8")
+    with use_backend("torch"):
+        counter = _CountQuantizer(monkeypatch)
+        with torch.inference_mode():  # inference tensors have no version counter
+            x = torch.randn(M_SHARED, 64)
+            outs = [layer(x) for layer in layers]
+        assert counter.calls == 0 and group._entry is None  # (each layer's GEMM call quantizes for itself)
+        small = torch.randn(G.FUSED_QUANT_MAX_M, 64)
+        [layer(small) for layer in layers]  # the GEMM quantizes these rows itself
+        assert counter.calls == 0 and group._entry is None
+    for a, layer in zip(outs, layers):
+        assert torch.equal(a, _unlinked(layer)(x.clone()))
+
+
+def test_patch_links_dispatcher_processors_siblings_and_unpatch_unlinks(monkeypatch):
+    """Wan's processor (diffusers' own, through the dispatcher) calls to_q/to_k/to_v itself: after
+    patch with w8a8 they share one quantization of their input, outputs bit-identical to unlinked."""
+    import diffaccel
+    import tiny_models
+
+    model, inputs = tiny_models.wan()
+    inputs = dict(inputs, hidden_states=torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(3)))
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    attn = model.blocks[0].attn1
+    assert attn.to_q.shared_input is attn.to_k.shared_input is attn.to_v.shared_input is not None
+    passes = _CountQuantizationPasses(monkeypatch)
+    with use_backend("torch"):
+        linked = tiny_models.output_of(model, inputs)
+        passes_linked, passes.calls = passes.calls, 0
+        S.unlink([m for m in model.modules() if isinstance(m, QuantLinear)])
+        separate = tiny_models.output_of(model, inputs)
+    # two blocks, each with a self-attention: q/k/v quantize their input once instead of three times
+    assert passes.calls - passes_linked == 2 * 2
+    assert torch.equal(linked, separate)
+    diffaccel.unpatch(model)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["w8a8", "w4a8", "fp8"])
 def test_gpu_shared_equals_separate(spec):

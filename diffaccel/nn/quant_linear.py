@@ -13,6 +13,9 @@ from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for
 
 
 class QuantLinear(QuantLayerBase):
+    # a diffaccel.nn.shared_input.SharedInputGroup when siblings share one quantization of their input
+    shared_input = None
+
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, original_dtype: torch.dtype):
         super().__init__()
         self.in_features = in_features
@@ -53,6 +56,10 @@ class QuantLinear(QuantLayerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if self.shared_input is not None:
+            y = self.shared_input.forward(self, x)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         y = self._gemm(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)

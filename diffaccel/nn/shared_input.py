@@ -13,6 +13,14 @@ when that holds; otherwise each layer is simply called, which computes the same 
 - no forward hooks on the layers and none registered globally (they would be bypassed);
 - more than ``FUSED_QUANT_MAX_M`` rows: below that the GEMM kernel quantizes its rows itself,
   which is cheaper than a separate pass.
+
+Processors diffaccel does not write (diffusers' own, routed through its attention dispatcher:
+Flux, Wan, QwenImage, ...) call ``attn.to_q(x)``, ``attn.to_k(x)``, ``attn.to_v(x)`` themselves.
+``link_siblings(attn)`` gives those layers one ``SharedInputGroup``: the first call quantizes x,
+the next ones with that same tensor (same object, unmodified: same version counter) reuse the
+codes, and the group lets them go once every sibling has used them. It stands aside (each layer
+quantizes for itself) inside torch.compile, for inference-mode tensors (they have no version
+counter to prove them unmodified) and where ``can_share_input``'s conditions fail.
 """
 from __future__ import annotations
 
@@ -61,4 +69,60 @@ def project_shared(x: torch.Tensor, *layers: nn.Module) -> tuple:
     return tuple(layer.forward_quantized(codes, scale).reshape(*lead, layer.out_features) for layer in layers)
 
 
-__all__ = ["can_share_input", "project_shared"]
+def _quantize(x2: torch.Tensor, act_dtype: str):
+    return G.quantize_activation_int8(x2) if act_dtype == "int8" else G.quantize_activation_fp8(x2)
+
+
+class SharedInputGroup:
+    """Sibling QuantLinears called one after another on one input (see the module docstring)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entry = None  # [x, its version, act dtype, codes, scale, uses]
+
+    def forward(self, layer: QuantLinear, x: torch.Tensor):
+        """``layer(x)`` on shared codes, or None when sharing does not apply (the caller then runs
+        its own quantization)."""
+        if (torch.compiler.is_compiling() or x.is_inference() or x.dim() < 1
+                or x.numel() // max(x.shape[-1], 1) <= G.FUSED_QUANT_MAX_M):
+            return None
+        s = layer.spec
+        if s.act_dtype not in SHARED_ACT_DTYPES or s.act_mode != "dynamic" or layer.smooth is not None:
+            return None
+        e = self._entry
+        if e is None or e[0] is not x or e[1] != x._version or e[2] != s.act_dtype:
+            codes, scale = _quantize(x.reshape(-1, x.shape[-1]), s.act_dtype)
+            e = self._entry = [x, x._version, s.act_dtype, codes, scale, 0]
+        e[5] += 1
+        if e[5] >= self.size:  # every sibling has had them: don't hold x and its codes any longer
+            self._entry = None
+        return layer.forward_quantized(e[3], e[4]).reshape(*x.shape[:-1], layer.out_features)
+
+
+SIBLING_PROJECTIONS = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+
+
+def link_siblings(attn: nn.Module) -> list:
+    """Give ``attn``'s dynamic-activation q/k/v QuantLinears (and the context ones) a shared group;
+    returns the layers linked (``unlink`` takes them apart)."""
+    linked = []
+    for names in SIBLING_PROJECTIONS:
+        layers = [getattr(attn, n, None) for n in names]
+        if not all(type(m) is QuantLinear for m in layers):
+            continue
+        specs = {(m.spec.act_dtype, m.spec.act_mode, m.smooth is None, m.in_features) for m in layers}
+        if len(specs) != 1 or next(iter(specs))[:3] not in {(d, "dynamic", True) for d in SHARED_ACT_DTYPES}:
+            continue
+        group = SharedInputGroup(len(layers))
+        for m in layers:
+            m.shared_input = group
+        linked += layers
+    return linked
+
+
+def unlink(layers) -> None:
+    for m in layers:
+        m.shared_input = None
+
+
+__all__ = ["SharedInputGroup", "can_share_input", "link_siblings", "project_shared", "unlink"]
