@@ -328,8 +328,15 @@ def _link_shared_inputs(backbone, undo):
     once (diffaccel.nn.shared_input.link_siblings; diffaccel's processors share it themselves)."""
     from .nn import shared_input
 
+    # Flux's single-stream block runs proj_mlp on the same normed input its attention projects
+    mlp_before = {id(m.attn): m.proj_mlp for m in backbone.modules()
+                  if isinstance(getattr(m, "attn", None), nn.Module)
+                  and isinstance(getattr(m, "proj_mlp", None), nn.Module)}
     for _, attn in _targets.attention_modules(backbone):
-        linked = shared_input.link_siblings(attn)
+        also = (mlp_before[id(attn)],) if id(attn) in mlp_before else ()
+        linked = shared_input.link_siblings(attn, also)
+        if not linked and also:  # (proj_mlp left out of quantization, or in another format)
+            linked = shared_input.link_siblings(attn)
         if linked:
             undo.push(lambda layers=linked: shared_input.unlink(layers))
 

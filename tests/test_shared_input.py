@@ -284,3 +284,30 @@ def test_gpu_shared_equals_separate(spec):
     assert S.can_share_input(x, layers)
     for a, b in zip(S.project_shared(x, *layers), [layer(x) for layer in layers]):
         assert torch.equal(a, b)
+
+
+def test_flux_single_block_shares_with_proj_mlp(monkeypatch):
+    """Flux's single-stream block runs proj_mlp on the normed input its attention then projects:
+    the four layers quantize it once. Double block: q/k/v of the image tokens once (the 6 text
+    tokens are below FUSED_QUANT_MAX_M, where the GEMM quantizes its own rows)."""
+    import diffaccel
+    import tiny_models
+
+    model, inputs = tiny_models.flux()
+    g = torch.Generator().manual_seed(3)
+    n_img = 9 * 9  # > FUSED_QUANT_MAX_M tokens
+    inputs = dict(inputs, hidden_states=torch.randn(1, n_img, 16, generator=g),
+                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(9.0), torch.arange(9.0),
+                                                     indexing="ij"), -1).reshape(-1, 3))
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    single = model.single_transformer_blocks[0]
+    assert single.proj_mlp.shared_input is single.attn.to_q.shared_input is not None
+    assert single.proj_mlp.shared_input.size == 4
+    passes = _CountQuantizationPasses(monkeypatch)
+    with use_backend("torch"):
+        linked = tiny_models.output_of(model, inputs)
+        passes_linked, passes.calls = passes.calls, 0
+        S.unlink([m for m in model.modules() if isinstance(m, QuantLinear)])
+        separate = tiny_models.output_of(model, inputs)
+    assert passes.calls - passes_linked == 2 + 3
+    assert torch.equal(linked, separate)

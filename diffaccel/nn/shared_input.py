@@ -102,12 +102,13 @@ class SharedInputGroup:
 SIBLING_PROJECTIONS = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
 
 
-def link_siblings(attn: nn.Module) -> list:
+def link_siblings(attn: nn.Module, also=()) -> list:
     """Give ``attn``'s dynamic-activation q/k/v QuantLinears (and the context ones) a shared group;
-    returns the layers linked (``unlink`` takes them apart)."""
+    ``also``: layers called on the same input just before q/k/v (Flux's single-stream ``proj_mlp``).
+    Returns the layers linked (``unlink`` takes them apart)."""
     linked = []
-    for names in SIBLING_PROJECTIONS:
-        layers = [getattr(attn, n, None) for n in names]
+    for i, names in enumerate(SIBLING_PROJECTIONS):
+        layers = ([*also] if i == 0 else []) + [getattr(attn, n, None) for n in names]
         if not all(type(m) is QuantLinear for m in layers):
             continue
         specs = {(m.spec.act_dtype, m.spec.act_mode, m.smooth is None, m.in_features) for m in layers}
