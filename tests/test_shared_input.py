@@ -184,6 +184,19 @@ class _CountQuantizationPasses(_CountQuantizer):
             monkeypatch.setattr(G, name, counted)
 
 
+def _passes_saved_by_linking(model, inputs, monkeypatch):
+    """(quantization passes saved by the links patch made, linked output, output with them undone)."""
+    import tiny_models
+
+    passes = _CountQuantizationPasses(monkeypatch)
+    with use_backend("torch"):
+        linked = tiny_models.output_of(model, inputs)
+        passes_linked, passes.calls = passes.calls, 0
+        S.unlink([m for m in model.modules() if isinstance(m, QuantLinear)])
+        separate = tiny_models.output_of(model, inputs)
+    return passes.calls - passes_linked, linked, separate
+
+
 def _linked(spec, **kw):
     layers = _layers(spec, **kw)
     group = S.SharedInputGroup(len(layers))
@@ -260,14 +273,8 @@ def test_patch_links_dispatcher_processors_siblings_and_unpatch_unlinks(monkeypa
     diffaccel.patch(model, quant="w8a8", solver=False)
     attn = model.blocks[0].attn1
     assert attn.to_q.shared_input is attn.to_k.shared_input is attn.to_v.shared_input is not None
-    passes = _CountQuantizationPasses(monkeypatch)
-    with use_backend("torch"):
-        linked = tiny_models.output_of(model, inputs)
-        passes_linked, passes.calls = passes.calls, 0
-        S.unlink([m for m in model.modules() if isinstance(m, QuantLinear)])
-        separate = tiny_models.output_of(model, inputs)
-    # two blocks, each with a self-attention: q/k/v quantize their input once instead of three times
-    assert passes.calls - passes_linked == 2 * 2
+    saved, linked, separate = _passes_saved_by_linking(model, inputs, monkeypatch)
+    assert saved == 2 * 2  # two blocks' self-attention: q/k/v quantize their input once, not three times
     assert torch.equal(linked, separate)
     diffaccel.unpatch(model)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -303,11 +310,6 @@ def test_flux_single_block_shares_with_proj_mlp(monkeypatch):
     single = model.single_transformer_blocks[0]
     assert single.proj_mlp.shared_input is single.attn.to_q.shared_input is not None
     assert single.proj_mlp.shared_input.size == 4
-    passes = _CountQuantizationPasses(monkeypatch)
-    with use_backend("torch"):
-        linked = tiny_models.output_of(model, inputs)
-        passes_linked, passes.calls = passes.calls, 0
-        S.unlink([m for m in model.modules() if isinstance(m, QuantLinear)])
-        separate = tiny_models.output_of(model, inputs)
-    assert passes.calls - passes_linked == 2 + 3
+    saved, linked, separate = _passes_saved_by_linking(model, inputs, monkeypatch)
+    assert saved == 2 + 3
     assert torch.equal(linked, separate)

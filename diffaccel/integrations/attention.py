@@ -57,17 +57,25 @@ def _fused_projections(attn, hidden_states, encoder_hidden_states):
     return (attn.to_q(hidden_states), *_split_columns(attn.to_kv(encoder_hidden_states), 2))
 
 
-# -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
-
-class DiffaccelAttnProcessor:
-    """``AttnProcessor2_0``'s (and ``AttnProcessor``'s) computation with diffaccel attention."""
+class _DiffaccelProcessor:
+    """What each processor written here holds: the one it replaces (``unpatch`` puts it back), the
+    attention path (``quant``), and whether the original projects through fused q/k/v layers."""
 
     def __init__(self, original, quant: Optional[str] = None):
         _check_quant(quant)
         self.original = original
         self.quant = quant
-        self.uses_module_scale = type(original).__name__ == "AttnProcessor"
         self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
+
+
+# -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
+
+class DiffaccelAttnProcessor(_DiffaccelProcessor):
+    """``AttnProcessor2_0``'s (and ``AttnProcessor``'s) computation with diffaccel attention."""
+
+    def __init__(self, original, quant: Optional[str] = None):
+        super().__init__(original, quant)
+        self.uses_module_scale = type(original).__name__ == "AttnProcessor"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -121,14 +129,8 @@ class DiffaccelAttnProcessor:
 
 # -- JointAttnProcessor2_0 (SD3) ------------------------------------------------------------------
 
-class DiffaccelJointAttnProcessor:
+class DiffaccelJointAttnProcessor(_DiffaccelProcessor):
     """``JointAttnProcessor2_0``'s computation with diffaccel attention."""
-
-    def __init__(self, original, quant: Optional[str] = None):
-        _check_quant(quant)
-        self.original = original
-        self.quant = quant
-        self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if self.fused_projections:
@@ -199,14 +201,8 @@ class DiffaccelJointAttnProcessor:
 
 # -- CogVideoXAttnProcessor2_0 ---------------------------------------------------------------------
 
-class DiffaccelCogVideoXAttnProcessor:
+class DiffaccelCogVideoXAttnProcessor(_DiffaccelProcessor):
     """``CogVideoXAttnProcessor2_0``'s (and its fused variant's) computation with diffaccel attention."""
-
-    def __init__(self, original, quant: Optional[str] = None):
-        _check_quant(quant)
-        self.original = original
-        self.quant = quant
-        self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_seq_length = encoder_hidden_states.size(1)
@@ -314,7 +310,6 @@ _UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "FusedAttnProcessor2_0"
 _JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
 _COGVIDEOX_PROCESSORS = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
 _FUSED_PROCESSORS = ("FusedAttnProcessor2_0", "FusedJointAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
-_OWN_PROCESSORS = (DiffaccelAttnProcessor, DiffaccelJointAttnProcessor, DiffaccelCogVideoXAttnProcessor)
 
 
 def _diffusers_class(processor, names, module="diffusers.models.attention_processor"):
@@ -323,7 +318,7 @@ def _diffusers_class(processor, names, module="diffusers.models.attention_proces
 
 
 def is_diffaccel_processor(processor) -> bool:
-    return isinstance(processor, _OWN_PROCESSORS) or \
+    return isinstance(processor, _DiffaccelProcessor) or \
         getattr(processor, "_attention_backend", None) in _DISPATCH_MEMBERS.values()
 
 
