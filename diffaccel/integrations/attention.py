@@ -57,6 +57,17 @@ def _fused_projections(attn, hidden_states, encoder_hidden_states):
     return (attn.to_q(hidden_states), *_split_columns(attn.to_kv(encoder_hidden_states), 2))
 
 
+def _heads(attn, batch_size: int, head_dim: int, query, key, value):
+    """[B, L, H*D] projections as [B, H, L, D] views (the kernel reads them in place, no copy), with
+    the module's q/k norms applied as diffusers' processors apply them."""
+    query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 class _DiffaccelProcessor:
     """What each processor written here holds: the one it replaces (``unpatch`` puts it back), the
     attention path (``quant``), and whether the original projects through fused q/k/v layers."""
@@ -105,14 +116,7 @@ class DiffaccelAttnProcessor(_DiffaccelProcessor):
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             key, value = project_shared(encoder_hidden_states, attn.to_k, attn.to_v)
         head_dim = key.shape[-1] // attn.heads
-        # [B, L, H, D] seen as [B, H, L, D]: the kernel reads the projections in place
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _heads(attn, batch_size, head_dim, query, key, value)
         # AttnProcessor (chosen when scale_qk=False) honours attn.scale; AttnProcessor2_0 uses SDPA's default
         scale = attn.scale if self.uses_module_scale else None
         hidden_states = attention(query, key, value, attn_mask=attention_mask, scale=scale, quant=self.quant)
@@ -218,13 +222,7 @@ class DiffaccelCogVideoXAttnProcessor(_DiffaccelProcessor):
         else:
             query, key, value = project_shared(hidden_states, attn.to_q, attn.to_k, attn.to_v)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _heads(attn, batch_size, head_dim, query, key, value)
         if image_rotary_emb is not None:  # RoPE on the video tokens only, in place as the original does
             from diffusers.models.embeddings import apply_rotary_emb
 

@@ -58,19 +58,12 @@ def resolve_target(target) -> Target:
             raise TypeError(f"target: a {type(target).__name__} pipeline with no backbone "
                             f"(looked for {', '.join(BACKBONE_ATTRS)})")
         # every other module the pipeline holds (text encoders, VAE, a ControlNet, ...) is reported
-        left = {a: left_alone_reason(a) for a, m in _components(target).items()
+        left = {a: left_alone_reason(a) for a, m in target.components.items()
                 if isinstance(m, nn.Module) and a not in backbones}
         return Target(backbones, getattr(target, "scheduler", None), left)
     if isinstance(target, nn.Module):
         return Target({"": target})
     raise TypeError(f"target: expected a diffusers pipeline or a torch.nn.Module, got {type(target).__name__}")
-
-
-def _components(pipe) -> dict:
-    components = getattr(pipe, "components", None)
-    if isinstance(components, dict):
-        return components
-    return {a: getattr(pipe, a, None) for a in vars(pipe)}
 
 
 def is_io_layer(qualified_name: str) -> bool:

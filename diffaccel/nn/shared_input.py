@@ -39,21 +39,27 @@ def _hooked(layer: nn.Module) -> bool:
     return bool(layer._forward_hooks or layer._forward_pre_hooks)
 
 
+def _shareable(layer: nn.Module) -> bool:
+    """A QuantLinear whose own quantizer is the shared one: dynamic int8/fp8, no smoothing vector."""
+    if type(layer) is not QuantLinear:
+        return False
+    s = layer.spec
+    return s.act_dtype in SHARED_ACT_DTYPES and s.act_mode == "dynamic" and layer.smooth is None
+
+
+def _rows_above_fused_max(x: torch.Tensor) -> bool:
+    # at or below FUSED_QUANT_MAX_M rows the GEMM quantizes its rows itself, cheaper than a pass
+    return x.dim() >= 1 and x.numel() // max(x.shape[-1], 1) > G.FUSED_QUANT_MAX_M
+
+
 def can_share_input(x: torch.Tensor, layers) -> bool:
     """True when ``layers`` can run on one shared quantization of ``x`` (see the module docstring)."""
-    if len(layers) < 2 or x.dim() < 1 or x.numel() // max(x.shape[-1], 1) <= G.FUSED_QUANT_MAX_M:
+    if len(layers) < 2 or not _rows_above_fused_max(x):
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
-    first = layers[0]
-    for layer in layers:
-        if type(layer) is not QuantLinear or _hooked(layer):
-            return False
-        s = layer.spec
-        if (s.act_dtype not in SHARED_ACT_DTYPES or s.act_mode != "dynamic" or layer.smooth is not None
-                or s.act_dtype != first.spec.act_dtype or layer.in_features != x.shape[-1]):
-            return False
-    return True
+    return all(_shareable(layer) and not _hooked(layer) and layer.spec.act_dtype == layers[0].spec.act_dtype
+               and layer.in_features == x.shape[-1] for layer in layers)
 
 
 def project_shared(x: torch.Tensor, *layers: nn.Module) -> tuple:
@@ -61,11 +67,7 @@ def project_shared(x: torch.Tensor, *layers: nn.Module) -> tuple:
     if not can_share_input(x, layers):
         return tuple(layer(x) for layer in layers)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if layers[0].spec.act_dtype == "int8":
-        codes, scale = G.quantize_activation_int8(x2)
-    else:
-        codes, scale = G.quantize_activation_fp8(x2)
+    codes, scale = _quantize(x.reshape(-1, x.shape[-1]), layers[0].spec.act_dtype)
     return tuple(layer.forward_quantized(codes, scale).reshape(*lead, layer.out_features) for layer in layers)
 
 
@@ -82,13 +84,10 @@ class SharedInputGroup:
 
     def forward(self, layer: QuantLinear, x: torch.Tensor):
         """``layer(x)`` on shared codes, or None when sharing does not apply (the caller then runs
-        its own quantization)."""
-        if (torch.compiler.is_compiling() or x.is_inference() or x.dim() < 1
-                or x.numel() // max(x.shape[-1], 1) <= G.FUSED_QUANT_MAX_M):
+        its own quantization). link_siblings checked the layers' specs."""
+        if torch.compiler.is_compiling() or x.is_inference() or not _rows_above_fused_max(x):
             return None
         s = layer.spec
-        if s.act_dtype not in SHARED_ACT_DTYPES or s.act_mode != "dynamic" or layer.smooth is not None:
-            return None
         e = self._entry
         if e is None or e[0] is not x or e[1] != x._version or e[2] != s.act_dtype:
             codes, scale = _quantize(x.reshape(-1, x.shape[-1]), s.act_dtype)
@@ -109,10 +108,7 @@ def link_siblings(attn: nn.Module, also=()) -> list:
     linked = []
     for i, names in enumerate(SIBLING_PROJECTIONS):
         layers = ([*also] if i == 0 else []) + [getattr(attn, n, None) for n in names]
-        if not all(type(m) is QuantLinear for m in layers):
-            continue
-        specs = {(m.spec.act_dtype, m.spec.act_mode, m.smooth is None, m.in_features) for m in layers}
-        if len(specs) != 1 or next(iter(specs))[:3] not in {(d, "dynamic", True) for d in SHARED_ACT_DTYPES}:
+        if not all(_shareable(m) for m in layers) or len({(m.spec.act_dtype, m.in_features) for m in layers}) != 1:
             continue
         group = SharedInputGroup(len(layers))
         for m in layers:
