@@ -73,3 +73,60 @@ def test_quantize_per_tensor(benchmark, shape, dtype, impl):
              flops=None, bytes=_bytes_moved(M, K, dtype, per_token=False))
     q = measure(benchmark, fn)
     assert q.shape == (M, K) and q.dtype == torch.int8
+
+
+# -- a norm that also quantizes its output (diffaccel.ops.layer_norm_quantize) ----------------------
+# What patch puts in front of dynamically quantized q/k/v: before, the norm (and the adaLN modulation)
+# wrote y and the projections' shared quantization pass read it back. Cases: a UNet's affine
+# LayerNorm (SDXL, 1280 wide) and a DiT's modulated adaLN norm (Flux / SD3.5, 3072 wide), 4096 tokens.
+if is_smoke():
+    NORM_CASES = [("affine", (1, 8, 40))]
+else:
+    NORM_CASES = [("affine", (1, 4096, 1280)), ("adaln", (1, 4096, 3072)), ("adaln", (2, 4096, 3072))]
+NORM_IMPLS = ["diffaccel:triton", "baseline:norm+quantize-triton", "baseline:torch-eager", "baseline:torch-compile"]
+
+
+def _norm_then_quantize(x, w, b, scale, shift):
+    """The unfused path: torch's LayerNorm (+ modulation in x's dtype, as diffusers), then one
+    dynamic quantization pass (whichever backend quantize_activation_int8 picks)."""
+    from diffaccel.ops import quantize_activation_int8
+
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, 1e-6)
+    if scale is not None:
+        y = y * (1 + scale[:, None]) + shift[:, None]
+    return (y, *quantize_activation_int8(y.reshape(-1, x.shape[-1])))
+
+
+@pytest.mark.parametrize("impl", NORM_IMPLS)
+@pytest.mark.parametrize("case,shape", NORM_CASES, ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
+def test_layer_norm_quantize(benchmark, case, shape, impl):
+    from diffaccel.ops import layer_norm_quantize
+    from diffaccel.ops.norm import layer_norm_quantize_reference
+
+    B, L, K = shape
+    dev, dtype = device(), torch.bfloat16
+    x = torch.randn(B, L, K, dtype=dtype, device=dev)
+    w = b = scale = shift = None
+    if case == "affine":
+        w, b = torch.rand(K, dtype=dtype, device=dev) + 0.5, torch.randn(K, dtype=dtype, device=dev)
+    else:
+        scale, shift = (torch.randn(B, K, dtype=dtype, device=dev) * 0.3 for _ in range(2))
+    if impl == "baseline:norm+quantize-triton":
+        if _backend._why_not(_backend.registered_ops()["quantize_rows_int8"], "triton", x.device):
+            pytest.skip("triton backend unavailable")
+
+        def fn():
+            with use_backend("triton"):
+                return _norm_then_quantize(x, w, b, scale, shift)
+    else:
+        def reference(x, w, b, scale, shift):
+            return layer_norm_quantize_reference(x.reshape(-1, K), w, b, scale, shift, L, 1e-6, False)
+
+        fn = _callable(impl, "layer_norm_quantize",
+                       lambda *a: layer_norm_quantize(a[0], a[1], a[2], 1e-6, scale=a[3], shift=a[4]), reference,
+                       (x, w, b, scale, shift))
+    elem = x.element_size()
+    annotate(benchmark, family=FAMILY, case=f"layer_norm_{case}", shape=shape, dtype=dtype, impl=impl, flops=None,
+             bytes=B * L * K * (2 * elem + 1) + B * L * 4)  # x in; y and the codes out; scales
+    y, q, s = measure(benchmark, fn)
+    assert q.shape == (B * L, K) and s.shape == (B * L, 1)

@@ -321,6 +321,7 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             undo.push(install(backbone))
     _fuse_blocks(prefix, backbone, report, undo, select)
     _link_shared_inputs(backbone, undo)
+    _fuse_norms(prefix, backbone, report, undo, select)
 
 
 def _link_shared_inputs(backbone, undo):
@@ -339,6 +340,40 @@ def _link_shared_inputs(backbone, undo):
             linked = shared_input.link_siblings(attn)
         if linked:
             undo.push(lambda layers=linked: shared_input.unlink(layers))
+
+
+def _fuse_norms(prefix, backbone, report, undo, select):
+    """A norm whose output goes only to projections quantized dynamically per token computes their
+    codes in the pass that writes it (diffaccel.nn.fused_norm: that instance's class becomes a fused
+    subclass); the projections skip their own quantization pass."""
+    from .nn import QuantLinear
+    from .nn import fused_norm as dfn
+
+    for name, block in list(backbone.named_modules()):
+        for attr, layers in dfn.norm_consumers(block):
+            norm = getattr(block, attr, None)
+            if not isinstance(norm, nn.Module) or not any(type(dfn._unwrapped(m)) is QuantLinear for m in layers):
+                continue  # nothing behind it was quantized: nothing to say
+            fqn = f"{prefix}{name}.{attr}" if name else f"{prefix}{attr}"
+            reason = dfn.fuse_reason(norm)
+            act = None
+            if reason is None:
+                act, reason = dfn.consumers_reason(layers, dfn.norm_width(norm))
+            if reason is None and not select(norm, fqn):
+                reason = "excluded by filter"
+            reason = reason or _wrapper_reason(norm)
+            if reason is not None:
+                report.skipped.append(Skipped(fqn, "quant", f"norm not fused with the quantization: {reason}"))
+                continue
+            before = type(norm).__name__
+            dfn.fuse_norm(norm, act)
+            undo.push(lambda m=norm: dfn.unfuse_norm(m))
+            names = {id(m): n for n, m in block.named_modules()}
+            behind = ", ".join(names.get(id(m), "?") for m in layers)
+            report.replaced.append(Replaced(fqn, "quant", before,
+                                            f"{type(norm).__name__}({act} codes for {behind}) via layer_norm_quantize",
+                                            _op_backend("layer_norm_quantize",
+                                                        _module_device(block) or torch.device("cpu"))))
 
 
 def _fuse_blocks(prefix, backbone, report, undo, select):

@@ -230,6 +230,45 @@ def test_bad_input_is_named(change, match):
         int8_ffn_up(x, w, s, activation=act, **{**kw, **change})
 
 
+# -- pre-quantized int8 input (the codes a fused norm + quantize wrote) ---------------------------
+
+@pytest.mark.parametrize("act", ["gelu", "geglu"])
+@pytest.mark.parametrize("M", [1, 77, 333])
+@pytest.mark.parametrize("weights", ["int8", "int4-g32"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("next_q", [False, True])
+def test_codes_input_equals_dynamic_float_input(act, M, weights, backend, next_q):
+    """int8 x with its per-token scales gives exactly what the float x quantized dynamically gives."""
+    if backend == "triton":
+        _needs_triton()
+    group = 32 if weights.endswith("g32") else None
+    x, w, s, kw = _operands(torch.Generator().manual_seed(M + 1), M, 64, 24, act, group=group,
+                            w_int4=weights.startswith("int4"))
+    extra = dict(out_dtype=torch.bfloat16)
+    if next_q:
+        extra.update(next_scale=torch.tensor([0.02]), next_zero_point=torch.tensor([3], dtype=torch.int32))
+    with use_backend(backend):
+        codes, scales = G.quantize_activation_int8(x)
+        out = int8_ffn_up(codes, w, s, **{**kw, "act_scale": scales}, **extra)
+        ref = int8_ffn_up(x, w, s, **kw, **extra)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(act_scale=None), "act_scale: required with pre-quantized"),
+    (dict(out_dtype=None), "out_dtype: required with pre-quantized"),
+    (dict(smooth=torch.ones(32)), "smooth: does not apply"),
+    (dict(act_scale=torch.ones(5, 1)), "act_scale: expected one scale per tensor"),
+    (dict(act_scale=torch.zeros(4, 1)), "act_scale"),
+])
+def test_codes_input_bad_input(change, match):
+    x, w, s, kw = _operands(torch.Generator().manual_seed(0), 4, 32, 8, "gelu")
+    codes, scales = G.quantize_activation_int8(x)
+    args = {**kw, "act_scale": scales, "out_dtype": torch.float32, **change}
+    with pytest.raises((ValueError, TypeError), match=match):
+        int8_ffn_up(codes, w, s, **args)
+
+
 # -- GPU --------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -212,6 +212,8 @@ def test_report_names_the_op_and_backend_of_quantized_layers(preset, conv_op):
             assert layer.op_name == ("fp8_ffn_up" if preset == "fp8" else "int8_ffn_up")
         elif type(layer).__name__ == "FusedResnetBlock2D":  # int8 k x k convs only
             assert preset == "w8a8" and rows[name].after.endswith("via int8_conv2d")
+        elif type(layer).__name__ == "FusedLayerNorm":  # norms in front of dynamically quantized projections
+            assert preset != "w4a16" and rows[name].after.endswith("via layer_norm_quantize")
         elif isinstance(layer, QuantConv2d) and not layer.is_pointwise:
             assert layer.op_name == (conv_op or linear_op), name
         else:

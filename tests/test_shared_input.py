@@ -306,7 +306,8 @@ def test_flux_single_block_shares_with_proj_mlp(monkeypatch):
     inputs = dict(inputs, hidden_states=torch.randn(1, n_img, 16, generator=g),
                   img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(9.0), torch.arange(9.0),
                                                      indexing="ij"), -1).reshape(-1, 3))
-    diffaccel.patch(model, quant="w8a8", solver=False)
+    # norms left unfused: here the links, not the norms' codes (tests/test_fused_norm.py), save the passes
+    diffaccel.patch(model, quant="w8a8", solver=False, exclude=("*.norm", "*.norm1", "*.norm1_context"))
     single = model.single_transformer_blocks[0]
     assert single.proj_mlp.shared_input is single.attn.to_q.shared_input is not None
     assert single.proj_mlp.shared_input.size == 4

@@ -24,6 +24,7 @@ from torch.nn.modules import module as _module
 from diffaccel.ops import ffn as FF
 from diffaccel.ops import gemm as G
 
+from . import _codes
 from ._base import forward_wrapped, has_forward_hooks
 from .quant_linear import QuantLinear
 
@@ -126,9 +127,14 @@ class FusedFeedForward(nn.Module):
                              f"{tuple(hidden_states.shape)}")
         lead = hidden_states.shape[:-1]
         x2 = hidden_states.reshape(-1, up.in_features)
+        # codes a fused norm attached to the input (diffaccel.nn._codes): the up projection's own
+        pre = _codes.attached(hidden_states, up.spec.act_dtype) if up.takes_shared_codes else None
         if up.spec.act_dtype == "fp8_e4m3":
-            scale = up._act_params()[0] if up.spec.act_mode == "static" else None
-            codes, a_scale = G.quantize_activation_fp8(x2, smooth=up.smooth, scale=scale)
+            if pre is not None:
+                codes, a_scale = pre
+            else:
+                scale = up._act_params()[0] if up.spec.act_mode == "static" else None
+                codes, a_scale = G.quantize_activation_fp8(x2, smooth=up.smooth, scale=scale)
             h = FF.fp8_ffn_up(codes, up.weight_q, a_scale, up.weight_scale, activation=self.activation, bias=up.bias,
                               out_dtype=up.original_dtype)
             y = down(h)
@@ -138,6 +144,9 @@ class FusedFeedForward(nn.Module):
         if up.spec.act_mode == "static":
             scale, zp = up._act_params()
             kw.update(act_scale=scale, act_zero_point=zp, w_sum=up.weight_sum if zp is not None else None)
+        elif pre is not None:  # int8 codes with their per-token scales in place of x
+            x2 = pre[0]
+            kw.update(act_scale=pre[1])
         if self.writes_codes:
             next_scale, next_zp = down._act_params()
             codes = FF.int8_ffn_up(x2, up.weight_q, up.weight_scale, next_scale=next_scale, next_zero_point=next_zp,

@@ -9,6 +9,7 @@ from torch import nn
 
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
+from . import _codes
 from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_k
 
 
@@ -56,6 +57,10 @@ class QuantLinear(QuantLayerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if self.takes_shared_codes:  # codes a fused norm attached to x (diffaccel.nn._codes)
+            pre = _codes.attached(x, self.spec.act_dtype)
+            if pre is not None:
+                return self.forward_quantized(*pre).reshape(*x.shape[:-1], self.out_features)
         if self.shared_input is not None:
             y = self.shared_input.forward(self, x)
             if y is not None:
@@ -63,6 +68,13 @@ class QuantLinear(QuantLayerBase):
         lead = x.shape[:-1]
         y = self._gemm(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
+
+    @property
+    def takes_shared_codes(self) -> bool:
+        """True when this layer's own activation quantizer is the shared one (dynamic per-token int8 or
+        fp8, no SmoothQuant vector), so codes computed once for its input are the ones it would compute."""
+        s = self.spec
+        return s.act_dtype in _codes.CODE_DTYPES and s.act_mode == "dynamic" and self.smooth is None
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [out_features, in_features]: the weight this layer computes with (smoothing undone)."""

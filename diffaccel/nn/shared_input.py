@@ -30,9 +30,8 @@ from torch.nn.modules import module as _module
 
 from diffaccel.ops import gemm as G
 
+from . import _codes
 from .quant_linear import QuantLinear
-
-SHARED_ACT_DTYPES = ("int8", "fp8_e4m3")
 
 
 def _hooked(layer: nn.Module) -> bool:
@@ -41,10 +40,7 @@ def _hooked(layer: nn.Module) -> bool:
 
 def _shareable(layer: nn.Module) -> bool:
     """A QuantLinear whose own quantizer is the shared one: dynamic int8/fp8, no smoothing vector."""
-    if type(layer) is not QuantLinear:
-        return False
-    s = layer.spec
-    return s.act_dtype in SHARED_ACT_DTYPES and s.act_mode == "dynamic" and layer.smooth is None
+    return type(layer) is QuantLinear and layer.takes_shared_codes
 
 
 def _rows_above_fused_max(x: torch.Tensor) -> bool:
@@ -67,7 +63,8 @@ def project_shared(x: torch.Tensor, *layers: nn.Module) -> tuple:
     if not can_share_input(x, layers):
         return tuple(layer(x) for layer in layers)
     lead = x.shape[:-1]
-    codes, scale = _quantize(x.reshape(-1, x.shape[-1]), layers[0].spec.act_dtype)
+    pre = _codes.attached(x, layers[0].spec.act_dtype)  # a fused norm's codes for x
+    codes, scale = pre if pre is not None else _quantize(x.reshape(-1, x.shape[-1]), layers[0].spec.act_dtype)
     return tuple(layer.forward_quantized(codes, scale).reshape(*lead, layer.out_features) for layer in layers)
 
 

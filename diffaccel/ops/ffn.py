@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from . import _backend
 from ._checks import check_positive_finite, check_tensor
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_act_scale, _check_bias, _check_out_dtype,
-                   _check_scalar, _check_smooth, _check_weight, _k, _triton_int8_linear, _value_checks_enabled,
-                   check_static_act, fp8_gemm_reference, int8_linear_reference, quantize_static_int8_reference)
+                   _check_scalar, _check_smooth, _check_weight, _k, _same_layout, _triton_int8_linear,
+                   _value_checks_enabled, check_static_act, fp8_gemm_reference, int8_act_gemm_reference,
+                   int8_linear_reference, quantize_static_int8_reference)
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu", "geglu_tanh")
 
@@ -50,8 +51,11 @@ def ffn_activation_reference(y: torch.Tensor, activation: str) -> torch.Tensor:
 def int8_ffn_up_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size: int,
                           w_int4: bool, activation: str, next_scale, next_zero_point, next_smooth,
                           out_dtype: torch.dtype) -> torch.Tensor:
-    y = int8_linear_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
-                              torch.float32)
+    if x.dtype == torch.int8:  # codes already quantized per token: act_scale holds their [M] scales
+        y = int8_act_gemm_reference(x, w, act_scale, w_scale, None, None, bias, group_size, w_int4, torch.float32)
+    else:
+        y = int8_linear_reference(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                                  torch.float32)
     v = ffn_activation_reference(y, activation).to(out_dtype)
     if next_scale is None:
         return v
@@ -62,6 +66,13 @@ def _triton_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
                         activation, next_scale, next_zero_point, next_smooth, out_dtype):
     out_quant = None if next_scale is None else (next_scale.reshape(1), next_zero_point, next_smooth)
     N = w.shape[0] // 2 if is_gated(activation) else w.shape[0]
+    if x.dtype == torch.int8:  # pre-quantized per-token codes, act_scale their [M] scales
+        w_scale, _ = _same_layout(w_scale, None)
+        out = torch.empty(x.shape[0], N, dtype=torch.int8 if out_quant is not None else out_dtype, device=x.device)
+        _k().int8_act_gemm(x, w, act_scale.reshape(-1), w_scale, None, None, bias, None, out, group_size=group_size,
+                           w_int4=w_int4, fuse_quant=0, per_token=True, activation=activation, out_quant=out_quant,
+                           value_dtype=out_dtype)
+        return out
     return _triton_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
                                out_dtype, activation=activation, out_quant=out_quant, N=N)
 
@@ -113,7 +124,13 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
     [..., N] in ``out_dtype`` (default x.dtype), where N = w's rows (half of them for the gated
     "geglu" / "geglu_tanh": the first half is the value, the second the gate, as in diffusers'
     GEGLU.proj). With ``next_scale`` (and optionally ``next_zero_point``, ``next_smooth`` [N]) the
-    result is instead the int8 codes of that output under the next layer's static quantizer."""
+    result is instead the int8 codes of that output under the next layer's static quantizer.
+    ``x`` int8 [M, K]: activations already quantized per token (``diffaccel.ops.layer_norm_quantize``,
+    ``quantize_activation_int8``), with ``act_scale`` their scales [M, 1] and ``out_dtype`` required;
+    ``smooth`` / ``act_zero_point`` do not apply."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int8:
+        return _int8_ffn_up_codes(x, w, w_scale, activation, act_scale, bias, group_size, w_int4, next_scale,
+                                  next_zero_point, next_smooth, out_dtype, smooth, act_zero_point, w_sum)
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}")
@@ -136,6 +153,32 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
                                         _check_bias(bias, rows, dev, "x"), group_size or 0, bool(w_int4), activation,
                                         next_scale, next_zp, next_smooth, out_dtype)
     return y.reshape(*lead, N)
+
+
+def _int8_ffn_up_codes(x, w, w_scale, activation, act_scale, bias, group_size, w_int4, next_scale, next_zero_point,
+                       next_smooth, out_dtype, smooth, act_zero_point, w_sum):
+    check_tensor("x", x, dtypes=(torch.int8,), ndim=2)
+    if activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {', '.join(FFN_ACTIVATIONS)}, got {activation!r}")
+    for name, v in (("smooth", smooth), ("act_zero_point", act_zero_point), ("w_sum", w_sum)):
+        if v is not None:
+            raise ValueError(f"{name}: does not apply to pre-quantized int8 x (dynamic symmetric codes)")
+    if act_scale is None:
+        raise ValueError("act_scale: required with pre-quantized int8 x (its per-token scales [M, 1])")
+    if out_dtype is None:
+        raise ValueError("out_dtype: required with pre-quantized int8 x")
+    M, K = x.shape
+    dev = x.device
+    rows = _check_weight(w, w_scale, None, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+    if is_gated(activation) and rows % 2:
+        raise ValueError(f"w: {activation} needs an even number of rows (value half, then gate half), got {rows}")
+    N = rows // 2 if is_gated(activation) else rows
+    a_scale = _check_act_scale(act_scale, M, dev, "x", name="act_scale")
+    _check_out_dtype(out_dtype)
+    next_scale, next_zp, next_smooth = _check_next_quant(next_scale, next_zero_point, next_smooth, N, dev)
+    return torch.ops.diffaccel.int8_ffn_up(x, w, w_scale, None, a_scale.reshape(-1, 1), None, None,
+                                           _check_bias(bias, rows, dev, "x"), group_size or 0, bool(w_int4),
+                                           activation, next_scale, next_zp, next_smooth, out_dtype)
 
 
 # -- fp8: the same epilogue on the fp8 GEMM (its input quantized by quantize_activation_fp8) ----------
