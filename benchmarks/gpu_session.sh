@@ -14,7 +14,9 @@
 #
 # Stages, in this order whatever STAGES lists:
 #   build   pip install -e . with CUDA for this GPU's arch only (DIFFACCEL_CUDA_ARCH overrides)
-#   gpu     pytest -m gpu                          -> $OUT/gpu-junit.xml
+#   configs each attention autotune config alone     -> $OUT/attention-configs.json
+#   gpu     pytest -m gpu                          -> $OUT/gpu-junit.xml (GPU_BY_FILE=1: a process per file,
+#           GPU_WORKERS at a time                  -> $OUT/gpu-tests.tgz)
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
 #   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json (one model per call fits: --models sdxl)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
@@ -80,7 +82,21 @@ print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")}
     fi
     python3 -m diffaccel info || exit 1
 fi
-if want gpu; then
+if want configs; then
+    stage configs "${LIMIT_CONFIGS:-150}" python3 -m benchmarks.attention_configs --out "$OUT/attention-configs.json"
+fi
+if want gpu && [[ ${GPU_BY_FILE:-0} == 1 ]]; then
+    # one pytest process per test file, GPU_WORKERS at a time: a kernel that faults (an illegal memory
+    # access poisons the CUDA context) fails only its own file; junit + log per file in $OUT/gpu-tests.tgz
+    rm -rf /tmp/gpu-tests && mkdir -p /tmp/gpu-tests
+    PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+    export PER_TEST
+    stage gpu "${LIMIT_GPU:-180}" bash -c 'grep -l "mark.gpu" tests/*.py | xargs -P "${GPU_WORKERS:-4}" -I{} \
+        sh -c "f=\$(basename {} .py); python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST -rfE \
+               --junitxml=/tmp/gpu-tests/\$f.xml {} > /tmp/gpu-tests/\$f.log 2>&1"'
+    tail -n 3 /tmp/gpu-tests/*.log
+    tar czf "$OUT/gpu-tests.tgz" -C /tmp gpu-tests
+elif want gpu; then
     # a hung test costs its own 120 s, not the stage (pytest-timeout is on the H200 image)
     PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
     # GPU_WORKERS > 1: pytest-xdist workers share the GPU (most of a test's time is compiling its Triton

@@ -244,15 +244,25 @@ def _mask_args(mask):
     return (mask.view(torch.uint8) if is_bool else mask), mask.stride(), True, is_bool
 
 
-def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> None:
+def _fixed_config(kernel, config, Lk: int):
+    """The untuned kernel and its launch options for one (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    bm, bn, w, s = config
+    return kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, EVEN_N=Lk % bn == 0)
+
+
+def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float, *, config=None) -> None:
     """q [B,H,Lq,D], k/v [B,H,Lk,D] (any strides), mask None or expanded to [B,H,Lq,Lk] (bool or float),
-    out like q, lse None or contiguous fp32 [B,H,Lq]."""
+    out like q, lse None or contiguous fp32 [B,H,Lq]. ``config`` (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) bypasses the autotuner (benchmarks/attention_configs.py checks each config alone)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if B * H * Lq == 0:
         return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
-    kernel = _tuned("_attn_fwd_kernel", _arch_family(q.device))
+    if config is None:
+        kernel, cfg = _tuned("_attn_fwd_kernel", _arch_family(q.device)), {}
+    else:
+        kernel, cfg = _fixed_config(_attn_fwd_kernel, config, Lk)
     interpret_bf16 = interpreting() and q.dtype == torch.bfloat16
     block_d, block_d1 = split_head_dim(D)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -262,7 +272,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float) -> Non
         H, Lq, Lk, float(scale), _bucket(Lq), _bucket(Lk), HEAD_DIM=D,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), STORE_LSE=lse is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpret_bf16 else "tf32",
-        BF16_DOT_IN_FP32=interpret_bf16, BLOCK_D=block_d, BLOCK_D1=block_d1,
+        BF16_DOT_IN_FP32=interpret_bf16, BLOCK_D=block_d, BLOCK_D1=block_d1, **cfg,
     )
 
 
@@ -469,7 +479,7 @@ def _attn_int8_fwd_kernel(
 
 
 def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, lse, is_causal: bool,
-                       scale: float, *, pv_fp8: bool, qk_debug=None) -> None:
+                       scale: float, *, pv_fp8: bool, qk_debug=None, config=None) -> None:
     """q_int8 [B,H,Lq,D] / k_int8 [B,H,Lk,D] contiguous with block scales [B,H,nblocks] fp32;
     v [B,H,Lk,D] any strides: fp16/bf16 (cast to fp16 in the tile), or contiguous float8_e4m3fn
     with per-channel v_scale [B,H,D] when pv_fp8; qk_debug None or int32 [B,H,Lq,Lk] contiguous."""
@@ -481,8 +491,9 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
     block_d, block_d1 = split_head_dim(D, min_chunk=32)
     if qk_debug is not None:
         # the debug store runs per tile; one fixed config keeps it independent of tuning
-        kernel, cfg = _attn_int8_fwd_kernel, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1,
-                                                  EVEN_N=Lk % 32 == 0)
+        kernel, cfg = _fixed_config(_attn_int8_fwd_kernel, (32, 32, 4, 1), Lk)
+    elif config is not None:
+        kernel, cfg = _fixed_config(_attn_int8_fwd_kernel, config, Lk)
     else:
         kernel, cfg = _tuned("_attn_int8_fwd_kernel", _arch_family(q_int8.device)), {}
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
