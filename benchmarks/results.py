@@ -123,13 +123,16 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: 
                                    f"({other.get(field)!r} vs {env.get(field)!r}): record them separately")
     if commit is not None and not re.fullmatch(r"[0-9a-f]{7,40}", commit):
         raise ResultsError(f"--commit: expected a git sha, got {commit!r}")
+    explicit = commit is not None
     if commit is None:
         ids = {c for c, _ in commits}
         if len(ids) != 1 or None in ids:
             raise ResultsError(f"commit unknown or mixed across inputs ({sorted(map(str, ids))}): "
                                "run from a git checkout or pass --commit SHA")
         commit = ids.pop()
-    dirty = any(d for _, d in commits)
+    # an explicit --commit names the tree that was measured; the raw files' dirty flag then describes
+    # whatever checkout the run saw (the device tool's copies carry the session's starting .git)
+    dirty = False if explicit else any(d for _, d in commits)
     if len(dates) != 1 or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", next(iter(dates))):
         raise ResultsError(f"inputs carry no single run date ({sorted(dates)})")
 
@@ -189,7 +192,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("raw", nargs="+", help="pytest-benchmark JSON file(s) from one GPU run")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--commit", help="the commit measured, when the run had no git checkout")
+    p.add_argument("--commit", help="the commit whose tree was measured, when the run had no git checkout or a "
+                                    "stale one (its dirty flag is then not used)")
     p.add_argument("--drop-unpaired", action="store_true",
                    help="leave out diffaccel cases whose baselines did not run (a run stopped at its time limit)")
     args = p.parse_args(argv)

@@ -206,11 +206,34 @@ def _arch_family(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
+def miscompiled(family: str, kernel_name: str, config: tuple, head_dim: int, block_d: int, block_d1: int) -> bool:
+    """Configs that computed wrong attention on this arch family, so the autotuner never tries them.
+    Measured on an H200 with Triton 3.6 (benchmarks/attention_configs.py, 2026-12-04): the fp16 kernel
+    with 128-row tiles where the head dim's second chunk is partly masked (40 = 32 + 16, 72 = 64 + 16)
+    and the single-stage tile at 160 = 128 + 32 gave relative L2 errors of 0.5-1.2 against SDPA,
+    deterministically; every other config at those head dims matched to 3e-4, and the INT8 kernel
+    matched at all of them. The sd15 64x64 shape (head dim 40) also hit an illegal memory access
+    while autotuning over all configs."""
+    if family != "sm90" or kernel_name != "_attn_fwd_kernel" or block_d1 == 0:
+        return False
+    bm, _, _, stages = config
+    return (bm >= 128 and block_d + block_d1 != head_dim) or stages == 1
+
+
+def _prune_for_head_dim(configs, named_args, *, family: str, kernel_name: str, **kwargs):
     # register pressure follows the whole tile width: 160 = 128 + 32 is tuned like 256
-    block_d = _block_d(kwargs.get("BLOCK_D", 64) + kwargs.get("BLOCK_D1", 0))
-    kept = [c for c in configs if block_d in c.kwargs.get("_head_dims", (block_d,))]
-    return [_strip(c) for c in (kept or configs)]
+    bd, bd1 = kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_D1", 0)
+    block_d = _block_d(bd + bd1)
+    kept = [c for c in configs if block_d in c.kwargs.get("_head_dims", (block_d,))] or list(configs)
+    kept = [c for c in kept if not miscompiled(family, kernel_name, _config_tuple(c), kwargs.get("HEAD_DIM", 0),
+                                               bd, bd1)]
+    if not kept:
+        raise RuntimeError(f"attention: no launch config left for head dim {kwargs.get('HEAD_DIM')} on {family}")
+    return [_strip(c) for c in kept]
+
+
+def _config_tuple(config) -> tuple:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
 def _strip(config):
@@ -229,8 +252,8 @@ def _tuned(kernel_name: str, family: str):
                    for bm, bn, w, s, dims in _CONFIGS[family]]
     # EVEN_N depends on the tuned BLOCK_N, so the heuristic sits inside the autotuner
     fn = triton.heuristics({"EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0})(fn)
-    return triton.autotune(configs=configs, key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune_for_head_dim})(fn)
+    prune = functools.partial(_prune_for_head_dim, family=family, kernel_name=kernel_name)
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(fn)
 
 
 def _bucket(n: int) -> int:
@@ -283,7 +306,7 @@ def _block_d(D: int) -> int:
 def split_head_dim(D: int, min_chunk: int = 16) -> tuple:
     """(BLOCK_D, BLOCK_D1): a power-of-two chunk plus, where it saves padding, a second power-of-two
     chunk of at least ``min_chunk`` (the MMA's K granularity); BLOCK_D1 = 0 means one tile."""
-    full = _block_d(D)
+    full = max(min_chunk, _block_d(D))  # the INT8 MMA needs K >= 32 (head dims <= 16 failed to compile)
     if D <= min_chunk or D == full:
         return full, 0
     first = full // 2
@@ -574,6 +597,10 @@ def _static_report_cases():
                     cases.append(i8)
     bf = _fp_case("attn_fwd_bf16_hd128_128x64_w8s3", "bf16", 128, 128, 64, 8, 3)
     cases.append(bf)
+    # small head dims (tiny test models, 16): the INT8 MMA's K >= 32 is met by padding the tile
+    small = _int8_case("attn_int8_pv_fp8_hd16_64x64_w8s3_sm90", 16, True, 64, 64, 8, 3)
+    small["archs"] = ["90a"]
+    cases.append(small)
     return cases
 
 

@@ -340,7 +340,8 @@ def _fp8_k_range(k_begin, k_end, x_img, row_off, ih0, iw0, rn, w_ptr, smooth_ptr
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=offs_k[:, None] < k_end, other=0.0)
-        acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+        # fp32 promotion per K tile (Hopper's fp8 accumulator; see kernels/gemm.py's fp8 GEMM)
+        acc = tl.dot(a, w, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
     return acc
 
 

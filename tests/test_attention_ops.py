@@ -481,7 +481,8 @@ def test_autotune_configs_per_arch_and_head_dim(family):
 
     tuner = kern._tuned("_attn_fwd_kernel", family)
     for block_d in (32, 64, 128, 256):
-        kept = kern._prune_for_head_dim(tuner.configs, {}, BLOCK_D=block_d)
+        kept = kern._prune_for_head_dim(tuner.configs, {}, family=family, kernel_name="_attn_fwd_kernel",
+                                        BLOCK_D=block_d, HEAD_DIM=block_d)
         assert kept and all("_head_dims" not in c.kwargs for c in kept)
         if block_d == 256:  # a bigger tile overflows registers/shared memory at head dim 256
             assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept)
@@ -510,3 +511,42 @@ def test_quant_block_sizes_agree_between_op_and_kernels():
     op = sys.modules["diffaccel.ops.attention"]  # the package attribute of that name is the function
     assert (op.QUANT_BLOCK_M, op.QUANT_BLOCK_N, op.AMAX_FLOOR) == (kern.QUANT_BLOCK_M, kern.QUANT_BLOCK_N,
                                                                     kern.AMAX_FLOOR)
+
+
+# -- launch configs (kernels/attention.py): checked on CPU, chosen from what ran on a GPU ---------
+
+@pytest.mark.parametrize("min_chunk", [16, 32])
+def test_split_head_dim_tiles_meet_the_mma_minimum(min_chunk):
+    """fp16 tiles are >= 16 wide, INT8 ones >= 32 (Triton's K >= 32 for 8-bit dots: head dim 16 failed
+    to compile on an H200 before the tile was padded), and together cover the head dim."""
+    from diffaccel.kernels import attention as kern
+
+    for D in range(1, 257):
+        bd, bd1 = kern.split_head_dim(D, min_chunk=min_chunk)
+        assert bd >= min_chunk and (bd1 == 0 or bd1 >= min_chunk) and bd + bd1 >= D, (D, bd, bd1)
+
+
+def _offered(family, kernel_name, D, min_chunk=16):
+    import triton
+
+    from diffaccel.kernels import attention as kern
+
+    bd, bd1 = kern.split_head_dim(D, min_chunk=min_chunk)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "_head_dims": dims}, num_warps=w, num_stages=s)
+               for bm, bn, w, s, dims in kern._CONFIGS[family]]
+    kept = kern._prune_for_head_dim(configs, None, family=family, kernel_name=kernel_name, HEAD_DIM=D,
+                                    BLOCK_D=bd, BLOCK_D1=bd1)
+    return {kern._config_tuple(c) for c in kept}
+
+
+def test_autotuner_never_offers_the_configs_that_miscompiled_on_sm90():
+    """The six (config, head dim) pairs that gave wrong fp16 attention on an H200 (Triton 3.6) are not
+    offered; the same configs stay in use where they were right (80 = 64 + 16 unmasked, 256, INT8)."""
+    fp = "_attn_fwd_kernel"
+    for D in (40, 72):
+        assert _offered("sm90", fp, D) and all(bm < 128 for bm, _, _, _ in _offered("sm90", fp, D))
+    assert (64, 32, 8, 1) not in _offered("sm90", fp, 160) and _offered("sm90", fp, 160)
+    assert (128, 64, 8, 3) in _offered("sm90", fp, 80)
+    assert (64, 32, 8, 1) in _offered("sm90", fp, 256)
+    assert (128, 64, 8, 3) in _offered("sm90", "_attn_int8_fwd_kernel", 40, min_chunk=32)
+    assert (128, 64, 8, 3) in _offered("sm80", fp, 40)  # measured on sm_90 only

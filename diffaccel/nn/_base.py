@@ -93,6 +93,8 @@ class QuantLayerBase(nn.Module):
             if not isinstance(weight_scale, torch.Tensor) or weight_scale.numel() != (N if groups is None else N * groups):
                 raise ValueError(f"weight_scale: expected shape {scale_shape}")
             scale = _positive("weight_scale", weight_scale.reshape(scale_shape)).contiguous()
+            if w2d is not None:  # codes from a recipe (kept on CPU) live where the layer they replace does
+                q, scale = q.to(w2d.device), scale.to(w2d.device)
         else:
             if smooth_k is not None:
                 w2d = w2d.float() * smooth_k.reshape(1, K)

@@ -26,6 +26,7 @@ import torch
 
 from . import _backend
 from ._checks import check_tensor, same_device
+from .quantize import div_exact
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_MODES = (None, "int8")
@@ -89,7 +90,7 @@ def quantize_int8_blocks_reference(x: torch.Tensor, block: int, mean: Optional[t
     padded = torch.zeros(B, H, n_blocks * block, D, dtype=torch.float32, device=x.device)
     padded[:, :, :L] = xf
     blocks = padded.view(B, H, n_blocks, block * D)
-    scales = blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / 127.0
+    scales = div_exact(blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR), 127.0)
     qv = torch.round(blocks / scales[..., None]).clamp_(-127, 127).to(torch.int8)
     return qv.view(B, H, n_blocks * block, D)[:, :, :L].contiguous(), scales
 
@@ -192,7 +193,7 @@ def _triton_quantize_v_fp8(v):
     from diffaccel.kernels import attention as kern
 
     B, H, Lk, D = v.shape
-    v_scale = (v.abs().amax(dim=2).float().clamp(min=AMAX_FLOOR) / FP8_E4M3_MAX).contiguous()
+    v_scale = div_exact(v.abs().amax(dim=2).float().clamp(min=AMAX_FLOOR), FP8_E4M3_MAX).contiguous()
     v8 = torch.empty(B, H, Lk, D, dtype=torch.float8_e4m3fn, device=v.device)
     kern.quantize_fp8_per_channel(v, v_scale, v8)
     return v8, v_scale

@@ -32,7 +32,7 @@ import torch
 
 from . import _backend
 from ._checks import check_positive_finite, check_tensor, same_device
-from .quantize import AMAX_FLOOR, quantize_per_tensor_reference, quantize_per_token_reference
+from .quantize import AMAX_FLOOR, div_exact, quantize_per_tensor_reference, quantize_per_token_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -165,7 +165,7 @@ def fp8_gemm_reference(a, w, a_scale, w_scale, bias, out_dtype: torch.dtype):
 
 def quantize_rows_fp8_reference(x, smooth):
     xf = _smoothed(x, smooth)
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
+    scale = div_exact(xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR), FP8_MAX)
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

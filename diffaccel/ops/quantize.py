@@ -17,6 +17,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AMAX_FLOOR = 1e-12  # keeps an all-zero row's scale finite and positive
 
 
+def div_exact(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` rounded once (IEEE), on every device. CUDA's tensor / Python number multiplies
+    by the rounded reciprocal ``1 / divisor`` instead, an ulp off for some ``t`` (seen on an H200: the
+    reference's per-token scales ``amax / 127`` differed from the kernels' in the last bit); CPU and the
+    kernels divide."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 # -- the references (one per op) ---------------------------------------------------------
 
 def quantize_per_tensor_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -27,7 +35,7 @@ def quantize_per_tensor_reference(x: torch.Tensor, scale: torch.Tensor, zero_poi
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = amax.clamp(min=AMAX_FLOOR) / 127.0
+    scale = div_exact(amax.clamp(min=AMAX_FLOOR), 127.0)
     q = torch.round(xf / scale).clamp_(-128, 127).to(torch.int8)
     return q, scale
 

@@ -24,6 +24,8 @@ from typing import Optional, Union
 
 import torch
 
+from diffaccel.ops.quantize import div_exact
+
 WEIGHT_DTYPES = ("int8", "int4", "fp8_e4m3", "fp4_e2m1")
 ACT_DTYPES = ("int8", "fp8_e4m3", None)
 ACT_MODES = ("dynamic", "static")
@@ -163,7 +165,7 @@ def quantize_weight_int(w: torch.Tensor, bits: int, group_size: Optional[int] = 
     _check_weight(w)
     qmax = 2 ** (bits - 1) - 1
     wg = _grouped(w.float(), group_size)
-    scale = wg.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / qmax
+    scale = div_exact(wg.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR), qmax)
     q = torch.round(wg / scale).clamp_(-qmax - 1 if bits == 4 else -qmax, qmax).to(torch.int8)
     return q.reshape(w.shape), _squeeze_scale(scale[..., 0], group_size)
 
@@ -196,7 +198,7 @@ def quantize_weight_fp8(w: torch.Tensor):
     """Per output channel -> (q float8_e4m3fn [N, K], scale fp32 [N])."""
     _check_weight(w)
     wf = w.float()
-    scale = wf.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_E4M3_MAX
+    scale = div_exact(wf.abs().amax(dim=1, keepdim=True).clamp(min=AMAX_FLOOR), FP8_E4M3_MAX)
     q = (wf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale[:, 0].contiguous()
 
@@ -219,7 +221,7 @@ def quantize_weight_fp4(w: torch.Tensor, group_size: int):
         raise ValueError(f"group_size: fp4_e2m1 needs one of {FP4_GROUP_SIZES}, got {group_size!r}")
     _check_weight(w)
     wg = _grouped(w.float(), group_size)
-    scale = (wg.abs().amax(dim=-1, keepdim=True).clamp(min=FP4_AMAX_FLOOR) / 6.0).to(torch.float16)
+    scale = div_exact(wg.abs().amax(dim=-1, keepdim=True).clamp(min=FP4_AMAX_FLOOR), 6.0).to(torch.float16)
     codes = _fp4_encode(wg / scale.float()).reshape(w.shape)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed.contiguous(), scale[..., 0].contiguous()
