@@ -129,6 +129,24 @@ def _load_int8_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, EVEN_K
 
 
 @triton.jit
+def _load_int8_pairs(pair_ptr, rm, k0, K, stride_pm, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """A[rm, k0:k0+BLOCK_K] (int8) as its even and odd columns, two int8 [BLOCK_M, BLOCK_K // 2]
+    tiles, from the int16 view of A (``stride_pm`` in pairs): byte 0 of each pair (little-endian)
+    is the even k. The alternatives cost more: loading the columns with a stride of 2 defeats
+    vectorised and asynchronous copies (W4A8 ran 12-25x slower than W8A8 on an H200), and splitting
+    a loaded tile in registers spilled at every W4A8 g128 tile but 64 x 64."""
+    offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ptrs = pair_ptr + rm[:, None] * stride_pm + offs_kh[None, :]
+    if EVEN_K:
+        p = tl.load(ptrs)
+    else:
+        p = tl.load(ptrs, mask=offs_kh[None, :] < K // 2, other=0)
+    even = ((p << 8) >> 8).to(tl.int8)  # int16 arithmetic shifts sign-extend the low byte
+    odd = (p >> 8).to(tl.int8)
+    return even, odd
+
+
+@triton.jit
 def _load_act_tile(a_ptr, rm, offs_k, K, stride_am, smooth_ptr, a_scale, zp,
                    FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr):
     """A[rm, offs_k] as int8 (``rm`` wrapped into [0, M)); quantized here when FUSE_QUANT
@@ -217,11 +235,14 @@ def _int8_act_gemm_kernel(
     acc_gate = acc  # GATED only: the gate half's accumulator
     for k0 in range(0, K, BLOCK_K):
         if W_INT4:  # even k times low nibbles plus odd k times high nibbles (exact int32 sums)
-            offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            a_even = _load_act_tile(a_ptr, rm, offs_even, K, stride_am, smooth_ptr, a_scale, zp,
-                                    FUSE_QUANT, HAS_SMOOTH, EVEN_K)
-            a_odd = _load_act_tile(a_ptr, rm, offs_even + 1, K, stride_am, smooth_ptr, a_scale, zp,
-                                   FUSE_QUANT, HAS_SMOOTH, EVEN_K)
+            if FUSE_QUANT == 0:  # int8 codes read as int16 pairs (a_ptr is their int16 view)
+                a_even, a_odd = _load_int8_pairs(a_ptr, rm, k0, K, stride_am, BLOCK_K, EVEN_K)
+            else:
+                offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                a_even = _load_act_tile(a_ptr, rm, offs_even, K, stride_am, smooth_ptr, a_scale, zp,
+                                        FUSE_QUANT, HAS_SMOOTH, EVEN_K)
+                a_odd = _load_act_tile(a_ptr, rm, offs_even + 1, K, stride_am, smooth_ptr, a_scale, zp,
+                                       FUSE_QUANT, HAS_SMOOTH, EVEN_K)
             w_lo, w_hi = _load_int4_tile_t(w_ptr, rn, k0, K, stride_wn, BLOCK_K, EVEN_K)
             part = tl.dot(a_even, w_lo, out_dtype=tl.int32)
             part = tl.dot(a_odd, w_hi, part, out_dtype=tl.int32)
@@ -278,7 +299,8 @@ ACTIVATIONS = {None: (0, False), "gelu": (1, False), "gelu_tanh": (2, False), "g
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None, w_int4: bool = False):
+def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None, w_int4: bool = False,
+                     hopper: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a fixed table, no autotuning
     (these are the configs STATIC_REPORT_CASES compiles). With the feed-forward epilogue the tiles
     shrink where the static report found them spilling: gated (GEGLU, two accumulators) output
@@ -299,6 +321,8 @@ def pick_int8_config(M: int, N: int, K: int, group_size: int, activation=None, w
         bn = 32
     elif group_size and M > 16 and (activation is not None or not w_int4):
         bm = 32
+    elif w_int4 and group_size == 128 and M > 16 and not hopper:
+        bn = 64  # 64 x 128 spilled 40 B on sm_80 with the int16-pair activation loads; sm_90a holds it
     return bm, bn, block_k, warps, stages
 
 
@@ -317,17 +341,23 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
     if M == 0 or N == 0:
         return
     act, gated = ACTIVATIONS[activation]
-    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size, activation, w_int4)
+    hopper = a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] == 9
+    BM, BN, BK, warps, stages = pick_int8_config(M, N, K, group_size, activation, w_int4, hopper)
     dummy = out  # never read: the constexpr flags switch its loads off
     o_scale, o_zp, o_smooth = out_quant if out_quant is not None else (None, None, None)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    stride_am = a.stride(0)
+    if w_int4 and fuse_quant == 0:  # the kernel reads int8 codes in (even, odd) pairs: K is even
+        if a.stride(1) != 1 or a.stride(0) % 2 or a.storage_offset() % 2:
+            a = a.contiguous()
+        a, stride_am = a.view(torch.int16), a.stride(0) // 2
     _int8_act_gemm_kernel[grid](
         a, w, a_scale if a_scale is not None else dummy, w_scale,
         zero_point if zero_point is not None else dummy, w_sum if w_sum is not None else dummy,
         bias if bias is not None else dummy, smooth if smooth is not None else dummy, out,
         o_scale if o_scale is not None else dummy, o_zp if o_zp is not None else dummy,
         o_smooth if o_smooth is not None else dummy,
-        M, N, K, a.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
+        M, N, K, stride_am, w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4, PER_TOKEN=per_token,
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, FUSE_QUANT=fuse_quant,
         HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0,
@@ -521,12 +551,15 @@ def _float_dot(x, w, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
-                             stride_xm, stride_wn, stride_om, stride_wsn,
+                             stride_xm, stride_wn, stride_om, stride_wsn, k_blocks_per_split,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUPED: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr):
+                             DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, WRITE_PARTIAL: tl.constexpr = False):
+    # split-K (WRITE_PARTIAL): program (m, n, s) sums K blocks [s * k_blocks_per_split, ...) and writes
+    # its fp32 partial to out_ptr = partials [S, M, N]; _split_k_reduce_kernel adds them in order of s
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -534,7 +567,13 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
     rm = offs_m % M
     rn = offs_n % N
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if WRITE_PARTIAL:
+        k_begin = pid_s * k_blocks_per_split * BLOCK_K
+        k_end = tl.minimum(K, k_begin + k_blocks_per_split * BLOCK_K)
+    else:
+        k_begin = 0
+        k_end = K
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if W_INT4:
             offs_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
             x_even = _load_x_tile(x_ptr, rm, offs_even, K, stride_xm, EVEN_K)
@@ -551,12 +590,35 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             y = y + part * gscale[None, :]
         else:
             y = y + part
+    if WRITE_PARTIAL:
+        tl.store(out_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :], y,
+                 mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        y = _weight_only_epilogue(y, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, HAS_BIAS)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _weight_only_epilogue(y, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
     if not GROUPED:
         y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _to_out(y, out_ptr),
-             mask=m_mask[:, None] & n_mask[None, :])
+    return y
+
+
+@triton.jit
+def _split_k_reduce_kernel(partial_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
+                           GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    y = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT):  # a fixed order: the result does not depend on scheduling
+        y += tl.load(partial_ptr + (s * M + m) * N + offs_n, mask=n_mask, other=0.0)[None, :]
+    y = _weight_only_epilogue(y, w_scale_ptr, bias_ptr, offs_n, n_mask, GROUPED, HAS_BIAS)
+    tl.store(out_ptr + m * stride_om + offs_n[None, :], _to_out(y, out_ptr), mask=n_mask[None, :])
 
 
 def pick_weight_only_config(M: int, N: int, K: int, group_size: int):
@@ -566,18 +628,50 @@ def pick_weight_only_config(M: int, N: int, K: int, group_size: int):
     return 64, 128, block_k, 8, 3
 
 
-def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool) -> None:
+SPLIT_K_MIN_BLOCKS = 2  # K blocks per program at least
+
+
+def pick_split_k(M: int, N: int, K: int, config: tuple, device: torch.device) -> int:
+    """K splits for the small-M weight-only GEMM: enough programs for two per SM. Without it a batch-1
+    projection ran one program per 64 output columns (20-144 programs on an H200's 132 SMs, each
+    walking all of K): 5-108 GB/s, 0.11-0.16x cuBLAS fp16. Off the GPU (the interpreter) 1."""
+    BM, BN, BK = config[:3]
+    if device.type != "cuda" or M > BM:
+        return 1
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    k_blocks = triton.cdiv(K, BK)
+    split = min(triton.cdiv(target, tiles), k_blocks // SPLIT_K_MIN_BLOCKS)
+    if split < 2:
+        return 1
+    return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty split
+
+
+def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool, split_k=None) -> None:
+    """``split_k`` (tests) overrides ``pick_split_k``."""
     M, K = x.shape
     N = w.shape[0]
     if M == 0 or N == 0:
         return
-    BM, BN, BK, warps, stages = pick_weight_only_config(M, N, K, group_size)
-    _weight_only_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        x, w, w_scale, bias if bias is not None else out, out, M, N, K,
-        x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
+    config = pick_weight_only_config(M, N, K, group_size)
+    BM, BN, BK, warps, stages = config
+    k_blocks = triton.cdiv(K, BK)
+    split = split_k or pick_split_k(M, N, K, config, x.device)
+    per_split = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, per_split)
+    partials = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    _weight_only_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN), split)](
+        x, w, w_scale, bias if bias is not None else out, partials, M, N, K,
+        x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0, per_split,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
         HAS_BIAS=bias is not None, DOT_FP32=interpreting() and x.dtype != torch.float16, EVEN_K=K % BK == 0,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+        WRITE_PARTIAL=split > 1, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    if split > 1:
+        BLOCK_N = 256
+        _split_k_reduce_kernel[(M, triton.cdiv(N, BLOCK_N))](
+            partials, w_scale, bias if bias is not None else out, out, M, N, out.stride(0), SPLIT=split,
+            GROUPED=bool(group_size), HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, num_warps=4,
+            enable_fp_fusion=False)
 
 
 # -- static report ----------------------------------------------------------------------------
@@ -589,7 +683,9 @@ def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, 
                 "OUT_HAS_ZP": "constexpr", "OUT_HAS_SMOOTH": "constexpr", "VALUE_DTYPE": "constexpr"}
     return {
         "name": name, "fn": _int8_act_gemm_kernel,
-        "signature": {"a_ptr": a_dtype, "w_ptr": "*u8" if w_int4 else "*i8", "a_scale_ptr": "*fp32",
+        # W4 with int8 codes: the launcher passes their int16 view (pairs of K columns)
+        "signature": {"a_ptr": "*i16" if w_int4 and fuse_quant == 0 else a_dtype, "w_ptr": "*u8" if w_int4 else "*i8",
+                      "a_scale_ptr": "*fp32",
                       "w_scale_ptr": "*fp32", "zp_ptr": "*i32", "wsum_ptr": "*i32", "bias_ptr": "*fp32",
                       "smooth_ptr": "*fp32", "out_ptr": "*i8" if out_codes else "*fp16", "out_scale_ptr": "*fp32",
                       "out_zp_ptr": "*i32", "out_smooth_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
@@ -623,17 +719,18 @@ def _fp8_case(name, bm, bn, bk, warps, stages, activation=None):
     }
 
 
-def _weight_only_case(name, bm, bn, bk, warps, stages):
+def _weight_only_case(name, bm, bn, bk, warps, stages, partial=False):
     return {
         "name": name, "fn": _weight_only_gemm_kernel,
         "signature": {"x_ptr": "*fp16", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                      "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                      "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32", "BLOCK_M": "constexpr",
+                      "out_ptr": "*fp32" if partial else "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                      "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32", "stride_wsn": "i32",
+                      "k_blocks_per_split": "i32", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUPED": "constexpr",
                       "W_INT4": "constexpr", "HAS_BIAS": "constexpr", "DOT_FP32": "constexpr",
-                      "EVEN_K": "constexpr"},
+                      "EVEN_K": "constexpr", "WRITE_PARTIAL": "constexpr"},
         "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": True, "W_INT4": True,
-                       "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": True},
+                       "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": True, "WRITE_PARTIAL": partial},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
@@ -650,7 +747,10 @@ STATIC_REPORT_CASES = [
                per_token=True, a_dtype="*fp16"),
     _int8_case("w8a8_fused_static_quant_m64", 64, 64, 64, 8, 3, grouped=False, w_int4=False, fuse_quant=2,
                per_token=False, a_dtype="*fp16"),
-    _int8_case("w4a8_g128_m64x128", 64, 128, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
+    {**_int8_case("w4a8_g128_m64x128", 64, 128, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0,
+                  per_token=True), "archs": ["90a"]},  # the Hopper tile (pick_int8_config)
+    {**_int8_case("w4a8_g128_m64x64", 64, 64, 128, 8, 3, grouped=True, w_int4=True, fuse_quant=0,
+                  per_token=True), "archs": ["80", "89"]},
     _int8_case("w4a8_g64_m64x128", 64, 128, 64, 8, 3, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
     _int8_case("w4a8_g128_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=0, per_token=True),
     _int8_case("w4a8_g128_fused_quant_m16", 16, 64, 128, 4, 4, grouped=True, w_int4=True, fuse_quant=1,
@@ -678,5 +778,6 @@ STATIC_REPORT_CASES = [
     _fp8_case("fp8_ffn_geglu_m128x64", 128, 64, 64, 8, 3, activation="geglu"),
     _fp8_case("fp8_ffn_geglu_m16", 16, 32, 128, 4, 4, activation="geglu"),
     _weight_only_case("w4a16_g128_m16", 16, 64, 128, 4, 4),
+    _weight_only_case("w4a16_g128_m16_split_k", 16, 64, 128, 4, 4, partial=True),
     _weight_only_case("w4a16_g128_m64x128", 64, 128, 128, 8, 3),
 ]

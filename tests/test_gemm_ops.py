@@ -465,3 +465,41 @@ def test_reference_int_mm_k1(N):
     g = _gen(N)
     a, w = _int8((5, 1), g), _int8((N, 1), g, -127, 127)
     assert torch.equal(G._int_mm(a, w), _int64_acc(a, w).to(torch.int32))
+
+
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("M", [1, 5])
+def test_weight_only_split_k(group, M):
+    """The small-M weight-only GEMM split over K (each split's fp32 partial, then one reduce in a fixed
+    order): integer activations with per-channel scales stay bit-exact (every partial sum is an exact
+    integer); group scales sum in another order, within the fp32 bound. Splits that leave the last one
+    short of a whole K block (K = 7 blocks, 3 splits) included."""
+    from diffaccel.kernels import gemm as KG
+
+    if _backend._why_not(_backend.registered_ops()["weight_only_gemm"], "triton", torch.device("cpu")):
+        pytest.skip("Triton interpreter unavailable")
+    g = _gen(M + (group or 0))
+    N, K = 70, 448
+    wq = _int8((N, K), g, -8, 7)
+    w_scale = torch.rand(N, K // group if group else 1, generator=g) * 0.01 + 1e-3
+    w_scale = w_scale if group else w_scale[:, 0].contiguous()
+    b = torch.randn(N, generator=g)
+    packed = fmt.pack_int4(wq)
+    xi = torch.randint(-4, 5, (M, K), generator=g).half()
+    for x in (xi, torch.randn(M, K, generator=g).half()):
+        out = torch.empty(M, N, dtype=torch.float16)
+        KG.weight_only_gemm(x, packed, w_scale, b, out, group_size=group or 0, w_int4=True, split_k=3)
+        ref = G.weight_only_gemm_reference(x, packed, w_scale, b, group or 0, True)
+        if group is None and x is xi:
+            assert torch.equal(out, ref)
+        # fp32 sums in another order, then one fp16 rounding each (half an ulp: 2^-11 relative)
+        scale = (x.float().abs() @ _dequant_abs(wq, w_scale, group).t()).double() + b.abs().double()
+        bound = 1e-6 * scale + 2.0**-10 * ref.double().abs()
+        assert ((out.double() - ref.double()).abs() - bound).max() <= 0
+
+
+def _dequant_abs(wq, w_scale, group):
+    w = wq.float().abs()
+    if group:
+        return (w.reshape(w.shape[0], -1, group) * w_scale[:, :, None]).reshape(w.shape)
+    return w * w_scale[:, None]
