@@ -44,7 +44,10 @@ else:
          6),
     ]
     BATCHES = [1, 2]
-IMPLS = ["diffaccel:cuda", "diffaccel:triton", "baseline:diffusers"]
+# +graph: the patched step captured once in a CUDA graph and replayed, i.e. the kernel without the
+# step()'s host work (on the H200 that host work, ~0.1 ms, set the time of every step but the
+# largest); diffusers' step is not capturable (host syncs), so it has no such variant
+IMPLS = ["diffaccel:cuda", "diffaccel:triton", "diffaccel:cuda+graph", "diffaccel:triton+graph", "baseline:diffusers"]
 
 
 def _bytes_moved(numel: int, dtype: torch.dtype, tensors_moved: int) -> int:
@@ -80,6 +83,25 @@ def _restore(s, saved):
         setattr(s, k, copy.copy(v))
 
 
+def _graph_replay(fn):
+    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); returns a function that
+    replays it and returns the captured output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
@@ -92,7 +114,9 @@ def test_solver_step_cfg(benchmark, case, batch, impl):
     u = torch.randn(shape, generator=g).to(dev, dtype)
     c = torch.randn(shape, generator=g).to(dev, dtype)
     if impl.startswith("diffaccel:"):
-        backend = impl.split(":", 1)[1]
+        backend, _, graphed = impl.split(":", 1)[1].partition("+")
+        if graphed and dev.type != "cuda":
+            pytest.skip("CUDA graphs need a GPU")
         why = _backend._why_not(_backend.registered_ops()["fused_solver_step"], backend, x.device)
         if why is not None:
             pytest.skip(f"{backend} backend unavailable: {why}")
@@ -104,6 +128,8 @@ def test_solver_step_cfg(benchmark, case, batch, impl):
             _restore(s, saved)
             with use_backend(backend):
                 return s.step_with_guidance(u, c, GUIDANCE, t, x).prev_sample
+        if graphed:
+            fn = _graph_replay(fn)
     else:
         s = _prepared(factory, x, patched=False)
         t = s.timesteps[MID]

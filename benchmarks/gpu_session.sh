@@ -8,7 +8,7 @@
 #   STAGES="build e2e" bash benchmarks/gpu_session.sh       # another session: the end-to-end run
 #   BENCH_K="gemm and 4096" bash benchmarks/gpu_session.sh  # a subset of the microbenchmarks
 #
-# The whole microbenchmark suite is 787 cases (gemm 438, attention 210, quantize 64, solver 36,
+# The whole microbenchmark suite is 823 cases (gemm 438, attention 210, quantize 76, solver 60,
 # conv 39), each compiling its Triton kernels on first use: more than one call's 10 minutes.
 # Give one or two families per call, e.g. BENCH_FILES="benchmarks/bench_gemm.py benchmarks/bench_conv.py".
 #
