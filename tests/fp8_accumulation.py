@@ -22,8 +22,14 @@ def fp8_sum_rel_bound(device) -> float:
 
 
 def abs_product_sum(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """fp64 [M, N] on CPU: sum_k |a_mk w_nk| * a_scale (per row or one) * w_scale[n]."""
-    s = a.cpu().float().double().abs() @ w.cpu().float().double().abs().t()
+    """fp64 [M, N] on CPU: sum_k |a_mk w_nk| * a_scale (per row or one) * w_scale[n]. Summed in fp32 on
+    a's device (a bound's scale: its own rounding, 1e-7 relative, does not matter; TF32 is off)."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        s = (a.float().abs() @ w.to(a.device).float().abs().t()).double().cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
     sa = a_scale.cpu().double()
     sa = sa.reshape(-1, 1) if sa.numel() > 1 else sa.reshape(())
     return s * sa * w_scale.cpu().double().reshape(1, -1)
