@@ -15,8 +15,9 @@
 # Stages, in this order whatever STAGES lists:
 #   build   pip install -e . with CUDA for this GPU's arch only (DIFFACCEL_CUDA_ARCH overrides)
 #   configs each attention autotune config alone     -> $OUT/attention-configs.json
-#   gpu     pytest -m gpu                          -> $OUT/gpu-junit.xml (GPU_BY_FILE=1: a process per file,
-#           GPU_WORKERS at a time                  -> $OUT/gpu-tests.tgz)
+#   gpu     pytest -m gpu, one process per test file, GPU_WORKERS (6) at a time: a kernel that faults
+#           fails only its own file                -> $OUT/gpu-tests.tgz (GPU_BY_FILE=0: one process
+#                                                     -> $OUT/gpu-junit.xml)
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
 #   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json (one model per call fits: --models sdxl)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
@@ -85,13 +86,14 @@ fi
 if want configs; then
     stage configs "${LIMIT_CONFIGS:-150}" python3 -m benchmarks.attention_configs --out "$OUT/attention-configs.json"
 fi
-if want gpu && [[ ${GPU_BY_FILE:-0} == 1 ]]; then
+if want gpu && [[ ${GPU_BY_FILE:-1} == 1 ]]; then
     # one pytest process per test file, GPU_WORKERS at a time: a kernel that faults (an illegal memory
     # access poisons the CUDA context) fails only its own file; junit + log per file in $OUT/gpu-tests.tgz
     rm -rf /tmp/gpu-tests && mkdir -p /tmp/gpu-tests
     PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
     export PER_TEST
-    stage gpu "${LIMIT_GPU:-180}" bash -c 'grep -l "mark.gpu" tests/*.py | xargs -P "${GPU_WORKERS:-4}" -I{} \
+    # largest files first (they hold the most GPU tests): the ones that start last get the least time
+    stage gpu "${LIMIT_GPU:-300}" bash -c 'ls -S $(grep -l "mark.gpu" tests/*.py) | xargs -P "${GPU_WORKERS:-6}" -I{} \
         sh -c "f=\$(basename {} .py); python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST -rfE \
                --junitxml=/tmp/gpu-tests/\$f.xml {} > /tmp/gpu-tests/\$f.log 2>&1"'
     tail -n 3 /tmp/gpu-tests/*.log
@@ -102,7 +104,7 @@ elif want gpu; then
     # GPU_WORKERS > 1: pytest-xdist workers share the GPU (most of a test's time is compiling its Triton
     # kernels on the CPU); timing lives in the bench stage, which always runs alone
     XDIST=$( (( ${GPU_WORKERS:-1} > 1 )) && python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_WORKERS}")
-    stage gpu "${LIMIT_GPU:-180}" python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST $XDIST -rfE \
+    stage gpu "${LIMIT_GPU:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST $XDIST -rfE \
         --junitxml="$OUT/gpu-junit.xml" tests/
 fi
 if want bench; then
