@@ -15,6 +15,7 @@
 # Stages, in this order whatever STAGES lists:
 #   build   pip install -e . with CUDA for this GPU's arch only (DIFFACCEL_CUDA_ARCH overrides)
 #   configs each attention autotune config alone     -> $OUT/attention-configs.json
+#   gemmcfg candidate int8 / W4A8 / fp8 GEMM tiles checked, then timed -> $OUT/gemm-configs.json
 #   gpu     pytest -m gpu, one process per test file, GPU_WORKERS (6) at a time: a kernel that faults
 #           fails only its own file                -> $OUT/gpu-tests.tgz (GPU_BY_FILE=0: one process
 #                                                     -> $OUT/gpu-junit.xml)
@@ -85,6 +86,9 @@ print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")}
 fi
 if want configs; then
     stage configs "${LIMIT_CONFIGS:-150}" python3 -m benchmarks.attention_configs --out "$OUT/attention-configs.json"
+fi
+if want gemmcfg; then
+    stage gemmcfg "${LIMIT_GEMMCFG:-240}" python3 -m benchmarks.gemm_configs --out "$OUT/gemm-configs.json"
 fi
 if want gpu && [[ ${GPU_BY_FILE:-1} == 1 ]]; then
     # one pytest process per test file, GPU_WORKERS at a time: a kernel that faults (an illegal memory

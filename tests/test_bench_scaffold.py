@@ -208,3 +208,30 @@ def test_pytest_deadline_stops_cleanly_with_reports(tmp_path):
     assert "DIFFACCEL_PYTEST_DEADLINE passed" in out.stdout, out.stdout[-2000:]
     assert "1 passed" in out.stdout
     assert 'tests="1"' in junit.read_text()
+
+
+def test_gemm_configs_checks_each_candidate_on_cpu(monkeypatch):
+    """benchmarks/gemm_configs.py's phase-1 check, on tiny shapes in Triton's interpreter: every
+    candidate tile of every family passes (bit-exact int8 / W4A8, fp8 within the bound), and a
+    corrupted kernel output is caught."""
+    from benchmarks import gemm_configs as gc
+
+    from diffaccel.ops import _backend
+
+    if _backend._why_not(_backend.registered_ops()["int8_act_gemm"], "triton", __import__("torch").device("cpu")):
+        pytest.skip("Triton interpreter unavailable")
+    monkeypatch.setattr(gc, "DEVICE", "cpu")
+    monkeypatch.setattr(gc, "M", 40)
+    monkeypatch.setattr(gc, "SHAPES", {"tiny": (48, 256)})
+    for family, configs in gc.CANDIDATES.items():
+        for bm, bn, bk, w, s in configs[:2]:
+            small = (min(bm, 32), min(bn, 32), bk, 4, 1)  # the interpreter's time grows with the tile
+            assert gc.check(family, small)["ok"], (family, small)
+    real = gc._launcher
+
+    def corrupt(*a, **k):
+        launch = real(*a, **k)
+        out = a[5]
+        return lambda: (launch(), out.view(-1)[0].add_(1.0))
+    monkeypatch.setattr(gc, "_launcher", corrupt)
+    assert not gc.check("int8", (32, 32, 64, 4, 1))["ok"]
