@@ -29,6 +29,47 @@ MAX_INNER_CALLS = 1000
 GPU_ROUNDS = 30
 
 
+def run_in_child(module: str, function: str, args: tuple, timeout: int, env: Optional[dict] = None):
+    """``module.function(*args)`` (JSON-able in and out) in a fresh Python process, so a kernel that
+    faults (an illegal memory access poisons its whole CUDA context) fails that call alone.
+    Returns (result, None), or (None, the end of its output) when it failed or ran out of time."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"import json, {module} as m; print('RESULT', json.dumps(m.{function}(*{tuple(args)!r})))"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    out = p.stdout + p.stderr
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1][len("RESULT "):]), None
+    return None, " | ".join(out.strip().splitlines()[-6:])
+
+
+def cuda_graph_replay(fn: Callable) -> Callable:
+    """``fn`` (no arguments) captured once in a CUDA graph, after warm-up on a side stream (Triton
+    compiles, allocations), as torch asks; returns a function that replays it and returns the
+    captured output: the GPU work without the per-call host work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def is_smoke() -> bool:
     """True without CUDA (or with DIFFACCEL_BENCH_SMOKE=1): tiny shapes, one round, nothing recorded."""
     if os.environ.get(SMOKE_ENV, "0") == "1":

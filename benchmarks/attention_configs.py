@@ -18,8 +18,9 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import subprocess
 import sys
+
+from benchmarks._util import run_in_child
 
 HEAD_DIMS = (32, 40, 64, 72, 80, 128, 160, 256)
 # (Lq, Lk, layout): self attention with a ragged last tile, cross attention on 77 text tokens, and
@@ -78,22 +79,14 @@ def _pruned(path, config, D, bd, bd1) -> bool:
 
 def _run(case) -> dict:
     path, config, D, pruned = case
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    code = (f"import json, benchmarks.attention_configs as m; "
-            f"print('RESULT', json.dumps(m._child({path!r}, {config!r}, {D})))")
-    try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
-        out, rc = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired:
-        out, rc = "timed out after 240 s", 124
-    row = {"path": path, "config": list(config), "head_dim": D, "rc": rc, "pruned": pruned}
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if rc == 0 and lines:
-        row.update(json.loads(lines[-1][7:]))
+    res, err = run_in_child("benchmarks.attention_configs", "_child", (path, config, D), 240,
+                            env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
+    row = {"path": path, "config": list(config), "head_dim": D, "pruned": pruned}
+    if res is not None:
+        row.update(res)
         row["ok"] = row["rel_l2"] <= TOL[path]
     else:
-        row["ok"] = False
-        row["error"] = "\n".join(out.strip().splitlines()[-6:])
+        row.update(ok=False, error=err)
     return row
 
 
@@ -110,9 +103,9 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if not r["ok"]]
     for r in bad:
-        what = f"rel_l2 {r['rel_l2']:.2e}" if "rel_l2" in r else r["error"].replace("\n", " | ")[-300:]
+        what = f"rel_l2 {r['rel_l2']:.2e}" if "rel_l2" in r else r["error"][-300:]
         state = "pruned (miscompiled)" if r["pruned"] else "IN USE"
-        print(f"FAIL [{state}] {r['path']} config={tuple(r['config'])} D={r['head_dim']} rc={r['rc']}: {what}")
+        print(f"FAIL [{state}] {r['path']} config={tuple(r['config'])} D={r['head_dim']}: {what}")
     fixed = [r for r in rows if r["ok"] and r["pruned"]]
     for r in fixed:
         print(f"ok now, still pruned: {r['path']} config={tuple(r['config'])} D={r['head_dim']}")

@@ -15,7 +15,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                        UniPCMultistepScheduler)
 
-from benchmarks._util import annotate, device, dtype_name, is_smoke, measure
+from benchmarks._util import annotate, cuda_graph_replay, device, dtype_name, is_smoke, measure
 from diffaccel.ops import _backend, use_backend
 from diffaccel.solvers import patch_scheduler
 
@@ -83,25 +83,6 @@ def _restore(s, saved):
         setattr(s, k, copy.copy(v))
 
 
-def _graph_replay(fn):
-    """``fn`` captured once in a CUDA graph (after warm-up on a side stream); returns a function that
-    replays it and returns the captured output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
@@ -129,7 +110,7 @@ def test_solver_step_cfg(benchmark, case, batch, impl):
             with use_backend(backend):
                 return s.step_with_guidance(u, c, GUIDANCE, t, x).prev_sample
         if graphed:
-            fn = _graph_replay(fn)
+            fn = cuda_graph_replay(fn)
     else:
         s = _prepared(factory, x, patched=False)
         t = s.timesteps[MID]

@@ -45,21 +45,6 @@ VARIANTS = {
 }
 
 
-def _graphed_step(fwd, inputs):
-    """One forward on these (static) inputs, captured once in a CUDA graph: the returned function
-    replays it. Warm-up runs on a side stream first (Triton compiles, allocations), as torch asks."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            fwd(**inputs, return_dict=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        fwd(**inputs, return_dict=False)
-    return graph.replay
-
-
 def sdxl_unet(smoke: bool):
     from diffusers import UNet2DConditionModel
 
@@ -154,6 +139,7 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
     run ends on its own; ``on_case(cases)`` is called after each case (main writes the JSON there,
     so what was measured survives a kill)."""
     import diffaccel
+    from benchmarks._util import cuda_graph_replay
 
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -177,7 +163,8 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
             for batch in batches:
                 inputs = make_inputs(batch, device, dtype)
                 if v.get("graph") and not smoke:
-                    step = _graphed_step(fwd, inputs)
+                    with torch.no_grad():  # one step's forward on these (static) inputs
+                        step = cuda_graph_replay(lambda: fwd(**inputs, return_dict=False))
                 else:
                     def step():
                         fwd(**inputs, return_dict=False)
@@ -201,7 +188,7 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
                           flush=True)
                     if on_case is not None:
                         on_case(cases)
-            del model, fwd
+            model = fwd = None  # free the weights before the next variant (closures above still name fwd)
             if not smoke:
                 torch.cuda.empty_cache()
     return cases

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import subprocess
 import sys
+
+from benchmarks._util import run_in_child
 
 M = 4096
 SHAPES = {"sdxl-attn1280": (1280, 1280), "sdxl-ff-geglu": (10240, 1280), "flux-qkv": (9216, 3072),
@@ -112,22 +113,9 @@ def time_family(family: str, configs: list) -> dict:
     return times
 
 
-def _child(code: str, timeout: int):
-    try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-        out, rc = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout} s"
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    if rc == 0 and lines:
-        return json.loads(lines[-1][7:]), None
-    return None, " | ".join(out.strip().splitlines()[-4:])
-
-
 def _check_one(item):
     family, config = item
-    res, err = _child(f"import json, benchmarks.gemm_configs as m; "
-                      f"print('RESULT', json.dumps(m.check({family!r}, {config!r})))", 300)
+    res, err = run_in_child("benchmarks.gemm_configs", "check", (family, config), 300)
     return family, config, res if res is not None else {"ok": False, "error": err}
 
 
@@ -152,8 +140,7 @@ def main(argv=None) -> int:
         good = [list(c) for f, c, r in checked if f == family and r["ok"]]
         if not good:
             continue
-        res, err = _child(f"import json, benchmarks.gemm_configs as m; "
-                          f"print('RESULT', json.dumps(m.time_family({family!r}, {good!r})))", 600)
+        res, err = run_in_child("benchmarks.gemm_configs", "time_family", (family, good), 600)
         if res is None:
             print(f"TIMING FAILED {family}: {err}")
             continue

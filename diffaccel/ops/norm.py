@@ -74,6 +74,19 @@ def _(x, weight, bias, add, num_groups, eps):
     return x.new_empty((x.shape[0], x.shape[1], 2), dtype=torch.float32)
 
 
+def _check_affine_and_eps(weight, bias, eps, width: int, device, *, optional: bool) -> None:
+    """A norm's affine parameters ([width] each, on x's device; None allowed when ``optional``) and eps."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None and optional:
+            continue
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=1)
+        if t.shape[0] != width:
+            raise ValueError(f"{name}: expected shape ({width},), got {tuple(t.shape)}")
+        _check_device(name, t, device, "x")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+
+
 def group_norm_affine(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                       *, add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 [B, C, 2]: per sample and channel the (scale, shift) with which GroupNorm(x + add) =
@@ -86,13 +99,7 @@ def group_norm_affine(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
     B, C = x.shape[0], x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups: expected a positive int dividing C={C}, got {num_groups!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=1)
-        if t.shape[0] != C:
-            raise ValueError(f"{name}: expected shape ({C},), got {tuple(t.shape)}")
-        _check_device(name, t, x.device, "x")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    _check_affine_and_eps(weight, bias, eps, C, x.device, optional=False)
     if add is not None:
         check_tensor("add", add, dtypes=FLOAT_DTYPES)
         if add.numel() != B * C:
@@ -185,15 +192,7 @@ def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor] = None, 
             torch.cuda.get_device_capability(x.device) < FP8_MIN_CAPABILITY:
         raise ValueError(f"act_dtype: fp8 codes need compute capability {FP8_MIN_CAPABILITY} or newer")
     K = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=1)
-        if t.shape[0] != K:
-            raise ValueError(f"{name}: expected shape ({K},), got {tuple(t.shape)}")
-        _check_device(name, t, x.device, "x")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    _check_affine_and_eps(weight, bias, eps, K, x.device, optional=True)
     rows_per_sample = 1
     mods = {}
     for name, t in (("scale", scale), ("shift", shift)):
