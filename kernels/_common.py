@@ -5,6 +5,17 @@ import triton
 import triton.language as tl
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. ``triton.cdiv`` is a constexpr function since Triton 3.5 and costs
+    about 2 us a call in host code, several times per launch (host time is what eager calls pay)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (host ints; 0 for n <= 0, as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (the CPU tests): kernels switch around the interpreter's gaps."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_half_even
+from ._common import cdiv, interpreting, next_pow2, round_half_even
 
 AMAX_FLOOR = 1e-12
 QUANT_BLOCK_M = 128  # Q rows per INT8 scale
@@ -257,7 +257,7 @@ def _tuned(kernel_name: str, family: str):
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 def _mask_args(mask):
@@ -288,7 +288,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float, *, con
         kernel, cfg = _fixed_config(_attn_fwd_kernel, config, Lk)
     interpret_bf16 = interpreting() and q.dtype == torch.bfloat16
     block_d, block_d1 = split_head_dim(D)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](
         q, k, v, mask_t if has_mask else q, out, lse if lse is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
@@ -300,7 +300,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float, *, con
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_pow2(D))
 
 
 def split_head_dim(D: int, min_chunk: int = 16) -> tuple:
@@ -310,7 +310,7 @@ def split_head_dim(D: int, min_chunk: int = 16) -> tuple:
     if D <= min_chunk or D == full:
         return full, 0
     first = full // 2
-    second = max(min_chunk, triton.next_power_of_2(D - first))
+    second = max(min_chunk, next_pow2(D - first))
     return (first, second) if first + second < full else (full, 0)
 
 
@@ -347,7 +347,7 @@ def quantize_int8_blocks(x, mean, xq, scales, qblock: int) -> None:
     """x [B,H,L,D] any strides; mean None or contiguous fp32 [B,H,D]; xq contiguous int8 [B,H,L,D];
     scales contiguous fp32 [B,H,cdiv(L,qblock)]."""
     B, H, L, D = x.shape
-    n_blocks = triton.cdiv(L, qblock)
+    n_blocks = cdiv(L, qblock)
     if B * H * L == 0:
         return
     _quant_int8_block_kernel[(n_blocks, B * H)](
@@ -382,7 +382,7 @@ def quantize_fp8_per_channel(x, scales, xq) -> None:
     if B * H * L == 0:
         return
     BLOCK_L = 64
-    _quant_fp8_per_channel_kernel[(triton.cdiv(L, BLOCK_L), B * H)](
+    _quant_fp8_per_channel_kernel[(cdiv(L, BLOCK_L), B * H)](
         x, scales, xq, *x.stride(), H, L, D, BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D))
 
 
@@ -519,7 +519,7 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
         kernel, cfg = _fixed_config(_attn_int8_fwd_kernel, config, Lk)
     else:
         kernel, cfg = _tuned("_attn_int8_fwd_kernel", _arch_family(q_int8.device)), {}
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](
         q_int8, q_scale, k_int8, k_scale, v, v_scale if v_scale is not None else q_scale,
         mask_t if has_mask else q_scale, out, lse if lse is not None else q_scale,

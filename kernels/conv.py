@@ -24,7 +24,7 @@ Launches pass enable_fp_fusion=False (no FMA contraction in the epilogue, as in 
 import triton
 import triton.language as tl
 
-from ._common import interpreting, mul_sigmoid, round_half_even, to_e4m3
+from ._common import cdiv, interpreting, mul_sigmoid, round_half_even, to_e4m3
 from .gemm import FP8_MAX, _add_weight_group, _int8_epilogue, _load_int4_tile_t, _load_int8_tile_t, _to_out
 
 AMAX_FLOOR = 1e-12
@@ -297,8 +297,8 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
     BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4, split=bool(act_split),
                                                      prologue=in_affine is not None)
     dummy = out  # never read: the constexpr flags switch its loads off
-    tiles_per_image = triton.cdiv(Ho * Wo, BM)
-    grid = (B * tiles_per_image, triton.cdiv(N, BN))
+    tiles_per_image = cdiv(Ho * Wo, BM)
+    grid = (B * tiles_per_image, cdiv(N, BN))
     _int8_conv2d_kernel[grid](
         x, w, act_scale if act_scale is not None else dummy, w_scale,
         zero_point if zero_point is not None else dummy, w_sum if w_sum is not None else dummy,
@@ -404,9 +404,9 @@ def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stri
     K1 = act_split * KH * KW if act_split else K
     # the int8 per-channel tiles (a split keeps the first range's fp32 result live: its tiles)
     BM, BN, BK, _, warps, stages = pick_conv_config(M, N, K, 0, False, split=bool(act_split))
-    tiles_per_image = triton.cdiv(Ho * Wo, BM)
+    tiles_per_image = cdiv(Ho * Wo, BM)
     dummy = out
-    _fp8_conv2d_kernel[(B * tiles_per_image, triton.cdiv(N, BN))](
+    _fp8_conv2d_kernel[(B * tiles_per_image, cdiv(N, BN))](
         x, w, act_scale if act_scale is not None else dummy, w_scale, bias if bias is not None else dummy,
         smooth if smooth is not None else dummy, out,
         N, K, K1, H, W, Wo, Ho * Wo, padding[0], padding[1], tiles_per_image,

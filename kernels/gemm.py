@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, mul_sigmoid, round_half_even, round_to_bf16, row_abs_max, to_e4m3
+from ._common import cdiv, interpreting, mul_sigmoid, next_pow2, round_half_even, round_to_bf16, row_abs_max, to_e4m3
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -342,7 +342,7 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
     BM, BN, BK, warps, stages = config or pick_int8_config(M, N, K, group_size, activation, w_int4)
     dummy = out  # never read: the constexpr flags switch its loads off
     o_scale, o_zp, o_smooth = out_quant if out_quant is not None else (None, None, None)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    grid = (cdiv(M, BM), cdiv(N, BN))
     stride_am = a.stride(0)
     if w_int4 and fuse_quant == 0:  # the kernel reads int8 codes in (even, odd) pairs: K is even
         if a.stride(1) != 1 or a.stride(0) % 2 or a.storage_offset() % 2:
@@ -398,7 +398,7 @@ def quantize_act_int8(x2d, smooth, scale, zero_point, out, scales_out) -> None:
     M, K = x2d.shape
     if M == 0:
         return
-    BLOCK_K = min(triton.next_power_of_2(K), 4096)
+    BLOCK_K = min(next_pow2(K), 4096)
     static = scale is not None
     _quantize_act_int8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out,
@@ -489,7 +489,7 @@ def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool, activation=N
         return
     act, gated = ACTIVATIONS[activation]
     BM, BN, BK, warps, stages = config or pick_fp8_config(M, N, K, gated)
-    _fp8_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+    _fp8_gemm_kernel[(cdiv(M, BM), cdiv(N, BN))](
         a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
         a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, ACTIVATION=act, GATED=gated,
@@ -526,7 +526,7 @@ def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
     _quantize_act_fp8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out, out, K, x2d.stride(0),
         HAS_SMOOTH=smooth is not None, STATIC=static, AMAX_MIN=AMAX_FLOOR, FMAX=FP8_MAX,
-        EMULATE_FP8=interpreting(), BLOCK_K=min(triton.next_power_of_2(K), 4096))
+        EMULATE_FP8=interpreting(), BLOCK_K=min(next_pow2(K), 4096))
 
 
 # -- W4A16 / W8A16: weight-only, dequantized in the main loop ------------------------------
@@ -635,13 +635,13 @@ def pick_split_k(M: int, N: int, K: int, config: tuple, device: torch.device) ->
     BM, BN, BK = config[:3]
     if device.type != "cuda" or M > BM:
         return 1
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    tiles = cdiv(M, BM) * cdiv(N, BN)
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    k_blocks = triton.cdiv(K, BK)
-    split = min(triton.cdiv(target, tiles), k_blocks // SPLIT_K_MIN_BLOCKS)
+    k_blocks = cdiv(K, BK)
+    split = min(cdiv(target, tiles), k_blocks // SPLIT_K_MIN_BLOCKS)
     if split < 2:
         return 1
-    return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no empty split
+    return cdiv(k_blocks, cdiv(k_blocks, split))  # no empty split
 
 
 def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool, split_k=None) -> None:
@@ -652,12 +652,12 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool,
         return
     config = pick_weight_only_config(M, N, K, group_size)
     BM, BN, BK, warps, stages = config
-    k_blocks = triton.cdiv(K, BK)
+    k_blocks = cdiv(K, BK)
     split = split_k or pick_split_k(M, N, K, config, x.device)
-    per_split = triton.cdiv(k_blocks, split)
-    split = triton.cdiv(k_blocks, per_split)
+    per_split = cdiv(k_blocks, split)
+    split = cdiv(k_blocks, per_split)
     partials = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    _weight_only_gemm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN), split)](
+    _weight_only_gemm_kernel[(cdiv(M, BM), cdiv(N, BN), split)](
         x, w, w_scale, bias if bias is not None else out, partials, M, N, K,
         x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0, per_split,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
@@ -665,7 +665,7 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool,
         WRITE_PARTIAL=split > 1, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
     if split > 1:
         BLOCK_N = 256
-        _split_k_reduce_kernel[(M, triton.cdiv(N, BLOCK_N))](
+        _split_k_reduce_kernel[(M, cdiv(N, BLOCK_N))](
             partials, w_scale, bias if bias is not None else out, out, M, N, out.stride(0), SPLIT=split,
             GROUPED=bool(group_size), HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, num_warps=4,
             enable_fp_fusion=False)

@@ -19,7 +19,7 @@ to its dtype first), with the quantizers' own math (IEEE division, round half to
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_half_even, round_to_bf16, to_e4m3
+from ._common import interpreting, next_pow2, round_half_even, round_to_bf16, to_e4m3
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -75,10 +75,10 @@ def group_norm_affine(x, add, gamma, beta, out, *, num_groups: int, eps: float) 
     CG = C // num_groups
     if B == 0 or C == 0:
         return
-    BLOCK = min(4096, triton.next_power_of_2(max(CG * HW, 16)))
+    BLOCK = min(4096, next_pow2(max(CG * HW, 16)))
     _group_norm_affine_kernel[(B * num_groups,)](
         x, add if add is not None else out, gamma, beta, out, C, HW, CG, num_groups, float(eps),
-        HAS_ADD=add is not None, BLOCK=BLOCK, BLOCK_C=triton.next_power_of_2(CG), num_warps=8 if BLOCK >= 2048 else 4)
+        HAS_ADD=add is not None, BLOCK=BLOCK, BLOCK_C=next_pow2(CG), num_warps=8 if BLOCK >= 2048 else 4)
 
 
 @triton.jit
@@ -188,7 +188,7 @@ def layer_norm_quantize(x2d, weight, bias, scale, shift, y, q, scales, *, rows_p
     M, K = x2d.shape
     if M == 0:
         return
-    BLOCK_K = block_k or min(triton.next_power_of_2(K), LAYER_NORM_MAX_BLOCK)
+    BLOCK_K = block_k or min(next_pow2(K), LAYER_NORM_MAX_BLOCK)
     _layer_norm_quantize_kernel[(M,)](
         x2d, weight if weight is not None else x2d, bias if bias is not None else x2d,
         scale if scale is not None else x2d, shift if shift is not None else x2d, y, y if q is None else q,

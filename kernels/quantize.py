@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_half_even, row_abs_max
+from ._common import cdiv, next_pow2, round_half_even, row_abs_max
 
 AMAX_FLOOR = 1e-12
 
@@ -28,7 +28,7 @@ def _quantize_per_tensor_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, n, BLOCK: tl.
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, out: torch.Tensor) -> None:
     n = x.numel()
     BLOCK = 4096
-    _quantize_per_tensor_kernel[(triton.cdiv(n, BLOCK),)](x, scale, zero_point, out, n, BLOCK=BLOCK)
+    _quantize_per_tensor_kernel[(cdiv(n, BLOCK),)](x, scale, zero_point, out, n, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def quantize_per_token(x2d: torch.Tensor, out2d: torch.Tensor, scales: torch.Ten
     M, K = x2d.shape
     if M == 0:
         return
-    BLOCK_K = min(triton.next_power_of_2(K), 8192)
+    BLOCK_K = min(next_pow2(K), 8192)
     _quantize_per_token_kernel[(M,)](x2d, out2d, scales, K, AMAX_MIN=AMAX_FLOOR, BLOCK_K=BLOCK_K,
                                      SINGLE_PASS=K <= BLOCK_K)
 

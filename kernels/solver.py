@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, next_pow2
+
 NUM_COEFFS = 24
 # column indices, shared with diffaccel/ops/solver.py and csrc/solver.h
 (A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2, C_H0, C_H1,
@@ -177,7 +179,7 @@ def _fused_solver_step_kernel(
 
 def stat_chunk(per_sample: int) -> int:
     """Elements per statistics chunk: a power of two >= 4096 giving at most MAX_STAT_CHUNKS chunks."""
-    return max(4096, triton.next_power_of_2(triton.cdiv(per_sample, MAX_STAT_CHUNKS)))
+    return max(4096, next_pow2(cdiv(per_sample, MAX_STAT_CHUNKS)))
 
 
 def fused_solver_step(x, u, c, h0, h1, h2, noise, last, coeffs, row, guidance_scale: float,
@@ -193,13 +195,13 @@ def fused_solver_step(x, u, c, h0, h1, h2, noise, last, coeffs, row, guidance_sc
     hist = [h for h in (h0, h1, h2) if h is not None]
     rescale = c is not None and guidance_rescale != 0.0
     chunk = stat_chunk(per_sample)
-    n_chunks = triton.cdiv(per_sample, chunk)
+    n_chunks = cdiv(per_sample, chunk)
     parts = x_out  # placeholder pointer when unused
     if rescale:
         parts = torch.empty((batch, n_chunks, 4), dtype=torch.float32, device=x.device)
         _solver_rescale_stats_kernel[(batch, n_chunks)](u, c, parts, per_sample, float(guidance_scale),
                                                        CHUNK=chunk, BLOCK=1024)
-    grid = (batch, triton.cdiv(per_sample, STEP_BLOCK))
+    grid = (batch, cdiv(per_sample, STEP_BLOCK))
     _fused_solver_step_kernel[grid](
         x, u, c if c is not None else u, *(hist + [x] * (3 - len(hist))), noise if noise is not None else x,
         last if last is not None else x, coeffs, row if row is not None else coeffs, parts, x_out,
@@ -229,7 +231,7 @@ def philox_words(seed, offset: int, numel: int):
     """[numel, 4] int64: the uint32 words tl.randint4x gives for counters offset .. offset + numel - 1."""
     out = torch.empty((numel, 4), dtype=torch.int64, device=seed.device)
     if numel:
-        _philox_words_kernel[(triton.cdiv(numel, 1024),)](seed, out, int(offset), numel, BLOCK=1024)
+        _philox_words_kernel[(cdiv(numel, 1024),)](seed, out, int(offset), numel, BLOCK=1024)
     return out
 
 

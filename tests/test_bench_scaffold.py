@@ -163,7 +163,10 @@ def test_render_without_results_and_bad_markers(tmp_path):
 
 
 def _pytest(args, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DIFFACCEL_BACKEND", "DIFFACCEL_DISABLE")}
+    # PYTEST_*: under pytest-xdist the worker's variables make the child's pytest-benchmark act as a worker
+    # and skip writing its JSON
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DIFFACCEL_BACKEND", "DIFFACCEL_DISABLE") and not k.startswith("PYTEST_")}
     env.setdefault("OMP_NUM_THREADS", "1")
     # `python -m` would put the repo root (whose diffaccel/ has no compiled _C) ahead of the installed wheel
     env["PYTHONSAFEPATH"] = "1"
@@ -235,3 +238,20 @@ def test_gemm_configs_checks_each_candidate_on_cpu(monkeypatch):
         return lambda: (launch(), out.view(-1)[0].add_(1.0))
     monkeypatch.setattr(gc, "_launcher", corrupt)
     assert not gc.check("int8", (32, 32, 64, 4, 1))["ok"]
+
+
+def test_host_overhead_times_every_case_both_ways_and_restores_launches():
+    """benchmarks/host_overhead.py on CPU: every case runs with the launches stubbed, in both modes;
+    afterwards Triton launches and the value checks are the real ones again."""
+    from benchmarks import host_overhead as ho
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from diffaccel.ops import gemm
+
+    real_run, real_check = InterpretedFunction.run, gemm._value_checks_enabled
+    rows = ho.run(list(ho.CASES), calls=2, rounds=1)
+    assert {(r["case"], r["mode"]) for r in rows} == {(c, m) for c in ho.CASES for m in ("direct", "dispatcher")}
+    assert all(r["median_us"] > 0 for r in rows)
+    assert InterpretedFunction.run is real_run and gemm._value_checks_enabled is real_check
+    table = ho.markdown(rows)
+    assert table.count("\n") == len(ho.CASES) + 1 and "direct us/call" in table

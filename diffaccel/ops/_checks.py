@@ -49,10 +49,17 @@ def same_device(device: torch.device, a: torch.device) -> bool:
     return di == ai
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: a plain CPU tensor outside compilation and fake or
+    functional tracing. On a GPU a read costs a host sync per call, so device-resident scales are
+    checked where they are made (calibration, from_float, load)."""
+    return (t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack())
+
+
 def check_positive_finite(name: str, t: torch.Tensor) -> None:
-    """Value check for scales. Only on CPU tensors: on a GPU it would cost a host sync per call,
-    so device-resident scales are checked where they are made (calibration, from_float, load)."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
+    """Value check for scales, where ``values_readable``."""
+    if not values_readable(t):
         return
     tf = t.float()
     if not bool(torch.isfinite(tf).all()):

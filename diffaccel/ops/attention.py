@@ -219,7 +219,7 @@ _backend.register(_backend.OpBackends("attention_int8", torch=_torch_attention_i
 
 # -- custom ops ---------------------------------------------------------------------------------------
 
-@torch.library.custom_op("diffaccel::attention", mutates_args=())
+@_backend.custom_op("attention")
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                   is_causal: bool, scale: float, quant: Optional[str], return_lse: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,13 +294,13 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, quant):
 def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None) -> torch.Tensor:
     """Like ``torch.nn.functional.scaled_dot_product_attention`` (forward, no dropout); see the module doc."""
     attn_mask, scale = _prepare(q, k, v, attn_mask, is_causal, scale, quant)
-    return torch.ops.diffaccel.attention(q, k, v, attn_mask, is_causal, scale, quant, False)[0]
+    return _attention_op(q, k, v, attn_mask, is_causal, scale, quant, False)[0]
 
 
 def attention_with_lse(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None):
     """``(out, lse)``: lse [B, H, Lq] fp32, natural log of the softmax denominator (-inf for a row that sees no key)."""
     attn_mask, scale = _prepare(q, k, v, attn_mask, is_causal, scale, quant)
-    return torch.ops.diffaccel.attention(q, k, v, attn_mask, is_causal, scale, quant, True)
+    return _attention_op(q, k, v, attn_mask, is_causal, scale, quant, True)
 
 
 def attention_int8_debug(q, k, v, attn_mask=None, is_causal=False, scale=None, *, backend: str = "torch") -> dict:

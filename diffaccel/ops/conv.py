@@ -141,7 +141,7 @@ _backend.register(_backend.OpBackends("fp8_conv2d", torch=fp8_conv2d_reference, 
 
 # -- custom op ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("diffaccel::int8_conv2d", mutates_args=())
+@_backend.custom_op("int8_conv2d")
 def _int8_conv2d_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
                     act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], kernel_size: list[int],
@@ -161,7 +161,7 @@ def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, kernel_size
                        dtype=out_dtype)
 
 
-@torch.library.custom_op("diffaccel::fp8_conv2d", mutates_args=())
+@_backend.custom_op("fp8_conv2d")
 def _fp8_conv2d_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
                    act_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], kernel_size: list[int],
                    stride: list[int], padding: list[int], dilation: list[int],
@@ -236,7 +236,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
     in_affine = _check_in_affine(in_affine, in_silu, x)
-    return torch.ops.diffaccel.int8_conv2d(x, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
+    return _int8_conv2d_op(x, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
                                            _check_bias(bias, N, dev, "x"), ks, st, pd, dl, group_size or 0,
                                            bool(w_int4), out_dtype, act_split or 0, in_affine, bool(in_silu))
 
@@ -281,7 +281,7 @@ def fp8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kerne
             check_positive_finite("act_scale", act_scale)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return torch.ops.diffaccel.fp8_conv2d(x, w, w_scale, smooth, act_scale, _check_bias(bias, N, dev, "x"), ks, st,
+    return _fp8_conv2d_op(x, w, w_scale, smooth, act_scale, _check_bias(bias, N, dev, "x"), ks, st,
                                           pd, dl, out_dtype, act_split or 0)
 
 

@@ -80,7 +80,7 @@ def _triton_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
 _backend.register(_backend.OpBackends("int8_ffn_up", torch=int8_ffn_up_reference, triton=_triton_int8_ffn_up))
 
 
-@torch.library.custom_op("diffaccel::int8_ffn_up", mutates_args=())
+@_backend.custom_op("int8_ffn_up")
 def _int8_ffn_up_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
                     act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
@@ -149,7 +149,7 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
     next_scale, next_zp, next_smooth = _check_next_quant(next_scale, next_zero_point, next_smooth, N, dev)
-    y = torch.ops.diffaccel.int8_ffn_up(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
+    y = _int8_ffn_up_op(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
                                         _check_bias(bias, rows, dev, "x"), group_size or 0, bool(w_int4), activation,
                                         next_scale, next_zp, next_smooth, out_dtype)
     return y.reshape(*lead, N)
@@ -176,7 +176,7 @@ def _int8_ffn_up_codes(x, w, w_scale, activation, act_scale, bias, group_size, w
     a_scale = _check_act_scale(act_scale, M, dev, "x", name="act_scale")
     _check_out_dtype(out_dtype)
     next_scale, next_zp, next_smooth = _check_next_quant(next_scale, next_zero_point, next_smooth, N, dev)
-    return torch.ops.diffaccel.int8_ffn_up(x, w, w_scale, None, a_scale.reshape(-1, 1), None, None,
+    return _int8_ffn_up_op(x, w, w_scale, None, a_scale.reshape(-1, 1), None, None,
                                            _check_bias(bias, rows, dev, "x"), group_size or 0, bool(w_int4),
                                            activation, next_scale, next_zp, next_smooth, out_dtype)
 
@@ -200,7 +200,7 @@ _backend.register(_backend.OpBackends("fp8_ffn_up", torch=fp8_ffn_up_reference, 
                                       triton_min_capability=FP8_MIN_CAPABILITY))
 
 
-@torch.library.custom_op("diffaccel::fp8_ffn_up", mutates_args=())
+@_backend.custom_op("fp8_ffn_up")
 def _fp8_ffn_up_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                    bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype) -> torch.Tensor:
     return _backend.implementation("fp8_ffn_up", a.device)(a.contiguous(), w, a_scale, w_scale, bias, activation,
@@ -226,7 +226,7 @@ def fp8_ffn_up(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale:
         raise ValueError(f"w: {activation} needs an even number of rows (value half, then gate half), got {rows}")
     a_scale = _check_act_scale(a_scale, M, a.device, "a")
     _check_out_dtype(out_dtype)
-    return torch.ops.diffaccel.fp8_ffn_up(a, w, a_scale, w_scale, _check_bias(bias, rows, a.device, "a"), activation,
+    return _fp8_ffn_up_op(a, w, a_scale, w_scale, _check_bias(bias, rows, a.device, "a"), activation,
                                           out_dtype)
 
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor, same_device
+from ._checks import check_positive_finite, check_tensor, same_device, values_readable
 from .quantize import AMAX_FLOOR, div_exact, quantize_per_tensor_reference, quantize_per_token_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -298,7 +298,7 @@ def _impl(name, device):
     return _backend.implementation(name, device)
 
 
-@torch.library.custom_op("diffaccel::int8_act_gemm", mutates_args=())
+@_backend.custom_op("int8_act_gemm")
 def _int8_act_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                       zero_point: Optional[torch.Tensor], w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       group_size: int, w_int4: bool, out_dtype: torch.dtype) -> torch.Tensor:
@@ -311,7 +311,7 @@ def _(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_d
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("diffaccel::quantize_rows_int8", mutates_args=())
+@_backend.custom_op("quantize_rows_int8")
 def _quantize_rows_int8_op(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl("quantize_rows_int8", x.device)(x.contiguous(), smooth)
 
@@ -321,7 +321,7 @@ def _(x, smooth):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("diffaccel::quantize_static_int8", mutates_args=())
+@_backend.custom_op("quantize_static_int8")
 def _quantize_static_int8_op(x: torch.Tensor, smooth: Optional[torch.Tensor], scale: torch.Tensor,
                              zero_point: Optional[torch.Tensor]) -> torch.Tensor:
     return _impl("quantize_static_int8", x.device)(x.contiguous(), smooth, scale, zero_point)
@@ -332,7 +332,7 @@ def _(x, smooth, scale, zero_point):
     return x.new_empty(x.shape, dtype=torch.int8)
 
 
-@torch.library.custom_op("diffaccel::int8_linear", mutates_args=())
+@_backend.custom_op("int8_linear")
 def _int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smooth: Optional[torch.Tensor],
                     act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
@@ -346,7 +346,7 @@ def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size,
     return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("diffaccel::fp8_gemm", mutates_args=())
+@_backend.custom_op("fp8_gemm")
 def _fp8_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     return _impl("fp8_gemm", a.device)(a.contiguous(), w, a_scale, w_scale, bias, out_dtype)
@@ -357,7 +357,7 @@ def _(a, w, a_scale, w_scale, bias, out_dtype):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("diffaccel::quantize_rows_fp8", mutates_args=())
+@_backend.custom_op("quantize_rows_fp8")
 def _quantize_rows_fp8_op(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl("quantize_rows_fp8", x.device)(x.contiguous(), smooth)
 
@@ -367,7 +367,7 @@ def _(x, smooth):
     return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("diffaccel::quantize_static_fp8", mutates_args=())
+@_backend.custom_op("quantize_static_fp8")
 def _quantize_static_fp8_op(x: torch.Tensor, smooth: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
     return _impl("quantize_static_fp8", x.device)(x.contiguous(), smooth, scale)
 
@@ -377,7 +377,7 @@ def _(x, smooth, scale):
     return x.new_empty(x.shape, dtype=FP8_DTYPE)
 
 
-@torch.library.custom_op("diffaccel::weight_only_gemm", mutates_args=())
+@_backend.custom_op("weight_only_gemm")
 def _weight_only_gemm_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          group_size: int, w_int4: bool) -> torch.Tensor:
     return _impl("weight_only_gemm", x.device)(x.contiguous(), w, w_scale, bias, group_size, w_int4)
@@ -391,8 +391,7 @@ def _(x, w, w_scale, bias, group_size, w_int4):
 # -- validation ------------------------------------------------------------------------------
 
 def _value_checks_enabled(t: torch.Tensor) -> bool:
-    # value checks read the data: only on CPU and outside compilation (no host sync on a GPU)
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return values_readable(t)
 
 
 def _check_device(name: str, t: torch.Tensor, device: torch.device, like: str) -> None:
@@ -526,7 +525,7 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: 
     if zp is not None and w_sum is None:
         raise ValueError("w_sum: required with zero_point (the zero-point correction zp * rowsum(w))")
     _check_out_dtype(out_dtype)
-    return torch.ops.diffaccel.int8_act_gemm(a, w, a_scale, w_scale, zp, w_sum if zp is not None else None,
+    return _int8_act_gemm_op(a, w, a_scale, w_scale, zp, w_sum if zp is not None else None,
                                              _check_bias(bias, N, dev, "a"), group_size or 0, bool(w_int4), out_dtype)
 
 
@@ -539,12 +538,12 @@ def quantize_activation_int8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] 
     if scale is None:
         if zero_point is not None:
             raise ValueError("zero_point: dynamic per-token quantization is symmetric; pass scale for static")
-        return torch.ops.diffaccel.quantize_rows_int8(x, smooth)
+        return _quantize_rows_int8_op(x, smooth)
     s = _check_scalar("scale", scale, torch.float32, x.device, "x")
     if _value_checks_enabled(s):
         check_positive_finite("scale", s)
     zp = _check_zero_point(zero_point, x.device, "x")
-    return torch.ops.diffaccel.quantize_static_int8(x, smooth, s, zp), s
+    return _quantize_static_int8_op(x, smooth, s, zp), s
 
 
 def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smooth=None, act_scale=None,
@@ -564,7 +563,7 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smoo
     act_scale, zp = check_static_act(act_scale, act_zero_point, w_sum, dev)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    y = torch.ops.diffaccel.int8_linear(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
+    y = _int8_linear_op(x2, w, w_scale, smooth, act_scale, zp, w_sum if zp is not None else None,
                                         _check_bias(bias, N, dev, "x"), group_size or 0, bool(w_int4), out_dtype)
     return y.reshape(*lead, N)
 
@@ -579,7 +578,7 @@ def fp8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: t
                       allowed=(FP8_DTYPE,))
     a_scale = _check_act_scale(a_scale, M, a.device, "a")
     _check_out_dtype(out_dtype)
-    return torch.ops.diffaccel.fp8_gemm(a, w, a_scale, w_scale, _check_bias(bias, N, a.device, "a"), out_dtype)
+    return _fp8_gemm_op(a, w, a_scale, w_scale, _check_bias(bias, N, a.device, "a"), out_dtype)
 
 
 def quantize_activation_fp8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] = None,
@@ -588,11 +587,11 @@ def quantize_activation_fp8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] =
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     smooth = _check_smooth(smooth, x.shape[1], x.device, "x")
     if scale is None:
-        return torch.ops.diffaccel.quantize_rows_fp8(x, smooth)
+        return _quantize_rows_fp8_op(x, smooth)
     s = _check_scalar("scale", scale, torch.float32, x.device, "x")
     if _value_checks_enabled(s):
         check_positive_finite("scale", s)
-    return torch.ops.diffaccel.quantize_static_fp8(x, smooth, s), s
+    return _quantize_static_fp8_op(x, smooth, s), s
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smooth=None, act_scale=None, bias=None,
@@ -614,6 +613,6 @@ def weight_only_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *,
     x2 = x.reshape(-1, x.shape[-1])
     K = x2.shape[1]
     N = _check_weight(w, w_scale, None, K=K, group_size=group_size, w_int4=w_int4, device=x.device, like="x")
-    y = torch.ops.diffaccel.weight_only_gemm(x2, w, w_scale, _check_bias(bias, N, x.device, "x"), group_size or 0,
+    y = _weight_only_gemm_op(x2, w, w_scale, _check_bias(bias, N, x.device, "x"), group_size or 0,
                                              bool(w_int4))
     return y.reshape(*lead, N)

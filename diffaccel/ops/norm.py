@@ -63,7 +63,7 @@ _backend.register(_backend.OpBackends("group_norm_affine", torch=group_norm_affi
                                       triton=_triton_group_norm_affine))
 
 
-@torch.library.custom_op("diffaccel::group_norm_affine", mutates_args=())
+@_backend.custom_op("group_norm_affine")
 def _group_norm_affine_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
                           num_groups: int, eps: float) -> torch.Tensor:
     return _backend.implementation("group_norm_affine", x.device)(x, weight, bias, add, num_groups, eps)
@@ -107,7 +107,7 @@ def group_norm_affine(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
                              f"got shape {tuple(add.shape)}")
         _check_device("add", add, x.device, "x")
         add = add.reshape(B, C).float().contiguous()
-    return torch.ops.diffaccel.group_norm_affine(x, weight, bias, add, num_groups, float(eps))
+    return _group_norm_affine_op(x, weight, bias, add, num_groups, float(eps))
 
 
 # -- LayerNorm / adaLN + dynamic activation quantization ----------------------------------------
@@ -158,7 +158,7 @@ _backend.register(_backend.OpBackends("layer_norm_quantize", torch=layer_norm_qu
                                       triton=_triton_layer_norm_quantize))
 
 
-@torch.library.custom_op("diffaccel::layer_norm_quantize", mutates_args=())
+@_backend.custom_op("layer_norm_quantize")
 def _layer_norm_quantize_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], rows_per_sample: int,
                             eps: float, fp8: bool, codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,7 +206,7 @@ def layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor] = None, 
         rows_per_sample = x.shape[1]
         mods[name] = t.contiguous()
     x2 = x.reshape(-1, K).contiguous()
-    y, q, s = torch.ops.diffaccel.layer_norm_quantize(
+    y, q, s = _layer_norm_quantize_op(
         x2, None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
         mods.get("scale"), mods.get("shift"), max(rows_per_sample, 1), float(eps), act_dtype == "fp8_e4m3",
         act_dtype is not None)

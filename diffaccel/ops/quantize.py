@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor, same_device
+from ._checks import check_positive_finite, check_tensor, same_device, values_readable
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AMAX_FLOOR = 1e-12  # keeps an all-zero row's scale finite and positive
@@ -77,7 +77,7 @@ _backend.register(_backend.OpBackends(
 
 # -- custom ops (schema + fake kernel: torch.compile and CUDA graphs see one opaque node) --
 
-@torch.library.custom_op("diffaccel::quantize_per_tensor", mutates_args=())
+@_backend.custom_op("quantize_per_tensor")
 def _quantize_per_tensor_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     return _backend.implementation("quantize_per_tensor", x.device)(x, scale, zero_point)
@@ -88,7 +88,7 @@ def _(x, scale, zero_point):
     return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
 
-@torch.library.custom_op("diffaccel::quantize_per_token", mutates_args=())
+@_backend.custom_op("quantize_per_token")
 def _quantize_per_token_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     return _backend.implementation("quantize_per_token", x.device)(x)
@@ -124,9 +124,9 @@ def quantize_per_tensor(x: torch.Tensor, scale, zero_point=0) -> torch.Tensor:
     scale_t = _as_scalar_tensor("scale", scale, torch.float32, x.device)
     zp_t = _as_scalar_tensor("zero_point", zero_point, torch.int32, x.device)
     check_positive_finite("scale", scale_t)
-    if zp_t.device.type == "cpu" and not -128 <= int(zp_t.item()) <= 127:
+    if values_readable(zp_t) and not -128 <= int(zp_t.item()) <= 127:
         raise ValueError(f"zero_point: expected a value in [-128, 127], got {int(zp_t.item())}")
-    return torch.ops.diffaccel.quantize_per_tensor(x, scale_t, zp_t)
+    return _quantize_per_tensor_op(x, scale_t, zp_t)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,4 +138,4 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x: expected at least one element in the last dimension, got shape {tuple(x.shape)}")
-    return torch.ops.diffaccel.quantize_per_token(x)
+    return _quantize_per_token_op(x)

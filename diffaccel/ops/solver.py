@@ -152,7 +152,7 @@ def _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise
     return impl(*args, noise_seed.reshape(()), noise_offset)
 
 
-@torch.library.custom_op("diffaccel::fused_solver_step", mutates_args=())
+@_backend.custom_op("fused_solver_step")
 def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
                           row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
                           h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
@@ -252,15 +252,7 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
             float(guidance_scale), float(guidance_rescale), out_dtype, history_dtype, bool(write_history))
     if noise_seed is not None:
         args = args + (noise_seed.reshape(()), noise_offset)
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() and _needs_grad(args):
-        return torch.ops.diffaccel.fused_solver_step(*args)
-    # Eager: the same implementation without the custom-op dispatch, whose host cost (tens of
-    # microseconds) would exceed the kernel itself for image-sized latents.
-    return _run(*args)
-
-
-def _needs_grad(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return _fused_solver_step_op(*args)
 
 
 def _check_noise_source(sample, noise, noise_seed, noise_offset, needs_noise) -> int:
