@@ -51,12 +51,15 @@ def launches_stubbed():
 def value_checks_off():
     """Skip the checks that read tensor values (scales > 0, zero point in range). They run only on
     CPU tensors (on a GPU each would be a host sync), so a GPU call never pays them; and with the
-    launches stubbed, the scales they would read were never written."""
+    launches stubbed, the scales they would read were never written. Every such check asks
+    ``_checks.values_readable``; a tree from before it (the baseline commit) asked gemm's
+    ``_value_checks_enabled`` or called ``check_positive_finite`` unguarded."""
     saved = []
     for name, mod in list(sys.modules.items()):
         if not name.startswith("diffaccel.ops"):
             continue
-        for attr, off in (("_value_checks_enabled", lambda t: False), ("check_positive_finite", lambda *a: None)):
+        for attr, off in (("values_readable", lambda t: False), ("_value_checks_enabled", lambda t: False),
+                          ("check_positive_finite", lambda *a: None)):
             if hasattr(mod, attr):
                 saved.append((mod, attr, getattr(mod, attr)))
                 setattr(mod, attr, off)

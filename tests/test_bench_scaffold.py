@@ -246,12 +246,12 @@ def test_host_overhead_times_every_case_both_ways_and_restores_launches():
     from benchmarks import host_overhead as ho
     from triton.runtime.interpreter import InterpretedFunction
 
-    from diffaccel.ops import gemm
+    from diffaccel.ops import _checks
 
-    real_run, real_check = InterpretedFunction.run, gemm._value_checks_enabled
+    real_run, real_check = InterpretedFunction.run, _checks.values_readable
     rows = ho.run(list(ho.CASES), calls=2, rounds=1)
     assert {(r["case"], r["mode"]) for r in rows} == {(c, m) for c in ho.CASES for m in ("direct", "dispatcher")}
     assert all(r["median_us"] > 0 for r in rows)
-    assert InterpretedFunction.run is real_run and gemm._value_checks_enabled is real_check
+    assert InterpretedFunction.run is real_run and _checks.values_readable is real_check
     table = ho.markdown(rows)
     assert table.count("\n") == len(ho.CASES) + 1 and "direct us/call" in table

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._checks import PLAIN_TENSOR_TYPES
+
 BACKENDS = ("cuda", "triton", "torch")
 ENV_BACKEND = "DIFFACCEL_BACKEND"
 
@@ -222,7 +224,6 @@ def _on_device(fn: Callable, device: torch.device) -> Callable:
 # -- the custom ops and their eager fast path -----------------------------------------------
 
 _direct_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("diffaccel_direct_calls", default=True)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 @contextlib.contextmanager
@@ -247,7 +248,7 @@ def direct_call_ok(args) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if type(a) in _PLAIN_TENSORS:
+        if type(a) in PLAIN_TENSOR_TYPES:
             if a.is_meta or (grad and a.requires_grad):
                 return False
         elif hasattr(type(a), "__torch_function__"):

@@ -49,12 +49,24 @@ def same_device(device: torch.device, a: torch.device) -> bool:
     return di == ai
 
 
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # not a subclass that intercepts torch calls
+
+
 def values_readable(t: torch.Tensor) -> bool:
     """Whether a check may read ``t``'s values: a plain CPU tensor outside compilation and fake or
     functional tracing. On a GPU a read costs a host sync per call, so device-resident scales are
     checked where they are made (calibration, from_float, load)."""
-    return (t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)
+    return (t.device.type == "cpu" and type(t) in PLAIN_TENSOR_TYPES
             and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack())
+
+
+def check_int8_zero_point(name: str, t: torch.Tensor) -> None:
+    """Value check for int8 zero points (in [-128, 127]), where ``values_readable``."""
+    if not values_readable(t) or not bool(((t < -128) | (t > 127)).any()):
+        return
+    if t.numel() == 1:
+        raise ValueError(f"{name}: expected a value in [-128, 127], got {int(t.reshape(-1)[0])}")
+    raise ValueError(f"{name}: expected values in [-128, 127], got {t.tolist()}")
 
 
 def check_positive_finite(name: str, t: torch.Tensor) -> None:

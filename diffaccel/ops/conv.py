@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor
+from ._checks import check_int8_zero_point, check_positive_finite, check_tensor
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_bias, _check_device, _check_out_dtype,
-                   _check_scalar, _check_smooth, _check_weight, _same_layout, _value_checks_enabled,
+                   _check_scalar, _check_smooth, _check_weight, _same_layout,
                    check_static_act, fp8_gemm_reference, int8_linear_reference, quantize_rows_fp8_reference,
                    quantize_static_fp8_reference, split_k_int8_linear)
 
@@ -277,8 +277,7 @@ def fp8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kerne
                                         w_int4=False, device=dev)
     elif act_scale is not None:
         act_scale = _check_scalar("act_scale", act_scale, torch.float32, dev, "x")
-        if _value_checks_enabled(act_scale):
-            check_positive_finite("act_scale", act_scale)
+        check_positive_finite("act_scale", act_scale)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
     return _fp8_conv2d_op(x, w, w_scale, smooth, act_scale, _check_bias(bias, N, dev, "x"), ks, st,
@@ -298,13 +297,11 @@ def _check_split_act(act_split, act_scale, act_zero_point, w_sum, *, N, C, khw, 
     if act_scale is None:
         raise ValueError("act_scale: act_split needs static activations (two scales, one per input range)")
     act_scale = _check_pair("act_scale", act_scale, torch.float32, device)
-    if _value_checks_enabled(act_scale):
-        check_positive_finite("act_scale", act_scale)
+    check_positive_finite("act_scale", act_scale)
     if act_zero_point is None:
         return act_scale, None
     zp = _check_pair("act_zero_point", act_zero_point, torch.int32, device)
-    if _value_checks_enabled(zp) and not bool(((zp >= -128) & (zp <= 127)).all()):
-        raise ValueError(f"act_zero_point: expected values in [-128, 127], got {zp.tolist()}")
+    check_int8_zero_point("act_zero_point", zp)
     if w_sum is None:
         raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
     check_tensor("w_sum", w_sum, dtypes=(torch.int32,))

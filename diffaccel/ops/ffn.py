@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor
+from ._checks import check_int8_zero_point, check_positive_finite, check_tensor
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_act_scale, _check_bias, _check_out_dtype,
                    _check_scalar, _check_smooth, _check_weight, _k, _same_layout, _triton_int8_linear,
-                   _value_checks_enabled, check_static_act, fp8_gemm_reference, int8_act_gemm_reference,
+                   check_static_act, fp8_gemm_reference, int8_act_gemm_reference,
                    int8_linear_reference, quantize_static_int8_reference)
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu", "geglu_tanh")
@@ -106,13 +106,11 @@ def _check_next_quant(next_scale, next_zero_point, next_smooth, N, device):
                 raise ValueError(f"{name}: needs next_scale (the next layer's static activation quantizer)")
         return None, None, None
     next_scale = _check_scalar("next_scale", next_scale, torch.float32, device, "x")
-    if _value_checks_enabled(next_scale):
-        check_positive_finite("next_scale", next_scale)
+    check_positive_finite("next_scale", next_scale)
     zp = None
     if next_zero_point is not None:
         zp = _check_scalar("next_zero_point", next_zero_point, torch.int32, device, "x")
-        if _value_checks_enabled(zp) and not -128 <= int(zp.item()) <= 127:
-            raise ValueError(f"next_zero_point: expected a value in [-128, 127], got {int(zp.item())}")
+        check_int8_zero_point("next_zero_point", zp)
     return next_scale, zp, _check_smooth(next_smooth, N, device, "x")
 
 

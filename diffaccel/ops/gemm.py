@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor, same_device, values_readable
+from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, same_device
 from .quantize import AMAX_FLOOR, div_exact, quantize_per_tensor_reference, quantize_per_token_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -390,10 +390,6 @@ def _(x, w, w_scale, bias, group_size, w_int4):
 
 # -- validation ------------------------------------------------------------------------------
 
-def _value_checks_enabled(t: torch.Tensor) -> bool:
-    return values_readable(t)
-
-
 def _check_device(name: str, t: torch.Tensor, device: torch.device, like: str) -> None:
     if not same_device(device, t.device):
         raise ValueError(f"{name}: expected a tensor on {device} like {like}, got one on {t.device}")
@@ -425,8 +421,7 @@ def _check_weight(w, w_scale, w_sum, *, K: int, group_size: Optional[int], w_int
     _check_device("w_scale", w_scale, device, like)
     if w_scale.dim() == 2 and w_scale.stride(1) != 1:
         raise ValueError(f"w_scale: expected unit stride along groups, got strides {w_scale.stride()}")
-    if _value_checks_enabled(w_scale):
-        check_positive_finite("w_scale", w_scale)
+    check_positive_finite("w_scale", w_scale)
     if w_sum is not None:
         check_tensor("w_sum", w_sum, dtypes=(torch.int32,))
         if tuple(w_sum.shape) != want:
@@ -463,8 +458,7 @@ def _check_zero_point(zero_point, device, like):
     if zero_point is None:
         return None
     zp = _check_scalar("zero_point", zero_point, torch.int32, device, like)
-    if _value_checks_enabled(zp) and not -128 <= int(zp.item()) <= 127:
-        raise ValueError(f"zero_point: expected a value in [-128, 127], got {int(zp.item())}")
+    check_int8_zero_point("zero_point", zp)
     return zp
 
 
@@ -475,8 +469,7 @@ def _check_smooth(smooth, K, device, like):
     if smooth.shape[0] != K:
         raise ValueError(f"smooth: expected shape ({K},) (one factor per input channel), got {tuple(smooth.shape)}")
     _check_device("smooth", smooth, device, like)
-    if _value_checks_enabled(smooth):
-        check_positive_finite("smooth", smooth)
+    check_positive_finite("smooth", smooth)
     return smooth
 
 
@@ -487,8 +480,7 @@ def _check_act_scale(a_scale, M, device, like, name="a_scale"):
         raise ValueError(f"{name}: expected one scale per tensor ([1]) or per row ([M] or [M, 1], M={M}), "
                          f"got shape {tuple(a_scale.shape)}")
     _check_device(name, a_scale, device, like)
-    if _value_checks_enabled(a_scale):
-        check_positive_finite(name, a_scale)
+    check_positive_finite(name, a_scale)
     return a_scale.reshape(-1).contiguous()
 
 
@@ -497,8 +489,7 @@ def check_static_act(act_scale, act_zero_point, w_sum, device):
     zp = None
     if act_scale is not None:
         act_scale = _check_scalar("act_scale", act_scale, torch.float32, device, "x")
-        if _value_checks_enabled(act_scale):
-            check_positive_finite("act_scale", act_scale)
+        check_positive_finite("act_scale", act_scale)
         zp = _check_zero_point(act_zero_point, device, "x")
         if zp is not None and w_sum is None:
             raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
@@ -540,8 +531,7 @@ def quantize_activation_int8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] 
             raise ValueError("zero_point: dynamic per-token quantization is symmetric; pass scale for static")
         return _quantize_rows_int8_op(x, smooth)
     s = _check_scalar("scale", scale, torch.float32, x.device, "x")
-    if _value_checks_enabled(s):
-        check_positive_finite("scale", s)
+    check_positive_finite("scale", s)
     zp = _check_zero_point(zero_point, x.device, "x")
     return _quantize_static_int8_op(x, smooth, s, zp), s
 
@@ -589,8 +579,7 @@ def quantize_activation_fp8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] =
     if scale is None:
         return _quantize_rows_fp8_op(x, smooth)
     s = _check_scalar("scale", scale, torch.float32, x.device, "x")
-    if _value_checks_enabled(s):
-        check_positive_finite("scale", s)
+    check_positive_finite("scale", s)
     return _quantize_static_fp8_op(x, smooth, s), s
 
 

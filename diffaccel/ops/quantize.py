@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_positive_finite, check_tensor, same_device, values_readable
+from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, same_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AMAX_FLOOR = 1e-12  # keeps an all-zero row's scale finite and positive
@@ -124,8 +124,7 @@ def quantize_per_tensor(x: torch.Tensor, scale, zero_point=0) -> torch.Tensor:
     scale_t = _as_scalar_tensor("scale", scale, torch.float32, x.device)
     zp_t = _as_scalar_tensor("zero_point", zero_point, torch.int32, x.device)
     check_positive_finite("scale", scale_t)
-    if values_readable(zp_t) and not -128 <= int(zp_t.item()) <= 127:
-        raise ValueError(f"zero_point: expected a value in [-128, 127], got {int(zp_t.item())}")
+    check_int8_zero_point("zero_point", zp_t)
     return _quantize_per_tensor_op(x, scale_t, zp_t)
 
 

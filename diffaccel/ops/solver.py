@@ -138,8 +138,14 @@ _backend.register(_backend.OpBackends(
 
 # -- the custom op ------------------------------------------------------------------------
 
-def _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
-         guidance_rescale, out_dtype, history_dtype, write_history, noise_seed=None, noise_offset=0):
+@_backend.custom_op("fused_solver_step")
+def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
+                          row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
+                          h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
+                          noise: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], guidance_scale: float,
+                          guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
+                          write_history: bool, noise_seed: Optional[torch.Tensor] = None,
+                          noise_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     def cont(t):
         return None if t is None else t.contiguous()
 
@@ -149,19 +155,7 @@ def _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise
             history_dtype, write_history)
     if noise_seed is None:
         return impl(*args)
-    return impl(*args, noise_seed.reshape(()), noise_offset)
-
-
-@_backend.custom_op("fused_solver_step")
-def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor,
-                          row: Optional[torch.Tensor], model_output_cond: Optional[torch.Tensor],
-                          h0: Optional[torch.Tensor], h1: Optional[torch.Tensor], h2: Optional[torch.Tensor],
-                          noise: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], guidance_scale: float,
-                          guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
-                          write_history: bool, noise_seed: Optional[torch.Tensor] = None,
-                          noise_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample,
-                guidance_scale, guidance_rescale, out_dtype, history_dtype, write_history, noise_seed, noise_offset)
+    return impl(*args, noise_seed, noise_offset)  # 0-d: fused_solver_step reshaped it
 
 
 @_fused_solver_step_op.register_fake
