@@ -4,6 +4,8 @@ CUDA sources are compiled whenever a CUDA toolkit and a CUDA build of torch are 
 (no GPU needed). Environment:
   DIFFACCEL_CUDA_ARCH        archs to build, default "8.0;8.9;9.0a"
   DIFFACCEL_SKIP_CUDA_BUILD  1: build the C++ part only
+  CUTLASS_DIR                a CUTLASS checkout (include/ and tools/util/include/); else the headers
+                             of the nvidia-cutlass package; needed for the Hopper W8A8 GEMM (9.0a)
   CUDA_HOME / CUDA_PATH      the toolkit; else found by following nvcc on PATH
   MAX_JOBS                   parallel compile jobs (ninja)
 """
@@ -53,6 +55,25 @@ def resolve_cuda_home():
     return None
 
 
+def find_cutlass():
+    """[include dirs] of CUTLASS 3 headers, or None. Located without importing the package (it
+    imports cuda-python at import time)."""
+    roots = []
+    if os.environ.get("CUTLASS_DIR"):
+        roots.append(os.environ["CUTLASS_DIR"])
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.origin:
+        roots.append(os.path.join(os.path.dirname(spec.origin), "source"))
+    for root in roots:
+        dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+        if all(os.path.isdir(d) for d in dirs) and \
+                os.path.isfile(os.path.join(dirs[0], "cutlass", "gemm", "collective", "collective_builder.hpp")):
+            return dirs
+    return None
+
+
 def gencode_flags(archs):
     flags = []
     for arch in archs:
@@ -88,7 +109,19 @@ def build_extension():
         cxx_flags.append("-DDIFFACCEL_WITH_CUDA")
         nvcc_flags = ["-O3", "-std=c++20", "-DDIFFACCEL_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
                       "--threads", os.environ.get("DIFFACCEL_NVCC_THREADS", "2")] + gencode_flags(archs)
-        ext = CUDAExtension("diffaccel._C", cpp_sources + cu_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs = [os.path.join(ROOT, "csrc")]
+        # the Hopper W8A8 int8/fp8 GEMMs (csrc/gemm_sm90.cu) are CUTLASS 3; without the headers or the
+        # 9.0a target it compiles to a stub that raises, and diffaccel runs that GEMM on Triton
+        cutlass = find_cutlass() if "9.0a" in archs else None
+        if cutlass:
+            include_dirs += cutlass
+            cxx_flags.append("-DDIFFACCEL_WITH_CUTLASS")
+            nvcc_flags.append("-DDIFFACCEL_WITH_CUTLASS")
+        else:
+            why = "no 9.0a in DIFFACCEL_CUDA_ARCH" if "9.0a" not in archs else \
+                "no CUTLASS headers (pip install nvidia-cutlass, or set CUTLASS_DIR)"
+            print(f"diffaccel setup: building without the CUTLASS sm_90a W8A8 GEMMs ({why})", file=sys.stderr)
+        ext = CUDAExtension("diffaccel._C", cpp_sources + cu_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
     else:
         ext = CppExtension("diffaccel._C", cpp_sources, include_dirs=[os.path.join(ROOT, "csrc")],

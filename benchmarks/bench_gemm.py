@@ -1,6 +1,7 @@
 """Quantized GEMMs at SDXL UNet and Flux transformer linear shapes, M = 1 ... 16384 tokens.
 
-Ours (Triton on a GPU; the torch reference in the CPU smoke run): W8A8 int8 including the dynamic
+Ours (the backend diffaccel picks on a GPU: the CUTLASS GEMMs for W8A8 int8 and fp8 on sm_90 where the
+build has them, else Triton; the torch reference in the CPU smoke run): W8A8 int8 including the dynamic
 per-token activation quantization (fp16 in, fp16 out), the int8 GEMM alone on pre-quantized
 activations, the int8 GEMM quantizing its own rows at every M (``-quant-in-gemm``: the data for
 ``diffaccel.ops.gemm.FUSED_QUANT_MAX_M``, the M up to which ``int8_linear`` does that instead of a
@@ -10,7 +11,8 @@ torch._int_mm (int8 GEMM only, int32 out, no dequantization), torch._scaled_mm r
 only on pre-quantized operands), and torchao when its wheel is installed (carried to the GPU machine
 like diffusers' wheel, see BENCHMARKS.md): its int8 dynamic-activation Linear eager (the path that is
 ~20x slower than bf16 on Flux without compilation) and under torch.compile (M >= 4096 only: every M is
-a separate compile), and its fp8 rowwise Linear eager. No CUDA/CUTLASS GEMM exists in diffaccel yet. Also: q/k/v
+a separate compile), and its fp8 rowwise Linear eager. ``-triton`` W8A8 / FP8 cases force the Triton
+GEMM where the automatic choice is the CUTLASS one (sm_90), so both are measured in one run. Also: q/k/v
 projections with one shared activation quantization, and whole diffusers feed-forwards
 (FusedFeedForward vs the same quantized layers run one by one vs fp16).
 """
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._util import annotate, device, is_smoke, measure
+from diffaccel.ops import _backend, use_backend
 from diffaccel.ops import gemm as G
 from diffaccel.quant import formats as fmt
 
@@ -32,7 +35,8 @@ else:  # (model, N, K) of nn.Linear(K, N)
     SHAPES = [("sdxl-attn1280", 1280, 1280), ("sdxl-ff-geglu", 10240, 1280), ("sdxl-ff-out", 1280, 5120),
               ("flux-qkv", 9216, 3072), ("flux-mlp-up", 12288, 3072), ("flux-mlp-down", 3072, 12288)]
     MS = [1, 256, 1024, 4096, 16384]
-IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-gemm-only", "diffaccel:w8a8-quant-in-gemm", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:w4a16",
+IMPLS = ["diffaccel:w8a8", "diffaccel:w8a8-gemm-only", "diffaccel:w8a8-triton", "diffaccel:w8a8-gemm-only-triton",
+         "diffaccel:w8a8-quant-in-gemm", "diffaccel:w4a8", "diffaccel:fp8", "diffaccel:fp8-triton", "diffaccel:w4a16",
          "baseline:cublas-fp16", "baseline:cublas-bf16", "baseline:torch-int_mm", "baseline:torch-scaled_mm-rowwise",
          "baseline:torchao-int8-dynamic", "baseline:torchao-int8-dynamic-compiled", "baseline:torchao-fp8-rowwise"]
 TORCHAO_COMPILED_MIN_M = 4096
@@ -95,6 +99,27 @@ def test_gemm(benchmark, shape, M, impl):
     xbf = x16.bfloat16()
     flops = 2 * M * N * K
     w_bytes = N * K * 2
+    if impl.endswith("-triton"):
+        # the same call with the Triton GEMM forced: only where the automatic choice is another one
+        base = impl[: -len("-triton")]
+        fp8 = base == "diffaccel:fp8"
+        if fp8 and dev.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("fp8 needs sm_89+")
+        if _backend.choose("fp8_gemm" if fp8 else "int8_act_gemm", dev)[0] != "cuda":
+            pytest.skip("the automatic choice is already Triton (or the reference) here")
+        annotate(benchmark, family=FAMILY, case=f"{name} N={N} K={K} M={M}", shape={"M": M, "N": N, "K": K},
+                 dtype="bf16" if fp8 else "fp16", impl=impl, flops=flops, bytes=M * K * 2 + N * K + M * N * 2)
+        if fp8:
+            fn = lambda: G.fp8_linear(xbf, W["f8"], W["sf8"])  # noqa: E731
+        elif base == "diffaccel:w8a8":
+            fn = lambda: G.int8_linear(x16, W["q8"], W["s8"])  # noqa: E731
+        else:
+            aq, sa = G.quantize_activation_int8(x16)
+            fn = lambda: G.int8_gemm(aq, W["q8"], sa, W["s8"], out_dtype=torch.float16)  # noqa: E731
+        with torch.no_grad(), use_backend("triton"):
+            out = measure(benchmark, fn)
+        assert out.shape == (M, N)
+        return
     if impl == "diffaccel:w8a8":
         fn, w_bytes = (lambda: G.int8_linear(x16, W["q8"], W["s8"])), N * K
     elif impl == "diffaccel:w8a8-gemm-only":

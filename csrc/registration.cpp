@@ -3,6 +3,7 @@
 // are defined in diffaccel/ops and choose among the extension, Triton and the torch reference.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include "gemm_sm90.h"
 #include "quantize.h"
 #include "solver.h"
 
@@ -18,6 +19,10 @@ TORCH_LIBRARY(diffaccel, m) {
         "float guidance_scale, float guidance_rescale, ScalarType out_dtype, ScalarType history_dtype, "
         "bool write_history, Tensor? noise_seed=None, int noise_offset=0) -> (Tensor, Tensor, Tensor)");
   m.def("ext_philox4x32(Tensor seed, int offset, int numel) -> Tensor");  // the raw noise stream, for tests
+  m.def("ext_int8_gemm_sm90(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor");
+  m.def("ext_fp8_gemm_sm90(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffaccel, CPU, m) {
@@ -33,6 +38,8 @@ TORCH_LIBRARY_IMPL(diffaccel, CUDA, m) {
   m.impl("ext_quantize_per_token", &diffaccel::quantize_per_token_cuda);
   m.impl("ext_fused_solver_step", &diffaccel::fused_solver_step_cuda);
   m.impl("ext_philox4x32", &diffaccel::philox4x32_cuda);
+  m.impl("ext_int8_gemm_sm90", &diffaccel::int8_gemm_sm90);
+  m.impl("ext_fp8_gemm_sm90", &diffaccel::fp8_gemm_sm90);
 }
 #endif
 
@@ -40,4 +47,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "diffaccel compiled kernels (registered as torch.ops.diffaccel.ext_*)";
   module.def("cuda_archs", [] { return std::string(DIFFACCEL_CUDA_ARCHS); },
              "Semicolon-separated archs this build holds SASS for; empty when built without CUDA.");
+  module.def("cutlass_sm90", [] {
+#ifdef DIFFACCEL_WITH_CUTLASS
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUTLASS sm_90a GEMMs (ext_int8_gemm_sm90, ext_fp8_gemm_sm90) were compiled.");
 }

@@ -32,6 +32,7 @@ def info() -> dict:
             "loaded": _backend.extension() is not None,
             "error": _backend.extension_error(),
             "cuda_archs": list(_backend.extension_cuda_archs()),
+            "cutlass_sm90": bool(_backend.extension() is not None and _backend.extension().cutlass_sm90()),
         },
         "forced_backend": _backend.forced_backend(),
         "ops": ops.explain(),
@@ -49,7 +50,8 @@ def format_info(d: dict) -> str:
     ext = d["extension"]
     if ext["loaded"]:
         archs = ", ".join(ext["cuda_archs"]) or "none (C++ only build)"
-        lines.append(f"extension diffaccel._C: loaded; CUDA archs: {archs}")
+        cutlass = "yes" if ext["cutlass_sm90"] else "no (built without CUTLASS headers or without 9.0a)"
+        lines.append(f"extension diffaccel._C: loaded; CUDA archs: {archs}; CUTLASS sm_90a W8A8 GEMMs: {cutlass}")
     else:
         lines.append(f"extension diffaccel._C: NOT loaded ({ext['error']})")
     if d["forced_backend"]:

@@ -47,6 +47,13 @@ class OpBackends:
     cuda_devices: tuple = ("cuda",)
     triton_cpu: bool = True  # False where the interpreter lacks what the kernel needs
     triton_min_capability: tuple = (8, 0)  # the oldest GPU arch its Triton kernel compiles for (fp8: sm_89)
+    # GPU archs the _C kernel runs on, e.g. ((9, 0),) for a wgmma kernel; None: every arch _C holds
+    cuda_capabilities: Optional[tuple] = None
+    # name of the _C function that says whether the kernel was compiled (e.g. "cutlass_sm90"); None: always
+    cuda_built: Optional[str] = None
+    # per call, for a _C kernel that covers only some arguments: f(*op_args) -> None if it runs
+    # them, else why not; those calls take the next backend (Triton, then torch), a forced "cuda" raises
+    cuda_covers: Optional[Callable] = None
 
 
 _REGISTRY: dict[str, OpBackends] = {}
@@ -155,6 +162,11 @@ def _why_not(op: OpBackends, backend: str, device: torch.device) -> Optional[str
             cap = torch.cuda.get_device_capability(device)
             if not any(_arch_matches(a, cap) for a in extension_cuda_archs()):
                 return f"_C holds no code for sm_{cap[0]}{cap[1]} (built: {';'.join(extension_cuda_archs())})"
+            if op.cuda_capabilities is not None and tuple(cap) not in op.cuda_capabilities:
+                archs = ", ".join(f"sm_{a}{b}" for a, b in op.cuda_capabilities)
+                return f"{op.name}'s _C kernel runs on {archs} only (this GPU is sm_{cap[0]}{cap[1]})"
+        if op.cuda_built is not None and not getattr(extension(), op.cuda_built)():
+            return f"{op.name}'s _C kernel was not compiled in this build (_C.{op.cuda_built}() is False)"
         return None
     if backend == "triton":
         if op.triton is None:
@@ -199,14 +211,35 @@ def _choose(op_name: str, device: torch.device, forced: Optional[str], interpret
         for backend in ("cuda", "triton"):
             why = _why_not(op, backend, device)
             if why is None:
+                if backend == "cuda" and op.cuda_covers is not None:
+                    return backend, f"fastest available (calls it does not cover: {_uncovered(op_name, device)})"
                 return backend, "fastest available"
         return "torch", "no GPU kernel available"
     return "torch", "reference on CPU"
 
 
-def implementation(op_name: str, device: torch.device) -> Callable:
+@functools.lru_cache(maxsize=None)
+def _uncovered(op_name: str, device: torch.device) -> str:
+    """The backend for calls a partial _C kernel (``cuda_covers``) declines: Triton, else torch."""
+    return "triton" if _why_not(_REGISTRY[op_name], "triton", device) is None else "torch"
+
+
+def implementation(op_name: str, device: torch.device, args: Optional[tuple] = None) -> Callable:
+    """The function that runs ``op_name`` on ``device``; ``args`` (the op's arguments) are needed
+    for an op whose _C kernel covers only some calls (``OpBackends.cuda_covers``)."""
     backend, _ = choose(op_name, device)
-    fn = getattr(_REGISTRY[op_name], backend)
+    op = _REGISTRY[op_name]
+    if backend == "cuda" and op.cuda_covers is not None:
+        if args is None:
+            raise TypeError(f"implementation({op_name!r}): its _C kernel covers some calls only; pass args")
+        why = op.cuda_covers(*args)
+        if why is not None:
+            if forced_backend() == "cuda":
+                raise BackendUnavailable(f"backend 'cuda' forced for {op_name}, but its _C kernel {why}")
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            backend = _uncovered(op_name, device)
+    fn = getattr(op, backend)
     if backend == "triton" and device.type == "cuda" and device.index is not None \
             and device.index != torch.cuda.current_device():
         # Triton launches on the current device (the _C kernels set a device guard themselves)

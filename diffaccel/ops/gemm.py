@@ -277,15 +277,84 @@ def _triton_weight_only_gemm(x, w, w_scale, bias, group_size, w_int4):
     return out
 
 
+# -- CUDA backend: the CUTLASS W8A8 GEMMs for Hopper (csrc/gemm_sm90.cu) ---------------------
+
+SM90_OUT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _sm90_gemm_declines(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+    """None if the sm_90 CUTLASS GEMM runs these int8_act_gemm arguments, else why not (the call
+    then runs on Triton). It takes per-channel int8 weights, symmetric activations scaled per row
+    or per tensor, fp16/bf16 output, and TMA-aligned operands (16-byte rows and base addresses)."""
+    if w_int4 or group_size:
+        return "takes per-channel int8 weights only (not int4, not group-wise)"
+    if zero_point is not None:
+        return "takes symmetric activations only (no zero point)"
+    return _sm90_operands_decline(a, w, w_scale, bias, out_dtype)
+
+
+def _sm90_operands_decline(a, w, w_scale, bias, out_dtype):
+    """What both sm_90 GEMMs (int8, fp8) need of their operands: None if met, else what is not."""
+    if out_dtype not in SM90_OUT_DTYPES:
+        return f"writes float16 or bfloat16 only, not {out_dtype}"
+    K, N = a.shape[1], w.shape[0]
+    if K % 16 or N % 8:
+        return f"needs K % 16 == 0 and N % 8 == 0 (16-byte TMA rows), got K={K}, N={N}"
+    if not w.is_contiguous() or a.data_ptr() % 16 or w.data_ptr() % 16:
+        return "needs contiguous, 16-byte aligned operands"
+    if not w_scale.is_contiguous() or w_scale.dim() != 1:
+        return "needs a contiguous per-channel w_scale [N]"
+    # the epilogue reads w_scale and bias with 16-byte vector loads
+    if w_scale.data_ptr() % 16 or (bias is not None and bias.data_ptr() % 16):
+        return "needs 16-byte aligned w_scale and bias"
+    return None
+
+
+def _cuda_int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+    return torch.ops.diffaccel.ext_int8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype)
+
+
+def _sm90_fp8_declines(a, w, a_scale, w_scale, bias, out_dtype):
+    return _sm90_operands_decline(a, w, w_scale, bias, out_dtype)
+
+
+def _cuda_fp8_gemm(a, w, a_scale, w_scale, bias, out_dtype):
+    return torch.ops.diffaccel.ext_fp8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype)
+
+
+def _sm90_linear_declines(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                          out_dtype):
+    """int8_linear on sm_90: activation quantization (its own best backend), then the CUTLASS GEMM;
+    at or below FUSED_QUANT_MAX_M rows the one fused Triton kernel is cheaper than two launches."""
+    if x.shape[0] <= FUSED_QUANT_MAX_M:
+        return f"is not used at M <= {FUSED_QUANT_MAX_M} (one fused Triton kernel quantizes inside the GEMM)"
+    return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+
+
+def _cuda_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+    dev = x.device
+    if act_scale is None:
+        q, s = _backend.implementation("quantize_rows_int8", dev)(x, smooth)
+    else:
+        q, s = _backend.implementation("quantize_static_int8", dev)(x, smooth, act_scale, None), act_scale
+    return torch.ops.diffaccel.ext_int8_gemm_sm90(q, w, s.reshape(-1), w_scale, bias, out_dtype)
+
+
+SM90_GEMM = dict(cuda_capabilities=((9, 0),), cuda_built="cutlass_sm90")
+
+
 def _register(name, ref, triton_fn, **options):
     _backend.register(_backend.OpBackends(name, torch=ref, triton=triton_fn, **options))
 
 
-_register("int8_act_gemm", int8_act_gemm_reference, _triton_int8_act_gemm)
+_register("int8_act_gemm", int8_act_gemm_reference, _triton_int8_act_gemm, cuda=_cuda_int8_act_gemm,
+          cuda_covers=_sm90_gemm_declines, **SM90_GEMM)
 _register("quantize_rows_int8", quantize_rows_int8_reference, _triton_quantize_rows_int8)
 _register("quantize_static_int8", quantize_static_int8_reference, _triton_quantize_static_int8)
-_register("int8_linear", int8_linear_reference, _triton_int8_linear)
-_register("fp8_gemm", fp8_gemm_reference, _triton_fp8_gemm, triton_min_capability=FP8_MIN_CAPABILITY)
+_register("int8_linear", int8_linear_reference, _triton_int8_linear, cuda=_cuda_int8_linear,
+          cuda_covers=_sm90_linear_declines, **SM90_GEMM)
+_register("fp8_gemm", fp8_gemm_reference, _triton_fp8_gemm, triton_min_capability=FP8_MIN_CAPABILITY,
+          cuda=_cuda_fp8_gemm, cuda_covers=_sm90_fp8_declines, **SM90_GEMM)
 # (the interpreter's fp8 casts do not round like torch's: the kernels round on the E4M3 grid first there)
 _register("quantize_rows_fp8", quantize_rows_fp8_reference, _triton_quantize_rows_fp8)
 _register("quantize_static_fp8", quantize_static_fp8_reference, _triton_quantize_static_fp8)
@@ -298,12 +367,17 @@ def _impl(name, device):
     return _backend.implementation(name, device)
 
 
+def _run(name, *args):
+    """Ops whose _C kernel covers some calls only: the backend depends on the arguments too."""
+    return _backend.implementation(name, args[0].device, args)(*args)
+
+
 @_backend.custom_op("int8_act_gemm")
 def _int8_act_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                       zero_point: Optional[torch.Tensor], w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       group_size: int, w_int4: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    return _impl("int8_act_gemm", a.device)(a.contiguous(), w, a_scale, w_scale, zero_point, w_sum, bias,
-                                            group_size, w_int4, out_dtype)
+    return _run("int8_act_gemm", a.contiguous(), w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4,
+                out_dtype)
 
 
 @_int8_act_gemm_op.register_fake
@@ -337,8 +411,8 @@ def _int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smo
                     act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
                     out_dtype: torch.dtype) -> torch.Tensor:
-    return _impl("int8_linear", x.device)(x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum,
-                                          bias, group_size, w_int4, out_dtype)
+    return _run("int8_linear", x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias,
+                group_size, w_int4, out_dtype)
 
 
 @_int8_linear_op.register_fake
@@ -349,7 +423,7 @@ def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size,
 @_backend.custom_op("fp8_gemm")
 def _fp8_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _impl("fp8_gemm", a.device)(a.contiguous(), w, a_scale, w_scale, bias, out_dtype)
+    return _run("fp8_gemm", a.contiguous(), w, a_scale, w_scale, bias, out_dtype)
 
 
 @_fp8_gemm_op.register_fake

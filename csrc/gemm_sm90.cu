@@ -1,0 +1,286 @@
+// The W8A8 GEMMs for Hopper (sm_90a) on CUTLASS 3: int8 x int8 with int32 accumulation, and
+// fp8 e4m3 x e4m3 with fp32 accumulation. TMA loads, a warp-specialised wgmma main loop, and
+// the dequantization fused into the epilogue as an epilogue visitor tree:
+//
+//   out[m, n] = cast_rn( (fp32(acc[m, n]) * a_scale[m]) * w_scale[n] + bias[n] )
+//
+// the order and rounding of diffaccel.ops.gemm's references (int8_act_gemm_reference,
+// fp8_gemm_reference): every product and the sum are separate IEEE round-to-nearest operations
+// (__fmul_rn / __fadd_rn, which nvcc never contracts into an FMA) and the int32 to fp32
+// conversion rounds to nearest as torch's .float() does, so int8 results are bit-exact; fp8
+// results equal the reference up to the order of the fp32 accumulation (the main loop promotes
+// wgmma's partial sums into fp32 registers every few k-blocks: no "fast accumulation"). a_scale
+// is per row (dynamic per-token activations) or one value (static per-tensor, a stride-0
+// broadcast); bias may be absent (a null pointer broadcasts +0, so -0.0 may come out as +0.0).
+//
+// Why: on the H200 cuBLAS int8 (torch._int_mm) was no faster than fp16 (BENCHMARKS.md,
+// 2026-12-04), the Triton int8 GEMM reached 0.5-0.8x of fp16 and the Triton fp8 GEMM 0.5-0.6x of
+// torch._scaled_mm; wgmma int8/fp8 has twice the fp16 peak. What is not covered here (group-wise
+// or int4 weights, a zero point, fp32 output, K or N not multiples of 16 / 8) runs on Triton;
+// the Python side (diffaccel.ops.gemm) decides.
+// CuTe's device-side assert() is a call to __assertfail: a call inside the wgmma pipeline makes
+// ptxas serialize every wgmma (warning C7510). torch extensions build without NDEBUG.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/types.h>
+
+#include "common.h"
+#include "gemm_sm90.h"
+
+#ifdef DIFFACCEL_WITH_CUTLASS
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#endif
+
+namespace diffaccel {
+
+#ifdef DIFFACCEL_WITH_CUTLASS
+namespace {
+
+using namespace cute;
+
+DA_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+DA_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// Epilogue compute functors (Sm90Compute applies them to fragments): plain multiplies/plus
+// would let nvcc fuse the last product and the bias into one FMA, rounding once instead of twice.
+template <class T>
+struct MulRn {
+  CUTLASS_HOST_DEVICE T operator()(T const& a, T const& b) const { return mul_rn(a, b); }
+};
+template <int N>
+struct MulRn<cutlass::Array<float, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
+                                                          cutlass::Array<float, N> const& b) const {
+    cutlass::Array<float, N> r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) r[i] = mul_rn(a[i], b[i]);
+    return r;
+  }
+};
+template <class T>
+struct AddRn {
+  CUTLASS_HOST_DEVICE T operator()(T const& a, T const& b) const { return add_rn(a, b); }
+};
+template <int N>
+struct AddRn<cutlass::Array<float, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
+                                                          cutlass::Array<float, N> const& b) const {
+    cutlass::Array<float, N> r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) r[i] = add_rn(a[i], b[i]);
+    return r;
+  }
+};
+
+// One GEMM configuration: operand and out element types, CTA tile, cluster and kernel schedule.
+template <class ElementAB, class ElementOut, class TileShape, class ClusterShape, class KernelSchedule,
+          class EpilogueSchedule>
+struct ScaledGemmSm90 {
+  using ElementAcc = cute::conditional_t<cute::is_same_v<ElementAB, int8_t>, int32_t, float>;
+  static constexpr int kAlignAB = 16;                            // 1-byte elements per 16-byte TMA row unit
+  static constexpr int kAlignOut = 16 / sizeof(ElementOut);
+
+  static constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
+  using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
+  // a_scale: per row, or one value when its dynamic M stride is 0 (static activations)
+  using AScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<bool, _0, int64_t>>;
+  using WScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;
+  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;
+  using Mul = cutlass::epilogue::fusion::Sm90Compute<MulRn, float, float, RN>;
+  using AddCast = cutlass::epilogue::fusion::Sm90Compute<AddRn, ElementOut, float, RN>;
+  using ScaledA = cutlass::epilogue::fusion::Sm90EVT<Mul, Acc, AScale>;
+  using ScaledAW = cutlass::epilogue::fusion::Sm90EVT<Mul, ScaledA, WScale>;
+  using Epilogue = cutlass::epilogue::fusion::Sm90EVT<AddCast, ScaledAW, Bias>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float,
+      void, cutlass::layout::RowMajor, kAlignOut,          // no C operand
+      ElementOut, cutlass::layout::RowMajor, kAlignOut, EpilogueSchedule, Epilogue>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementAB, cutlass::layout::RowMajor, kAlignAB,       // A [M, K], K contiguous
+      ElementAB, cutlass::layout::ColumnMajor, kAlignAB,    // W [N, K] row-major is B [K, N] column-major
+      ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static void run(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                  const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+    const int M = a.size(0), K = a.size(1), N = w.size(0);
+    using StrideA = typename Gemm::GemmKernel::StrideA;
+    using StrideB = typename Gemm::GemmKernel::StrideB;
+    using StrideD = typename Gemm::GemmKernel::StrideD;
+    StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(M, K, 1));
+    StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1));
+    StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
+
+    const bool per_row = a_scale.numel() > 1;
+    typename Epilogue::Arguments epi{
+        {                                                            // ScaledAW
+            {                                                        // ScaledA
+                {},                                                  // Acc
+                {a_scale.data_ptr<float>(), 0.f, {per_row, _0{}, int64_t(0)}},
+                {}},                                                 // Mul
+            {w_scale.data_ptr<float>(), 0.f, {}},
+            {}},                                                     // Mul
+        {bias.has_value() ? bias->data_ptr<float>() : nullptr, 0.f, {}},
+        {}};                                                         // AddCast
+
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {M, N, K, 1},
+        {reinterpret_cast<ElementAB const*>(a.data_ptr()), stride_a,
+         reinterpret_cast<ElementAB const*>(w.data_ptr()), stride_b},
+        {epi, nullptr, stride_d, reinterpret_cast<ElementOut*>(out.data_ptr()), stride_d}};
+
+    Gemm gemm;
+    const auto status = gemm.can_implement(args);
+    TORCH_CHECK(status == cutlass::Status::kSuccess, "scaled_gemm_sm90: CUTLASS cannot run M=", M, " N=", N, " K=", K,
+                ": ", cutlassGetStatusString(status));
+    const size_t workspace_bytes = Gemm::get_workspace_size(args);
+    at::Tensor workspace;
+    if (workspace_bytes)
+      workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a.options().dtype(at::kByte));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+    const auto run_status = gemm.run(args, workspace_bytes ? workspace.data_ptr() : nullptr, stream);
+    TORCH_CHECK(run_status == cutlass::Status::kSuccess, "scaled_gemm_sm90: launch failed: ",
+                cutlassGetStatusString(run_status));
+  }
+};
+
+// Two tiles per operand type: 64 x 128 (ping-pong: two consumer warp groups alternate, one in its
+// epilogue while the other computes) for M up to kSm90SmallM, and 128 x 128 (cooperative, a 2 x 1
+// cluster sharing W tiles by multicast) above. K tiles are 128-256 bytes per row: whole TMA boxes.
+// The fp8 schedules are the precise ones (partial sums promoted to fp32), not *FP8FastAccum.
+template <class ElementAB, class ElementOut>
+using SmallM = ScaledGemmSm90<ElementAB, ElementOut,
+                              Shape<_64, _128, cute::conditional_t<cute::is_same_v<ElementAB, int8_t>, _256, _128>>,
+                              Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                              cutlass::epilogue::TmaWarpSpecialized>;
+template <class ElementAB, class ElementOut>
+using LargeM = ScaledGemmSm90<ElementAB, ElementOut, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                              cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
+
+template <class ElementAB, class ElementOut>
+void dispatch_tile(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                   const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  if (a.size(0) <= kSm90SmallM)
+    SmallM<ElementAB, ElementOut>::run(a, w, a_scale, w_scale, bias, out);
+  else
+    LargeM<ElementAB, ElementOut>::run(a, w, a_scale, w_scale, bias, out);
+}
+
+template <class ElementAB>
+void dispatch_out(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                  const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  if (out.scalar_type() == at::kHalf)
+    dispatch_tile<ElementAB, cutlass::half_t>(a, w, a_scale, w_scale, bias, out);
+  else
+    dispatch_tile<ElementAB, cutlass::bfloat16_t>(a, w, a_scale, w_scale, bias, out);
+}
+
+}  // namespace
+#endif  // DIFFACCEL_WITH_CUTLASS
+
+namespace {
+
+// The checks both GEMMs share; ``ab`` is the operand dtype (int8 or float8_e4m3fn).
+at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
+                            const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                            at::ScalarType out_dtype, at::ScalarType ab) {
+#ifndef DIFFACCEL_WITH_CUTLASS
+  TORCH_CHECK(false, "diffaccel was built without CUTLASS, so without its sm_90a GEMMs "
+              "(pip install --no-deps nvidia-cutlass, then rebuild)");
+#else
+  DA_CHECK_ARG(a.is_cuda() && a.scalar_type() == ab && a.dim() == 2 && a.is_contiguous(), "a",
+               "expected a contiguous ", ab, " CUDA tensor [M, K], got ", a.scalar_type(), " ", a.sizes());
+  DA_CHECK_ARG(w.scalar_type() == ab && w.dim() == 2 && w.is_contiguous() && w.size(1) == a.size(1), "w",
+               "expected a contiguous ", ab, " tensor [N, K] with K=", a.size(1), ", got ", w.scalar_type(), " ",
+               w.sizes());
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  DA_CHECK_ARG(K % 16 == 0 && K > 0, "a", "K must be a positive multiple of 16 (16-byte TMA rows), got K=", K);
+  DA_CHECK_ARG(N % 8 == 0 && N > 0, "w", "N must be a positive multiple of 8 (16-byte output rows), got N=", N);
+  DA_CHECK_ARG(a_scale.scalar_type() == at::kFloat && a_scale.is_contiguous() &&
+                   (a_scale.numel() == 1 || a_scale.numel() == M),
+               "a_scale", "expected float32 with 1 or M=", M, " values, got ", a_scale.numel());
+  DA_CHECK_ARG(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == N, "w_scale",
+               "expected float32 with N=", N, " values (per output channel)");
+  if (bias.has_value())
+    DA_CHECK_ARG(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias",
+                 "expected float32 with N=", N, " values");
+  DA_CHECK_ARG(out_dtype == at::kHalf || out_dtype == at::kBFloat16, "out_dtype",
+               "expected float16 or bfloat16, got ", out_dtype);
+  check_same_device(w, a, "w");
+  check_same_device(a_scale, a, "a_scale");
+  check_same_device(w_scale, a, "w_scale");
+  if (bias.has_value()) check_same_device(*bias, a, "bias");
+  // TMA needs 16-byte aligned bases; the epilogue reads w_scale and bias with 16-byte vector loads
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  DA_CHECK_ARG(aligned(a), "a", "expected a 16-byte aligned data pointer");
+  DA_CHECK_ARG(aligned(w), "w", "expected a 16-byte aligned data pointer");
+  DA_CHECK_ARG(aligned(w_scale), "w_scale", "expected a 16-byte aligned data pointer");
+  if (bias.has_value()) DA_CHECK_ARG(aligned(*bias), "bias", "expected a 16-byte aligned data pointer");
+  const c10::cuda::OptionalCUDAGuard guard(a.device());
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.get_device()));
+  TORCH_CHECK(major == 9 && minor == 0, "scaled_gemm_sm90: needs an sm_90 GPU, this one is sm_", major, minor);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  if (M == 0) return out;
+  if (ab == at::kChar)
+    dispatch_out<int8_t>(a, w, a_scale, w_scale, bias, out);
+  else
+    dispatch_out<cutlass::float_e4m3_t>(a, w, a_scale, w_scale, bias, out);
+  return out;
+#endif
+}
+
+}  // namespace
+
+at::Tensor int8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
+                          const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                          at::ScalarType out_dtype) {
+  return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kChar);
+}
+
+at::Tensor fp8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
+                         const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                         at::ScalarType out_dtype) {
+  return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kFloat8_e4m3fn);
+}
+
+
+
+}  // namespace diffaccel

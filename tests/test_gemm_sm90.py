@@ -1,0 +1,266 @@
+"""The CUTLASS W8A8 GEMMs for Hopper (csrc/gemm_sm90.cu: int8 and fp8) and how calls reach them.
+
+On CPU: which GEMM calls the sm_90 kernels take and which they hand to Triton (with the
+reason), the per-call routing of an op whose _C kernel covers only some calls, and that the
+extension declares the kernels. On an sm_90 GPU (``gpu``): the int8 kernel is bit-exact against
+the integer reference, outputs included, for M in {1, 77, 333, 4096} (both tiles), N and K odd
+multiples of 8 and 16, per-token and per-tensor activation scales, with and without bias, fp16
+and bf16 out; and QuantLinear / int8_linear pick it automatically. Tolerance: none (torch.equal;
+a missing bias adds +0.0, so an output of -0.0 may come back as +0.0, which compares equal).
+The fp8 kernel: bit-exact with small integer operands (every fp32 partial sum exact, so the
+accumulation order does not matter), and with random operands within the Hopper accumulation
+bound of tests/fp8_accumulation.py plus the epilogue's roundings, as the Triton fp8 GEMM.
+"""
+import pytest
+import torch
+
+from diffaccel.ops import _backend, use_backend
+from diffaccel.ops import gemm as G
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _args(M=300, N=1280, K=1280, **over):
+    """int8_act_gemm's arguments, in its order, for a call the sm_90 kernel covers."""
+    a = dict(a=torch.zeros(M, K, dtype=torch.int8), w=torch.zeros(N, K, dtype=torch.int8),
+             a_scale=torch.ones(M), w_scale=torch.ones(N), zero_point=None, w_sum=None, bias=None, group_size=0,
+             w_int4=False, out_dtype=torch.float16)
+    a.update(over)
+    return tuple(a.values())
+
+
+# -- what the sm_90 kernel covers -------------------------------------------------------------
+
+def test_sm90_covers_w8a8_calls():
+    assert G._sm90_gemm_declines(*_args()) is None
+    assert G._sm90_gemm_declines(*_args(M=1, a_scale=torch.ones(1), out_dtype=torch.bfloat16,
+                                        bias=torch.zeros(1280))) is None
+
+
+@pytest.mark.parametrize("over,reason", [
+    (dict(w_int4=True, w=torch.zeros(1280, 640, dtype=torch.uint8)), "int4"),
+    (dict(group_size=128), "group-wise"),
+    (dict(zero_point=torch.tensor([3], dtype=torch.int32)), "zero point"),
+    (dict(out_dtype=torch.float32), "float16 or bfloat16"),
+    (dict(K=1288, a=torch.zeros(300, 1288, dtype=torch.int8), w=torch.zeros(1280, 1288, dtype=torch.int8)), "K % 16"),
+    (dict(N=1284, w=torch.zeros(1284, 1280, dtype=torch.int8), w_scale=torch.ones(1284)), "N % 8"),
+    (dict(w=torch.zeros(1280, 2560, dtype=torch.int8)[:, :1280]), "contiguous"),
+    (dict(w_scale=torch.ones(2560)[::2]), "w_scale"),
+    (dict(w_scale=torch.ones(1281)[1:]), "aligned"),
+    (dict(bias=torch.ones(1281)[1:]), "aligned"),
+])
+def test_sm90_declines_with_reason(over, reason):
+    why = G._sm90_gemm_declines(*_args(**over))
+    assert why is not None and reason in why
+
+
+def test_sm90_fp8_covers_and_declines():
+    a = torch.zeros(300, 1280, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(1280, 1280, dtype=torch.float8_e4m3fn)
+    ok = (a, w, torch.ones(300), torch.ones(1280), None, torch.bfloat16)
+    assert G._sm90_fp8_declines(*ok) is None
+    assert "float16 or bfloat16" in G._sm90_fp8_declines(*ok[:5], torch.float32)
+    narrow = torch.zeros(1284, 1280, dtype=torch.float8_e4m3fn)
+    assert "N % 8" in G._sm90_fp8_declines(a, narrow, torch.ones(300), torch.ones(1284), None, torch.bfloat16)
+
+
+def test_int8_linear_keeps_fused_kernel_at_small_m():
+    x = torch.zeros(G.FUSED_QUANT_MAX_M, 1280, dtype=torch.float16)
+    w, ws = torch.zeros(1280, 1280, dtype=torch.int8), torch.ones(1280)
+    args = (x, w, ws, None, None, None, None, None, 0, False, torch.float16)
+    assert "fused" in G._sm90_linear_declines(*args)
+    big = (torch.zeros(G.FUSED_QUANT_MAX_M + 1, 1280, dtype=torch.float16),) + args[1:]
+    assert G._sm90_linear_declines(*big) is None
+
+
+def test_extension_declares_the_kernel():
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip(_backend.extension_error())
+    assert isinstance(ext.cutlass_sm90(), bool)
+    assert hasattr(torch.ops.diffaccel, "ext_int8_gemm_sm90") and hasattr(torch.ops.diffaccel, "ext_fp8_gemm_sm90")
+    for name in ("int8_act_gemm", "int8_linear", "fp8_gemm"):
+        op = _backend.registered_ops()[name]
+        assert op.cuda_capabilities == ((9, 0),) and op.cuda_built == "cutlass_sm90" and op.cuda_covers is not None
+
+
+# -- routing of a partial _C kernel (a stand-in op on CPU, where _C kernels may be forced) --------
+
+@pytest.fixture
+def partial_op(monkeypatch):
+    if _backend.extension() is None:
+        pytest.skip(_backend.extension_error())
+    calls = []
+
+    def impl(tag):
+        def run(x):
+            calls.append(tag)
+            return x
+        return run
+
+    op = _backend.OpBackends("test_partial_cuda", torch=impl("torch"), triton=impl("triton"), cuda=impl("cuda"),
+                             cuda_devices=("cpu",), cuda_covers=lambda x: None if x.numel() > 1 else "wants numel > 1")
+    monkeypatch.setitem(_backend._REGISTRY, op.name, op)
+    _backend._choose.cache_clear()
+    _backend._uncovered.cache_clear()
+    yield op.name, calls
+    _backend._choose.cache_clear()
+    _backend._uncovered.cache_clear()
+
+
+def test_partial_kernel_runs_covered_calls(partial_op):
+    name, calls = partial_op
+    with use_backend("cuda"):
+        _backend.implementation(name, torch.device("cpu"), (torch.zeros(2),))(torch.zeros(2))
+    assert calls == ["cuda"]
+
+
+def test_partial_kernel_forced_raises_on_uncovered(partial_op):
+    name, _ = partial_op
+    with use_backend("cuda"), pytest.raises(_backend.BackendUnavailable, match="wants numel > 1"):
+        _backend.implementation(name, torch.device("cpu"), (torch.zeros(1),))
+
+
+def test_partial_kernel_needs_args(partial_op):
+    name, _ = partial_op
+    with use_backend("cuda"), pytest.raises(TypeError, match="pass args"):
+        _backend.implementation(name, torch.device("cpu"))
+
+
+def test_partial_kernel_hands_uncovered_calls_on(partial_op, monkeypatch):
+    # the automatic choice picks _C only on a GPU: stand in for that choice here
+    name, calls = partial_op
+    real = _backend.choose
+    monkeypatch.setattr(_backend, "choose", lambda n, d: ("cuda", "test") if n == name else real(n, d))
+    x = torch.zeros(1)
+    _backend.implementation(name, torch.device("cpu"), (x,))(x)
+    _backend.implementation(name, torch.device("cpu"), (torch.zeros(3),))(x)
+    assert calls == ["triton" if _backend.triton_interpreting() else "torch", "cuda"]
+
+
+# -- GPU: bit-exact on sm_90 -------------------------------------------------------------------
+
+def _sm90_or_skip(op="int8_act_gemm"):
+    dev = torch.device("cuda")
+    why = _backend._why_not(_backend.registered_ops()[op], "cuda", dev)
+    if why:
+        pytest.skip(why)
+    return dev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 77, 333, 4096])
+@pytest.mark.parametrize("N,K", [(1280, 1280), (8 * 163, 16 * 161)])
+@pytest.mark.parametrize("per_token,bias,out_dtype", [(True, True, torch.float16), (True, False, torch.bfloat16),
+                                                     (False, True, torch.bfloat16), (False, False, torch.float16)])
+def test_gpu_sm90_gemm_bit_exact(M, N, K, per_token, bias, out_dtype):
+    dev = _sm90_or_skip()
+    g = _gen(M + N)
+    a = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    a_scale = torch.rand(M, 1, generator=g) * 0.1 + 1e-3 if per_token else torch.tensor([0.037])
+    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
+    b = torch.randn(N, generator=g) if bias else None
+    ref = G.int8_act_gemm_reference(a, w, a_scale, w_scale, None, None, b, 0, False, out_dtype)
+    with use_backend("cuda"):
+        out = G.int8_gemm(a.to(dev), w.to(dev), a_scale.to(dev), w_scale.to(dev),
+                          bias=None if b is None else b.to(dev), out_dtype=out_dtype)
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [77, 333, 4096])
+@pytest.mark.parametrize("static", [False, True])
+def test_gpu_sm90_int8_linear_automatic(M, static):
+    dev = _sm90_or_skip()
+    g = _gen(M)
+    N, K = 2560, 1280
+    x = torch.randn(M, K, generator=g).to(torch.float16)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
+    b = torch.randn(N, generator=g)
+    act_scale = torch.tensor([0.05]) if static else None
+    ref = G.int8_linear_reference(x, w, w_scale, None, act_scale, None, None, b, 0, False, torch.float16)
+    assert _backend.choose("int8_linear", dev)[0] == "cuda"
+    out = G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), bias=b.to(dev),
+                        act_scale=None if act_scale is None else act_scale.to(dev))
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_sm90_uncovered_call_runs_on_triton():
+    dev = _sm90_or_skip()
+    g = _gen(5)
+    M, N, K = 333, 1280, 1280
+    x = torch.randn(M, K, generator=g).to(torch.float16)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
+    act_scale, zp = torch.tensor([0.05]), torch.tensor([-9], dtype=torch.int32)
+    w_sum = w.to(torch.int32).sum(1, dtype=torch.int32)
+    ref = G.int8_linear_reference(x, w, w_scale, None, act_scale, zp, w_sum, None, 0, False, torch.float16)
+    out = G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), act_scale=act_scale.to(dev),
+                        act_zero_point=zp.to(dev), w_sum=w_sum.to(dev))
+    assert torch.equal(out.cpu(), ref)
+    with use_backend("cuda"), pytest.raises(_backend.BackendUnavailable, match="zero point"):
+        G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), act_scale=act_scale.to(dev),
+                      act_zero_point=zp.to(dev), w_sum=w_sum.to(dev))
+
+
+@pytest.mark.gpu
+def test_gpu_sm90_quant_linear_layer():
+    dev = _sm90_or_skip()
+    from diffaccel.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1280, 5120).half()
+    layer = QuantLinear.from_float(lin, "w8a8")
+    x = torch.randn(2, 600, 1280).half()
+    with use_backend("torch"):
+        ref = layer(x)
+    out = layer.to(dev)(x.to(dev))
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 77, 333, 4096])
+@pytest.mark.parametrize("per_token,bias,out_dtype", [(True, True, torch.bfloat16), (False, False, torch.float16)])
+def test_gpu_sm90_fp8_exact_accumulation(M, per_token, bias, out_dtype):
+    dev = _sm90_or_skip("fp8_gemm")
+    g = _gen(M)
+    N, K = 8 * 163, 16 * 161
+    # |products| <= 4, so |partial sums| <= 4 K < 2^14: exact even in wgmma's fp8 accumulator, which
+    # keeps about 14 significant bits (tests/fp8_accumulation.py), and in fp32
+    a = torch.randint(-2, 3, (M, K), generator=g).float().to(torch.float8_e4m3fn)
+    w = torch.randint(-2, 3, (N, K), generator=g).float().to(torch.float8_e4m3fn)
+    a_scale = torch.rand(M, 1, generator=g) + 0.01 if per_token else torch.tensor([0.37])
+    w_scale = torch.rand(N, generator=g) + 0.01
+    b = torch.randn(N, generator=g) if bias else None
+    ref = G.fp8_gemm_reference(a, w, a_scale.reshape(-1), w_scale, b, out_dtype)
+    with use_backend("cuda"):
+        out = G.fp8_gemm(a.to(dev), w.to(dev), a_scale.to(dev), w_scale.to(dev),
+                         bias=None if b is None else b.to(dev), out_dtype=out_dtype)
+    assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [77, 4096])
+def test_gpu_sm90_fp8_linear_within_bound(M):
+    from fp8_accumulation import abs_product_sum, fp8_sum_rel_bound
+
+    from diffaccel.quant import formats as fmt
+
+    dev = _sm90_or_skip("fp8_gemm")
+    g = _gen(M)
+    x = torch.randn(M, 1024, generator=g).to(torch.bfloat16)
+    w, ws = fmt.quantize_weight_fp8(torch.randn(768, 1024, generator=g))
+    rq, rs = G.quantize_rows_fp8_reference(x, None)
+    assert _backend.choose("fp8_gemm", dev)[0] == "cuda"
+    q, s = G.quantize_activation_fp8(x.to(dev))
+    out = G.fp8_gemm(q, w.to(dev), s, ws.to(dev), out_dtype=torch.bfloat16)
+    ref = G.fp8_gemm_reference(rq, w, rs, ws, None, torch.float32).double()
+    # the accumulation's bound, the epilogue's fp32 roundings, and the bf16 output's half ulp (2^-8)
+    bound = fp8_sum_rel_bound(dev) * abs_product_sum(rq, w, rs, ws) + (2.0**-21 + 2.0**-8) * ref.abs()
+    worst = ((out.cpu().double() - ref).abs() - bound).max().item()
+    assert worst <= 0, f"fp8 GEMM error exceeds its bound by {worst:.3g}"
