@@ -12,11 +12,13 @@
 // wgmma's partial sums into fp32 registers every few k-blocks: no "fast accumulation"). a_scale
 // is per row (dynamic per-token activations) or one value (static per-tensor, a stride-0
 // broadcast); bias may be absent (a null pointer broadcasts +0, so -0.0 may come out as +0.0).
+// int8 with static asymmetric activations first corrects the int32 sums, acc - zp * w_sum[n],
+// zp read on the device (no host sync).
 //
 // Why: on the H200 cuBLAS int8 (torch._int_mm) was no faster than fp16 (BENCHMARKS.md,
 // 2026-12-04), the Triton int8 GEMM reached 0.5-0.8x of fp16 and the Triton fp8 GEMM 0.5-0.6x of
 // torch._scaled_mm; wgmma int8/fp8 has twice the fp16 peak. What is not covered here (group-wise
-// or int4 weights, a zero point, fp32 output, K or N not multiples of 16 / 8) runs on Triton;
+// or int4 weights, fp32 output, K or N not multiples of 16 / 8) runs on Triton;
 // the Python side (diffaccel.ops.gemm) decides.
 // CuTe's device-side assert() is a call to __assertfail: a call inside the wgmma pipeline makes
 // ptxas serialize every wgmma (warning C7510). torch extensions build without NDEBUG.
@@ -96,11 +98,23 @@ struct AddRn<cutlass::Array<float, N>> {
   }
 };
 
+// A GEMM's tensors, checked by scaled_gemm_sm90. zero_point / w_sum: int8 only (static asymmetric
+// activations), or undefined.
+struct Sm90Operands {
+  at::Tensor a, w, a_scale, w_scale, bias, zero_point, w_sum, out;
+};
+
+template <class T>
+T const* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T const*>(t.data_ptr()) : nullptr;
+}
+
 // One GEMM configuration: operand and out element types, CTA tile, cluster and kernel schedule.
 template <class ElementAB, class ElementOut, class TileShape, class ClusterShape, class KernelSchedule,
           class EpilogueSchedule>
 struct ScaledGemmSm90 {
-  using ElementAcc = cute::conditional_t<cute::is_same_v<ElementAB, int8_t>, int32_t, float>;
+  static constexpr bool kInt8 = cute::is_same_v<ElementAB, int8_t>;
+  using ElementAcc = cute::conditional_t<kInt8, int32_t, float>;
   static constexpr int kAlignAB = 16;                            // 1-byte elements per 16-byte TMA row unit
   static constexpr int kAlignOut = 16 / sizeof(ElementOut);
 
@@ -112,7 +126,15 @@ struct ScaledGemmSm90 {
   using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>>;
   using Mul = cutlass::epilogue::fusion::Sm90Compute<MulRn, float, float, RN>;
   using AddCast = cutlass::epilogue::fusion::Sm90Compute<AddRn, ElementOut, float, RN>;
-  using ScaledA = cutlass::epilogue::fusion::Sm90EVT<Mul, Acc, AScale>;
+  // int8: acc - zp * w_sum[n] in int32 first (static asymmetric activations; a null zero point
+  // broadcasts 0, which leaves acc as it is)
+  using Zp = cutlass::epilogue::fusion::Sm90ScalarBroadcast<int32_t>;
+  using WSum = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, int32_t, int32_t, Stride<_0, _1, int64_t>>;
+  using IMul = cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, int32_t, int32_t, RN>;
+  using ISub = cutlass::epilogue::fusion::Sm90Compute<cutlass::minus, int32_t, int32_t, RN>;
+  using CorrectedAcc = cutlass::epilogue::fusion::Sm90EVT<ISub, Acc, cutlass::epilogue::fusion::Sm90EVT<IMul, Zp, WSum>>;
+  using AccIn = cute::conditional_t<kInt8, CorrectedAcc, Acc>;
+  using ScaledA = cutlass::epilogue::fusion::Sm90EVT<Mul, AccIn, AScale>;
   using ScaledAW = cutlass::epilogue::fusion::Sm90EVT<Mul, ScaledA, WScale>;
   using Epilogue = cutlass::epilogue::fusion::Sm90EVT<AddCast, ScaledAW, Bias>;
 
@@ -135,8 +157,8 @@ struct ScaledGemmSm90 {
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-  static void run(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale, const at::Tensor& w_scale,
-                  const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  static void run(const Sm90Operands& op) {
+    const at::Tensor &a = op.a, &w = op.w, &out = op.out;
     const int M = a.size(0), K = a.size(1), N = w.size(0);
     using StrideA = typename Gemm::GemmKernel::StrideA;
     using StrideB = typename Gemm::GemmKernel::StrideB;
@@ -145,16 +167,24 @@ struct ScaledGemmSm90 {
     StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, K, 1));
     StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
 
-    const bool per_row = a_scale.numel() > 1;
+    typename AccIn::Arguments acc_in{};
+    if constexpr (kInt8) {
+      acc_in = {{},                                                  // Acc
+                {{{0}, {ptr_or_null<int32_t>(op.zero_point)}, {}},   // Zp (read on the device)
+                 {ptr_or_null<int32_t>(op.w_sum), 0, {}},            // WSum
+                 {}},                                                // IMul
+                {}};                                                 // ISub
+    }
+    const bool per_row = op.a_scale.numel() > 1;
     typename Epilogue::Arguments epi{
         {                                                            // ScaledAW
             {                                                        // ScaledA
-                {},                                                  // Acc
-                {a_scale.data_ptr<float>(), 0.f, {per_row, _0{}, int64_t(0)}},
+                acc_in,
+                {ptr_or_null<float>(op.a_scale), 0.f, {per_row, _0{}, int64_t(0)}},
                 {}},                                                 // Mul
-            {w_scale.data_ptr<float>(), 0.f, {}},
+            {ptr_or_null<float>(op.w_scale), 0.f, {}},
             {}},                                                     // Mul
-        {bias.has_value() ? bias->data_ptr<float>() : nullptr, 0.f, {}},
+        {ptr_or_null<float>(op.bias), 0.f, {}},
         {}};                                                         // AddCast
 
     typename Gemm::Arguments args{
@@ -194,21 +224,19 @@ using LargeM = ScaledGemmSm90<ElementAB, ElementOut, Shape<_128, _128, _128>, Sh
                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
 template <class ElementAB, class ElementOut>
-void dispatch_tile(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale, const at::Tensor& w_scale,
-                   const c10::optional<at::Tensor>& bias, at::Tensor& out) {
-  if (a.size(0) <= kSm90SmallM)
-    SmallM<ElementAB, ElementOut>::run(a, w, a_scale, w_scale, bias, out);
+void dispatch_tile(const Sm90Operands& op) {
+  if (op.a.size(0) <= kSm90SmallM)
+    SmallM<ElementAB, ElementOut>::run(op);
   else
-    LargeM<ElementAB, ElementOut>::run(a, w, a_scale, w_scale, bias, out);
+    LargeM<ElementAB, ElementOut>::run(op);
 }
 
 template <class ElementAB>
-void dispatch_out(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale, const at::Tensor& w_scale,
-                  const c10::optional<at::Tensor>& bias, at::Tensor& out) {
-  if (out.scalar_type() == at::kHalf)
-    dispatch_tile<ElementAB, cutlass::half_t>(a, w, a_scale, w_scale, bias, out);
+void dispatch_out(const Sm90Operands& op) {
+  if (op.out.scalar_type() == at::kHalf)
+    dispatch_tile<ElementAB, cutlass::half_t>(op);
   else
-    dispatch_tile<ElementAB, cutlass::bfloat16_t>(a, w, a_scale, w_scale, bias, out);
+    dispatch_tile<ElementAB, cutlass::bfloat16_t>(op);
 }
 
 }  // namespace
@@ -216,10 +244,13 @@ void dispatch_out(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_
 
 namespace {
 
-// The checks both GEMMs share; ``ab`` is the operand dtype (int8 or float8_e4m3fn).
+// The checks both GEMMs share; ``ab`` is the operand dtype (int8 or float8_e4m3fn). Everything a
+// wrong argument could break is checked here, naming the argument, before anything launches.
 at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
                             const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                            at::ScalarType out_dtype, at::ScalarType ab) {
+                            at::ScalarType out_dtype, at::ScalarType ab,
+                            const c10::optional<at::Tensor>& zero_point = c10::nullopt,
+                            const c10::optional<at::Tensor>& w_sum = c10::nullopt) {
 #ifndef DIFFACCEL_WITH_CUTLASS
   TORCH_CHECK(false, "diffaccel was built without CUTLASS, so without its sm_90a GEMMs "
               "(pip install --no-deps nvidia-cutlass, then rebuild)");
@@ -240,30 +271,40 @@ at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::
   if (bias.has_value())
     DA_CHECK_ARG(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias",
                  "expected float32 with N=", N, " values");
+  DA_CHECK_ARG(zero_point.has_value() == w_sum.has_value(), "zero_point", "zero_point and w_sum come together");
+  if (zero_point.has_value()) {
+    DA_CHECK_ARG(zero_point->scalar_type() == at::kInt && zero_point->numel() == 1, "zero_point",
+                 "expected one int32 value");
+    DA_CHECK_ARG(w_sum->scalar_type() == at::kInt && w_sum->is_contiguous() && w_sum->numel() == N, "w_sum",
+                 "expected int32 row sums of w, N=", N, " values");
+  }
   DA_CHECK_ARG(out_dtype == at::kHalf || out_dtype == at::kBFloat16, "out_dtype",
                "expected float16 or bfloat16, got ", out_dtype);
-  check_same_device(w, a, "w");
-  check_same_device(a_scale, a, "a_scale");
-  check_same_device(w_scale, a, "w_scale");
-  if (bias.has_value()) check_same_device(*bias, a, "bias");
-  // TMA needs 16-byte aligned bases; the epilogue reads w_scale and bias with 16-byte vector loads
+  Sm90Operands op{a, w, a_scale, w_scale, bias.value_or(at::Tensor()), zero_point.value_or(at::Tensor()),
+                  w_sum.value_or(at::Tensor()), at::Tensor()};
+  const std::pair<const at::Tensor*, const char*> named[] = {
+      {&op.w, "w"}, {&op.a_scale, "a_scale"}, {&op.w_scale, "w_scale"}, {&op.bias, "bias"},
+      {&op.zero_point, "zero_point"}, {&op.w_sum, "w_sum"}};
+  for (const auto& [t, name] : named)
+    if (t->defined()) check_same_device(*t, a, name);
+  // TMA needs 16-byte aligned bases; the epilogue reads w_scale, bias and w_sum with 16-byte vector loads
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   DA_CHECK_ARG(aligned(a), "a", "expected a 16-byte aligned data pointer");
-  DA_CHECK_ARG(aligned(w), "w", "expected a 16-byte aligned data pointer");
-  DA_CHECK_ARG(aligned(w_scale), "w_scale", "expected a 16-byte aligned data pointer");
-  if (bias.has_value()) DA_CHECK_ARG(aligned(*bias), "bias", "expected a 16-byte aligned data pointer");
+  for (const auto& [t, name] : named)
+    if (t->defined() && t != &op.a_scale && t != &op.zero_point)
+      DA_CHECK_ARG(aligned(*t), name, "expected a 16-byte aligned data pointer");
   const c10::cuda::OptionalCUDAGuard guard(a.device());
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.get_device()));
   TORCH_CHECK(major == 9 && minor == 0, "scaled_gemm_sm90: needs an sm_90 GPU, this one is sm_", major, minor);
-  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
-  if (M == 0) return out;
+  op.out = at::empty({M, N}, a.options().dtype(out_dtype));
+  if (M == 0) return op.out;
   if (ab == at::kChar)
-    dispatch_out<int8_t>(a, w, a_scale, w_scale, bias, out);
+    dispatch_out<int8_t>(op);
   else
-    dispatch_out<cutlass::float_e4m3_t>(a, w, a_scale, w_scale, bias, out);
-  return out;
+    dispatch_out<cutlass::float_e4m3_t>(op);
+  return op.out;
 #endif
 }
 
@@ -271,8 +312,9 @@ at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::
 
 at::Tensor int8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                          at::ScalarType out_dtype) {
-  return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kChar);
+                          at::ScalarType out_dtype, const c10::optional<at::Tensor>& zero_point,
+                          const c10::optional<at::Tensor>& w_sum) {
+  return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kChar, zero_point, w_sum);
 }
 
 at::Tensor fp8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
@@ -280,7 +322,5 @@ at::Tensor fp8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Ten
                          at::ScalarType out_dtype) {
   return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kFloat8_e4m3fn);
 }
-
-
 
 }  // namespace diffaccel

@@ -4,9 +4,10 @@ On CPU: which GEMM calls the sm_90 kernels take and which they hand to Triton (w
 reason), the per-call routing of an op whose _C kernel covers only some calls, and that the
 extension declares the kernels. On an sm_90 GPU (``gpu``): the int8 kernel is bit-exact against
 the integer reference, outputs included, for M in {1, 77, 333, 4096} (both tiles), N and K odd
-multiples of 8 and 16, per-token and per-tensor activation scales, with and without bias, fp16
-and bf16 out; and QuantLinear / int8_linear pick it automatically. Tolerance: none (torch.equal;
-a missing bias adds +0.0, so an output of -0.0 may come back as +0.0, which compares equal).
+multiples of 8 and 16, per-token and per-tensor activation scales (the latter with and without a
+zero point), with and without bias, fp16 and bf16 out; QuantLinear / int8_linear pick it
+automatically. Tolerance: none (torch.equal; a missing bias adds +0.0, so an output of -0.0 may
+come back as +0.0, which compares equal).
 The fp8 kernel: bit-exact with small integer operands (every fp32 partial sum exact, so the
 accumulation order does not matter), and with random operands within the Hopper accumulation
 bound of tests/fp8_accumulation.py plus the epilogue's roundings, as the Triton fp8 GEMM.
@@ -35,6 +36,8 @@ def _args(M=300, N=1280, K=1280, **over):
 
 def test_sm90_covers_w8a8_calls():
     assert G._sm90_gemm_declines(*_args()) is None
+    assert G._sm90_gemm_declines(*_args(a_scale=torch.ones(1), zero_point=torch.tensor([3], dtype=torch.int32),
+                                        w_sum=torch.zeros(1280, dtype=torch.int32))) is None
     assert G._sm90_gemm_declines(*_args(M=1, a_scale=torch.ones(1), out_dtype=torch.bfloat16,
                                         bias=torch.zeros(1280))) is None
 
@@ -42,7 +45,8 @@ def test_sm90_covers_w8a8_calls():
 @pytest.mark.parametrize("over,reason", [
     (dict(w_int4=True, w=torch.zeros(1280, 640, dtype=torch.uint8)), "int4"),
     (dict(group_size=128), "group-wise"),
-    (dict(zero_point=torch.tensor([3], dtype=torch.int32)), "zero point"),
+    (dict(zero_point=torch.tensor([3], dtype=torch.int32)), "w_sum"),
+    (dict(zero_point=torch.tensor([3], dtype=torch.int32), w_sum=torch.zeros(1281, dtype=torch.int32)[1:]), "w_sum"),
     (dict(out_dtype=torch.float32), "float16 or bfloat16"),
     (dict(K=1288, a=torch.zeros(300, 1288, dtype=torch.int8), w=torch.zeros(1280, 1288, dtype=torch.int8)), "K % 16"),
     (dict(N=1284, w=torch.zeros(1284, 1280, dtype=torch.int8), w_scale=torch.ones(1284)), "N % 8"),
@@ -153,27 +157,31 @@ def _sm90_or_skip(op="int8_act_gemm"):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 77, 333, 4096])
 @pytest.mark.parametrize("N,K", [(1280, 1280), (8 * 163, 16 * 161)])
-@pytest.mark.parametrize("per_token,bias,out_dtype", [(True, True, torch.float16), (True, False, torch.bfloat16),
-                                                     (False, True, torch.bfloat16), (False, False, torch.float16)])
-def test_gpu_sm90_gemm_bit_exact(M, N, K, per_token, bias, out_dtype):
+@pytest.mark.parametrize("act,bias,out_dtype", [("per_token", True, torch.float16), ("per_token", False, torch.bfloat16),
+                                               ("static", True, torch.bfloat16), ("static_zp", False, torch.float16),
+                                               ("static_zp", True, torch.bfloat16)])
+def test_gpu_sm90_gemm_bit_exact(M, N, K, act, bias, out_dtype):
     dev = _sm90_or_skip()
     g = _gen(M + N)
     a = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
-    a_scale = torch.rand(M, 1, generator=g) * 0.1 + 1e-3 if per_token else torch.tensor([0.037])
+    a_scale = torch.rand(M, 1, generator=g) * 0.1 + 1e-3 if act == "per_token" else torch.tensor([0.037])
     w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
     b = torch.randn(N, generator=g) if bias else None
-    ref = G.int8_act_gemm_reference(a, w, a_scale, w_scale, None, None, b, 0, False, out_dtype)
+    zp = torch.tensor([-9], dtype=torch.int32) if act == "static_zp" else None
+    w_sum = w.to(torch.int32).sum(1, dtype=torch.int32) if zp is not None else None
+    ref = G.int8_act_gemm_reference(a, w, a_scale, w_scale, zp, w_sum, b, 0, False, out_dtype)
+    kw = {} if zp is None else dict(zero_point=zp.to(dev), w_sum=w_sum.to(dev))
     with use_backend("cuda"):
         out = G.int8_gemm(a.to(dev), w.to(dev), a_scale.to(dev), w_scale.to(dev),
-                          bias=None if b is None else b.to(dev), out_dtype=out_dtype)
+                          bias=None if b is None else b.to(dev), out_dtype=out_dtype, **kw)
     assert torch.equal(out.cpu(), ref)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [77, 333, 4096])
-@pytest.mark.parametrize("static", [False, True])
-def test_gpu_sm90_int8_linear_automatic(M, static):
+@pytest.mark.parametrize("act", ["dynamic", "static", "static_zp"])
+def test_gpu_sm90_int8_linear_automatic(M, act):
     dev = _sm90_or_skip()
     g = _gen(M)
     N, K = 2560, 1280
@@ -181,11 +189,16 @@ def test_gpu_sm90_int8_linear_automatic(M, static):
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
     b = torch.randn(N, generator=g)
-    act_scale = torch.tensor([0.05]) if static else None
-    ref = G.int8_linear_reference(x, w, w_scale, None, act_scale, None, None, b, 0, False, torch.float16)
+    act_scale = None if act == "dynamic" else torch.tensor([0.05])
+    zp = torch.tensor([-9], dtype=torch.int32) if act == "static_zp" else None
+    w_sum = w.to(torch.int32).sum(1, dtype=torch.int32) if zp is not None else None
+    ref = G.int8_linear_reference(x, w, w_scale, None, act_scale, zp, w_sum, b, 0, False, torch.float16)
     assert _backend.choose("int8_linear", dev)[0] == "cuda"
-    out = G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), bias=b.to(dev),
-                        act_scale=None if act_scale is None else act_scale.to(dev))
+    kw = {} if act_scale is None else dict(act_scale=act_scale.to(dev))
+    if zp is not None:
+        kw.update(act_zero_point=zp.to(dev), w_sum=w_sum.to(dev))
+    with use_backend("cuda"):  # M > FUSED_QUANT_MAX_M: the sm_90 GEMM takes every one of these calls
+        out = G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), bias=b.to(dev), **kw)
     assert torch.equal(out.cpu(), ref)
 
 
@@ -196,16 +209,12 @@ def test_gpu_sm90_uncovered_call_runs_on_triton():
     M, N, K = 333, 1280, 1280
     x = torch.randn(M, K, generator=g).to(torch.float16)
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
-    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
-    act_scale, zp = torch.tensor([0.05]), torch.tensor([-9], dtype=torch.int32)
-    w_sum = w.to(torch.int32).sum(1, dtype=torch.int32)
-    ref = G.int8_linear_reference(x, w, w_scale, None, act_scale, zp, w_sum, None, 0, False, torch.float16)
-    out = G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), act_scale=act_scale.to(dev),
-                        act_zero_point=zp.to(dev), w_sum=w_sum.to(dev))
+    w_scale = torch.rand(N, K // 128, generator=g) * 0.01 + 1e-4  # group-wise: not the sm_90 kernel's
+    ref = G.int8_linear_reference(x, w, w_scale, None, None, None, None, None, 128, False, torch.float16)
+    out = G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), group_size=128)
     assert torch.equal(out.cpu(), ref)
-    with use_backend("cuda"), pytest.raises(_backend.BackendUnavailable, match="zero point"):
-        G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), act_scale=act_scale.to(dev),
-                      act_zero_point=zp.to(dev), w_sum=w_sum.to(dev))
+    with use_backend("cuda"), pytest.raises(_backend.BackendUnavailable, match="group-wise"):
+        G.int8_linear(x.to(dev), w.to(dev), w_scale.to(dev), group_size=128)
 
 
 @pytest.mark.gpu

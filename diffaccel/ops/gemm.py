@@ -284,12 +284,13 @@ SM90_OUT_DTYPES = (torch.float16, torch.bfloat16)
 
 def _sm90_gemm_declines(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
     """None if the sm_90 CUTLASS GEMM runs these int8_act_gemm arguments, else why not (the call
-    then runs on Triton). It takes per-channel int8 weights, symmetric activations scaled per row
-    or per tensor, fp16/bf16 output, and TMA-aligned operands (16-byte rows and base addresses)."""
+    then runs on Triton). It takes per-channel int8 weights, activations scaled per row or per
+    tensor (with a zero point: ``w_sum`` [N]), fp16/bf16 output, and TMA-aligned operands (16-byte
+    rows and base addresses)."""
     if w_int4 or group_size:
         return "takes per-channel int8 weights only (not int4, not group-wise)"
-    if zero_point is not None:
-        return "takes symmetric activations only (no zero point)"
+    if zero_point is not None and (w_sum is None or not w_sum.is_contiguous() or w_sum.data_ptr() % 16):
+        return "needs a contiguous, 16-byte aligned w_sum [N] with a zero point"
     return _sm90_operands_decline(a, w, w_scale, bias, out_dtype)
 
 
@@ -311,7 +312,8 @@ def _sm90_operands_decline(a, w, w_scale, bias, out_dtype):
 
 
 def _cuda_int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
-    return torch.ops.diffaccel.ext_int8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype)
+    return torch.ops.diffaccel.ext_int8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype, zero_point,
+                                                  w_sum if zero_point is not None else None)
 
 
 def _sm90_fp8_declines(a, w, a_scale, w_scale, bias, out_dtype):
@@ -336,8 +338,8 @@ def _cuda_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, b
     if act_scale is None:
         q, s = _backend.implementation("quantize_rows_int8", dev)(x, smooth)
     else:
-        q, s = _backend.implementation("quantize_static_int8", dev)(x, smooth, act_scale, None), act_scale
-    return torch.ops.diffaccel.ext_int8_gemm_sm90(q, w, s.reshape(-1), w_scale, bias, out_dtype)
+        q, s = _backend.implementation("quantize_static_int8", dev)(x, smooth, act_scale, act_zero_point), act_scale
+    return _cuda_int8_act_gemm(q, w, s, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
 
 
 SM90_GEMM = dict(cuda_capabilities=((9, 0),), cuda_built="cutlass_sm90")
