@@ -78,10 +78,9 @@ __device__ __forceinline__ Moments shfl_moments(const Moments& m, int o) {
   return r;
 }
 
-__global__ void fused_solver_step_kernel(StepArgs a) {
-  __shared__ float k[solver::kNumCoeffs];
-  __shared__ float factor;
-  const int64_t b = blockIdx.y, base = b * a.per_sample;
+// The step's coefficients (the row read on the device) into shared ``k``, and the guidance
+// rescale factor of sample ``b`` from the per-chunk statistics (1 without rescaling).
+__device__ __forceinline__ float load_step_constants(const StepArgs& a, int64_t b, float* k, float* factor) {
   if (threadIdx.x < solver::kNumCoeffs) {
     int64_t r = 0;
     bool bad = false;
@@ -108,14 +107,32 @@ __global__ void fused_solver_step_kernel(StepArgs a) {
       mc = solver::combine(mc, oc.count, oc.mean, oc.m2);
       mg = solver::combine(mg, og.count, og.mean, og.m2);
     }
-    if (threadIdx.x == 0) factor = solver::rescale_factor(mc, mg, a.rescale);
+    if (threadIdx.x == 0) *factor = solver::rescale_factor(mc, mg, a.rescale);
   } else if (threadIdx.x == 0) {
-    factor = 1.f;
+    *factor = 1.f;
   }
   __syncthreads();
-  const float f = factor;
+  return *factor;
+}
+
+// One element: guidance, noise, the step (the per-element math the CPU loop runs too).
+__device__ __forceinline__ void step_element(const StepArgs& a, const float* k, float f, uint64_t seed, int64_t i,
+                                             float x, float u, float c, float n, float h0, float h1, float h2,
+                                             float l, float& xo, float& ho, float& co) {
   const bool philox = a.seed != nullptr;
-  const uint64_t seed = philox ? static_cast<uint64_t>(*a.seed) : 0;
+  const float e = a.has_cond ? solver::guided(u, c, a.s) * f : u;
+  const float nv = a.has_noise ? n : (philox ? solver::philox_normal(seed, a.noise_offset + static_cast<uint64_t>(i))
+                                             : 0.f);
+  solver::step_point(k, x, e, nv, h0, h1, h2, l, a.has_noise || philox, a.n_hist, a.last_dtype, xo, ho, co);
+}
+
+// Any layout and length: one element at a time, kPerThread of them per thread.
+__global__ void fused_solver_step_kernel(StepArgs a) {
+  __shared__ float k[solver::kNumCoeffs];
+  __shared__ float factor;
+  const int64_t b = blockIdx.y, base = b * a.per_sample;
+  const float f = load_step_constants(a, b, k, &factor);
+  const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t tile = static_cast<int64_t>(kThreads) * kPerThread;
   for (int64_t t0 = blockIdx.x * tile; t0 < a.per_sample; t0 += static_cast<int64_t>(gridDim.x) * tile) {
 #pragma unroll
@@ -123,20 +140,91 @@ __global__ void fused_solver_step_kernel(StepArgs a) {
       const int64_t li = t0 + j * kThreads + threadIdx.x;
       if (li >= a.per_sample) break;
       const int64_t i = base + li;
-      float e = a.u.at(i);
-      if (a.has_cond) e = solver::guided(e, a.c.at(i), a.s) * f;
       float xv, hv, cv = 0.f;
-      const float nv = a.has_noise ? a.n.at(i)
-                                   : (philox ? solver::philox_normal(seed, a.noise_offset + static_cast<uint64_t>(i))
-                                             : 0.f);
-      solver::step_point(k, a.x.at(i), e, nv, a.n_hist >= 1 ? a.h0.at(i) : 0.f,
-                         a.n_hist >= 2 ? a.h1.at(i) : 0.f, a.n_hist >= 3 ? a.h2.at(i) : 0.f,
-                         a.last_dtype >= 0 ? a.l.at(i) : 0.f, a.has_noise || philox, a.n_hist, a.last_dtype, xv, hv,
-                         cv);
+      step_element(a, k, f, seed, i, a.x.at(i), a.u.at(i), a.has_cond ? a.c.at(i) : 0.f,
+                   a.has_noise ? a.n.at(i) : 0.f, a.n_hist >= 1 ? a.h0.at(i) : 0.f, a.n_hist >= 2 ? a.h1.at(i) : 0.f,
+                   a.n_hist >= 3 ? a.h2.at(i) : 0.f, a.last_dtype >= 0 ? a.l.at(i) : 0.f, xv, hv, cv);
       a.xo.set(i, xv);
       if (a.write_history) a.ho.set(i, hv);
       if (a.last_dtype >= 0) a.co.set(i, cv);
     }
+  }
+}
+
+// -- the vectorised kernel: kVec consecutive elements per 16-byte access ------------------------
+// One element per access left each thread a few bytes in flight: 274 GB/s on an H200 for a
+// bf16 video latent step (BENCHMARKS.md, 2026-12-04), far from HBM bandwidth. Here every
+// tensor moves in 16-byte loads and stores (two for fp32), all issued before the math.
+
+constexpr int kVec = 8;
+
+__device__ __forceinline__ void load_vec(const Src& s, int64_t i, float (&v)[kVec]) {
+  if (s.dtype == 0) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(s.p) + i);
+    const float4 lo = p[0], hi = p[1];
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    return;
+  }
+  const uint4 r = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(s.p) + i);
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint16_t lo = static_cast<uint16_t>(w[j] & 0xffffu), hi = static_cast<uint16_t>(w[j] >> 16);
+    if (s.dtype == 1) {
+      v[2 * j] = static_cast<float>(c10::Half(lo, c10::Half::from_bits()));
+      v[2 * j + 1] = static_cast<float>(c10::Half(hi, c10::Half::from_bits()));
+    } else {
+      v[2 * j] = static_cast<float>(c10::BFloat16(lo, c10::BFloat16::from_bits()));
+      v[2 * j + 1] = static_cast<float>(c10::BFloat16(hi, c10::BFloat16::from_bits()));
+    }
+  }
+}
+
+// the bits Dst::set would write (the same conversions, so both kernels store identical values)
+__device__ __forceinline__ uint32_t half_bits(int dtype, float v) {
+  return dtype == 1 ? c10::Half(v).x : c10::BFloat16(v).x;
+}
+
+__device__ __forceinline__ void store_vec(const Dst& d, int64_t i, const float (&v)[kVec]) {
+  if (d.dtype == 0) {
+    float4* p = reinterpret_cast<float4*>(static_cast<float*>(d.p) + i);
+    p[0] = make_float4(v[0], v[1], v[2], v[3]);
+    p[1] = make_float4(v[4], v[5], v[6], v[7]);
+    return;
+  }
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) w[j] = half_bits(d.dtype, v[2 * j]) | (half_bits(d.dtype, v[2 * j + 1]) << 16);
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(d.p) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// per_sample % kVec == 0 and every pointer 16-byte aligned (vectorisable() checks both).
+__global__ void __launch_bounds__(kThreads) fused_solver_step_vec_kernel(StepArgs a) {
+  __shared__ float k[solver::kNumCoeffs];
+  __shared__ float factor;
+  const int64_t b = blockIdx.y, base = b * a.per_sample;
+  const float f = load_step_constants(a, b, k, &factor);
+  const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
+  const int64_t n_vec = a.per_sample / kVec;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; v < n_vec;
+       v += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t i = base + v * kVec;
+    float x[kVec], u[kVec], c[kVec] = {}, n[kVec] = {}, h0[kVec] = {}, h1[kVec] = {}, h2[kVec] = {}, l[kVec] = {};
+    load_vec(a.x, i, x);
+    load_vec(a.u, i, u);
+    if (a.has_cond) load_vec(a.c, i, c);
+    if (a.has_noise) load_vec(a.n, i, n);
+    if (a.n_hist >= 1) load_vec(a.h0, i, h0);
+    if (a.n_hist >= 2) load_vec(a.h1, i, h1);
+    if (a.n_hist >= 3) load_vec(a.h2, i, h2);
+    if (a.last_dtype >= 0) load_vec(a.l, i, l);
+    float xo[kVec], ho[kVec], co[kVec] = {};
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      step_element(a, k, f, seed, i + j, x[j], u[j], c[j], n[j], h0[j], h1[j], h2[j], l[j], xo[j], ho[j], co[j]);
+    store_vec(a.xo, i, xo);
+    if (a.write_history) store_vec(a.ho, i, ho);
+    if (a.last_dtype >= 0) store_vec(a.co, i, co);
   }
 }
 
@@ -146,6 +234,17 @@ __global__ void philox4x32_kernel(const int64_t* seed, uint64_t offset, int64_t 
   uint32_t w[4];
   solver::philox4x32_10(static_cast<uint64_t>(*seed), offset + static_cast<uint64_t>(i), w);
   for (int j = 0; j < 4; ++j) out[i * 4 + j] = w[j];
+}
+
+// Whether the vectorised kernel can run: whole vectors per sample, 16-byte aligned tensors.
+bool vectorisable(const StepArgs& a) {
+  if (a.per_sample % kVec != 0) return false;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  for (const void* p : {a.x.p, a.u.p, a.c.p, a.n.p, a.h0.p, a.h1.p, a.h2.p, a.l.p})
+    if (p != nullptr && !aligned(p)) return false;
+  for (const void* p : {a.xo.p, a.ho.p, a.co.p})
+    if (p != nullptr && !aligned(p)) return false;
+  return true;
 }
 
 Src src_of(const std::optional<at::Tensor>& t) {
@@ -214,10 +313,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     a.partials = partials.data_ptr<float>();
   }
-  const int64_t tile = static_cast<int64_t>(kThreads) * kPerThread;
-  const int64_t blocks = std::min<int64_t>((a.per_sample + tile - 1) / tile, 65535);
-  fused_solver_step_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch)), kThreads, 0,
-                             stream>>>(a);
+  if (vectorisable(a)) {
+    const int64_t blocks = std::min<int64_t>((a.per_sample / kVec + kThreads - 1) / kThreads, 65535);
+    fused_solver_step_vec_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch)), kThreads, 0,
+                                   stream>>>(a);
+  } else {
+    const int64_t tile = static_cast<int64_t>(kThreads) * kPerThread;
+    const int64_t blocks = std::min<int64_t>((a.per_sample + tile - 1) / tile, 65535);
+    fused_solver_step_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch)), kThreads, 0,
+                               stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {x_out, h_out, c_out};
 }
