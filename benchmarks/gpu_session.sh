@@ -18,7 +18,8 @@
 #   gemmcfg candidate int8 / W4A8 / fp8 GEMM tiles checked, then timed -> $OUT/gemm-configs.json
 #   gpu     pytest -m gpu, one process per test file, GPU_WORKERS (6) at a time: a kernel that faults
 #           fails only its own file                -> $OUT/gpu-tests.tgz (GPU_BY_FILE=0: one process
-#                                                     -> $OUT/gpu-junit.xml)
+#                                                     -> $OUT/gpu-junit.xml); GPU_FILES="tests/a.py
+#                                                     tests/b.py" runs only those files
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
 #   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json (one model per call fits: --models sdxl)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
@@ -97,7 +98,9 @@ if want gpu && [[ ${GPU_BY_FILE:-1} == 1 ]]; then
     PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
     export PER_TEST
     # largest files first (they hold the most GPU tests): the ones that start last get the least time
-    stage gpu "${LIMIT_GPU:-300}" bash -c 'ls -S $(grep -l "mark.gpu" tests/*.py) | xargs -P "${GPU_WORKERS:-6}" -I{} \
+    # GPU_FILES narrows the stage to some test files (e.g. what changed since the last GPU run)
+    export GPU_FILES=${GPU_FILES:-$(grep -l "mark.gpu" tests/*.py | tr '\n' ' ')}
+    stage gpu "${LIMIT_GPU:-300}" bash -c 'ls -S $GPU_FILES | xargs -P "${GPU_WORKERS:-6}" -I{} \
         sh -c "f=\$(basename {} .py); python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST -rfE \
                --junitxml=/tmp/gpu-tests/\$f.xml {} > /tmp/gpu-tests/\$f.log 2>&1"'
     tail -n 3 /tmp/gpu-tests/*.log
