@@ -110,7 +110,7 @@ def build_extension():
         nvcc_flags = ["-O3", "-std=c++20", "-DDIFFACCEL_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
                       "--threads", os.environ.get("DIFFACCEL_NVCC_THREADS", "2")] + gencode_flags(archs)
         include_dirs = [os.path.join(ROOT, "csrc")]
-        # the Hopper W8A8 int8/fp8 GEMMs (csrc/gemm_sm90.cu) are CUTLASS 3; without the headers or the
+        # the Hopper W8A8 int8/fp8 GEMMs (csrc/gemm_sm90.cuh) are CUTLASS 3; without the headers or the
         # 9.0a target it compiles to a stub that raises, and diffaccel runs that GEMM on Triton
         cutlass = find_cutlass() if "9.0a" in archs else None
         if cutlass:

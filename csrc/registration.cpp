@@ -20,9 +20,9 @@ TORCH_LIBRARY(diffaccel, m) {
         "bool write_history, Tensor? noise_seed=None, int noise_offset=0) -> (Tensor, Tensor, Tensor)");
   m.def("ext_philox4x32(Tensor seed, int offset, int numel) -> Tensor");  // the raw noise stream, for tests
   m.def("ext_int8_gemm_sm90(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, "
-        "ScalarType out_dtype, Tensor? zero_point=None, Tensor? w_sum=None) -> Tensor");
+        "ScalarType out_dtype, Tensor? zero_point=None, Tensor? w_sum=None, int activation=0) -> Tensor");
   m.def("ext_fp8_gemm_sm90(Tensor a, Tensor w, Tensor a_scale, Tensor w_scale, Tensor? bias, "
-        "ScalarType out_dtype) -> Tensor");
+        "ScalarType out_dtype, int activation=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffaccel, CPU, m) {

@@ -1,4 +1,4 @@
-"""The CUTLASS W8A8 GEMMs for Hopper (csrc/gemm_sm90.cu: int8 and fp8) and how calls reach them.
+"""The CUTLASS W8A8 GEMMs for Hopper (csrc/gemm_sm90.cuh: int8 and fp8) and how calls reach them.
 
 On CPU: which GEMM calls the sm_90 kernels take and which they hand to Triton (with the
 reason), the per-call routing of an op whose _C kernel covers only some calls, and that the
@@ -10,7 +10,9 @@ automatically. Tolerance: none (torch.equal; a missing bias adds +0.0, so an out
 come back as +0.0, which compares equal).
 The fp8 kernel: bit-exact with small integer operands (every fp32 partial sum exact, so the
 accumulation order does not matter), and with random operands within the Hopper accumulation
-bound of tests/fp8_accumulation.py plus the epilogue's roundings, as the Triton fp8 GEMM.
+bound of tests/fp8_accumulation.py plus the epilogue's roundings, as the Triton fp8 GEMM. The
+feed-forward up projections (int8_ffn_up, fp8_ffn_up) with GELU's tanh form in the same epilogue:
+within the bounds tests/test_ffn_ops.py states for the Triton epilogue.
 """
 import pytest
 import torch
@@ -273,3 +275,84 @@ def test_gpu_sm90_fp8_linear_within_bound(M):
     bound = fp8_sum_rel_bound(dev) * abs_product_sum(rq, w, rs, ws) + (2.0**-21 + 2.0**-8) * ref.abs()
     worst = ((out.cpu().double() - ref).abs() - bound).max().item()
     assert worst <= 0, f"fp8 GEMM error exceeds its bound by {worst:.3g}"
+
+
+# -- the feed-forward up projection with GELU (tanh) in the epilogue ----------------------------
+
+def _ffn_args(M=300, x_dtype=torch.float16, activation="gelu_tanh", next_scale=None):
+    """int8_ffn_up's op arguments, in its order."""
+    x = torch.zeros(M, 1280, dtype=x_dtype)
+    act_scale = torch.ones(M, 1) if x_dtype == torch.int8 else None
+    return (x, torch.zeros(5120, 1280, dtype=torch.int8), torch.ones(5120), None, act_scale, None, None, None, 0,
+            False, activation, next_scale, None, None, torch.float16)
+
+
+def test_sm90_ffn_covers_gelu_tanh_only():
+    from diffaccel.ops import ffn as FF
+
+    assert FF._sm90_ffn_declines(*_ffn_args()) is None
+    assert FF._sm90_ffn_declines(*_ffn_args(M=1, x_dtype=torch.int8)) is None  # codes: no fused-quant kernel
+    assert "not 'geglu'" in FF._sm90_ffn_declines(*_ffn_args(activation="geglu"))
+    assert "not 'gelu'" in FF._sm90_ffn_declines(*_ffn_args(activation="gelu"))
+    assert "codes" in FF._sm90_ffn_declines(*_ffn_args(next_scale=torch.tensor([0.1])))
+    assert "fused" in FF._sm90_ffn_declines(*_ffn_args(M=G.FUSED_QUANT_MAX_M))
+    a = torch.zeros(300, 1280, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(5120, 1280, dtype=torch.float8_e4m3fn)
+    fp8 = (a, w, torch.ones(300), torch.ones(5120), None)
+    assert FF._sm90_fp8_ffn_declines(*fp8, "gelu_tanh", torch.bfloat16) is None
+    assert "not 'geglu_tanh'" in FF._sm90_fp8_ffn_declines(*fp8, "geglu_tanh", torch.bfloat16)
+    assert "float16 or bfloat16" in FF._sm90_fp8_ffn_declines(*fp8, "gelu_tanh", torch.float32)
+    for name in ("int8_ffn_up", "fp8_ffn_up"):
+        op = _backend.registered_ops()[name]
+        assert op.cuda_capabilities == ((9, 0),) and op.cuda_covers is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [77, 333, 4096])
+@pytest.mark.parametrize("codes", [False, True])
+def test_gpu_sm90_int8_ffn_up_gelu_tanh(M, codes):
+    """SDXL-sized up projection (1280 -> 5120) with GELU (tanh) in the sm_90 epilogue: within the
+    bound tests/test_ffn_ops.py states for the Triton epilogue (8 fp32 ulps of the pre-activation
+    scale plus one rounding of the fp16 output); from float input and from per-token codes."""
+    from test_ffn_ops import _assert_float_close, _operands, _scale
+
+    from diffaccel.ops import int8_ffn_up
+
+    dev = _sm90_or_skip("int8_ffn_up")
+    x, w, s, kw = _operands(torch.Generator().manual_seed(M), M, 1280, 5120, "gelu_tanh", dtype=torch.float16)
+    with use_backend("torch"):
+        ref = int8_ffn_up(x, w, s, **kw)
+    on = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    with use_backend("cuda"):
+        if codes:
+            q, qs = G.quantize_activation_int8(x.to(dev))
+            out = int8_ffn_up(q, w.to(dev), s.to(dev), act_scale=qs, out_dtype=torch.float16, **on).cpu()
+        else:
+            out = int8_ffn_up(x.to(dev), w.to(dev), s.to(dev), **on).cpu()
+    _assert_float_close(out, ref, _scale(x, w, s, kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [77, 4096])
+def test_gpu_sm90_fp8_ffn_up_gelu_tanh(M):
+    """Flux-sized fp8 up projection (3072 -> 12288), GELU (tanh) in the sm_90 epilogue, bf16 out:
+    the pre-activation within the Hopper accumulation bound d (tests/fp8_accumulation.py), GELU
+    moving it by at most 1.13 d, plus fp32 roundings and one bf16 rounding (2^-8 relative)."""
+    from fp8_accumulation import abs_product_sum, fp8_sum_rel_bound
+
+    from diffaccel.ops import ffn as FF
+    from diffaccel.quant import formats as fmt
+
+    dev = _sm90_or_skip("fp8_ffn_up")
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 3072, generator=g)
+    wq, ws = fmt.quantize_weight_fp8(torch.randn(12288, 3072, generator=g) * 0.02)
+    a, s = G.quantize_rows_fp8_reference(x, None)
+    with use_backend("torch"):
+        ref = FF.fp8_ffn_up(a, wq, s, ws, activation="gelu_tanh", out_dtype=torch.float32).double()
+    with use_backend("cuda"):
+        out = FF.fp8_ffn_up(a.to(dev), wq.to(dev), s.to(dev), ws.to(dev), activation="gelu_tanh",
+                            out_dtype=torch.bfloat16).cpu().double()
+    bound = 1.13 * fp8_sum_rel_bound(dev) * abs_product_sum(a, wq, s, ws) + (2.0**-20 + 2.0**-8) * ref.abs() + 2.0**-40
+    worst = ((out - ref).abs() - bound).max().item()
+    assert worst <= 0, f"fp8 feed-forward error exceeds its bound by {worst:.3g}"

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from . import _backend
 from ._checks import check_int8_zero_point, check_positive_finite, check_tensor
-from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_act_scale, _check_bias, _check_out_dtype,
-                   _check_scalar, _check_smooth, _check_weight, _k, _same_layout, _triton_int8_linear,
-                   check_static_act, fp8_gemm_reference, int8_act_gemm_reference,
-                   int8_linear_reference, quantize_static_int8_reference)
+from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, FUSED_QUANT_MAX_M, SM90_ACTIVATIONS, SM90_GEMM,
+                   _check_act_scale, _check_bias, _check_out_dtype, _check_scalar, _check_smooth, _check_weight,
+                   _cuda_fp8_gemm, _cuda_int8_act_gemm, _cuda_int8_linear, _k, _same_layout, _sm90_fp8_declines,
+                   _sm90_gemm_declines, _triton_int8_linear, check_static_act, fp8_gemm_reference,
+                   int8_act_gemm_reference, int8_linear_reference, quantize_static_int8_reference)
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu", "geglu_tanh")
 
@@ -77,7 +78,31 @@ def _triton_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
                                out_dtype, activation=activation, out_quant=out_quant, N=N)
 
 
-_backend.register(_backend.OpBackends("int8_ffn_up", torch=int8_ffn_up_reference, triton=_triton_int8_ffn_up))
+def _sm90_ffn_declines(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                       activation, next_scale, next_zero_point, next_smooth, out_dtype):
+    """The sm_90 int8 GEMM takes the up projection with GELU's tanh form in its epilogue (Flux, SD3,
+    PixArt, DiT, Wan) writing the float activation; GEGLU, erf GELU and the next layer's codes stay on
+    Triton, and so do float inputs of at most FUSED_QUANT_MAX_M rows (one fused kernel there)."""
+    if activation not in SM90_ACTIVATIONS:
+        return f"applies GELU's tanh form only in its epilogue, not {activation!r}"
+    if next_scale is not None:
+        return "writes the float activation only, not the next layer's int8 codes"
+    if x.dtype != torch.int8 and x.shape[0] <= FUSED_QUANT_MAX_M:
+        return f"is not used at M <= {FUSED_QUANT_MAX_M} (one fused Triton kernel quantizes inside the GEMM)"
+    return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+
+
+def _cuda_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, activation,
+                      next_scale, next_zero_point, next_smooth, out_dtype):
+    if x.dtype == torch.int8:  # pre-quantized per-token codes, act_scale their [M, 1] scales
+        return _cuda_int8_act_gemm(x, w, act_scale, w_scale, None, None, bias, group_size, w_int4, out_dtype,
+                                   activation)
+    return _cuda_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+                             out_dtype, activation)
+
+
+_backend.register(_backend.OpBackends("int8_ffn_up", torch=int8_ffn_up_reference, triton=_triton_int8_ffn_up,
+                                      cuda=_cuda_int8_ffn_up, cuda_covers=_sm90_ffn_declines, **SM90_GEMM))
 
 
 @_backend.custom_op("int8_ffn_up")
@@ -86,9 +111,9 @@ def _int8_ffn_up_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smo
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
                     activation: str, next_scale: Optional[torch.Tensor], next_zero_point: Optional[torch.Tensor],
                     next_smooth: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _backend.implementation("int8_ffn_up", x.device)(
-        x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, activation,
-        next_scale, next_zero_point, next_smooth, out_dtype)
+    args = (x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
+            activation, next_scale, next_zero_point, next_smooth, out_dtype)
+    return _backend.implementation("int8_ffn_up", x.device, args)(*args)
 
 
 @_int8_ffn_up_op.register_fake
@@ -194,15 +219,26 @@ def _triton_fp8_ffn_up(a, w, a_scale, w_scale, bias, activation, out_dtype):
     return out
 
 
+def _sm90_fp8_ffn_declines(a, w, a_scale, w_scale, bias, activation, out_dtype):
+    if activation not in SM90_ACTIVATIONS:
+        return f"applies GELU's tanh form only in its epilogue, not {activation!r}"
+    return _sm90_fp8_declines(a, w, a_scale, w_scale, bias, out_dtype)
+
+
+def _cuda_fp8_ffn_up(a, w, a_scale, w_scale, bias, activation, out_dtype):
+    return _cuda_fp8_gemm(a, w, a_scale, w_scale, bias, out_dtype, activation)
+
+
 _backend.register(_backend.OpBackends("fp8_ffn_up", torch=fp8_ffn_up_reference, triton=_triton_fp8_ffn_up,
-                                      triton_min_capability=FP8_MIN_CAPABILITY))
+                                      triton_min_capability=FP8_MIN_CAPABILITY, cuda=_cuda_fp8_ffn_up,
+                                      cuda_covers=_sm90_fp8_ffn_declines, **SM90_GEMM))
 
 
 @_backend.custom_op("fp8_ffn_up")
 def _fp8_ffn_up_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                    bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype) -> torch.Tensor:
-    return _backend.implementation("fp8_ffn_up", a.device)(a.contiguous(), w, a_scale, w_scale, bias, activation,
-                                                          out_dtype)
+    args = (a.contiguous(), w, a_scale, w_scale, bias, activation, out_dtype)
+    return _backend.implementation("fp8_ffn_up", a.device, args)(*args)
 
 
 @_fp8_ffn_up_op.register_fake

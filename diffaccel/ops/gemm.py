@@ -277,7 +277,7 @@ def _triton_weight_only_gemm(x, w, w_scale, bias, group_size, w_int4):
     return out
 
 
-# -- CUDA backend: the CUTLASS W8A8 GEMMs for Hopper (csrc/gemm_sm90.cu) ---------------------
+# -- CUDA backend: the CUTLASS W8A8 GEMMs for Hopper (csrc/gemm_sm90.cuh) ---------------------
 
 SM90_OUT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -311,17 +311,24 @@ def _sm90_operands_decline(a, w, w_scale, bias, out_dtype):
     return None
 
 
-def _cuda_int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+# epilogue activations of the sm_90 GEMMs (csrc/gemm_sm90.cuh; the codes of kernels/gemm.py's ACTIVATIONS)
+SM90_ACTIVATIONS = {None: 0, "gelu_tanh": 2}
+
+
+def _cuda_int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype,
+                        activation=None):
     return torch.ops.diffaccel.ext_int8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype, zero_point,
-                                                  w_sum if zero_point is not None else None)
+                                                  w_sum if zero_point is not None else None,
+                                                  SM90_ACTIVATIONS[activation])
 
 
 def _sm90_fp8_declines(a, w, a_scale, w_scale, bias, out_dtype):
     return _sm90_operands_decline(a, w, w_scale, bias, out_dtype)
 
 
-def _cuda_fp8_gemm(a, w, a_scale, w_scale, bias, out_dtype):
-    return torch.ops.diffaccel.ext_fp8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype)
+def _cuda_fp8_gemm(a, w, a_scale, w_scale, bias, out_dtype, activation=None):
+    return torch.ops.diffaccel.ext_fp8_gemm_sm90(a, w, a_scale.reshape(-1), w_scale, bias, out_dtype,
+                                                 SM90_ACTIVATIONS[activation])
 
 
 def _sm90_linear_declines(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
@@ -333,13 +340,15 @@ def _sm90_linear_declines(x, w, w_scale, smooth, act_scale, act_zero_point, w_su
     return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
 
 
-def _cuda_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+def _cuda_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype,
+                      activation=None):
     dev = x.device
     if act_scale is None:
         q, s = _backend.implementation("quantize_rows_int8", dev)(x, smooth)
     else:
         q, s = _backend.implementation("quantize_static_int8", dev)(x, smooth, act_scale, act_zero_point), act_scale
-    return _cuda_int8_act_gemm(q, w, s, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+    return _cuda_int8_act_gemm(q, w, s, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype,
+                               activation)
 
 
 SM90_GEMM = dict(cuda_capabilities=((9, 0),), cuda_built="cutlass_sm90")

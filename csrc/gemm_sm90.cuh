@@ -1,8 +1,12 @@
-// The W8A8 GEMMs for Hopper (sm_90a) on CUTLASS 3: int8 x int8 with int32 accumulation, and
-// fp8 e4m3 x e4m3 with fp32 accumulation. TMA loads, a warp-specialised wgmma main loop, and
-// the dequantization fused into the epilogue as an epilogue visitor tree:
+// The W8A8 GEMMs for Hopper (sm_90a) on CUTLASS 3, shared by gemm_sm90_int8.cu (int8 x int8 with
+// int32 accumulation) and gemm_sm90_fp8.cu (fp8 e4m3 x e4m3 with fp32 accumulation), one
+// translation unit each so that the two compile in parallel. TMA loads, a warp-specialised wgmma
+// main loop, and the dequantization fused into the epilogue as an epilogue visitor tree:
 //
-//   out[m, n] = cast_rn( (fp32(acc[m, n]) * a_scale[m]) * w_scale[n] + bias[n] )
+//   out[m, n] = cast_rn( act( (fp32(acc[m, n]) * a_scale[m]) * w_scale[n] + bias[n] ) )
+//
+// act: none, or GELU's tanh form (the feed-forward up projection of Flux, SD3, PixArt, DiT, Wan:
+// diffaccel.ops.int8_ffn_up / fp8_ffn_up), written as the Triton epilogue writes it.
 //
 // the order and rounding of diffaccel.ops.gemm's references (int8_act_gemm_reference,
 // fp8_gemm_reference): every product and the sum are separate IEEE round-to-nearest operations
@@ -22,6 +26,7 @@
 // the Python side (diffaccel.ops.gemm) decides.
 // CuTe's device-side assert() is a call to __assertfail: a call inside the wgmma pipeline makes
 // ptxas serialize every wgmma (warning C7510). torch extensions build without NDEBUG.
+#pragma once
 #ifndef NDEBUG
 #define NDEBUG
 #endif
@@ -47,7 +52,7 @@
 namespace diffaccel {
 
 #ifdef DIFFACCEL_WITH_CUTLASS
-namespace {
+namespace sm90 {
 
 using namespace cute;
 
@@ -98,6 +103,35 @@ struct AddRn<cutlass::Array<float, N>> {
   }
 };
 
+// GELU, tanh form, as y * sigmoid(2u) with u = sqrt(2/pi) (y + 0.044715 y^3) and the sigmoid from
+// t = exp(-|2u|) <= 1 (kernels/_common.py mul_sigmoid): nothing overflows, no cancellation.
+DA_HD float gelu_tanh(float y) {
+  const float u = mul_rn(0.7978845608028654f, add_rn(y, mul_rn(mul_rn(mul_rn(0.044715f, y), y), y)));
+  const float z = mul_rn(2.f, u);
+  const float t = expf(-fabsf(z));
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(mul_rn(y, z >= 0.f ? 1.f : t), add_rn(1.f, t));
+#else
+  return mul_rn(y, z >= 0.f ? 1.f : t) / add_rn(1.f, t);
+#endif
+}
+
+enum Activation : int { kNoActivation = 0, kGeluTanh = 2 };  // diffaccel.kernels.gemm.ACTIVATIONS' codes
+
+template <class T>
+struct GeluTanh {
+  CUTLASS_HOST_DEVICE T operator()(T const& y) const { return gelu_tanh(y); }
+};
+template <int N>
+struct GeluTanh<cutlass::Array<float, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& y) const {
+    cutlass::Array<float, N> r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) r[i] = gelu_tanh(y[i]);
+    return r;
+  }
+};
+
 // A GEMM's tensors, checked by scaled_gemm_sm90. zero_point / w_sum: int8 only (static asymmetric
 // activations), or undefined.
 struct Sm90Operands {
@@ -109,8 +143,9 @@ T const* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T const*>(t.data_ptr()) : nullptr;
 }
 
-// One GEMM configuration: operand and out element types, CTA tile, cluster and kernel schedule.
-template <class ElementAB, class ElementOut, class TileShape, class ClusterShape, class KernelSchedule,
+// One GEMM configuration: operand and out element types, epilogue activation, CTA tile, cluster
+// and kernel schedule.
+template <class ElementAB, class ElementOut, int kAct, class TileShape, class ClusterShape, class KernelSchedule,
           class EpilogueSchedule>
 struct ScaledGemmSm90 {
   static constexpr bool kInt8 = cute::is_same_v<ElementAB, int8_t>;
@@ -136,7 +171,13 @@ struct ScaledGemmSm90 {
   using AccIn = cute::conditional_t<kInt8, CorrectedAcc, Acc>;
   using ScaledA = cutlass::epilogue::fusion::Sm90EVT<Mul, AccIn, AScale>;
   using ScaledAW = cutlass::epilogue::fusion::Sm90EVT<Mul, ScaledA, WScale>;
-  using Epilogue = cutlass::epilogue::fusion::Sm90EVT<AddCast, ScaledAW, Bias>;
+  // with an activation: the biased value stays fp32, the activation casts
+  using AddF = cutlass::epilogue::fusion::Sm90Compute<AddRn, float, float, RN>;
+  using ActCast = cutlass::epilogue::fusion::Sm90Compute<GeluTanh, ElementOut, float, RN>;
+  using Activated = cutlass::epilogue::fusion::Sm90EVT<ActCast, cutlass::epilogue::fusion::Sm90EVT<AddF, ScaledAW, Bias>>;
+  using Epilogue = cute::conditional_t<kAct == kNoActivation, cutlass::epilogue::fusion::Sm90EVT<AddCast, ScaledAW, Bias>,
+                                       Activated>;
+  static_assert(kAct == kNoActivation || kAct == kGeluTanh, "activations: none, GELU (tanh)");
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -176,16 +217,19 @@ struct ScaledGemmSm90 {
                 {}};                                                 // ISub
     }
     const bool per_row = op.a_scale.numel() > 1;
-    typename Epilogue::Arguments epi{
-        {                                                            // ScaledAW
-            {                                                        // ScaledA
-                acc_in,
-                {ptr_or_null<float>(op.a_scale), 0.f, {per_row, _0{}, int64_t(0)}},
-                {}},                                                 // Mul
-            {ptr_or_null<float>(op.w_scale), 0.f, {}},
+    const typename ScaledAW::Arguments scaled{
+        {                                                            // ScaledA
+            acc_in,
+            {ptr_or_null<float>(op.a_scale), 0.f, {per_row, _0{}, int64_t(0)}},
             {}},                                                     // Mul
-        {ptr_or_null<float>(op.bias), 0.f, {}},
-        {}};                                                         // AddCast
+        {ptr_or_null<float>(op.w_scale), 0.f, {}},
+        {}};                                                         // Mul
+    const typename Bias::Arguments bias{ptr_or_null<float>(op.bias), 0.f, {}};
+    typename Epilogue::Arguments epi{};
+    if constexpr (kAct == kNoActivation)
+      epi = {scaled, bias, {}};                                      // AddCast
+    else
+      epi = {{scaled, bias, {}}, {}};                                // AddF, then ActCast
 
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
@@ -213,42 +257,51 @@ struct ScaledGemmSm90 {
 // epilogue while the other computes) for M up to kSm90SmallM, and 128 x 128 (cooperative, a 2 x 1
 // cluster sharing W tiles by multicast) above. K tiles are 128-256 bytes per row: whole TMA boxes.
 // The fp8 schedules are the precise ones (partial sums promoted to fp32), not *FP8FastAccum.
-template <class ElementAB, class ElementOut>
-using SmallM = ScaledGemmSm90<ElementAB, ElementOut,
+template <class ElementAB, class ElementOut, int kAct>
+using SmallM = ScaledGemmSm90<ElementAB, ElementOut, kAct,
                               Shape<_64, _128, cute::conditional_t<cute::is_same_v<ElementAB, int8_t>, _256, _128>>,
                               Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                               cutlass::epilogue::TmaWarpSpecialized>;
-template <class ElementAB, class ElementOut>
-using LargeM = ScaledGemmSm90<ElementAB, ElementOut, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+template <class ElementAB, class ElementOut, int kAct>
+using LargeM = ScaledGemmSm90<ElementAB, ElementOut, kAct, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
                               cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
-template <class ElementAB, class ElementOut>
+template <class ElementAB, class ElementOut, int kAct>
 void dispatch_tile(const Sm90Operands& op) {
   if (op.a.size(0) <= kSm90SmallM)
-    SmallM<ElementAB, ElementOut>::run(op);
+    SmallM<ElementAB, ElementOut, kAct>::run(op);
   else
-    LargeM<ElementAB, ElementOut>::run(op);
+    LargeM<ElementAB, ElementOut, kAct>::run(op);
+}
+
+template <class ElementAB, int kAct>
+void dispatch_out(const Sm90Operands& op) {
+  if (op.out.scalar_type() == at::kHalf)
+    dispatch_tile<ElementAB, cutlass::half_t, kAct>(op);
+  else
+    dispatch_tile<ElementAB, cutlass::bfloat16_t, kAct>(op);
 }
 
 template <class ElementAB>
-void dispatch_out(const Sm90Operands& op) {
-  if (op.out.scalar_type() == at::kHalf)
-    dispatch_tile<ElementAB, cutlass::half_t>(op);
+void dispatch(const Sm90Operands& op, int64_t activation) {
+  if (activation == kGeluTanh)
+    dispatch_out<ElementAB, kGeluTanh>(op);
   else
-    dispatch_tile<ElementAB, cutlass::bfloat16_t>(op);
+    dispatch_out<ElementAB, kNoActivation>(op);
 }
 
-}  // namespace
+}  // namespace sm90
 #endif  // DIFFACCEL_WITH_CUTLASS
 
-namespace {
-
-// The checks both GEMMs share; ``ab`` is the operand dtype (int8 or float8_e4m3fn). Everything a
-// wrong argument could break is checked here, naming the argument, before anything launches.
+// The checks both GEMMs share; ``ab`` is the operand dtype (int8 or float8_e4m3fn), ``run`` the
+// dispatch of that operand type (sm90::dispatch<int8_t or float_e4m3_t>, a null pointer when built
+// without CUTLASS). Everything a wrong argument could break is checked here, naming the argument,
+// before anything launches.
+template <class Dispatch>
 at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
                             const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                            at::ScalarType out_dtype, at::ScalarType ab,
+                            at::ScalarType out_dtype, at::ScalarType ab, int64_t activation, Dispatch run,
                             const c10::optional<at::Tensor>& zero_point = c10::nullopt,
                             const c10::optional<at::Tensor>& w_sum = c10::nullopt) {
 #ifndef DIFFACCEL_WITH_CUTLASS
@@ -280,7 +333,9 @@ at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::
   }
   DA_CHECK_ARG(out_dtype == at::kHalf || out_dtype == at::kBFloat16, "out_dtype",
                "expected float16 or bfloat16, got ", out_dtype);
-  Sm90Operands op{a, w, a_scale, w_scale, bias.value_or(at::Tensor()), zero_point.value_or(at::Tensor()),
+  DA_CHECK_ARG(activation == sm90::kNoActivation || activation == sm90::kGeluTanh, "activation",
+               "expected 0 (none) or 2 (GELU, tanh form), got ", activation);
+  sm90::Sm90Operands op{a, w, a_scale, w_scale, bias.value_or(at::Tensor()), zero_point.value_or(at::Tensor()),
                   w_sum.value_or(at::Tensor()), at::Tensor()};
   const std::pair<const at::Tensor*, const char*> named[] = {
       {&op.w, "w"}, {&op.a_scale, "a_scale"}, {&op.w_scale, "w_scale"}, {&op.bias, "bias"},
@@ -300,27 +355,9 @@ at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::
   TORCH_CHECK(major == 9 && minor == 0, "scaled_gemm_sm90: needs an sm_90 GPU, this one is sm_", major, minor);
   op.out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0) return op.out;
-  if (ab == at::kChar)
-    dispatch_out<int8_t>(op);
-  else
-    dispatch_out<cutlass::float_e4m3_t>(op);
+  run(op, activation);
   return op.out;
 #endif
-}
-
-}  // namespace
-
-at::Tensor int8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
-                          const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                          at::ScalarType out_dtype, const c10::optional<at::Tensor>& zero_point,
-                          const c10::optional<at::Tensor>& w_sum) {
-  return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kChar, zero_point, w_sum);
-}
-
-at::Tensor fp8_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::Tensor& a_scale,
-                         const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                         at::ScalarType out_dtype) {
-  return scaled_gemm_sm90(a, w, a_scale, w_scale, bias, out_dtype, at::kFloat8_e4m3fn);
 }
 
 }  // namespace diffaccel
