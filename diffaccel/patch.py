@@ -441,7 +441,36 @@ def _backend_of(module: nn.Module) -> str:
     op = getattr(module, "op_name", None)
     if op is None:
         return "n/a"
-    return _op_backend(op, _module_device(module) or torch.device("cpu"))
+    device = _module_device(module) or torch.device("cpu")
+    backend = _op_backend(op, device)
+    if backend == "cuda":
+        # a _C kernel that covers some calls only (the sm_90 GEMMs): what this module's calls take
+        backend = _probed_backend(module, op, device) or backend
+    return backend
+
+
+def _probed_backend(module: nn.Module, op: str, device: torch.device) -> Optional[str]:
+    """The backend of ``module``'s ``op`` call on an input of FUSED_QUANT_MAX_M + 1 rows (above it
+    every GEMM takes the same path), or None where the op's choice does not depend on the call."""
+    from .nn import QuantConv2d
+    from .ops import _backend
+    from .ops.gemm import FUSED_QUANT_MAX_M
+
+    if _backend.registered_ops()[op].cuda_covers is None:
+        return None
+    layer = module.net[0].proj if hasattr(module, "net") else module  # FusedFeedForward: its up projection
+    dtype = getattr(layer, "original_dtype", torch.float16)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    if isinstance(layer, QuantConv2d):
+        side = int((FUSED_QUANT_MAX_M + 1) ** 0.5) + 1
+        x = torch.zeros(1, layer.in_channels, side, side, dtype=dtype, device=device)
+    else:
+        x = torch.zeros(FUSED_QUANT_MAX_M + 1, layer.in_features, dtype=dtype, device=device)
+    # (a layer whose input quantization is shared with its siblings reaches the GEMM as int8_act_gemm)
+    ops = (op, "int8_act_gemm") if op == "int8_linear" else (op,)
+    with torch.no_grad():
+        return _backend.probe_backend(lambda: module(x), ops)
 
 
 def _op_backend(op: str, device: torch.device) -> str:

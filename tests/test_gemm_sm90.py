@@ -146,6 +146,48 @@ def test_partial_kernel_hands_uncovered_calls_on(partial_op, monkeypatch):
     assert calls == ["triton" if _backend.triton_interpreting() else "torch", "cuda"]
 
 
+# -- what the patch report says a layer runs on ---------------------------------------------------
+
+@pytest.fixture
+def sm90_chosen(monkeypatch):
+    """The automatic choice of an sm_90 GPU with the CUTLASS build, on CPU: the GEMM ops pick their
+    _C kernel, which then takes or declines each call by its arguments (as it does on the GPU)."""
+    real = _backend.choose
+    partial = {n for n, op in _backend.registered_ops().items() if op.cuda_covers is not None}
+    monkeypatch.setattr(_backend, "choose", lambda n, d: ("cuda", "test") if n in partial else real(n, d))
+    _backend._uncovered.cache_clear()
+    yield
+    _backend._uncovered.cache_clear()
+
+
+@pytest.mark.parametrize("preset,expected", [("w8a8", "cuda"), ("fp8", "cuda"), ("w4a8", "fallback")])
+def test_report_backend_is_the_layers_own(sm90_chosen, preset, expected):
+    from diffaccel.nn import QuantLinear
+    from diffaccel.patch import _backend_of
+
+    layer = QuantLinear.from_float(torch.nn.Linear(256, 128).to(torch.bfloat16), preset)
+    fallback = "triton" if _backend.triton_interpreting() else "torch"
+    assert _backend_of(layer) == (fallback if expected == "fallback" else expected)
+
+
+def test_probe_does_not_run_the_probed_op(sm90_chosen, monkeypatch):
+    from diffaccel.nn import QuantLinear
+
+    import dataclasses
+
+    layer = QuantLinear.from_float(torch.nn.Linear(256, 128).half(), "w8a8")
+    ran = []
+    op = _backend.registered_ops()["int8_linear"]
+    monkeypatch.setitem(_backend._REGISTRY, "int8_linear",
+                        dataclasses.replace(op, cuda=lambda *a: ran.append(a) or torch.zeros(100, 128)))
+    x = torch.zeros(100, 256, dtype=torch.float16)
+    assert _backend.probe_backend(lambda: layer(x), ("int8_linear",)) == "cuda"
+    assert ran == []
+    # probing another op: the layer's call runs (on the stand-in _C kernel) and nothing is probed
+    assert _backend.probe_backend(lambda: layer(x), ("no_such_op",)) is None
+    assert len(ran) == 1
+
+
 # -- GPU: bit-exact on sm_90 -------------------------------------------------------------------
 
 def _sm90_or_skip(op="int8_act_gemm"):

@@ -239,12 +239,40 @@ def implementation(op_name: str, device: torch.device, args: Optional[tuple] = N
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             backend = _uncovered(op_name, device)
+    probe = _probing.get()
+    if probe is not None and op_name in probe[0]:
+        probe[1] = backend
+        raise _Probed
     fn = getattr(op, backend)
     if backend == "triton" and device.type == "cuda" and device.index is not None \
             and device.index != torch.cuda.current_device():
         # Triton launches on the current device (the _C kernels set a device guard themselves)
         return _on_device(fn, device)
     return fn
+
+
+class _Probed(Exception):
+    """Raised by ``implementation`` under ``probe_backend`` once the probed op's backend is known."""
+
+
+_probing: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("diffaccel_probe", default=None)
+
+
+def probe_backend(fn: Callable[[], object], op_names: tuple) -> Optional[str]:
+    """The backend the first call of one of ``op_names`` made by ``fn()`` would run on; that call
+    does not run (ops before it do). None if ``fn()`` makes no such call or fails before it. For an
+    op whose _C kernel covers some calls only, this is how a report says what a module's calls run on."""
+    state = [tuple(op_names), None]
+    token = _probing.set(state)
+    try:
+        fn()
+    except _Probed:
+        pass
+    except Exception:  # noqa: BLE001 - a probe that cannot run says nothing
+        return None
+    finally:
+        _probing.reset(token)
+    return state[1]
 
 
 def _on_device(fn: Callable, device: torch.device) -> Callable:
