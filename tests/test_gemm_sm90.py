@@ -79,6 +79,10 @@ def test_int8_linear_keeps_fused_kernel_at_small_m():
     assert "fused" in G._sm90_linear_declines(*args)
     big = (torch.zeros(G.FUSED_QUANT_MAX_M + 1, 1280, dtype=torch.float16),) + args[1:]
     assert G._sm90_linear_declines(*big) is None
+    # the float input's own address does not matter: the call quantizes it into a fresh buffer
+    shifted = (torch.zeros((G.FUSED_QUANT_MAX_M + 1) * 1280 + 1, dtype=torch.float16)[1:].view(-1, 1280),) + args[1:]
+    assert shifted[0].data_ptr() % 16 and G._sm90_linear_declines(*shifted) is None
+    assert "aligned" in G._sm90_gemm_declines(*_args(a=torch.zeros(300 * 1280 + 1, dtype=torch.int8)[1:].view(300, 1280)))
 
 
 def test_extension_declares_the_kernel():

@@ -89,7 +89,8 @@ def _sm90_ffn_declines(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, 
         return "writes the float activation only, not the next layer's int8 codes"
     if x.dtype != torch.int8 and x.shape[0] <= FUSED_QUANT_MAX_M:
         return f"is not used at M <= {FUSED_QUANT_MAX_M} (one fused Triton kernel quantizes inside the GEMM)"
-    return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+    return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype,
+                               a_is_codes=x.dtype == torch.int8)
 
 
 def _cuda_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, activation,

@@ -282,26 +282,28 @@ def _triton_weight_only_gemm(x, w, w_scale, bias, group_size, w_int4):
 SM90_OUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _sm90_gemm_declines(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype):
+def _sm90_gemm_declines(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_dtype,
+                        a_is_codes=True):
     """None if the sm_90 CUTLASS GEMM runs these int8_act_gemm arguments, else why not (the call
     then runs on Triton). It takes per-channel int8 weights, activations scaled per row or per
     tensor (with a zero point: ``w_sum`` [N]), fp16/bf16 output, and TMA-aligned operands (16-byte
-    rows and base addresses)."""
+    rows and base addresses). ``a_is_codes`` False: ``a`` is the float input that the call quantizes
+    into a fresh (aligned) buffer first, so its own address does not matter."""
     if w_int4 or group_size:
         return "takes per-channel int8 weights only (not int4, not group-wise)"
     if zero_point is not None and (w_sum is None or not w_sum.is_contiguous() or w_sum.data_ptr() % 16):
         return "needs a contiguous, 16-byte aligned w_sum [N] with a zero point"
-    return _sm90_operands_decline(a, w, w_scale, bias, out_dtype)
+    return _sm90_operands_decline(a, w, w_scale, bias, out_dtype, a_is_codes)
 
 
-def _sm90_operands_decline(a, w, w_scale, bias, out_dtype):
+def _sm90_operands_decline(a, w, w_scale, bias, out_dtype, a_is_codes=True):
     """What both sm_90 GEMMs (int8, fp8) need of their operands: None if met, else what is not."""
     if out_dtype not in SM90_OUT_DTYPES:
         return f"writes float16 or bfloat16 only, not {out_dtype}"
     K, N = a.shape[1], w.shape[0]
     if K % 16 or N % 8:
         return f"needs K % 16 == 0 and N % 8 == 0 (16-byte TMA rows), got K={K}, N={N}"
-    if not w.is_contiguous() or a.data_ptr() % 16 or w.data_ptr() % 16:
+    if not w.is_contiguous() or (a_is_codes and a.data_ptr() % 16) or w.data_ptr() % 16:
         return "needs contiguous, 16-byte aligned operands"
     if not w_scale.is_contiguous() or w_scale.dim() != 1:
         return "needs a contiguous per-channel w_scale [N]"
@@ -337,7 +339,8 @@ def _sm90_linear_declines(x, w, w_scale, smooth, act_scale, act_zero_point, w_su
     at or below FUSED_QUANT_MAX_M rows the one fused Triton kernel is cheaper than two launches."""
     if x.shape[0] <= FUSED_QUANT_MAX_M:
         return f"is not used at M <= {FUSED_QUANT_MAX_M} (one fused Triton kernel quantizes inside the GEMM)"
-    return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype)
+    return _sm90_gemm_declines(x, w, act_scale, w_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype,
+                               a_is_codes=False)
 
 
 def _cuda_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4, out_dtype,
