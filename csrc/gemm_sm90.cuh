@@ -72,36 +72,35 @@ DA_HD float add_rn(float a, float b) {
 #endif
 }
 
-// Epilogue compute functors (Sm90Compute applies them to fragments): plain multiplies/plus
-// would let nvcc fuse the last product and the bias into one FMA, rounding once instead of twice.
-template <class T>
-struct MulRn {
-  CUTLASS_HOST_DEVICE T operator()(T const& a, T const& b) const { return mul_rn(a, b); }
+// Epilogue compute functors (Sm90Compute applies them to fragments, element by element): plain
+// multiplies/plus would let nvcc fuse the last product and the bias into one FMA, rounding once
+// instead of twice.
+template <class Op, class T>
+struct Elementwise {
+  template <class... Ts>
+  CUTLASS_HOST_DEVICE T operator()(Ts const&... xs) const { return Op{}(xs...); }
 };
-template <int N>
-struct MulRn<cutlass::Array<float, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                          cutlass::Array<float, N> const& b) const {
+template <class Op, int N>
+struct Elementwise<Op, cutlass::Array<float, N>> {
+  template <class... Ts>
+  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(Ts const&... xs) const {
     cutlass::Array<float, N> r;
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = mul_rn(a[i], b[i]);
+    for (int i = 0; i < N; ++i) r[i] = Op{}(xs[i]...);
     return r;
   }
 };
+
+struct MulOp {
+  DA_HD float operator()(float a, float b) const { return mul_rn(a, b); }
+};
+struct AddOp {
+  DA_HD float operator()(float a, float b) const { return add_rn(a, b); }
+};
 template <class T>
-struct AddRn {
-  CUTLASS_HOST_DEVICE T operator()(T const& a, T const& b) const { return add_rn(a, b); }
-};
-template <int N>
-struct AddRn<cutlass::Array<float, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& a,
-                                                          cutlass::Array<float, N> const& b) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = add_rn(a[i], b[i]);
-    return r;
-  }
-};
+using MulRn = Elementwise<MulOp, T>;
+template <class T>
+using AddRn = Elementwise<AddOp, T>;
 
 // GELU, tanh form, as y * sigmoid(2u) with u = sqrt(2/pi) (y + 0.044715 y^3) and the sigmoid from
 // t = exp(-|2u|) <= 1 (kernels/_common.py mul_sigmoid): nothing overflows, no cancellation.
@@ -118,19 +117,11 @@ DA_HD float gelu_tanh(float y) {
 
 enum Activation : int { kNoActivation = 0, kGeluTanh = 2 };  // diffaccel.kernels.gemm.ACTIVATIONS' codes
 
+struct GeluTanhOp {
+  DA_HD float operator()(float y) const { return gelu_tanh(y); }
+};
 template <class T>
-struct GeluTanh {
-  CUTLASS_HOST_DEVICE T operator()(T const& y) const { return gelu_tanh(y); }
-};
-template <int N>
-struct GeluTanh<cutlass::Array<float, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<float, N> operator()(cutlass::Array<float, N> const& y) const {
-    cutlass::Array<float, N> r;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) r[i] = gelu_tanh(y[i]);
-    return r;
-  }
-};
+using GeluTanh = Elementwise<GeluTanhOp, T>;
 
 // A GEMM's tensors, checked by scaled_gemm_sm90. zero_point / w_sum: int8 only (static asymmetric
 // activations), or undefined.

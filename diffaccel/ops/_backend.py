@@ -251,6 +251,12 @@ def implementation(op_name: str, device: torch.device, args: Optional[tuple] = N
     return fn
 
 
+def run(op_name: str, *args):
+    """Run ``op_name`` on its arguments with the backend ``implementation`` picks for them (on the
+    device of the first argument): the body of an op."""
+    return implementation(op_name, args[0].device, args)(*args)
+
+
 class _Probed(Exception):
     """Raised by ``implementation`` under ``probe_backend`` once the probed op's backend is known."""
 

@@ -112,9 +112,8 @@ def _int8_ffn_up_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smo
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
                     activation: str, next_scale: Optional[torch.Tensor], next_zero_point: Optional[torch.Tensor],
                     next_smooth: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    args = (x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
-            activation, next_scale, next_zero_point, next_smooth, out_dtype)
-    return _backend.implementation("int8_ffn_up", x.device, args)(*args)
+    return _backend.run("int8_ffn_up", x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias,
+                        group_size, w_int4, activation, next_scale, next_zero_point, next_smooth, out_dtype)
 
 
 @_int8_ffn_up_op.register_fake
@@ -238,8 +237,7 @@ _backend.register(_backend.OpBackends("fp8_ffn_up", torch=fp8_ffn_up_reference, 
 @_backend.custom_op("fp8_ffn_up")
 def _fp8_ffn_up_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                    bias: Optional[torch.Tensor], activation: str, out_dtype: torch.dtype) -> torch.Tensor:
-    args = (a.contiguous(), w, a_scale, w_scale, bias, activation, out_dtype)
-    return _backend.implementation("fp8_ffn_up", a.device, args)(*args)
+    return _backend.run("fp8_ffn_up", a.contiguous(), w, a_scale, w_scale, bias, activation, out_dtype)
 
 
 @_fp8_ffn_up_op.register_fake

@@ -377,21 +377,12 @@ _register("weight_only_gemm", weight_only_gemm_reference, _triton_weight_only_ge
 
 # -- custom ops ---------------------------------------------------------------------------------
 
-def _impl(name, device):
-    return _backend.implementation(name, device)
-
-
-def _run(name, *args):
-    """Ops whose _C kernel covers some calls only: the backend depends on the arguments too."""
-    return _backend.implementation(name, args[0].device, args)(*args)
-
-
 @_backend.custom_op("int8_act_gemm")
 def _int8_act_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                       zero_point: Optional[torch.Tensor], w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       group_size: int, w_int4: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    return _run("int8_act_gemm", a.contiguous(), w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4,
-                out_dtype)
+    return _backend.run("int8_act_gemm", a.contiguous(), w, a_scale, w_scale, zero_point, w_sum, bias, group_size,
+                        w_int4, out_dtype)
 
 
 @_int8_act_gemm_op.register_fake
@@ -401,7 +392,7 @@ def _(a, w, a_scale, w_scale, zero_point, w_sum, bias, group_size, w_int4, out_d
 
 @_backend.custom_op("quantize_rows_int8")
 def _quantize_rows_int8_op(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl("quantize_rows_int8", x.device)(x.contiguous(), smooth)
+    return _backend.run("quantize_rows_int8", x.contiguous(), smooth)
 
 
 @_quantize_rows_int8_op.register_fake
@@ -412,7 +403,7 @@ def _(x, smooth):
 @_backend.custom_op("quantize_static_int8")
 def _quantize_static_int8_op(x: torch.Tensor, smooth: Optional[torch.Tensor], scale: torch.Tensor,
                              zero_point: Optional[torch.Tensor]) -> torch.Tensor:
-    return _impl("quantize_static_int8", x.device)(x.contiguous(), smooth, scale, zero_point)
+    return _backend.run("quantize_static_int8", x.contiguous(), smooth, scale, zero_point)
 
 
 @_quantize_static_int8_op.register_fake
@@ -425,8 +416,8 @@ def _int8_linear_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, smo
                     act_scale: Optional[torch.Tensor], act_zero_point: Optional[torch.Tensor],
                     w_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], group_size: int, w_int4: bool,
                     out_dtype: torch.dtype) -> torch.Tensor:
-    return _run("int8_linear", x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias,
-                group_size, w_int4, out_dtype)
+    return _backend.run("int8_linear", x.contiguous(), w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias,
+                        group_size, w_int4, out_dtype)
 
 
 @_int8_linear_op.register_fake
@@ -437,7 +428,7 @@ def _(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size,
 @_backend.custom_op("fp8_gemm")
 def _fp8_gemm_op(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _run("fp8_gemm", a.contiguous(), w, a_scale, w_scale, bias, out_dtype)
+    return _backend.run("fp8_gemm", a.contiguous(), w, a_scale, w_scale, bias, out_dtype)
 
 
 @_fp8_gemm_op.register_fake
@@ -447,7 +438,7 @@ def _(a, w, a_scale, w_scale, bias, out_dtype):
 
 @_backend.custom_op("quantize_rows_fp8")
 def _quantize_rows_fp8_op(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl("quantize_rows_fp8", x.device)(x.contiguous(), smooth)
+    return _backend.run("quantize_rows_fp8", x.contiguous(), smooth)
 
 
 @_quantize_rows_fp8_op.register_fake
@@ -457,7 +448,7 @@ def _(x, smooth):
 
 @_backend.custom_op("quantize_static_fp8")
 def _quantize_static_fp8_op(x: torch.Tensor, smooth: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-    return _impl("quantize_static_fp8", x.device)(x.contiguous(), smooth, scale)
+    return _backend.run("quantize_static_fp8", x.contiguous(), smooth, scale)
 
 
 @_quantize_static_fp8_op.register_fake
@@ -468,7 +459,7 @@ def _(x, smooth, scale):
 @_backend.custom_op("weight_only_gemm")
 def _weight_only_gemm_op(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                          group_size: int, w_int4: bool) -> torch.Tensor:
-    return _impl("weight_only_gemm", x.device)(x.contiguous(), w, w_scale, bias, group_size, w_int4)
+    return _backend.run("weight_only_gemm", x.contiguous(), w, w_scale, bias, group_size, w_int4)
 
 
 @_weight_only_gemm_op.register_fake
