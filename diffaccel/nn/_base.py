@@ -46,8 +46,13 @@ class QuantLayerBase(nn.Module):
     act_scale / act_zero_point ([T] or [T, 2] for a split input). K is the GEMM's K."""
 
     def __getattr__(self, name: str):
-        # (only reached when normal lookup fails) code written for nn.Linear / nn.Conv2d that reads
-        # layer.weight, e.g. diffusers' own forwards reading a layer's dtype, gets told what to do
+        # (only reached when normal lookup fails) buffers first: the forward reads several per call
+        # and nn.Module.__getattr__ behind this frame would cost a second one for each
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in buffers:
+            return buffers[name]
+        # code written for nn.Linear / nn.Conv2d that reads layer.weight, e.g. diffusers' own
+        # forwards reading a layer's dtype, gets told what to do
         if name == "weight":
             raise AttributeError(f"{type(self).__name__} has no float 'weight': it stores low-bit codes (weight_q) "
                                  f"and scales (weight_scale); its dtype is in original_dtype. Code that reads "

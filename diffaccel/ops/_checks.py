@@ -40,6 +40,8 @@ def check_tensor(
 
 def same_device(device: torch.device, a: torch.device) -> bool:
     """cuda and cuda:0 are the same device for our purposes."""
+    if device == a:  # the common case, without reading .type / .index (about 1.5 us a call)
+        return True
     if device.type != a.type:
         return False
     if device.type != "cuda":

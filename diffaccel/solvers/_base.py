@@ -139,11 +139,15 @@ class SolverState:
     def row(self, key, index: int, device: torch.device) -> torch.Tensor:
         """Row ``index`` of table ``key`` on ``device``; a row the schedule should never reach (NaN,
         e.g. a singular UniPC system) raises instead of poisoning the sample."""
-        if np.isnan(self.host[key][index]).any():
-            raise ValueError(f"{self.adapter.name}.step: no coefficients for this step ({key}[{index}]): the "
-                             "solver's system is singular or undefined here (diffusers' own step fails or "
-                             "returns NaN)")
-        return self.table(key, device)[index]
+        k = (key, index, device)  # rows are kept with the tables: a step makes no new view, no NaN test
+        r = self.device_tables.get(k)
+        if r is None:
+            if np.isnan(self.host[key][index]).any():
+                raise ValueError(f"{self.adapter.name}.step: no coefficients for this step ({key}[{index}]): the "
+                                 "solver's system is singular or undefined here (diffusers' own step fails or "
+                                 "returns NaN)")
+            r = self.device_tables[k] = self.table(key, device)[index]
+        return r
 
     def ensure(self, key, make) -> None:
         if key not in self.host:
