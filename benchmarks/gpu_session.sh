@@ -21,6 +21,8 @@
 #                                                     -> $OUT/gpu-junit.xml); GPU_FILES="tests/a.py
 #                                                     tests/b.py" runs only those files
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
+#   host    per eager call on the GPU: diffaccel's Python, + Triton's launcher, + the GPU (python -m
+#           benchmarks.host_overhead --gpu; about a minute) -> $OUT/host-overhead.json
 #   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json (one model per call fits: --models sdxl)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
 # Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC. TOTAL_LIMIT
@@ -118,6 +120,9 @@ if want bench; then
     # shellcheck disable=SC2086  # BENCH_FILES is a list of paths
     stage bench "${LIMIT_BENCH:-240}" python3 -m pytest ${BENCH_FILES:-benchmarks/} -q -p no:cacheprovider --benchmark-enable \
         --benchmark-json="$OUT/raw.json" ${BENCH_K:+-k "$BENCH_K"}
+fi
+if want host; then
+    stage host "${LIMIT_HOST:-120}" python3 -m benchmarks.host_overhead --gpu --out "$OUT/host-overhead.json"
 fi
 if want e2e; then
     # shellcheck disable=SC2086  # E2E_ARGS: e.g. "--models sdxl --variants baseline:diffusers-eager,diffaccel:attn+w8a8"

@@ -13,6 +13,17 @@ the op's body, ``diffaccel.ops._backend.direct_call_ok``) and ``dispatcher`` (ev
 the torch dispatcher, as before the fast path; ``_backend.through_dispatcher``).
 
     python -m benchmarks.host_overhead [--out benchmarks/results/host-overhead-<date>.json]
+
+``--gpu`` (on a CUDA machine) measures what the CPU run cannot: the same cases on CUDA tensors,
+kernels compiled and autotuned first, the backend the automatic choice picks (and Triton forced
+where that differs). Per call, three figures: ``python_us`` with every Triton launch stubbed
+(diffaccel's Python, the _C launches that are not Triton's, allocation from the caching
+allocator), ``host_us`` with the real launches until the loop returns (``python_us`` plus
+Triton's JIT launcher and the driver), and ``wall_us`` until the GPU has finished. Shapes are
+small, so the GPU work per call is a few microseconds: where ``wall_us`` is close to
+``host_us``, the host decides the speed of an eager call.
+
+    python -m benchmarks.host_overhead --gpu [--out ...]
 """
 from __future__ import annotations
 
@@ -27,7 +38,8 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors reach the launchers
+if "--gpu" not in sys.argv[1:]:  # decided before triton is imported: CPU tensors reach the launchers
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -70,31 +82,31 @@ def value_checks_off():
             setattr(mod, attr, real)
 
 
-def _linear(preset: str, M: int, K: int = 1280, N: int = 1280, dtype=torch.float16):
+def _linear(preset: str, M: int, K: int = 1280, N: int = 1280, dtype=torch.float16, device="cpu"):
     from diffaccel.nn import QuantLinear
 
     torch.manual_seed(0)
-    layer = QuantLinear.from_float(torch.nn.Linear(K, N).to(dtype), preset)
-    x = torch.randn(M, K, dtype=dtype)
+    layer = QuantLinear.from_float(torch.nn.Linear(K, N).to(dtype), preset).to(device)
+    x = torch.randn(M, K, dtype=dtype, device=device)
     return lambda: layer(x)
 
 
-def _attention(L: int = 128, D: int = 64, H: int = 10, quant=None):
+def _attention(L: int = 128, D: int = 64, H: int = 10, quant=None, device="cpu"):
     from diffaccel.ops import attention
 
-    q, k, v = (torch.randn(2, H, L, D, dtype=torch.float16) for _ in range(3))
+    q, k, v = (torch.randn(2, H, L, D, dtype=torch.float16, device=device) for _ in range(3))
     return lambda: attention(q, k, v, quant=quant)
 
 
-def _solver_step():
+def _solver_step(device="cpu"):
     from diffusers import DPMSolverMultistepScheduler
 
     from diffaccel.solvers import patch_scheduler
 
     s = DPMSolverMultistepScheduler()
     patch_scheduler(s)
-    s.set_timesteps(20)
-    x, u, c = (torch.randn(2, 4, 64, 64, dtype=torch.float16) for _ in range(3))
+    s.set_timesteps(20, device=device)
+    x, u, c = (torch.randn(2, 4, 64, 64, dtype=torch.float16, device=device) for _ in range(3))
     s.model_outputs = [torch.randn_like(x) for _ in s.model_outputs]
     s.lower_order_nums = s.config.solver_order
     t = s.timesteps[10]
@@ -111,21 +123,29 @@ def _solver_step():
 # kernel at or below it; split-K for the weight-only GEMM at small M).
 CASES = {
     "w8a8-linear-M128": ("QuantLinear w8a8, 256x256, M = 128: quantize pass + int8 GEMM",
-                         lambda: _linear("w8a8", 128, 256, 256)),
-    "w8a8-linear-M16": ("QuantLinear w8a8, 256x256, M = 16: one fused kernel", lambda: _linear("w8a8", 16, 256, 256)),
+                         lambda dev: _linear("w8a8", 128, 256, 256, device=dev)),
+    "w8a8-linear-M16": ("QuantLinear w8a8, 256x256, M = 16: one fused kernel",
+                        lambda dev: _linear("w8a8", 16, 256, 256, device=dev)),
     "fp8-linear-M128": ("QuantLinear fp8, 256x256, M = 128: quantize pass + fp8 GEMM",
-                        lambda: _linear("fp8", 128, 256, 256)),
-    "w4a16-linear-M1": ("QuantLinear w4a16, 1280x1280, M = 1: split-K GEMM + reduce", lambda: _linear("w4a16", 1)),
-    "attention-fp16": ("ops.attention, [2, 10, 128, 64] fp16", _attention),
+                        lambda dev: _linear("fp8", 128, 256, 256, device=dev)),
+    "w4a16-linear-M1": ("QuantLinear w4a16, 1280x1280, M = 1: split-K GEMM + reduce",
+                        lambda dev: _linear("w4a16", 1, device=dev)),
+    "attention-fp16": ("ops.attention, [2, 10, 128, 64] fp16", lambda dev: _attention(device=dev)),
     "attention-int8": ("ops.attention quant='int8', [2, 10, 128, 64]: k mean, q/k quantize, attention",
-                       lambda: _attention(quant="int8")),
-    "solver-dpm2m-cfg": ("patched DPMSolverMultistep step_with_guidance, [2, 4, 64, 64] fp16", _solver_step),
+                       lambda dev: _attention(quant="int8", device=dev)),
+    "solver-dpm2m-cfg": ("patched DPMSolverMultistep step_with_guidance, [2, 4, 64, 64] fp16",
+                         lambda dev: _solver_step(device=dev)),
 }
+# the op whose backend a case's main kernel takes (the GPU run adds a Triton-forced row where the
+# automatic choice is another backend)
+CASE_OPS = {"w8a8-linear-M128": "int8_linear", "w8a8-linear-M16": "int8_linear", "fp8-linear-M128": "fp8_gemm",
+            "w4a16-linear-M1": "weight_only_gemm", "attention-fp16": "attention", "attention-int8": "attention_int8",
+            "solver-dpm2m-cfg": "fused_solver_step"}
 
 
-def time_call(fn, calls: int, rounds: int) -> list:
+def time_call(fn, calls: int, rounds: int, warmup: int = None) -> list:
     """Microseconds per call, one figure per round."""
-    for _ in range(max(10, calls // 10)):
+    for _ in range(max(10, calls // 10) if warmup is None else warmup):
         fn()
     out = []
     for _ in range(rounds):
@@ -146,7 +166,7 @@ def run(names, calls: int = 500, rounds: int = 7) -> list:
     with launches_stubbed(), value_checks_off(), use_backend("triton"), torch.no_grad():
         for name in names:
             what, factory = CASES[name]
-            fn = factory()
+            fn = factory("cpu")
             for mode in modes:
                 ctx = _backend.through_dispatcher() if mode == "dispatcher" else contextlib.nullcontext()
                 with ctx:
@@ -155,6 +175,81 @@ def run(names, calls: int = 500, rounds: int = 7) -> list:
                                  min_us=min(us), rounds=rounds, calls_per_round=calls))
                 print(f"{name:20} {mode:10} {rows[-1]['median_us']:8.1f} us/call", flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def gpu_launches_stubbed():
+    """On the GPU: every Triton launch (JIT kernels and autotuned ones, whose cache hit ends in the
+    same call) returns at once; _C kernels still launch."""
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.run
+    JITFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+def time_gpu_call(fn, calls: int, rounds: int, sync) -> tuple:
+    """(host, wall) microseconds per call, one figure per round: host until the loop of calls returns,
+    wall until the GPU has finished it. ``calls`` small enough that the launch queue never fills
+    (a full queue would make the host wait for the GPU)."""
+    host, wall = [], []
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) / calls * 1e6)
+        wall.append((t2 - t0) / calls * 1e6)
+    return host, wall
+
+
+def run_gpu(names, calls: int = 100, rounds: int = 7, device="cuda", warmup: int = 20) -> list:
+    """Each case on CUDA tensors, with the automatic backend and, where that is not Triton, with
+    Triton forced; per call python_us (Triton launches stubbed), host_us and wall_us (module
+    docstring). (``device="cpu"`` only exercises this code in the CPU tests: there the stub does not
+    apply, as the interpreter does not launch through JITFunction.run.)"""
+    from diffaccel.ops import _backend, use_backend
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    with torch.no_grad():
+        for name in names:
+            what, factory = CASES[name]
+            fn = factory(dev)
+            auto = _backend.choose(CASE_OPS[name], dev)[0]
+            for backend in dict.fromkeys((auto, "triton")):
+                ctx = contextlib.nullcontext() if backend == auto else use_backend("triton")
+                with ctx:
+                    for _ in range(warmup):  # compile, autotune, warm the allocator
+                        fn()
+                    sync()
+                    host, wall = time_gpu_call(fn, calls, rounds, sync)
+                    with gpu_launches_stubbed():
+                        python = time_call(fn, calls, rounds, warmup=0)
+                    sync()
+                row = dict(case=name, what=what, mode="auto" if backend == auto else "triton-forced", backend=backend,
+                           python_us=statistics.median(python), host_us=statistics.median(host),
+                           wall_us=statistics.median(wall), rounds=rounds, calls_per_round=calls)
+                rows.append(row)
+                print(f"{name:20} {row['mode']:13} {backend:7} python {row['python_us']:7.1f}  host "
+                      f"{row['host_us']:7.1f}  wall {row['wall_us']:7.1f} us/call", flush=True)
+    return rows
+
+
+def markdown_gpu(rows: list) -> str:
+    lines = ["| case | what | mode (backend) | python us/call | host us/call | wall us/call |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['what']} | {r['mode']} ({r['backend']}) | {r['python_us']:.1f} | "
+                     f"{r['host_us']:.1f} | {r['wall_us']:.1f} |")
+    return "\n".join(lines)
 
 
 def _cpu_name() -> str:
@@ -194,20 +289,31 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--gpu", action="store_true", help="on CUDA tensors, real launches (module docstring)")
     a = p.parse_args(argv)
     names = [n for n in a.cases.split(",") if n]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"--cases: unknown {unknown}; expected some of {list(CASES)}")
-    rows = run(names, a.calls, a.rounds)
-    print(markdown(rows))
+    if a.gpu and not torch.cuda.is_available():
+        p.error("--gpu: no CUDA device here")
+    if a.gpu:
+        # at most 100 calls a round: with up to four launches a call, the launch queue (about a
+        # thousand entries) never fills, which would make the host wait for the GPU
+        rows = run_gpu(names, min(a.calls, 100), a.rounds)
+        print(markdown_gpu(rows))
+    else:
+        rows = run(names, a.calls, a.rounds)
+        print(markdown(rows))
     if a.out:
         import triton
 
-        doc = dict(kind="host-overhead", date=datetime.date.today().isoformat(), cpu=_cpu_name(),
-                   cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+        doc = dict(kind="host-overhead-gpu" if a.gpu else "host-overhead", date=datetime.date.today().isoformat(),
+                   cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                    triton=triton.__version__, commit=_git("rev-parse", "HEAD"),
                    dirty=bool(_git("status", "--porcelain", "--untracked-files=no")), cases=rows)
+        if a.gpu:
+            doc["device"] = torch.cuda.get_device_name()
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {a.out}")

@@ -255,3 +255,17 @@ def test_host_overhead_times_every_case_both_ways_and_restores_launches():
     assert InterpretedFunction.run is real_run and _checks.values_readable is real_check
     table = ho.markdown(rows)
     assert table.count("\n") == len(ho.CASES) + 1 and "direct us/call" in table
+
+
+def test_host_overhead_gpu_mode_code_runs_on_cpu():
+    """The --gpu measurement's code path (backend rows, the three figures, the table), run on CPU
+    tensors: the automatic choice there is the reference, so each case gets a Triton-forced row too."""
+    from benchmarks import host_overhead as ho
+
+    names = ["w8a8-linear-M16", "solver-dpm2m-cfg"]
+    rows = ho.run_gpu(names, calls=1, rounds=1, device="cpu", warmup=1)
+    assert [(r["case"], r["mode"], r["backend"]) for r in rows] == [
+        (n, m, b) for n in names for m, b in (("auto", "torch"), ("triton-forced", "triton"))]
+    assert all(r[k] > 0 for r in rows for k in ("python_us", "host_us", "wall_us"))
+    assert ho.markdown_gpu(rows).count("\n") == len(rows) + 1
+    assert set(ho.CASE_OPS) == set(ho.CASES)
