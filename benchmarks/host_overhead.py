@@ -136,11 +136,30 @@ CASES = {
     "solver-dpm2m-cfg": ("patched DPMSolverMultistep step_with_guidance, [2, 4, 64, 64] fp16",
                          lambda dev: _solver_step(device=dev)),
 }
+
+
+def _int8_gemm_codes(M: int, N: int, K: int, device="cpu"):
+    from diffaccel.ops import gemm as G
+
+    torch.manual_seed(0)
+    a, sa = G.quantize_activation_int8(torch.randn(M, K, dtype=torch.float16, device=device))
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    ws = torch.rand(N, device=device) * 0.01 + 1e-4
+    return lambda: G.int8_gemm(a, w, sa, ws, out_dtype=torch.float16)
+
+
+# GPU runs only (CPU tensors this size would time CPU allocation): a shape whose GEMM needs a few tens
+# of microseconds on an H200, which took 0.27 ms per call there on 2026-12-04 (bench_gemm
+# w8a8-gemm-only): wall against host tells whether the host or the kernel set that time
+GPU_ONLY_CASES = {
+    "int8-gemm-sdxl-attn-M4096": ("ops.int8_gemm on int8 codes, M = 4096, N = K = 1280 (sdxl-attn1280)",
+                                  lambda dev: _int8_gemm_codes(4096, 1280, 1280, device=dev)),
+}
 # the op whose backend a case's main kernel takes (the GPU run adds a Triton-forced row where the
 # automatic choice is another backend)
 CASE_OPS = {"w8a8-linear-M128": "int8_linear", "w8a8-linear-M16": "int8_linear", "fp8-linear-M128": "fp8_gemm",
             "w4a16-linear-M1": "weight_only_gemm", "attention-fp16": "attention", "attention-int8": "attention_int8",
-            "solver-dpm2m-cfg": "fused_solver_step"}
+            "solver-dpm2m-cfg": "fused_solver_step", "int8-gemm-sdxl-attn-M4096": "int8_act_gemm"}
 
 
 def time_call(fn, calls: int, rounds: int, warmup: int = None) -> list:
@@ -221,7 +240,7 @@ def run_gpu(names, calls: int = 100, rounds: int = 7, device="cuda", warmup: int
     rows = []
     with torch.no_grad():
         for name in names:
-            what, factory = CASES[name]
+            what, factory = {**CASES, **GPU_ONLY_CASES}[name]
             fn = factory(dev)
             auto = _backend.choose(CASE_OPS[name], dev)[0]
             for backend in dict.fromkeys((auto, "triton")):
@@ -285,16 +304,18 @@ def markdown(rows: list) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    p.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(CASES)} (all); with --gpu also "
+                                                f"{', '.join(GPU_ONLY_CASES)}")
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("--gpu", action="store_true", help="on CUDA tensors, real launches (module docstring)")
     a = p.parse_args(argv)
-    names = [n for n in a.cases.split(",") if n]
-    unknown = [n for n in names if n not in CASES]
+    known = {**CASES, **GPU_ONLY_CASES} if a.gpu else CASES
+    names = [n for n in (a.cases or ",".join(known)).split(",") if n]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        p.error(f"--cases: unknown {unknown}; expected some of {list(CASES)}")
+        p.error(f"--cases: unknown {unknown}; expected some of {list(known)}")
     if a.gpu and not torch.cuda.is_available():
         p.error("--gpu: no CUDA device here")
     if a.gpu:

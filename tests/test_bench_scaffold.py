@@ -268,4 +268,5 @@ def test_host_overhead_gpu_mode_code_runs_on_cpu():
         (n, m, b) for n in names for m, b in (("auto", "torch"), ("triton-forced", "triton"))]
     assert all(r[k] > 0 for r in rows for k in ("python_us", "host_us", "wall_us"))
     assert ho.markdown_gpu(rows).count("\n") == len(rows) + 1
-    assert set(ho.CASE_OPS) == set(ho.CASES)
+    assert set(ho.CASE_OPS) == set(ho.CASES) | set(ho.GPU_ONLY_CASES)
+    assert ho._int8_gemm_codes(8, 32, 48)().shape == (8, 32)  # the GPU-only case's call, small
