@@ -317,17 +317,11 @@ def split_head_dim(D: int, min_chunk: int = 16) -> tuple:
 # -- INT8 quantization of Q and K (per block of tokens, per head) --------------------------------
 
 @triton.jit
-def _quant_int8_block_kernel(
-    X, Mean, Xq, Scale,
-    s_xb, s_xh, s_xl, s_xd,
-    H, L, D, n_blocks,
-    HAS_MEAN: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AMAX_MIN: tl.constexpr,
-):
-    pid_blk = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_l = pid_blk * QBLOCK + tl.arange(0, QBLOCK)
+def _quant_int8_block(X, Mean, Xq, Scale, s_xb, s_xh, s_xl, s_xd, b, h, pid_bh, blk, L, D, n_blocks,
+                      HAS_MEAN: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AMAX_MIN: tl.constexpr):
+    """Block ``blk`` of QBLOCK tokens of head (b, h): int8 codes into Xq [B, H, L, D] (contiguous) and
+    its scale into Scale [B, H, n_blocks]."""
+    offs_l = blk * QBLOCK + tl.arange(0, QBLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_l < L)[:, None] & (offs_d < D)[None, :]
     x = tl.load(X + b * s_xb + h * s_xh + offs_l[:, None].to(tl.int64) * s_xl + offs_d[None, :] * s_xd,
@@ -340,19 +334,44 @@ def _quant_int8_block_kernel(
     qv = round_half_even(tl.math.div_rn(x, scale))
     qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
     tl.store(Xq + pid_bh * L * D + offs_l[:, None].to(tl.int64) * D + offs_d[None, :], qv.to(tl.int8), mask=ok)
-    tl.store(Scale + pid_bh * n_blocks + pid_blk, scale)
+    tl.store(Scale + pid_bh * n_blocks + blk, scale)
 
 
-def quantize_int8_blocks(x, mean, xq, scales, qblock: int) -> None:
-    """x [B,H,L,D] any strides; mean None or contiguous fp32 [B,H,D]; xq contiguous int8 [B,H,L,D];
-    scales contiguous fp32 [B,H,cdiv(L,qblock)]."""
-    B, H, L, D = x.shape
-    n_blocks = cdiv(L, qblock)
-    if B * H * L == 0:
+@triton.jit
+def _quant_qk_int8_blocks_kernel(
+    Q, K, KMean, Qi, Qs, Ki, Ks,
+    s_qb, s_qh, s_ql, s_qd,
+    s_kb, s_kh, s_kl, s_kd,
+    H, Lq, Lk, D, n_qblocks, n_kblocks,
+    HAS_MEAN: tl.constexpr, QBLOCK_Q: tl.constexpr, QBLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    AMAX_MIN: tl.constexpr,
+):
+    # one launch for both operands: programs [0, n_qblocks) take Q's blocks, the rest K's
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    if pid < n_qblocks:
+        _quant_int8_block(Q, KMean, Qi, Qs, s_qb, s_qh, s_ql, s_qd, b, h, pid_bh, pid, Lq, D, n_qblocks,
+                          False, QBLOCK_Q, BLOCK_D, AMAX_MIN)
+    else:
+        _quant_int8_block(K, KMean, Ki, Ks, s_kb, s_kh, s_kl, s_kd, b, h, pid_bh, pid - n_qblocks, Lk, D,
+                          n_kblocks, HAS_MEAN, QBLOCK_K, BLOCK_D, AMAX_MIN)
+
+
+def quantize_qk_int8_blocks(q, k, k_mean, qi, qs, ki, ks) -> None:
+    """q [B,H,Lq,D], k [B,H,Lk,D] any strides; k_mean None or contiguous fp32 [B,H,D]; qi / ki contiguous
+    int8 like q / k; qs / ks contiguous fp32 [B,H,cdiv(L,block)] with QUANT_BLOCK_M / QUANT_BLOCK_N
+    tokens per block. One launch (a launch is host time an eager call pays)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    n_q, n_k = cdiv(Lq, QUANT_BLOCK_M), cdiv(Lk, QUANT_BLOCK_N)
+    if B * H == 0 or n_q + n_k == 0:
         return
-    _quant_int8_block_kernel[(n_blocks, B * H)](
-        x, mean if mean is not None else scales, xq, scales, *x.stride(), H, L, D, n_blocks,
-        HAS_MEAN=mean is not None, QBLOCK=qblock, BLOCK_D=_block_d(D), AMAX_MIN=AMAX_FLOOR)
+    _quant_qk_int8_blocks_kernel[(n_q + n_k, B * H)](
+        q, k, k_mean if k_mean is not None else qs, qi, qs, ki, ks, *q.stride(), *k.stride(), H, Lq, Lk, D, n_q, n_k,
+        HAS_MEAN=k_mean is not None, QBLOCK_Q=QUANT_BLOCK_M, QBLOCK_K=QUANT_BLOCK_N, BLOCK_D=_block_d(D),
+        AMAX_MIN=AMAX_FLOOR)
 
 
 @triton.jit
