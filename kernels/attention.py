@@ -359,6 +359,13 @@ def _quant_qk_int8_blocks_kernel(
                           n_kblocks, HAS_MEAN, QBLOCK_K, BLOCK_D, AMAX_MIN)
 
 
+def quant_qk_warps(block_d: int) -> int:
+    """A 128-token Q block of 128 channels is 128 fp32 values per thread at 4 warps: 148 B of
+    spills on sm_90a (4.5 KB at head dim 256); 8 warps hold head dim 128 without any (256: 268 B;
+    16 warps would cap registers at 128 and spill more)."""
+    return 4 if block_d <= 64 else 8
+
+
 def quantize_qk_int8_blocks(q, k, k_mean, qi, qs, ki, ks) -> None:
     """q [B,H,Lq,D], k [B,H,Lk,D] any strides; k_mean None or contiguous fp32 [B,H,D]; qi / ki contiguous
     int8 like q / k; qs / ks contiguous fp32 [B,H,cdiv(L,block)] with QUANT_BLOCK_M / QUANT_BLOCK_N
@@ -371,7 +378,7 @@ def quantize_qk_int8_blocks(q, k, k_mean, qi, qs, ki, ks) -> None:
     _quant_qk_int8_blocks_kernel[(n_q + n_k, B * H)](
         q, k, k_mean if k_mean is not None else qs, qi, qs, ki, ks, *q.stride(), *k.stride(), H, Lq, Lk, D, n_q, n_k,
         HAS_MEAN=k_mean is not None, QBLOCK_Q=QUANT_BLOCK_M, QBLOCK_K=QUANT_BLOCK_N, BLOCK_D=_block_d(D),
-        AMAX_MIN=AMAX_FLOOR)
+        AMAX_MIN=AMAX_FLOOR, num_warps=quant_qk_warps(_block_d(D)))
 
 
 @triton.jit
@@ -620,7 +627,19 @@ def _static_report_cases():
     small = _int8_case("attn_int8_pv_fp8_hd16_64x64_w8s3_sm90", 16, True, 64, 64, 8, 3)
     small["archs"] = ["90a"]
     cases.append(small)
+    cases += [_quant_qk_case(f"attn_quant_qk_int8_hd{hd}_fp16", hd) for hd in (64, 128, 256)]
     return cases
+
+
+def _quant_qk_case(name, head_dim):
+    sig = {"Q": "*fp16", "K": "*fp16", "KMean": "*fp32", "Qi": "*i8", "Qs": "*fp32", "Ki": "*i8", "Ks": "*fp32"}
+    sig.update({n: "i32" for n in ("s_qb", "s_qh", "s_ql", "s_kb", "s_kh", "s_kl", "H", "Lq", "Lk", "D",
+                                   "n_qblocks", "n_kblocks")})
+    consts = dict(s_qd=1, s_kd=1, HAS_MEAN=True, QBLOCK_Q=QUANT_BLOCK_M, QBLOCK_K=QUANT_BLOCK_N,
+                  BLOCK_D=_block_d(head_dim), AMAX_MIN=AMAX_FLOOR)
+    sig.update({k: "constexpr" for k in consts})
+    return {"name": name, "fn": _quant_qk_int8_blocks_kernel, "signature": sig, "constexprs": consts,
+            "num_warps": quant_qk_warps(_block_d(head_dim)), "num_stages": 1, "hot": False, "tensor_cores": False}
 
 
 STATIC_REPORT_CASES = _static_report_cases()
