@@ -179,6 +179,27 @@ def test_split_points_are_the_concat_layers_of_the_up_path():
         assert conv.in_channels > c1
 
 
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_split_point_hooks_are_removed_when_the_forward_or_a_registration_fails(monkeypatch):
+    model, data = model_and_data("unet", timesteps=(500,), per_timestep=1)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    with model.mid_block.register_forward_pre_hook(fail):  # the forward pass fails after the hooks are placed
+        with pytest.raises(RuntimeError, match="injected"):
+            find_split_points(model, data[0], "cpu")
+        assert _hook_count(model) == 1  # only the injected one
+    # the second candidate block refuses its hook: the first one's must not stay behind
+    monkeypatch.setattr(model.up_blocks[1], "register_forward_pre_hook", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        find_split_points(model, data[0], "cpu")
+    assert _hook_count(model) == 0
+
+
 def test_qdiffusion_gives_the_concat_layers_separate_quantizers():
     from diffaccel.nn import QuantConv2d
 

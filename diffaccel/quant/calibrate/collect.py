@@ -7,6 +7,7 @@ import copy
 import inspect
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -171,8 +172,7 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
 
     groups: dict[int, list[dict]] = {}
     step_t: dict[int, float] = {}
-    handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
-    try:
+    with backbone.register_forward_pre_hook(record, with_kwargs=True):
         device = next(backbone.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -185,8 +185,6 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
                 _check_finite(f"backbone call {step}", item)
                 groups.setdefault(step, []).append(item)
                 step_t.setdefault(step, timestep_value(item["timestep"]))
-    finally:
-        handle.remove()
     if not groups:
         raise CalibrationError("target: the pipeline run never called its backbone")
     order = sorted(groups)
@@ -295,15 +293,14 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                 store[t] = _to(out, "cpu")
         return hook
 
-    handles = []
-    try:
+    with ExitStack() as hooks:
         for name in layers:
-            handles.append(modules[name].register_forward_pre_hook(stat_hook(name)))
+            hooks.enter_context(modules[name].register_forward_pre_hook(stat_hook(name)))
         for name in capture_blocks:
-            handles.append(modules[name].register_forward_pre_hook(block_pre(name), with_kwargs=True))
-            handles.append(modules[name].register_forward_hook(block_post(name), with_kwargs=True))
+            hooks.enter_context(modules[name].register_forward_pre_hook(block_pre(name), with_kwargs=True))
+            hooks.enter_context(modules[name].register_forward_hook(block_post(name), with_kwargs=True))
         for name in capture_outputs_of:
-            handles.append(modules[name].register_forward_hook(out_hook(name)))
+            hooks.enter_context(modules[name].register_forward_hook(out_hook(name)))
         with torch.no_grad():
             for i in progress_bar(range(len(calib)), desc=desc, enabled=progress):
                 state["t"], state["sample"] = calib.t_index[i], i
@@ -317,9 +314,6 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                     storage_dev = _storage_for(obs, len(calib), device)
                     obs.block_io = {k: [(_to(a, storage_dev), _to(kw, storage_dev), _to(o, storage_dev), t)
                                         for a, kw, o, t in v] for k, v in obs.block_io.items()}
-    finally:
-        for h in handles:
-            h.remove()
     return obs
 
 

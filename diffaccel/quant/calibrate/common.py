@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -131,30 +132,26 @@ def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
 def find_split_points(backbone: nn.Module, sample: dict, device) -> dict[str, int]:
     """Layers fed by cat(h, skip) in the up path -> C1 (channels of h), read from one forward pass."""
     points: dict[str, int] = {}
-    handles = []
-    for block_name, block in concat_split_candidates(backbone):
-        def hook(module, args, kwargs, block_name=block_name):
-            res = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
-            if res is None:
-                return
-            res = list(res)
-            for j, resnet in enumerate(module.resnets):
-                if not res:
-                    break
-                skip_channels = res.pop().shape[1]
-                in_channels = resnet.conv1.in_channels if hasattr(resnet, "conv1") else None
-                if in_channels is None or in_channels <= skip_channels:
-                    continue
-                first = in_channels - skip_channels
-                for layer in split_layers_for_resnet(resnet, first):
-                    points[f"{block_name}.resnets.{j}.{layer}"] = first
-        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            forward(backbone, sample, device)
-    finally:
-        for h in handles:
-            h.remove()
+    # hooks are context managers: the stack removes every one registered, even if a later one fails
+    with ExitStack() as hooks, torch.no_grad():
+        for block_name, block in concat_split_candidates(backbone):
+            def hook(module, args, kwargs, block_name=block_name):
+                res = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+                if res is None:
+                    return
+                res = list(res)
+                for j, resnet in enumerate(module.resnets):
+                    if not res:
+                        break
+                    skip_channels = res.pop().shape[1]
+                    in_channels = resnet.conv1.in_channels if hasattr(resnet, "conv1") else None
+                    if in_channels is None or in_channels <= skip_channels:
+                        continue
+                    first = in_channels - skip_channels
+                    for layer in split_layers_for_resnet(resnet, first):
+                        points[f"{block_name}.resnets.{j}.{layer}"] = first
+            hooks.enter_context(block.register_forward_pre_hook(hook, with_kwargs=True))
+        forward(backbone, sample, device)
     return points
 
 
@@ -221,13 +218,10 @@ def bos_outputs(backbone: nn.Module, calib: CalibrationSet, layers: list[str], d
                 out[name] = result[0, 0].detach().float().cpu()
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    try:
-        with torch.no_grad():
-            forward(backbone, calib.samples[0], device)
-    finally:
-        for h in handles:
-            h.remove()
+    with ExitStack() as hooks, torch.no_grad():
+        for n in layers:
+            hooks.enter_context(modules[n].register_forward_hook(hook(n)))
+        forward(backbone, calib.samples[0], device)
     return out
 
 

@@ -169,12 +169,8 @@ def run(ctx) -> QuantRecipe:
     refs = [obs.outputs[i] for i in subset]
 
     def score(name, install) -> float:
-        handle = install()
-        try:
-            with torch.no_grad():
-                outs = [forward(backbone, calib.samples[i], ctx.device).float().cpu() for i in subset]
-        finally:
-            handle.remove()
+        with install(), torch.no_grad():
+            outs = [forward(backbone, calib.samples[i], ctx.device).float().cpu() for i in subset]
         if is_content_layer(name):
             return float(np.mean([1.0 - ssim(r, o) for r, o in zip(refs, outs)]))
         noise = [10 ** (-sqnr_db(r, o) / 10) if math.isfinite(sqnr_db(r, o)) else 0.0 for r, o in zip(refs, outs)]

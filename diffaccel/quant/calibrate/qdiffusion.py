@@ -10,6 +10,7 @@ attention kernel (``attention(..., quant="int8")``), not calibrated here.
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
@@ -51,14 +52,11 @@ def execution_order(backbone: nn.Module, sample: dict, device, names: list[str])
 
     order: list[str] = []
     modules = dict(backbone.named_modules())
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
-               for n in names]
-    try:
-        with torch.no_grad():
-            forward(backbone, sample, device)
-    finally:
-        for h in handles:
-            h.remove()
+    with ExitStack() as hooks, torch.no_grad():
+        for n in names:
+            hooks.enter_context(modules[n].register_forward_pre_hook(
+                lambda m, a, n=n: order.append(n) if n not in order else None))
+        forward(backbone, sample, device)
     return order + [n for n in names if n not in order]
 
 
