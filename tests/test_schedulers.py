@@ -337,6 +337,8 @@ def test_patch_and_unpatch_mid_trajectory():
     (lambda: EulerAncestralDiscreteScheduler(prediction_type="sample"), "prediction_type"),
     (lambda: UniPCMultistepScheduler(solver_p=DDIMScheduler()), "solver_p"),
     (lambda: UniPCMultistepScheduler(thresholding=True), "thresholding"),
+    (lambda: DPMSolverMultistepScheduler(solver_order=4), "solver_order=4: at most 3"),
+    (lambda: UniPCMultistepScheduler(solver_order=4), "solver_order=4: at most 3"),
     (lambda: PNDMScheduler(), "PNDMScheduler has no fused step"),
 ])
 def test_unsupported_left_unpatched_with_reason(make, option):

@@ -154,6 +154,27 @@ class SolverState:
             self.host[key] = make()
 
 
+_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+def thresholding_reason(config) -> Optional[str]:
+    if getattr(config, "thresholding", False):
+        return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
+    return None
+
+
+def multistep_reason(config, solver_types: tuple) -> Optional[str]:
+    """Why a DPM-Solver / UniPC config has no fused step, for the checks the two share; else None."""
+    reason = thresholding_reason(config)
+    if reason is None and config.solver_type not in solver_types:
+        reason = f"solver_type={config.solver_type!r} is not fused"
+    if reason is None and config.prediction_type not in _PREDICTION_TYPES:
+        reason = f"prediction_type={config.prediction_type!r} is not supported"
+    if reason is None and config.solver_order > 3:
+        reason = f"solver_order={config.solver_order}: at most 3 (three history slots)"
+    return reason
+
+
 class _Adapter:
     name = ""
 

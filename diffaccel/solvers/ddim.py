@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _f64, _row
+from ._base import _Adapter, _f64, _row, thresholding_reason
 
 # -- DDIMScheduler ----------------------------------------------------------------------------
 
@@ -22,8 +22,9 @@ def _alpha_x0_eps(prediction_type, a):
 
 
 def _check_no_thresholding(sch):
-    if getattr(sch.config, "thresholding", False):
-        return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
+    reason = thresholding_reason(sch.config)
+    if reason is not None:
+        return reason
     pt = sch.config.prediction_type
     if pt not in ("epsilon", "sample", "v_prediction"):
         return f"prediction_type={pt!r} is not supported by {type(sch).__name__}"

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _row, alpha_sigma_lambda, output_conversion
+from ._base import _Adapter, _row, alpha_sigma_lambda, multistep_reason, output_conversion
 
 # -- DPMSolverMultistepScheduler ----------------------------------------------------------------
 
@@ -29,17 +29,9 @@ class DPMSolverMultistep(_Adapter):
             return "algorithm_type='sde-dpmsolver' with solver_order=3: diffusers has no such update"
         if c.algorithm_type in ("dpmsolver", "sde-dpmsolver") and c.prediction_type == "flow_prediction":
             return "prediction_type='flow_prediction' is not supported by the noise-prediction DPM-Solver"
-        if c.thresholding:
-            return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
         if c.variance_type is not None:
             return f"variance_type={c.variance_type!r}: learned variance is not fused"
-        if c.solver_type not in ("midpoint", "heun"):
-            return f"solver_type={c.solver_type!r} is not fused"
-        if c.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-            return f"prediction_type={c.prediction_type!r} is not supported"
-        if c.solver_order > 3:
-            return f"solver_order={c.solver_order}: at most 3"
-        return None
+        return multistep_reason(c, ("midpoint", "heun"))
 
     def build(self, sch, state):
         c = sch.config

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import B_H0, B_P, C_H0, C_P, NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _row, alpha_sigma_lambda, output_conversion
+from ._base import _Adapter, _row, alpha_sigma_lambda, multistep_reason, output_conversion
 
 # -- UniPCMultistepScheduler ------------------------------------------------------------------
 
@@ -49,17 +49,9 @@ class UniPCMultistep(_Adapter):
         c = sch.config
         if not c.predict_x0 and c.prediction_type == "flow_prediction":
             return "predict_x0=False with prediction_type='flow_prediction' is not supported by diffusers' UniPC"
-        if c.thresholding:
-            return "thresholding=True: dynamic thresholding (a per-sample quantile) is not fused"
         if sch.solver_p is not None:
             return "solver_p is set: an external predictor scheduler is not fused"
-        if c.solver_type not in ("bh1", "bh2"):
-            return f"solver_type={c.solver_type!r} is not fused"
-        if c.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-            return f"prediction_type={c.prediction_type!r} is not supported"
-        if c.solver_order > 3:
-            return f"solver_order={c.solver_order}: at most 3 (three history slots)"
-        return None
+        return multistep_reason(c, ("bh1", "bh2"))
 
     def build(self, sch, state):
         c = sch.config
