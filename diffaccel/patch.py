@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .integrations import targets as _targets
+from .nn._base import forward_wrapped, set_class
 
 log = logging.getLogger("diffaccel")
 
@@ -91,6 +92,7 @@ class _UndoLog:
     def __init__(self):
         self._undo: list[Callable[[], None]] = []
         self.originals: list[nn.Module] = []  # replaced float modules, held for restore
+        self.installed: list[tuple[str, nn.Module]] = []  # (name, module): replacements, class-swapped modules
         self._where: Optional[dict] = None  # id(root) -> {id(module): [(parent, attr), ...]}, during rollback
 
     def push(self, fn: Callable[[], None]) -> None:
@@ -157,7 +159,7 @@ def _wrapper_reason(module: nn.Module) -> Optional[str]:
     """Why ``module`` cannot be replaced without losing what wraps it (None: it can)."""
     if _has_accelerate_hook(module):
         return _ACCELERATE_HOOK_REASON
-    if "forward" in module.__dict__:
+    if forward_wrapped(module):
         return _WRAPPED_FORWARD_REASON
     return None
 
@@ -184,6 +186,7 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
     original_device = _module_device(original)
     _share_hooks(original, new)
     setattr(parent, child, new)
+    undo.installed.append((qualified_name, new))
     _adopt_lora_parent(parent, child, undo)
 
     def restore():
@@ -222,11 +225,11 @@ def _adopt_lora_parent(parent: nn.Module, attr: str, undo: _UndoLog) -> None:
     if adopted is None:
         return
     peft_cls = type(parent)
-    parent.__class__ = adopted
+    set_class(parent, adopted)
 
     def give_back():
         if type(parent) is adopted:
-            parent.__class__ = peft_cls
+            set_class(parent, peft_cls)
 
     undo.push(give_back)
 
@@ -368,6 +371,7 @@ def _fuse_norms(prefix, backbone, report, undo, select):
             before = type(norm).__name__
             dfn.fuse_norm(norm, act)
             undo.push(lambda m=norm: dfn.unfuse_norm(m))
+            undo.installed.append((fqn, norm))
             names = {id(m): n for n, m in block.named_modules()}
             behind = ", ".join(names.get(id(m), "?") for m in layers)
             report.replaced.append(Replaced(fqn, "quant", before,
@@ -422,6 +426,7 @@ def _fuse_resnet(backbone, name, module, undo):
 
     dres.fuse_resnet(module)
     undo.push(lambda m=module: dres.unfuse_resnet(m))
+    undo.installed.append((name, module))
     return ("FusedResnetBlock2D(GroupNorm + SiLU in conv1 / conv2's gather) via int8_conv2d",
             _op_backend("int8_conv2d", _module_device(module) or torch.device("cpu")))
 
@@ -660,6 +665,15 @@ def unpatch(target) -> None:
     if not state.restorable:
         raise RuntimeError("target: patched with keep_originals=False, so the float modules are gone; "
                            "reload the model instead of unpatching")
+    hooked = [name for name, module in state.undo.installed if _wrapper_reason(module) is not None]
+    if hooked:
+        # the hook would be dropped with the module (or, on a class-swapped one, go on calling the
+        # fused forward), and the restored float layer would go where the hook keeps the buffers
+        raise RuntimeError(
+            f"target: {len(hooked)} patched modules ({', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''}) "
+            f"carry hooks attached after patch (sequential CPU offload, device_map dispatch or a diffusers "
+            f"hook); nothing was restored. Remove them first (accelerate's: pipe.remove_all_hooks() or "
+            f"accelerate.hooks.remove_hook_from_submodules(model)), unpatch, then enable the offload again")
     state.undo.rollback()
     object.__delattr__(target, _STATE_ATTR)
     log.info("diffaccel.unpatch(%s): restored", type(target).__name__)

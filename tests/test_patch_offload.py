@@ -8,6 +8,10 @@ patch/unpatch keep working while the hooks sit on the top-level models.
 diffusers refuses ``enable_model_cpu_offload()`` without an accelerator only when it has to guess
 the device; with ``device="cpu"`` it attaches the same hooks, which is what the CPU tests use
 (offloading to the same device: outputs must be bit-identical). The GPU test runs the real thing.
+
+Sequential offload hooks every layer and keeps its weights on the meta device outside its own
+forward; the CPU tests call accelerate's ``cpu_offload`` (what diffusers' method calls per component)
+on the tiny backbones, the GPU test diffusers' method on the pipeline.
 """
 import importlib
 
@@ -239,3 +243,125 @@ def test_torch_hooks_on_a_quantized_layer_keep_firing():
     assert [k for k, _ in seen] == ["post"]
     post.remove()
     assert not model.get_submodule(name)._forward_hooks
+
+
+# -- sequential offload (accelerate's cpu_offload on every layer, after patch) --------------------
+
+def _like_accelerate_hooks(model):
+    """No-op forward pre-hooks where accelerate's cpu_offload puts its hooks (modules holding tensors
+    directly): the fused paths that read a layer's tensors without calling it step aside for both,
+    so this reference runs the same kernels the offloaded model does."""
+    return [m.register_forward_pre_hook(lambda *args: None) for m in model.modules()
+            if any(t is not None for t in (*m._parameters.values(), *m._buffers.values()))]
+
+
+@pytest.mark.parametrize("offload_buffers", [False, True])
+@pytest.mark.parametrize("backbone,quant", [("unet_sd15", "w8a8"), ("unet_sdxl", "fp8"), ("sd3", "w8a8"),
+                                            ("flux", "fp8"), ("wan", "w8a8")])
+def test_sequential_offload_after_patch(backbone, quant, offload_buffers):
+    """What enable_sequential_cpu_offload does to a patched backbone: every layer's weights sit on
+    the meta device until its own forward loads them. The fused ResNet block (GroupNorm weights),
+    the fused feed-forward and the shared q/k/v quantization (the projections' packed buffers, with
+    offload_buffers) read them without calling the layer; they must run the layers unfused instead
+    of failing on meta tensors (which they did)."""
+    import tiny_models
+    from accelerate import cpu_offload
+
+    model, inputs = tiny_models.FACTORIES[backbone]()
+    diffaccel.patch(model, quant=quant, solver=False)
+    hooks = _like_accelerate_hooks(model)
+    expected = tiny_models.output_of(model, inputs)
+    for h in hooks:
+        h.remove()
+    cpu_offload(model, torch.device("cpu"), offload_buffers=offload_buffers)
+    assert torch.equal(tiny_models.output_of(model, inputs), expected)
+    assert any(p.is_meta for p in model.parameters())  # the weights really were offloaded
+    if offload_buffers:
+        quant_layer = next(m for m in model.modules() if type(m).__name__ in ("QuantLinear", "QuantConv2d"))
+        assert quant_layer.weight_q.is_meta
+
+
+def test_unpatch_refuses_while_offload_hooks_sit_on_patched_layers():
+    """unpatch would drop a hook attached after patch with the layer it sits on (and move the float
+    original to where the hook keeps the buffers: the meta device). It refuses, changing nothing;
+    once the hooks are removed, unpatch restores the original bit for bit and patching again
+    fuses what it fused before (accelerate leaves each layer's own forward bound on the instance:
+    no wrapper)."""
+    import tiny_models
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_submodules
+
+    model, inputs = tiny_models.unet_sd15()
+    original = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert any(r.after.startswith("FusedLayerNorm") for r in report.replaced)  # class-swapped norms
+    patched = tiny_models.output_of(model, inputs)
+    cpu_offload(model, torch.device("cpu"), offload_buffers=True)
+    offloaded = tiny_models.output_of(model, inputs)
+    with pytest.raises(RuntimeError, match=r"target: \d+ patched modules \(.*\) carry hooks attached after patch"):
+        diffaccel.unpatch(model)
+    assert diffaccel.is_patched(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), offloaded)
+
+    remove_hook_from_submodules(model)
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(tiny_models.output_of(model, inputs), patched)
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), original)
+    again = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert [(r.name, r.after) for r in again.replaced] == [(r.name, r.after) for r in report.replaced]
+    assert torch.equal(tiny_models.output_of(model, inputs), patched)
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), original)
+
+
+def test_sequential_offload_before_patch():
+    """Offloaded layer by layer first: quant refuses (the weights are on the meta device) and leaves
+    the model as it was; attention alone patches (processors hold no weights) and unpatches."""
+    import tiny_models
+    from accelerate import cpu_offload
+
+    model, inputs = tiny_models.unet_sd15()
+    original = tiny_models.output_of(model, inputs)
+    diffaccel.patch(model, quant=None, solver=False)
+    attention_only = tiny_models.output_of(model, inputs)
+    diffaccel.unpatch(model)
+    cpu_offload(model, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"target: .* is on the meta device"):
+        diffaccel.patch(model, quant="w8a8", solver=False)
+    assert not diffaccel.is_patched(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), original)
+    assert diffaccel.patch(model, quant=None, solver=False).by_part("attention")
+    assert torch.equal(tiny_models.output_of(model, inputs), attention_only)
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), original)
+
+
+@pytest.mark.gpu
+def test_enable_sequential_cpu_offload_on_cuda_matches_resident_pipeline():
+    """On a GPU, diffusers' own enable_sequential_cpu_offload after patch: each layer's float weights
+    come from the CPU for its forward only; the packed ones are buffers, which diffusers leaves
+    resident for a backbone (it offloads buffers only for components with parameters of their own).
+    Output: the resident patched pipeline's with the same fused paths stepping aside, within the
+    1e-6 relative bound of the model-offload test. unpatch refuses under the hooks and restores the
+    original once remove_all_hooks took them off."""
+    resident, offloaded, original = _pipeline("cpu"), _pipeline("cpu"), _pipeline("cuda")
+    for p in (resident, offloaded):
+        diffaccel.patch(p, quant="w8a8")
+    resident.to("cuda")
+    _like_accelerate_hooks(resident.unet)
+    offloaded.enable_sequential_cpu_offload()
+    expected = _sample(resident)
+    out = _sample(offloaded)
+    assert out.device.type == "cuda"
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-6
+    assert any(p.is_meta for p in offloaded.unet.parameters())
+    quant = next(m for m in offloaded.unet.modules() if type(m).__name__ == "QuantLinear")
+    assert quant.weight_q.device.type == "cuda" and quant.weight_q.dtype == torch.int8
+    with pytest.raises(RuntimeError, match="carry hooks attached after patch"):
+        diffaccel.unpatch(offloaded)
+    offloaded.remove_all_hooks()
+    diffaccel.unpatch(offloaded)
+    offloaded.to("cuda")
+    out, expected = _sample(offloaded), _sample(original)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-6

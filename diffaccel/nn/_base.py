@@ -349,14 +349,33 @@ class QuantLayerBase(nn.Module):
 
 
 def has_forward_hooks(m: nn.Module) -> bool:
-    """Forward (pre-)hooks registered on ``m`` itself."""
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Something runs around ``m``'s forward: torch forward (pre-)hooks on ``m`` itself, or a forward
+    wrapped on the instance (accelerate's offload hooks, diffusers' HookRegistry). A fused path that
+    uses ``m``'s tensors without calling ``m`` would skip it; under sequential CPU offload ``m``'s
+    weights are even on the meta device until its own hook loads them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks) or forward_wrapped(m)
+
+
+def _own_forward(m: nn.Module, f, cls: type) -> bool:
+    return getattr(f, "__self__", None) is m and getattr(f, "__func__", None) is cls.forward
 
 
 def forward_wrapped(m: nn.Module) -> bool:
     """``m.forward`` replaced on the instance (diffusers' HookRegistry, accelerate's hooks do that): a
-    forward defined by the class, or a replacement module's, would not be the one that runs."""
-    return "forward" in m.__dict__
+    forward defined by the class, or a replacement module's, would not be the one that runs. The
+    class's own forward bound to ``m`` is no wrapper: accelerate leaves that behind when its hook
+    is removed."""
+    f = m.__dict__.get("forward")
+    return f is not None and not _own_forward(m, f, type(m))
+
+
+def set_class(m: nn.Module, cls: type) -> None:
+    """``m.__class__ = cls``, first dropping a leftover instance ``forward`` bound to the class being
+    left (see forward_wrapped): it would keep running that class's forward after the swap."""
+    f = m.__dict__.get("forward")
+    if f is not None and _own_forward(m, f, type(m)):
+        del m.__dict__["forward"]
+    m.__class__ = cls
 
 
 def reason_for_k(spec: QuantSpec, K: int) -> Optional[str]:
@@ -375,4 +394,4 @@ def check_float_weight(module: nn.Module):
     return w
 
 
-__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "resolve_spec"]
+__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "resolve_spec", "set_class"]

@@ -84,7 +84,7 @@ def unfused_reason(ff: nn.Module) -> Optional[str]:
         return "dropout is active (training mode)"
     if any(has_forward_hooks(m) for m in (act, act.proj, *net)) or _module._global_forward_hooks \
             or _module._global_forward_pre_hooks:
-        return "forward hooks on its layers would be bypassed"
+        return "hooks on its layers would be bypassed"
     return None
 
 

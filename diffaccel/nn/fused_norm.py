@@ -37,7 +37,7 @@ from diffaccel.ops import gemm as G
 from diffaccel.ops import norm as NORM
 
 from . import _codes
-from ._base import forward_wrapped, has_forward_hooks
+from ._base import forward_wrapped, has_forward_hooks, set_class
 from .quant_linear import QuantLinear
 
 CODE_DTYPE_ATTR = "code_dtype"  # on a fused norm: the codes it writes ("int8" / "fp8_e4m3")
@@ -159,7 +159,7 @@ def fuse_norm(norm: nn.Module, act_dtype: str) -> nn.Module:
     why = fuse_reason(norm)
     if why is not None:
         raise ValueError(f"norm: cannot fuse it with the quantization: {why}")
-    norm.__class__ = _fused_class(norm)
+    set_class(norm, _fused_class(norm))
     setattr(norm, CODE_DTYPE_ATTR, act_dtype)
     return norm
 
@@ -167,7 +167,7 @@ def fuse_norm(norm: nn.Module, act_dtype: str) -> nn.Module:
 def unfuse_norm(norm: nn.Module) -> nn.Module:
     """Undo ``fuse_norm`` (a no-op on a norm that is not fused)."""
     if type(norm) is FusedLayerNorm or type(norm) in _ADALN.values():
-        norm.__class__ = type(norm).__bases__[0]
+        set_class(norm, type(norm).__bases__[0])
         norm.__dict__.pop(CODE_DTYPE_ATTR, None)
     return norm
 

@@ -9,8 +9,10 @@ second affine.
 diffusers' class that adds nothing but ``forward`` (no state), so parameter names, ``state_dict``,
 hooks and LoRA targets are unchanged; ``unfuse_resnet`` restores the class. Each call checks that
 the fused path computes what diffusers' forward would and otherwise runs that forward: up/down
-sampling blocks, "scale_shift" time embeddings, another activation, hooks on the chain's layers,
-active dropout, convs that are not int8 k x k (fp8, weight-only, float, LoRA-wrapped).
+sampling blocks, "scale_shift" time embeddings, another activation, hooks on the chain's layers
+(torch forward hooks, or a forward wrapped by accelerate or diffusers: sequential CPU offload loads
+a layer's weights in its own forward only), active dropout, convs that are not int8 k x k (fp8,
+weight-only, float, LoRA-wrapped).
 
 The fused path computes in fp32 where diffusers rounds the normalized and the activated tensors
 to the model's dtype; in fp32 models the two agree to a few ulps (GroupNorm's statistics are summed
@@ -26,7 +28,7 @@ from torch.nn.modules import module as _module
 
 from diffaccel.ops import norm as NORM
 
-from ._base import forward_wrapped, has_forward_hooks
+from ._base import forward_wrapped, has_forward_hooks, set_class
 from .quant_conv import QuantConv2d
 
 _FUSED_CLASS: Optional[type] = None
@@ -61,7 +63,7 @@ def unfused_reason(block: nn.Module, temb: Optional[torch.Tensor] = None, check_
         return "dropout is active (training mode)"
     chain = (block.norm1, block.nonlinearity, block.conv1, block.norm2, block.dropout, block.conv2)
     if any(has_forward_hooks(m) for m in chain) or _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return "forward hooks on its layers would be bypassed"
+        return "hooks on its layers would be bypassed"
     if check_temb and (temb is None) != (block.time_emb_proj is None):
         return "temb given without a time_emb_proj (or missing)"
     return None
@@ -131,14 +133,14 @@ def fuse_resnet(block: nn.Module) -> nn.Module:
     why = fuse_reason(block)
     if why is not None:
         raise ValueError(f"block: cannot fuse this ResNet block: {why}")
-    block.__class__ = fused_class()
+    set_class(block, fused_class())
     return block
 
 
 def unfuse_resnet(block: nn.Module) -> nn.Module:
     """Undo ``fuse_resnet`` (a no-op on a block that is not fused)."""
     if type(block) is _FUSED_CLASS:
-        block.__class__ = _FUSED_CLASS.__bases__[0]
+        set_class(block, _FUSED_CLASS.__bases__[0])
     return block
 
 

@@ -10,7 +10,8 @@ smoothing), so outputs are bit-identical to calling the layers one by one. Shari
 when that holds; otherwise each layer is simply called, which computes the same result:
 - every layer is a ``QuantLinear`` with dynamic per-token int8 or fp8 activations of the same
   dtype and no SmoothQuant vector (a smoothing vector is per layer, so the codes would differ);
-- no forward hooks on the layers and none registered globally (they would be bypassed);
+- no hooks on the layers (torch forward hooks, or a forward wrapped on the instance as accelerate's
+  offload does) and none registered globally (they would be bypassed);
 - more than ``FUSED_QUANT_MAX_M`` rows: below that the GEMM kernel quantizes its rows itself,
   which is cheaper than a separate pass.
 
@@ -31,11 +32,8 @@ from torch.nn.modules import module as _module
 from diffaccel.ops import gemm as G
 
 from . import _codes
+from ._base import has_forward_hooks
 from .quant_linear import QuantLinear
-
-
-def _hooked(layer: nn.Module) -> bool:
-    return bool(layer._forward_hooks or layer._forward_pre_hooks)
 
 
 def _shareable(layer: nn.Module) -> bool:
@@ -54,7 +52,7 @@ def can_share_input(x: torch.Tensor, layers) -> bool:
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
-    return all(_shareable(layer) and not _hooked(layer) and layer.spec.act_dtype == layers[0].spec.act_dtype
+    return all(_shareable(layer) and not has_forward_hooks(layer) and layer.spec.act_dtype == layers[0].spec.act_dtype
                and layer.in_features == x.shape[-1] for layer in layers)
 
 
