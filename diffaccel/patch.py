@@ -170,6 +170,13 @@ _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forwar
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
+def _held_by_hook(module: nn.Module) -> bool:
+    """A hook attached after patch holds ``module``: it wraps its forward, or (a hook on a parent
+    that offloads) its tensors are on the meta device between calls."""
+    return _wrapper_reason(module) is not None or any(
+        t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+
+
 def _share_hooks(original: nn.Module, new: nn.Module) -> None:
     for table in _HOOK_TABLES:
         if hasattr(original, table):
@@ -665,13 +672,14 @@ def unpatch(target) -> None:
     if not state.restorable:
         raise RuntimeError("target: patched with keep_originals=False, so the float modules are gone; "
                            "reload the model instead of unpatching")
-    hooked = [name for name, module in state.undo.installed if _wrapper_reason(module) is not None]
-    if hooked:
-        # the hook would be dropped with the module (or, on a class-swapped one, go on calling the
-        # fused forward), and the restored float layer would go where the hook keeps the buffers
+    held = [name for name, module in state.undo.installed if _held_by_hook(module)]
+    if held:
+        # A hook on the module would be dropped with it (or, on a class-swapped one, go on calling
+        # the fused forward); one on a parent keeps the tensors on meta between calls. Either way
+        # the float original would be restored where the hook keeps the buffers.
         raise RuntimeError(
-            f"target: {len(hooked)} patched modules ({', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''}) "
-            f"carry hooks attached after patch (sequential CPU offload, device_map dispatch or a diffusers "
+            f"target: {len(held)} patched modules ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) are "
+            f"held by hooks attached after patch (sequential CPU offload, device_map dispatch or a diffusers "
             f"hook); nothing was restored. Remove them first (accelerate's: pipe.remove_all_hooks() or "
             f"accelerate.hooks.remove_hook_from_submodules(model)), unpatch, then enable the offload again")
     state.undo.rollback()

@@ -298,7 +298,7 @@ def test_unpatch_refuses_while_offload_hooks_sit_on_patched_layers():
     patched = tiny_models.output_of(model, inputs)
     cpu_offload(model, torch.device("cpu"), offload_buffers=True)
     offloaded = tiny_models.output_of(model, inputs)
-    with pytest.raises(RuntimeError, match=r"target: \d+ patched modules \(.*\) carry hooks attached after patch"):
+    with pytest.raises(RuntimeError, match=r"target: \d+ patched modules \(.*\) are held by hooks attached after patch"):
         diffaccel.unpatch(model)
     assert diffaccel.is_patched(model)
     assert torch.equal(tiny_models.output_of(model, inputs), offloaded)
@@ -313,6 +313,65 @@ def test_unpatch_refuses_while_offload_hooks_sit_on_patched_layers():
     assert torch.equal(tiny_models.output_of(model, inputs), patched)
     diffaccel.unpatch(model)
     assert torch.equal(tiny_models.output_of(model, inputs), original)
+
+
+def test_unpatch_refuses_while_a_parent_hook_offloads_patched_layers():
+    """device_map dispatch with an offloaded block hooks the block, not its layers: between calls
+    the quantized layers' buffers are on the meta device, and unpatch would restore the float
+    originals there. It refuses; with the hook removed (its tensors back), it restores."""
+    import tiny_models
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    model, inputs = tiny_models.unet_sd15()
+    original = tiny_models.output_of(model, inputs)
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    patched = tiny_models.output_of(model, inputs)
+    block = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0")
+    weights = {k: v.clone() for k, v in block.state_dict().items()}
+    add_hook_to_module(block, AlignDevicesHook(execution_device="cpu", offload=True, offload_buffers=True,
+                                               weights_map=weights, place_submodules=True))
+    assert block.attn1.to_q.weight_q.is_meta and "forward" not in block.attn1.to_q.__dict__
+    assert torch.equal(tiny_models.output_of(model, inputs), patched)  # the parent's hook loads the whole block
+    with pytest.raises(RuntimeError, match=r"patched modules \(down_blocks\.0\.attentions\.0\.transformer_blocks"
+                                           r"\.0\.attn1\.to_q, .*\) are held by hooks"):
+        diffaccel.unpatch(model)
+    remove_hook_from_module(block)
+    assert not block.attn1.to_q.weight_q.is_meta
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), original)
+
+
+@pytest.mark.parametrize("offload_type", ["leaf_level", "block_level"])
+def test_group_offloading_after_patch(offload_type):
+    """diffusers' group offloading (enable_group_offload) after patch, onto the same device here:
+    leaf level hooks every layer, and the fused paths step aside as under sequential offload; block
+    level hooks whole blocks, so within a block they still run. unpatch refuses under leaf-level
+    hooks and works under block-level ones (the groups move their modules' tensors, whatever the
+    modules are, at each call without streams)."""
+    import tiny_models
+    from diffusers.hooks import apply_group_offloading
+
+    model, inputs = tiny_models.unet_sd15()
+    original = tiny_models.output_of(model, inputs)
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    fused = tiny_models.output_of(model, inputs)
+    hooks = _like_accelerate_hooks(model)
+    unfused = tiny_models.output_of(model, inputs)
+    for h in hooks:
+        h.remove()
+    assert not torch.equal(fused, unfused)  # (the fused ResNet blocks round differently)
+    kw = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    apply_group_offloading(model, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                           offload_type=offload_type, **kw)
+    out = tiny_models.output_of(model, inputs)
+    if offload_type == "leaf_level":
+        assert torch.equal(out, unfused)
+        with pytest.raises(RuntimeError, match="held by hooks attached after patch"):
+            diffaccel.unpatch(model)
+    else:
+        assert torch.equal(out, fused)
+        diffaccel.unpatch(model)
+        assert torch.equal(tiny_models.output_of(model, inputs), original)
 
 
 def test_sequential_offload_before_patch():
@@ -358,7 +417,7 @@ def test_enable_sequential_cpu_offload_on_cuda_matches_resident_pipeline():
     assert any(p.is_meta for p in offloaded.unet.parameters())
     quant = next(m for m in offloaded.unet.modules() if type(m).__name__ == "QuantLinear")
     assert quant.weight_q.device.type == "cuda" and quant.weight_q.dtype == torch.int8
-    with pytest.raises(RuntimeError, match="carry hooks attached after patch"):
+    with pytest.raises(RuntimeError, match="held by hooks attached after patch"):
         diffaccel.unpatch(offloaded)
     offloaded.remove_all_hooks()
     diffaccel.unpatch(offloaded)
