@@ -346,10 +346,10 @@ def test_group_offloading_after_patch(offload_type):
     """diffusers' group offloading (enable_group_offload) after patch, onto the same device here:
     leaf level hooks every layer, and the fused paths step aside as under sequential offload; block
     level hooks whole blocks, so within a block they still run. unpatch refuses under leaf-level
-    hooks and works under block-level ones (the groups move their modules' tensors, whatever the
-    modules are, at each call without streams)."""
+    hooks (until they are removed) and works under block-level ones (the groups move their modules'
+    tensors, whatever the modules are, at each call without streams)."""
     import tiny_models
-    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks import HookRegistry, apply_group_offloading
 
     model, inputs = tiny_models.unet_sd15()
     original = tiny_models.output_of(model, inputs)
