@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .integrations import targets as _targets
-from .nn._base import forward_wrapped, set_class
+from .nn._base import QuantLayerBase, forward_wrapped, set_class
 
 log = logging.getLogger("diffaccel")
 
@@ -125,10 +125,23 @@ class _UndoLog:
 
 @dataclass
 class _PatchState:
-    options: tuple
+    options: Optional[tuple]
     report: PatchReport
     undo: _UndoLog
     restorable: bool = True
+    copied: bool = False  # the state of a deepcopy or unpickled copy: patched, but no undo log
+
+    # The undo log's closures hold the original model's modules: a copy that kept them would
+    # "unpatch" the original. A copy of a patched model stays patched and cannot be unpatched.
+    def __deepcopy__(self, memo):
+        return _PatchState(self.options, self.report, _UndoLog(), restorable=False, copied=True)
+
+    def __reduce__(self):  # (options may hold a lambda filter: a pickled copy re-patches nothing)
+        return _copied_state, (self.report,)
+
+
+def _copied_state(report: PatchReport) -> _PatchState:
+    return _PatchState(None, report, _UndoLog(), restorable=False, copied=True)
 
 
 def _get_parent(root: nn.Module, qualified_name: str):
@@ -539,21 +552,47 @@ def _patch_solver(target_info, report, undo, solver_options=None):
                                     _op_backend("fused_solver_step", device)))
 
 
-class _FuseLoraGuard:
-    """Set as the instance attribute ``fuse_lora`` of a patched target and its backbones: checks
-    every backbone before the class's fuse_lora merges anything (diffusers scales and merges layer
-    by layer, so a refusal from the first quantized layer would come after others changed)."""
+class _MethodGuard:
+    """Set as an instance attribute over a method of a patched target or its backbones (fuse_lora,
+    save_pretrained): ``check(backbones)`` runs first and raises before the class's method changes
+    or writes anything (diffusers merges LoRA layer by layer and saves a pipeline component by
+    component, so a refusal from inside would come after part of the work). Plain data and a
+    module-level check, so that a deepcopy checks its own backbones and a pickle works."""
 
-    def __init__(self, owner, backbones):
+    def __init__(self, owner, name: str, check: Callable[[list], None], backbones: list):
         self.owner = owner
+        self.name = name
+        self.check = check
         self.backbones = backbones
 
     def __call__(self, *args, **kwargs):
-        from .nn import lora as dlora
+        self.check(self.backbones)
+        return getattr(type(self.owner), self.name)(self.owner, *args, **kwargs)
 
-        for backbone in self.backbones:
-            dlora.check_fusable(backbone)
-        return type(self.owner).fuse_lora(self.owner, *args, **kwargs)
+
+def _guard_method(target, info, undo: _UndoLog, name: str, check: Callable[[list], None]) -> None:
+    """Put a _MethodGuard over ``name`` on the target and each backbone that has that method;
+    ``check(backbones)`` decides. unpatch takes the guards off."""
+    backbones = list(info.backbones.values())
+    owners = backbones if any(b is target for b in backbones) else [target] + backbones
+    for owner in owners:
+        if not callable(getattr(type(owner), name, None)) or name in vars(owner):
+            continue
+        guard = _MethodGuard(owner, name, check, backbones)
+        object.__setattr__(owner, name, guard)
+
+        def drop_guard(owner=owner, guard=guard):
+            if vars(owner).get(name) is guard:
+                object.__delattr__(owner, name)
+
+        undo.push(drop_guard)
+
+
+def _check_fusable(backbones) -> None:
+    from .nn import lora as dlora
+
+    for backbone in backbones:
+        dlora.check_fusable(backbone)
 
 
 def _support_lora_on_quantized(target, info, undo: _UndoLog) -> None:
@@ -563,19 +602,18 @@ def _support_lora_on_quantized(target, info, undo: _UndoLog) -> None:
     from .nn import lora as dlora
 
     dlora.install_peft_dispatch()
-    backbones = list(info.backbones.values())
-    owners = backbones if any(b is target for b in backbones) else [target] + backbones
-    for owner in owners:
-        if not callable(getattr(type(owner), "fuse_lora", None)) or "fuse_lora" in vars(owner):
-            continue
-        guard = _FuseLoraGuard(owner, backbones)
-        object.__setattr__(owner, "fuse_lora", guard)
+    _guard_method(target, info, undo, "fuse_lora", _check_fusable)
 
-        def drop_guard(owner=owner, guard=guard):
-            if vars(owner).get("fuse_lora") is guard:
-                object.__delattr__(owner, "fuse_lora")
 
-        undo.push(drop_guard)
+def _check_savable(backbones) -> None:
+    for backbone in backbones:
+        name = next((n for n, m in backbone.named_modules() if isinstance(m, QuantLayerBase)), None)
+        if name is not None:
+            raise RuntimeError(
+                f"save_pretrained: {name} is a diffaccel quantized layer, whose low-bit buffers diffusers' "
+                f"from_pretrained cannot load (the checkpoint would lack the float weights); nothing was "
+                f"written. Save the float model: diffaccel.unpatch, save_pretrained, then patch again (a "
+                f"calibrated recipe saves on its own: recipe.save(path))")
 
 
 # -- public ------------------------------------------------------------------------------
@@ -643,8 +681,10 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
                 report.skipped.append(Skipped("scheduler", "solver", "solver=False"))
             for name, reason in info.left_alone.items():
                 report.skipped.append(Skipped(name, "component", reason))
-            if quant is not None and importlib.util.find_spec("peft") is not None:
-                _support_lora_on_quantized(target, info, undo)
+            if quant is not None:
+                _guard_method(target, info, undo, "save_pretrained", _check_savable)
+                if importlib.util.find_spec("peft") is not None:
+                    _support_lora_on_quantized(target, info, undo)
         except BaseException:
             undo.rollback()
             raise
@@ -669,6 +709,10 @@ def unpatch(target) -> None:
     state = getattr(target, _STATE_ATTR, None)
     if state is None:
         return
+    if state.copied:
+        raise RuntimeError("target: a copy (deepcopy or pickle) of a patched model cannot be unpatched: the "
+                           "originals belong to the model it was copied from; unpatch that one before copying, "
+                           "or reload the model")
     if not state.restorable:
         raise RuntimeError("target: patched with keep_originals=False, so the float modules are gone; "
                            "reload the model instead of unpatching")

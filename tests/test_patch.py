@@ -1,6 +1,7 @@
 """diffaccel.patch / unpatch on every supported backbone: equivalence, bit-exact unpatch,
 atomicity, idempotence and clear errors."""
 import copy
+import importlib
 import logging
 
 import pytest
@@ -320,3 +321,31 @@ def test_patched_model_follows_to_dtype():
     plain, _ = tiny_models.sd3()
     plain.to(torch.bfloat16)
     assert torch.equal(tiny_models.output_of(model, bf16_inputs), tiny_models.output_of(plain, bf16_inputs))
+
+
+def test_a_copy_of_a_patched_model_stays_patched_and_refuses_unpatch(tmp_path):
+    """deepcopy / torch.save of a patched model: the copy runs patched. Its unpatch refuses, because
+    the undo log's closures hold the original's modules (unpatching a deepcopy used to restore the
+    original's layers and leave the copy quantized). The copy's guards check the copy itself."""
+    dpatch = importlib.import_module("diffaccel.patch")  # (diffaccel.patch is the function)
+    a, inputs = tiny_models.unet_sd15()
+    original = tiny_models.output_of(a, inputs)
+    diffaccel.patch(a, quant="w8a8", solver=False)
+    patched = tiny_models.output_of(a, inputs)
+    b = copy.deepcopy(a)
+    torch.save(a, tmp_path / "a.pt")  # (the patch state used to hold lambdas: pickling failed)
+    c = torch.load(tmp_path / "a.pt", weights_only=False)
+    for dup in (b, c):
+        assert diffaccel.is_patched(dup) and torch.equal(tiny_models.output_of(dup, inputs), patched)
+        with pytest.raises(RuntimeError, match=r"a copy \(deepcopy or pickle\) of a patched model cannot be unpatched"):
+            diffaccel.unpatch(dup)
+        assert torch.equal(tiny_models.output_of(dup, inputs), patched)
+        guard = vars(dup)["save_pretrained"]
+        assert guard.owner is dup and guard.backbones == [dup]
+        with pytest.raises(RuntimeError, match="save_pretrained: .* is a diffaccel quantized layer"):
+            dup.save_pretrained(tmp_path / "dup")
+    assert diffaccel.patch(b, quant="w8a8", solver=False) is dpatch.patch_report(b)  # same options: a no-op
+    assert torch.equal(tiny_models.output_of(a, inputs), patched)  # the original untouched by all this
+    diffaccel.unpatch(a)
+    assert torch.equal(tiny_models.output_of(a, inputs), original)
+    assert torch.equal(tiny_models.output_of(b, inputs), patched)

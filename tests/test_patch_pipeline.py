@@ -254,3 +254,27 @@ def test_every_other_component_is_reported_left_alone():
     assert "ControlNet left alone" in str(report)
     diffaccel.patch(pipe.controlnet, quant="w8a8")  # and it can be patched directly
     assert any(type(m).__name__ == "QuantLinear" for m in pipe.controlnet.modules())
+
+
+def test_save_pretrained_of_a_quantized_patch_refuses_before_writing(tmp_path):
+    """A quantized backbone's checkpoint would hold low-bit buffers diffusers cannot load back (the
+    reloaded model's float weights were left on the meta device): save_pretrained on the patched
+    pipeline or its backbone refuses before writing a file. Attention-only patches save as usual
+    (nothing in the state dict changes), and after unpatch the float model saves and reloads."""
+    pipe = _pipeline("unet")
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    diffaccel.patch(pipe, quant="w8a8")
+    for owner, where in ((pipe, tmp_path / "pipe"), (pipe.unet, tmp_path / "unet")):
+        with pytest.raises(RuntimeError, match=r"save_pretrained: \S+ is a diffaccel quantized layer, .* nothing "
+                                               r"was written"):
+            owner.save_pretrained(where)
+        assert not where.exists()
+    diffaccel.unpatch(pipe)
+    assert "save_pretrained" not in vars(pipe) and "save_pretrained" not in vars(pipe.unet)
+
+    diffaccel.patch(pipe)  # attention and solver only
+    assert "save_pretrained" not in vars(pipe.unet)
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    diffaccel.unpatch(pipe)
+    reloaded = type(pipe.unet).from_pretrained(tmp_path / "unet").state_dict()
+    assert reloaded.keys() == original.keys() and all(torch.equal(reloaded[k], v) for k, v in original.items())
