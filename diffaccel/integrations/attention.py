@@ -244,7 +244,7 @@ def _dispatch_fn(quant):
                             enable_gqa=False, return_lse=False, _parallel_config=None):
         # the dispatcher's layout is [B, L, H, D]; the op reads it as a [B, H, L, D] view, no copy
         if dropout_p != 0.0:
-            raise NotImplementedError(f"dropout_p: diffaccel attention is forward-only inference, got {dropout_p}")
+            raise NotImplementedError(f"dropout_p: diffaccel attention has no dropout, got {dropout_p}")
         if _parallel_config is not None:
             raise NotImplementedError("_parallel_config: context-parallel attention is not supported by diffaccel")
         if enable_gqa and query.shape[2] != key.shape[2]:

@@ -39,6 +39,32 @@ def _positive(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def records_autograd(*tensors) -> bool:
+    """Autograd records through one of ``tensors``: a gradient has to flow back through them, so
+    fused paths that pass int8 codes between ops (which cut the graph) step aside."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """A quantized layer's low-bit forward, and as backward the input gradient of the float layer its
+    codes stand for (``layer.input_grad``): straight through the activation quantization, as QLoRA
+    and quantization-aware training do. The codes and scales are buffers and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer, forward):
+        ctx.layer, ctx.x_shape, ctx.x_dtype = layer, x.shape, x.dtype
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.layer.input_grad(grad, ctx.x_shape).to(ctx.x_dtype), None, None
+
+
+def straight_through(layer: nn.Module, x: torch.Tensor, forward) -> torch.Tensor:
+    """``forward(x)``, differentiable in ``x`` with ``layer``'s straight-through gradient."""
+    return _StraightThrough.apply(x, layer, forward)
+
+
 class QuantLayerBase(nn.Module):
     """Holds: weight_q (int8 [N, K] | uint8 packed int4/fp4 [N, K // 2] | float8_e4m3fn [N, K]),
     weight_scale (fp32 [N] or [N, G]; fp16 [N, G] for fp4), weight_sum (int32 row sums of the
@@ -394,4 +420,5 @@ def check_float_weight(module: nn.Module):
     return w
 
 
-__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "resolve_spec", "set_class"]
+__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "records_autograd", "resolve_spec",
+           "set_class", "straight_through"]

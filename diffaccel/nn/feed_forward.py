@@ -25,7 +25,7 @@ from diffaccel.ops import ffn as FF
 from diffaccel.ops import gemm as G
 
 from . import _codes
-from ._base import forward_wrapped, has_forward_hooks
+from ._base import forward_wrapped, has_forward_hooks, records_autograd
 from .quant_linear import QuantLinear
 
 
@@ -116,8 +116,9 @@ class FusedFeedForward(nn.Module):
         return "fp8_ffn_up" if self.net[0].proj.spec.act_dtype == "fp8_e4m3" else "int8_ffn_up"
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # (FeedForward takes and ignores a deprecated ``scale`` argument the same way)
-        if unfused_reason(self) is not None:
+        # (FeedForward takes and ignores a deprecated ``scale`` argument the same way; the fused op has
+        # no backward, the layers one by one have)
+        if records_autograd(hidden_states) or unfused_reason(self) is not None:
             for module in self.net:
                 hidden_states = module(hidden_states)
             return hidden_states

@@ -37,14 +37,10 @@ from diffaccel.ops import gemm as G
 from diffaccel.ops import norm as NORM
 
 from . import _codes
-from ._base import forward_wrapped, has_forward_hooks, set_class
+from ._base import forward_wrapped, has_forward_hooks, records_autograd, set_class
 from .quant_linear import QuantLinear
 
 CODE_DTYPE_ATTR = "code_dtype"  # on a fused norm: the codes it writes ("int8" / "fp8_e4m3")
-
-
-def _records_autograd(x: torch.Tensor, params) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
 
 
 def _codes_pay(x: torch.Tensor) -> bool:
@@ -68,7 +64,7 @@ def _takes(x, norm: nn.Module) -> bool:
     """The fused op can stand in for ``norm`` on ``x``: float, [..., K] of its width, no autograd
     (the op has no backward)."""
     return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] > 0
-            and x.shape[-1] == norm.normalized_shape[0] and not _records_autograd(x, (norm.weight, norm.bias)))
+            and x.shape[-1] == norm.normalized_shape[0] and not records_autograd(x, norm.weight, norm.bias))
 
 
 def _plain_layer_norm(norm: nn.Module) -> bool:
@@ -88,7 +84,7 @@ def _modulated(module: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: t
     """adaLN's ``norm(x) * (1 + scale[:, None]) + shift[:, None]``, with codes where they pay."""
     norm = module.norm
     if (x.dim() == 3 and tuple(scale.shape) == (x.shape[0], x.shape[-1]) == tuple(shift.shape) and _takes(x, norm)
-            and not _records_autograd(x, (scale, shift)) and not has_forward_hooks(norm)
+            and not records_autograd(x, scale, shift) and not has_forward_hooks(norm)
             and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)):
         return _norm(module, norm, x, scale, shift)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]

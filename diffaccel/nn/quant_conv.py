@@ -16,7 +16,7 @@ from diffaccel.ops import conv as CV
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
-                    reason_for_k)
+                    reason_for_k, records_autograd, straight_through)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -79,6 +79,16 @@ class QuantConv2d(QuantLayerBase):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if records_autograd(x):
+            return straight_through(self, x, self._forward)
+        return self._forward(x)
+
+    def input_grad(self, grad: torch.Tensor, x_shape) -> torch.Tensor:
+        """d loss / d x of the float conv the codes stand for (``dequantized_weight()``)."""
+        return torch.nn.grad.conv2d_input(x_shape, self.dequantized_weight().to(grad.dtype), grad, self.stride,
+                                          self.padding, self.dilation)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
         B, C, H, W = x.shape

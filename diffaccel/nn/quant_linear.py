@@ -10,7 +10,8 @@ from torch import nn
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from . import _codes
-from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_k
+from ._base import (QuantLayerBase, _float_tensor, check_float_weight, reason_for_k, records_autograd,
+                    straight_through)
 
 
 class QuantLinear(QuantLayerBase):
@@ -55,6 +56,15 @@ class QuantLinear(QuantLayerBase):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if records_autograd(x):
+            return straight_through(self, x, self._forward)
+        return self._forward(x)
+
+    def input_grad(self, grad: torch.Tensor, x_shape) -> torch.Tensor:
+        """d loss / d x of the float layer the codes stand for: ``grad @ dequantized_weight()``."""
+        return grad @ self.dequantized_weight().to(grad.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if self.takes_shared_codes:  # codes a fused norm attached to x (diffaccel.nn._codes)

@@ -28,7 +28,7 @@ from torch.nn.modules import module as _module
 
 from diffaccel.ops import norm as NORM
 
-from ._base import forward_wrapped, has_forward_hooks, set_class
+from ._base import forward_wrapped, has_forward_hooks, records_autograd, set_class
 from .quant_conv import QuantConv2d
 
 _FUSED_CLASS: Optional[type] = None
@@ -69,8 +69,19 @@ def unfused_reason(block: nn.Module, temb: Optional[torch.Tensor] = None, check_
     return None
 
 
+def _needs_grad(block: nn.Module, input_tensor: torch.Tensor, temb: Optional[torch.Tensor]) -> bool:
+    """A gradient would flow through the chain: its input, temb, the norms' affine or the time-embedding
+    projection (LoRA on it included). The fused ops have no backward; diffusers' forward, whose
+    layers have one, runs instead."""
+    if not torch.is_grad_enabled():
+        return False
+    return records_autograd(input_tensor, temb) or any(
+        p.requires_grad for m in (block.norm1, block.norm2, block.time_emb_proj) if m is not None
+        for p in m.parameters())
+
+
 def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if args or kwargs.get("scale") is not None or input_tensor.dim() != 4 \
+    if args or kwargs.get("scale") is not None or input_tensor.dim() != 4 or _needs_grad(self, input_tensor, temb) \
             or unfused_reason(self, temb, check_temb=True) is not None:
         return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
     n1, n2 = self.norm1, self.norm2

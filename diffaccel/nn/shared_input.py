@@ -32,7 +32,7 @@ from torch.nn.modules import module as _module
 from diffaccel.ops import gemm as G
 
 from . import _codes
-from ._base import has_forward_hooks
+from ._base import has_forward_hooks, records_autograd
 from .quant_linear import QuantLinear
 
 
@@ -48,8 +48,8 @@ def _rows_above_fused_max(x: torch.Tensor) -> bool:
 
 def can_share_input(x: torch.Tensor, layers) -> bool:
     """True when ``layers`` can run on one shared quantization of ``x`` (see the module docstring)."""
-    if len(layers) < 2 or not _rows_above_fused_max(x):
-        return False
+    if len(layers) < 2 or not _rows_above_fused_max(x) or records_autograd(x):
+        return False  # (shared int8 codes would cut the autograd graph: each layer's own call has a backward)
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
     return all(_shareable(layer) and not has_forward_hooks(layer) and layer.spec.act_dtype == layers[0].spec.act_dtype

@@ -338,6 +338,9 @@ class CustomOp:
     def register_fake(self, fn: Callable) -> Callable:
         return self.definition.register_fake(fn)
 
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.definition.register_autograd(backward, setup_context=setup_context)
+
     def __call__(self, *args):
         if direct_call_ok(args):
             return self.body(*args)

@@ -1,4 +1,5 @@
-"""Scaled dot-product attention (forward) with torch SDPA's layout and meaning, and an INT8 path.
+"""Scaled dot-product attention with torch SDPA's layout and meaning, and an INT8 path. The kernels
+are forward kernels; the backward recomputes exact attention's gradient (``_attention_backward``).
 
 ``attention(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None)``:
 q [B, H, Lq, D], k and v [B, H, Lk, D] (v's head dim equal to q's), any strides: in particular
@@ -236,6 +237,37 @@ def _(q, k, v, attn_mask, is_causal, scale, quant, return_lse):
     return _out_like_q(q), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, quant, return_lse = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.is_causal, ctx.scale, ctx.return_lse = is_causal, scale, return_lse
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    """The gradient of exact attention, recomputed from q, k, v: torch SDPA's backward (flash or
+    memory-efficient kernels on a GPU), or the fp32 reference's when the LSE output is used too.
+    For ``quant="int8"`` this is the straight-through gradient: the quantization of Q, K and V is
+    treated as the identity, as in quantization-aware training."""
+    q, k, v, attn_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip((q, k, v, attn_mask), needs)]
+        qd, kd, vd, md = leaves
+        if ctx.return_lse:
+            out, lse = attention_with_lse_reference(qd, kd, vd, md, ctx.is_causal, ctx.scale)
+            outputs, grads = (out, lse), (grad_out, grad_lse)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=md, is_causal=ctx.is_causal,
+                                                                   scale=ctx.scale)
+            outputs, grads = (out,), (grad_out,)
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True)) if wanted else iter(())
+    return tuple(next(found) if n else None for n in needs) + (None, None, None, None)
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
 # -- public wrappers -----------------------------------------------------------------------------------
 
 def _broadcastable(mask_shape, target):
@@ -293,7 +325,7 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, quant):
 
 
 def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None) -> torch.Tensor:
-    """Like ``torch.nn.functional.scaled_dot_product_attention`` (forward, no dropout); see the module doc."""
+    """Like ``torch.nn.functional.scaled_dot_product_attention`` (no dropout; differentiable); see the module doc."""
     attn_mask, scale = _prepare(q, k, v, attn_mask, is_causal, scale, quant)
     return _attention_op(q, k, v, attn_mask, is_causal, scale, quant, False)[0]
 
