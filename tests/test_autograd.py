@@ -204,6 +204,22 @@ def test_lora_gradients_through_a_patched_backbone(backbone, quant):
         assert _cos(gx, gx0) > QUANT_COS and _cos(gl, gl0) > QUANT_COS, (_cos(gx, gx0), _cos(gl, gl0))
 
 
+def test_compiled_backward_through_a_patched_backbone():
+    """torch.compile(fullgraph=True) traces the straight-through layers and the attention op's
+    backward (AOTAutograd, backend aot_eager): the same latent gradient as eager."""
+    model, inputs = tiny_models.flux()
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    model.requires_grad_(False)
+    x = inputs["hidden_states"].clone().requires_grad_(True)
+
+    def grad_of(fn):
+        return torch.autograd.grad(fn(**{**inputs, "hidden_states": x}, return_dict=False)[0].square().mean(), x)[0]
+
+    eager = grad_of(model)
+    compiled = grad_of(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert _rel(compiled, eager) < FP32_REL
+
+
 def test_fused_ops_run_under_no_grad_and_step_aside_for_gradients(monkeypatch):
     model, inputs = tiny_models.unet_sd15()
     diffaccel.patch(model, quant="w8a8", solver=False)
