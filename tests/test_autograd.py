@@ -247,6 +247,77 @@ def test_fused_ops_run_under_no_grad_and_step_aside_for_gradients(monkeypatch):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+# -- the fused solver step ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_hist,cond,noise,rescale,last", [(0, False, False, 0.0, False), (2, True, True, 0.7, False),
+                                                            (3, True, False, 0.0, True)])
+def test_solver_step_backward_matches_the_reference(n_hist, cond, noise, rescale, last):
+    """The step op's backward is the reference math's (recomputed through it), for every tensor that
+    needs a gradient, the three outputs weighted at once."""
+    from diffaccel.ops.solver import NUM_COEFFS, fused_solver_step, fused_solver_step_reference
+
+    g = torch.Generator().manual_seed(6)
+
+    def r():
+        return torch.randn(2, 4, 6, 5, generator=g).requires_grad_(True)
+
+    coeffs = torch.randn(NUM_COEFFS, generator=g)
+    coeffs[3] = 1.5  # the clip of the x0 prediction is active somewhere
+    x, u = r(), r()
+    c = r() if cond else None
+    hist = [r() for _ in range(n_hist)]
+    nz = r() if noise else None
+    ls = r() if last else None
+    kw = dict(guidance_scale=4.0 if cond else 1.0, guidance_rescale=rescale)
+    outs = fused_solver_step(x, u, coeffs, model_output_cond=c, history=hist, noise=nz, last_sample=ls, **kw)
+    h = hist + [None] * (3 - n_hist)
+    refs = fused_solver_step_reference(x, u, coeffs, None, c, *h, nz, ls, kw["guidance_scale"], rescale,
+                                       torch.float32, torch.float32)
+    grads = [torch.randn(o.shape, generator=g) for o in outs]
+    inputs = [t for t in (x, u, c, *hist, nz, ls) if t is not None]
+    used = [(o, r_, gr) for o, r_, gr in zip(outs, refs, grads) if o.numel()]
+    got = torch.autograd.grad([o for o, _, _ in used], inputs, [gr for _, _, gr in used])
+    want = torch.autograd.grad([r_ for _, r_, _ in used], inputs, [gr for _, _, gr in used])
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert _rel(a, b) < FP32_REL, (i, _rel(a, b))
+
+
+def test_solver_opcheck_with_gradients():
+    from diffaccel.ops.solver import NUM_COEFFS
+
+    g = torch.Generator().manual_seed(7)
+    x, u, c, h0 = (torch.randn(2, 4, 4, 4, generator=g).requires_grad_(True) for _ in range(4))
+    args = (x, u, torch.randn(NUM_COEFFS, generator=g), None, c, h0, None, None, None, None, 3.0, 0.5,
+            torch.float32, torch.float32, True)
+    torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_gradient_through_a_patched_sampling_loop(name):
+    """Backpropagating through a whole sampling loop (DRaFT-style reward fine-tuning, DOODL-style
+    guidance): the patched schedulers' steps, history and UniPC's corrector included, give
+    diffusers' gradient with respect to the starting latent."""
+    import diffusers
+
+    def run(scheduler):
+        scheduler.set_timesteps(6)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        cur = x
+        for t in scheduler.timesteps:
+            eps = torch.tanh(cur) * 0.5 + 0.1 * cur  # a differentiable stand-in for the model
+            cur = scheduler.step(eps, t, cur).prev_sample
+        (gx,) = torch.autograd.grad(cur.square().sum(), x)
+        return cur.detach(), gx
+
+    cls = getattr(diffusers, name)
+    out0, g0 = run(cls())
+    patched = cls()
+    assert diffaccel.patch_scheduler(patched).patched
+    out, g = run(patched)
+    assert _rel(out, out0) < FP32_REL and _rel(g, g0) < FP32_REL
+
+
 @pytest.mark.gpu
 def test_attention_backward_bf16_on_cuda():
     """bf16 on a GPU: SDPA's backward kernels; against the fp32 reference's gradients within 2e-2
