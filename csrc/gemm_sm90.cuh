@@ -333,7 +333,8 @@ at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::
       {&op.zero_point, "zero_point"}, {&op.w_sum, "w_sum"}};
   for (const auto& [t, name] : named)
     if (t->defined()) check_same_device(*t, a, name);
-  // TMA needs 16-byte aligned bases; the epilogue reads w_scale, bias and w_sum with 16-byte vector loads
+  // TMA needs 16-byte aligned bases; w_scale, bias and w_sum are held to 16 bytes too (CUTLASS 4.2 reads
+  // them element by element, a vectorised row broadcast would not)
   const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   DA_CHECK_ARG(aligned(a), "a", "expected a 16-byte aligned data pointer");
   for (const auto& [t, name] : named)

@@ -106,7 +106,9 @@ DA_HD void step_point(const float* k, float x, float e, float n, float h0, float
     p += k[A_N] * n;
     xo += k[B_N] * n;
   }
-  p = fminf(fmaxf(p, -k[CLIP]), k[CLIP]);
+  // a clip that lets NaN through, as the reference's torch.maximum/minimum do (fmaxf/fminf would
+  // turn a NaN -- an off-table row, a NaN model output -- into -CLIP)
+  p = p < -k[CLIP] ? -k[CLIP] : (p > k[CLIP] ? k[CLIP] : p);
   h_out = k[C_P] * p + k[C_X] * x;
   xo += k[B_P] * p;
   if (n_hist >= 1) {

@@ -270,9 +270,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
   auto [x_out, h_out, c_out] = prepare_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2,
                                                    noise, last_sample, out_dtype, history_dtype, write_history,
                                                    noise_seed, noise_offset);
-  const int64_t batch = sample.size(0), numel = sample.numel();
+  const bool rescale = model_output_cond.has_value() && guidance_rescale != 0.0;
+  // the batch is gridDim.y (at most 65535); without per-sample statistics a step is one flat
+  // sample (element i and its Philox counter are the same either way)
+  const int64_t numel = sample.numel(), batch = rescale ? sample.size(0) : 1;
   if (numel == 0) return {x_out, h_out, c_out};
-  DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535");
+  DA_CHECK_ARG(batch <= 65535, "sample", "expected a batch of at most 65535 with guidance_rescale");
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   StepArgs a;

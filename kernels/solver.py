@@ -145,7 +145,7 @@ def _fused_solver_step_kernel(
         nz = tl.randn(tl.load(seed_ptr), noise_offset + base + offs)
         p += a_n * nz
         xo += tl.load(cp + 12) * nz
-    p = tl.minimum(tl.maximum(p, -clip), clip)
+    p = tl.where(p < -clip, -clip, tl.where(p > clip, clip, p))  # NaN passes, as in the reference
     ho = c_p * p + c_x * x
     xo += b_p * p
     h0 = 0.0

@@ -107,6 +107,32 @@ def test_table_row_read_on_device(backend, row_dtype):
     assert torch.isnan(rbx).all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + [pytest.param("cuda-gpu", marks=pytest.mark.gpu)])
+def test_nan_reaches_every_output(backend):
+    """An off-table row, or NaN in the model output, makes the history entry and the corrected
+    sample NaN too, as in the reference: the clip of the x0 prediction lets NaN through (a
+    fmaxf/fminf clip turned it into -CLIP, so only prev_sample showed it). cuda-gpu: the CUDA kernel."""
+    device = "cuda" if backend == "cuda-gpu" else "cpu"
+    backend = backend.replace("-gpu", "")
+    _needs(backend, device)
+    a = _inputs((2, 3, 4, 4), torch.float32, 1, False, False, last=True, device=device)
+    table = torch.randn(4, NUM_COEFFS, generator=torch.Generator().manual_seed(3)).to(device)
+    table[:, 3] = 1.5
+    bad_output = a["model_output"].clone()
+    bad_output[1, 0, 2, 2] = float("nan")
+    step = diffaccel.ops.fused_solver_step
+    with use_backend(backend):
+        off_table = step(a["sample"], a["model_output"], table, row=torch.tensor([9], device=device),
+                         history=a["history"], last_sample=a["last_sample"])
+        nan_in = step(a["sample"], bad_output, table, row=torch.tensor([1], device=device), history=a["history"],
+                      last_sample=a["last_sample"])
+    for out in off_table:
+        assert torch.isnan(out).all()
+    ref = _ref(dict(a, model_output=bad_output, coeffs=table), row=torch.tensor([1], device=device))
+    for got, want in zip(nan_in, ref):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[1, 0, 2, 2])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_without_history_write(backend):
     _needs(backend)
@@ -279,6 +305,20 @@ def test_gpu_cuda_kernel_both_paths(dtype, layout, n_hist, cond, noise, last):
     _close(h, rh, dtype)
     if last:
         _close(corrected, rc, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(70001,), (70000, 8)])
+def test_gpu_batch_above_the_grid_limit(shape):
+    """More samples than gridDim.y allows (65535): without guidance rescale the step runs as one flat
+    sample (a 1-d latent has a batch of numel); the element-wise and the vectorised kernel."""
+    _needs("cuda", "cuda")
+    a = _inputs(shape, torch.float16, 1, False, False, device="cuda")
+    with use_backend("cuda"):
+        x, h, _ = diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"], history=a["history"])
+    rx, rh, _ = _ref(a)
+    _close(x, rx, torch.float16)
+    _close(h, rh, torch.float16)
 
 
 def test_history_entry_carries_history_terms():

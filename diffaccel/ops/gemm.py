@@ -301,13 +301,14 @@ def _sm90_operands_decline(a, w, w_scale, bias, out_dtype, a_is_codes=True):
     if out_dtype not in SM90_OUT_DTYPES:
         return f"writes float16 or bfloat16 only, not {out_dtype}"
     K, N = a.shape[1], w.shape[0]
-    if K % 16 or N % 8:
-        return f"needs K % 16 == 0 and N % 8 == 0 (16-byte TMA rows), got K={K}, N={N}"
+    if K % 16 or N % 8 or K == 0 or N == 0:
+        return f"needs K and N positive, K % 16 == 0 and N % 8 == 0 (16-byte TMA rows), got K={K}, N={N}"
     if not w.is_contiguous() or (a_is_codes and a.data_ptr() % 16) or w.data_ptr() % 16:
         return "needs contiguous, 16-byte aligned operands"
     if not w_scale.is_contiguous() or w_scale.dim() != 1:
         return "needs a contiguous per-channel w_scale [N]"
-    # the epilogue reads w_scale and bias with 16-byte vector loads
+    # (CUTLASS 4.2's row broadcast reads them element by element; the 16 bytes are kept as the
+    # kernel's stated contract, which a newer vectorised broadcast would need)
     if w_scale.data_ptr() % 16 or (bias is not None and bias.data_ptr() % 16):
         return "needs 16-byte aligned w_scale and bias"
     return None
