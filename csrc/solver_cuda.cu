@@ -270,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
   auto [x_out, h_out, c_out] = prepare_solver_step(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2,
                                                    noise, last_sample, out_dtype, history_dtype, write_history,
                                                    noise_seed, noise_offset);
-  const bool rescale = model_output_cond.has_value() && guidance_rescale != 0.0;
+  const float rescale_ratio = static_cast<float>(guidance_rescale);
+  const bool rescale = model_output_cond.has_value() && rescale_ratio != 0.f;
   // the batch is gridDim.y (at most 65535); without per-sample statistics a step is one flat
   // sample (element i and its Philox counter are the same either way)
   const int64_t numel = sample.numel(), batch = rescale ? sample.size(0) : 1;
@@ -303,13 +304,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_solver_step_cuda(
   a.seed = noise_seed.has_value() ? noise_seed->data_ptr<int64_t>() : nullptr;
   a.noise_offset = static_cast<uint64_t>(noise_offset);
   a.s = static_cast<float>(guidance_scale);
-  a.rescale = static_cast<float>(guidance_rescale);
+  a.rescale = rescale_ratio;
   a.chunk = 4096;
   while ((a.per_sample + a.chunk - 1) / a.chunk > kMaxChunks) a.chunk *= 2;
   a.n_chunks = (a.per_sample + a.chunk - 1) / a.chunk;
   a.partials = nullptr;
   at::Tensor partials;
-  if (a.has_cond && a.rescale != 0.f) {  // the second launch: per-sample statistics first
+  if (rescale) {  // the second launch: per-sample statistics first
     partials = at::empty({batch, a.n_chunks, 4}, sample.options().dtype(at::kFloat));
     rescale_stats_kernel<<<dim3(static_cast<unsigned>(a.n_chunks), static_cast<unsigned>(batch)), kThreads, 0,
                            stream>>>(a.u, a.c, a.s, a.per_sample, a.chunk, partials.data_ptr<float>());

@@ -347,6 +347,21 @@ class CustomOp:
         return self.packet(*args)
 
 
+def recomputed_grads(forward: Callable, inputs: tuple, needs: tuple, grads: tuple) -> tuple:
+    """A backward that recomputes: ``forward(*inputs)`` (differentiable torch math, returning a tuple
+    of outputs) run again with grad enabled, then the vector-Jacobian product with ``grads``. Per
+    input, its gradient where ``needs`` says so, else None. Outputs that are empty, do not depend on
+    the inputs or got no gradient are left out."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(inputs, needs)]
+        outs = forward(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad and o.numel()]
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wanted else [None] * len(wanted))
+    return tuple(next(got) if n else None for n in needs)
+
+
 def custom_op(name: str, *, mutates_args=()):
     """Decorator: ``@custom_op("attention")`` over the op's body (annotated like any
     ``torch.library.custom_op``) makes it a ``CustomOp``."""

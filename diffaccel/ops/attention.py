@@ -248,21 +248,14 @@ def _attention_backward(ctx, grad_out, grad_lse):
     memory-efficient kernels on a GPU), or the fp32 reference's when the LSE output is used too.
     For ``quant="int8"`` this is the straight-through gradient: the quantization of Q, K and V is
     treated as the identity, as in quantization-aware training."""
-    q, k, v, attn_mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:4]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip((q, k, v, attn_mask), needs)]
-        qd, kd, vd, md = leaves
+    def exact(q, k, v, attn_mask):
         if ctx.return_lse:
-            out, lse = attention_with_lse_reference(qd, kd, vd, md, ctx.is_causal, ctx.scale)
-            outputs, grads = (out, lse), (grad_out, grad_lse)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=md, is_causal=ctx.is_causal,
-                                                                   scale=ctx.scale)
-            outputs, grads = (out,), (grad_out,)
-        wanted = [t for t, n in zip(leaves, needs) if n]
-        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True)) if wanted else iter(())
-    return tuple(next(found) if n else None for n in needs) + (None, None, None, None)
+            return attention_with_lse_reference(q, k, v, attn_mask, ctx.is_causal, ctx.scale)
+        return (torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=ctx.is_causal,
+                                                                 scale=ctx.scale),)
+
+    grads = (grad_out, grad_lse) if ctx.return_lse else (grad_out,)
+    return _backend.recomputed_grads(exact, ctx.saved_tensors, ctx.needs_input_grad[:4], grads) + (None,) * 4
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)

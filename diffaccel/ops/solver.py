@@ -176,17 +176,11 @@ def _solver_backward(ctx, *grads):
     """The step's gradient, recomputed through the reference's torch math: it is linear in its
     tensors but for the clip of the x0 prediction and the guidance rescale, whose gradients come
     at the reference's point. A coefficient table that requires grad gets one too."""
-    saved = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:_SOLVER_TENSOR_ARGS]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
-        outs = fused_solver_step_reference(*leaves, *ctx.rest)
-        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None and o.numel()]
-        wanted = [t for t, n in zip(leaves, needs) if n]
-        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) \
-            if pairs and wanted else [None] * len(wanted)
-    found = iter(got)
-    return tuple(next(found) if n else None for n in needs) + (None,) * len(ctx.rest)
+    def reference(*tensors):
+        return fused_solver_step_reference(*tensors, *ctx.rest)
+
+    return _backend.recomputed_grads(reference, ctx.saved_tensors, ctx.needs_input_grad[:_SOLVER_TENSOR_ARGS],
+                                     grads) + (None,) * len(ctx.rest)
 
 
 _fused_solver_step_op.register_autograd(_solver_backward, setup_context=_solver_setup_context)
