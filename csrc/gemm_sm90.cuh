@@ -33,6 +33,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+#include <atomic>
 #include <torch/types.h>
 
 #include "common.h"
@@ -55,6 +57,31 @@ namespace diffaccel {
 namespace sm90 {
 
 using namespace cute;
+
+// Compute capability and SM count, asked of the driver once per device: the persistent tile
+// scheduler sizes its grid by the SM count (left at 0, CUTLASS would ask on every call). ATen's
+// cached device properties need cusparse.h, which a bare toolkit lacks.
+struct DeviceInfo {
+  int cc = 0;  // major * 10 + minor
+  int sm_count = 0;
+};
+
+inline DeviceInfo device_info(int device) {
+  TORCH_CHECK(device >= 0 && device < 64, "scaled_gemm_sm90: device index ", device, " out of range");
+  static std::atomic<int> cached_cc[64] = {}, cached_sm_count[64] = {};  // 0: not asked yet
+  DeviceInfo info{cached_cc[device].load(std::memory_order_relaxed),
+                  cached_sm_count[device].load(std::memory_order_relaxed)};
+  if (info.cc == 0 || info.sm_count == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
+    info.cc = major * 10 + minor;
+    cached_cc[device].store(info.cc, std::memory_order_relaxed);
+    cached_sm_count[device].store(info.sm_count, std::memory_order_relaxed);
+  }
+  return info;
+}
 
 DA_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
@@ -227,7 +254,10 @@ struct ScaledGemmSm90 {
         {M, N, K, 1},
         {reinterpret_cast<ElementAB const*>(a.data_ptr()), stride_a,
          reinterpret_cast<ElementAB const*>(w.data_ptr()), stride_b},
-        {epi, nullptr, stride_d, reinterpret_cast<ElementOut*>(out.data_ptr()), stride_d}};
+        {epi, nullptr, stride_d, reinterpret_cast<ElementOut*>(out.data_ptr()), stride_d},
+        {}};
+    args.hw_info.device_id = a.get_device();
+    args.hw_info.sm_count = device_info(a.get_device()).sm_count;
 
     Gemm gemm;
     const auto status = gemm.can_implement(args);
@@ -341,10 +371,8 @@ at::Tensor scaled_gemm_sm90(const at::Tensor& a, const at::Tensor& w, const at::
     if (t->defined() && t != &op.a_scale && t != &op.zero_point)
       DA_CHECK_ARG(aligned(*t), name, "expected a 16-byte aligned data pointer");
   const c10::cuda::OptionalCUDAGuard guard(a.device());
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, a.get_device()));
-  TORCH_CHECK(major == 9 && minor == 0, "scaled_gemm_sm90: needs an sm_90 GPU, this one is sm_", major, minor);
+  const int cc = sm90::device_info(a.get_device()).cc;
+  TORCH_CHECK(cc == 90, "scaled_gemm_sm90: needs an sm_90 GPU, this one is sm_", cc);
   op.out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0) return op.out;
   run(op, activation);
