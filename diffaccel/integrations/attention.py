@@ -68,6 +68,28 @@ def _heads(attn, batch_size: int, head_dim: int, query, key, value):
     return query, key, value
 
 
+def _attention_scores_skipped() -> bool:
+    """True inside diffusers' layer-skip hook with ``skip_attention_scores`` (skip-layer and
+    perturbed-attention guidance): its torch-function mode answers every SDPA call whose query and
+    value lengths agree with the value itself. diffaccel's kernels never call SDPA, so the places
+    that stand for it ask here."""
+    if not torch._C._is_torch_function_mode_enabled():
+        return False
+    try:
+        from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
+    except ImportError:  # pragma: no cover - diffusers without layer skip
+        return False
+    return any(isinstance(m, AttentionScoreSkipFunctionMode)
+               for m in torch.overrides._get_current_function_mode_stack())
+
+
+def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, *, quant=None):
+    """What the original processor's ``F.scaled_dot_product_attention`` call gives, run by diffaccel."""
+    if query.shape[2] == value.shape[2] and _attention_scores_skipped():
+        return value
+    return attention(query, key, value, attn_mask, is_causal, scale, quant=quant)
+
+
 class _DiffaccelProcessor:
     """What each processor written here holds: the one it replaces (``unpatch`` puts it back), the
     attention path (``quant``), and whether the original projects through fused q/k/v layers."""
@@ -119,7 +141,7 @@ class DiffaccelAttnProcessor(_DiffaccelProcessor):
         query, key, value = _heads(attn, batch_size, head_dim, query, key, value)
         # AttnProcessor (chosen when scale_qk=False) honours attn.scale; AttnProcessor2_0 uses SDPA's default
         scale = attn.scale if self.uses_module_scale else None
-        hidden_states = attention(query, key, value, attn_mask=attention_mask, scale=scale, quant=self.quant)
+        hidden_states = _sdpa(query, key, value, attn_mask=attention_mask, scale=scale, quant=self.quant)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -162,7 +184,7 @@ class DiffaccelJointAttnProcessor(_DiffaccelProcessor):
             key = torch.cat([key, ek], dim=1)
             value = torch.cat([value, ev], dim=1)
 
-        hidden_states = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        hidden_states = _sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                   quant=self.quant)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -193,7 +215,7 @@ class DiffaccelJointAttnProcessor(_DiffaccelProcessor):
         head_dim = sample[1].shape[-1] // attn.heads
         query, key, value = (torch.cat([a, b], dim=1).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
                              for a, b in zip(sample, context))
-        hidden_states = attention(query, key, value, quant=self.quant)
+        hidden_states = _sdpa(query, key, value, quant=self.quant)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states, encoder_hidden_states = hidden_states[:, :n_sample], hidden_states[:, n_sample:]
@@ -229,7 +251,7 @@ class DiffaccelCogVideoXAttnProcessor(_DiffaccelProcessor):
             query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
             if not attn.is_cross_attention:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
-        hidden_states = attention(query, key, value, attn_mask=attention_mask, quant=self.quant)
+        hidden_states = _sdpa(query, key, value, attn_mask=attention_mask, quant=self.quant)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states, hidden_states = hidden_states.split(
@@ -257,7 +279,7 @@ def _dispatch_fn(quant):
         if return_lse:
             out, lse = attention_with_lse(q, k, v, attn_mask, is_causal, scale, quant=quant)
             return out.transpose(1, 2), lse.transpose(1, 2).contiguous()
-        return attention(q, k, v, attn_mask, is_causal, scale, quant=quant).transpose(1, 2)
+        return _sdpa(q, k, v, attn_mask, is_causal, scale, quant=quant).transpose(1, 2)
 
     diffaccel_attention.__name__ = f"diffaccel_attention_{quant or 'fp'}"
     return diffaccel_attention
@@ -333,6 +355,21 @@ def head_dim_of(module) -> Optional[int]:
     return None
 
 
+def _share_skip_metadata(new_cls, original_cls) -> None:
+    """diffusers' layer-skip hook (skip-layer and perturbed-attention guidance) looks a processor's
+    class up in its registry to learn what a skipped attention returns. A processor written here
+    returns what the one it replaces returns, so it is registered with that one's entry, if any.
+    (Dispatcher-routed processors keep their class and need nothing.)"""
+    try:
+        from diffusers.hooks._helpers import AttentionProcessorRegistry
+        AttentionProcessorRegistry._register()
+        registry = AttentionProcessorRegistry._registry
+    except (ImportError, AttributeError):  # pragma: no cover - diffusers without layer skip
+        return
+    if original_cls in registry and new_cls not in registry:
+        AttentionProcessorRegistry.register(new_cls, registry[original_cls])
+
+
 def make_processor(original, *, quant: Optional[str] = None, module=None) -> tuple:
     """``(new_processor, reason)`` replacing ``original``, or ``(None, reason)`` when it is not supported.
 
@@ -348,12 +385,11 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
         return None, f"head dim {head_dim} outside diffaccel attention's range [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if is_diffaccel_processor(original):
         return None, "already a diffaccel processor"
-    if _diffusers_class(original, _UNET_PROCESSORS):
-        return DiffaccelAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
-    if _diffusers_class(original, _JOINT_PROCESSORS):
-        return DiffaccelJointAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
-    if _diffusers_class(original, _COGVIDEOX_PROCESSORS):
-        return DiffaccelCogVideoXAttnProcessor(original, quant), f"{type(original).__name__} -> {what}"
+    for names, cls in ((_UNET_PROCESSORS, DiffaccelAttnProcessor), (_JOINT_PROCESSORS, DiffaccelJointAttnProcessor),
+                       (_COGVIDEOX_PROCESSORS, DiffaccelCogVideoXAttnProcessor)):
+        if _diffusers_class(original, names):
+            _share_skip_metadata(cls, type(original))
+            return cls(original, quant), f"{type(original).__name__} -> {what}"
     if isinstance(original, torch.nn.Module):
         return None, f"{type(original).__name__} holds weights (e.g. IP-adapter); not replaced"
     if _routes_through_dispatcher(original):
