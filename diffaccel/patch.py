@@ -119,6 +119,12 @@ class _UndoLog:
                 self._where[id(root)] = index
         return index.get(id(module), [])
 
+    def extend(self, later: "_UndoLog") -> None:
+        """Take over ``later``'s entries, to be undone before this log's own."""
+        self._undo.extend(later._undo)
+        self.originals.extend(later.originals)
+        self.installed.extend(later.installed)
+
     def __len__(self):
         return len(self._undo)
 
@@ -650,16 +656,17 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     quant_of = _quant_per_backbone(quant, info)
     options = (bool(attention), _quant_key(quant), _solver_key(solver), attention_quant, filter_fn, tuple(exclude),
                keep_originals)
-    state = getattr(target, _STATE_ATTR, None)
-    if state is not None:
-        if state.options == options:
-            return state.report
-        raise ValueError("target: already patched with other options; call diffaccel.unpatch(target) first")
 
     def select(module, fqn):
         if exclude and _matches(fqn, exclude):
             return False
         return filter_fn is None or bool(filter_fn(module, fqn))
+
+    state = getattr(target, _STATE_ATTR, None)
+    if state is not None:
+        if state.options != options:
+            raise ValueError("target: already patched with other options; call diffaccel.unpatch(target) first")
+        return _patch_again(target, info, state, select, attention, attention_quant, solver)
 
     report = PatchReport()
     undo = _UndoLog()
@@ -701,6 +708,46 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
                 original.to("cpu")  # held for unpatch without holding accelerator memory
     object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable))
     log.info("diffaccel.patch(%s):\n%s", type(target).__name__, report)
+    return report
+
+
+def _patch_again(target, info, state: _PatchState, select, attention, attention_quant, solver) -> PatchReport:
+    """``patch`` on a target already patched with the same options. What was patched stays as it is;
+    what was set since is patched now: attention processors replaced after patching (diffusers'
+    set_attn_processor and the like) and a scheduler assigned to the pipeline. The report is brought up to date. With nothing new, nothing changes."""
+    from . import solvers
+    from .integrations import attention as attn_integration
+
+    if state.copied:
+        return state.report
+    delta, undo = PatchReport(), _UndoLog()
+    with torch.inference_mode(False):
+        try:
+            if attention:
+                for attr, backbone in info.backbones.items():
+                    _patch_attention(f"{attr}." if attr else "", backbone, delta, undo, select, attention_quant)
+            scheduler = info.scheduler
+            if (isinstance(solver, dict) or solver) and scheduler is not None and not solvers.is_patched(scheduler):
+                _patch_solver(info, delta, undo, solver if isinstance(solver, dict) else None)
+        except BaseException:
+            undo.rollback()
+            raise
+    report = state.report
+    fresh = {r.name for r in delta.replaced}
+    # reported as patched, but replaced since by something diffaccel does not take (a sliced or
+    # IP-adapter processor, an unsupported scheduler)
+    lost = {s.name for s in delta.skipped if s.reason != attn_integration.ALREADY_PATCHED}
+    lost &= {r.name for r in report.replaced}
+    if not fresh and not lost:
+        return report
+    report.replaced = [r for r in report.replaced if r.name not in fresh | lost] + delta.replaced
+    report.skipped = [s for s in report.skipped if s.name not in fresh] + \
+        [s for s in delta.skipped if s.name in lost]
+    note = (f"patched again: {len(fresh)} module(s) set since the last patch were patched"
+            + (f"; {len(lost)} set since then are not supported and left as they are (see skipped)" if lost else ""))
+    report.notes.append(note)
+    state.undo.extend(undo)
+    log.info("diffaccel.patch(%s): %s", type(target).__name__, note)
     return report
 
 

@@ -139,6 +139,51 @@ def test_patch_is_idempotent_and_per_instance():
         diffaccel.patch(a, quant="w4a16", solver=False)
 
 
+def test_patch_again_takes_processors_set_since():
+    """Processors set after patching (set_attn_processor, set_default_attn_processor, load_ip_adapter)
+    run diffusers' attention; patching again with the same options patches them, bringing the report
+    up to date, and unpatch still restores bit for bit."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model, inputs = tiny_models.unet_sd15()
+    before = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    patched = tiny_models.output_of(model, inputs)
+    n_attention, n_quant = len(report.by_part("attention")), len(report.by_part("quant"))
+    model.set_attn_processor(AttnProcessor2_0())
+    assert not torch.equal(tiny_models.output_of(model, inputs), patched)  # SDPA now: code flips downstream
+    again = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert again is report and len(report.by_part("attention")) == n_attention
+    assert len(report.by_part("quant")) == n_quant
+    assert any(note.startswith(f"patched again: {n_attention} module(s)") for note in report.notes), report.notes
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"DiffaccelAttnProcessor"}
+    assert torch.equal(tiny_models.output_of(model, inputs), patched)
+    notes = list(report.notes)
+    assert diffaccel.patch(model, quant="w8a8", solver=False) is report and report.notes == notes  # nothing new
+    diffaccel.unpatch(model)  # the processors set in between are the ones put back
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert torch.equal(tiny_models.output_of(model, inputs), before)
+
+
+def test_patch_again_reports_processors_it_cannot_take():
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    model, inputs = tiny_models.unet_sd15()
+    before = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, solver=False)
+    first = next(iter(model.attn_processors))
+    sliced = first.removesuffix(".processor")
+    assert sliced in {r.name for r in report.by_part("attention")}
+    model.set_attn_processor({n: SlicedAttnProcessor(1) if n == first else p for n, p in model.attn_processors.items()})
+    diffaccel.patch(model, solver=False)
+    assert sliced not in {r.name for r in report.by_part("attention")}
+    assert {s.name: s.reason for s in report.skipped}[sliced] == "SlicedAttnProcessor is not a supported attention processor"
+    assert any("1 set since then are not supported" in note for note in report.notes), report.notes
+    model.set_attn_processor(AttnProcessor2_0())  # (the sliced one: same math, other summation order)
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), before)
+
+
 def test_failed_patch_leaves_model_unchanged(monkeypatch):
     import diffaccel.nn as dnn
 

@@ -107,6 +107,29 @@ def test_pipeline_folds_guidance_into_the_patched_step(monkeypatch):
     assert calls == {"guided": 4, "plain": 0}
 
 
+def test_patch_again_takes_a_scheduler_assigned_since():
+    from diffusers import HeunDiscreteScheduler, UniPCMultistepScheduler
+
+    from diffaccel import solvers
+
+    pipe = _pipeline("unet")
+    report = diffaccel.patch(pipe, attention=False)
+    first = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(first.config)
+    reference = _sample(pipe)  # diffusers' step until patched
+    assert not solvers.is_patched(pipe.scheduler)
+    assert diffaccel.patch(pipe, attention=False) is report
+    assert solvers.is_patched(pipe.scheduler) and solvers.is_patched(first)
+    assert [r.before for r in report.by_part("solver")] == ["UniPCMultistepScheduler"]
+    assert _rel_l2(_sample(pipe), reference) < FP32_REL_L2
+    # one diffaccel does not take: the report stops claiming the fused step
+    pipe.scheduler = HeunDiscreteScheduler.from_config(first.config)
+    diffaccel.patch(pipe, attention=False)
+    assert not report.by_part("solver") and any(s.name == "scheduler" for s in report.skipped)
+    diffaccel.unpatch(pipe)
+    assert not solvers.is_patched(first)
+
+
 def test_patch_scheduler_public_api():
     pipe = _pipeline("unet")
     res = diffaccel.patch_scheduler(pipe.scheduler)

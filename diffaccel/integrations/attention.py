@@ -34,6 +34,7 @@ from diffaccel.nn.shared_input import project_shared
 from diffaccel.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, QUANT_MODES, attention, attention_with_lse
 
 DISPATCH_BACKEND_NAMES = {None: "diffaccel", "int8": "diffaccel_int8"}
+ALREADY_PATCHED = "already a diffaccel processor"  # make_processor's reason for a processor of its own
 _NATIVE_BACKENDS = (None, "native")
 
 
@@ -384,7 +385,7 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
     if head_dim is not None and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return None, f"head dim {head_dim} outside diffaccel attention's range [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if is_diffaccel_processor(original):
-        return None, "already a diffaccel processor"
+        return None, ALREADY_PATCHED
     for names, cls in ((_UNET_PROCESSORS, DiffaccelAttnProcessor), (_JOINT_PROCESSORS, DiffaccelJointAttnProcessor),
                        (_COGVIDEOX_PROCESSORS, DiffaccelCogVideoXAttnProcessor)):
         if _diffusers_class(original, names):
