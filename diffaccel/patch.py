@@ -273,12 +273,19 @@ def _matches(name: str, patterns) -> bool:
 # -- the parts ---------------------------------------------------------------------------
 
 def _restore_processor(module, original, installed, qualified_name: str) -> None:
-    # a processor set since patching (e.g. by fuse_qkv_projections) is the user's: left in place
-    if module.processor is not installed:
+    from .integrations import attention as attn_integration
+
+    current = module.processor
+    if current is installed:
+        module.set_processor(original)
+    elif attn_integration.is_diffaccel_processor(current):
+        # diffusers re-created it as type(processor)() (load_ip_adapter keeps self-attention's
+        # processor class): put back the diffusers processor it stands for
+        module.set_processor(attn_integration.original_processor(current))
+    else:
+        # a processor set since patching (e.g. by fuse_qkv_projections) is the user's: left in place
         log.warning("diffaccel.unpatch: %s's attention processor was replaced since patching (now %s); left as it is",
-                    qualified_name, type(module.processor).__name__)
-        return
-    module.set_processor(original)
+                    qualified_name, type(current).__name__)
 
 
 def _patch_attention(prefix, backbone, report, undo, select, attention_quant):

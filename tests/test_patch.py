@@ -184,6 +184,67 @@ def test_patch_again_reports_processors_it_cannot_take():
     assert torch.equal(tiny_models.output_of(model, inputs), before)
 
 
+def _ip_adapter_state_dict(unet, embed_dim=16, seed=0):
+    """A random IP-Adapter (the plain one: 4 image tokens) in the layout load_ip_adapter reads."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": torch.randn(4 * cross, embed_dim, generator=g) * 0.1,
+                  "proj.bias": torch.zeros(4 * cross), "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn1.processor"):
+            hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            layers[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            layers[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+            key += 2
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+@pytest.mark.parametrize("loaded", ["before_patch", "after_patch"])
+def test_ip_adapter(loaded):
+    """An IP-Adapter loaded before or after patching (diffusers' _load_ip_adapter_weights, what
+    load_ip_adapter calls): its cross-attention processors hold weights and run diffusers' attention;
+    self-attention stays diffaccel's. Loading after patch re-creates the kept processors as
+    type(processor)(), which used to raise TypeError. fp32, attention only: 1e-5 of the unpatched
+    model with the same adapter; unpatch bit-exact."""
+    reference, inputs = tiny_models.unet_sd15()
+    reference._load_ip_adapter_weights([_ip_adapter_state_dict(reference)])
+    embeds = {"image_embeds": [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(5))]}
+    expected = tiny_models.output_of(reference, {**inputs, "added_cond_kwargs": embeds})
+
+    model, _ = tiny_models.unet_sd15()
+    if loaded == "before_patch":
+        model._load_ip_adapter_weights([_ip_adapter_state_dict(model)])
+    report = diffaccel.patch(model, solver=False)
+    if loaded == "after_patch":
+        model._load_ip_adapter_weights([_ip_adapter_state_dict(model)])
+        assert diffaccel.patch(model, solver=False) is report
+    kinds = {n.removesuffix(".processor"): type(p).__name__ for n, p in model.attn_processors.items()}
+    assert {k for n, k in kinds.items() if n.endswith("attn1")} == {"DiffaccelAttnProcessor"}
+    assert {k for n, k in kinds.items() if n.endswith("attn2")} == {"IPAdapterAttnProcessor2_0"}
+    assert {r.name for r in report.by_part("attention")} == {n for n in kinds if n.endswith("attn1")}
+    assert all(s.reason.startswith("IPAdapterAttnProcessor2_0 holds weights") for s in report.skipped
+               if s.name.endswith("attn2"))
+    got = tiny_models.output_of(model, {**inputs, "added_cond_kwargs": embeds})
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    diffaccel.unpatch(model)
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor2_0",
+                                                                          "IPAdapterAttnProcessor2_0"}
+    assert torch.equal(tiny_models.output_of(model, {**inputs, "added_cond_kwargs": embeds}), expected)
+
+
+def test_processors_build_without_arguments():
+    """diffusers re-creates kept processors as type(processor)(): each stands for a new instance of the
+    diffusers processor it replaces."""
+    from diffaccel.integrations import attention as A
+
+    for cls, stands_for in ((A.DiffaccelAttnProcessor, "AttnProcessor2_0"),
+                            (A.DiffaccelJointAttnProcessor, "JointAttnProcessor2_0"),
+                            (A.DiffaccelCogVideoXAttnProcessor, "CogVideoXAttnProcessor2_0")):
+        made = cls()
+        assert type(A.original_processor(made)).__name__ == stands_for and made.quant is None
+
+
 def test_failed_patch_leaves_model_unchanged(monkeypatch):
     import diffaccel.nn as dnn
 

@@ -93,10 +93,20 @@ def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, *, qua
 
 class _DiffaccelProcessor:
     """What each processor written here holds: the one it replaces (``unpatch`` puts it back), the
-    attention path (``quant``), and whether the original projects through fused q/k/v layers."""
+    attention path (``quant``), and whether the original projects through fused q/k/v layers.
 
-    def __init__(self, original, quant: Optional[str] = None):
+    diffusers re-creates the processors it keeps as ``type(processor)()`` (load_ip_adapter's
+    self-attention layers, unload_ip_adapter), so each can be built without arguments: it then
+    stands for a new instance of the diffusers processor named by ``STANDS_FOR``."""
+
+    STANDS_FOR = ""
+
+    def __init__(self, original=None, quant: Optional[str] = None):
         _check_quant(quant)
+        if original is None:
+            from diffusers.models import attention_processor
+
+            original = getattr(attention_processor, self.STANDS_FOR)()
         self.original = original
         self.quant = quant
         self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
@@ -107,7 +117,9 @@ class _DiffaccelProcessor:
 class DiffaccelAttnProcessor(_DiffaccelProcessor):
     """``AttnProcessor2_0``'s (and ``AttnProcessor``'s) computation with diffaccel attention."""
 
-    def __init__(self, original, quant: Optional[str] = None):
+    STANDS_FOR = "AttnProcessor2_0"
+
+    def __init__(self, original=None, quant: Optional[str] = None):
         super().__init__(original, quant)
         self.uses_module_scale = type(original).__name__ == "AttnProcessor"
 
@@ -158,6 +170,8 @@ class DiffaccelAttnProcessor(_DiffaccelProcessor):
 
 class DiffaccelJointAttnProcessor(_DiffaccelProcessor):
     """``JointAttnProcessor2_0``'s computation with diffaccel attention."""
+
+    STANDS_FOR = "JointAttnProcessor2_0"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if self.fused_projections:
@@ -230,6 +244,8 @@ class DiffaccelJointAttnProcessor(_DiffaccelProcessor):
 
 class DiffaccelCogVideoXAttnProcessor(_DiffaccelProcessor):
     """``CogVideoXAttnProcessor2_0``'s (and its fused variant's) computation with diffaccel attention."""
+
+    STANDS_FOR = "CogVideoXAttnProcessor2_0"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_seq_length = encoder_hidden_states.size(1)
