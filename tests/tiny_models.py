@@ -265,10 +265,25 @@ def skyreels_v2(seed=0):
     return m, inputs
 
 
+def animatediff(seed=0):
+    """AnimateDiff: the SD1.5-style UNet with a motion adapter (temporal attention over 8 frames)."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    unet, _ = unet_sd15(seed)
+    torch.manual_seed(seed + 2)
+    adapter = MotionAdapter(block_out_channels=(80, 160), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=32)
+    m = UNetMotionModel.from_unet2d(unet, adapter).eval()
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(8, 7, 32, generator=g))
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
              "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
              "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2, "hunyuan_video15": hunyuan_video15,
-             "skyreels_v2": skyreels_v2}
+             "skyreels_v2": skyreels_v2, "animatediff": animatediff}
 
 
 def output_of(model, inputs):

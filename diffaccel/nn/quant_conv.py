@@ -78,10 +78,10 @@ class QuantConv2d(QuantLayerBase):
             mod._set_bias(conv.bias)
         return mod
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if records_autograd(x):
-            return straight_through(self, x, self._forward)
-        return self._forward(x)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: callers pass input=
+        if records_autograd(input):
+            return straight_through(self, input, self._forward)
+        return self._forward(input)
 
     def input_grad(self, grad: torch.Tensor, x_shape) -> torch.Tensor:
         """d loss / d x of the float conv the codes stand for (``dequantized_weight()``)."""
