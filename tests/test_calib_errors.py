@@ -71,3 +71,19 @@ def test_non_finite_activations_name_the_layer(unet):
 def test_target_must_be_a_pipeline_or_module():
     with pytest.raises(CalibrationError, match="target: expected a diffusers pipeline or an nn.Module"):
         calibrate(object(), [], method="minmax", weight_bits=8, act_bits=8, progress=False)
+
+
+def test_quant_patched_model_refused(unet):
+    """Calibrating a model patched with quant would find only the layers the patch left in floating
+    point (it used to return such a recipe); attention-only patches calibrate as before."""
+    import diffaccel
+
+    model, data, _ = unet
+    diffaccel.patch(model, quant="w8a8")
+    snap = snapshot(model)
+    with pytest.raises(CalibrationError, match=r"target: \d+ layers .* are already quantized by diffaccel.patch"):
+        calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, progress=False)
+    assert_unchanged(model, snap)
+    diffaccel.unpatch(model)
+    diffaccel.patch(model)  # attention only
+    assert calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, progress=False).layers

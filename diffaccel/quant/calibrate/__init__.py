@@ -141,6 +141,12 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         raise CalibrationError(f"target: expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     if next(backbone.parameters(), None) is None:
         raise CalibrationError("target: the backbone has no parameters")
+    from ... import nn as dnn
+
+    quantized = [name for name, m in backbone.named_modules() if isinstance(m, (dnn.QuantLinear, dnn.QuantConv2d))]
+    if quantized:  # calibrating them would find only the layers the patch left in floating point
+        raise CalibrationError(f"target: {len(quantized)} layers ({', '.join(quantized[:2])}, ...) are already quantized "
+                               f"by diffaccel.patch; calibrate the float model (diffaccel.unpatch(target) first)")
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     n_t = num_timesteps if num_timesteps is not None else 10**9
 
