@@ -292,13 +292,15 @@ def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
     from .integrations import attention as attn_integration
     from .ops import _backend
 
-    for name, module in _targets.attention_modules(backbone):
+    for name, module in _targets.attention_modules(backbone, settable_only=False):
         fqn = f"{prefix}{name}"
         if not select(module, fqn):
             report.skipped.append(Skipped(fqn, "attention", "excluded by filter"))
             continue
         original = module.processor
         new, reason = attn_integration.make_processor(original, quant=attention_quant, module=module)
+        if new is not None and not hasattr(module, "set_processor"):
+            new, reason = None, f"{type(module).__name__} has no set_processor"
         if new is None:
             report.skipped.append(Skipped(fqn, "attention", reason))
             continue
@@ -336,11 +338,13 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             if not select(module, fqn):
                 report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))
                 continue
-            reason = _wrapper_reason(module) or dnn.quantize_reason(module, spec)
+            reason = (_wrapper_reason(module) or _targets.weight_read_reason(backbone, name)
+                      or dnn.quantize_reason(module, spec))
             if reason is not None:
                 report.skipped.append(Skipped(fqn, "quant", reason))
                 continue
             new = dnn.quantize_module(module, spec)
+            new.qualified_name = fqn  # named in its errors (what `exclude` would take)
             _swap_module(backbone, name, new, undo)
             report.replaced.append(Replaced(fqn, "quant", type(module).__name__, _describe(new), _backend_of(new)))
     else:
@@ -348,6 +352,7 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
         new_modules, hooks, skipped = quant.build_modules(backbone)
         for name, new in new_modules.items():
             old = backbone.get_submodule(name)
+            new.qualified_name = f"{prefix}{name}"
             _swap_module(backbone, name, new, undo)
             report.replaced.append(Replaced(f"{prefix}{name}", "quant", type(old).__name__, _describe(new),
                                             _backend_of(new)))

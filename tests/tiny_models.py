@@ -280,10 +280,50 @@ def animatediff(seed=0):
     return m, inputs
 
 
+def hunyuan_dit(seed=0):
+    """HunyuanDiT: 4 layers (the last one has a long skip), qk-norm, 2D RoPE on self-attention."""
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    torch.manual_seed(seed)
+    m = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, patch_size=2,
+                          sample_size=8, hidden_size=32, num_layers=4, cross_attention_dim=32,
+                          cross_attention_dim_t5=32, pooled_projection_dim=16, text_len=5, text_len_t5=6).eval()
+    g = _g(seed + 1)
+    mask, mask_t5 = torch.ones(2, 5), torch.ones(2, 6)
+    mask[1, 3:] = 0
+    mask_t5[1, 4:] = 0
+    meta = torch.tensor([[64.0, 64.0, 8.0, 8.0, 0.0, 0.0]] * 2)
+    rope = get_2d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10.0, 500.0]),
+                  encoder_hidden_states=torch.randn(2, 5, 32, generator=g), text_embedding_mask=mask,
+                  encoder_hidden_states_t5=torch.randn(2, 6, 32, generator=g), text_embedding_mask_t5=mask_t5,
+                  image_meta_size=meta, style=torch.zeros(2, dtype=torch.long), image_rotary_emb=rope)
+    return m, inputs
+
+
+def mochi(seed=0):
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=16,
+                                max_sequence_length=8).eval()
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_attention_mask=mask)
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
              "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
              "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2, "hunyuan_video15": hunyuan_video15,
              "skyreels_v2": skyreels_v2, "animatediff": animatediff}
+# Backbones whose attention processors diffaccel does not take (quantization only)
+QUANT_ONLY_FACTORIES = {"hunyuan_dit": hunyuan_dit, "mochi": mochi}
 
 
 def output_of(model, inputs):

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch.nn as nn
 
+from diffaccel.quant.calibrate.structure import weight_read_reason  # noqa: F401  (patch's walk uses it too)
+
 # every denoiser a pipeline runs per step (Wan 2.2 A14B switches between two experts)
 BACKBONE_ATTRS = ("unet", "transformer", "transformer_2", "prior", "decoder")
 # what the report calls a left-alone component, by the start of its pipeline attribute name
@@ -88,8 +90,9 @@ def is_lora_branch(qualified_name: str) -> bool:
     return any(part.startswith("lora_") for part in qualified_name.split("."))
 
 
-def attention_modules(backbone: nn.Module):
-    """(qualified name, module) for every diffusers attention module holding a processor."""
+def attention_modules(backbone: nn.Module, *, settable_only: bool = True):
+    """(qualified name, module) for every diffusers attention module holding a processor; with
+    ``settable_only=False`` also those without ``set_processor`` (Mochi's), which patch reports."""
     for name, module in backbone.named_modules():
-        if hasattr(module, "processor") and hasattr(module, "set_processor"):
+        if callable(getattr(module, "processor", None)) and (hasattr(module, "set_processor") or not settable_only):
             yield name, module

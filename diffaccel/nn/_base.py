@@ -80,10 +80,11 @@ class QuantLayerBase(nn.Module):
         # code written for nn.Linear / nn.Conv2d that reads layer.weight, e.g. diffusers' own
         # forwards reading a layer's dtype, gets told what to do
         if name == "weight":
+            where = self.__dict__.get("qualified_name") or "<its qualified name>"
             raise AttributeError(f"{type(self).__name__} has no float 'weight': it stores low-bit codes (weight_q) "
                                  f"and scales (weight_scale); its dtype is in original_dtype. Code that reads "
                                  f"layer.weight needs that layer left in floating point: "
-                                 f"diffaccel.patch(..., exclude=['<its name>'])")
+                                 f"diffaccel.patch(..., exclude=[{where!r}])")
         return super().__getattr__(name)
 
     def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):

@@ -4,7 +4,11 @@ its content (cross-attention / feed-forward) layers. Works on diffusers UNet2DCo
 DiT-style transformers (PixArt, SD3, DiT); unknown models fall back to generic rules."""
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,9 +21,39 @@ BLOCK_CLASSES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock",
                  "DiTBlock", "SD3SingleTransformerBlock")
 
 
+_WEIGHT_READ = re.compile(r"\bself((?:\.\w+|\[\d+\])+?)\.weight\b")
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_read_by_forward(cls: type) -> frozenset:
+    """Paths (as qualified-name parts) of the submodules whose ``.weight`` ``cls.forward`` reads
+    itself, e.g. HunyuanDiT's attention pool handing ``self.q_proj.weight`` to
+    ``F.multi_head_attention_forward``, or ``self.mlp[0].weight.dtype``."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(tuple(a or b for a, b in re.findall(r"\.(\w+)|\[(\d+)\]", path))
+                     for path in _WEIGHT_READ.findall(source))
+
+
+def weight_read_reason(backbone: nn.Module, qualified_name: str, levels: int = 3) -> Optional[str]:
+    """Why the layer ``qualified_name`` must keep its float ``weight``: a module up to ``levels``
+    above it reads that weight in its own forward (a quantized layer has none). None if none does."""
+    parts = qualified_name.split(".")
+    for up in range(1, min(levels, len(parts)) + 1):
+        owner_name = ".".join(parts[:-up])
+        owner = backbone.get_submodule(owner_name) if owner_name else backbone
+        if tuple(parts[-up:]) in _weights_read_by_forward(type(owner)):
+            return f"{type(owner).__name__}.forward reads its weight directly; kept in floating point"
+    return None
+
+
 def quantizable_layers(backbone: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear / nn.Conv2d, by qualified name (module order)."""
-    return {n: m for n, m in backbone.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    """Every nn.Linear / nn.Conv2d, by qualified name (module order), but those whose weight a
+    module above them reads itself (they never run as layers, and a quantized one has no weight)."""
+    return {n: m for n, m in backbone.named_modules()
+            if type(m) in (nn.Linear, nn.Conv2d) and weight_read_reason(backbone, n) is None}
 
 
 def layer_kind(module: nn.Module) -> str:
