@@ -272,16 +272,24 @@ def _matches(name: str, patterns) -> bool:
 
 # -- the parts ---------------------------------------------------------------------------
 
+def _set_processor(module, processor) -> None:
+    # (Mochi's attention holds a processor but has no set_processor)
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
+
+
 def _restore_processor(module, original, installed, qualified_name: str) -> None:
     from .integrations import attention as attn_integration
 
     current = module.processor
     if current is installed:
-        module.set_processor(original)
+        _set_processor(module, original)
     elif attn_integration.is_diffaccel_processor(current):
         # diffusers re-created it as type(processor)() (load_ip_adapter keeps self-attention's
         # processor class): put back the diffusers processor it stands for
-        module.set_processor(attn_integration.original_processor(current))
+        _set_processor(module, attn_integration.original_processor(current))
     else:
         # a processor set since patching (e.g. by fuse_qkv_projections) is the user's: left in place
         log.warning("diffaccel.unpatch: %s's attention processor was replaced since patching (now %s); left as it is",
@@ -292,19 +300,17 @@ def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
     from .integrations import attention as attn_integration
     from .ops import _backend
 
-    for name, module in _targets.attention_modules(backbone, settable_only=False):
+    for name, module in _targets.attention_modules(backbone):
         fqn = f"{prefix}{name}"
         if not select(module, fqn):
             report.skipped.append(Skipped(fqn, "attention", "excluded by filter"))
             continue
         original = module.processor
         new, reason = attn_integration.make_processor(original, quant=attention_quant, module=module)
-        if new is not None and not hasattr(module, "set_processor"):
-            new, reason = None, f"{type(module).__name__} has no set_processor"
         if new is None:
             report.skipped.append(Skipped(fqn, "attention", reason))
             continue
-        module.set_processor(new)
+        _set_processor(module, new)
         undo.push(lambda m=module, p=original, n=new, q=fqn: _restore_processor(m, p, n, q))
         device = _module_device(module) or torch.device("cpu")
         backend, _ = _backend.choose("attention", device)

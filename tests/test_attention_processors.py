@@ -257,11 +257,14 @@ def test_dispatcher_backend_matches_sdpa_with_key_padding():
 
 
 def test_unsupported_processors_refused_with_reason():
-    from diffusers.models.attention_processor import PAGJointAttnProcessor2_0, SlicedAttnProcessor
+    from diffusers.models.attention_processor import (PAGJointAttnProcessor2_0, SlicedAttnProcessor,
+                                                      XFormersAttnProcessor)
 
-    for proc in (SlicedAttnProcessor(2), PAGJointAttnProcessor2_0(), object()):
+    for proc in (SlicedAttnProcessor(2), XFormersAttnProcessor(), object()):  # none calls SDPA itself
         new, reason = make_processor(proc)
         assert new is None and "not a supported" in reason
+    new, reason = make_processor(PAGJointAttnProcessor2_0())  # calls SDPA itself: its calls redirected
+    assert type(new).__name__ == "DiffaccelPAGJointAttnProcessor2_0" and "SDPA calls" in reason
     new, reason = make_processor(torch.nn.Linear(2, 2))
     assert new is None and "holds weights" in reason
     flux_proc = next(iter(_tiny_flux()[0].attn_processors.values()))

@@ -318,12 +318,205 @@ def mochi(seed=0):
     return m, inputs
 
 
+def sana(seed=0):
+    """Sana: linear self-attention (SanaLinearAttnProcessor2_0) + cross-attention with a padded text mask."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                               num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                               cross_attention_dim=32, caption_channels=24, mlp_ratio=2.5, sample_size=8,
+                               patch_size=1).eval()
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_attention_mask=mask)
+    return m, inputs
+
+
+def auraflow(seed=0):
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                   num_single_dit_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                   joint_attention_dim=32, caption_projection_dim=32, out_channels=4,
+                                   pos_embed_max_size=64).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), timestep=torch.tensor([10, 500]))
+    return m, inputs
+
+
+def lumina2(seed=0, kv_heads=2):
+    """Lumina2: GQA (4 query heads, 2 kv heads), RoPE, padded caption mask."""
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=2,
+                                  num_refiner_layers=1, num_attention_heads=4, num_kv_heads=kv_heads, multiple_of=16,
+                                  axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=32).eval()
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([0.2, 0.7]),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), encoder_attention_mask=mask)
+    return m, inputs
+
+
+def cogview4(seed=0):
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                                   num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=8,
+                                   pos_embed_max_size=16, sample_size=8, rope_axes_dim=(8, 8)).eval()
+    g = _g(seed + 1)
+    sizes = torch.tensor([[64.0, 64.0], [64.0, 64.0]])
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), timestep=torch.tensor([10, 500]),
+                  original_size=sizes, target_size=sizes, crop_coords=torch.zeros(2, 2))
+    return m, inputs
+
+
+def chroma(seed=0):
+    """Chroma (Flux-like, pruned modulation); padded text -> [B, L] bool mask -> [B, 1, L, L] in the blocks."""
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                 axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
+                                 approximator_layers=1).eval()
+    g = _g(seed + 1)
+    n_txt, n_img = 6, 16
+    mask = torch.ones(2, n_txt + n_img, dtype=torch.bool)
+    mask[1, 4:n_txt] = False  # second prompt padded (the pipeline keeps image tokens)
+    inputs = dict(hidden_states=torch.randn(2, n_img, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                                     indexing="ij"), -1).reshape(-1, 3),
+                  txt_ids=torch.zeros(n_txt, 3), attention_mask=mask)
+    return m, inputs
+
+
+def allegro(seed=0):
+    from diffusers import AllegroTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                  num_layers=2, cross_attention_dim=32, sample_width=8, sample_height=8,
+                                  sample_frames=4, caption_channels=24).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g), timestep=torch.tensor([10, 500]))
+    return m, inputs
+
+
+def latte(seed=0):
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LatteTransformer3DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=16,
+                                num_attention_heads=2, caption_channels=24, in_channels=4, cross_attention_dim=32,
+                                out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+                                num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                norm_eps=1e-6, video_length=3).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g), timestep=torch.tensor([10, 500]),
+                  enable_temporal_attentions=True)
+    return m, inputs
+
+
+def stable_audio(seed=0):
+    """Stable Audio DiT: GQA in self-attention (4 query heads, 2 kv heads), partial RoPE (half the head dim)."""
+    from diffusers import StableAudioDiTModel
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    torch.manual_seed(seed)
+    m = StableAudioDiTModel(sample_size=16, in_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                            num_key_value_attention_heads=2, out_channels=8, cross_attention_dim=32, time_proj_dim=16,
+                            global_states_input_dim=24, cross_attention_input_dim=24).eval()
+    g = _g(seed + 1)
+    L = 16
+    rope = get_1d_rotary_pos_embed(16 // 2, L + 1, use_real=True, repeat_interleave_real=False)
+    inputs = dict(hidden_states=torch.randn(2, 8, L, generator=g), timestep=torch.tensor([0.3, 0.8]),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g),
+                  global_hidden_states=torch.randn(2, 1, 24, generator=g), rotary_embedding=rope)
+    return m, inputs
+
+
+def cosmos(seed=0):
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                 num_layers=2, mlp_ratio=2.0, text_embed_dim=32, adaln_lora_dim=8,
+                                 max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+                                 concat_padding_mask=False, extra_pos_embed_type="learnable").eval()
+    # (concat_padding_mask=True needs torchvision, not installed here)
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), attention_mask=mask, fps=30)
+    return m, inputs
+
+
+def hidream(seed=0):
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                       num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                       caption_channels=[16, 8], text_emb_dim=16, num_routed_experts=2,
+                                       num_activated_experts=2, axes_dims_rope=(8, 4, 4), max_resolution=(16, 16),
+                                       llama_layers=(0, 1), force_inference_output=True).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timesteps=torch.tensor([10, 500]),
+                  encoder_hidden_states_t5=torch.randn(2, 6, 16, generator=g),
+                  encoder_hidden_states_llama3=torch.randn(2, 2, 6, 8, generator=g),
+                  pooled_embeds=torch.randn(2, 16, generator=g))
+    return m, inputs
+
+
+def ltx2(seed=0):
+    """LTX-2: video and audio streams, self/cross attention and audio<->video cross-modal attention."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                    num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                                    audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+                                    audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=1,
+                                    caption_channels=24, rope_double_precision=False).eval()
+    g = _g(seed + 1)
+    frames, h, w, n_audio, n_txt = 2, 4, 4, 5, 6
+    mask = torch.ones(2, n_txt, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = dict(hidden_states=torch.randn(2, frames * h * w, 4, generator=g),
+                  audio_hidden_states=torch.randn(2, n_audio, 4, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 24, generator=g),
+                  audio_encoder_hidden_states=torch.randn(2, n_txt, 24, generator=g),
+                  timestep=torch.tensor([10.0, 500.0]), encoder_attention_mask=mask, num_frames=frames, height=h,
+                  width=w, audio_num_frames=n_audio, fps=25.0)
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
              "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
              "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2, "hunyuan_video15": hunyuan_video15,
-             "skyreels_v2": skyreels_v2, "animatediff": animatediff}
+             "skyreels_v2": skyreels_v2, "animatediff": animatediff,
+             # their processors call SDPA themselves: DiffaccelRedirectProcessor
+             "sana": sana, "auraflow": auraflow, "lumina2": lumina2, "cogview4": cogview4, "hunyuan_dit": hunyuan_dit,
+             "mochi": mochi, "allegro": allegro, "stable_audio": stable_audio, "hidream": hidream,
+             # Flux-style dispatcher processors, AttnProcessor2_0
+             "chroma": chroma, "latte": latte, "ltx2": ltx2}
 # Backbones whose attention processors diffaccel does not take (quantization only)
-QUANT_ONLY_FACTORIES = {"hunyuan_dit": hunyuan_dit, "mochi": mochi}
+QUANT_ONLY_FACTORIES = {"cosmos": cosmos}
 
 
 def output_of(model, inputs):

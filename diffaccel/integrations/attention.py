@@ -25,13 +25,19 @@ PAG, context-parallel, a user-chosen non-native backend).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import logging
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from diffaccel.nn.shared_input import project_shared
 from diffaccel.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, QUANT_MODES, attention, attention_with_lse
+from diffaccel.ops.attention import _validate as _validate_attention_args
+
+log = logging.getLogger("diffaccel")
 
 DISPATCH_BACKEND_NAMES = {None: "diffaccel", "int8": "diffaccel_int8"}
 ALREADY_PATCHED = "already a diffaccel processor"  # make_processor's reason for a processor of its own
@@ -104,12 +110,15 @@ class _DiffaccelProcessor:
     def __init__(self, original=None, quant: Optional[str] = None):
         _check_quant(quant)
         if original is None:
-            from diffusers.models import attention_processor
-
-            original = getattr(attention_processor, self.STANDS_FOR)()
+            original = self._new_original()
         self.original = original
         self.quant = quant
         self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
+
+    def _new_original(self):
+        from diffusers.models import attention_processor
+
+        return getattr(attention_processor, self.STANDS_FOR)()
 
 
 # -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
@@ -276,6 +285,105 @@ class DiffaccelCogVideoXAttnProcessor(_DiffaccelProcessor):
         return hidden_states, encoder_hidden_states
 
 
+# -- any other diffusers processor that calls SDPA itself -------------------------------------------
+
+class DiffaccelRedirectProcessor(_DiffaccelProcessor):
+    """Runs the diffusers processor it wraps unchanged, with each ``F.scaled_dot_product_attention``
+    call it makes answered by diffaccel attention: processors with their own projections, norms and
+    RoPE (AuraFlow, CogView4, HunyuanDiT, Allegro, Cosmos, ...) need no copy of their code here.
+
+    A torch-function mode catches the SDPA calls, so in eager mode each torch call inside the
+    processor pays a Python dispatch (under torch.compile the mode is traced away). A call the op
+    does not take (dropout, grouped-query heads, head dims outside its range, ...) runs torch's
+    SDPA as the processor asked; the processor counts those in ``fallbacks`` and the first of each
+    kind is logged. One subclass per wrapped class (``_redirect_class``), so diffusers' registries,
+    keyed by class, and ``type(processor)()`` work as they do for the original."""
+
+    WRAPS: type = type(None)
+
+    def __init__(self, original=None, quant: Optional[str] = None):
+        super().__init__(original, quant)
+        self.fallbacks: dict = {}
+
+    def _new_original(self):
+        return self.WRAPS()
+
+    def __call__(self, attn, *args, **kwargs):
+        with _SDPAToDiffaccel(self):
+            return self.original(attn, *args, **kwargs)
+
+    def __reduce__(self):  # the subclass is made at run time: rebuilt from the wrapped class
+        return _redirect_processor, (self.original, self.quant)
+
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        why = _sdpa_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.quant)
+        if why is None:
+            return _sdpa(query, key, value, attn_mask, is_causal, scale, quant=self.quant)
+        self.fallbacks[why] = self.fallbacks.get(why, 0) + 1
+        if self.fallbacks[why] == 1:
+            log.warning("diffaccel: %s called SDPA with arguments diffaccel attention does not take (%s); "
+                        "torch SDPA ran that call", type(self.original).__name__, why)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
+
+
+class _SDPAToDiffaccel(torch.overrides.TorchFunctionMode):
+    def __init__(self, processor: DiffaccelRedirectProcessor):
+        super().__init__()
+        self.processor = processor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _TORCH_SDPA:
+            return self.processor.attend(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _sdpa_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, quant) -> Optional[str]:
+    """Why diffaccel attention cannot stand for this SDPA call (None: it can): the op's own checks."""
+    if dropout_p:
+        return f"dropout_p={dropout_p}"
+    if enable_gqa and query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1]:
+        return f"grouped-query attention ({query.shape[1]} query heads, {key.shape[1]} key/value heads)"
+    try:
+        _validate_attention_args(query, key, value, attn_mask, is_causal, scale, quant)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _redirect_class(wrapped: type) -> type:
+    def __call__(self, attn, *args, **kwargs):
+        return DiffaccelRedirectProcessor.__call__(self, attn, *args, **kwargs)
+
+    # diffusers' Attention.forward drops the keyword arguments its processor's signature lacks
+    __call__.__signature__ = inspect.signature(wrapped.__call__)
+    name = f"Diffaccel{wrapped.__name__}"
+    return type(name, (DiffaccelRedirectProcessor,),
+                {"WRAPS": wrapped, "__call__": __call__, "__module__": __name__, "__qualname__": name})
+
+
+def _redirect_processor(original, quant=None):
+    return _redirect_class(type(original))(original, quant)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_sdpa(cls: type) -> bool:
+    """A diffusers processor class whose ``__call__`` calls ``F.scaled_dot_product_attention`` itself."""
+    if not cls.__module__.startswith("diffusers."):
+        return False
+    try:
+        source = inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+    return "scaled_dot_product_attention(" in source
+
+
 # -- diffusers' attention dispatcher ------------------------------------------------------------------
 
 def _dispatch_fn(quant):
@@ -423,6 +531,10 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
         new._attention_backend = backend
         new.original = original
         return new, f"{type(original).__name__} via the attention dispatcher -> {what}"
+    if _calls_sdpa(type(original)):
+        cls = _redirect_class(type(original))
+        _share_skip_metadata(cls, type(original))
+        return cls(original, quant), f"{type(original).__name__}'s SDPA calls -> {what}"
     return None, f"{type(original).__name__} is not a supported attention processor"
 
 

@@ -90,9 +90,10 @@ def is_lora_branch(qualified_name: str) -> bool:
     return any(part.startswith("lora_") for part in qualified_name.split("."))
 
 
-def attention_modules(backbone: nn.Module, *, settable_only: bool = True):
-    """(qualified name, module) for every diffusers attention module holding a processor; with
-    ``settable_only=False`` also those without ``set_processor`` (Mochi's), which patch reports."""
+def attention_modules(backbone: nn.Module):
+    """(qualified name, module) for every diffusers attention module holding a processor (Mochi's
+    has no ``set_processor``: its ``processor`` attribute is set directly)."""
     for name, module in backbone.named_modules():
-        if callable(getattr(module, "processor", None)) and (hasattr(module, "set_processor") or not settable_only):
+        if callable(getattr(module, "processor", None)) and not isinstance(module.processor, nn.Module) \
+                or hasattr(module, "set_processor"):
             yield name, module
