@@ -1,6 +1,7 @@
 """DiffaccelRedirectProcessor: diffusers processors that call F.scaled_dot_product_attention
 themselves (AuraFlow, CogView4, HunyuanDiT, Allegro, Stable Audio, HiDream, Lumina2, Mochi, Sana's
-cross-attention) run unchanged, with their SDPA calls answered by diffaccel attention.
+cross-attention; Cosmos through diffusers' dispatcher with its native backend) run unchanged, with
+their SDPA calls answered by diffaccel attention.
 
 Tolerances (fp32 on CPU, the op's torch reference against SDPA; summation order only): the
 backbone outputs in tests/test_patch.py (1e-4); here the single-call comparisons, 1e-5.
@@ -16,7 +17,8 @@ import diffaccel
 import tiny_models
 from diffaccel.integrations import attention as A
 
-REDIRECTED = ["sana", "auraflow", "lumina2", "cogview4", "hunyuan_dit", "mochi", "allegro", "stable_audio", "hidream"]
+REDIRECTED = ["sana", "auraflow", "lumina2", "cogview4", "hunyuan_dit", "mochi", "allegro", "stable_audio", "hidream",
+              "cosmos"]
 
 
 def _processors(model):

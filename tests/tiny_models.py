@@ -510,13 +510,12 @@ FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux":
              "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
              "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2, "hunyuan_video15": hunyuan_video15,
              "skyreels_v2": skyreels_v2, "animatediff": animatediff,
-             # their processors call SDPA themselves: DiffaccelRedirectProcessor
+             # their processors call SDPA (Cosmos: the dispatcher, no backend named) themselves:
+             # DiffaccelRedirectProcessor
              "sana": sana, "auraflow": auraflow, "lumina2": lumina2, "cogview4": cogview4, "hunyuan_dit": hunyuan_dit,
              "mochi": mochi, "allegro": allegro, "stable_audio": stable_audio, "hidream": hidream,
              # Flux-style dispatcher processors, AttnProcessor2_0
-             "chroma": chroma, "latte": latte, "ltx2": ltx2}
-# Backbones whose attention processors diffaccel does not take (quantization only)
-QUANT_ONLY_FACTORIES = {"cosmos": cosmos}
+             "chroma": chroma, "latte": latte, "ltx2": ltx2, "cosmos": cosmos}
 
 
 def output_of(model, inputs):

@@ -374,14 +374,15 @@ def _redirect_processor(original, quant=None):
 
 @functools.lru_cache(maxsize=None)
 def _calls_sdpa(cls: type) -> bool:
-    """A diffusers processor class whose ``__call__`` calls ``F.scaled_dot_product_attention`` itself."""
+    """A diffusers processor class whose ``__call__`` calls ``F.scaled_dot_product_attention`` itself,
+    or diffusers' dispatcher without naming a backend (Cosmos): its native backend calls SDPA."""
     if not cls.__module__.startswith("diffusers."):
         return False
     try:
         source = inspect.getsource(cls.__call__)
     except (OSError, TypeError):
         return False
-    return "scaled_dot_product_attention(" in source
+    return "scaled_dot_product_attention(" in source or "dispatch_attention_fn(" in source
 
 
 # -- diffusers' attention dispatcher ------------------------------------------------------------------
