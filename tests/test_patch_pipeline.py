@@ -301,3 +301,35 @@ def test_save_pretrained_of_a_quantized_patch_refuses_before_writing(tmp_path):
     diffaccel.unpatch(pipe)
     reloaded = type(pipe.unet).from_pretrained(tmp_path / "unet").state_dict()
     assert reloaded.keys() == original.keys() and all(torch.equal(reloaded[k], v) for k, v in original.items())
+
+
+def test_perturbed_attention_guidance_pipeline():
+    """diffusers' PAG pipelines set their own processors on the chosen layers for each call and put the
+    previous ones back after it: on a patched pipeline those layers run PAG's processors for the call
+    and diffaccel's again afterwards. fp32: the same bound as the plain pipeline."""
+    from diffusers import AutoencoderKL, StableDiffusionPAGPipeline
+    from transformers import CLIPTextModel
+
+    def make():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=1, block_out_channels=(8,),
+                            norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",))
+        pipe = StableDiffusionPAGPipeline(
+            vae=vae, text_encoder=CLIPTextModel.from_pretrained(str(ref.ASSETS_DIR / "text_encoder")),
+            tokenizer=ref.load_tokenizer(), unet=ref.build_unet(), scheduler=ref.sampling_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, pag_applied_layers=["up"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample(pipe):
+        return pipe(PROMPTS[:1], num_inference_steps=4, guidance_scale=3.0, pag_scale=2.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), height=ref.IMAGE_SIZE, width=ref.IMAGE_SIZE).images
+
+    expected = sample(make())
+    pipe = make()
+    diffaccel.patch(pipe)
+    assert _rel_l2(sample(pipe), expected) < FP32_REL_L2
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"DiffaccelAttnProcessor"}
+    diffaccel.unpatch(pipe)
+    assert torch.equal(sample(pipe), expected)
