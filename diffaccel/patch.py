@@ -285,6 +285,9 @@ def _restore_processor(module, original, installed, qualified_name: str) -> None
 
     current = module.processor
     if current is installed:
+        if hasattr(original, "_attention_backend") and not attn_integration.is_diffaccel_processor(current):
+            # set_attention_backend(...) after patching re-pointed our copy: the user's choice stays
+            original._attention_backend = current._attention_backend
         _set_processor(module, original)
     elif attn_integration.is_diffaccel_processor(current):
         # diffusers re-created it as type(processor)() (load_ip_adapter keeps self-attention's

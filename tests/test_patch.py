@@ -185,6 +185,22 @@ def test_patch_again_reports_processors_it_cannot_take():
     assert torch.equal(tiny_models.output_of(model, inputs), before)
 
 
+def test_attention_backend_chosen_after_patch_is_kept():
+    """set_attention_backend(...) after patching re-points the dispatcher processors diffaccel installed:
+    they then run the chosen backend, patching again reports them, and unpatch keeps the choice."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    model, inputs = tiny_models.flux()
+    report = diffaccel.patch(model, solver=False)
+    model.set_attention_backend("_native_math")
+    diffaccel.patch(model, solver=False)
+    assert not report.by_part("attention")
+    assert all("chosen by the user" in s.reason for s in report.skipped if s.part == "attention")
+    diffaccel.unpatch(model)
+    backends = {p._attention_backend for p in model.attn_processors.values()}
+    assert backends == {AttentionBackendName._NATIVE_MATH}
+
+
 def _ip_adapter_state_dict(unet, embed_dim=16, seed=0):
     """A random IP-Adapter (the plain one: 4 image tokens) in the layout load_ip_adapter reads."""
     g = torch.Generator().manual_seed(seed)
