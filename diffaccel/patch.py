@@ -323,6 +323,7 @@ def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
 def _patch_quant(prefix, backbone, quant, report, undo, select):
     from . import nn as dnn
     from . import quant as dquant
+    from .quant.calibrate.structure import weight_read_reason  # (calibration leaves the same layers out)
 
     # a model built under init_empty_weights / device="meta" has no values to quantize yet
     meta = next((n for n, p in backbone.named_parameters() if p.is_meta), None)
@@ -347,7 +348,7 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             if not select(module, fqn):
                 report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))
                 continue
-            reason = (_wrapper_reason(module) or _targets.weight_read_reason(backbone, name)
+            reason = (_wrapper_reason(module) or weight_read_reason(backbone, name)
                       or dnn.quantize_reason(module, spec))
             if reason is not None:
                 report.skipped.append(Skipped(fqn, "quant", reason))
@@ -735,7 +736,8 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
 def _patch_again(target, info, state: _PatchState, select, attention, attention_quant, solver) -> PatchReport:
     """``patch`` on a target already patched with the same options. What was patched stays as it is;
     what was set since is patched now: attention processors replaced after patching (diffusers'
-    set_attn_processor and the like) and a scheduler assigned to the pipeline. The report is brought up to date. With nothing new, nothing changes."""
+    set_attn_processor and the like) and a scheduler assigned to the pipeline. The report is brought
+    up to date. With nothing new, nothing changes."""
     from . import solvers
     from .integrations import attention as attn_integration
 

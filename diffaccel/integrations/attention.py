@@ -209,7 +209,7 @@ class DiffaccelJointAttnProcessor(_DiffaccelProcessor):
             value = torch.cat([value, ev], dim=1)
 
         hidden_states = _sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                  quant=self.quant)
+                              quant=self.quant)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
@@ -372,16 +372,10 @@ def _redirect_processor(original, quant=None):
     return _redirect_class(type(original))(original, quant)
 
 
-@functools.lru_cache(maxsize=None)
 def _calls_sdpa(cls: type) -> bool:
     """A diffusers processor class whose ``__call__`` calls ``F.scaled_dot_product_attention`` itself,
     or diffusers' dispatcher without naming a backend (Cosmos): its native backend calls SDPA."""
-    if not cls.__module__.startswith("diffusers."):
-        return False
-    try:
-        source = inspect.getsource(cls.__call__)
-    except (OSError, TypeError):
-        return False
+    source = _call_source(cls) if cls.__module__.startswith("diffusers.") else ""
     return "scaled_dot_product_attention(" in source or "dispatch_attention_fn(" in source
 
 
@@ -440,13 +434,19 @@ def dispatcher_backend(quant: Optional[str] = None):
     return member
 
 
+@functools.lru_cache(maxsize=None)
+def _call_source(cls: type) -> str:
+    """The source of a processor class's ``__call__`` ("" where Python cannot show it)."""
+    try:
+        return inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return ""
+
+
 def _routes_through_dispatcher(processor) -> bool:
     if not hasattr(processor, "_attention_backend") or not hasattr(processor, "_parallel_config"):
         return False
-    try:
-        source = inspect.getsource(type(processor).__call__)
-    except (OSError, TypeError):
-        return False
+    source = _call_source(type(processor))
     return "dispatch_attention_fn" in source and "backend=self._attention_backend" in source
 
 

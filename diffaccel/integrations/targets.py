@@ -6,8 +6,6 @@ from typing import Optional
 
 import torch.nn as nn
 
-from diffaccel.quant.calibrate.structure import weight_read_reason  # noqa: F401  (patch's walk uses it too)
-
 # every denoiser a pipeline runs per step (Wan 2.2 A14B switches between two experts)
 BACKBONE_ATTRS = ("unet", "transformer", "transformer_2", "prior", "decoder")
 # what the report calls a left-alone component, by the start of its pipeline attribute name
@@ -94,6 +92,6 @@ def attention_modules(backbone: nn.Module):
     """(qualified name, module) for every diffusers attention module holding a processor (Mochi's
     has no ``set_processor``: its ``processor`` attribute is set directly)."""
     for name, module in backbone.named_modules():
-        if callable(getattr(module, "processor", None)) and not isinstance(module.processor, nn.Module) \
-                or hasattr(module, "set_processor"):
+        if hasattr(module, "set_processor") or (
+                callable(getattr(module, "processor", None)) and not isinstance(module.processor, nn.Module)):
             yield name, module
