@@ -43,11 +43,19 @@ class Target:
 
 
 def is_pipeline(obj) -> bool:
+    """A diffusers pipeline: a classic ``DiffusionPipeline`` or a modular one (``ModularPipeline``,
+    built from blocks; its components are attributes too)."""
     try:
         from diffusers import DiffusionPipeline
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(obj, DiffusionPipeline)
+    if isinstance(obj, DiffusionPipeline):
+        return True
+    try:
+        from diffusers.modular_pipelines import ModularPipeline
+    except ImportError:  # pragma: no cover - diffusers without modular pipelines
+        return False
+    return isinstance(obj, ModularPipeline)
 
 
 def resolve_target(target) -> Target:
