@@ -202,7 +202,10 @@ def _share_hooks(original: nn.Module, new: nn.Module) -> None:
             setattr(new, table, getattr(original, table))
 
 
-def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog, hold_original: bool = True):
+def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog, hold_original: bool = True,
+                 also: tuple = ()):
+    """Put ``new`` where ``qualified_name`` is, and at the names in ``also`` (other places the same
+    module object sits: it stays one shared module)."""
     parent, child = _get_parent(root, qualified_name)
     original = getattr(parent, child)
     why = _wrapper_reason(original)
@@ -211,9 +214,11 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
                          f"or enabling layerwise hooks (enable_model_cpu_offload is fine either way)")
     original_device = _module_device(original)
     _share_hooks(original, new)
-    setattr(parent, child, new)
+    for name in (qualified_name, *also):
+        where, attr = _get_parent(root, name)
+        setattr(where, attr, new)
+        _adopt_lora_parent(where, attr, undo)
     undo.installed.append((qualified_name, new))
-    _adopt_lora_parent(parent, child, undo)
 
     def restore():
         # Put the original back wherever `new` sits now: LoRA loaded after patching wraps it (it is
@@ -237,6 +242,29 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
     undo.push(restore)
     if hold_original:
         undo.originals.append(original)
+
+
+def _is_torch_ao_quantized(module: nn.Module) -> bool:
+    """A layer torch.ao.quantization already replaced (quantize_dynamic and the like): not an
+    nn.Linear / nn.Conv2d, but a quantized linear or conv a user would expect to see reported."""
+    kind = type(module)  # (not their LinearPackedParams children)
+    return (kind.__module__.startswith("torch.ao.nn.quantized") and "PackedParams" not in kind.__name__
+            and ("Linear" in kind.__name__ or "Conv" in kind.__name__))
+
+
+def _lora_variant_reason(root: nn.Module, qualified_name: str) -> Optional[str]:
+    """Why the base layer of a peft LoRA layer must stay float: a LoRA variant (DoRA, ...) on it
+    reads the base weight at every call, which a quantized layer only holds as codes."""
+    parent_name, _, attr = qualified_name.rpartition(".")
+    if attr != "base_layer":
+        return None
+    parent = root.get_submodule(parent_name)
+    variants = sorted({type(v).__name__ for v in getattr(parent, "lora_variant", {}).values()})
+    if not variants and any(getattr(parent, "use_dora", {}).values()):
+        variants = ["DoRA"]
+    if variants:
+        return f"LoRA variant {', '.join(variants)} on it reads the float base weight; kept in floating point"
+    return None
 
 
 def _adopt_lora_parent(parent: nn.Module, attr: str, undo: _UndoLog) -> None:
@@ -332,7 +360,14 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
                          f"accelerate device_map); load the weights onto a device, then patch with quant")
     if isinstance(quant, (str, dquant.QuantSpec)):
         spec = dquant.resolve_spec(quant)
+        # a module object that sits at several places is quantized once and replaced at all of them
+        places: dict[int, list[str]] = {}
+        for name, module in backbone.named_modules(remove_duplicate=False):
+            places.setdefault(id(module), []).append(name)
         for name, module in list(backbone.named_modules()):
+            if _is_torch_ao_quantized(module):
+                report.skipped.append(Skipped(f"{prefix}{name}", "quant", "already quantized by torch.ao.quantization"))
+                continue
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
             fqn = f"{prefix}{name}"
@@ -348,15 +383,22 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
             if not select(module, fqn):
                 report.skipped.append(Skipped(fqn, "quant", "excluded by filter"))
                 continue
-            reason = (_wrapper_reason(module) or weight_read_reason(backbone, name)
-                      or dnn.quantize_reason(module, spec))
+            reason = (_wrapper_reason(module) or _lora_variant_reason(backbone, name)
+                      or weight_read_reason(backbone, name) or dnn.quantize_reason(module, spec))
             if reason is not None:
                 report.skipped.append(Skipped(fqn, "quant", reason))
                 continue
-            new = dnn.quantize_module(module, spec)
+            try:
+                new = dnn.quantize_module(module, spec)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"target: quantizing {fqn} failed ({e}); exclude=[{fqn!r}] keeps it in floating "
+                              f"point") from e
             new.qualified_name = fqn  # named in its errors (what `exclude` would take)
-            _swap_module(backbone, name, new, undo)
-            report.replaced.append(Replaced(fqn, "quant", type(module).__name__, _describe(new), _backend_of(new)))
+            others = tuple(places[id(module)][1:])
+            _swap_module(backbone, name, new, undo, also=others)
+            for where in (fqn, *(f"{prefix}{n}" for n in others)):
+                report.replaced.append(Replaced(where, "quant", type(module).__name__, _describe(new),
+                                                _backend_of(new)))
     else:
         # a calibrated recipe: it knows its layers; it must match this backbone
         new_modules, hooks, skipped = quant.build_modules(backbone)
@@ -582,25 +624,27 @@ def _patch_solver(target_info, report, undo, solver_options=None):
 
 class _MethodGuard:
     """Set as an instance attribute over a method of a patched target or its backbones (fuse_lora,
-    save_pretrained): ``check(backbones)`` runs first and raises before the class's method changes
-    or writes anything (diffusers merges LoRA layer by layer and saves a pipeline component by
-    component, so a refusal from inside would come after part of the work). Plain data and a
+    save_pretrained, add_adapter): ``check(owner, backbones, *args, **kwargs)`` runs first and raises
+    before the class's method changes or writes anything (diffusers merges LoRA layer by layer, saves
+    a pipeline component by component and peft wraps layer by layer, so a refusal from inside would
+    come after part of the work). Plain data and a
     module-level check, so that a deepcopy checks its own backbones and a pickle works."""
 
-    def __init__(self, owner, name: str, check: Callable[[list], None], backbones: list):
+    def __init__(self, owner, name: str, check: Callable[..., None], backbones: list):
         self.owner = owner
         self.name = name
         self.check = check
         self.backbones = backbones
 
     def __call__(self, *args, **kwargs):
-        self.check(self.backbones)
+        self.check(self.owner, self.backbones, *args, **kwargs)
         return getattr(type(self.owner), self.name)(self.owner, *args, **kwargs)
 
 
-def _guard_method(target, info, undo: _UndoLog, name: str, check: Callable[[list], None]) -> None:
+def _guard_method(target, info, undo: _UndoLog, name: str, check: Callable[..., None]) -> None:
     """Put a _MethodGuard over ``name`` on the target and each backbone that has that method;
-    ``check(backbones)`` decides. unpatch takes the guards off."""
+    ``check(owner, backbones, *args, **kwargs)`` (the call's own arguments) decides. unpatch takes
+    the guards off."""
     backbones = list(info.backbones.values())
     owners = backbones if any(b is target for b in backbones) else [target] + backbones
     for owner in owners:
@@ -616,7 +660,7 @@ def _guard_method(target, info, undo: _UndoLog, name: str, check: Callable[[list
         undo.push(drop_guard)
 
 
-def _check_fusable(backbones) -> None:
+def _check_fusable(owner, backbones, *args, **kwargs) -> None:
     from .nn import lora as dlora
 
     for backbone in backbones:
@@ -626,14 +670,22 @@ def _check_fusable(backbones) -> None:
 def _support_lora_on_quantized(target, info, undo: _UndoLog) -> None:
     """LoRA loaded after patching lands beside the quantized layers (peft learns to wrap them, once
     per process, see diffaccel.nn.lora); fuse_lora on the patched target or its backbones refuses,
-    before merging anything, while a LoRA layer sits on a quantized base."""
+    before merging anything, while a LoRA layer sits on a quantized base, and add_adapter refuses,
+    before wrapping any layer, a config (DoRA, PiSSA, ...) that needs a quantized layer's float weight."""
     from .nn import lora as dlora
 
     dlora.install_peft_dispatch()
     _guard_method(target, info, undo, "fuse_lora", _check_fusable)
+    _guard_method(target, info, undo, "add_adapter", _check_adapter)
 
 
-def _check_savable(backbones) -> None:
+def _check_adapter(owner, backbones, adapter_config=None, *args, **kwargs) -> None:
+    from .nn import lora as dlora
+
+    dlora.check_adapter_config(owner, kwargs.get("adapter_config", adapter_config))
+
+
+def _check_savable(owner, backbones, *args, **kwargs) -> None:
     for backbone in backbones:
         name = next((n for n, m in backbone.named_modules() if isinstance(m, QuantLayerBase)), None)
         if name is not None:
@@ -786,16 +838,20 @@ def unpatch(target) -> None:
     if not state.restorable:
         raise RuntimeError("target: patched with keep_originals=False, so the float modules are gone; "
                            "reload the model instead of unpatching")
-    held = [name for name, module in state.undo.installed if _held_by_hook(module)]
+    held = [(name, module) for name, module in state.undo.installed if _held_by_hook(module)]
     if held:
         # A hook on the module would be dropped with it (or, on a class-swapped one, go on calling
         # the fused forward); one on a parent keeps the tensors on meta between calls. Either way
         # the float original would be restored where the hook keeps the buffers.
+        names = ", ".join(name for name, _ in held[:3]) + (", ..." if len(held) > 3 else "")
+        diffusers_hook = any(forward_wrapped(m) and not _has_accelerate_hook(m) for _, m in held)
+        how = ("a diffusers hook: model.disable_cache() for a cache, else diffusers.hooks.HookRegistry"
+               ".check_if_exists_or_initialize(module).remove_hook(name, recurse=True)" if diffusers_hook else
+               "accelerate's: pipe.remove_all_hooks() or accelerate.hooks.remove_hook_from_submodules(model)")
         raise RuntimeError(
-            f"target: {len(held)} patched modules ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) are "
-            f"held by hooks attached after patch (sequential CPU offload, device_map dispatch or a diffusers "
-            f"hook); nothing was restored. Remove them first (accelerate's: pipe.remove_all_hooks() or "
-            f"accelerate.hooks.remove_hook_from_submodules(model)), unpatch, then enable the offload again")
+            f"target: {len(held)} patched modules ({names}) are held by hooks attached after patch (sequential "
+            f"CPU offload, device_map dispatch, a diffusers cache or other diffusers hook); nothing was restored. "
+            f"Remove them first ({how}), unpatch, then enable them again")
     state.undo.rollback()
     object.__delattr__(target, _STATE_ATTR)
     log.info("diffaccel.unpatch(%s): restored", type(target).__name__)

@@ -10,6 +10,7 @@ from torch import nn
 
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
+from ._base import float_weight_reason
 from .feed_forward import FusedFeedForward
 from .quant_conv import QuantConv2d, quantize_conv_reason
 from .quant_linear import QuantLinear, quantize_linear_reason
@@ -21,17 +22,9 @@ def quantize_reason(module: nn.Module, spec) -> Optional[str]:
     if isinstance(module, (QuantLinear, QuantConv2d)):
         return "already quantized"
     if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
-        if module.weight.is_meta:
-            return "weight is on the meta device"
-        if not module.weight.is_floating_point():
-            return f"weight dtype {module.weight.dtype} is not float"
-        return quantize_linear_reason(module, spec)
+        return float_weight_reason(module) or quantize_linear_reason(module, spec)
     if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
-        if module.weight.is_meta:
-            return "weight is on the meta device"
-        if not module.weight.is_floating_point():
-            return f"weight dtype {module.weight.dtype} is not float"
-        return quantize_conv_reason(module, spec)
+        return float_weight_reason(module) or quantize_conv_reason(module, spec)
     return f"unsupported module kind {type(module).__name__} (only nn.Linear and nn.Conv2d)"
 
 

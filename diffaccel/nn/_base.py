@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from diffaccel.ops import gemm as G
 from diffaccel.quant import formats as fmt
@@ -414,11 +415,33 @@ def reason_for_k(spec: QuantSpec, K: int) -> Optional[str]:
     return None
 
 
+_FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def float_weight_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module.weight`` is not a plain float tensor diffaccel can quantize (None: it is)."""
+    weight = module.weight
+    if weight.is_meta:
+        return "weight is on the meta device"
+    # torchao / NF4 / DTensor weights are tensor subclasses: their values are not a float matrix
+    # to read (quantizing them again would at best dequantize another library's codes)
+    if type(weight) not in (torch.Tensor, nn.Parameter) or type(weight.data) is not torch.Tensor:
+        return (f"weight is a {type(weight.data).__name__} (quantized or sharded by another library); only plain "
+                f"float weights are quantized")
+    if weight.dtype not in _FLOAT_WEIGHT_DTYPES:
+        return f"weight dtype {weight.dtype} is not float16, bfloat16 or float32"
+    if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+        # its pre-hook recomputes `weight` from weight_orig * weight_mask at every call
+        return "pruned with torch.nn.utils.prune; make the pruning permanent first (prune.remove(module, 'weight'))"
+    return None
+
+
 def check_float_weight(module: nn.Module):
-    w = module.weight
-    if not w.is_floating_point():
-        raise TypeError(f"module: expected a float weight, got {w.dtype}")
-    return w
+    why = float_weight_reason(module)
+    if why is not None:
+        raise TypeError(f"module: expected a plain float16/bfloat16/float32 weight, but its {why}"
+                        if why.startswith("weight ") else f"module: {why}")
+    return module.weight
 
 
 __all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "records_autograd", "resolve_spec",

@@ -23,6 +23,7 @@ Importing this module needs peft.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -50,6 +51,45 @@ def _quantized(module: nn.Module) -> bool:
     return isinstance(module, QuantLayerBase)
 
 
+# how users know the variants peft's LoraConfig fields switch on
+_VARIANT_NAMES = {"use_dora": "DoRA", "alora_invocation_tokens": "aLoRA", "velora_config": "VeLoRA",
+                  "use_bdlora": "BD-LoRA", "arrow_config": "Arrow", "kasa_config": "KaSA",
+                  "monteclora_config": "MonteCLoRA"}
+
+
+def _plain_init(init) -> bool:
+    return any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS)
+
+
+def _needs_base_weight(config) -> list:
+    """What in a peft LoraConfig reads the base layer's float weight: a LoRA variant (peft marks
+    their fields ``is_lora_variant``: DoRA, VeLoRA, aLoRA, ...) or an init that factorises it."""
+    found = [f"{_VARIANT_NAMES.get(f.name, 'a LoRA variant')} ({f.name}={getattr(config, f.name)!r})"
+             for f in dataclasses.fields(config) if f.metadata.get("is_lora_variant") and getattr(config, f.name)]
+    if not _plain_init(getattr(config, "init_lora_weights", True)):
+        found.append(f"init_lora_weights={config.init_lora_weights!r}")
+    return found
+
+
+def check_adapter_config(model: nn.Module, config) -> None:
+    """Refuse, before peft wraps any layer, a LoRA config that targets a quantized layer and would
+    need its float weight. peft injects layer by layer, so the per-layer refusal would come after
+    the float layers before it were already wrapped (and diffusers had marked the model as holding
+    adapters), leaving a half-added adapter behind."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    needs = _needs_base_weight(config)
+    if not needs or not hasattr(config, "target_modules"):
+        return
+    for name, module in model.named_modules():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if name.endswith("base_layer") or not _quantized(base) or not check_target_module_exists(config, name):
+            continue
+        raise ValueError(f"adapter_config: {', '.join(needs)} needs the float weight of {name}, which a diffaccel "
+                         f"{type(base).__name__} only holds as low-bit codes; nothing was added. Use plain LoRA, "
+                         f"leave the quantized layers out of target_modules, or diffaccel.unpatch first")
+
+
 class _QuantizedBaseSupport:
     """What differs from peft's layer when the base layer is a QuantLinear/QuantConv2d."""
 
@@ -71,7 +111,7 @@ class _QuantizedBaseSupport:
         if not _quantized(base):
             return
         init = config.init_lora_weights
-        if not any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS):
+        if not _plain_init(init):
             raise ValueError(f"config: init_lora_weights={init!r} reads the base weight, which a diffaccel "
                              f"{type(base).__name__} only holds as low-bit codes; use True, False or 'gaussian'")
 
@@ -222,4 +262,4 @@ def check_fusable(model: nn.Module, what: str = "fuse_lora") -> None:
 
 
 __all__ = ["LoraLinear", "LoraConv2d", "dispatch_quantized", "install_peft_dispatch", "register_lora_layers",
-           "lora_layers_on_quantized_base", "check_fusable", "FUSE_REFUSED", "LORA_CLASS_FOR_PEFT_CLASS"]
+           "lora_layers_on_quantized_base", "check_fusable", "check_adapter_config", "FUSE_REFUSED", "LORA_CLASS_FOR_PEFT_CLASS"]
