@@ -215,6 +215,26 @@ def test_lse(backend):
     torch.testing.assert_close(lse[:, :, :2], torch.logsumexp(s, -1)[:, :, :2], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_no_keys_or_no_queries(backend, quant):
+    """Lk = 0 (a model's cross-attention to an empty context) is what torch SDPA answers: 0, and an
+    LSE of -inf, like a fully masked row; Lq = 0 gives an empty output. Both used to raise from
+    the reference's amax; the kernels are never launched on an empty grid."""
+    _needs(backend)
+    q, k, v = _qkv(2, 2, 5, 0, 32, torch.float16)
+    with use_backend(backend):
+        out, lse = attention_with_lse(q, k, v, quant=quant)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)) and out.abs().sum() == 0
+    assert lse.shape == (2, 2, 5) and bool(torch.isneginf(lse).all())
+    for reference in (attention_reference, attention_int8_reference):
+        assert torch.equal(reference(q, k, v), out)
+    q, k, v = _qkv(2, 2, 0, 7, 32, torch.float16)
+    with use_backend(backend):
+        out, lse = attention_with_lse(q, k, v, quant=quant)
+    assert out.shape == (2, 2, 0, 32) and lse.shape == (2, 2, 0)
+
+
 def test_default_backend_on_cpu_is_reference():
     q, k, v = _qkv(1, 2, 5, 7, 32, torch.float16)
     assert _backend.choose("attention", torch.device("cpu"))[0] == "torch"

@@ -276,6 +276,26 @@ def test_compile_fullgraph():
     assert torch.equal(torch.compile(d, fullgraph=True, backend="eager")(x), d(x))
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "fp8", "w4a8", "w4a16"])
+def test_empty_inputs_give_empty_outputs(preset):
+    """No rows (an empty batch, a zero-length sequence): an empty output of the right shape, as
+    nn.Linear / nn.Conv2d give; the int8 path used to fail reshaping its empty per-row scales."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if preset == "w4a16" else torch.float32
+    linear = quantize_module(nn.Linear(256, 24).to(dtype), preset)
+    for shape in ((0, 256), (2, 0, 256)):
+        y = linear(torch.randn(shape, generator=g).to(dtype))
+        assert y.shape == shape[:-1] + (24,) and y.dtype == dtype
+    conv = nn.Conv2d(32, 16, 1).to(dtype)
+    if quantize_reason(conv, preset) is None:
+        y = quantize_module(conv, preset)(torch.randn(0, 32, 4, 4, generator=g).to(dtype))
+        assert y.shape == (0, 16, 4, 4)
+    if preset == "w8a8":
+        q = quantize_module(nn.Linear(256, 24), preset)
+        y = G.int8_linear(torch.randn(0, 256), q.weight_q, q.weight_scale)
+        assert y.shape == (0, 24)
+
+
 def test_bad_inputs_named():
     lin = nn.Linear(100, 8)
     assert "not divisible by weight_group_size=128" in quantize_reason(lin, "w4a8")

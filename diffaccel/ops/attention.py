@@ -46,7 +46,10 @@ def _expand_mask(attn_mask, B, H, Lq, Lk):
 
 def _softmax_pv(scores, v, out_dtype, pv_dtype=torch.float32):
     """scores fp32 [B,H,Lq,Lk] with -inf where masked -> (out, lse); fully masked rows give 0 / -inf."""
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1] == 0:  # no keys: every row is fully masked
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     shift = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
     p = torch.exp(scores - shift)
     denom = p.sum(dim=-1, keepdim=True)
@@ -225,6 +228,10 @@ _backend.register(_backend.OpBackends("attention_int8", torch=_torch_attention_i
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                   is_causal: bool, scale: float, quant: Optional[str], return_lse: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    if k.shape[2] == 0:
+        # no keys (SDPA's answer: 0, as for a fully masked row; the LSE is -inf); kernels need Lk > 0
+        B, H, Lq, _ = q.shape
+        return _out_like_q(q).zero_(), torch.full((B, H, Lq), float("-inf"), device=q.device)
     if quant == "int8":
         impl = _backend.implementation("attention_int8", q.device)
         return impl(q, k, v, attn_mask, is_causal, scale, return_lse, _k_mean(k))
