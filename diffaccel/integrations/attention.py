@@ -24,10 +24,12 @@ PAG, context-parallel, a user-chosen non-native backend).
 """
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import inspect
 import logging
+import textwrap
 from typing import Optional
 
 import torch
@@ -443,11 +445,43 @@ def _call_source(cls: type) -> str:
         return ""
 
 
+# what a processor passes as the dispatcher's ``backend=``: its own setting, or nothing (diffusers'
+# active backend, native by default, which calls SDPA)
+_OWN_BACKEND = "self._attention_backend"
+_DEFAULT_BACKENDS = ("", "None", _OWN_BACKEND)
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatcher_backends(cls: type) -> tuple:
+    """The ``backend=`` argument (its source text; "" where not given) of each diffusers
+    ``dispatch_attention_fn`` call in a processor class's ``__call__``."""
+    try:
+        tree = ast.parse(textwrap.dedent(_call_source(cls)))
+    except SyntaxError:  # pragma: no cover - source Python shows is parseable
+        return ()
+    backends = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == \
+                "dispatch_attention_fn":
+            given = next((k.value for k in node.keywords if k.arg == "backend"), None)
+            backends.append("" if given is None else ast.unparse(given))
+    return tuple(backends)
+
+
 def _routes_through_dispatcher(processor) -> bool:
+    """Every dispatcher call of the processor goes to the backend set on it (Flux, Wan, ...): setting
+    diffaccel's backend there covers them all. A processor that also calls it with ``backend=None``
+    on some path (QwenImage 2.1's segmented prefill) is not one: the redirect takes it."""
     if not hasattr(processor, "_attention_backend") or not hasattr(processor, "_parallel_config"):
         return False
-    source = _call_source(type(processor))
-    return "dispatch_attention_fn" in source and "backend=self._attention_backend" in source
+    backends = _dispatcher_backends(type(processor))
+    return bool(backends) and all(b == _OWN_BACKEND for b in backends)
+
+
+def _fixed_backend(cls: type) -> Optional[str]:
+    """A backend the processor names itself on some dispatcher call (e.g. ``"flex"``), which
+    neither diffaccel's backend nor the redirect would answer."""
+    return next((b for b in _dispatcher_backends(cls) if b not in _DEFAULT_BACKENDS), None)
 
 
 # -- the entry point used by patch ---------------------------------------------------------------------
@@ -518,12 +552,12 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
             return cls(original, quant), f"{type(original).__name__} -> {what}"
     if isinstance(original, torch.nn.Module):
         return None, f"{type(original).__name__} holds weights (e.g. IP-adapter); not replaced"
+    if getattr(original, "_parallel_config", None) is not None:
+        return None, f"{type(original).__name__} runs context-parallel attention; not replaced"
+    chosen = getattr(original, "_attention_backend", None)
+    if chosen is not None and str(getattr(chosen, "value", chosen)) not in ("native",):
+        return None, f"{type(original).__name__} uses the attention backend {chosen!s} chosen by the user"
     if _routes_through_dispatcher(original):
-        if getattr(original, "_parallel_config", None) is not None:
-            return None, f"{type(original).__name__} runs context-parallel attention; not replaced"
-        chosen = getattr(original, "_attention_backend", None)
-        if chosen is not None and str(getattr(chosen, "value", chosen)) not in ("native",):
-            return None, f"{type(original).__name__} uses the attention backend {chosen!s} chosen by the user"
         try:
             backend = dispatcher_backend(quant)
         except ImportError as e:  # pragma: no cover - diffusers without a dispatcher
@@ -532,6 +566,9 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
         new._attention_backend = backend
         new.original = original
         return new, f"{type(original).__name__} via the attention dispatcher -> {what}"
+    fixed = _fixed_backend(type(original))
+    if fixed is not None:
+        return None, f"{type(original).__name__} calls the attention dispatcher with backend={fixed}; not replaced"
     if _calls_sdpa(type(original)):
         cls = _redirect_class(type(original))
         _share_skip_metadata(cls, type(original))
