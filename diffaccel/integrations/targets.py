@@ -21,18 +21,27 @@ def left_alone_reason(name: str) -> str:
 # Input and output layers are the most quantization-sensitive (Q-Diffusion and MixDQ keep them
 # in full precision); data-free presets leave them alone. Top-level names: blocks have their own
 # proj_in / proj_out. The text-side input projections count too (Flux, SD3, QwenImage).
-IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "x_embedder", "pos_embed.proj", "norm_out.linear",
-                  "patch_embed.proj", "context_embedder", "img_in", "txt_in")
-# top-level modules whose every layer is an input/output layer (Z-Image keys its embedders and final
-# layer by patch size: all_x_embedder.2-1, all_final_layer.2-1.linear / .adaLN_modulation.1)
-IO_MODULE_ROOTS = ("all_x_embedder", "all_final_layer", "cap_embedder")
+IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "pos_embed.proj", "norm_out.linear",
+                  "patch_embed.proj", "context_embedder", "img_in",
+                  # EasyAnimate, ERNIE-Image, CogView3-Plus / ConsisID, Ideogram 4
+                  "proj", "text_proj", "text_proj_t5", "final_norm.linear", "final_linear", "patch_embed.text_proj",
+                  "input_proj", "llm_cond_proj")
+# top-level modules whose every layer is an input/output layer: Z-Image keys its embedders and final
+# layer by patch size (all_x_embedder.2-1, all_final_layer.2-1.linear / .adaLN_modulation.1); the
+# others are embedders (Flux.3's x_embedders.image, QwenImage 2.1's txt_in MLP, Kandinsky 5's
+# *_embeddings.in_layer, GLM-Image's projectors, OmniGen's patch_embedding) and final layers
+IO_MODULE_ROOTS = ("all_x_embedder", "all_final_layer", "cap_embedder", "x_embedder", "x_embedders", "txt_in",
+                   "final_layer", "context_embedder_2", "visual_embeddings", "text_embeddings",
+                   "pooled_text_embeddings", "out_layer", "image_projector", "glyph_projector", "prior_projector",
+                   "patch_embedding", "encoder_hid_proj")
 
 
 # Timestep-embedding MLPs run at M = batch (nothing to gain) and carry the features TFMQ-DM
 # found most quantization-sensitive; data-free presets keep them in floating point. (Some
 # diffusers code also reads their parameters' dtype, which a fully quantized MLP no longer has.)
 TIMESTEP_EMBEDDING_NAMES = ("time_embedding", "time_embedder", "timestep_embedder", "add_embedding",
-                            "guidance_embedder", "time_proj", "t_embedder")
+                            "guidance_embedder", "time_proj", "t_embedder", "time_embed", "time_embeddings",
+                            "t_embedding", "time_in", "time_token", "fps_embedding")
 
 
 @dataclass
