@@ -18,7 +18,10 @@ import tiny_models
 from diffaccel.integrations import attention as A
 
 REDIRECTED = ["sana", "auraflow", "lumina2", "cogview4", "hunyuan_dit", "mochi", "allegro", "stable_audio", "hidream",
-              "cosmos"]
+              "cosmos", "easyanimate", "omnigen",
+              # calls diffusers' dispatcher with backend=None on its prefill path (the segments of its
+              # block-causal mask) and with its own backend on the decode path
+              "qwenimage21"]
 
 
 def _processors(model):
@@ -121,3 +124,17 @@ def test_keyword_arguments_reach_the_wrapped_processor():
 
     cls = A._redirect_class(HunyuanAttnProcessor2_0)
     assert "image_rotary_emb" in inspect.signature(cls()).parameters
+
+
+def test_a_processor_naming_another_backend_itself_is_left_alone():
+    """QwenImage 2.1's flex processor calls the dispatcher with backend="flex" on its prefill path:
+    neither diffaccel's backend nor the redirect would see those calls, so patch leaves it alone and
+    says so (rather than reporting it replaced)."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor
+
+    model, _ = tiny_models.qwenimage21()
+    model.set_attn_processor(QwenImage21FlexAttnProcessor())
+    report = diffaccel.patch(model, solver=False)
+    assert not report.by_part("attention")
+    reasons = {s.reason for s in report.skipped if s.part == "attention"}
+    assert reasons == {"QwenImage21FlexAttnProcessor calls the attention dispatcher with backend='flex'; not replaced"}

@@ -506,6 +506,516 @@ def ltx2(seed=0):
     return m, inputs
 
 
+# -- newer backbones (diffusers 0.4x) ------------------------------------------------------------
+
+def _ids4(t, h, w, l=0):
+    return torch.stack(torch.meshgrid(torch.full((1,), float(t)), torch.arange(float(h)), torch.arange(float(w)),
+                                      torch.full((1,), float(l)), indexing="ij"), -1).reshape(-1, 4)
+
+
+def _unzero(m, seed=0, std=0.05):
+    """Re-draw parameters that diffusers zero-initialises (final projections, adaLN tables): with them at 0
+    the output would be constant and the comparisons meaningless."""
+    g = _g(seed + 100)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return m
+
+
+def flux3(seed=0, cond=True):
+    """Flux.3: per-mode blocks (txt / image / image_cond self-attn) then joint single blocks; 4-axis RoPE."""
+    from diffusers import Flux3Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                timestep_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4)).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    txt_ids = torch.stack([torch.zeros(n_txt), torch.zeros(n_txt), torch.zeros(n_txt), torch.arange(float(n_txt))], -1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  img_ids=_ids4(0, 4, 4), txt_ids=txt_ids)
+    if cond:
+        inputs.update(image_cond_hidden_states=torch.randn(2, 9, 16, generator=g), image_cond_ids=_ids4(1, 3, 3))
+    return m, inputs
+
+
+def qwenimage21(seed=0):
+    """Qwen-Image 2.1: single-stream, block-causal prefill (one dispatcher call per segment, backend=None),
+    text + a 2x2 condition image + the 4x4 target image, padded prompt."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = QwenImage21Transformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+                                      attention_head_dim=16, num_attention_heads=2, context_in_dim=32, mlp_ratio=2,
+                                      axes_dims_rope=(4, 6, 6)).eval()
+    g = _g(seed + 1)
+    # VLM sequence: 3 text, 1 condition-image slot (2x2 tokens), 2 text; then 4 target slots (4x4 tokens)
+    n_txt = 6
+    img_mask = torch.tensor([[False, False, False, True, False, False] + [True] * 4] * 2)
+    txt_mask = torch.ones(2, n_txt, dtype=torch.bool)
+    txt_mask[1, 5:] = False
+    inputs = dict(hidden_states=torch.randn(2, 4 + 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.3, 0.7]),
+                  img_shapes=[[(1, 2, 2), (1, 4, 4)]] * 2, img_mask=img_mask, encoder_hidden_states_mask=txt_mask)
+    return m, inputs
+
+
+def krea2(seed=0):
+    """Krea 2: GQA (4 q / 2 kv heads, repeated before the dispatcher), gated attention, text fusion blocks
+    (layer-wise attention across tapped encoder layers + refiners with a padding mask)."""
+    from diffusers import Krea2Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = Krea2Transformer2DModel(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=96, timestep_embed_dim=32,
+                                text_hidden_dim=32, num_text_layers=3, text_num_attention_heads=2,
+                                text_num_key_value_heads=2, text_intermediate_size=64, num_layerwise_text_blocks=1,
+                                num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6)).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    n_txt = 6
+    mask = torch.ones(2, n_txt, dtype=torch.bool)
+    mask[1, 4:] = False
+    txt_pos = torch.stack([torch.arange(float(n_txt)), torch.zeros(n_txt), torch.zeros(n_txt)], -1)
+    img_pos = torch.stack(torch.meshgrid(torch.full((1,), float(n_txt)), torch.arange(4.0), torch.arange(4.0),
+                                         indexing="ij"), -1).reshape(-1, 3)
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 3, 32, generator=g), timestep=torch.tensor([0.3, 0.7]),
+                  position_ids=torch.cat([txt_pos, img_pos]), encoder_attention_mask=mask)
+    return m, inputs
+
+
+def ideogram4(seed=0):
+    """Ideogram 4: one packed sequence of LLM tokens + image tokens, segment-id block-diagonal [B, 1, L, L] mask
+    (two packed samples in the second row), interleaved MRoPE."""
+    from diffusers import Ideogram4Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = Ideogram4Transformer2DModel(in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                    intermediate_size=64, adaln_dim=16, llm_features_dim=24, rope_theta=10000,
+                                    mrope_section=(4, 2, 2)).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    n_txt, n_img = 5, 16
+    L = n_txt + n_img
+    indicator = torch.tensor([[3] * n_txt + [2] * n_img] * 2)
+    segment_ids = torch.zeros(2, L, dtype=torch.long)
+    segment_ids[1, 10:] = 1  # second row: two packed segments
+    pos_t = torch.arange(float(L))
+    hh, ww = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    pos = torch.stack([pos_t, pos_t.clone(), pos_t.clone()], -1)
+    pos[n_txt:, 1] = hh.flatten() + n_txt
+    pos[n_txt:, 2] = ww.flatten() + n_txt
+    inputs = dict(hidden_states=torch.randn(2, L, 16, generator=g), timestep=torch.tensor([0.3, 0.7]),
+                  encoder_hidden_states=torch.randn(2, L, 24, generator=g),
+                  position_ids=pos.long()[None].expand(2, -1, -1), segment_ids=segment_ids, indicator=indicator)
+    return m, inputs
+
+
+def ernie_image(seed=0):
+    """ERNIE-Image: sequence-first single-stream blocks, [B, 1, 1, L] text padding mask; zero-init output."""
+    from diffusers import ErnieImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = ErnieImageTransformer2DModel(hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64,
+                                     in_channels=4, out_channels=4, patch_size=2, text_in_dim=24, rope_theta=256,
+                                     rope_axes_dim=(4, 6, 6)).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10.0, 500.0]),
+                  text_bth=torch.randn(2, 6, 24, generator=g), text_lens=torch.tensor([6, 3]))
+    return m, inputs
+
+
+def _ids3(t, h, w):
+    return torch.stack(torch.meshgrid(torch.full((1,), float(t)), torch.arange(float(h)), torch.arange(float(w)),
+                                      indexing="ij"), -1).reshape(-1, 3)
+
+
+def longcat_image(seed=0):
+    """LongCat-Image: Flux-like dual- and single-stream blocks, 3-axis RoPE ids."""
+    from diffusers import LongCatImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = LongCatImageTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, axes_dims_rope=[4, 6, 6]).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    txt_ids = torch.stack([torch.zeros(n_txt), torch.arange(float(n_txt)), torch.arange(float(n_txt))], -1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  img_ids=_ids3(1, 4, 4), txt_ids=txt_ids)
+    return m, inputs
+
+
+def ovis_image(seed=0):
+    """Ovis-Image: Flux-like dual- and single-stream blocks (no pooled text), 3-axis RoPE ids."""
+    from diffusers import OvisImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = OvisImageTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    axes_dims_rope=(4, 6, 6)).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  img_ids=_ids3(0, 4, 4), txt_ids=torch.zeros(n_txt, 3))
+    return m, inputs
+
+
+def hunyuan_image(seed=0):
+    """HunyuanImage 2.1: token refiner ([B, 1, L, L] mask), dual/single-stream blocks with [B, 1, 1, L] padding
+    mask, byT5 glyph tokens reordered valid-first."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                       num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                       patch_size=(2, 2), text_embed_dim=32, text_embed_2_dim=24,
+                                       rope_axes_dim=(8, 8)).eval()
+    g = _g(seed + 1)
+    mask, mask2 = torch.ones(2, 6, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask2[0, 2:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10.0, 500.0]),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), encoder_attention_mask=mask,
+                  encoder_hidden_states_2=torch.randn(2, 5, 24, generator=g), encoder_attention_mask_2=mask2)
+    return m, inputs
+
+
+def kandinsky5(seed=0):
+    """Kandinsky 5 (batch 1, channels-last video): text encoder blocks (self-attn, 1D RoPE), visual decoder
+    blocks (self-attn 3D RoPE + cross-attn to text). Zero-init modulations re-drawn. return_dict=False returns
+    the tensor itself, so output_of reads sample [0]."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=32, in_text_dim2=24, time_dim=32, out_visual_dim=4,
+                                     patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
+                                     num_visual_blocks=2, axes_dims=(4, 6, 6)).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    T, H, W, n_txt = 2, 8, 8, 6
+    inputs = dict(hidden_states=torch.randn(1, T, H, W, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g), timestep=torch.tensor([500.0]),
+                  pooled_projections=torch.randn(1, 24, generator=g),
+                  visual_rope_pos=(torch.arange(T), torch.arange(H // 2), torch.arange(W // 2)),
+                  text_rope_pos=torch.arange(n_txt))
+    return m, inputs
+
+
+def sana_video(seed=0):
+    """Sana-Video: linear self-attention with Wan RoPE + cross-attention with a padded text mask."""
+    from diffusers import SanaVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                    num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                                    cross_attention_dim=32, caption_channels=24, mlp_ratio=2.5, sample_size=8,
+                                    patch_size=(1, 2, 2), rope_max_seq_len=32).eval()
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_attention_mask=mask)
+    return m, inputs
+
+
+def wan_vace(seed=0):
+    """Wan VACE: Wan blocks + VACE control blocks (self/cross attention, Wan RoPE)."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=8).eval()
+    _unzero(m, seed)  # the VACE blocks' proj_out are zero-init
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  control_hidden_states=torch.randn(1, 8, 3, 8, 8, generator=g))
+    return m, inputs
+
+
+def helios(seed=0, history=True):
+    """Helios: Wan-like blocks with guidance cross-attn, multi-term memory (short / mid / long history latents
+    prepended, history key scaling)."""
+    from diffusers import HeliosTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                 out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                 rope_dim=(4, 6, 6)).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  indices_hidden_states=torch.tensor([[8, 9]]))
+    if history:
+        inputs.update(latents_history_short=torch.randn(1, 4, 2, 8, 8, generator=g),
+                      indices_latents_history_short=torch.tensor([[6, 7]]),
+                      latents_history_mid=torch.randn(1, 4, 2, 8, 8, generator=g),
+                      indices_latents_history_mid=torch.tensor([[4, 5]]),
+                      latents_history_long=torch.randn(1, 4, 4, 8, 8, generator=g),
+                      indices_latents_history_long=torch.tensor([[0, 1, 2, 3]]))
+    return m, inputs
+
+
+def bria(seed=0):
+    """Bria 3.2: Flux-like dual/single-stream blocks."""
+    from diffusers import BriaTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6]).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  img_ids=_ids3(0, 4, 4), txt_ids=torch.zeros(n_txt, 3))
+    return m, inputs
+
+
+def bria_fibo(seed=0):
+    """Bria FIBO: Flux-like blocks, per-block text-encoder-layer projections concatenated into the context."""
+    from diffusers import BriaFiboTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = BriaFiboTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   axes_dims_rope=[4, 6, 6], text_encoder_dim=24).eval()
+    g = _g(seed + 1)
+    n_txt = 6
+    inputs = dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(2, n_txt, 32, generator=g),
+                  text_encoder_layers=[torch.randn(2, n_txt, 24, generator=g) for _ in range(2)],
+                  timestep=torch.tensor([0.2, 0.8]), img_ids=_ids3(0, 4, 4), txt_ids=torch.zeros(n_txt, 3))
+    return m, inputs
+
+
+def glm_image(seed=0):
+    """GLM-Image: joint [txt, img] attention, RoPE on the image part, padded text -> [B, 1, L, L] *float* 0/1
+    mask (diffusers passes it to SDPA as an additive mask)."""
+    from diffusers import GlmImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                                   num_attention_heads=2, text_embed_dim=24, time_embed_dim=32, condition_dim=8,
+                                   prior_vq_quantizer_codebook_size=64).eval()
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6)
+    mask[1, 3:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g),
+                  prior_token_id=torch.randint(0, 64, (2, 16), generator=g),
+                  prior_token_drop=torch.tensor([False, True]), timestep=torch.tensor([10, 500]),
+                  target_size=torch.tensor([[64.0, 64.0]] * 2), crop_coords=torch.zeros(2, 2), attention_mask=mask)
+    return m, inputs
+
+
+def prx(seed=0):
+    """PRX: image queries attend to [txt, img] keys; [B, L_txt] text mask -> [B, 1, 1, L] bool."""
+    from diffusers import PRXTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=24, hidden_size=32, mlp_ratio=2.0,
+                              num_heads=2, depth=2, axes_dim=[8, 8]).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([0.2, 0.8]),
+                  encoder_hidden_states=torch.randn(2, 6, 24, generator=g), attention_mask=mask)
+    return m, inputs
+
+
+def cogview3plus(seed=0):
+    """CogView3-Plus: joint [txt, img] attention (CogVideoXAttnProcessor2_0-style, no RoPE), sincos pos-embed."""
+    from diffusers import CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                       num_attention_heads=2, out_channels=4, text_embed_dim=32, time_embed_dim=32,
+                                       condition_dim=8, pos_embed_max_size=16, sample_size=8).eval()
+    g = _g(seed + 1)
+    sizes = torch.tensor([[64.0, 64.0], [64.0, 64.0]])
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), timestep=torch.tensor([10, 500]),
+                  original_size=sizes, target_size=sizes, crop_coords=torch.zeros(2, 2))
+    return m, inputs
+
+
+def easyanimate(seed=0):
+    """EasyAnimate V5.1: one MMDiT block (separate text/vision qkv, joint attention) + one non-MMDiT block,
+    3D RoPE on the video part, text + T5 tokens."""
+    from diffusers import EasyAnimateTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      patch_size=2, sample_width=8, sample_height=8, num_layers=2, mmdit_layers=1,
+                                      time_embed_dim=32, text_embed_dim=32, text_embed_dim_t5=24).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+                  encoder_hidden_states_t5=torch.randn(2, 5, 24, generator=g))
+    return m, inputs
+
+
+def consisid(seed=0):
+    """ConsisID (is_train_face=False: no face adapter): CogVideoX-like blocks with RoPE on the video part."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                   time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=8,
+                                   sample_height=8, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
+                                   max_text_seq_length=6, use_rotary_positional_embeddings=True,
+                                   is_train_face=False).eval()
+    g = _g(seed + 1)
+    frames, tokens = 2, 2 * 4 * 4
+    angles = torch.rand(tokens, 16, generator=g) * 6.28
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  image_rotary_emb=(angles.cos(), angles.sin()))
+    return m, inputs
+
+
+def hunyuan_video_framepack(seed=0):
+    """HunyuanVideo FramePack: HunyuanVideo blocks + clean / 2x / 4x history latents packed before the noisy ones,
+    SigLIP image tokens prepended to the text, batch 2 -> [B, 1, 1, N] padding mask."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideoFramepackTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                attention_head_dim=16, num_layers=1, num_single_layers=1,
+                                                num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                                                guidance_embeds=False, text_embed_dim=32, pooled_projection_dim=16,
+                                                rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=24,
+                                                has_clean_x_embedder=True).eval()
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 6, 32, generator=g), encoder_attention_mask=mask,
+                  pooled_projections=torch.randn(2, 16, generator=g), image_embeds=torch.randn(2, 3, 24, generator=g),
+                  indices_latents=torch.tensor([7, 8]),
+                  latents_clean=torch.randn(2, 4, 2, 8, 8, generator=g),
+                  indices_latents_clean=torch.tensor([0, 9]),
+                  latents_history_2x=torch.randn(2, 4, 2, 8, 8, generator=g),
+                  indices_latents_history_2x=torch.tensor([1, 2]),
+                  latents_history_4x=torch.randn(2, 4, 4, 8, 8, generator=g),
+                  indices_latents_history_4x=torch.tensor([3, 4, 5, 6]))
+    return m, inputs
+
+
+def chronoedit(seed=0, n_txt=512):
+    """ChronoEdit: Wan-based (image-to-video style, CLIP image tokens via added k/v), temporal RoPE skip.
+    The processor splits image / text context as [:-512] / [-512:] (hard-coded text length), so the text is
+    512 tokens; with fewer the image branch gets 0 keys (torch SDPA returns zeros; diffaccel raises)."""
+    from diffusers import ChronoEditTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = ChronoEditTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                     in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                     num_layers=2, image_dim=24, added_kv_proj_dim=32, rope_max_seq_len=32,
+                                     rope_temporal_skip_len=2).eval()
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g),
+                  encoder_hidden_states_image=torch.randn(1, 5, 24, generator=g))
+    return m, inputs
+
+
+def omnigen(seed=0):
+    """OmniGen (Phi-3 style): text tokens with an input image's patches spliced in, time token, output image;
+    additive [B, 1, L, L] mask from (1 - m) * finfo.min: causal prefix, bidirectional image tokens, and a
+    left-padded second sample whose padded query rows are fully masked."""
+    from diffusers import OmniGenTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = OmniGenTransformer2DModel(in_channels=4, patch_size=2, hidden_size=32, num_attention_heads=2,
+                                  num_key_value_heads=2, intermediate_size=64, num_layers=2, pad_token_id=0,
+                                  vocab_size=64, max_position_embeddings=256, original_max_position_embeddings=128,
+                                  rope_scaling={"short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
+                                  pos_embed_max_size=16, time_step_dim=32).eval()
+    g = _g(seed + 1)
+    n_c, n_out = 10, 16  # condition tokens (4 of them an input image's 2x2 patches), output image 4x4 patches
+    L = n_c + 1 + n_out
+    input_ids = torch.randint(1, 64, (2, n_c), generator=g)
+    input_ids[1, :2] = 0
+    mask = torch.tril(torch.ones(L, L)).repeat(2, 1, 1)
+    mask[:, n_c + 1 - 1 - 0:, n_c:] = 1  # time + output image tokens attend among themselves
+    mask[:, 3:7, 3:7] = 1  # input image tokens bidirectional
+    mask[1, :, :2] = 0  # left padding
+    pos = torch.arange(L).repeat(2, 1)
+    pos[1] = torch.clamp(pos[1] - 2, min=0)
+    inputs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([0.3, 0.7]),
+                  input_ids=input_ids,
+                  input_img_latents=[torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)],
+                  input_image_sizes={0: [[3, 7]], 1: [[3, 7]]}, attention_mask=mask, position_ids=pos)
+    return m, inputs
+
+
+def unet3d(seed=0):
+    """UNet3DConditionModel (ModelScope T2V): spatial self/cross attention + temporal transformers
+    (transformer_in included); `attention_head_dim` is the head count (8 -> head dims 8 / 16)."""
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet3DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                             down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                             up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(64, 128),
+                             layers_per_block=1, norm_num_groups=32, cross_attention_dim=32,
+                             attention_head_dim=8).eval()
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(2, 4, 3, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 7, 32, generator=g))
+    return m, inputs
+
+
+def unet_svd(seed=0):
+    """UNetSpatioTemporalConditionModel (SVD): spatial + temporal transformer blocks, image-embedding cross-attn."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(seed)
+    m = UNetSpatioTemporalConditionModel(sample_size=8, in_channels=8, out_channels=4,
+                                         down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                                         up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                                         block_out_channels=(32, 64), addition_time_embed_dim=8,
+                                         projection_class_embeddings_input_dim=24, layers_per_block=1,
+                                         cross_attention_dim=32, num_attention_heads=(2, 4), num_frames=3).eval()
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(1, 3, 8, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 1, 32, generator=g),
+                  added_time_ids=torch.tensor([[6.0, 127.0, 0.02]]))
+    return m, inputs
+
+
+def i2vgen_xl(seed=0):
+    """I2VGen-XL: UNet3D-like with image-latent conditioning, fps embedding and image-embedding context tokens."""
+    from diffusers import I2VGenXLUNet
+
+    torch.manual_seed(seed)
+    m = I2VGenXLUNet(sample_size=8, in_channels=4, out_channels=4,
+                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(64, 128),
+                     layers_per_block=1, norm_num_groups=32, cross_attention_dim=32, attention_head_dim=8,
+                     num_attention_heads=None).eval()
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(2, 4, 3, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  fps=torch.tensor([16, 16]), image_latents=torch.randn(2, 4, 3, 8, 8, generator=g),
+                  image_embeddings=torch.randn(2, 32, generator=g),
+                  encoder_hidden_states=torch.randn(2, 7, 32, generator=g))
+    return m, inputs
+
+
 FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux": flux, "pixart": pixart,
              "dit": dit, "wan": wan, "cogvideox": cogvideox, "qwenimage": qwenimage, "hunyuan_video": hunyuan_video,
              "ltx_video": ltx_video, "zimage": zimage, "flux2": flux2, "hunyuan_video15": hunyuan_video15,
@@ -515,7 +1025,16 @@ FACTORIES = {"unet_sd15": unet_sd15, "unet_sdxl": unet_sdxl, "sd3": sd3, "flux":
              "sana": sana, "auraflow": auraflow, "lumina2": lumina2, "cogview4": cogview4, "hunyuan_dit": hunyuan_dit,
              "mochi": mochi, "allegro": allegro, "stable_audio": stable_audio, "hidream": hidream,
              # Flux-style dispatcher processors, AttnProcessor2_0
-             "chroma": chroma, "latte": latte, "ltx2": ltx2, "cosmos": cosmos}
+             "chroma": chroma, "latte": latte, "ltx2": ltx2, "cosmos": cosmos,
+             # newer backbones: dispatcher processors, the redirect (QwenImage 2.1's segmented prefill,
+             # EasyAnimate, OmniGen), AttnProcessor2_0 (the video UNets)
+             "flux3": flux3, "qwenimage21": qwenimage21, "krea2": krea2, "ideogram4": ideogram4,
+             "ernie_image": ernie_image, "longcat_image": longcat_image, "ovis_image": ovis_image,
+             "hunyuan_image": hunyuan_image, "kandinsky5": kandinsky5, "sana_video": sana_video, "wan_vace": wan_vace,
+             "helios": helios, "bria": bria, "bria_fibo": bria_fibo, "glm_image": glm_image, "prx": prx,
+             "cogview3plus": cogview3plus, "easyanimate": easyanimate, "consisid": consisid,
+             "hunyuan_video_framepack": hunyuan_video_framepack, "chronoedit": chronoedit, "omnigen": omnigen,
+             "unet3d": unet3d, "unet_svd": unet_svd, "i2vgen_xl": i2vgen_xl}
 
 
 def output_of(model, inputs):
