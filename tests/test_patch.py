@@ -275,6 +275,37 @@ def test_ip_adapter(loaded):
     assert torch.equal(tiny_models.output_of(model, {**inputs, "added_cond_kwargs": embeds}), expected)
 
 
+def test_int8_attention_survives_processors_rebuilt_by_diffusers():
+    """The INT8 attention path is fixed by the processor's class, so diffusers re-creating processors
+    as type(processor)() (load_ip_adapter after patch) keeps it: it used to be a per-instance setting,
+    and the rebuilt self-attention processors silently ran float attention. Each rebuilt one gives the
+    same output as the one it replaced; pickling and deepcopy keep the class and the path."""
+    import copy
+    import pickle
+
+    from diffaccel.integrations import attention as A
+
+    model, inputs = tiny_models.unet_sd15()
+    diffaccel.patch(model, solver=False, attention_quant="int8")
+    patched = tiny_models.output_of(model, inputs)
+    procs = model.attn_processors
+    assert {(type(p).__name__, p.quant) for p in procs.values()} == {("DiffaccelAttnProcessorInt8", "int8")}
+    model.set_attn_processor({n: type(p)() for n, p in procs.items()})
+    assert {(type(p).__name__, p.quant) for p in model.attn_processors.values()} == {
+        ("DiffaccelAttnProcessorInt8", "int8")}
+    assert torch.equal(tiny_models.output_of(model, inputs), patched)
+    model._load_ip_adapter_weights([_ip_adapter_state_dict(model)])
+    kinds = {n.removesuffix(".processor"): (type(p).__name__, getattr(p, "quant", None))
+             for n, p in model.attn_processors.items()}
+    assert {k for n, k in kinds.items() if n.endswith("attn1")} == {("DiffaccelAttnProcessorInt8", "int8")}
+    one = next(iter(model.attn_processors.values()))
+    for clone in (pickle.loads(pickle.dumps(one)), copy.deepcopy(one)):
+        assert type(clone) is type(one) and clone.quant == "int8"
+        assert type(clone.original).__name__ == "AttnProcessor2_0"
+    assert A.processor_class(A.DiffaccelAttnProcessor, None) is A.DiffaccelAttnProcessor
+    assert A.processor_class(A.DiffaccelAttnProcessor, "int8") is type(one)
+
+
 def test_processors_build_without_arguments():
     """diffusers re-creates kept processors as type(processor)(): each stands for a new instance of the
     diffusers processor it replaces."""
@@ -285,6 +316,8 @@ def test_processors_build_without_arguments():
                             (A.DiffaccelCogVideoXAttnProcessor, "CogVideoXAttnProcessor2_0")):
         made = cls()
         assert type(A.original_processor(made)).__name__ == stands_for and made.quant is None
+        made = A.processor_class(cls, "int8")()
+        assert type(A.original_processor(made)).__name__ == stands_for and made.quant == "int8"
 
 
 def test_attention_modules_left_alone_are_reported():

@@ -100,27 +100,51 @@ def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, *, qua
 
 
 class _DiffaccelProcessor:
-    """What each processor written here holds: the one it replaces (``unpatch`` puts it back), the
-    attention path (``quant``), and whether the original projects through fused q/k/v layers.
+    """What each processor written here holds: the one it replaces (``unpatch`` puts it back) and
+    whether the original projects through fused q/k/v layers. The attention path (``quant``) is
+    fixed by the class, one subclass per mode (``processor_class``).
 
     diffusers re-creates the processors it keeps as ``type(processor)()`` (load_ip_adapter's
     self-attention layers, unload_ip_adapter), so each can be built without arguments: it then
-    stands for a new instance of the diffusers processor named by ``STANDS_FOR``."""
+    stands for a new instance of the diffusers processor named by ``STANDS_FOR`` and, being of the
+    same class, keeps the INT8 path a per-instance setting would lose."""
 
     STANDS_FOR = ""
+    QUANT: Optional[str] = None
 
-    def __init__(self, original=None, quant: Optional[str] = None):
-        _check_quant(quant)
+    def __init__(self, original=None):
         if original is None:
             original = self._new_original()
         self.original = original
-        self.quant = quant
         self.fused_projections = type(original).__name__ in _FUSED_PROCESSORS
+
+    @property
+    def quant(self) -> Optional[str]:
+        return type(self).QUANT
 
     def _new_original(self):
         from diffusers.models import attention_processor
 
         return getattr(attention_processor, self.STANDS_FOR)()
+
+    def __reduce__(self):  # the INT8 subclasses are made at run time: rebuilt from their float base
+        float_class = next(c for c in type(self).__mro__ if c.__dict__.get("QUANT", None) is None)
+        return _rebuild_processor, (float_class, self.original, self.quant)
+
+
+@functools.lru_cache(maxsize=None)
+def processor_class(float_class: type, quant: Optional[str]) -> type:
+    """``float_class`` running attention path ``quant``: the class itself for None, else a subclass
+    (``...Int8``) whose instances, however diffusers builds them, run that path."""
+    _check_quant(quant)
+    if quant is None:
+        return float_class
+    name = f"{float_class.__name__}{quant.capitalize()}"
+    return type(name, (float_class,), {"QUANT": quant, "__module__": __name__, "__qualname__": name})
+
+
+def _rebuild_processor(float_class, original, quant):
+    return processor_class(float_class, quant)(original)
 
 
 # -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
@@ -130,9 +154,9 @@ class DiffaccelAttnProcessor(_DiffaccelProcessor):
 
     STANDS_FOR = "AttnProcessor2_0"
 
-    def __init__(self, original=None, quant: Optional[str] = None):
-        super().__init__(original, quant)
-        self.uses_module_scale = type(original).__name__ == "AttnProcessor"
+    def __init__(self, original=None):
+        super().__init__(original)
+        self.uses_module_scale = type(self.original).__name__ == "AttnProcessor"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -303,8 +327,8 @@ class DiffaccelRedirectProcessor(_DiffaccelProcessor):
 
     WRAPS: type = type(None)
 
-    def __init__(self, original=None, quant: Optional[str] = None):
-        super().__init__(original, quant)
+    def __init__(self, original=None):
+        super().__init__(original)
         self.fallbacks: dict = {}
 
     def _new_original(self):
@@ -371,7 +395,7 @@ def _redirect_class(wrapped: type) -> type:
 
 
 def _redirect_processor(original, quant=None):
-    return _redirect_class(type(original))(original, quant)
+    return processor_class(_redirect_class(type(original)), quant)(original)
 
 
 def _calls_sdpa(cls: type) -> bool:
@@ -548,8 +572,9 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
     for names, cls in ((_UNET_PROCESSORS, DiffaccelAttnProcessor), (_JOINT_PROCESSORS, DiffaccelJointAttnProcessor),
                        (_COGVIDEOX_PROCESSORS, DiffaccelCogVideoXAttnProcessor)):
         if _diffusers_class(original, names):
+            cls = processor_class(cls, quant)
             _share_skip_metadata(cls, type(original))
-            return cls(original, quant), f"{type(original).__name__} -> {what}"
+            return cls(original), f"{type(original).__name__} -> {what}"
     if isinstance(original, torch.nn.Module):
         return None, f"{type(original).__name__} holds weights (e.g. IP-adapter); not replaced"
     if getattr(original, "_parallel_config", None) is not None:
@@ -570,9 +595,9 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
     if fixed is not None:
         return None, f"{type(original).__name__} calls the attention dispatcher with backend={fixed}; not replaced"
     if _calls_sdpa(type(original)):
-        cls = _redirect_class(type(original))
+        cls = processor_class(_redirect_class(type(original)), quant)
         _share_skip_metadata(cls, type(original))
-        return cls(original, quant), f"{type(original).__name__}'s SDPA calls -> {what}"
+        return cls(original), f"{type(original).__name__}'s SDPA calls -> {what}"
     return None, f"{type(original).__name__} is not a supported attention processor"
 
 
