@@ -827,9 +827,14 @@ def _patch_again(target, info, state: _PatchState, select, attention, attention_
 
 
 def unpatch(target) -> None:
-    """Restore the original modules, processors and scheduler step. A no-op on an unpatched target."""
+    """Restore the original modules, processors and scheduler step. A no-op on an unpatched target.
+    A scheduler patched by ``patch_scheduler`` gets its class's methods back."""
+    from . import solvers
+
     state = getattr(target, _STATE_ATTR, None)
     if state is None:
+        if _is_scheduler(target) and solvers.unpatch_scheduler(target):
+            log.info("diffaccel.unpatch(%s): restored the scheduler's own step", type(target).__name__)
         return
     if state.copied:
         raise RuntimeError("target: a copy (deepcopy or pickle) of a patched model cannot be unpatched: the "
@@ -857,8 +862,17 @@ def unpatch(target) -> None:
     log.info("diffaccel.unpatch(%s): restored", type(target).__name__)
 
 
+def _is_scheduler(target) -> bool:
+    return not isinstance(target, nn.Module) and hasattr(target, "set_timesteps") and hasattr(target, "step")
+
+
 def is_patched(target) -> bool:
-    return getattr(target, _STATE_ATTR, None) is not None
+    """True for a target ``patch`` patched, and for a scheduler with a fused step (``patch_scheduler``)."""
+    from . import solvers
+
+    if getattr(target, _STATE_ATTR, None) is not None:
+        return True
+    return _is_scheduler(target) and solvers.is_patched(target)
 
 
 def patch_report(target) -> Optional[PatchReport]:

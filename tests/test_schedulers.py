@@ -367,6 +367,107 @@ def test_thresholding_unpatched_still_runs_diffusers():
                                DDIMScheduler.step(s, fake_model(x, t), t, x).prev_sample)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: DPMSolverMultistepScheduler(), lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+    lambda: DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    lambda: DPMSolverMultistepScheduler(prediction_type="sample"),
+    lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    lambda: UniPCMultistepScheduler(), lambda: UniPCMultistepScheduler(prediction_type="sample"),
+    lambda: UniPCMultistepScheduler(predict_x0=False, final_sigmas_type="sigma_min"),
+    lambda: DDIMScheduler(prediction_type="sample"),
+    lambda: DDIMScheduler(), lambda: EulerDiscreteScheduler()])
+@pytest.mark.parametrize("latent_dtype,model_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_mixed_dtypes_follow_diffusers(make, latent_dtype, model_dtype):
+    """Latents in one dtype, the model output in another (Wan / SD3 pipelines keep fp32 latents
+    beside a bf16 model): each step returns diffusers' dtype and keeps its history (x0 / converted
+    output) in diffusers' dtype. DPM-Solver casts to its converted output's dtype: the promoted
+    one, or the model's where the conversion is the identity; it used to return the model's
+    always (bf16 from fp32 latents, 7e-3 off after 10 steps). Values: no further from an all-fp32
+    run than diffusers' own mixed run is (within 25%, relative L2)."""
+    def trajectory(sch, latent_dtype, model_dtype):
+        sch.set_timesteps(10)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(latent_dtype)
+        gen = {"generator": torch.Generator().manual_seed(1)} \
+            if "generator" in inspect.signature(type(sch).step).parameters else {}
+        seen = []
+        for t in sch.timesteps:
+            out = sch.step(fake_model(x.float(), t).to(model_dtype), t, x, **gen)
+            x = out.prev_sample
+            hist = getattr(sch, "model_outputs", None)
+            x0 = getattr(out, "pred_original_sample", None)
+            seen.append((x.dtype, hist[-1].dtype if hist else None, None if x0 is None else x0.dtype))
+        return x.float(), seen
+
+    pat = make()
+    patch_scheduler(pat)
+    want, want_dtypes = trajectory(make(), latent_dtype, model_dtype)
+    got, got_dtypes = trajectory(pat, latent_dtype, model_dtype)
+    assert got_dtypes == want_dtypes
+    exact, _ = trajectory(make(), torch.float32, torch.float32)
+    # (relative L2: on 256 elements the max of a few bf16 rounding flips is too noisy to rank two runs)
+    ours, theirs = ((got - exact).norm() / exact.norm()).item(), ((want - exact).norm() / exact.norm()).item()
+    assert ours <= 1.25 * theirs + 1e-6, (ours, theirs)
+
+
+def test_zero_snr_with_epsilon_left_to_diffusers():
+    """rescale_betas_zero_snr makes alphas_cumprod[-1] exactly 0, where epsilon's x0 divides by
+    zero: DDIM / LCM with epsilon prediction are left unpatched with the reason (building their
+    coefficient rows used to raise ZeroDivisionError inside set_timesteps); v_prediction is fused."""
+    for cls in (DDIMScheduler, LCMScheduler):
+        s = cls(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        r = patch_scheduler(s)
+        assert not r.patched and "zero alphas_cumprod" in r.reason and not is_patched(s)
+        s.set_timesteps(4)
+        assert patch_scheduler(cls(rescale_betas_zero_snr=True, prediction_type="v_prediction")).patched
+
+
+def test_config_changed_after_patch_raises():
+    """A config the fused step does not take, set after patching (register_to_config, solver_p),
+    raises at set_timesteps instead of being ignored; the schedule is left as it was."""
+    s = DPMSolverMultistepScheduler()
+    patch_scheduler(s)
+    s.set_timesteps(10)
+    s.register_to_config(thresholding=True)
+    with pytest.raises(ValueError, match="config changed since patch_scheduler.*thresholding"):
+        s.set_timesteps(5)
+    assert len(s.timesteps) == 10
+    import diffaccel
+    diffaccel.unpatch(s)
+    s.set_timesteps(5)
+    u = UniPCMultistepScheduler()
+    patch_scheduler(u)
+    u.solver_p = DDIMScheduler()
+    with pytest.raises(ValueError, match="solver_p"):
+        u.set_timesteps(5)
+
+
+def test_unpatch_and_is_patched_take_a_scheduler():
+    """diffaccel.unpatch / is_patched on a scheduler patched with patch_scheduler (unpatch used to do
+    nothing there); diffaccel.patch(scheduler) points to patch_scheduler."""
+    import diffaccel
+
+    s = DPMSolverMultistepScheduler()
+    assert not diffaccel.is_patched(s)
+    patch_scheduler(s)
+    assert diffaccel.is_patched(s)
+    diffaccel.unpatch(s)
+    assert not diffaccel.is_patched(s) and not is_patched(s) and "step" not in vars(s)
+    diffaccel.unpatch(s)  # a no-op now
+    with pytest.raises(TypeError, match="is a scheduler; patch it with diffaccel.patch_scheduler"):
+        diffaccel.patch(s)
+
+
+def test_unipc_infinite_coefficients_raise():
+    """UniPC order 2 without lower_order_final into a zero final sigma: the last step's system
+    has infinite coefficients (diffusers returns inf); the fused step raises as for a singular one."""
+    make = lambda: UniPCMultistepScheduler(solver_order=2, lower_order_final=False,  # noqa: E731
+                                           final_sigmas_type="zero")
+    out = run(make(), 10, patched=False)[0]
+    assert not torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="singular or undefined"):
+        run(make(), 10, patched=True)
+
+
 def test_errors():
     s = EulerDiscreteScheduler()
     patch_scheduler(s)

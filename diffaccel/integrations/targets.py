@@ -80,6 +80,9 @@ def resolve_target(target) -> Target:
         return Target(backbones, getattr(target, "scheduler", None), left)
     if isinstance(target, nn.Module):
         return Target({"": target})
+    if hasattr(target, "set_timesteps") and hasattr(target, "step"):
+        raise TypeError(f"target: {type(target).__name__} is a scheduler; patch it with "
+                        f"diffaccel.patch_scheduler(scheduler) (diffaccel.unpatch restores it)")
     raise TypeError(f"target: expected a diffusers pipeline or a torch.nn.Module, got {type(target).__name__}")
 
 

@@ -65,6 +65,15 @@ def output_conversion(prediction_type: str, to_x0: bool, alpha_s: float, sigma_s
     return 1.0, -sig  # flow_prediction
 
 
+def converted_dtype(prediction_type: str, to_x0: bool, sample: torch.Tensor, model_output: torch.Tensor):
+    """The dtype of diffusers' ``convert_model_output`` result, which the multistep solvers keep in
+    their history and DPM-Solver casts its new sample to: the model's own where the conversion
+    returns the model output unchanged (x0 from ``"sample"``, epsilon from ``"epsilon"``), else the
+    promotion of sample and model output (fp32 latents with a bf16 model: fp32)."""
+    identity = prediction_type == ("sample" if to_x0 else "epsilon")
+    return model_output.dtype if identity else torch.promote_types(sample.dtype, model_output.dtype)
+
+
 def _randn(shape, generator, device, dtype):
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -137,12 +146,13 @@ class SolverState:
         return t
 
     def row(self, key, index: int, device: torch.device) -> torch.Tensor:
-        """Row ``index`` of table ``key`` on ``device``; a row the schedule should never reach (NaN,
-        e.g. a singular UniPC system) raises instead of poisoning the sample."""
+        """Row ``index`` of table ``key`` on ``device``; a row the schedule should never reach (NaN or
+        an infinite coefficient, e.g. a singular UniPC system) raises instead of poisoning the sample."""
         k = (key, index, device)  # rows are kept with the tables: a step makes no new view, no NaN test
         r = self.device_tables.get(k)
         if r is None:
-            if np.isnan(self.host[key][index]).any():
+            coeffs = np.delete(self.host[key][index], CLIP)  # (CLIP is inf where nothing is clipped)
+            if not np.isfinite(coeffs).all():
                 raise ValueError(f"{self.adapter.name}.step: no coefficients for this step ({key}[{index}]): the "
                                  "solver's system is singular or undefined here (diffusers' own step fails or "
                                  "returns NaN)")

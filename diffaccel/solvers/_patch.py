@@ -189,6 +189,10 @@ def _set_timesteps_for(cls):
 
     @functools.wraps(original)
     def set_timesteps(self, *args, **kwargs):
+        why = unsupported_reason(self)  # (register_to_config since patching, e.g. thresholding=True)
+        if why is not None:
+            raise ValueError(f"scheduler: its config changed since patch_scheduler and is no longer fused ({why}); "
+                             f"diffaccel.unpatch(scheduler) to run diffusers' own step")
         out = original(self, *args, **kwargs)
         vars(self)[_STATE].rebuild(self)
         return out

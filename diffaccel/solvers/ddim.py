@@ -28,6 +28,10 @@ def _check_no_thresholding(sch):
     pt = sch.config.prediction_type
     if pt not in ("epsilon", "sample", "v_prediction"):
         return f"prediction_type={pt!r} is not supported by {type(sch).__name__}"
+    if pt == "epsilon" and bool((sch.alphas_cumprod == 0).any()):
+        # x0 = (x - sqrt(1 - a) eps) / sqrt(a): diffusers divides by zero there (inf, or clip_sample's bound)
+        return ("prediction_type='epsilon' with a zero alphas_cumprod (rescale_betas_zero_snr=True): x0 is "
+                "undefined at the last training timestep; zero terminal SNR is meant for v_prediction")
     return None
 
 
@@ -100,8 +104,10 @@ class DDIM(_Adapter):
             noise = {"noise": variance_noise} if variance_noise is not None else \
                 self._noise(state, generator, model_output, model_output.dtype)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        # (x0 is the model output itself for "sample": diffusers keeps its dtype)
+        x0_dtype = model_output.dtype if sch.config.prediction_type == "sample" else dtype
         prev, x0, _ = fused_solver_step(sample, model_output, coeffs, row=row, model_output_cond=cond, guidance_scale=s,
-                                        guidance_rescale=rescale, **noise, out_dtype=dtype, history_dtype=dtype)
+                                        guidance_rescale=rescale, **noise, out_dtype=dtype, history_dtype=x0_dtype)
         self._noise_drawn(state, noise, sample)
         if not return_dict:
             return (prev, x0)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _row, alpha_sigma_lambda, multistep_reason, output_conversion
+from ._base import _Adapter, _row, alpha_sigma_lambda, converted_dtype, multistep_reason, output_conversion
 
 # -- DPMSolverMultistepScheduler ----------------------------------------------------------------
 
@@ -146,10 +146,11 @@ class DPMSolverMultistep(_Adapter):
         if c.algorithm_type in ("sde-dpmsolver++", "sde-dpmsolver"):
             noise = {"noise": variance_noise.to(device=model_output.device, dtype=torch.float32)} \
                 if variance_noise is not None else self._noise(state, generator, model_output, torch.float32)
+        # diffusers casts the new sample to its converted model output's dtype, which it also keeps
+        dtype = converted_dtype(c.prediction_type, c.algorithm_type.endswith("++"), sample, model_output)
         prev, x0, _ = fused_solver_step(sample, model_output, state.row("steps", 3 * i + order - 1, sample.device),
                                         model_output_cond=cond, guidance_scale=s, guidance_rescale=rescale,
-                                        history=history, **noise, out_dtype=model_output.dtype,
-                                        history_dtype=torch.promote_types(sample.dtype, model_output.dtype))
+                                        history=history, **noise, out_dtype=dtype, history_dtype=dtype)
         self._noise_drawn(state, noise, sample)
         for j in range(c.solver_order - 1):
             sch.model_outputs[j] = sch.model_outputs[j + 1]

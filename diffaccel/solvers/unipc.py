@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import B_H0, B_P, C_H0, C_P, NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _row, alpha_sigma_lambda, multistep_reason, output_conversion
+from ._base import _Adapter, _row, alpha_sigma_lambda, converted_dtype, multistep_reason, output_conversion
 
 # -- UniPCMultistepScheduler ------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class UniPCMultistep(_Adapter):
         else:
             this_order = c.solver_order
         this_order = min(this_order, sch.lower_order_nums + 1)
-        hist_dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        hist_dtype = converted_dtype(c.prediction_type, c.predict_x0, sample, model_output)
         if use_corrector:
             oc = sch.this_order
             coeffs = state.row("pc", 9 * i + 3 * (oc - 1) + this_order - 1, sample.device)
