@@ -18,6 +18,7 @@ import fnmatch
 import importlib.util
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -31,6 +32,34 @@ log = logging.getLogger("diffaccel")
 
 _STATE_ATTR = "_diffaccel_patch"
 ENV_DISABLE = "DIFFACCEL_DISABLE"
+
+# backbone -> weakref to the target whose patch changed it. A pipeline made from a patched one's
+# components (from_pipe, Pipeline(**pipe.components)) shares the patched backbone; this is how
+# patch / unpatch / is_patched on it find out. (Kept off the module itself: a module holding a
+# weakref would no longer pickle.)
+_PATCHED_THROUGH: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _patched_through(backbone: nn.Module):
+    """The live target whose patch holds ``backbone``, or None."""
+    ref = _PATCHED_THROUGH.get(backbone)
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and getattr(owner, _STATE_ATTR, None) is not None else None
+
+
+def _shared_with(target, info) -> Optional[tuple]:
+    """(backbone attribute, other target) for a backbone of ``target`` patched through another target."""
+    for attr, backbone in info.backbones.items():
+        owner = _patched_through(backbone)
+        if owner is not None and owner is not target:
+            return attr, owner
+    return None
+
+
+def _describe_owner(attr: str, owner) -> str:
+    what = f"its {attr}" if attr else "it"
+    return (f"{what} is patched through another {type(owner).__name__} (0x{id(owner):x}) that shares it "
+            f"(from_pipe, or a pipeline built from the same components)")
 
 
 # -- the report -------------------------------------------------------------------------
@@ -236,6 +265,9 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
         dtype = getattr(new, "original_dtype", None)
         if dtype is not None and dtype.is_floating_point and _module_dtype(original) not in (None, dtype):
             original.to(dtype)
+        fmt = getattr(new, "memory_format", None)  # model.to(memory_format=...) since patching
+        if fmt is not None:
+            original.to(memory_format=fmt)
         for where, attr in places:
             setattr(where, attr, original)
 
@@ -327,9 +359,23 @@ def _restore_processor(module, original, installed, qualified_name: str) -> None
                     qualified_name, type(current).__name__)
 
 
+def _restore_saved_processors(backbone) -> None:
+    """diffusers' fuse_qkv_projections keeps the processors it replaces in original_attn_processors,
+    which unfuse_qkv_projections puts back: fused after patching, that copy holds diffaccel's
+    processors, and unfusing after unpatch would reinstall them. Unpatch makes it hold the originals."""
+    from .integrations import attention as attn_integration
+
+    for module in backbone.modules():
+        saved = getattr(module, "original_attn_processors", None)
+        if isinstance(saved, dict) and any(attn_integration.is_diffaccel_processor(p) for p in saved.values()):
+            module.original_attn_processors = {k: attn_integration.original_processor(p) for k, p in saved.items()}
+
+
 def _patch_attention(prefix, backbone, report, undo, select, attention_quant):
     from .integrations import attention as attn_integration
     from .ops import _backend
+
+    undo.push(lambda: _restore_saved_processors(backbone))  # (pushed first: runs after the processors are back)
 
     for name, module in _targets.attention_modules(backbone):
         fqn = f"{prefix}{name}"
@@ -742,6 +788,11 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
             raise ValueError("target: already patched with other options; call diffaccel.unpatch(target) first")
         return _patch_again(target, info, state, select, attention, attention_quant, solver)
 
+    shared = _shared_with(target, info)
+    if shared is not None:
+        raise ValueError(f"target: {_describe_owner(*shared)}; it already runs diffaccel there. Patch or unpatch "
+                         f"that {type(shared[1]).__name__} instead")
+
     report = PatchReport()
     undo = _UndoLog()
     # modules built inside torch.inference_mode would hold inference tensors, whose in-place
@@ -780,6 +831,10 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
             device = _module_device(original)
             if device is not None and device.type != "cpu":
                 original.to("cpu")  # held for unpatch without holding accelerator memory
+    owner = weakref.ref(target)
+    for backbone in info.backbones.values():
+        _PATCHED_THROUGH[backbone] = owner
+        undo.push(lambda b=backbone: _PATCHED_THROUGH.pop(b, None))
     object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable))
     log.info("diffaccel.patch(%s):\n%s", type(target).__name__, report)
     return report
@@ -833,8 +888,14 @@ def unpatch(target) -> None:
 
     state = getattr(target, _STATE_ATTR, None)
     if state is None:
-        if _is_scheduler(target) and solvers.unpatch_scheduler(target):
-            log.info("diffaccel.unpatch(%s): restored the scheduler's own step", type(target).__name__)
+        if _is_scheduler(target):
+            if solvers.unpatch_scheduler(target):
+                log.info("diffaccel.unpatch(%s): restored the scheduler's own step", type(target).__name__)
+            return
+        shared = _shared_with(target, _targets.resolve_target(target)) if _targets.is_supported(target) else None
+        if shared is not None:
+            raise RuntimeError(f"target: {_describe_owner(*shared)}; unpatch that {type(shared[1]).__name__}, "
+                               f"which restores it here too")
         return
     if state.copied:
         raise RuntimeError("target: a copy (deepcopy or pickle) of a patched model cannot be unpatched: the "
@@ -867,12 +928,16 @@ def _is_scheduler(target) -> bool:
 
 
 def is_patched(target) -> bool:
-    """True for a target ``patch`` patched, and for a scheduler with a fused step (``patch_scheduler``)."""
+    """True for a target ``patch`` patched, one sharing a backbone with such a target (a pipeline
+    made with ``from_pipe``), and a scheduler with a fused step (``patch_scheduler``)."""
     from . import solvers
 
     if getattr(target, _STATE_ATTR, None) is not None:
         return True
-    return _is_scheduler(target) and solvers.is_patched(target)
+    if _is_scheduler(target):
+        return solvers.is_patched(target)
+    # a pipeline sharing a backbone with a patched one runs patched there
+    return _targets.is_supported(target) and _shared_with(target, _targets.resolve_target(target)) is not None
 
 
 def patch_report(target) -> Optional[PatchReport]:

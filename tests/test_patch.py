@@ -166,7 +166,7 @@ def test_patch_is_idempotent_and_per_instance():
 
 
 def test_patch_again_takes_processors_set_since():
-    """Processors set after patching (set_attn_processor, set_default_attn_processor, load_ip_adapter)
+    """Processors set after patching (set_attn_processor, load_ip_adapter, ...)
     run diffusers' attention; patching again with the same options patches them, bringing the report
     up to date, and unpatch still restores bit for bit."""
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -582,3 +582,57 @@ def test_a_copy_of_a_patched_model_stays_patched_and_refuses_unpatch(tmp_path):
     diffaccel.unpatch(a)
     assert torch.equal(tiny_models.output_of(a, inputs), original)
     assert torch.equal(tiny_models.output_of(b, inputs), patched)
+
+
+def test_fuse_qkv_after_patch_does_not_leak_diffaccel_processors_past_unpatch():
+    """diffusers' fuse_qkv_projections keeps the processors it replaces (diffaccel's, when called
+    after patch) in original_attn_processors; unfuse after unpatch used to put them back on the
+    "unpatched" UNet. Unpatch rewrites that copy with the originals."""
+    model, inputs = tiny_models.unet_sd15()
+    before = tiny_models.output_of(model, inputs)
+    diffaccel.patch(model, solver=False)
+    model.fuse_qkv_projections()
+    diffaccel.unpatch(model)
+    model.unfuse_qkv_projections()
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert torch.equal(tiny_models.output_of(model, inputs), before)
+
+
+@pytest.mark.parametrize("change", ["float64", "channels_last"])
+def test_dtype_and_memory_format_set_after_a_quant_patch_reach_the_restored_layers(change):
+    """model.to(torch.float64) / .to(memory_format=torch.channels_last) after patch(quant=...):
+    unpatch restores the float layers in that dtype / memory format, so the model equals a
+    never-patched one given the same change, bit for bit. (A cast to float64 used to look like no
+    change to the quantized layers' probe, leaving the restored ones fp32 and the model unable to
+    run; channels_last was dropped.)"""
+    def apply(m):
+        return m.to(torch.float64) if change == "float64" else m.to(memory_format=torch.channels_last)
+
+    reference, inputs = tiny_models.unet_sd15()
+    model, _ = tiny_models.unet_sd15()
+    if change == "float64":
+        inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    expected = tiny_models.output_of(apply(reference), inputs)
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    apply(model)
+    diffaccel.unpatch(model)
+    want = {n: (p.dtype, p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous())
+            for n, p in reference.named_parameters()}
+    assert {n: (p.dtype, p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous())
+            for n, p in model.named_parameters()} == want
+    assert torch.equal(tiny_models.output_of(model, inputs), expected)
+
+
+def test_float64_model_runs_torch_attention_where_the_op_does_not_take_it():
+    """A patched model cast to float64 (to debug it) runs: diffaccel attention takes fp16 / bf16 /
+    fp32, so fp64 attention runs torch's SDPA as the unpatched model does, with a warning."""
+    reference, inputs = tiny_models.unet_sd15()
+    model, _ = tiny_models.unet_sd15()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    expected = tiny_models.output_of(reference.double(), inputs)
+    diffaccel.patch(model, solver=False)
+    model.double()
+    got = tiny_models.output_of(model, inputs)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-12
+    from diffaccel.integrations.attention import _DTYPE_FALLBACKS  # (warned once per process and dtype)
+    assert torch.float64 in _DTYPE_FALLBACKS

@@ -396,3 +396,29 @@ def test_modular_pipelines_are_patched_like_classic_ones(tmp_path):
     assert _rel_l2(flux(), before) < FP32_REL_L2
     diffaccel.unpatch(pipe)
     assert torch.equal(flux(), before)
+
+
+def test_a_pipeline_sharing_a_patched_backbone():
+    """A pipeline built from a patched one's components (Pipeline(**pipe.components), from_pipe)
+    shares the patched backbone and runs it: is_patched says so, and patch / unpatch on it name
+    the pipeline to use instead (unpatch used to be a silent no-op, patch a report of 0 replaced).
+    Unpatching the patched pipeline restores both; the other can then be patched itself."""
+    pipe = _pipeline()
+    before = _sample(pipe)
+    diffaccel.patch(pipe, quant="w8a8")
+    other = ref.DigitsPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    assert other.unet is pipe.unet and diffaccel.is_patched(other)
+    with pytest.raises(ValueError, match="its unet is patched through another DigitsPipeline"):
+        diffaccel.patch(other)
+    with pytest.raises(RuntimeError, match="its unet is patched through another DigitsPipeline"):
+        diffaccel.unpatch(other)
+    with pytest.raises(ValueError, match="it is patched through another DigitsPipeline"):
+        diffaccel.patch(pipe.unet)
+    diffaccel.unpatch(pipe)
+    assert not diffaccel.is_patched(other) and torch.equal(_sample(other), before)
+    diffaccel.patch(other)
+    with pytest.raises(ValueError, match="patched through another"):
+        diffaccel.patch(pipe)
+    diffaccel.unpatch(other)
+    assert torch.equal(_sample(pipe), before)

@@ -605,3 +605,25 @@ def test_unipc_bh1_to_a_zero_final_sigma_gives_the_finite_limit(config):
     assert not torch.isfinite(x_ref).all()  # diffusers' NaN (if this fails, diffusers fixed it: compare directly)
     assert torch.isfinite(x_ours).all()
     assert_traj_close(limit, x_ours, torch.float32)
+
+
+def test_float64_steps_run_diffusers_step():
+    """The step kernel takes fp16 / bf16 / fp32; a float64 step (a pipeline cast to fp64 to debug
+    it) runs the class's own step on the same scheduler state, with a warning, so it equals
+    diffusers exactly, guidance included."""
+    ref, pat = DPMSolverMultistepScheduler(), DPMSolverMultistepScheduler()
+    patch_scheduler(pat)
+    outs = []
+    for sch in (ref, pat):
+        sch.set_timesteps(6)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for t in sch.timesteps:
+            u, c = fake_model(x, t), fake_model(x * 0.9, t)
+            if sch is pat:
+                x = sch.step_with_guidance(u, c, 4.0, t, x).prev_sample
+            else:
+                x = sch.step(u + 4.0 * (c - u), t, x).prev_sample
+        outs.append(x)
+    assert outs[1].dtype == torch.float64 and torch.equal(outs[0], outs[1])
+    from diffaccel.solvers._patch import _DTYPE_FALLBACKS  # (warned once per process and class)
+    assert (DPMSolverMultistepScheduler, torch.float64) in _DTYPE_FALLBACKS

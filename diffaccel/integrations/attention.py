@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from diffaccel.nn.shared_input import project_shared
-from diffaccel.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, QUANT_MODES, attention, attention_with_lse
+from diffaccel.ops.attention import (FLOAT_DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, QUANT_MODES, attention,
+                                     attention_with_lse)
 from diffaccel.ops.attention import _validate as _validate_attention_args
 
 log = logging.getLogger("diffaccel")
@@ -92,10 +93,22 @@ def _attention_scores_skipped() -> bool:
                for m in torch.overrides._get_current_function_mode_stack())
 
 
+_DTYPE_FALLBACKS: set = set()  # dtypes already warned about
+
+
 def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, *, quant=None):
-    """What the original processor's ``F.scaled_dot_product_attention`` call gives, run by diffaccel."""
+    """What the original processor's ``F.scaled_dot_product_attention`` call gives, run by diffaccel.
+    A dtype the op does not take (a model cast to float64 to debug it) runs torch's SDPA, as the
+    unpatched model would, with a warning the first time."""
     if query.shape[2] == value.shape[2] and _attention_scores_skipped():
         return value
+    if query.dtype not in FLOAT_DTYPES:
+        if query.dtype not in _DTYPE_FALLBACKS:
+            _DTYPE_FALLBACKS.add(query.dtype)
+            log.warning("diffaccel: attention in %s runs torch's SDPA (diffaccel attention takes %s)", query.dtype,
+                        ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES))
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                              scale=scale)
     return attention(query, key, value, attn_mask, is_causal, scale, quant=quant)
 
 

@@ -67,6 +67,13 @@ def is_pipeline(obj) -> bool:
     return isinstance(obj, ModularPipeline)
 
 
+def is_supported(target) -> bool:
+    """Whether ``resolve_target`` takes ``target`` (a pipeline with a backbone, or an nn.Module)."""
+    if isinstance(target, nn.Module):
+        return True
+    return is_pipeline(target) and any(isinstance(getattr(target, a, None), nn.Module) for a in BACKBONE_ATTRS)
+
+
 def resolve_target(target) -> Target:
     if is_pipeline(target):
         backbones = {a: getattr(target, a) for a in BACKBONE_ATTRS

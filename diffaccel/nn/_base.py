@@ -94,6 +94,7 @@ class QuantLayerBase(nn.Module):
         self.gemm_k = K
         self.group_size = spec.weight_group_size
         self.original_dtype = original_dtype
+        self.memory_format = None  # set by model.to(memory_format=...); unpatch applies it to the original
         self.step_state = None  # set by calibration code: an object with .index (0-d int64 on device)
         self.act_split_k: Optional[int] = None
 
@@ -215,10 +216,21 @@ class QuantLayerBase(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast float8 codes and fp32 scales; instead move buffers to the
-        # target device keeping their dtypes, and let a float dtype change the output dtype.
-        probe = fn(torch.zeros(1, dtype=torch.float64, device=self.weight_q.device))
-        if probe.dtype != torch.float64 and probe.dtype.is_floating_point:
+        # target device keeping their dtypes, and let a float dtype change the output dtype. What
+        # fn does is read off probes: an fp32 one shows any cast but to fp32 (fp64 included), an
+        # fp64 one a cast to fp32, 4-d ones a memory-format change (.to(memory_format=...)), which
+        # unpatch re-applies to the float original it restores.
+        device = self.weight_q.device
+        probe = fn(torch.zeros(1, dtype=torch.float32, device=device))
+        if probe.dtype != torch.float32 and probe.dtype.is_floating_point:
             self.original_dtype = probe.dtype
+        elif fn(torch.zeros(1, dtype=torch.float64, device=device)).dtype == torch.float32:
+            self.original_dtype = torch.float32
+        for fmt, other in ((torch.channels_last, torch.contiguous_format),
+                           (torch.contiguous_format, torch.channels_last)):
+            moved = fn(torch.zeros(2, 3, 2, 2, device=device).contiguous(memory_format=other))
+            if moved.is_contiguous(memory_format=fmt) and not moved.is_contiguous(memory_format=other):
+                self.memory_format = fmt
         for name, buf in list(self._buffers.items()):
             if buf is not None and buf.device != probe.device:
                 self._buffers[name] = buf.to(probe.device)

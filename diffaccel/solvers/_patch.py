@@ -9,6 +9,7 @@ a scheduler can be patched or unpatched between steps.
 from __future__ import annotations
 
 import functools
+import logging
 import types
 
 import numpy as np
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 from ._base import PhiloxNoise
 from .schedulers import ADAPTERS, unsupported_reason
+
+log = logging.getLogger("diffaccel")
 
 _ATTRS = ("set_timesteps", "step", "step_with_guidance")
 _STATE = "_diffaccel_solver"
@@ -199,10 +202,29 @@ def _set_timesteps_for(cls):
     return set_timesteps
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPE_FALLBACKS: set = set()  # (scheduler class, dtype) already warned about
+
+
+def _kernel_takes(self, *tensors) -> bool:
+    """False for a dtype the step kernel does not take (float64 latents, to debug a pipeline): that
+    step then runs the class's own step, which keeps the same scheduler state, with a warning once."""
+    bad = next((t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype not in _KERNEL_DTYPES), None)
+    if bad is None:
+        return True
+    if (type(self), bad) not in _DTYPE_FALLBACKS:
+        _DTYPE_FALLBACKS.add((type(self), bad))
+        log.warning("diffaccel: %s.step on %s tensors runs diffusers' step (the fused step takes %s)",
+                    type(self).__name__, bad, ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES))
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def _step_for(cls):
     @functools.wraps(cls.step)
     def step(self, model_output, timestep, sample, *args, **kwargs):
+        if not _kernel_takes(self, model_output, sample):
+            return cls.step(self, model_output, timestep, sample, *args, **kwargs)
         state = vars(self)[_STATE]
         return state.adapter.step(self, state, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
     return step
@@ -212,6 +234,13 @@ def _step_with_guidance(self, model_output_uncond, model_output_cond, guidance_s
                         guidance_rescale=0.0, *args, **kwargs):
     """``step`` on ``uncond + guidance_scale * (cond - uncond)`` (rescaled like diffusers'
     ``rescale_noise_cfg`` when ``guidance_rescale`` > 0), folded into the same kernel."""
+    if not _kernel_takes(self, model_output_uncond, model_output_cond, sample):
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        guided = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
+        if guidance_rescale > 0:
+            guided = rescale_noise_cfg(guided, model_output_cond, guidance_rescale=guidance_rescale)
+        return type(self).step(self, guided, timestep, sample, *args, **kwargs)
     state = vars(self)[_STATE]
     return state.adapter.step(self, state, model_output_uncond, model_output_cond, guidance_scale,
                               guidance_rescale, timestep, sample, *args, **kwargs)
