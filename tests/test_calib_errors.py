@@ -87,3 +87,130 @@ def test_quant_patched_model_refused(unet):
     diffaccel.unpatch(model)
     diffaccel.patch(model)  # attention only
     assert calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, progress=False).layers
+
+
+# -- every argument checked up front: before any model run, naming the argument ----------------
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Collecting the calibration set is the first model run: a check that comes after it fails the test."""
+    import diffaccel.quant.calibrate as calib_module
+
+    def ran(*args, **kwargs):
+        raise AssertionError("calibrate ran the model before rejecting its arguments")
+
+    monkeypatch.setattr(calib_module, "from_pipeline", ran)
+    monkeypatch.setattr(calib_module, "from_backbone_data", ran)
+
+
+@pytest.fixture
+def pipe():
+    from test_calib_support import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    return pipe, snapshot(pipe.unet)
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.5, "4", True])
+def test_num_inference_steps_must_be_a_positive_int(pipe, no_run, steps):
+    """0 divided by zero in the scheduler, -2 ran a pipeline that "never called its backbone",
+    2.5 / "4" failed inside the scheduler."""
+    pipe, snap = pipe
+    with pytest.raises(CalibrationError, match=f"^num_inference_steps: expected a positive int, got {steps!r}"):
+        calibrate(pipe, ["a cat"], method="minmax", num_inference_steps=steps, progress=False)
+    assert_unchanged(pipe.unet, snap)
+
+
+@pytest.mark.parametrize("prompts", [123, None])
+def test_pipeline_prompts_must_be_a_string_or_strings(pipe, no_run, prompts):
+    """(They raised a bare TypeError from list(prompts).)"""
+    pipe, snap = pipe
+    with pytest.raises(CalibrationError, match="^data: a pipeline is calibrated with a prompt string or a list of "
+                                               f"prompt strings, got {type(prompts).__name__}"):
+        calibrate(pipe, prompts, method="minmax", num_inference_steps=2, progress=False)
+    assert_unchanged(pipe.unet, snap)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5])
+def test_batch_size_must_be_a_positive_int(pipe, no_run, batch_size):
+    pipe, snap = pipe
+    with pytest.raises(CalibrationError, match=f"^batch_size: expected a positive int, got {batch_size!r}"):
+        calibrate(pipe, ["a cat"], method="minmax", num_inference_steps=2, batch_size=batch_size, progress=False)
+    assert_unchanged(pipe.unet, snap)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sensitivity_samples=0), r"^sensitivity_samples: expected a positive int, got 0"),
+    (dict(sensitivity_samples=-3), r"^sensitivity_samples: expected a positive int, got -3"),
+    (dict(act_fp16_fraction=-0.5), r"^act_fp16_fraction: expected a number in \[0, 1\] .*, got -0.5"),
+    (dict(act_fp16_fraction=3.0), r"^act_fp16_fraction: expected a number in \[0, 1\] .*, got 3.0"),
+    (dict(act_fp16_fraction=math.nan), r"^act_fp16_fraction: expected a number in \[0, 1\]"),
+    # the integer program's budget, found infeasible only after the whole sensitivity analysis
+    (dict(weight_bits=6, weight_candidates=(8,)),
+     r"^weight_bits: mixdq's average weight bit-width 6 lies below the smallest of weight_candidates \(8,\)"),
+    (dict(weight_candidates=8), r"^weight_candidates: expected a sequence of weight widths"),
+])
+def test_mixdq_options_checked_before_any_work(unet, no_run, kwargs, message):
+    model, data, snap = unet
+    kwargs = {"weight_bits": 8, "act_bits": 8, **kwargs}
+    with pytest.raises(CalibrationError, match=message):
+        calibrate(model, data, method="mixdq", progress=False, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_numpy_integers_accepted_like_ints(unet):
+    """np.int64(8) bits were refused as "expected a number"; the recipe records python numbers."""
+    import numpy as np
+
+    model, data, snap = unet
+    recipe = calibrate(model, data, method="minmax", weight_bits=np.int64(8), act_bits=np.int32(8),
+                       num_timesteps=np.int64(2), samples_per_timestep=np.int64(1), iters=np.int64(1),
+                       num_inference_steps=np.int64(3), batch_size=np.int64(1), seed=np.int64(0), progress=False)
+    assert recipe.layers
+    assert type(recipe.meta["weight_bits"]) is int and type(recipe.meta["seed"]) is int
+    assert_unchanged(model, snap)
+    with pytest.raises(CalibrationError, match="^weight_bits: expected a number, got True"):
+        calibrate(model, data, method="minmax", weight_bits=True, progress=False)
+    with pytest.raises(CalibrationError, match="^iters: expected a non-negative int, got True"):
+        calibrate(model, data, method="qdiffusion", iters=True, progress=False)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("as_pipeline", [False, True])
+def test_sequential_offload_refused_before_any_run(no_run, as_pipeline):
+    """accelerate.cpu_offload (what enable_sequential_cpu_offload uses) keeps the weights on the meta
+    device between calls; calibration failed deep inside with "META device type not an accelerator"."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+    from test_calib_support import run, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    model = pipe.unet
+    _, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    reference = run(model, data[0])
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    training = {n: m.training for n, m in model.named_modules()}
+    target, prefix = (pipe, "unet\\.") if as_pipeline else (model, "")
+    with pytest.raises(ValueError, match=f"^target: {prefix}conv_in.weight is on the meta device .*; calibrate "
+                                         r"without sequential offload \(model offload, enable_model_cpu_offload, "
+                                         r"is fine\)"):
+        calibrate(target, ["a cat"] if as_pipeline else data, method="minmax", num_inference_steps=2, progress=False)
+    assert all(p.is_meta for p in model.parameters())  # still offloaded, and still computing the same
+    assert {n: m.training for n, m in model.named_modules()} == training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(run(model, data[0]), reference)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed="abc"), "^seed: expected an int, got 'abc'"),  # (a RuntimeError from manual_seed)
+    (dict(seed=1.5), "^seed: expected an int, got 1.5"),
+    # (a TypeError from the pipeline call: calibrate passes these itself)
+    (dict(pipe_kwargs={"num_inference_steps": 3}), "^pipe_kwargs: 'num_inference_steps' is set by calibrate itself"),
+    (dict(pipe_kwargs={"generator": None}), "^pipe_kwargs: 'generator' is set by calibrate itself"),
+    (dict(pipe_kwargs=[("guidance_scale", 2.0)]), "^pipe_kwargs: expected a dict of pipeline call arguments"),
+])
+def test_seed_and_pipe_kwargs_checked_up_front(pipe, no_run, kwargs, message):
+    pipe, snap = pipe
+    with pytest.raises(CalibrationError, match=message):
+        calibrate(pipe, ["a cat"], method="minmax", num_inference_steps=2, progress=False, **kwargs)
+    assert_unchanged(pipe.unet, snap)

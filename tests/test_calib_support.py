@@ -94,7 +94,7 @@ def apply_recipe(model: nn.Module, recipe):
 
 # -- a tiny text-to-image pipeline: the backbone is called by the pipeline's own scheduler loop --
 
-def tiny_pipeline(num_train_timesteps=1000):
+def tiny_pipeline(num_train_timesteps=1000, split_cfg=False):
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     class TinyTextToImagePipeline(DiffusionPipeline):
@@ -117,8 +117,12 @@ def tiny_pipeline(num_train_timesteps=1000):
             latents = torch.randn(len(prompts), 4, 8, 8, generator=generator)
             self.scheduler.set_timesteps(num_inference_steps)
             for t in self.scheduler.timesteps:
-                eps = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-                e_u, e_c = eps.chunk(2)
+                if split_cfg:  # two backbone calls per step (Wan, true-CFG Flux / QwenImage, modular guiders)
+                    e_c = self.unet(latents, t, encoder_hidden_states=cond).sample
+                    e_u = self.unet(latents, t, encoder_hidden_states=uncond).sample
+                else:
+                    eps = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                    e_u, e_c = eps.chunk(2)
                 latents = self.scheduler.step(e_u + guidance_scale * (e_c - e_u), t, latents).prev_sample
             return latents
 
@@ -142,6 +146,36 @@ def test_pipeline_collection_spreads_timesteps_over_the_trajectory():
     for s, ti in zip(calib.samples, calib.t_index):
         assert float(s["timestep"]) == calib.timesteps[ti]
         assert s["sample"].shape == (2, 4, 8, 8)  # the CFG batch the pipeline actually ran
+
+
+def test_pipeline_calling_its_backbone_twice_a_step_keeps_both_calls_per_timestep():
+    """Conditional and unconditional passes as two backbone calls per step: the calls are grouped
+    by timestep (they used to be grouped by call index, which listed each timestep twice and kept
+    only the unconditional call's inputs)."""
+    from diffaccel.quant.calibrate.collect import from_pipeline
+
+    pipe = tiny_pipeline(split_cfg=True)
+    calib = from_pipeline(pipe, ["a cat", "a dog"], num_inference_steps=3, num_timesteps=10,
+                          samples_per_timestep=None, seed=0, batch_size=1, pipe_kwargs={}, progress=False)
+    pipe.scheduler.set_timesteps(3)
+    assert calib.timesteps.tolist() == pipe.scheduler.timesteps.double().tolist()
+    assert torch.equal(calib.schedule, pipe.scheduler.timesteps.double())
+    assert calib.t_index == [0] * 4 + [1] * 4 + [2] * 4  # 2 prompts x (cond, uncond) per timestep
+    uncond = pipe.encode([""])
+    is_uncond = [bool(torch.equal(s["encoder_hidden_states"], uncond)) for s in calib.samples]
+    assert sum(is_uncond) == 6 and len({id(s) for s in calib.samples}) == 12
+
+
+def test_tfmq_cache_calibrated_on_part_of_the_schedule_is_refused():
+    """A temporal feature cache holds the calibrated timesteps only: calibrated on 2 of the 4
+    steps a pipeline runs, the recipe could not sample that schedule (it failed at sampling time);
+    calibrate says so before reconstruction. temporal_cache=False takes any schedule."""
+    from diffaccel.quant.calibrate import CalibrationError, calibrate
+
+    pipe = tiny_pipeline()
+    with pytest.raises(CalibrationError, match="^temporal_cache: .* covers 2 of the 4 timesteps"):
+        calibrate(pipe, ["a cat"], method="tfmq", num_inference_steps=4, num_timesteps=2, iters=1,
+                  progress=False)
 
 
 def _two_expert_pipeline(boundary=500):

@@ -331,7 +331,9 @@ class StepState:
         if self.exact:
             tol = 1e-4 * torch.clamp(t0.abs(), min=1.0)
             torch._assert_async(((dist.min() <= tol) & (t == t0).all()).reshape(()),
-                                "diffaccel: the temporal feature cache only holds the calibrated timesteps")
+                                "diffaccel: a TFMQ recipe with a temporal feature cache runs only at the "
+                                "timesteps it was calibrated on (recipe.timesteps): sample with that schedule "
+                                "(same scheduler and num_inference_steps), or calibrate with temporal_cache=False")
         if self.index.device != device:
             self.index = torch.zeros((), dtype=torch.int64, device=device)
         self.index.copy_(idx)

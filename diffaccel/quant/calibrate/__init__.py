@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,6 +71,30 @@ class Context:
                 "samples": len(self.calib), **extra}
 
 
+def _plain(value):
+    """A numpy scalar as the python number it stands for (numpy bools stay as they are: rejected)."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _int_arg(name: str, value, *, minimum: int | None = 1, optional: bool = False):
+    """-> ``value`` as a python int (numpy integers accepted, bools not), checked >= ``minimum``."""
+    value = _plain(value)
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        expected = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise CalibrationError(f"{name}: expected {expected}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _meta_tensor(module: nn.Module) -> str | None:
+    return next((n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta), None)
+
+
 def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: float = 8,
               num_timesteps: int | None = None, samples_per_timestep: int | None = None,
               num_inference_steps: int = 10, seed: int = 0, device=None, activation_device=None,
@@ -93,54 +119,105 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     num_timesteps: calibrated timesteps spread uniformly over the trajectory (None: every step);
         tfmq keeps one set of activation parameters per calibrated timestep.
     samples_per_timestep: samples kept per timestep (None: all; a pipeline gives one per prompt batch).
-    num_inference_steps, batch_size, pipe_kwargs: the full-precision pipeline run that is recorded.
+    data: for a pipeline, a prompt string or a non-empty iterable of prompt strings.
+    num_inference_steps, batch_size, pipe_kwargs: the full-precision pipeline run that is recorded
+        (num_inference_steps and batch_size: ints >= 1; pipe_kwargs: further call arguments, not the
+        prompt, num_inference_steps, generator or output_type that calibrate passes itself).
+    seed: an int; seeds the pipeline run's generator and the methods' sampling.
     backbone: for a pipeline, the component to calibrate (default "unet", else "transformer"); e.g.
         "transformer_2" for Wan 2.2's second expert, which records only the steps that expert runs.
     device: where to calibrate (default: the backbone's device; another device works on a copy).
     activation_device: where recorded block activations are kept (None: the device if they fit in
         40% of its free memory, else the CPU).
-    sensitivity_samples: mixdq scores each layer on this many samples (timesteps spread out).
+    sensitivity_samples: mixdq scores each layer on this many samples (timesteps spread out; an int >= 1).
+    weight_candidates: mixdq's weight widths to choose from (a subset of (4, 8)); weight_bits must not
+        lie below the smallest.
+    act_fp16_fraction: mixdq's share of layers, in [0, 1], whose activations it may keep in 16 bits on
+        top of the ``act_bits`` average.
     iters: reconstruction iterations per block (qdiffusion, tfmq); p: the Lp norm of scale searches.
     block_inputs: "quantized" (reconstruct blocks in call order from the already-quantized model's
         inputs, as BRECQ / Q-Diffusion do) or "fp" (from full-precision inputs: one recording pass).
     units_per_pass: with block_inputs="fp", record the inputs/outputs of this many reconstruction blocks per full-precision
         pass (None: all in one pass; set it to bound memory on large models).
     skip: layer names kept in floating point (default: the model's input/output layers).
+    Integer arguments take python or numpy integers (not bools). The weights must be loaded: a model
+    under sequential CPU offload (accelerate.cpu_offload, enable_sequential_cpu_offload) keeps them on
+    the meta device and is refused; model offload (enable_model_cpu_offload) is fine.
+    Every argument is checked before the model runs.
     """
     if method not in METHODS:
         raise CalibrationError(f"method: unknown calibration method {method!r}; expected one of {tuple(METHODS)}")
+    weight_bits, act_bits, p = _plain(weight_bits), _plain(act_bits), _plain(p)
     check_bits(method, weight_bits, act_bits)
     act_symmetric = check_format(format, act_symmetric, weight_bits, method)
     if method == "mixdq":
-        bad = [b for b in weight_candidates if b not in (4, 8)]
+        try:
+            weight_candidates = tuple(_plain(b) for b in weight_candidates)
+        except TypeError:
+            raise CalibrationError(f"weight_candidates: expected a sequence of weight widths from (4, 8), "
+                                   f"got {weight_candidates!r}") from None
+        bad = [b for b in weight_candidates if isinstance(b, bool) or b not in (4, 8)]
         if bad or not weight_candidates:
             raise CalibrationError(f"weight_candidates: the kernels run 4- and 8-bit weights, got {weight_candidates}")
-    if num_timesteps is not None and (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
-                                      or num_timesteps < 1):
-        raise CalibrationError(f"num_timesteps: expected a positive int or None, got {num_timesteps!r}")
-    if samples_per_timestep is not None and (not isinstance(samples_per_timestep, int) or samples_per_timestep < 1):
-        raise CalibrationError(f"samples_per_timestep: expected a positive int or None, got {samples_per_timestep!r}")
-    if units_per_pass is not None and (isinstance(units_per_pass, bool) or not isinstance(units_per_pass, int)
-                                       or units_per_pass < 1):
-        raise CalibrationError(f"units_per_pass: expected a positive int or None, got {units_per_pass!r}")
+        # the allocation's budget: every layer at the narrowest candidate is the least it can reach
+        # (fp8 has the one width 8, which check_format already requires of weight_bits)
+        if format == "int" and weight_bits < min(weight_candidates) - 1e-9:
+            raise CalibrationError(f"weight_bits: mixdq's average weight bit-width {weight_bits} lies below the "
+                                   f"smallest of weight_candidates {weight_candidates}, so no allocation reaches "
+                                   f"it; include 4 in weight_candidates or raise weight_bits to "
+                                   f"{min(weight_candidates)}")
+        act_fp16_fraction = _plain(act_fp16_fraction)
+        if (isinstance(act_fp16_fraction, bool) or not isinstance(act_fp16_fraction, (int, float))
+                or not 0 <= act_fp16_fraction <= 1):
+            raise CalibrationError(f"act_fp16_fraction: expected a number in [0, 1] (the share of layers whose "
+                                   f"activations may stay in 16 bits), got {act_fp16_fraction!r}")
+        sensitivity_samples = _int_arg("sensitivity_samples", sensitivity_samples)
+    num_timesteps = _int_arg("num_timesteps", num_timesteps, optional=True)
+    samples_per_timestep = _int_arg("samples_per_timestep", samples_per_timestep, optional=True)
+    units_per_pass = _int_arg("units_per_pass", units_per_pass, optional=True)
     if block_inputs not in ("quantized", "fp"):
         raise CalibrationError(f"block_inputs: expected 'quantized' or 'fp', got {block_inputs!r}")
-    if not isinstance(iters, int) or iters < 0:
-        raise CalibrationError(f"iters: expected a non-negative int, got {iters!r}")
-    if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
+    iters = _int_arg("iters", iters, minimum=0)
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 and math.isfinite(p)):
         raise CalibrationError(f"p: expected a positive number, got {p!r}")
+    num_inference_steps = _int_arg("num_inference_steps", num_inference_steps)
+    batch_size = _int_arg("batch_size", batch_size)
+    seed = _int_arg("seed", seed, minimum=None)
+    if pipe_kwargs is not None:
+        if not isinstance(pipe_kwargs, Mapping):
+            raise CalibrationError(f"pipe_kwargs: expected a dict of pipeline call arguments or None, "
+                                   f"got {type(pipe_kwargs).__name__}")
+        taken = [k for k in ("prompt", "num_inference_steps", "generator", "output_type") if k in pipe_kwargs]
+        if taken:
+            raise CalibrationError(f"pipe_kwargs: {taken[0]!r} is set by calibrate itself (from data, "
+                                   f"num_inference_steps and seed); leave it out of pipe_kwargs")
 
     if backbone is not None and not is_pipeline(target):
         raise CalibrationError("backbone: names a pipeline component; with a module as the target, leave it None")
     if is_pipeline(target):
         component = backbone
         backbone = backbone_of(target, component)
+        if component is None:
+            component = next(a for a in ("unet", "transformer") if getattr(target, a, None) is backbone)
+        if not isinstance(data, str):
+            try:
+                iter(data)
+            except TypeError:
+                raise CalibrationError(f"data: a pipeline is calibrated with a prompt string or a list of prompt "
+                                       f"strings, got {type(data).__name__}") from None
     elif isinstance(target, nn.Module):
         backbone = target
     else:
         raise CalibrationError(f"target: expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     if next(backbone.parameters(), None) is None:
         raise CalibrationError("target: the backbone has no parameters")
+    meta = _meta_tensor(backbone)
+    if meta is not None:  # sequential offload swaps the weights in for each call only
+        prefix = f"{component}." if is_pipeline(target) else ""
+        raise CalibrationError(f"target: {prefix}{meta} is on the meta device (weights not loaded yet, or offloaded "
+                               f"by sequential CPU offload - accelerate.cpu_offload / enable_sequential_cpu_offload "
+                               f"keep them there between calls); calibrate without sequential offload (model "
+                               f"offload, enable_model_cpu_offload, is fine)")
     from ... import nn as dnn
 
     quantized = [name for name, m in backbone.named_modules() if isinstance(m, (dnn.QuantLinear, dnn.QuantConv2d))]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .structure import first_tensor
+from .structure import first_tensor, layer_input
 
 logger = logging.getLogger("diffaccel")
 VALUES_PER_OBSERVATION = 1024  # activation values sampled per call of a layer, for range searches
@@ -170,8 +170,9 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
             item["timestep"] = torch.tensor(float(item["timestep"]))
         calls.append(item)
 
-    groups: dict[int, list[dict]] = {}
-    step_t: dict[int, float] = {}
+    # grouped by timestep, not by call: pipelines that run the conditional and unconditional
+    # passes as two calls (Wan, true-CFG Flux / QwenImage, modular guiders) call it twice a step
+    groups: dict[float, list[dict]] = {}
     with backbone.register_forward_pre_hook(record, with_kwargs=True):
         device = next(backbone.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -181,16 +182,13 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
             with torch.no_grad():
                 pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=generator,
                      output_type="latent", **pipe_kwargs)
-            for step, item in enumerate(calls):
-                _check_finite(f"backbone call {step}", item)
-                groups.setdefault(step, []).append(item)
-                step_t.setdefault(step, timestep_value(item["timestep"]))
+            for call, item in enumerate(calls):
+                _check_finite(f"backbone call {call}", item)
+                groups.setdefault(timestep_value(item["timestep"]), []).append(item)
     if not groups:
         raise CalibrationError("target: the pipeline run never called its backbone")
-    order = sorted(groups)
-    by_t = {step_t[s]: groups[s] for s in order}
-    return _select(by_t, [step_t[s] for s in order], num_timesteps, samples_per_timestep,
-                   [step_t[s] for s in order])
+    order = list(groups)  # (first-call order: the schedule's)
+    return _select(groups, order, num_timesteps, samples_per_timestep, order)
 
 
 # -- running the backbone on the calibration set ---------------------------------------------
@@ -243,8 +241,8 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                                             [[torch.empty(0) for _ in range(halves)] for _ in range(T)])
 
     def stat_hook(name):
-        def hook(module, args):
-            x = args[0].detach()
+        def hook(module, args, kwargs):
+            x = layer_input(args, kwargs).detach()
             if not torch.isfinite(x).all():
                 raise CalibrationError(
                     f"activations: the input of layer '{name}' contains NaN or Inf at timestep "
@@ -295,7 +293,7 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
 
     with ExitStack() as hooks:
         for name in layers:
-            hooks.enter_context(modules[name].register_forward_pre_hook(stat_hook(name)))
+            hooks.enter_context(modules[name].register_forward_pre_hook(stat_hook(name), with_kwargs=True))
         for name in capture_blocks:
             hooks.enter_context(modules[name].register_forward_pre_hook(block_pre(name), with_kwargs=True))
             hooks.enter_context(modules[name].register_forward_hook(block_post(name), with_kwargs=True))

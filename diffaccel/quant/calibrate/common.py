@@ -97,12 +97,16 @@ def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool
     """Every Linear/Conv2d minus the input/output layers (``skip``) and those the kernels can't take
     at any of the candidate weight widths."""
     from ... import nn as dnn
+    from ...integrations.targets import is_lora_branch
 
     all_layers = quantizable_layers(backbone)
     layers, skipped = {}, {}
     for name, module in all_layers.items():
         if name in skip:
             skipped[name] = "input/output layer kept in floating point"
+            continue
+        if is_lora_branch(name):  # (peft reads lora_A/B's weight dtype; the presets keep them float too)
+            skipped[name] = "LoRA branch kept in floating point"
             continue
         if name in exclude:
             skipped[name] = exclude[name] if isinstance(exclude, dict) else "excluded"
@@ -118,9 +122,12 @@ def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool
 
 
 def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
+    from ...integrations.targets import is_io_layer
+
     names = dict(backbone.named_modules())
-    if skip is None:
-        return tuple(n for n in DEFAULT_SKIP if n in names)
+    if skip is None:  # the input/output layers the presets keep in floating point too
+        layers = quantizable_layers(backbone)
+        return tuple(n for n in names if n in DEFAULT_SKIP or (is_io_layer(n) and n in layers))
     if isinstance(skip, str):
         raise CalibrationError("skip: expected a list of layer names, got a single string")
     unknown = [n for n in skip if n not in names]

@@ -33,7 +33,7 @@ from .collect import CalibrationError, forward, observe, progress_bar, spread_in
 from .common import (act_dtype_for, act_init, bos_outputs, detect_bos, layer_recipe, make_spec, plan_layers,
                      weight_dtype_for)
 from .fakequant import fake_quant_act, fake_quant_weight, weight_absmax_scale, weight_grid
-from .structure import cross_attention_kv_layers, is_content_layer
+from .structure import cross_attention_kv_layers, is_content_layer, layer_input
 
 logger = logging.getLogger("diffaccel")
 
@@ -122,23 +122,25 @@ def _sample_subset(calib, count: int) -> list[int]:
 
 
 def _layer_delta_hook(module: nn.Module, delta_w: torch.Tensor):
-    def hook(mod, args, out):
-        x = args[0]
+    def hook(mod, args, kwargs, out):
+        x = layer_input(args, kwargs)
         if isinstance(mod, nn.Conv2d):
             extra = F.conv2d(x, delta_w.to(x.dtype), None, mod.stride, mod.padding, mod.dilation, mod.groups)
         else:
             extra = F.linear(x, delta_w.to(x.dtype))
         return out + extra
-    return module.register_forward_hook(hook)
+    return module.register_forward_hook(hook, with_kwargs=True)
 
 
 def _act_quant_hook(module: nn.Module, scale, zp, keep_first_token: bool, act_dtype: str):
-    def hook(mod, args):
-        x = args[0]
+    def hook(mod, args, kwargs):
+        x = layer_input(args, kwargs)
         if keep_first_token and x.dim() == 3 and x.shape[1] > 1:
-            return (torch.cat([x[:, :1], fake_quant_act(x[:, 1:], scale, zp, act_dtype)], dim=1),)
-        return (fake_quant_act(x, scale, zp, act_dtype),)
-    return module.register_forward_pre_hook(hook)
+            x = torch.cat([x[:, :1], fake_quant_act(x[:, 1:], scale, zp, act_dtype)], dim=1)
+        else:
+            x = fake_quant_act(x, scale, zp, act_dtype)
+        return ((x,), kwargs) if args else (args, {**kwargs, "input": x})
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def run(ctx) -> QuantRecipe:

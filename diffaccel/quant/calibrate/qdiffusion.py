@@ -31,8 +31,8 @@ class _LayerUnit(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x):
-        return self.layer(x)
+    def forward(self, input):  # (torch's parameter name: callers pass input=)
+        return self.layer(input)
 
 
 def units_for(backbone: nn.Module, layer_names, exclude_blocks=()) -> dict[str, list[str]]:

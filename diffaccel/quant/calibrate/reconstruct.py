@@ -120,8 +120,8 @@ class FakeQuantLayer(nn.Module):
         c = self.init.act_split
         return torch.cat([fq(x[:, :c], scale[0], zp[0], dt), fq(x[:, c:], scale[1], zp[1], dt)], dim=1)
 
-    def forward(self, x):
-        x = self.quantize_input(x)
+    def forward(self, input):  # (torch's parameter name: callers pass input=)
+        x = self.quantize_input(input)
         m = self.module
         if isinstance(m, nn.Conv2d):
             return F.conv2d(x, self.weight(), m.bias, m.stride, m.padding, m.dilation, m.groups)

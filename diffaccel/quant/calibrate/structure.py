@@ -22,6 +22,12 @@ BLOCK_CLASSES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock",
 
 
 _WEIGHT_READ = re.compile(r"\bself((?:\.\w+|\[\d+\])+?)\.weight\b")
+_PARAMETERS_READ = re.compile(r"\bself((?:\.\w+|\[\d+\])+?)\.parameters\(\)")
+
+
+def _paths(pattern, source) -> frozenset:
+    return frozenset(tuple(a or b for a, b in re.findall(r"\.(\w+)|\[(\d+)\]", path))
+                     for path in pattern.findall(source))
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,19 +39,36 @@ def _weights_read_by_forward(cls: type) -> frozenset:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return frozenset()
-    return frozenset(tuple(a or b for a, b in re.findall(r"\.(\w+)|\[(\d+)\]", path))
-                     for path in _WEIGHT_READ.findall(source))
+    return _paths(_WEIGHT_READ, source)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters_read_by_forward(cls: type) -> frozenset:
+    """Paths of the submodules whose ``.parameters()`` ``cls.forward`` reads, e.g. Wan's
+    ``next(iter(self.time_embedder.parameters())).dtype``: a module whose every layer is quantized
+    has none left, so the layers under such a path keep their float weights."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return _paths(_PARAMETERS_READ, source)
 
 
 def weight_read_reason(backbone: nn.Module, qualified_name: str, levels: int = 3) -> Optional[str]:
     """Why the layer ``qualified_name`` must keep its float ``weight``: a module up to ``levels``
-    above it reads that weight in its own forward (a quantized layer has none). None if none does."""
+    above it reads that weight, or the parameters of a module holding it, in its own forward (a
+    quantized layer has none). None if none does."""
     parts = qualified_name.split(".")
     for up in range(1, min(levels, len(parts)) + 1):
         owner_name = ".".join(parts[:-up])
         owner = backbone.get_submodule(owner_name) if owner_name else backbone
-        if tuple(parts[-up:]) in _weights_read_by_forward(type(owner)):
+        below = tuple(parts[-up:])
+        if below in _weights_read_by_forward(type(owner)):
             return f"{type(owner).__name__}.forward reads its weight directly; kept in floating point"
+        held_by = next((p for p in _parameters_read_by_forward(type(owner)) if below[:len(p)] == p), None)
+        if held_by is not None:
+            return (f"{type(owner).__name__}.forward reads {'.'.join(held_by)}.parameters() directly; kept in "
+                    f"floating point")
     return None
 
 
@@ -54,6 +77,12 @@ def quantizable_layers(backbone: nn.Module) -> dict[str, nn.Module]:
     module above them reads itself (they never run as layers, and a quantized one has no weight)."""
     return {n: m for n, m in backbone.named_modules()
             if type(m) in (nn.Linear, nn.Conv2d) and weight_read_reason(backbone, n) is None}
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A Linear / Conv2d call's input, passed positionally or by torch's name for it (AnimateDiff's
+    motion modules call ``proj_in(input=...)``); hooks reading it are registered with_kwargs."""
+    return args[0] if args else kwargs["input"]
 
 
 def layer_kind(module: nn.Module) -> str:

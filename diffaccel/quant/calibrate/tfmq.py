@@ -70,6 +70,15 @@ def run(ctx) -> QuantRecipe:
     if ctx.temporal_cache and not info.cacheable and info.embed is not None:
         logger.info("tfmq: temporal features not cached (%s); reconstructing them with TIAR", info.why_not_cacheable)
     cached_modules = ([info.embed] + info.projections) if use_cache else []
+    if use_cache:
+        calibrated = set(ctx.calib.timesteps.tolist())
+        missing = [t for t in ctx.calib.schedule.tolist() if t not in calibrated]
+        if missing:  # (the recipe could not sample the schedule it was calibrated on)
+            raise CalibrationError(
+                f"temporal_cache: the temporal feature cache holds the calibrated timesteps only, and "
+                f"num_timesteps={len(calibrated)} covers {len(calibrated)} of the {len(ctx.calib.schedule)} timesteps "
+                f"the pipeline ran (e.g. {missing[0]:g} is left out); use num_timesteps >= num_inference_steps, or "
+                f"temporal_cache=False (nearest-timestep activation scales, any schedule)")
     exclude = {}
     for name in info.layers:
         exclude[name] = ("replaced by the temporal feature cache (exact full-precision features)" if use_cache

@@ -1,0 +1,85 @@
+"""Calibration on backbones whose structure the layer plan and the calibration hooks must respect
+(tiny configs from tiny_models, fp32 on CPU): each calibrates, leaves the model as it was, and its
+recipe runs through patch.
+
+- Wan reads ``next(iter(self.time_embedder.parameters())).dtype`` in its condition embedder: a
+  recipe that quantized both of that MLP's layers left it without parameters (StopIteration).
+- AnimateDiff's motion modules call ``proj_in(input=...)``: the statistics hook read args[0]
+  (IndexError) and the fake-quant layers took ``x``.
+- LoRA loaded before calibration: peft reads lora_A/B's weight dtype, so those stay float (as
+  the presets keep them), and the base layers are calibrated under them.
+"""
+import copy
+
+import pytest
+import torch
+
+import diffaccel
+import tiny_models
+from diffaccel.quant.calibrate import calibrate
+
+OPTIONS = dict(weight_bits=8, act_bits=8, seed=0, iters=2, sensitivity_samples=1, progress=False)
+# relative L2 of one call, calibrated W8A8 against the float model (random-init tiny models: the
+# presets' bound, test_patch.QUANT_REL_L2)
+MAX_REL_L2 = 0.1
+
+
+def _data(name, timesteps=(900, 100)):
+    model, inputs = tiny_models.FACTORIES[name]()
+    g = torch.Generator().manual_seed(100)
+    key = "hidden_states" if "hidden_states" in inputs else "sample"
+    t0 = inputs["timestep"]
+    items = []
+    for t in timesteps:
+        item = dict(inputs)
+        item[key] = torch.randn(item[key].shape, generator=g)
+        item["timestep"] = torch.full(t0.shape, t, dtype=t0.dtype)
+        items.append(item)
+    return model, items
+
+
+def _check(model, data, method):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = calibrate(model, data, method=method, **OPTIONS)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    want, got = tiny_models.output_of(model, data[0]), tiny_models.output_of(patched, data[0])
+    assert ((got - want).norm() / want.norm()).item() < MAX_REL_L2
+    return recipe
+
+
+def test_wan_recipe_keeps_the_time_embedder_its_model_reads():
+    model, data = _data("wan")
+    recipe = _check(model, data, "minmax")
+    assert not any(n.startswith("condition_embedder.time_embedder.") for n in recipe.layers)
+    assert any(n.startswith("blocks.") for n in recipe.layers)
+
+
+@pytest.mark.parametrize("method", ["minmax", "qdiffusion", "mixdq"])
+def test_animatediff_layers_called_with_input_keyword(method):
+    model, data = _data("animatediff", timesteps=(900,))
+    recipe = _check(model, data, method)
+    assert any(".motion_modules." in n and n.endswith("proj_in") for n in recipe.layers)
+
+
+def test_lora_loaded_before_calibration_stays_float():
+    peft = pytest.importorskip("peft")
+    model, data = _data("unet_sd15")
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights=False))
+    recipe = _check(model, data, "minmax")
+    assert not any(".lora_" in n for n in recipe.layers)
+    assert any(n.endswith("to_q.base_layer") for n in recipe.layers)
+
+
+def test_default_skip_is_the_presets_input_output_layers():
+    """calibrate's default skip keeps the input/output layers the presets keep (Flux's x_embedder,
+    context_embedder, norm_out.linear, proj_out)."""
+    from diffaccel.integrations.targets import is_io_layer
+
+    model, data = _data("flux")
+    recipe = calibrate(model, data, method="minmax", **OPTIONS)
+    io = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_io_layer(n)}
+    assert io and not io & set(recipe.layers)
