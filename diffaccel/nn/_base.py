@@ -111,8 +111,10 @@ class QuantLayerBase(nn.Module):
                 raise ValueError("weight_q: weight_q and weight_scale are given together")
             if spec.weight_dtype == "fp4_e2m1":
                 raise ValueError("weight_q: pre-quantized codes are not accepted for fp4_e2m1; pass weight=")
-            if not isinstance(weight_q, torch.Tensor) or weight_q.numel() != N * K:
-                raise ValueError(f"weight_q: expected {N * K} codes ([N, K] = [{N}, {K}])")
+            # [N, K], or the float weight's own shape (a conv's [N, C, kh, kw]); [K, N] is refused
+            if not isinstance(weight_q, torch.Tensor) or weight_q.numel() != N * K or weight_q.shape[0] != N:
+                raise ValueError(f"weight_q: expected {N * K} codes ([N, K] = [{N}, {K}], or the weight's shape), got "
+                                 f"{tuple(weight_q.shape) if isinstance(weight_q, torch.Tensor) else type(weight_q)}")
             q = weight_q.reshape(N, K)
             if spec.weight_dtype == "fp8_e4m3":
                 if q.dtype != torch.float8_e4m3fn:
@@ -424,6 +426,8 @@ def reason_for_k(spec: QuantSpec, K: int) -> Optional[str]:
         return f"K={K} is not divisible by weight_group_size={g}"
     if spec.weight_dtype in ("int4", "fp4_e2m1") and K % 2:
         return f"K={K} is odd; {spec.weight_dtype} packs two values per byte"
+    if spec.act_dtype == "int8" and K > G.MAX_INT8_K:
+        return f"K={K} int8 products overflow the int32 sums above K={G.MAX_INT8_K}"
     return None
 
 

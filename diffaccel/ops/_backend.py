@@ -244,6 +244,10 @@ def implementation(op_name: str, device: torch.device, args: Optional[tuple] = N
         probe[1] = backend
         raise _Probed
     fn = getattr(op, backend)
+    if backend == "torch" and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        # each op fixes its own precision (fp32 accumulation, its output dtype); a caller's autocast
+        # would run the torch references' fp32 matmuls in bf16 (Triton and _C ignore it)
+        return _without_autocast(fn, device.type)
     if backend == "triton" and device.type == "cuda" and device.index is not None \
             and device.index != torch.cuda.current_device():
         # Triton launches on the current device (the _C kernels set a device guard themselves)
@@ -255,6 +259,13 @@ def run(op_name: str, *args):
     """Run ``op_name`` on its arguments with the backend ``implementation`` picks for them (on the
     device of the first argument): the body of an op."""
     return implementation(op_name, args[0].device, args)(*args)
+
+
+def _without_autocast(fn: Callable, device_type: str) -> Callable:
+    def without_autocast(*args):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return without_autocast
 
 
 class _Probed(Exception):

@@ -226,11 +226,12 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
     dev = x.device
     smooth = _check_smooth(smooth, C, dev, "x")
     if act_split is None:
-        N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+        N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x",
+                          int32_sums=True)
         act_scale, zp = check_static_act(act_scale, act_zero_point, w_sum, dev)
     else:
         N = _check_weight(w, w_scale, w_sum if group_size else None, K=K, group_size=group_size, w_int4=w_int4,
-                          device=dev, like="x")
+                          device=dev, like="x", int32_sums=True)
         act_scale, zp = _check_split_act(act_split, act_scale, act_zero_point, w_sum, N=N, C=C, khw=ks[0] * ks[1],
                                          group_size=group_size, w_int4=w_int4, device=dev)
     out_dtype = x.dtype if out_dtype is None else out_dtype

@@ -163,7 +163,8 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
     x2 = x.reshape(-1, x.shape[-1])
     K = x2.shape[1]
     dev = x.device
-    rows = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+    rows = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x",
+                         int32_sums=True)
     if is_gated(activation) and rows % 2:
         raise ValueError(f"w: {activation} needs an even number of rows (value half, then gate half), got {rows}")
     N = rows // 2 if is_gated(activation) else rows
@@ -192,7 +193,8 @@ def _int8_ffn_up_codes(x, w, w_scale, activation, act_scale, bias, group_size, w
         raise ValueError("out_dtype: required with pre-quantized int8 x")
     M, K = x.shape
     dev = x.device
-    rows = _check_weight(w, w_scale, None, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+    rows = _check_weight(w, w_scale, None, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x",
+                         int32_sums=True)
     if is_gated(activation) and rows % 2:
         raise ValueError(f"w: {activation} needs an even number of rows (value half, then gate half), got {rows}")
     N = rows // 2 if is_gated(activation) else rows

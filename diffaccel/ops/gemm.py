@@ -475,8 +475,16 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device, like: str) -
         raise ValueError(f"{name}: expected a tensor on {device} like {like}, got one on {t.device}")
 
 
+# int8 codes (with a zero point: up to 255 apart) times int8 weights summed over K in int32:
+# 255 * 128 * 65536 < 2**31, one more term may not fit
+MAX_INT8_K = 65536
+
+
 def _check_weight(w, w_scale, w_sum, *, K: int, group_size: Optional[int], w_int4: bool, device, like: str,
-                  allowed=(torch.int8,)):
+                  allowed=(torch.int8,), int32_sums: bool = False):
+    if int32_sums and K > MAX_INT8_K:
+        raise ValueError(f"K: {K} int8 products would be summed in int32, which can overflow above K = {MAX_INT8_K}; "
+                         f"split the reduction (e.g. two layers over halves of the input features)")
     if w_int4:
         check_tensor("w", w, dtypes=(torch.uint8,), ndim=2, last_dim_contiguous=True)
         if w.shape[1] * 2 != K:
@@ -590,7 +598,8 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: 
     check_tensor("a", a, dtypes=(torch.int8,), ndim=2)
     M, K = a.shape
     dev = a.device
-    N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="a")
+    N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="a",
+                      int32_sums=True)
     a_scale = _check_act_scale(a_scale, M, dev, "a")
     zp = _check_zero_point(zero_point, dev, "a")
     if zp is not None and w_sum is None:
@@ -628,7 +637,8 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smoo
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
     dev = x.device
-    N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x")
+    N = _check_weight(w, w_scale, w_sum, K=K, group_size=group_size, w_int4=w_int4, device=dev, like="x",
+                      int32_sums=True)
     smooth = _check_smooth(smooth, K, dev, "x")
     act_scale, zp = check_static_act(act_scale, act_zero_point, w_sum, dev)
     out_dtype = x.dtype if out_dtype is None else out_dtype

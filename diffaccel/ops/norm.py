@@ -102,9 +102,10 @@ def group_norm_affine(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
     _check_affine_and_eps(weight, bias, eps, C, x.device, optional=False)
     if add is not None:
         check_tensor("add", add, dtypes=FLOAT_DTYPES)
-        if add.numel() != B * C:
-            raise ValueError(f"add: expected one value per sample and channel ([B, C] = [{B}, {C}]), "
-                             f"got shape {tuple(add.shape)}")
+        # [B, C], or [B, C, 1, ...] as added to a [B, C, H, W] tensor ([C, B] has the same count: refused)
+        if add.dim() < 2 or tuple(add.shape[:2]) != (B, C) or any(d != 1 for d in add.shape[2:]):
+            raise ValueError(f"add: expected one value per sample and channel ([B, C] = [{B}, {C}], or "
+                             f"[{B}, {C}, 1, 1]), got shape {tuple(add.shape)}")
         _check_device("add", add, x.device, "x")
         add = add.reshape(B, C).float().contiguous()
     return _group_norm_affine_op(x, weight, bias, add, num_groups, float(eps))

@@ -29,6 +29,7 @@ new noise after ``noise_seed.copy_(...)`` / ``fill_(...)``; the offset is baked 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -256,8 +257,12 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     for name, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name}: expected a python float, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number, got {v!r}")
     if guidance_rescale != 0.0 and model_output_cond is None:
         raise ValueError("guidance_rescale: needs model_output_cond (the conditional half)")
+    if guidance_scale != 1.0 and model_output_cond is None:  # (it would be ignored: no second half to mix)
+        raise ValueError(f"guidance_scale: {guidance_scale} needs model_output_cond (the conditional half)")
     out_dtype = model_output.dtype if out_dtype is None else out_dtype
     history_dtype = model_output.dtype if history_dtype is None else history_dtype
     for name, d in (("out_dtype", out_dtype), ("history_dtype", history_dtype)):

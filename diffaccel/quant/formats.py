@@ -19,6 +19,7 @@ Weights are symmetric, per output channel (``weight_group_size=None``) or per gr
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
@@ -52,7 +53,12 @@ class QuantSpec:
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype: expected one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
-        if isinstance(self.weight_group_size, bool) or self.weight_group_size not in GROUP_SIZES:
+        if self.weight_group_size is not None and type(self.weight_group_size) is not int:
+            # numpy integers are kept as the int they stand for; 16.0 or "16" are refused (kernels index with it)
+            if isinstance(self.weight_group_size, bool) or not hasattr(type(self.weight_group_size), "__index__"):
+                raise ValueError(f"weight_group_size: expected one of {GROUP_SIZES}, got {self.weight_group_size!r}")
+            object.__setattr__(self, "weight_group_size", operator.index(self.weight_group_size))
+        if self.weight_group_size not in GROUP_SIZES:
             raise ValueError(f"weight_group_size: expected one of {GROUP_SIZES}, got {self.weight_group_size!r}")
         if self.act_dtype not in ACT_DTYPES:
             raise ValueError(f"act_dtype: expected one of {ACT_DTYPES}, got {self.act_dtype!r}")

@@ -1,0 +1,99 @@
+"""Edges of the op API the per-op tests do not cover: a caller's autocast region, and reductions
+too long for int32 sums."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffaccel.ops as O
+from diffaccel.nn import QuantLinear, quantize_reason
+from diffaccel.ops.gemm import MAX_INT8_K
+
+
+def test_autocast_does_not_reach_the_torch_references():
+    """Each op fixes its own precision; under torch.autocast(cpu, bf16) the torch references ran
+    their fp32 matmuls in bf16 (attention 1.2e-2 off, fp8_gemm on integer sums 2.0 off, while
+    Triton and _C ignore autocast). Results inside and outside an autocast region are identical."""
+    g = torch.Generator().manual_seed(0)
+    f8 = torch.float8_e4m3fn
+    a = torch.randint(-8, 9, (8, 256), generator=g).float().to(f8)
+    w8 = torch.randint(-8, 9, (16, 256), generator=g).float().to(f8)
+    x = torch.randn(8, 256, generator=g).half()
+    wq = torch.randint(-127, 128, (16, 256), generator=g, dtype=torch.int8)
+    ws = torch.rand(16, generator=g) * 0.01 + 1e-3
+    q, k, v = (torch.randn(1, 2, 64, 64, generator=g) for _ in range(3))
+    calls = {
+        "fp8_gemm": lambda: O.fp8_gemm(a, w8, torch.ones(8), torch.ones(16), out_dtype=torch.float32),
+        "weight_only_gemm": lambda: O.weight_only_gemm(x, wq, ws),
+        "attention": lambda: O.attention(q, k, v),
+        "int8_linear": lambda: O.int8_linear(x.float(), wq, ws),
+    }
+    for name, call in calls.items():
+        plain = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = call()
+        assert inside.dtype == plain.dtype and torch.equal(inside, plain), name
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (O.attention(q, k, v) - exact).abs().max().item() < 1e-5
+
+
+def test_int32_sums_refuse_reductions_that_could_overflow():
+    """int8 codes times int8 weights are summed in int32: K = 140000 codes of 127 gave -2.04e9 for
+    2.26e9. The int8 ops refuse K above MAX_INT8_K (255 * 128 * K must fit), naming K; the layers
+    leave such a layer in floating point with the reason. Weight-only and fp8 sums are float."""
+    K = MAX_INT8_K + 128
+    a = torch.full((2, K), 127, dtype=torch.int8)
+    w = torch.full((4, K), 127, dtype=torch.int8)
+    with pytest.raises(ValueError, match=f"^K: {K} int8 products would be summed in int32"):
+        O.int8_gemm(a, w, torch.ones(2), torch.ones(4))
+    with pytest.raises(ValueError, match="^K: "):
+        O.int8_linear(torch.ones(2, K), w, torch.ones(4))
+    with pytest.raises(ValueError, match="^K: "):
+        O.int8_conv2d(torch.ones(1, K // 16, 4, 4), w, torch.ones(4), kernel_size=4)  # K = C * 4 * 4
+    with pytest.raises(ValueError, match="^K: "):
+        O.int8_ffn_up(torch.ones(2, K), w, torch.ones(4), activation="gelu")
+    # the largest K accepted is exact (127 * 127 * K fits)
+    a, w = a[:, :MAX_INT8_K], w[:, :MAX_INT8_K]
+    y = O.int8_gemm(a, w, torch.ones(2), torch.ones(4), out_dtype=torch.float32)
+    assert torch.equal(y, torch.full((2, 4), 127.0 * 127.0 * MAX_INT8_K))
+    big = torch.nn.Linear(K, 4)
+    assert "overflow the int32 sums" in quantize_reason(big, "w8a8")
+    assert quantize_reason(big, "w4a16") is None and quantize_reason(big, "fp8") is None
+    with pytest.raises(ValueError, match="overflow the int32 sums"):
+        QuantLinear.from_float(big, "w8a8")
+
+
+def test_arguments_that_used_to_be_misread_are_refused():
+    """Each of these ran and gave a wrong result: an `add` of shape [C, B] (same count as [B, C])
+    applied to the wrong channels; codes given as [K, N] reshaped, not transposed, into [N, K];
+    guidance_scale without the conditional half ignored; a NaN guidance_scale accepted; a float
+    group size accepted by QuantSpec and failing later (numpy integers are kept as ints)."""
+    from diffaccel.ops.norm import group_norm_affine
+    from diffaccel.quant.formats import QuantSpec
+
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"^add: expected one value per sample and channel .* got shape \(8, 2\)"):
+        group_norm_affine(x, 2, torch.ones(8), torch.zeros(8), 1e-5, add=torch.randn(8, 2))
+    a = torch.randn(2, 8)  # [B, C] and [B, C, 1, 1] are the same add
+    assert torch.equal(group_norm_affine(x, 2, torch.ones(8), torch.zeros(8), 1e-5, add=a),
+                       group_norm_affine(x, 2, torch.ones(8), torch.zeros(8), 1e-5, add=a[:, :, None, None]))
+
+    lin = torch.nn.Linear(32, 8)
+    codes = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"^weight_q: expected 256 codes .* got \(32, 8\)"):
+        QuantLinear.from_float(lin, "w8a8", weight_q=codes.t().contiguous(), weight_scale=torch.ones(8))
+    QuantLinear.from_float(lin, "w8a8", weight_q=codes, weight_scale=torch.ones(8))
+
+    s = torch.randn(1, 4, 8, 8)
+    row = torch.zeros(24)
+    row[0] = 1.0
+    with pytest.raises(ValueError, match="^guidance_scale: 7.5 needs model_output_cond"):
+        O.fused_solver_step(s, s, row, guidance_scale=7.5)
+    with pytest.raises(ValueError, match="^guidance_scale: expected a finite number"):
+        O.fused_solver_step(s, s, row, model_output_cond=s, guidance_scale=float("nan"))
+
+    with pytest.raises(ValueError, match="^weight_group_size: expected one of"):
+        QuantSpec(weight_group_size=16.0)
+    np = pytest.importorskip("numpy")
+    spec = QuantSpec(weight_group_size=np.int64(16))
+    assert type(spec.weight_group_size) is int and spec.weight_group_size == 16
