@@ -97,3 +97,22 @@ def test_arguments_that_used_to_be_misread_are_refused():
     np = pytest.importorskip("numpy")
     spec = QuantSpec(weight_group_size=np.int64(16))
     assert type(spec.weight_group_size) is int and spec.weight_group_size == 16
+
+
+def test_quantized_layers_refuse_another_formats_state_and_float64_input():
+    """load_state_dict of an fp8 layer's state into a w8a8 layer of the same shape reported every
+    key matched and cast the fp8 codes to int8 (448 -> 120); now it names the buffer. Weight-only
+    layers refuse float64 activations like the int8 / fp8 ones (they cast them to bf16)."""
+    lin = torch.nn.Linear(32, 8)
+    w8a8, fp8 = QuantLinear.from_float(lin, "w8a8"), QuantLinear.from_float(lin, "fp8")
+    before = {k: v.clone() for k, v in w8a8.state_dict().items()}
+    with pytest.raises(RuntimeError, match="weight_q: stored as torch.float8_e4m3fn, this layer holds torch.int8"):
+        w8a8.load_state_dict(fp8.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in w8a8.state_dict().items())
+    fresh = QuantLinear.from_float(torch.nn.Linear(32, 8), "w8a8")
+    fresh.load_state_dict(w8a8.state_dict())
+    x = torch.randn(3, 32)
+    assert torch.equal(fresh(x), w8a8(x))
+    w4a16 = QuantLinear.from_float(torch.nn.Linear(128, 8).to(torch.bfloat16), "w4a16")
+    with pytest.raises(TypeError, match="^x: expected float16, bfloat16 or float32 activations, got torch.float64"):
+        w4a16(torch.randn(3, 128, dtype=torch.float64))

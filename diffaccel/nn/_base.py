@@ -216,6 +216,21 @@ class QuantLayerBase(nn.Module):
 
     # -- module plumbing ----------------------------------------------------------------------
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # copy_ would cast another format's codes (fp8 into int8: 448 -> 120) and load garbage;
+        # such a layer loads none of its buffers (torch raises with the messages at the end)
+        wrong = [f"{prefix}{name}: stored as {given.dtype}, this layer holds {buf.dtype} ({self.spec}); load it "
+                 f"into a layer built with the same spec"
+                 for name, buf in self._buffers.items()
+                 if buf is not None and isinstance(given := state_dict.get(prefix + name), torch.Tensor)
+                 and given.dtype != buf.dtype]
+        if wrong:
+            error_msgs.extend(wrong)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast float8 codes and fp32 scales; instead move buffers to the
         # target device keeping their dtypes, and let a float dtype change the output dtype. What
@@ -377,6 +392,8 @@ class QuantLayerBase(nn.Module):
         return (ys[0] + ys[1]).to(out_dtype)
 
     def _weight_only(self, x2):
+        if x2.dtype not in _FLOAT_WEIGHT_DTYPES:  # (as the int8 / fp8 layers' ops refuse it)
+            raise TypeError(f"x: expected float16, bfloat16 or float32 activations, got {x2.dtype}")
         s = self.spec
         dt = self.original_dtype if self.original_dtype in (torch.float16, torch.bfloat16) else torch.float32
         x2 = x2.to(dt)
