@@ -116,3 +116,27 @@ def test_quantized_layers_refuse_another_formats_state_and_float64_input():
     w4a16 = QuantLinear.from_float(torch.nn.Linear(128, 8).to(torch.bfloat16), "w4a16")
     with pytest.raises(TypeError, match="^x: expected float16, bfloat16 or float32 activations, got torch.float64"):
         w4a16(torch.randn(3, 128, dtype=torch.float64))
+
+
+def test_empty_features_and_bad_group_sizes_are_named():
+    """Raw IndexError / ZeroDivisionError / reshape errors before: zero features to a per-token
+    quantizer, a 0-d input, a group size of 0, -16 or 16.0, a 0-d tensor to pack."""
+    from diffaccel.quant import formats as fmt
+
+    f8 = torch.float8_e4m3fn
+    wi = torch.ones(6, 4, dtype=torch.int8)
+    for call in (lambda: O.quantize_activation_int8(torch.randn(3, 0)),
+                 lambda: O.quantize_activation_fp8(torch.randn(3, 0)),
+                 lambda: O.fp8_linear(torch.tensor(1.0), torch.ones(6, 4).to(f8), torch.ones(6)),
+                 lambda: O.weight_only_gemm(torch.randn(2, 0).half(), wi[:, :0], torch.ones(6))):
+        with pytest.raises(ValueError, match=r"^x: expected \[\.\.\., K\] with K > 0 features"):
+            call()
+    for g in (0, -16, 16.0):
+        with pytest.raises(ValueError, match="^group_size: expected a positive int or None"):
+            fmt.quantize_weight_int(torch.randn(4, 32), 8, g)
+    with pytest.raises(ValueError, match="^weight: expected a 2-d"):
+        fmt.quantize_weight_int(torch.randn(4, 0), 8)
+    with pytest.raises(ValueError, match="^q: expected"):
+        fmt.pack_int4(torch.tensor(3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="^packed: expected"):
+        fmt.unpack_int4(torch.tensor(3, dtype=torch.uint8))

@@ -143,7 +143,10 @@ def resolve_spec(spec: Union[QuantSpec, str]) -> QuantSpec:
 def _grouped(w: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
     """[N, K] -> [N, G, g] (G = 1, g = K per channel)."""
     n, k = w.shape
-    g = k if group_size is None else group_size
+    if group_size is not None and (isinstance(group_size, bool) or not hasattr(type(group_size), "__index__")
+                                   or operator.index(group_size) <= 0):
+        raise ValueError(f"group_size: expected a positive int or None, got {group_size!r}")
+    g = k if group_size is None else operator.index(group_size)
     if k % g:
         raise ValueError(f"weight_group_size: {g} does not divide K={k}")
     return w.reshape(n, k // g, g)
@@ -154,8 +157,8 @@ def _check_weight(w: torch.Tensor) -> None:
         raise TypeError(f"weight: expected a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point() or w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"weight: expected a float16/bfloat16/float32 tensor, got {w.dtype}")
-    if w.dim() != 2:
-        raise ValueError(f"weight: expected a 2-d [N, K] tensor, got shape {tuple(w.shape)}")
+    if w.dim() != 2 or w.shape[1] == 0:
+        raise ValueError(f"weight: expected a 2-d [N, K] tensor with K > 0, got shape {tuple(w.shape)}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight: expected finite values, got NaN or Inf")
 
@@ -180,6 +183,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7] of shape [N, K] (K even) -> uint8 [N, K // 2]; low nibble = even k."""
     if q.dtype != torch.int8:
         raise TypeError(f"q: expected int8, got {q.dtype}")
+    if q.dim() == 0:
+        raise ValueError("q: expected [..., K] codes, got a 0-d tensor")
     if q.shape[-1] % 2:
         raise ValueError(f"q: expected an even last dimension to pack two per byte, got {q.shape[-1]}")
     if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
@@ -192,6 +197,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K // 2] -> int8 [N, K] (inverse of ``pack_int4``)."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed: expected uint8, got {packed.dtype}")
+    if packed.dim() == 0:
+        raise ValueError("packed: expected [..., K // 2] bytes, got a 0-d tensor")
     p = packed.to(torch.int16)
     lo = p & 0xF
     hi = p >> 4
