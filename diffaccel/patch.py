@@ -56,6 +56,15 @@ def _shared_with(target, info) -> Optional[tuple]:
     return None
 
 
+def _shared_by(target) -> Optional[tuple]:
+    """``_shared_with`` for a target ``patch`` may not take (then None)."""
+    try:
+        info = _targets.resolve_target(target)
+    except TypeError:
+        return None
+    return _shared_with(target, info)
+
+
 def _describe_owner(attr: str, owner) -> str:
     what = f"its {attr}" if attr else "it"
     return (f"{what} is patched through another {type(owner).__name__} (0x{id(owner):x}) that shares it "
@@ -888,11 +897,11 @@ def unpatch(target) -> None:
 
     state = getattr(target, _STATE_ATTR, None)
     if state is None:
-        if _is_scheduler(target):
+        if _targets.is_scheduler(target):
             if solvers.unpatch_scheduler(target):
                 log.info("diffaccel.unpatch(%s): restored the scheduler's own step", type(target).__name__)
             return
-        shared = _shared_with(target, _targets.resolve_target(target)) if _targets.is_supported(target) else None
+        shared = _shared_by(target)
         if shared is not None:
             raise RuntimeError(f"target: {_describe_owner(*shared)}; unpatch that {type(shared[1]).__name__}, "
                                f"which restores it here too")
@@ -923,10 +932,6 @@ def unpatch(target) -> None:
     log.info("diffaccel.unpatch(%s): restored", type(target).__name__)
 
 
-def _is_scheduler(target) -> bool:
-    return not isinstance(target, nn.Module) and hasattr(target, "set_timesteps") and hasattr(target, "step")
-
-
 def is_patched(target) -> bool:
     """True for a target ``patch`` patched, one sharing a backbone with such a target (a pipeline
     made with ``from_pipe``), and a scheduler with a fused step (``patch_scheduler``)."""
@@ -934,10 +939,9 @@ def is_patched(target) -> bool:
 
     if getattr(target, _STATE_ATTR, None) is not None:
         return True
-    if _is_scheduler(target):
+    if _targets.is_scheduler(target):
         return solvers.is_patched(target)
-    # a pipeline sharing a backbone with a patched one runs patched there
-    return _targets.is_supported(target) and _shared_with(target, _targets.resolve_target(target)) is not None
+    return _shared_by(target) is not None  # a pipeline sharing a backbone with a patched one runs patched there
 
 
 def patch_report(target) -> Optional[PatchReport]:

@@ -67,11 +67,8 @@ def is_pipeline(obj) -> bool:
     return isinstance(obj, ModularPipeline)
 
 
-def is_supported(target) -> bool:
-    """Whether ``resolve_target`` takes ``target`` (a pipeline with a backbone, or an nn.Module)."""
-    if isinstance(target, nn.Module):
-        return True
-    return is_pipeline(target) and any(isinstance(getattr(target, a, None), nn.Module) for a in BACKBONE_ATTRS)
+def is_scheduler(obj) -> bool:
+    return not isinstance(obj, nn.Module) and hasattr(obj, "set_timesteps") and hasattr(obj, "step")
 
 
 def resolve_target(target) -> Target:
@@ -87,7 +84,7 @@ def resolve_target(target) -> Target:
         return Target(backbones, getattr(target, "scheduler", None), left)
     if isinstance(target, nn.Module):
         return Target({"": target})
-    if hasattr(target, "set_timesteps") and hasattr(target, "step"):
+    if is_scheduler(target):
         raise TypeError(f"target: {type(target).__name__} is a scheduler; patch it with "
                         f"diffaccel.patch_scheduler(scheduler) (diffaccel.unpatch restores it)")
     raise TypeError(f"target: expected a diffusers pipeline or a torch.nn.Module, got {type(target).__name__}")

@@ -234,20 +234,21 @@ class QuantLayerBase(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast float8 codes and fp32 scales; instead move buffers to the
         # target device keeping their dtypes, and let a float dtype change the output dtype. What
-        # fn does is read off probes: an fp32 one shows any cast but to fp32 (fp64 included), an
-        # fp64 one a cast to fp32, 4-d ones a memory-format change (.to(memory_format=...)), which
-        # unpatch re-applies to the float original it restores.
+        # fn does is read off two 4-d probes: a contiguous fp32 one shows any cast but to fp32 (fp64
+        # included) and a change to channels_last, a channels_last fp64 one a cast to fp32 and a
+        # change back to contiguous; unpatch re-applies the memory format to the float original.
         device = self.weight_q.device
-        probe = fn(torch.zeros(1, dtype=torch.float32, device=device))
+        probe = fn(torch.zeros(2, 3, 2, 2, dtype=torch.float32, device=device))
+        other = fn(torch.zeros(2, 3, 2, 2, dtype=torch.float64, device=device).contiguous(
+            memory_format=torch.channels_last))
         if probe.dtype != torch.float32 and probe.dtype.is_floating_point:
             self.original_dtype = probe.dtype
-        elif fn(torch.zeros(1, dtype=torch.float64, device=device)).dtype == torch.float32:
+        elif other.dtype == torch.float32:
             self.original_dtype = torch.float32
-        for fmt, other in ((torch.channels_last, torch.contiguous_format),
-                           (torch.contiguous_format, torch.channels_last)):
-            moved = fn(torch.zeros(2, 3, 2, 2, device=device).contiguous(memory_format=other))
-            if moved.is_contiguous(memory_format=fmt) and not moved.is_contiguous(memory_format=other):
-                self.memory_format = fmt
+        if not probe.is_contiguous():
+            self.memory_format = torch.channels_last
+        elif other.is_contiguous():
+            self.memory_format = torch.contiguous_format
         for name, buf in list(self._buffers.items()):
             if buf is not None and buf.device != probe.device:
                 self._buffers[name] = buf.to(probe.device)
@@ -392,7 +393,7 @@ class QuantLayerBase(nn.Module):
         return (ys[0] + ys[1]).to(out_dtype)
 
     def _weight_only(self, x2):
-        if x2.dtype not in _FLOAT_WEIGHT_DTYPES:  # (as the int8 / fp8 layers' ops refuse it)
+        if x2.dtype not in G.FLOAT_DTYPES:  # (as the int8 / fp8 layers' ops refuse it)
             raise TypeError(f"x: expected float16, bfloat16 or float32 activations, got {x2.dtype}")
         s = self.spec
         dt = self.original_dtype if self.original_dtype in (torch.float16, torch.bfloat16) else torch.float32

@@ -10,6 +10,12 @@ def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def check_features(x: torch.Tensor, name: str = "x") -> None:
+    """``x`` [..., K] with K > 0 (a per-token scale of zero features is undefined)."""
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected [..., K] with K > 0 features, got shape {tuple(x.shape)}")
+
+
 def check_tensor(
     name: str,
     t,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_int8_zero_point, check_positive_finite, check_tensor
+from ._checks import check_features, check_int8_zero_point, check_positive_finite, check_tensor
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, FUSED_QUANT_MAX_M, SM90_ACTIVATIONS, SM90_GEMM,
                    _check_act_scale, _check_bias, _check_out_dtype, _check_scalar, _check_smooth, _check_weight,
                    _cuda_fp8_gemm, _cuda_int8_act_gemm, _cuda_int8_linear, _k, _same_layout, _sm90_fp8_declines,
@@ -155,8 +155,7 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
         return _int8_ffn_up_codes(x, w, w_scale, activation, act_scale, bias, group_size, w_int4, next_scale,
                                   next_zero_point, next_smooth, out_dtype, smooth, act_zero_point, w_sum)
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}")
+    check_features(x)
     if activation not in FFN_ACTIVATIONS:
         raise ValueError(f"activation: expected one of {', '.join(FFN_ACTIVATIONS)}, got {activation!r}")
     lead = x.shape[:-1]

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, same_device
+from ._checks import check_features, check_int8_zero_point, check_positive_finite, check_tensor, same_device
 from .quantize import AMAX_FLOOR, div_exact, quantize_per_tensor_reference, quantize_per_token_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -475,12 +475,6 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device, like: str) -
         raise ValueError(f"{name}: expected a tensor on {device} like {like}, got one on {t.device}")
 
 
-def _check_features(x: torch.Tensor, name: str = "x") -> None:
-    """``x`` [..., K] with K > 0 (a per-token scale of zero features is undefined)."""
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{name}: expected [..., K] with K > 0 features, got shape {tuple(x.shape)}")
-
-
 # int8 codes (with a zero point: up to 255 apart) times int8 weights summed over K in int32:
 # 255 * 128 * 65536 < 2**31, one more term may not fit
 MAX_INT8_K = 65536
@@ -620,7 +614,7 @@ def quantize_activation_int8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] 
     """int8 activation codes of ``x`` [M, K] with ``x / smooth`` folded in. Dynamic per row
     (``scale=None``): returns ``(q, scales [M, 1])``; static: returns ``(q, scale)``."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    _check_features(x)
+    check_features(x)
     smooth = _check_smooth(smooth, x.shape[1], x.device, "x")
     if scale is None:
         if zero_point is not None:
@@ -638,8 +632,7 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smoo
     """``x`` [..., K] float -> quantized int8 (dynamic per token, or static with ``act_scale``) ->
     int8/int4 GEMM -> [..., N]. Small M runs as one fused kernel on Triton."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x: expected a non-empty last dimension, got shape {tuple(x.shape)}")
+    check_features(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
@@ -672,7 +665,7 @@ def quantize_activation_fp8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] =
                             scale: Optional[torch.Tensor] = None):
     """float8_e4m3fn codes of ``x / smooth``: dynamic per row -> ``(q, scales [M, 1])``; static -> ``(q, scale)``."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
-    _check_features(x)
+    check_features(x)
     smooth = _check_smooth(smooth, x.shape[1], x.device, "x")
     if scale is None:
         return _quantize_rows_fp8_op(x, smooth)
@@ -685,7 +678,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smoot
                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x`` [..., K] -> fp8 per token (or static ``act_scale``) -> fp8 GEMM -> [..., N]."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    _check_features(x)
+    check_features(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     q, s = quantize_activation_fp8(x2, smooth=smooth, scale=act_scale)
@@ -697,7 +690,7 @@ def weight_only_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *,
                      group_size: Optional[int] = None, w_int4: bool = False) -> torch.Tensor:
     """fp16/bf16 ``x`` [..., K] times int8 or packed int4 weights dequantized inside the kernel (W8A16/W4A16)."""
     check_tensor("x", x, dtypes=(torch.float16, torch.bfloat16))
-    _check_features(x)
+    check_features(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     K = x2.shape[1]

@@ -53,12 +53,9 @@ class QuantSpec:
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype: expected one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
-        if self.weight_group_size is not None and type(self.weight_group_size) is not int:
-            # numpy integers are kept as the int they stand for; 16.0 or "16" are refused (kernels index with it)
-            if isinstance(self.weight_group_size, bool) or not hasattr(type(self.weight_group_size), "__index__"):
-                raise ValueError(f"weight_group_size: expected one of {GROUP_SIZES}, got {self.weight_group_size!r}")
-            object.__setattr__(self, "weight_group_size", operator.index(self.weight_group_size))
-        if self.weight_group_size not in GROUP_SIZES:
+        if self.weight_group_size is not None:  # (a numpy integer is kept as the int it stands for)
+            object.__setattr__(self, "weight_group_size", _as_int(self.weight_group_size))
+        if self.weight_group_size not in GROUP_SIZES or type(self.weight_group_size) not in (int, type(None)):
             raise ValueError(f"weight_group_size: expected one of {GROUP_SIZES}, got {self.weight_group_size!r}")
         if self.act_dtype not in ACT_DTYPES:
             raise ValueError(f"act_dtype: expected one of {ACT_DTYPES}, got {self.act_dtype!r}")
@@ -140,13 +137,20 @@ def resolve_spec(spec: Union[QuantSpec, str]) -> QuantSpec:
 
 # -- weight encodings ---------------------------------------------------------------------
 
+def _as_int(value):
+    """``value`` as a python int if it is an integer (numpy's included; bools are not), else unchanged:
+    16.0 or "16" then fail the caller's membership or range check."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return value
+    return operator.index(value)
+
+
 def _grouped(w: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
     """[N, K] -> [N, G, g] (G = 1, g = K per channel)."""
     n, k = w.shape
-    if group_size is not None and (isinstance(group_size, bool) or not hasattr(type(group_size), "__index__")
-                                   or operator.index(group_size) <= 0):
+    g = k if group_size is None else _as_int(group_size)
+    if type(g) is not int or g <= 0:
         raise ValueError(f"group_size: expected a positive int or None, got {group_size!r}")
-    g = k if group_size is None else operator.index(group_size)
     if k % g:
         raise ValueError(f"weight_group_size: {g} does not divide K={k}")
     return w.reshape(n, k // g, g)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from dataclasses import dataclass
 
+from ..ops.solver import FLOAT_DTYPES as KERNEL_DTYPES
 from ._base import PhiloxNoise
 from .schedulers import ADAPTERS, unsupported_reason
 
@@ -202,20 +203,19 @@ def _set_timesteps_for(cls):
     return set_timesteps
 
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_FALLBACKS: set = set()  # (scheduler class, dtype) already warned about
 
 
 def _kernel_takes(self, *tensors) -> bool:
     """False for a dtype the step kernel does not take (float64 latents, to debug a pipeline): that
     step then runs the class's own step, which keeps the same scheduler state, with a warning once."""
-    bad = next((t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype not in _KERNEL_DTYPES), None)
+    bad = next((t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype not in KERNEL_DTYPES), None)
     if bad is None:
         return True
     if (type(self), bad) not in _DTYPE_FALLBACKS:
         _DTYPE_FALLBACKS.add((type(self), bad))
         log.warning("diffaccel: %s.step on %s tensors runs diffusers' step (the fused step takes %s)",
-                    type(self).__name__, bad, ", ".join(str(d).replace("torch.", "") for d in _KERNEL_DTYPES))
+                    type(self).__name__, bad, ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES))
     return False
 
 

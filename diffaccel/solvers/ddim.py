@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ops.solver import NUM_COEFFS, fused_solver_step
-from ._base import _Adapter, _f64, _row, thresholding_reason
+from ._base import _Adapter, _f64, _row, converted_dtype, thresholding_reason
 
 # -- DDIMScheduler ----------------------------------------------------------------------------
 
@@ -104,8 +104,7 @@ class DDIM(_Adapter):
             noise = {"noise": variance_noise} if variance_noise is not None else \
                 self._noise(state, generator, model_output, model_output.dtype)
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
-        # (x0 is the model output itself for "sample": diffusers keeps its dtype)
-        x0_dtype = model_output.dtype if sch.config.prediction_type == "sample" else dtype
+        x0_dtype = converted_dtype(sch.config.prediction_type, True, sample, model_output)
         prev, x0, _ = fused_solver_step(sample, model_output, coeffs, row=row, model_output_cond=cond, guidance_scale=s,
                                         guidance_rescale=rescale, **noise, out_dtype=dtype, history_dtype=x0_dtype)
         self._noise_drawn(state, noise, sample)

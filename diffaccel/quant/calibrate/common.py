@@ -13,7 +13,7 @@ from torch import nn
 from ..recipe import LayerRecipe, QuantRecipe
 from .collect import CalibrationError, CalibrationSet, Observations, forward
 from .fakequant import act_params_from_range, search_act_range, weight_grid
-from .structure import (DEFAULT_SKIP, concat_split_candidates, layer_kind, quantizable_layers,
+from .structure import (concat_split_candidates, layer_kind, quantizable_layers,
                         split_layers_for_resnet)
 
 logger = logging.getLogger("diffaccel")
@@ -126,8 +126,7 @@ def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
 
     names = dict(backbone.named_modules())
     if skip is None:  # the input/output layers the presets keep in floating point too
-        layers = quantizable_layers(backbone)
-        return tuple(n for n in names if n in DEFAULT_SKIP or (is_io_layer(n) and n in layers))
+        return tuple(n for n in quantizable_layers(backbone) if is_io_layer(n))
     if isinstance(skip, str):
         raise CalibrationError("skip: expected a list of layer names, got a single string")
     unknown = [n for n in skip if n not in names]

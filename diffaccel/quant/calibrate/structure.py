@@ -15,7 +15,6 @@ from torch import nn
 
 # Top-level input/output layers kept in floating point by default (Q-Diffusion and its successors
 # leave the first and last layer unquantized: they are tiny and very sensitive).
-DEFAULT_SKIP = ("conv_in", "conv_out", "pos_embed.proj", "proj_out", "x_embedder.proj", "patch_embed.proj")
 BLOCK_CLASSES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "JointTransformerBlock",
                  "FluxTransformerBlock", "FluxSingleTransformerBlock", "Downsample2D", "Upsample2D",
                  "DiTBlock", "SD3SingleTransformerBlock")
