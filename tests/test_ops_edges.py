@@ -140,3 +140,76 @@ def test_empty_features_and_bad_group_sizes_are_named():
         fmt.pack_int4(torch.tensor(3, dtype=torch.int8))
     with pytest.raises(ValueError, match="^packed: expected"):
         fmt.unpack_int4(torch.tensor(3, dtype=torch.uint8))
+
+
+def test_numpy_scalars_pass_where_python_numbers_do():
+    """np.float32(0.1) / np.int32(3) were refused ('expected a float ..., got float32') wherever a
+    python number passes; they now give the same result as the python number."""
+    import numpy as np
+
+    from diffaccel.ops.philox import seed_as_int64
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, generator=g)
+    assert torch.equal(O.quantize_per_tensor(x, np.float32(0.05), np.int32(3)),
+                       O.quantize_per_tensor(x, float(np.float32(0.05)), 3))
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(3))
+    assert torch.equal(O.attention(q, k, v, scale=np.float32(0.25)), O.attention(q, k, v, scale=0.25))
+    xg = torch.randn(2, 8, 4, 4, generator=g)
+    ones, zeros = torch.ones(8), torch.zeros(8)
+    assert torch.equal(O.group_norm_affine(xg, np.int64(4), ones, zeros, np.float32(1e-5)),
+                       O.group_norm_affine(xg, 4, ones, zeros, float(np.float32(1e-5))))
+    xh, wq, ws = x.half(), torch.randint(-7, 8, (6, 32), generator=g, dtype=torch.int8), torch.rand(6, 2) + 0.1
+    assert torch.equal(O.weight_only_gemm(xh, wq, ws, group_size=np.int64(16)),
+                       O.weight_only_gemm(xh, wq, ws, group_size=16))
+    assert seed_as_int64(np.uint64(2**64 - 1)) == -1
+    with pytest.raises(TypeError, match="^scale: expected a float"):
+        O.quantize_per_tensor(x, np.bool_(True))
+
+
+def test_out_of_range_zero_points_and_bad_dequantize_arguments_are_named():
+    """A python zero point beyond int32 raised torch's 'value cannot be converted to type int32';
+    dequantize_int with a scale of the wrong shape raised a raw reshape error; an fp4 group whose
+    fp16 scale overflows gave inf scales."""
+    from diffaccel.quant import formats as fmt
+
+    x = torch.randn(4, 32)
+    for zp in (2**40, 128, -129):
+        with pytest.raises(ValueError, match=r"^zero_point: expected a value in \[-128, 127\]"):
+            O.quantize_per_tensor(x, 0.1, zp)
+    w = torch.randn(8, 64)
+    q, s = fmt.quantize_weight_int(w, 8, 32)
+    assert (fmt.dequantize_int(q, s, 32) - w).abs().max() <= s.max() / 2 + 1e-6
+    with pytest.raises(ValueError, match=r"^scale: expected shape \(8, 2\)"):
+        fmt.dequantize_int(q, s[:, 0], 32)
+    with pytest.raises(ValueError, match=r"^scale: expected shape \(8,\)"):
+        fmt.dequantize_int(q, s, None)
+    with pytest.raises(TypeError, match="^q: expected an int8"):
+        fmt.dequantize_int(q.float(), s, 32)
+    with pytest.raises(ValueError, match="^weight: fp4_e2m1 stores group scales in float16"):
+        fmt.quantize_weight_fp4(w * 1e6, 16)
+    packed, s4 = fmt.quantize_weight_fp4(w * 6e4, 16)  # the largest |w| still fits
+    assert torch.isfinite(s4).all()
+
+
+@pytest.mark.parametrize("padding,kernel,dilation", [("valid", 3, 1), ("same", 3, 1), ("same", 3, 2), ("same", 5, 1)])
+def test_quant_conv_takes_string_padding(padding, kernel, dilation):
+    """'valid' and symmetric 'same' convs were left float ('give explicit padding'); they are
+    quantized with the equivalent explicit padding and match the float conv's output shape and the
+    layer's reference. An asymmetric 'same' (even kernel) stays float with the reason."""
+    from torch import nn
+
+    from diffaccel.nn import QuantConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, kernel, padding=padding, dilation=dilation)
+    assert quantize_reason(conv, "w8a8") is None
+    layer = QuantConv2d.from_float(conv, "w8a8")
+    x = torch.randn(2, 8, 9, 11)
+    ref = nn.Conv2d(8, 16, kernel, padding=layer.padding, dilation=dilation)
+    ref.load_state_dict(conv.state_dict())
+    assert torch.equal(QuantConv2d.from_float(ref, "w8a8")(x), layer(x))
+    y = layer(x)
+    assert y.shape == conv(x).shape
+    assert (y - conv(x)).abs().max() < 0.1
+    assert "pads unevenly" in quantize_reason(nn.Conv2d(8, 16, 2, padding="same"), "w8a8")

@@ -55,7 +55,7 @@ class QuantConv2d(QuantLayerBase):
         N, C, kh, kw = conv.weight.shape
         if weight is not None:
             w0 = _float_tensor("weight", weight, tuple(conv.weight.shape))
-        mod = cls(C, N, conv.kernel_size, conv.stride, conv.padding, conv.dilation, spec, conv.weight.dtype)
+        mod = cls(C, N, conv.kernel_size, conv.stride, explicit_padding(conv), conv.dilation, spec, conv.weight.dtype)
         if act_split is not None:
             if isinstance(act_split, bool) or not isinstance(act_split, int) or not 0 < act_split < C:
                 raise ValueError(f"act_split: expected an int channel index in (0, {C}), got {act_split!r}")
@@ -192,12 +192,24 @@ class QuantConv2d(QuantLayerBase):
         return f"{s}, bias={self.bias is not None}, {self._spec_repr()}"
 
 
+def explicit_padding(conv: nn.Conv2d) -> Optional[tuple]:
+    """``conv.padding`` as (ph, pw); 'valid' is (0, 0) and 'same' d * (k - 1) / 2 per side. None for
+    a 'same' whose total padding is odd (torch pads one more on the right: asymmetric)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+    return tuple(conv.padding)
+
+
 def quantize_conv_reason(conv: nn.Conv2d, spec: QuantSpec) -> Optional[str]:
     if conv.groups != 1:
         return f"grouped conv (groups={conv.groups}) is not supported"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r} is not supported (give explicit padding)"
+    if explicit_padding(conv) is None:
+        return (f"padding={conv.padding!r} with kernel_size={conv.kernel_size} and dilation={conv.dilation} pads "
+                "unevenly (only symmetric padding is supported)")
     N, C, kh, kw = conv.weight.shape
     return reason_for_k(spec, C * kh * kw)

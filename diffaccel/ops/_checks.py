@@ -3,11 +3,22 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def plain_number(value):
+    """A numpy scalar as the python number it stands for, anything else unchanged, so that every
+    number check accepts ``np.float32(7.5)`` where it accepts ``7.5`` (numpy bools stay: rejected)."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
 def check_features(x: torch.Tensor, name: str = "x") -> None:

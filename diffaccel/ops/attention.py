@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_tensor, same_device
+from ._checks import check_tensor, plain_number, same_device
 from .quantize import div_exact
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -308,6 +308,7 @@ def _validate(q, k, v, attn_mask, is_causal, scale, quant):
             raise ValueError("attn_mask: must be None when is_causal=True (as in torch SDPA)")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
+    scale = plain_number(scale)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise TypeError(f"scale: expected a finite float or None, got {scale!r}")

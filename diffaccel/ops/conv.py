@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_int8_zero_point, check_positive_finite, check_tensor
+from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, plain_number
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_bias, _check_device, _check_out_dtype,
                    _check_scalar, _check_smooth, _check_weight, _same_layout,
                    check_static_act, fp8_gemm_reference, int8_linear_reference, quantize_rows_fp8_reference,
@@ -179,7 +179,10 @@ def _(x, w, w_scale, smooth, act_scale, bias, kernel_size, stride, padding, dila
 # -- validation + public wrapper -------------------------------------------------------------------
 
 def _pair(name: str, v, minimum: int) -> list[int]:
+    v = plain_number(v)
     vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if isinstance(vals, (tuple, list)):
+        vals = [plain_number(e) for e in vals]
     if (not isinstance(vals, (tuple, list)) or len(vals) != 2
             or any(isinstance(e, bool) or not isinstance(e, int) or e < minimum for e in vals)):
         raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {v!r}")
@@ -287,6 +290,7 @@ def fp8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kerne
 
 def _check_split_act(act_split, act_scale, act_zero_point, w_sum, *, N, C, khw, group_size, w_int4, device):
     """(act_scale [2], zero point [2] or None) of a split input's two static quantizers."""
+    act_split = plain_number(act_split)
     if isinstance(act_split, bool) or not isinstance(act_split, int) or not 0 < act_split < C:
         raise ValueError(f"act_split: expected an int channel index in (0, {C}), got {act_split!r}")
     k1 = act_split * khw

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_features, check_int8_zero_point, check_positive_finite, check_tensor, same_device
+from ._checks import check_features, check_int8_zero_point, check_positive_finite, check_tensor, plain_number, same_device
 from .quantize import AMAX_FLOOR, div_exact, quantize_per_tensor_reference, quantize_per_token_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -496,6 +496,7 @@ def _check_weight(w, w_scale, w_sum, *, K: int, group_size: Optional[int], w_int
             raise ValueError(f"w: expected K={K} columns like the activations, got shape {tuple(w.shape)}")
     _check_device("w", w, device, like)
     N = w.shape[0]
+    group_size = plain_number(group_size)
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"group_size: expected a positive int or None, got {group_size!r}")

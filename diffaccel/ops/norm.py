@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_tensor
+from ._checks import check_tensor, plain_number
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_device, quantize_rows_fp8_reference,
                    quantize_rows_int8_reference)
 
@@ -83,6 +83,7 @@ def _check_affine_and_eps(weight, bias, eps, width: int, device, *, optional: bo
         if t.shape[0] != width:
             raise ValueError(f"{name}: expected shape ({width},), got {tuple(t.shape)}")
         _check_device(name, t, device, "x")
+    eps = plain_number(eps)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
 
@@ -97,6 +98,7 @@ def group_norm_affine(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bi
     if x.dim() < 3:
         raise ValueError(f"x: expected [B, C, *spatial] with at least one spatial dimension, got {tuple(x.shape)}")
     B, C = x.shape[0], x.shape[1]
+    num_groups = plain_number(num_groups)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"num_groups: expected a positive int dividing C={C}, got {num_groups!r}")
     _check_affine_and_eps(weight, bias, eps, C, x.device, optional=False)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import plain_number
+
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
@@ -88,6 +90,7 @@ def philox_normal_reference(seed, noise_offset: int, numel: int, device=None) ->
 
 def seed_as_int64(seed: int) -> int:
     """A seed in [-2**63, 2**64) as the int64 with the same 64 bits (torch.initial_seed() may exceed 2**63)."""
+    seed = plain_number(seed)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected a python int, got {type(seed).__name__}")
     if not -2**63 <= seed < 2**64:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, same_device
+from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, plain_number, same_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AMAX_FLOOR = 1e-12  # keeps an all-zero row's scale finite and positive
@@ -110,9 +110,12 @@ def _as_scalar_tensor(name: str, value, dtype: torch.dtype, device: torch.device
         if not same_device(device, value.device):
             raise ValueError(f"{name}: expected a tensor on {device} like x, got one on {value.device}")
         return value.reshape(1).to(dtype)
+    value = plain_number(value)
     if dtype == torch.int32:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name}: expected an int or an int32 tensor, got {type(value).__name__}")
+        if not -128 <= value <= 127:  # (checked here too: torch.tensor raises on int32 overflow)
+            raise ValueError(f"{name}: expected a value in [-128, 127], got {value}")
     elif not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a float or a float32 tensor, got {type(value).__name__}")
     return torch.tensor([value], dtype=dtype, device=device)

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _backend
-from ._checks import check_tensor, same_device
+from ._checks import check_tensor, plain_number, same_device
 from .philox import philox_normal_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -254,6 +254,7 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
         if not same_device(sample.device, row.device):
             raise ValueError(f"row: expected a tensor on {sample.device} like sample, got one on {row.device}")
         row = row.reshape(1)
+    guidance_scale, guidance_rescale = plain_number(guidance_scale), plain_number(guidance_rescale)
     for name, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name}: expected a python float, got {type(v).__name__}")
@@ -297,6 +298,7 @@ def _check_noise_source(sample, noise, noise_seed, noise_offset, needs_noise) ->
                          f"one on {noise_seed.device}")
     if noise_offset is None:
         raise ValueError("noise_offset: needed with noise_seed (the Philox counter of element 0)")
+    noise_offset = plain_number(noise_offset)
     if isinstance(noise_offset, bool) or not isinstance(noise_offset, int):
         raise TypeError(f"noise_offset: expected a python int, got {type(noise_offset).__name__}")
     if not 0 <= noise_offset <= MAX_NOISE_OFFSET - sample.numel():

@@ -37,6 +37,7 @@ WEIGHT_BITS = {"int8": 8, "int4": 4, "fp8_e4m3": 8, "fp4_e2m1": 4}
 AMAX_FLOOR = 1e-12
 FP4_AMAX_FLOOR = 1e-6  # keeps the fp16 scale a normal number
 FP8_E4M3_MAX = 448.0
+FP16_MAX = 65504.0
 FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -238,7 +239,11 @@ def quantize_weight_fp4(w: torch.Tensor, group_size: int):
         raise ValueError(f"group_size: fp4_e2m1 needs one of {FP4_GROUP_SIZES}, got {group_size!r}")
     _check_weight(w)
     wg = _grouped(w.float(), group_size)
-    scale = div_exact(wg.abs().amax(dim=-1, keepdim=True).clamp(min=FP4_AMAX_FLOOR), 6.0).to(torch.float16)
+    amax = wg.abs().amax(dim=-1, keepdim=True)
+    if w.numel() and float(amax.max()) / 6.0 > FP16_MAX:  # the group scale would be fp16 inf
+        raise ValueError(f"weight: fp4_e2m1 stores group scales in float16, so |w| must stay <= 6 * {FP16_MAX:g}; "
+                         f"got max |w| = {float(amax.max()):g}")
+    scale = div_exact(amax.clamp(min=FP4_AMAX_FLOOR), 6.0).to(torch.float16)
     codes = _fp4_encode(wg / scale.float()).reshape(w.shape)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed.contiguous(), scale[..., 0].contiguous()
@@ -269,7 +274,13 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, group_size: int,
 def dequantize_int(q: torch.Tensor, scale: torch.Tensor, group_size: Optional[int],
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 [N, K] (int4 already unpacked) * fp32 scale per channel/group -> ``dtype``."""
-    n, k = q.shape
-    g = k if group_size is None else group_size
-    s = scale.float().reshape(n, -1, 1)
-    return (q.float().reshape(n, k // g, g) * s).reshape(n, k).to(dtype)
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"q: expected an int8 [N, K] tensor (int4 codes unpacked), got "
+                        f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}"
+                        f"{f' of shape {tuple(q.shape)}' if isinstance(q, torch.Tensor) else ''}")
+    qg = _grouped(q, group_size)  # [N, G, g]; checks group_size
+    want = (q.shape[0],) if group_size is None else tuple(qg.shape[:2])
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != want:
+        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"scale: expected shape {want} for q {tuple(q.shape)} and group_size={group_size}, got {got}")
+    return (qg.float() * scale.float().reshape(*qg.shape[:2], 1)).reshape(q.shape).to(dtype)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from dataclasses import dataclass
 
+from ..ops._checks import plain_number
 from ..ops.solver import FLOAT_DTYPES as KERNEL_DTYPES
 from ._base import PhiloxNoise
 from .schedulers import ADAPTERS, unsupported_reason
@@ -155,6 +156,7 @@ def set_noise_seed(scheduler, seed: int, *, offset: int = 0) -> None:
     philox = state.options.get("noise") if state is not None else None
     if philox is None:
         raise ValueError("scheduler: not patched with noise='philox' (patch_scheduler(scheduler, noise='philox'))")
+    offset = plain_number(offset)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset: expected a python int >= 0, got {offset!r}")
     philox.reseed(seed, offset)

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..ops._checks import plain_number
 from ._base import _f64, alpha_sigma_lambda
 from .unipc import UniPCMultistep, _unipc_rb
 
@@ -319,6 +320,8 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     if why is not None:
         raise ValueError(f"scheduler: {why}")
     dc_order = check_dc_order(dc_order)
+    num_inference_steps, reference_steps, num_iters, lr, ratio_init = map(
+        plain_number, (num_inference_steps, reference_steps, num_iters, lr, ratio_init))
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
@@ -422,6 +425,7 @@ def predict_dc_ratios(cpr_coeffs, guidance_scale: float, num_inference_steps: in
     polynomial in s / NFE whose coefficients are quadratics in CFG / 12 whose coefficients are
     quadratics in NFE / 50; steps 1 and 2 get 1.0."""
     coeffs = _as_cpr_coeffs(cpr_coeffs)
+    num_inference_steps, guidance_scale = plain_number(num_inference_steps), plain_number(guidance_scale)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
@@ -439,6 +443,7 @@ def fit_cascade_polynomial(fitted_ratios, num_terms: int = 3) -> np.ndarray:
     setting's ratios (e.g. from ``fit_dc_ratios``). The model is linear in its coefficients, so this
     is the exact least-squares optimum their curve fit approaches; use at least three guidance scales
     and three step counts (fewer leave the quadratics undetermined: ValueError)."""
+    num_terms = plain_number(num_terms)
     if isinstance(num_terms, bool) or not isinstance(num_terms, int) or num_terms < 1:
         raise ValueError(f"num_terms: expected a positive int, got {num_terms!r}")
     rows, values = [], []

@@ -15,10 +15,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
+from ...ops._checks import plain_number
 from ..recipe import QuantRecipe, RecipeError
 from . import minmax, mixdq, qdiffusion, tfmq
 from .collect import (CalibrationError, CalibrationSet, backbone_of, from_backbone_data, from_pipeline,
@@ -71,18 +71,9 @@ class Context:
                 "samples": len(self.calib), **extra}
 
 
-def _plain(value):
-    """A numpy scalar as the python number it stands for (numpy bools stay as they are: rejected)."""
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    return value
-
-
 def _int_arg(name: str, value, *, minimum: int | None = 1, optional: bool = False):
     """-> ``value`` as a python int (numpy integers accepted, bools not), checked >= ``minimum``."""
-    value = _plain(value)
+    value = plain_number(value)
     if optional and value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
@@ -147,12 +138,12 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     """
     if method not in METHODS:
         raise CalibrationError(f"method: unknown calibration method {method!r}; expected one of {tuple(METHODS)}")
-    weight_bits, act_bits, p = _plain(weight_bits), _plain(act_bits), _plain(p)
+    weight_bits, act_bits, p = plain_number(weight_bits), plain_number(act_bits), plain_number(p)
     check_bits(method, weight_bits, act_bits)
     act_symmetric = check_format(format, act_symmetric, weight_bits, method)
     if method == "mixdq":
         try:
-            weight_candidates = tuple(_plain(b) for b in weight_candidates)
+            weight_candidates = tuple(plain_number(b) for b in weight_candidates)
         except TypeError:
             raise CalibrationError(f"weight_candidates: expected a sequence of weight widths from (4, 8), "
                                    f"got {weight_candidates!r}") from None
@@ -166,7 +157,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                    f"smallest of weight_candidates {weight_candidates}, so no allocation reaches "
                                    f"it; include 4 in weight_candidates or raise weight_bits to "
                                    f"{min(weight_candidates)}")
-        act_fp16_fraction = _plain(act_fp16_fraction)
+        act_fp16_fraction = plain_number(act_fp16_fraction)
         if (isinstance(act_fp16_fraction, bool) or not isinstance(act_fp16_fraction, (int, float))
                 or not 0 <= act_fp16_fraction <= 1):
             raise CalibrationError(f"act_fp16_fraction: expected a number in [0, 1] (the share of layers whose "
