@@ -625,5 +625,33 @@ def test_float64_steps_run_diffusers_step():
                 x = sch.step(u + 4.0 * (c - u), t, x).prev_sample
         outs.append(x)
     assert outs[1].dtype == torch.float64 and torch.equal(outs[0], outs[1])
-    from diffaccel.solvers._patch import _DTYPE_FALLBACKS  # (warned once per process and class)
-    assert (DPMSolverMultistepScheduler, torch.float64) in _DTYPE_FALLBACKS
+    from diffaccel.solvers._patch import _FALLBACKS_WARNED  # (warned once per process, class and reason)
+    assert any(cls is DPMSolverMultistepScheduler and why.startswith("float64") for cls, why in _FALLBACKS_WARNED)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_flow_match_per_token_timesteps_run_diffusers_step(positional):
+    """LTX's conditioning pipeline and Sana-WM pass ``per_token_timesteps`` (a sigma per token) to
+    FlowMatch's step; the patched step raised ValueError, so patch(pipe) broke those pipelines. Such a
+    call now runs diffusers' own step (warned once), and the steps around it stay fused: the
+    trajectory equals the unpatched scheduler's."""
+    ref, pat = FlowMatchEulerDiscreteScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    patch_scheduler(pat)
+    outs = []
+    for sch in (ref, pat):
+        sch.set_timesteps(6)
+        x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(sch.timesteps):
+            out = fake_model(x, t)
+            if i % 2:  # conditioning tokens 0..2 stay one step behind
+                per_token = t.expand(2, 10).clone()
+                per_token[:, :3] = sch.timesteps[i - 1]
+                x = (sch.step(out, t, x, 0.0, 0.0, float("inf"), 1.0, None, per_token, False)[0] if positional
+                     else sch.step(out, t, x, per_token_timesteps=per_token).prev_sample)
+            else:
+                x = sch.step(out, t, x).prev_sample
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1]) or (outs[0] - outs[1]).abs().max() <= 1e-5 * outs[0].abs().max()
+    from diffaccel.solvers._patch import _FALLBACKS_WARNED
+
+    assert (FlowMatchEulerDiscreteScheduler, "per_token_timesteps") in _FALLBACKS_WARNED

@@ -197,6 +197,11 @@ class _Adapter:
     def build(self, sch, state: SolverState) -> None:
         raise NotImplementedError
 
+    def unfused_call_reason(self, args, kwargs) -> Optional[str]:
+        """Why a step call with these extra arguments (after model_output, timestep, sample) must run
+        diffusers' own step (None: the fused step takes it)."""
+        return None
+
     def noise_free_reason(self, sch) -> Optional[str]:
         """None if some step of this scheduler may draw noise, else why in-kernel noise has nothing to do."""
         return None

@@ -205,28 +205,43 @@ def _set_timesteps_for(cls):
     return set_timesteps
 
 
-_DTYPE_FALLBACKS: set = set()  # (scheduler class, dtype) already warned about
+_FALLBACKS_WARNED: set = set()  # (scheduler class, reason) already warned about
 
 
-def _kernel_takes(self, *tensors) -> bool:
-    """False for a dtype the step kernel does not take (float64 latents, to debug a pipeline): that
-    step then runs the class's own step, which keeps the same scheduler state, with a warning once."""
+def _unfused_reason(self, tensors, args, kwargs):
+    """Why this call cannot take the fused step (None: it can): a dtype the kernel does not take
+    (float64 latents, to debug a pipeline), or a step argument the adapter does not fuse (FlowMatch's
+    ``per_token_timesteps``). Such a call runs the class's own step, which keeps the same scheduler
+    state, with a warning once per class and reason."""
     bad = next((t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype not in KERNEL_DTYPES), None)
-    if bad is None:
-        return True
-    if (type(self), bad) not in _DTYPE_FALLBACKS:
-        _DTYPE_FALLBACKS.add((type(self), bad))
-        log.warning("diffaccel: %s.step on %s tensors runs diffusers' step (the fused step takes %s)",
-                    type(self).__name__, bad, ", ".join(str(d).replace("torch.", "") for d in KERNEL_DTYPES))
-    return False
+    if bad is not None:
+        return (f"{str(bad).replace('torch.', '')} tensors (the fused step takes "
+                f"{', '.join(str(d).replace('torch.', '') for d in KERNEL_DTYPES)})")
+    return vars(self)[_STATE].adapter.unfused_call_reason(args, kwargs)
+
+
+def _diffusers_step(self, why, model_output_uncond, model_output_cond, guidance_scale, guidance_rescale, timestep,
+                    sample, *args, **kwargs):
+    if (type(self), why) not in _FALLBACKS_WARNED:
+        _FALLBACKS_WARNED.add((type(self), why))
+        log.warning("diffaccel: %s.step on %s runs diffusers' step", type(self).__name__, why)
+    guided = model_output_uncond
+    if model_output_cond is not None:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        guided = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
+        if guidance_rescale > 0:
+            guided = rescale_noise_cfg(guided, model_output_cond, guidance_rescale=guidance_rescale)
+    return type(self).step(self, guided, timestep, sample, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def _step_for(cls):
     @functools.wraps(cls.step)
     def step(self, model_output, timestep, sample, *args, **kwargs):
-        if not _kernel_takes(self, model_output, sample):
-            return cls.step(self, model_output, timestep, sample, *args, **kwargs)
+        why = _unfused_reason(self, (model_output, sample), args, kwargs)
+        if why is not None:
+            return _diffusers_step(self, why, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
         state = vars(self)[_STATE]
         return state.adapter.step(self, state, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
     return step
@@ -236,13 +251,10 @@ def _step_with_guidance(self, model_output_uncond, model_output_cond, guidance_s
                         guidance_rescale=0.0, *args, **kwargs):
     """``step`` on ``uncond + guidance_scale * (cond - uncond)`` (rescaled like diffusers'
     ``rescale_noise_cfg`` when ``guidance_rescale`` > 0), folded into the same kernel."""
-    if not _kernel_takes(self, model_output_uncond, model_output_cond, sample):
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-        guided = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
-        if guidance_rescale > 0:
-            guided = rescale_noise_cfg(guided, model_output_cond, guidance_rescale=guidance_rescale)
-        return type(self).step(self, guided, timestep, sample, *args, **kwargs)
+    why = _unfused_reason(self, (model_output_uncond, model_output_cond, sample), args, kwargs)
+    if why is not None:
+        return _diffusers_step(self, why, model_output_uncond, model_output_cond, guidance_scale, guidance_rescale,
+                               timestep, sample, *args, **kwargs)
     state = vars(self)[_STATE]
     return state.adapter.step(self, state, model_output_uncond, model_output_cond, guidance_scale,
                               guidance_rescale, timestep, sample, *args, **kwargs)

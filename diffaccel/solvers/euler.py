@@ -19,6 +19,12 @@ class FlowMatchEuler(_Adapter):
             return f"{self.name} with stochastic_sampling=False draws no noise"
         return None
 
+    def unfused_call_reason(self, args, kwargs):
+        # step(..., s_churn, s_tmin, s_tmax, s_noise, generator, per_token_timesteps, return_dict):
+        # a sigma per token (LTX conditioning, Sana-WM) steps each token differently; diffusers' step runs it
+        per_token = kwargs.get("per_token_timesteps", args[5] if len(args) > 5 else None)
+        return None if per_token is None else "per_token_timesteps"
+
     def build(self, sch, state):
         sig = _f64(sch.sigmas)
         rows = []
@@ -36,9 +42,6 @@ class FlowMatchEuler(_Adapter):
 
         if isinstance(timestep, int) or isinstance(timestep, (torch.IntTensor, torch.LongTensor)):
             raise ValueError(_INT_TIMESTEP_MSG.format(self.name))
-        if per_token_timesteps is not None:
-            raise ValueError("per_token_timesteps: not supported by diffaccel's fused step; "
-                             "unpatch_scheduler(scheduler) to use it")
         self._begin(sch, state, model_output, cond, sample, rescale)
         i = self._init_index(sch, timestep)
         noise = {}
