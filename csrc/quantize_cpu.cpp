@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * K;
         float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(static_cast<float>(row[k])));
+        for (int64_t k = 0; k < K; ++k) amax = nan_max(amax, fabsf(static_cast<float>(row[k])));
         const float s = per_token_scale(amax);
         for (int64_t k = 0; k < K; ++k) o[r * K + k] = quantize_int8(static_cast<float>(row[k]), s, 0.f);
         sp[r] = s;

@@ -18,7 +18,7 @@ __global__ void quantize_per_tensor_kernel(const T* __restrict__ x, const float*
 }
 
 __device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -33,7 +33,7 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int8_t* __res
   const T* xr = x + row * K;
   int8_t* orow = out + row * K;
   float amax = 0.f;
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));
+  for (int64_t k = threadIdx.x; k < K; k += kThreads) amax = nan_max(amax, fabsf(static_cast<float>(xr[k])));
   amax = warp_max(amax);
   if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
   __syncthreads();

@@ -33,17 +33,33 @@ def round_half_even(x):
 
 
 @triton.jit
+def dynamic_scale(amax, bad, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr):
+    """max(amax, AMAX_MIN) / QMAX (IEEE division) + ``bad``, the row's sum of x * 0: 0, or NaN when
+    the row holds a NaN or Inf. Max reductions drop NaN, so this is what makes such a row's scale
+    NaN (and its dequantized output NaN), as in diffaccel.ops.quantize's reference."""
+    return tl.math.div_rn(tl.maximum(amax, AMAX_MIN), QMAX) + bad
+
+
+@triton.jit
+def nan_to_zero(v):
+    """A NaN code becomes 0, as in the reference (clamps with min/max would turn it into a bound)."""
+    return tl.where(v != v, 0.0, v)
+
+
+@triton.jit
 def row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
-    """max |x / smooth| over one row of K elements (smooth: SmoothQuant's per-channel divisor,
-    applied with IEEE division like the torch reference)."""
+    """(max |x / smooth|, sum of x * 0) over one row of K elements (smooth: SmoothQuant's per-channel
+    divisor, applied with IEEE division like the torch reference); see ``dynamic_scale``."""
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=offs < K, other=1.0))
         acc = tl.maximum(acc, tl.abs(x))
-    return tl.max(acc, axis=0)
+        bad += x * 0.0
+    return tl.max(acc, axis=0), tl.sum(bad, axis=0)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ Launches pass enable_fp_fusion=False (no FMA contraction in the epilogue, as in 
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, mul_sigmoid, round_half_even, to_e4m3
+from ._common import cdiv, dynamic_scale, interpreting, mul_sigmoid, nan_to_zero, round_half_even, to_e4m3
 from .gemm import FP8_MAX, _add_weight_group, _int8_epilogue, _load_int4_tile_t, _load_int8_tile_t, _to_out
 
 AMAX_FLOOR = 1e-12
@@ -110,16 +110,18 @@ def _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_
                 KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr, HAS_SMOOTH: tl.constexpr, EVEN_K: tl.constexpr,
                 IN_AFFINE: tl.constexpr = False, IN_SILU: tl.constexpr = False):
-    """max |x'| over each output pixel's receptive field (one unfolded row): dynamic per-token
-    quantization's extra pass over this block's rows."""
+    """(max |x'|, sum of x' * 0) over each output pixel's receptive field (one unfolded row): dynamic
+    per-token quantization's extra pass over this block's rows (see _common.dynamic_scale)."""
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _gather_x(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, stride_xw, aff_img, KH, KW, DH,
                       DW, EVEN_K, IN_AFFINE, IN_SILU)
         x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    return amax
+        bad += tl.sum(x * 0.0, axis=0)
+    return amax, bad
 
 
 @triton.jit
@@ -133,9 +135,9 @@ def _act_codes(x_img, row_off, ih0, iw0, offs_k, K, H, W, stride_xc, stride_xh, 
                   EVEN_K, IN_AFFINE, IN_SILU)
     x = _smoothed(x, offs_k, K, smooth_ptr, HAS_SMOOTH, KH * KW)
     if PER_TOKEN:
-        q = round_half_even(tl.math.div_rn(x, a_scale[None, :]))
+        q = nan_to_zero(round_half_even(tl.math.div_rn(x, a_scale[None, :])))
     else:
-        q = round_half_even(tl.math.div_rn(x, a_scale)) + zp.to(tl.float32)
+        q = nan_to_zero(round_half_even(tl.math.div_rn(x, a_scale))) + zp.to(tl.float32)
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     if not EVEN_K:
         q = tl.where(offs_k[:, None] < K, q, 0.0)  # K padding contributes 0, not the zero point
@@ -206,9 +208,9 @@ def _int8_conv2d_kernel(
     if HAS_ZP:
         zp = tl.load(zp_ptr)
     if PER_TOKEN:
-        amax = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, aff_img, KH,
-                           KW, DH, DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K, IN_AFFINE, IN_SILU)
-        a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+        amax, bad = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, aff_img,
+                                KH, KW, DH, DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K, IN_AFFINE, IN_SILU)
+        a_scale = dynamic_scale(amax, bad, AMAX_MIN, 127.0)
     else:
         a_scale = tl.load(a_scale_ptr)
 
@@ -333,7 +335,7 @@ def _fp8_k_range(k_begin, k_end, x_img, row_off, ih0, iw0, rn, w_ptr, smooth_ptr
         x = _gather_x(x_img, row_off, ih0, iw0, offs_k, k_end, H, W, stride_xc, stride_xh, stride_xw, x_img, KH, KW,
                       DH, DW, EVEN_K)
         x = _smoothed(x, offs_k, k_end, smooth_ptr, HAS_SMOOTH, KH * KW)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, a_div), -FMAX), FMAX)  # masked: x = 0 -> code 0
+        q = tl.minimum(tl.maximum(nan_to_zero(tl.math.div_rn(x, a_div)), -FMAX), FMAX)  # masked: x = 0 -> code 0
         a = tl.trans(to_e4m3(q, EMULATE_FP8))
         w_ptrs = w_ptr + offs_k[:, None] + rn[None, :] * stride_wn  # W^T tile [BLOCK_K, BLOCK_N]
         if EVEN_K:
@@ -362,9 +364,9 @@ def _fp8_conv2d_kernel(
     b, p, offs_n, p_mask, n_mask, rn, ih0, iw0, x_img, row_off = _conv_tile(
         x_ptr, N, Wo, HWo, PH, PW, TILES_PER_IMAGE, stride_xb, stride_xh, stride_xw, SH, SW, BLOCK_M, BLOCK_N)
     if PER_TOKEN:
-        amax = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, x_img, KH,
-                           KW, DH, DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K)
-        a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), FMAX)
+        amax, bad = _field_amax(x_img, row_off, ih0, iw0, K, H, W, stride_xc, stride_xh, stride_xw, smooth_ptr, x_img,
+                                KH, KW, DH, DW, BLOCK_M, BLOCK_K, HAS_SMOOTH, EVEN_K)
+        a_scale = dynamic_scale(amax, bad, AMAX_MIN, FMAX)
         a_div = a_scale[None, :]
     else:
         a_scale = tl.load(a_scale_ptr)

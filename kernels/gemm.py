@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, mul_sigmoid, next_pow2, round_half_even, round_to_bf16, row_abs_max, to_e4m3
+from ._common import (cdiv, dynamic_scale, interpreting, mul_sigmoid, nan_to_zero, next_pow2, round_half_even,
+                      round_to_bf16, row_abs_max, to_e4m3)
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -170,9 +171,9 @@ def _load_act_tile(a_ptr, rm, offs_k, K, stride_am, smooth_ptr, a_scale, zp,
                 s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
             x = tl.math.div_rn(x, s[None, :])
         if FUSE_QUANT == 1:
-            q = round_half_even(tl.math.div_rn(x, a_scale[:, None]))
+            q = nan_to_zero(round_half_even(tl.math.div_rn(x, a_scale[:, None])))
         else:
-            q = round_half_even(tl.math.div_rn(x, a_scale)) + zp.to(tl.float32)
+            q = nan_to_zero(round_half_even(tl.math.div_rn(x, a_scale))) + zp.to(tl.float32)
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
         if EVEN_K:
             a = q.to(tl.int8)
@@ -214,6 +215,7 @@ def _int8_act_gemm_kernel(
     if PER_TOKEN:
         if FUSE_QUANT == 1:  # per-token scale of the fp input, one extra pass over this block's rows
             amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            bad = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(a_ptr + rm[:, None] * stride_am + offs_k[None, :],
@@ -222,7 +224,8 @@ def _int8_act_gemm_kernel(
                     s = tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=1.0)
                     x = tl.math.div_rn(x, s[None, :])
                 amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            a_scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+                bad += tl.sum(x * 0.0, axis=1)
+            a_scale = dynamic_scale(amax, bad, AMAX_MIN, 127.0)
         else:
             a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)  # rows past M: never stored
     else:
@@ -283,7 +286,7 @@ def _int8_act_gemm_kernel(
         v = _round_to(y, VALUE_DTYPE)
         if OUT_HAS_SMOOTH:
             v = tl.math.div_rn(v, tl.load(out_smooth_ptr + offs_n, mask=n_mask, other=1.0)[None, :])
-        q = round_half_even(tl.math.div_rn(v, tl.load(out_scale_ptr)))
+        q = nan_to_zero(round_half_even(tl.math.div_rn(v, tl.load(out_scale_ptr))))
         if OUT_HAS_ZP:
             q = q + tl.load(out_zp_ptr).to(tl.float32)
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
@@ -376,8 +379,8 @@ def _quantize_act_int8_kernel(x_ptr, smooth_ptr, scale_ptr, zp_ptr, out_ptr, K, 
     if STATIC:
         scale = tl.load(scale_ptr)
     else:
-        amax = row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
-        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+        amax, bad = row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
+        scale = dynamic_scale(amax, bad, AMAX_MIN, 127.0)
         tl.store(scale_ptr + row, scale)
     zp = 0.0
     if HAS_ZP:
@@ -388,7 +391,7 @@ def _quantize_act_int8_kernel(x_ptr, smooth_ptr, scale_ptr, zp_ptr, out_ptr, K, 
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=mask, other=1.0))
-        q = round_half_even(tl.math.div_rn(x, scale)) + zp
+        q = nan_to_zero(round_half_even(tl.math.div_rn(x, scale))) + zp
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
         tl.store(o_row + offs, q.to(tl.int8), mask=mask)
 
@@ -505,8 +508,8 @@ def _quantize_act_fp8_kernel(x_ptr, smooth_ptr, scale_ptr, out_ptr, K, stride_xm
     if STATIC:
         scale = tl.load(scale_ptr)
     else:
-        amax = row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
-        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), FMAX)
+        amax, bad = row_abs_max(x_row, smooth_ptr, K, HAS_SMOOTH, BLOCK_K)
+        scale = dynamic_scale(amax, bad, AMAX_MIN, FMAX)
         tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
@@ -514,7 +517,7 @@ def _quantize_act_fp8_kernel(x_ptr, smooth_ptr, scale_ptr, out_ptr, K, stride_xm
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = tl.math.div_rn(x, tl.load(smooth_ptr + offs, mask=mask, other=1.0))
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
+        q = tl.minimum(tl.maximum(nan_to_zero(tl.math.div_rn(x, scale)), -FMAX), FMAX)
         tl.store(out_ptr + row * K + offs, to_e4m3(q, EMULATE_FP8), mask=mask)
 
 

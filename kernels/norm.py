@@ -19,7 +19,7 @@ to its dtype first), with the quantizers' own math (IEEE division, round half to
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2, round_half_even, round_to_bf16, to_e4m3
+from ._common import dynamic_scale, interpreting, nan_to_zero, next_pow2, round_half_even, round_to_bf16, to_e4m3
 
 AMAX_FLOOR = 1e-12
 FP8_MAX = 448.0
@@ -111,9 +111,10 @@ def _as_stored(n, y_ptr):
 def _store_codes(q_ptrs, y, qs, mask, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, QMAX: tl.constexpr):
     # (stores rather than returns: the two branches' element types differ)
     if FP8:
-        tl.store(q_ptrs, to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(y, qs), -QMAX), QMAX), EMULATE_FP8), mask=mask)
+        v = nan_to_zero(tl.math.div_rn(y, qs))
+        tl.store(q_ptrs, to_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX), EMULATE_FP8), mask=mask)
     else:
-        q = round_half_even(tl.math.div_rn(y, qs))
+        q = nan_to_zero(round_half_even(tl.math.div_rn(y, qs)))
         tl.store(q_ptrs, tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8), mask=mask)
 
 
@@ -140,7 +141,7 @@ def _layer_norm_quantize_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr
         tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
         if WRITE_CODES:
             amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-            qs = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), QMAX)
+            qs = dynamic_scale(amax, tl.sum(tl.where(mask, y * 0.0, 0.0), axis=0), AMAX_MIN, QMAX)
             _store_codes(q_row + offs, y, qs, mask, FP8, EMULATE_FP8, QMAX)
             tl.store(s_ptr + row, qs)
     else:  # wide rows: statistics, then y (and its amax), then the codes from y as written
@@ -157,6 +158,7 @@ def _layer_norm_quantize_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr
             acc += d * d
         rstd = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / K + eps)
         amax_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        bad = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             mask = offs < K
@@ -166,8 +168,9 @@ def _layer_norm_quantize_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr
                                    HAS_SCALE, HAS_SHIFT), y_ptr)
             tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
             amax_acc = tl.maximum(amax_acc, tl.where(mask, tl.abs(y), 0.0))
+            bad += tl.where(mask, y * 0.0, 0.0)
         if WRITE_CODES:
-            qs = tl.math.div_rn(tl.maximum(tl.max(amax_acc, axis=0), AMAX_MIN), QMAX)
+            qs = dynamic_scale(tl.max(amax_acc, axis=0), tl.sum(bad, axis=0), AMAX_MIN, QMAX)
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
                 mask = offs < K

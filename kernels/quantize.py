@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, round_half_even, row_abs_max
+from ._common import cdiv, dynamic_scale, nan_to_zero, next_pow2, round_half_even, row_abs_max
 
 AMAX_FLOOR = 1e-12
 
@@ -20,7 +20,7 @@ def _quantize_per_tensor_kernel(x_ptr, scale_ptr, zp_ptr, out_ptr, n, BLOCK: tl.
     scale = tl.load(scale_ptr)
     zp = tl.load(zp_ptr).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = round_half_even(tl.math.div_rn(x, scale)) + zp
+    q = nan_to_zero(round_half_even(tl.math.div_rn(x, scale))) + zp
     q = tl.minimum(tl.maximum(q, -128.0), 127.0)
     tl.store(out_ptr + offs, q.to(tl.int8), mask=mask)
 
@@ -41,19 +41,18 @@ def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, K, AMAX_MIN: tl.conste
         offs = tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
-        q = round_half_even(tl.math.div_rn(x, scale))
+        scale = dynamic_scale(tl.max(tl.abs(x), axis=0), tl.sum(x * 0.0, axis=0), AMAX_MIN, 127.0)
+        q = nan_to_zero(round_half_even(tl.math.div_rn(x, scale)))
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
         tl.store(o_row + offs, q.to(tl.int8), mask=mask)
     else:
-        amax = row_abs_max(x_row, x_row, K, False, BLOCK_K)
-        scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
+        amax, bad = row_abs_max(x_row, x_row, K, False, BLOCK_K)
+        scale = dynamic_scale(amax, bad, AMAX_MIN, 127.0)
         for start in range(0, K, BLOCK_K):
             offs = start + tl.arange(0, BLOCK_K)
             mask = offs < K
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            q = round_half_even(tl.math.div_rn(x, scale))
+            q = nan_to_zero(round_half_even(tl.math.div_rn(x, scale)))
             q = tl.minimum(tl.maximum(q, -128.0), 127.0)
             tl.store(o_row + offs, q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + row, scale)

@@ -32,7 +32,8 @@ import torch
 
 from . import _backend
 from ._checks import check_features, check_int8_zero_point, check_positive_finite, check_tensor, plain_number, same_device
-from .quantize import AMAX_FLOOR, div_exact, quantize_per_tensor_reference, quantize_per_token_reference
+from .quantize import (AMAX_FLOOR, div_exact, nan_to_zero, poison, quantize_per_tensor_reference,
+                       quantize_per_token_reference)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -165,12 +166,12 @@ def fp8_gemm_reference(a, w, a_scale, w_scale, bias, out_dtype: torch.dtype):
 
 def quantize_rows_fp8_reference(x, smooth):
     xf = _smoothed(x, smooth)
-    scale = div_exact(xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR), FP8_MAX)
-    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    scale = div_exact(xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR), FP8_MAX) + poison(xf)
+    return nan_to_zero(xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def quantize_static_fp8_reference(x, smooth, scale):
-    return (_smoothed(x, smooth) / scale.float().reshape(())).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return nan_to_zero(_smoothed(x, smooth) / scale.float().reshape(())).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def weight_only_gemm_reference(x, w, w_scale, bias, group_size: int, w_int4: bool):
@@ -569,7 +570,8 @@ def _check_act_scale(a_scale, M, device, like, name="a_scale"):
         raise ValueError(f"{name}: expected one scale per tensor ([1]) or per row ([M] or [M, 1], M={M}), "
                          f"got shape {tuple(a_scale.shape)}")
     _check_device(name, a_scale, device, like)
-    check_positive_finite(name, a_scale)
+    # (NaN: a quantizer's scale for a row with a NaN or Inf; the GEMM then gives that row NaN)
+    check_positive_finite(name, a_scale, allow_nan=True)
     return a_scale.reshape(-1).contiguous()
 
 

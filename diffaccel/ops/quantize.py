@@ -5,6 +5,10 @@ Numerics, identical in every backend so results are bit-exact:
   q = clamp(round_half_even(x_fp32 / scale) + zero_point, -128, 127)
 with true IEEE division (not a multiply by a reciprocal) and, per token,
   scale = max(amax(|x_fp32|), 1e-12) / 127.
+Non-finite input, the same in every backend: a dynamic row (token, pixel) holding a NaN or Inf gets
+a NaN scale (``poison``), so its dequantized output is NaN as it would be in float arithmetic
+(GPU and Triton max reductions drop NaN: left alone they would hide it); a NaN code is 0 (a
+static quantizer has no scale to poison: its NaN element reads as 0).
 """
 from __future__ import annotations
 
@@ -25,18 +29,29 @@ def div_exact(t: torch.Tensor, divisor: float) -> torch.Tensor:
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
 
 
+def poison(xf: torch.Tensor) -> torch.Tensor:
+    """sum(x * 0) over the last dim: +-0 for a finite row, NaN for one with a NaN or Inf. Added to a
+    row's scale (exact for finite rows); the kernels add the same sum."""
+    return (xf * 0.0).sum(dim=-1, keepdim=True)
+
+
+def nan_to_zero(v: torch.Tensor) -> torch.Tensor:
+    """A NaN code becomes 0 (casting NaN to int8 is undefined; the kernels' clamps drop it)."""
+    return torch.where(torch.isnan(v), torch.zeros_like(v), v)
+
+
 # -- the references (one per op) ---------------------------------------------------------
 
 def quantize_per_tensor_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    q = torch.round(x.float() / scale.float().reshape(())) + zero_point.reshape(()).float()
+    q = nan_to_zero(torch.round(x.float() / scale.float().reshape(()))) + zero_point.reshape(()).float()
     return q.clamp_(-128, 127).to(torch.int8)
 
 
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = div_exact(amax.clamp(min=AMAX_FLOOR), 127.0)
-    q = torch.round(xf / scale).clamp_(-128, 127).to(torch.int8)
+    scale = div_exact(amax.clamp(min=AMAX_FLOOR), 127.0) + poison(xf)
+    q = nan_to_zero(torch.round(xf / scale)).clamp_(-128, 127).to(torch.int8)
     return q, scale
 
 
