@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     p_demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p_demo.add_argument("--method", default="minmax", choices=["minmax", "qdiffusion", "tfmq", "mixdq"],
                         help="calibration method of the W8A8 recipe")
-    args, rest = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)  # (unknown options are errors: a misspelt --out-dir must not be dropped)
     if args.command == "info":
         import diffaccel
 

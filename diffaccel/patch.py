@@ -413,6 +413,10 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
     if meta is not None:
         raise ValueError(f"target: {prefix}{meta} is on the meta device (weights not loaded yet, or offloaded by an "
                          f"accelerate device_map); load the weights onto a device, then patch with quant")
+    if isinstance(backbone, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"target: a bare {type(backbone).__name__} cannot be replaced in place (patch swaps modules "
+                        f"inside the object you hold); use diffaccel.nn.quantize_module(layer, spec), or patch the "
+                        f"module that contains it")
     if isinstance(quant, (str, dquant.QuantSpec)):
         spec = dquant.resolve_spec(quant)
         # a module object that sits at several places is quantized once and replaced at all of them
@@ -588,6 +592,10 @@ def _describe(module: nn.Module) -> str:
 
 
 def _backend_of(module: nn.Module) -> str:
+    from .quant.recipe import BOSPrecomputed
+
+    if isinstance(module, BOSPrecomputed):  # (MixDQ's text path: the quantized layer it wraps runs)
+        module = module.layer
     op = getattr(module, "op_name", None)
     if op is None:
         return "n/a"
@@ -753,6 +761,37 @@ def _check_savable(owner, backbones, *args, **kwargs) -> None:
 
 # -- public ------------------------------------------------------------------------------
 
+_ENV_OFF = ("", "0", "false", "no", "off")
+_ENV_ON = ("1", "true", "yes", "on")
+
+
+def disabled_by_env() -> bool:
+    """DIFFACCEL_DISABLE set to 1 / true / yes / on (any case); unset, empty, 0 / false / no / off
+    leave patching on, and any other value is refused (a typo must not silently disable)."""
+    value = os.environ.get(ENV_DISABLE, "").strip().lower()
+    if value in _ENV_OFF:
+        return False
+    if value in _ENV_ON:
+        return True
+    raise ValueError(f"{ENV_DISABLE}: expected 1 / true / yes / on to disable, 0 / false / no / off (or unset) to "
+                     f"enable, got {os.environ[ENV_DISABLE]!r}")
+
+
+def _patterns(exclude) -> tuple:
+    """``exclude`` as a tuple of fnmatch patterns (one string would be read letter by letter: '*')."""
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude: expected a list or tuple of name patterns, got the string {exclude!r}; "
+                        f"write exclude=({exclude!r},)")
+    try:
+        patterns = tuple(exclude)
+    except TypeError:
+        raise TypeError(f"exclude: expected a list or tuple of name patterns, got {type(exclude).__name__}") from None
+    bad = next((p for p in patterns if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TypeError(f"exclude: expected name patterns (str), got {bad!r}")
+    return patterns
+
+
 def patch(target, *, attention=True, quant=None, solver=True, attention_quant=None,
           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, exclude=(),
           keep_originals: bool = True) -> PatchReport:
@@ -775,15 +814,25 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     keep_originals: keep the replaced float modules so ``unpatch`` can restore them (set False
         to free their memory; ``unpatch`` then refuses for those modules).
     """
-    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
-        report = PatchReport(notes=[f"{ENV_DISABLE}=1: patch is a no-op, nothing was changed"])
+    if disabled_by_env():
+        report = PatchReport(notes=[f"{ENV_DISABLE}={os.environ[ENV_DISABLE].strip()}: patch is a no-op, "
+                                    f"nothing was changed"])
         log.warning(report.notes[0])
         return report
     if attention_quant not in (None, "int8"):
         raise ValueError(f"attention_quant: expected None or 'int8', got {attention_quant!r}")
+    for name, flag in (("attention", attention), ("keep_originals", keep_originals)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    if not isinstance(solver, (bool, dict)):
+        raise TypeError(f"solver: expected True, False or a dict of patch_scheduler options, got {solver!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn: expected a callable (module, qualified_name) -> bool or None, got "
+                        f"{type(filter_fn).__name__} (name patterns go in exclude=)")
+    exclude = _patterns(exclude)
     info = _targets.resolve_target(target)
     quant_of = _quant_per_backbone(quant, info)
-    options = (bool(attention), _quant_key(quant), _solver_key(solver), attention_quant, filter_fn, tuple(exclude),
+    options = (attention, _quant_key(quant), _solver_key(solver), attention_quant, filter_fn, exclude,
                keep_originals)
 
     def select(module, fqn):
@@ -901,6 +950,7 @@ def unpatch(target) -> None:
             if solvers.unpatch_scheduler(target):
                 log.info("diffaccel.unpatch(%s): restored the scheduler's own step", type(target).__name__)
             return
+        _check_target_type(target)
         shared = _shared_by(target)
         if shared is not None:
             raise RuntimeError(f"target: {_describe_owner(*shared)}; unpatch that {type(shared[1]).__name__}, "
@@ -941,7 +991,14 @@ def is_patched(target) -> bool:
         return True
     if _targets.is_scheduler(target):
         return solvers.is_patched(target)
+    _check_target_type(target)
     return _shared_by(target) is not None  # a pipeline sharing a backbone with a patched one runs patched there
+
+
+def _check_target_type(target) -> None:
+    if not (isinstance(target, nn.Module) or _targets.is_pipeline(target)):
+        raise TypeError(f"target: expected a diffusers pipeline, a torch.nn.Module or a scheduler, got "
+                        f"{type(target).__name__}")
 
 
 def patch_report(target) -> Optional[PatchReport]:

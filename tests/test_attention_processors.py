@@ -325,3 +325,78 @@ def test_gpu_patched_model_fp16(name, quant):
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
     else:
         assert F.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item() >= 0.999
+
+
+def test_dispatcher_backend_runs_grouped_query_heads_through_sdpa():
+    """Cosmos3 calls the dispatcher with fewer key/value heads (enable_gqa=True); diffaccel's backend
+    raised NotImplementedError at every forward of the patched model. It runs torch SDPA now, as
+    the native backend would (the redirect processor does the same)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 12, 4, 16, generator=g)
+    k, v = (torch.randn(2, 12, 2, 16, generator=g) for _ in range(2))
+    got = dispatch_attention_fn(q, k, v, enable_gqa=True, backend=dispatcher_backend("int8"))
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         enable_gqa=True).transpose(1, 2)
+    assert torch.equal(got, ref)
+
+
+def test_patched_cosmos3_attention_with_grouped_query_heads_runs():
+    import diffaccel
+    from diffusers.models.transformers.transformer_cosmos3 import Cosmos3PackedMoTAttention
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Cosmos3PackedMoTAttention(hidden_size=32, head_dim=16, num_attention_heads=4,
+                                                  num_key_value_heads=2, attention_bias=False, rms_norm_eps=1e-6)
+
+        def forward(self, *args):
+            return self.attn(*args)
+
+    torch.manual_seed(0)
+    model = Wrap().eval()
+    args = (torch.randn(5, 32), torch.randn(7, 32), (torch.ones(5, 16), torch.zeros(5, 16), torch.ones(7, 16),
+                                                     torch.zeros(7, 16)))
+    with torch.no_grad():
+        ref = model(*args)
+        diffaccel.patch(model, solver=False)
+        out = model(*args)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _qk_rms_attention():
+    from diffusers.models.attention_processor import Attention
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(query_dim=32, heads=2, dim_head=16, qk_norm="rms_norm")
+
+        def forward(self, hidden_states):
+            return self.attn(hidden_states)
+
+    torch.manual_seed(0)
+    return Wrap().eval(), {"hidden_states": torch.randn(2, 12, 32)}
+
+
+@pytest.mark.parametrize("name", ["qk_rms_attention", "qwenimage"])
+def test_patched_attention_under_autocast_with_fp32_qk_norms(name):
+    """Under torch.autocast(bf16), RMS q/k norms return fp32 q and k while v stays bf16; torch SDPA
+    (an autocast op) casts all three to bf16, so the unpatched model runs. The patched one raised
+    'v: expected dtype float32 like q'. diffaccel's attention now casts as SDPA does; the outputs
+    agree to bf16 tolerance (3e-2)."""
+    import diffaccel
+    import tiny_models
+
+    model, inputs = _qk_rms_attention() if name == "qk_rms_attention" else tiny_models.qwenimage()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(**inputs)
+        ref = first[0] if isinstance(first, tuple) else getattr(first, "sample", first)
+        diffaccel.patch(model, solver=False)
+        second = model(**inputs)
+        out = second[0] if isinstance(second, tuple) else getattr(second, "sample", second)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)

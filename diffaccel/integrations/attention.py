@@ -94,12 +94,25 @@ def _attention_scores_skipped() -> bool:
 
 
 _DTYPE_FALLBACKS: set = set()  # dtypes already warned about
+_WARNED: set = set()  # other once-per-process warnings, by key
+
+
+def _autocast_like_sdpa(query, key, value):
+    """q, k, v as torch SDPA takes them inside an autocast region: cast to the autocast dtype. (RMS
+    q/k norms return fp32 under autocast while v stays bf16: SDPA runs that, so diffaccel must too.)"""
+    kind = query.device.type
+    if not torch.is_autocast_enabled(kind):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (query, key, value))
 
 
 def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, *, quant=None):
     """What the original processor's ``F.scaled_dot_product_attention`` call gives, run by diffaccel.
     A dtype the op does not take (a model cast to float64 to debug it) runs torch's SDPA, as the
     unpatched model would, with a warning the first time."""
+    query, key, value = _autocast_like_sdpa(query, key, value)
     if query.shape[2] == value.shape[2] and _attention_scores_skipped():
         return value
     if query.dtype not in FLOAT_DTYPES:
@@ -356,6 +369,7 @@ class DiffaccelRedirectProcessor(_DiffaccelProcessor):
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):
+        query, key, value = _autocast_like_sdpa(query, key, value)
         why = _sdpa_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.quant)
         if why is None:
             return _sdpa(query, key, value, attn_mask, is_causal, scale, quant=self.quant)
@@ -428,12 +442,19 @@ def _dispatch_fn(quant):
             raise NotImplementedError(f"dropout_p: diffaccel attention has no dropout, got {dropout_p}")
         if _parallel_config is not None:
             raise NotImplementedError("_parallel_config: context-parallel attention is not supported by diffaccel")
-        if enable_gqa and query.shape[2] != key.shape[2]:
-            raise NotImplementedError(f"enable_gqa: grouped-query attention ({query.shape[2]} query heads, "
-                                      f"{key.shape[2]} key heads) is not supported by diffaccel")
+        query, key, value = _autocast_like_sdpa(query, key, value)
         if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape[0] == query.shape[0] \
                 and attn_mask.shape[1] == key.shape[1]:
             attn_mask = attn_mask[:, None, None, :]  # [B, Lk] key padding, as the native backend reads it
+        if enable_gqa and query.shape[2] != key.shape[2] and not return_lse:
+            # grouped-query heads (Cosmos3): torch SDPA runs them natively, as the native backend would
+            if "gqa" not in _WARNED:
+                _WARNED.add("gqa")
+                log.warning("diffaccel: grouped-query attention (%d query heads, %d key/value heads) runs torch's "
+                            "SDPA", query.shape[2], key.shape[2])
+            return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value)),
+                                                  attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=True).transpose(1, 2)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         if return_lse:
             out, lse = attention_with_lse(q, k, v, attn_mask, is_causal, scale, quant=quant)
@@ -466,11 +487,18 @@ def dispatcher_backend(quant: Optional[str] = None):
         member._name_ = value.upper()
         member._value_ = value
         member.__objclass__ = AttentionBackendName
+        # pickled as this call, not as AttentionBackendName(value): a process loading a saved
+        # patched model (Flux keeps the member on its processors) has not registered it yet
+        member.__reduce_ex__ = functools.partial(_reduce_dispatcher_backend, quant)
         AttentionBackendName._value2member_map_[value] = member
     if member not in _AttentionBackendRegistry._backends:
         _AttentionBackendRegistry.register(member, constraints=[])(_dispatch_fn(quant))
     _DISPATCH_MEMBERS[quant] = member
     return member
+
+
+def _reduce_dispatcher_backend(quant, protocol):
+    return dispatcher_backend, (quant,)
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,6 +31,11 @@ def _float_tensor(name: str, t, shape: tuple) -> torch.Tensor:
     return t
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` that shares no storage with it."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
 def _positive(name: str, t: torch.Tensor) -> torch.Tensor:
     t = t.float()
     if not bool(torch.isfinite(t).all()):
@@ -151,7 +156,9 @@ class QuantLayerBase(nn.Module):
         spec = self.spec
         if smooth_k is not None and spec.act_dtype is None:
             raise ValueError("smooth: SmoothQuant scaling needs quantized activations; the spec is weight-only")
-        self.register_buffer("smooth", None if smooth_k is None else smooth_k.float().contiguous().to(device))
+        # (every tensor taken from the caller is copied: .float() / .contiguous() / .to() return the
+        # caller's own tensor when nothing changes, and a later edit of it must not reach this layer)
+        self.register_buffer("smooth", None if smooth_k is None else _own(smooth_k.float().to(device)))
         static = spec.act_dtype is not None and spec.act_mode == "static"
         if not static:
             for name, v in (("act_scale", act_scale), ("act_zero_point", act_zero_point), ("act_split", act_split)):
@@ -174,7 +181,7 @@ class QuantLayerBase(nn.Module):
         if act_scale.dim() != want_dim or act_scale.shape[0] < 1 or (parts == 2 and act_scale.shape[1] != 2):
             raise ValueError(f"act_scale: expected shape [T]{' x 2 (act_split)' if parts == 2 else ''} with T >= 1, "
                              f"got {tuple(act_scale.shape)}")
-        scale = _positive("act_scale", act_scale).contiguous().to(device)
+        scale = _own(_positive("act_scale", act_scale).to(device))
         zp = None
         if act_zero_point is not None:
             if not isinstance(act_zero_point, torch.Tensor) or act_zero_point.dtype.is_floating_point:
@@ -190,7 +197,7 @@ class QuantLayerBase(nn.Module):
             if spec.act_dtype != "int8" and bool((act_zero_point != 0).any()):
                 raise ValueError("act_zero_point: fp8 activations have no zero point")
             if bool((act_zero_point != 0).any()):
-                zp = act_zero_point.to(torch.int32).contiguous().to(device)
+                zp = _own(act_zero_point.to(torch.int32).to(device))
         self.register_buffer("act_scale", scale)
         self.register_buffer("act_zero_point", zp)
         wsum = None
@@ -212,7 +219,7 @@ class QuantLayerBase(nn.Module):
         return codes.sum(1, dtype=torch.int32).contiguous()
 
     def _set_bias(self, bias: Optional[torch.Tensor]):
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else _own(bias.detach().float()))
 
     # -- module plumbing ----------------------------------------------------------------------
 
@@ -251,7 +258,9 @@ class QuantLayerBase(nn.Module):
             self.memory_format = torch.contiguous_format
         for name, buf in list(self._buffers.items()):
             if buf is not None and buf.device != probe.device:
-                self._buffers[name] = buf.to(probe.device)
+                # a meta buffer can only get here through to_empty (a .to() of the meta probe above
+                # raised already): allocate it, uninitialised, as to_empty does
+                self._buffers[name] = torch.empty_like(buf, device=probe.device) if buf.is_meta else buf.to(probe.device)
         return self
 
     @property

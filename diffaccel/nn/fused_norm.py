@@ -118,9 +118,21 @@ def _adaln_classes() -> dict:
                 scale, shift = torch.chunk(emb, 2, dim=1)
                 return _modulated(self, x, scale, shift)
 
+        for cls in (FusedAdaLayerNormZero, FusedAdaLayerNormZeroSingle, FusedAdaLayerNormContinuous):
+            cls.__qualname__ = cls.__name__  # pickled by name: found through this module's __getattr__
         _ADALN.update({AdaLayerNormZero: FusedAdaLayerNormZero, AdaLayerNormZeroSingle: FusedAdaLayerNormZeroSingle,
                        AdaLayerNormContinuous: FusedAdaLayerNormContinuous})
     return _ADALN
+
+
+def __getattr__(name: str):
+    """The fused AdaLayerNorm classes by name (made on first use), so that pickle / torch.load find
+    them for a model saved with fused norms, in a process that has not patched anything yet."""
+    if name.startswith("FusedAdaLayerNorm"):
+        for cls in _adaln_classes().values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fused_class(norm: nn.Module) -> Optional[type]:

@@ -24,7 +24,10 @@ import inspect
 import json
 import logging
 import math
+import os
+import pathlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -126,6 +129,9 @@ class QuantRecipe:
     def save(self, path) -> None:
         from safetensors.torch import save_file
 
+        path = _check_path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"path: the directory {str(path.parent)!r} does not exist")
         tensors: dict[str, torch.Tensor] = {}
         layers = {}
         for name, lr in self.layers.items():
@@ -155,6 +161,7 @@ class QuantRecipe:
     def load(cls, path) -> "QuantRecipe":
         from safetensors import safe_open
 
+        path = _check_path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -303,6 +310,12 @@ def _batch_source(module: nn.Module) -> str:
     return "batch_size" if "batch_size" in params else "arg0"
 
 
+def _check_path(path) -> pathlib.Path:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__}")
+    return pathlib.Path(path)
+
+
 class StepState:
     """The index of the calibrated timestep the backbone is running at, as a 0-d int64 tensor on
     the model's device (``.index``), updated by a forward pre-hook on the backbone with device ops
@@ -340,25 +353,35 @@ class StepState:
 
     def installer(self, backbone: nn.Module):
         params = list(inspect.signature(backbone.forward).parameters)
-        position = params.index("timestep") if "timestep" in params else None
-
-        def hook(module, args, kwargs):
-            if "timestep" in kwargs:
-                t = kwargs["timestep"]
-            elif position is not None and len(args) > position:
-                t = args[position]
-            else:
-                raise RuntimeError("diffaccel: the quantized backbone needs its `timestep` argument to pick "
-                                   "the calibrated per-timestep parameters")
-            first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            device = first.device if first is not None else self.index.device
-            self.update(t, device)
+        hook = StepHook(self, params.index("timestep") if "timestep" in params else None)
 
         def install(target: nn.Module):
             handle = target.register_forward_pre_hook(hook, with_kwargs=True)
             return handle.remove
 
         return install
+
+
+class StepHook:
+    """The backbone's forward pre-hook that moves ``state`` to the call's timestep. An object rather
+    than a closure: ``copy.deepcopy`` of the patched backbone then copies it together with the layers
+    that read ``state`` (one copied state for both, so a copy follows its own timesteps, not the
+    original's), and ``torch.save`` can pickle it."""
+
+    def __init__(self, state: StepState, position: Optional[int]):
+        self.state = state
+        self.position = position  # of `timestep` among forward's positional parameters
+
+    def __call__(self, module, args, kwargs):
+        if "timestep" in kwargs:
+            t = kwargs["timestep"]
+        elif self.position is not None and len(args) > self.position:
+            t = args[self.position]
+        else:
+            raise RuntimeError("diffaccel: the quantized backbone needs its `timestep` argument to pick "
+                               "the calibrated per-timestep parameters")
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self.state.update(t, first.device if first is not None else self.state.index.device)
 
 
 class BOSPrecomputed(nn.Module):

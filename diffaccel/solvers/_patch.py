@@ -34,7 +34,15 @@ class SchedulerPatchResult:
     name: str  # the scheduler's class name
 
 
+def _check_scheduler(scheduler) -> None:
+    if isinstance(scheduler, type) or not (hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
+                                           and hasattr(scheduler, "__dict__")):
+        what = f"the class {scheduler.__name__}" if isinstance(scheduler, type) else type(scheduler).__name__
+        raise TypeError(f"scheduler: expected a diffusers scheduler instance, got {what}")
+
+
 def is_patched(scheduler) -> bool:
+    _check_scheduler(scheduler)
     return _STATE in vars(scheduler)
 
 
@@ -59,6 +67,7 @@ def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None, noise=None, see
     replays with new noise. Asking for philox on a scheduler whose steps never draw noise raises
     ValueError. On an instance already patched, given noise options replace the current ones.
     """
+    _check_scheduler(scheduler)
     name = type(scheduler).__name__
     noise_opt = _noise_option(scheduler, noise, seed)
     dc = None

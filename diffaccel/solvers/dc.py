@@ -271,9 +271,7 @@ class DCUniPCReference:
 
 # -- fitting the ratios -------------------------------------------------------------------------
 
-def _reference_states(scheduler, model_fn, latents, reference_steps):
-    ref = type(scheduler).from_config(scheduler.config)
-    ref.set_timesteps(reference_steps, device=latents.device)
+def _reference_states(ref, model_fn, latents):
     x = latents
     states = [x]
     with torch.no_grad():
@@ -345,12 +343,18 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
 
     few = type(scheduler).from_config(scheduler.config)
     few.set_timesteps(num_inference_steps, device=latents.device)
-    ref_sigmas, ref_states = _reference_states(scheduler, model_fn, latents, reference_steps)
+    ref = type(scheduler).from_config(scheduler.config)
+    ref.set_timesteps(reference_steps, device=latents.device)
     few_sigmas = _f64(few.sigmas)
-    if abs(ref_sigmas[0] - few_sigmas[0]) > 1e-6 * abs(few_sigmas[0]):
-        raise ValueError(f"reference_steps: the {reference_steps}-step schedule starts at sigma {ref_sigmas[0]:.6g}, "
+    first = _f64(ref.sigmas)[0]
+    if abs(first - few_sigmas[0]) > 1e-6 * abs(few_sigmas[0]):  # (checked before the reference's model calls)
+        raise ValueError(f"reference_steps: the {reference_steps}-step schedule starts at sigma {first:.6g}, "
                          f"the {num_inference_steps}-step one at {few_sigmas[0]:.6g} (timestep_spacing="
-                         f"{scheduler.config.timestep_spacing!r}); the same latents cannot start both")
+                         f"{scheduler.config.timestep_spacing!r}); the same latents cannot start both. With "
+                         f"'leading' spacing (SD1.5 / SDXL configs) the step counts start at different "
+                         f"timesteps: sample (and fit) with timestep_spacing='trailing', e.g. pipe.scheduler = "
+                         f"UniPCMultistepScheduler.from_config(pipe.scheduler.config, timestep_spacing='trailing')")
+    ref_sigmas, ref_states = _reference_states(ref, model_fn, latents)
 
     bad = [j for j, st in enumerate(ref_states) if not bool(torch.isfinite(st).all())]
     if bad:

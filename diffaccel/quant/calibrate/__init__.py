@@ -215,7 +215,11 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     if quantized:  # calibrating them would find only the layers the patch left in floating point
         raise CalibrationError(f"target: {len(quantized)} layers ({', '.join(quantized[:2])}, ...) are already quantized "
                                f"by diffaccel.patch; calibrate the float model (diffaccel.unpatch(target) first)")
-    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    try:
+        device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    except (RuntimeError, TypeError) as e:
+        raise CalibrationError(f"device: expected a torch device or a name like 'cuda:0' / 'cpu', got {device!r} "
+                               f"({e})") from None
     n_t = num_timesteps if num_timesteps is not None else 10**9
 
     training = {m: m.training for m in backbone.modules()}

@@ -111,6 +111,9 @@ def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | 
     """``data``: an iterable of forward-kwargs dicts, each holding ``timestep``."""
     if isinstance(data, dict):
         raise CalibrationError("data: expected an iterable of forward-kwargs dicts, got a single dict")
+    if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise CalibrationError(f"data: expected an iterable of forward-kwargs dicts (or prompts with a pipeline), "
+                               f"got {type(data).__name__}")
     groups: dict[float, list[dict]] = {}
     for i, item in enumerate(data):
         if not isinstance(item, dict):
