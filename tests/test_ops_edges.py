@@ -213,3 +213,17 @@ def test_quant_conv_takes_string_padding(padding, kernel, dilation):
     assert y.shape == conv(x).shape
     assert (y - conv(x)).abs().max() < 0.1
     assert "pads unevenly" in quantize_reason(nn.Conv2d(8, 16, 2, padding="same"), "w8a8")
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "fp8", "w4a16"])
+def test_a_quantized_layer_cast_to_float64_says_so(spec):
+    """layer.double() then a call: int8 / fp8 layers raised 'out_dtype: ...' (an argument the caller
+    never passed) and weight-only ones returned float64 from a bf16 kernel; all now name the cast,
+    and .float() brings the layer back."""
+    layer = QuantLinear.from_float(torch.nn.Linear(128, 16), spec)
+    x = torch.randn(2, 128)
+    expected = layer(x)
+    layer.double()
+    with pytest.raises(TypeError, match=r"^module: cast to torch.float64 \(e.g. .double\(\)\)"):
+        layer(x)
+    assert torch.equal(layer.float()(x), expected)

@@ -93,6 +93,14 @@ class QuantLayerBase(nn.Module):
                                  f"diffaccel.patch(..., exclude=[{where!r}])")
         return super().__getattr__(name)
 
+    def check_output_dtype(self) -> None:
+        """A layer cast to float64 (``model.double()``) has no kernel to run: say so, rather than
+        fail on an ``out_dtype`` argument the caller never passed (or, weight-only, return fp64)."""
+        if self.original_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"module: cast to {self.original_dtype} (e.g. .double()), but quantized layers output "
+                            f"float16, bfloat16 or float32; cast it back (.float()), or diffaccel.unpatch the model "
+                            f"to run it in {self.original_dtype}")
+
     def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):
         self.spec = spec
         self.gemm_n = N

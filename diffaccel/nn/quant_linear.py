@@ -56,6 +56,7 @@ class QuantLinear(QuantLayerBase):
         return mod
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: callers pass input=
+        self.check_output_dtype()
         if records_autograd(input):
             return straight_through(self, input, self._forward)
         return self._forward(input)
