@@ -227,3 +227,11 @@ def test_a_quantized_layer_cast_to_float64_says_so(spec):
     with pytest.raises(TypeError, match=r"^module: cast to torch.float64 \(e.g. .double\(\)\)"):
         layer(x)
     assert torch.equal(layer.float()(x), expected)
+
+
+def test_a_lazy_layer_is_refused_as_uninitialized():
+    """A LazyLinear's weight was reported as 'quantized or sharded by another library'."""
+    lazy = torch.nn.LazyLinear(8)
+    assert quantize_reason(lazy, "w8a8").startswith("weight is not initialized yet (a lazy module")
+    with pytest.raises(TypeError, match="weight is not initialized yet"):
+        QuantLinear.from_float(lazy, "w8a8")

@@ -472,6 +472,8 @@ _FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def float_weight_reason(module: nn.Module) -> Optional[str]:
     """Why ``module.weight`` is not a plain float tensor diffaccel can quantize (None: it is)."""
     weight = module.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "weight is not initialized yet (a lazy module: run one forward before quantizing it)"
     if weight.is_meta:
         return "weight is on the meta device"
     # torchao / NF4 / DTensor weights are tensor subclasses: their values are not a float matrix
