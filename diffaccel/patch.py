@@ -349,10 +349,19 @@ def _set_processor(module, processor) -> None:
         module.processor = processor
 
 
+# module -> the processor an undo entry just put back: an earlier entry for the same module (a
+# processor set since patching and picked up by patching again) then finds the user's processor
+# that this restored, and leaves it without a warning
+_RESTORED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _restore_processor(module, original, installed, qualified_name: str) -> None:
     from .integrations import attention as attn_integration
 
     current = module.processor
+    if _RESTORED.get(module) is current and current is not installed:
+        return
+    _RESTORED[module] = original
     if current is installed:
         if hasattr(original, "_attention_backend") and not attn_integration.is_diffaccel_processor(current):
             # set_attention_backend(...) after patching re-pointed our copy: the user's choice stays
