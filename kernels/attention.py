@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, next_pow2, round_half_even
+from ._common import cdiv, dynamic_scale, interpreting, nan_to_zero, next_pow2, round_half_even
 
 AMAX_FLOOR = 1e-12
 QUANT_BLOCK_M = 128  # Q rows per INT8 scale
@@ -330,8 +330,8 @@ def _quant_int8_block(X, Mean, Xq, Scale, s_xb, s_xh, s_xl, s_xd, b, h, pid_bh, 
         mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    scale = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)
-    qv = round_half_even(tl.math.div_rn(x, scale))
+    scale = dynamic_scale(amax, tl.sum(tl.sum(x * 0.0, axis=1), axis=0), AMAX_MIN, 127.0)
+    qv = nan_to_zero(round_half_even(tl.math.div_rn(x, scale)))
     qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
     tl.store(Xq + pid_bh * L * D + offs_l[:, None].to(tl.int64) * D + offs_d[None, :], qv.to(tl.int8), mask=ok)
     tl.store(Scale + pid_bh * n_blocks + blk, scale)

@@ -173,3 +173,31 @@ def test_ffn_up_next_layer_codes_read_nan_as_zero():
     assert (res["torch"][2] == -3).all()
     for b, q in res.items():
         assert torch.equal(q, res["torch"]), b
+
+
+def test_int8_attention_blocks_with_a_nan_give_nan_like_float_attention():
+    """INT8 Q/K per block of tokens: a NaN in a query makes its block's scale NaN (that block's
+    rows come out NaN; float attention has only the one row), a NaN in a key makes every row NaN,
+    as in float attention. The integers and scales equal the reference in every backend; before,
+    the Triton quantizer dropped the NaN and gave finite rows."""
+    from diffaccel.ops.attention import QUANT_BLOCK_M, attention_int8_debug
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 160, 16, generator=g)
+    k, v = (torch.randn(1, 2, 80, 16, generator=g) for _ in range(2))
+    q[0, 0, 3, 1] = NAN
+    ref = attention_int8_debug(q, k, v, backend="torch")
+    assert torch.isnan(ref["q_scale"][0, 0, 0]) and torch.isfinite(ref["q_scale"][0, 1]).all()
+    if "triton" in runnable_backends("attention_int8"):
+        tri = attention_int8_debug(q, k, v, backend="triton")
+        for name in ("q_int8", "q_scale", "k_int8", "k_scale"):
+            assert _same(tri[name], ref[name]), name
+    res = _each_backend("attention_int8", lambda: O.attention(q, k, v, quant="int8"))
+    for b, out in res.items():
+        block = torch.zeros(160, dtype=torch.bool)
+        block[:QUANT_BLOCK_M] = True  # the query block holding the NaN
+        assert torch.isnan(out[0, 0, block]).all() and torch.isfinite(out[0, 0, ~block]).all(), b
+        assert torch.isfinite(out[0, 1]).all(), b
+    k[0, 1, 70, 0] = NAN
+    for b, out in _each_backend("attention_int8", lambda: O.attention(q, k, v, quant="int8")).items():
+        assert torch.isnan(out[0, 1]).all(), b

@@ -27,7 +27,7 @@ import torch
 
 from . import _backend
 from ._checks import check_tensor, plain_number, same_device
-from .quantize import div_exact
+from .quantize import div_exact, nan_to_zero
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_MODES = (None, "int8")
@@ -94,8 +94,9 @@ def quantize_int8_blocks_reference(x: torch.Tensor, block: int, mean: Optional[t
     padded = torch.zeros(B, H, n_blocks * block, D, dtype=torch.float32, device=x.device)
     padded[:, :, :L] = xf
     blocks = padded.view(B, H, n_blocks, block * D)
-    scales = div_exact(blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR), 127.0)
-    qv = torch.round(blocks / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    # (a block holding a NaN or Inf gets a NaN scale and codes 0, as ops/quantize.py's rows do)
+    scales = div_exact(blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR), 127.0) + (blocks * 0.0).sum(dim=-1)
+    qv = nan_to_zero(torch.round(blocks / scales[..., None])).clamp_(-127, 127).to(torch.int8)
     return qv.view(B, H, n_blocks * block, D)[:, :, :L].contiguous(), scales
 
 
