@@ -70,6 +70,20 @@ def cuda_graph_replay(fn: Callable) -> Callable:
     return replay
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (--reps, --calls, --rounds, --samples): an int >= 1, so 0 is refused
+    at the command line rather than failing in statistics.median([]) after a model was built."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
 def is_smoke() -> bool:
     """True without CUDA (or with DIFFACCEL_BENCH_SMOKE=1): tiny shapes, one round, nothing recorded."""
     if os.environ.get(SMOKE_ENV, "0") == "1":

@@ -195,11 +195,13 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
 
 
 def main(argv=None) -> int:
+    from benchmarks._util import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sdxl,flux")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU; nothing is written")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]

@@ -36,8 +36,21 @@ set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"build gpu bench"}
+KNOWN_STAGES="build configs gemmcfg gpu bench host e2e static"
+for s in $STAGES; do  # a typo ("bnech", "build,bench") must not silently run nothing
+    [[ " $KNOWN_STAGES " == *" $s "* ]] || { echo "STAGES: unknown stage '$s' (known: $KNOWN_STAGES)"; exit 2; }
+done
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 exec > >(tee -a "$OUT/session.log") 2>&1
+TEE_PID=$!
+FAILED=""  # stages whose command failed or timed out: the exit status says so
+finish() {  # the last lines reach session.log before the device tool collects $OUT
+    local rc=$1
+    echo "== done after ${SECONDS}s${FAILED:+; failed:$FAILED}"
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
+    exit "$rc"
+}
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 TOTAL_LIMIT=${TOTAL_LIMIT:-560}
@@ -55,12 +68,13 @@ stage() {  # stage NAME LIMIT CMD...: run CMD under a time limit, report its exi
     DIFFACCEL_PYTEST_DEADLINE=$(( $(date +%s) + limit - 45 )) timeout --kill-after=10 "$limit" "$@"
     local rc=$?
     echo "== $name: rc=$rc after $((SECONDS - t0))s$([[ $rc == 124 || $rc == 137 ]] && echo ' (timed out)')"
+    (( rc != 0 )) && FAILED="$FAILED $name"
     return $rc
 }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheels failed"; exit 1; }
+        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || { echo "wheels failed"; finish 1; }
 fi
 
 {
@@ -83,9 +97,9 @@ print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")}
         tail -40 "$OUT/build.log"
         echo "== build: CUDA build failed; building C++ only (DIFFACCEL_SKIP_CUDA_BUILD=1)"
         DIFFACCEL_SKIP_CUDA_BUILD=1 stage build-cpp 180 \
-            python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+            python3 -m pip install -q --no-build-isolation --no-deps -e . || finish 1
     fi
-    python3 -m diffaccel info || exit 1
+    python3 -m diffaccel info || finish 1
 fi
 if want configs; then
     stage configs "${LIMIT_CONFIGS:-150}" python3 -m benchmarks.attention_configs --out "$OUT/attention-configs.json"
@@ -102,6 +116,8 @@ if want gpu && [[ ${GPU_BY_FILE:-1} == 1 ]]; then
     # largest files first (they hold the most GPU tests): the ones that start last get the least time
     # GPU_FILES narrows the stage to some test files (e.g. what changed since the last GPU run)
     export GPU_FILES=${GPU_FILES:-$(grep -l "mark.gpu" tests/*.py | tr '\n' ' ')}
+    for f in $GPU_FILES; do [[ -f $f ]] || { echo "GPU_FILES: no file $f"; finish 2; }; done
+    [[ -n ${GPU_FILES// /} ]] || { echo "GPU_FILES: empty"; finish 2; }
     stage gpu "${LIMIT_GPU:-300}" bash -c 'ls -S $GPU_FILES | xargs -P "${GPU_WORKERS:-6}" -I{} \
         sh -c "f=\$(basename {} .py); python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST -rfE \
                --junitxml=/tmp/gpu-tests/\$f.xml {} > /tmp/gpu-tests/\$f.log 2>&1"'
@@ -133,4 +149,4 @@ if want static; then
     stage static "${LIMIT_STATIC:-120}" python3 -m benchmarks.static_report --so "$SO" \
         --markdown "$OUT/static-report.md"
 fi
-echo "== done after ${SECONDS}s"
+finish "$([[ -n $FAILED ]] && echo 1 || echo 0)"

@@ -71,7 +71,7 @@ def value_checks_off():
         if not name.startswith("diffaccel.ops"):
             continue
         for attr, off in (("values_readable", lambda t: False), ("_value_checks_enabled", lambda t: False),
-                          ("check_positive_finite", lambda *a: None)):
+                          ("check_positive_finite", lambda *a, **k: None)):
             if hasattr(mod, attr):
                 saved.append((mod, attr, getattr(mod, attr)))
                 setattr(mod, attr, off)
@@ -303,11 +303,13 @@ def markdown(rows: list) -> str:
 
 
 def main(argv=None) -> int:
+    from benchmarks._util import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=None, help=f"comma-separated, of: {', '.join(CASES)} (all); with --gpu also "
                                                 f"{', '.join(GPU_ONLY_CASES)}")
-    p.add_argument("--calls", type=int, default=500)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=positive_int, default=500)
+    p.add_argument("--rounds", type=positive_int, default=7)
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("--gpu", action="store_true", help="on CUDA tensors, real launches (module docstring)")
     a = p.parse_args(argv)

@@ -21,6 +21,10 @@ nothing is estimated. The table goes into BENCHMARKS.md between <!-- quality:beg
 
   python benchmarks/quality.py                       # full table (slow on CPU)
   python benchmarks/quality.py --models unet --methods minmax --bits W8A8 --samples 50
+
+A partial run (a subset of --models / --methods / --bits) prints its table and writes nothing
+unless given --write (it would replace the whole committed table); an existing results file of
+the same date is replaced only with --overwrite.
 """
 from __future__ import annotations
 
@@ -131,17 +135,21 @@ def write_benchmarks_md(table: str, path: Path):
 
 
 def main(argv=None):
+    from _util import positive_int  # (benchmarks/ is on sys.path: this runs as a script)
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(ref.KINDS), choices=ref.KINDS)
     p.add_argument("--methods", nargs="+", default=["preset", *METHODS], choices=["preset", *METHODS])
     p.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
-    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--samples", type=positive_int, default=200)
     p.add_argument("--steps", type=int, default=ref.DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=ref.DEFAULT_GUIDANCE)
     p.add_argument("--calib-per-digit", type=int, default=2, help="calibration prompts per digit")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-write", action="store_true", help="print the table; leave BENCHMARKS.md and results/ alone")
+    p.add_argument("--write", action="store_true", help="record a partial run (a subset of models, methods or bits)")
+    p.add_argument("--overwrite", action="store_true", help="replace a results file of the same date")
     p.add_argument("--verbose", action="store_true", help="print each patch report")
     args = p.parse_args(argv)
     if args.threads:
@@ -172,10 +180,16 @@ def main(argv=None):
             "guidance": args.guidance, "calibration_prompts": 10 * args.calib_per_digit}
     table = format_table(results, meta)
     print(table)
-    if not args.no_write:
-        write_benchmarks_md(table, ROOT / "BENCHMARKS.md")
+    full = (set(args.models) == set(ref.KINDS) and set(args.methods) == {"preset", *METHODS}
+            and set(args.bits) == set(BITS))
+    if not args.no_write and not full and not args.write:
+        print("a partial run: BENCHMARKS.md and benchmarks/results/ left alone (--write records it)")
+    elif not args.no_write:
         tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
         out = ROOT / "benchmarks" / "results" / f"quality-{tag}-{meta['date']}.json"
+        if out.exists() and not args.overwrite:
+            raise SystemExit(f"quality.py: {out.relative_to(ROOT)} exists; pass --overwrite to replace it")
+        write_benchmarks_md(table, ROOT / "BENCHMARKS.md")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
         print(f"wrote BENCHMARKS.md and {out.relative_to(ROOT)}")

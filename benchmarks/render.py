@@ -119,7 +119,17 @@ def speedup_plot(results: dict, png: Path) -> Path:
 def render_section(results_dir: Path, output: Path, plots: bool = True) -> str:
     # speed results only (schema 1, as benchmarks/results.py and e2e.py write them); the quality
     # benchmark's files live beside them with their own table
-    files = [f for f in sorted(Path(results_dir).glob("*.json")) if json.loads(f.read_text()).get("schema") == SCHEMA]
+    if not Path(results_dir).is_dir():  # (a mistyped --results-dir must not blank the committed tables)
+        raise SystemExit(f"benchmarks.render: --results-dir {str(results_dir)!r} is not a directory")
+    files = []
+    for f in sorted(Path(results_dir).glob("*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"benchmarks.render: {f} is not valid JSON ({e}); a run killed mid-write leaves such "
+                             f"a file: restore it from git or remove it") from None
+        if isinstance(data, dict) and data.get("schema") == SCHEMA:
+            files.append(f)
     if not files:
         return EMPTY
     out = []

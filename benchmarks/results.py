@@ -70,11 +70,15 @@ def _case_from_bench(bench: dict, source: str) -> dict:
     if extra.get("smoke"):
         raise ResultsError(f"{source}: {name} is a smoke measurement (no CUDA or DIFFACCEL_BENCH_SMOKE=1); "
                            "smoke runs are never recorded")
+    if extra.get("outcome") != "passed":
+        raise ResultsError(f"{source}: {name} " + (f"{extra['outcome']} its checks after being timed" if
+                           extra.get("outcome") else "has no recorded outcome (benchmarks/conftest.py records "
+                           "it)") + ": only cases that passed are recorded (--drop-failed leaves it out)")
     impl = extra["impl"]
     if not (is_ours(impl) or is_baseline(impl)):
         raise ResultsError(f"{source}: {name} has impl {impl!r}: expected 'diffaccel[:backend]' or 'baseline:<name>'")
     stats = bench.get("stats") or {}
-    if not stats.get("rounds") or stats.get("median") is None:
+    if not stats.get("rounds") or any(stats.get(k) is None for k in ("median", "mean", "stddev")):
         raise ResultsError(f"{source}: {name} has no timing data (was it run with --benchmark-disable?)")
     inner = int(extra.get("inner_calls") or 1)
     median_s = stats["median"] / inner
@@ -91,25 +95,38 @@ def _case_from_bench(bench: dict, source: str) -> dict:
     }
 
 
-def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: bool = False) -> dict:
+def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: bool = False,
+            drop_failed: bool = False) -> dict:
     """[(source name, pytest-benchmark JSON dict)] -> a results dict (raises ResultsError).
     ``drop_unpaired``: leave out (and list under "dropped") the diffaccel cases whose baselines did
-    not run, as when a run was stopped at its time limit, instead of refusing the whole run."""
+    not run, as when a run was stopped at its time limit, instead of refusing the whole run.
+    ``drop_failed``: leave out (and list under "failed") the cases that failed their checks after
+    being timed, instead of refusing the run."""
     raws = list(raws)
     if not raws:
         raise ResultsError("no raw benchmark files given")
-    envs, cases, commits, dates = [], [], set(), set()
+    envs, cases, commits, dates, failed = [], [], set(), set(), []
     for source, raw in raws:
         env = _env(raw, source)
         if env.get("smoke") or not env.get("device"):
             raise ResultsError(f"{source}: a CPU smoke run (no CUDA device): nothing was measured on a GPU, "
                                "so nothing is recorded")
+        if not isinstance(env["device"], dict) or not env["device"].get("name"):
+            raise ResultsError(f"{source}: machine_info's device has no name: {env['device']!r}")
+        if env.get("triton_interpret"):
+            raise ResultsError(f"{source}: ran with TRITON_INTERPRET=1 (Triton kernels in the CPU interpreter): "
+                               "unset it and run again")
         benches = raw.get("benchmarks") or []
         if not benches:
             raise ResultsError(f"{source}: holds no benchmarks: pass --benchmark-enable "
                                "(pyproject's addopts disable benchmarks) and check that tests ran")
         envs.append((source, env))
-        cases += [_case_from_bench(b, source) for b in benches]
+        for b in benches:
+            outcome = (b.get("extra_info") or {}).get("outcome")
+            if drop_failed and outcome not in ("passed", None):
+                failed.append(b.get("fullname") or b.get("name", "?"))
+                continue
+            cases.append(_case_from_bench(b, source))
         info = raw.get("commit_info") or {}
         sha = info.get("id")
         # pytest-benchmark writes 'unversioned' / 'unknown' when git was absent or failed
@@ -124,11 +141,12 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: 
     if commit is not None and not re.fullmatch(r"[0-9a-f]{7,40}", commit):
         raise ResultsError(f"--commit: expected a git sha, got {commit!r}")
     explicit = commit is not None
+    ids = {c for c, _ in commits}
+    if len(ids) > 1:  # (--commit corrects a stale sha; it does not join runs of different trees)
+        raise ResultsError(f"inputs come from different commits ({sorted(map(str, ids))}): record them separately")
     if commit is None:
-        ids = {c for c, _ in commits}
-        if len(ids) != 1 or None in ids:
-            raise ResultsError(f"commit unknown or mixed across inputs ({sorted(map(str, ids))}): "
-                               "run from a git checkout or pass --commit SHA")
+        if None in ids:
+            raise ResultsError("commit unknown (no git checkout in the run): pass --commit SHA")
         commit = ids.pop()
     # an explicit --commit names the tree that was measured; the raw files' dirty flag then describes
     # whatever checkout the run saw (the device tool's copies carry the session's starting .git)
@@ -155,7 +173,8 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: 
         raise ResultsError(f"{len(lacking)} diffaccel case(s) have no baseline measured in the same run: {listed} "
                            "(--drop-unpaired leaves them out)")
     if not any(is_ours(c["impl"]) for c in cases):
-        raise ResultsError("the run holds baselines only: no diffaccel measurement to record")
+        raise ResultsError("no diffaccel measurement to record" + (" after dropping the unpaired ones"
+                                                                     if dropped else " (the run holds baselines only)"))
 
     return {
         "schema": SCHEMA, "device": env["device"], "torch": env.get("torch"), "triton": env.get("triton"),
@@ -163,6 +182,7 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: 
         "date": dates.pop(), "source": [Path(s).name for s, _ in raws],
         "cases": sorted(cases, key=lambda c: case_key(c) + (not is_ours(c["impl"]), c["impl"])),
         **({"dropped": dropped} if dropped else {}),
+        **({"failed": failed} if failed else {}),
     }
 
 
@@ -196,17 +216,24 @@ def main(argv: Optional[list] = None) -> int:
                                     "stale one (its dirty flag is then not used)")
     p.add_argument("--drop-unpaired", action="store_true",
                    help="leave out diffaccel cases whose baselines did not run (a run stopped at its time limit)")
+    p.add_argument("--drop-failed", action="store_true",
+                   help="leave out cases that failed their checks after being timed (listed in the file)")
     args = p.parse_args(argv)
     try:
         raws = []
         for name in args.raw:
             try:
-                raws.append((name, json.loads(Path(name).read_text())))
+                raw = json.loads(Path(name).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise ResultsError(f"{name}: cannot read a JSON file ({e})") from e
-        results = convert(raws, commit=args.commit, drop_unpaired=args.drop_unpaired)
+            if not isinstance(raw, dict):
+                raise ResultsError(f"{name}: expected a pytest-benchmark JSON object, got a {type(raw).__name__}")
+            raws.append((name, raw))
+        results = convert(raws, commit=args.commit, drop_unpaired=args.drop_unpaired, drop_failed=args.drop_failed)
         for name in results.get("dropped", []):
             print(f"benchmarks.results: left out (no baseline in this run): {name}", file=sys.stderr)
+        for name in results.get("failed", []):
+            print(f"benchmarks.results: left out (failed its checks): {name}", file=sys.stderr)
         path = write(results, Path(args.out_dir), overwrite=args.overwrite)
     except ResultsError as e:
         print(f"benchmarks.results: refused: {e}", file=sys.stderr)

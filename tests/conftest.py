@@ -41,13 +41,3 @@ def _no_forced_backend(monkeypatch):
     """Tests choose backends explicitly; an exported DIFFACCEL_BACKEND must not leak in."""
     monkeypatch.delenv("DIFFACCEL_BACKEND", raising=False)
     monkeypatch.delenv("DIFFACCEL_DISABLE", raising=False)
-
-
-def runnable_backends(op_name: str, device: str = "cpu") -> list:
-    """Backends that can run ``op_name`` on ``device`` here (for parametrising tests)."""
-    import torch as _torch
-
-    from diffaccel.ops import _backend
-
-    dev = _torch.device(device)
-    return [b for b in _backend.BACKENDS if _backend._why_not(_backend.registered_ops()[op_name], b, dev) is None]

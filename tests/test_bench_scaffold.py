@@ -18,12 +18,12 @@ DEVICE = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79
 
 
 def _bench(impl, median_s, *, case="per_token", shape="4096x1280", dtype="fp16", inner=1, flops=None,
-           nbytes=None, smoke=False):
+           nbytes=None, smoke=False, outcome="passed"):
     return {
         "group": f"quantize/{case}", "name": f"test_{case}[{shape}-{dtype}-{impl}]",
         "fullname": f"benchmarks/bench_quantize.py::test_{case}[{shape}-{dtype}-{impl}]",
         "extra_info": {"family": "quantize", "case": case, "shape": shape, "dtype": dtype, "impl": impl,
-                       "flops": flops, "bytes": nbytes, "smoke": smoke, "inner_calls": inner},
+                       "flops": flops, "bytes": nbytes, "smoke": smoke, "inner_calls": inner, "outcome": outcome},
         "stats": {"min": median_s, "max": median_s * 1.2, "mean": median_s * 1.05, "stddev": median_s * 0.01,
                   "rounds": 30, "median": median_s, "iterations": 1},
     }
@@ -82,6 +82,12 @@ def test_convert_good_run(tmp_path):
     (lambda r: r["benchmarks"].append(copy.deepcopy(r["benchmarks"][0])), "measured twice"),
     (lambda r: r["commit_info"].update(id=None), "--commit"),
     (lambda r: r["commit_info"].update(id="unversioned"), "--commit"),
+    # a case that failed its output check after measure() kept its timing in pytest-benchmark's JSON
+    (lambda r: r["benchmarks"][0]["extra_info"].update(outcome="failed"), "failed its checks after being timed"),
+    (lambda r: r["benchmarks"][0]["extra_info"].pop("outcome"), "no recorded outcome"),
+    # a GPU run with an inherited TRITON_INTERPRET=1 timed the interpreter
+    (lambda r: r["machine_info"]["diffaccel_env"].update(triton_interpret=True), "TRITON_INTERPRET=1"),
+    (lambda r: r["machine_info"]["diffaccel_env"].update(device={"capability": "9.0"}), "device has no name"),
 ])
 def test_convert_refusals(mutate, message):
     raw = _raw(copy.deepcopy(GOOD))
@@ -111,6 +117,18 @@ def test_commit_given_by_hand():
     assert results.convert([("raw.json", raw)], commit="abcdef1")["commit"] == "abcdef1"
     with pytest.raises(results.ResultsError, match="--commit: expected a git sha"):
         results.convert([("raw.json", raw)], commit="HEAD")
+    # --commit corrects a stale sha; it does not join runs made from different trees (it used to)
+    a, b = _raw(copy.deepcopy(GOOD[:3]), commit="1111111"), _raw(copy.deepcopy(GOOD[3:]), commit="2222222")
+    with pytest.raises(results.ResultsError, match="different commits"):
+        results.convert([("a.json", a), ("b.json", b)], commit="abcdef1")
+
+
+def test_drop_failed_lists_the_cases_it_leaves_out():
+    raw = _raw(copy.deepcopy(GOOD))
+    raw["benchmarks"][3]["extra_info"]["outcome"] = "failed"
+    res = results.convert([("raw.json", raw)], drop_failed=True)
+    assert res["failed"] == ["benchmarks/bench_quantize.py::test_per_tensor[4096x1280-fp16-diffaccel:cuda]"]
+    assert ("per_tensor", "diffaccel:cuda") not in {(c["case"], c["impl"]) for c in res["cases"]}
 
 
 def test_convert_refuses_mixed_devices():
@@ -155,10 +173,17 @@ def test_render_tables_and_plot(tmp_path):
 def test_render_without_results_and_bad_markers(tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(PROSE)
+    (tmp_path / "empty").mkdir()
     text = render.render(tmp_path / "empty", md)
     assert f"{render.BEGIN}\n{render.EMPTY}\n{render.END}" in text and "More prose." in text
     md.write_text("# Benchmarks\nno markers\n")
     with pytest.raises(results.ResultsError, match="results:begin"):
+        render.render(tmp_path / "empty", md)
+    # a mistyped --results-dir used to render "no measurements" over the committed tables
+    with pytest.raises(SystemExit, match="is not a directory"):
+        render.render(tmp_path / "missing", md)
+    (tmp_path / "empty" / "cut.json").write_text('{"schema": 1, "cases": [')  # a run killed mid-write
+    with pytest.raises(SystemExit, match="cut.json is not valid JSON"):
         render.render(tmp_path / "empty", md)
 
 
@@ -190,6 +215,7 @@ def test_quantize_smoke_run_is_recorded_as_smoke_and_refused(tmp_path):
     assert {"diffaccel:triton", "baseline:torch-eager"} <= impls
     assert all(b["group"].startswith("quantize/") and b["extra_info"]["bytes"] > 0 for b in data["benchmarks"])
     assert data["machine_info"]["diffaccel_env"]["smoke"] is True
+    assert {b["extra_info"].get("outcome") for b in data["benchmarks"]} == {"passed"}  # (conftest records it)
     with pytest.raises(results.ResultsError, match="smoke run"):
         results.convert([(str(raw), data)])
 
@@ -270,3 +296,42 @@ def test_host_overhead_gpu_mode_code_runs_on_cpu():
     assert ho.markdown_gpu(rows).count("\n") == len(rows) + 1
     assert set(ho.CASE_OPS) == set(ho.CASES) | set(ho.GPU_ONLY_CASES)
     assert ho._int8_gemm_codes(8, 32, 48)().shape == (8, 32)  # the GPU-only case's call, small
+
+
+def test_gpu_session_refuses_unknown_stages_and_exits_nonzero_when_a_stage_fails(tmp_path):
+    """A typo in STAGES ("bnech", "build,bench") ran nothing and exited 0; failed stages ended in
+    exit 0 too. Here the host stage fails (no GPU), and the last line still reaches session.log."""
+    script = str(REPO / "benchmarks" / "gpu_session.sh")
+    env = dict(os.environ, OUT=str(tmp_path / "out dir"), STAGES="build,bench")
+    proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "STAGES: unknown stage 'build,bench'" in proc.stdout
+    env.update(STAGES="host", TOTAL_LIMIT="100", LIMIT_HOST="60")
+    proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert (tmp_path / "out dir" / "session.log").read_text().rstrip().endswith("failed: host")
+
+
+def test_a_partial_quality_run_leaves_the_committed_table_alone():
+    """The documented quick command (one model, one method) replaced the whole quality table in
+    BENCHMARKS.md (42 rows -> 2) and wrote a results file; it now prints and writes nothing
+    without --write. Also: counts of 0 are refused at the command line (e2e --reps, host_overhead
+    --calls / --rounds, quality --samples)."""
+    before = (REPO / "BENCHMARKS.md").read_text()
+    results_before = sorted(p.name for p in (REPO / "benchmarks" / "results").iterdir())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--models", "unet", "--methods", "preset",
+                           "--bits", "W8A8", "--samples", "2", "--steps", "2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a partial run: BENCHMARKS.md and benchmarks/results/ left alone" in proc.stdout
+    assert (REPO / "BENCHMARKS.md").read_text() == before
+    assert sorted(p.name for p in (REPO / "benchmarks" / "results").iterdir()) == results_before
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--samples", "0"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--samples: expected a positive int, got 0" in proc.stderr
+    from benchmarks import e2e, host_overhead
+
+    for module, flag in ((e2e, "--reps"), (host_overhead, "--calls"), (host_overhead, "--rounds")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([flag, "0"])
+        assert exit_info.value.code == 2

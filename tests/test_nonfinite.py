@@ -14,7 +14,11 @@ import torch
 import diffaccel.ops as O
 from diffaccel.ops import _backend, use_backend
 
-from conftest import runnable_backends
+
+def runnable_backends(op_name: str) -> list:
+    """The backends that run ``op_name`` on CPU here (torch; Triton in its interpreter; the _C loops)."""
+    cpu = torch.device("cpu")
+    return [b for b in _backend.BACKENDS if _backend._why_not(_backend.registered_ops()[op_name], b, cpu) is None]
 
 NAN, INF = float("nan"), float("inf")
 
