@@ -200,8 +200,12 @@ def kernel_modules(package: Optional[str] = None, names: Optional[Iterable[str]]
     """The public modules of the kernels package (files starting with '_' are helpers), or ``names``."""
     package = package or kernels_package()
     pkg = importlib.import_module(package)
+    known = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
     if names is None:
-        names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+        names = known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ReportError(f"--module: no kernels module {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
     return [importlib.import_module(f"{package}.{n}") for n in names]
 
 
@@ -508,6 +512,16 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a hot kernel spills or lacks expected tensor cores")
     p.add_argument("--check-archs", help="only check that _C holds SASS for these archs, e.g. 80,89,90a")
     args = p.parse_args(argv)
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if args.triton_only and args.cuda_only:
+        p.error("--triton-only and --cuda-only together leave nothing to report")
+    if not args.cuda_only and not args.check_archs and not archs:
+        p.error(f"--archs: expected Triton targets such as 80,89,90a, got {args.archs!r}")
+    for a in archs:
+        try:
+            arch_name(a)
+        except ValueError as e:
+            p.error(f"--archs: {e}")
     # Under TRITON_INTERPRET=1 @triton.jit builds interpreter objects that cannot be compiled. Only
     # the command does this (before it imports any kernel): importing this module must not change
     # the environment of a test session that runs Triton in the interpreter.
@@ -529,7 +543,7 @@ def main(argv: Optional[list] = None) -> int:
         triton_rows = cuda = None
         if not args.cuda_only:
             modules = kernel_modules(names=args.module)
-            triton_rows = triton_report([a for a in args.archs.split(",") if a.strip()], modules)
+            triton_rows = triton_report(archs, modules)
         if not args.triton_only:
             cuda = cuda_report(args.so or default_so())
     except ReportError as e:

@@ -124,6 +124,26 @@ def test_importing_the_report_leaves_the_interpreter_setting_alone():
     assert os.environ.get("TRITON_INTERPRET") == expected
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--archs", ","], "--archs: expected Triton targets"),
+    (["--archs", "75x"], "--archs: arch: expected something like 80"),
+    (["--triton-only", "--cuda-only"], "leave nothing to report"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
+    """--archs , / --triton-only --cuda-only passed --check with nothing checked (exit 0); --archs
+    75x raised a ValueError traceback."""
+    with pytest.raises(SystemExit) as e:
+        sr.main(argv + ["--check"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_module_is_named(capsys, monkeypatch):
+    # (main drops TRITON_INTERPRET for the compiles it runs: monkeypatch puts the session's value back)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    assert sr.main(["--module", "nope", "--triton-only"]) == 2  # (was ModuleNotFoundError)
+    assert "--module: no kernels module 'nope'" in capsys.readouterr().err
+
+
 def test_arch_names():
     assert [sr.arch_name(a) for a in ("80", "sm_89", "9.0a", "90a")] == ["sm_80", "sm_89", "sm_90a", "sm_90a"]
     with pytest.raises(ValueError, match="arch"):
