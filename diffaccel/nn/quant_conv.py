@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffaccel.ops import conv as CV
+from diffaccel.ops._checks import plain_number
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
@@ -56,6 +57,7 @@ class QuantConv2d(QuantLayerBase):
         if weight is not None:
             w0 = _float_tensor("weight", weight, tuple(conv.weight.shape))
         mod = cls(C, N, conv.kernel_size, conv.stride, explicit_padding(conv), conv.dilation, spec, conv.weight.dtype)
+        act_split = plain_number(act_split)
         if act_split is not None:
             if isinstance(act_split, bool) or not isinstance(act_split, int) or not 0 < act_split < C:
                 raise ValueError(f"act_split: expected an int channel index in (0, {C}), got {act_split!r}")

@@ -27,7 +27,7 @@ import torch
 
 from . import _backend
 from ._checks import check_tensor, plain_number, same_device
-from .quantize import div_exact, nan_to_zero
+from .quantize import div_exact, nan_to_zero, poison
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_MODES = (None, "int8")
@@ -95,7 +95,7 @@ def quantize_int8_blocks_reference(x: torch.Tensor, block: int, mean: Optional[t
     padded[:, :, :L] = xf
     blocks = padded.view(B, H, n_blocks, block * D)
     # (a block holding a NaN or Inf gets a NaN scale and codes 0, as ops/quantize.py's rows do)
-    scales = div_exact(blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR), 127.0) + (blocks * 0.0).sum(dim=-1)
+    scales = div_exact(blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR), 127.0) + poison(blocks)[..., 0]
     qv = nan_to_zero(torch.round(blocks / scales[..., None])).clamp_(-127, 127).to(torch.int8)
     return qv.view(B, H, n_blocks * block, D)[:, :, :L].contiguous(), scales
 

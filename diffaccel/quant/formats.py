@@ -19,12 +19,12 @@ Weights are symmetric, per output channel (``weight_group_size=None``) or per gr
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 import torch
 
+from diffaccel.ops._checks import plain_number
 from diffaccel.ops.quantize import div_exact
 
 WEIGHT_DTYPES = ("int8", "int4", "fp8_e4m3", "fp4_e2m1")
@@ -55,7 +55,7 @@ class QuantSpec:
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype: expected one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
         if self.weight_group_size is not None:  # (a numpy integer is kept as the int it stands for)
-            object.__setattr__(self, "weight_group_size", _as_int(self.weight_group_size))
+            object.__setattr__(self, "weight_group_size", plain_number(self.weight_group_size))
         if self.weight_group_size not in GROUP_SIZES or type(self.weight_group_size) not in (int, type(None)):
             raise ValueError(f"weight_group_size: expected one of {GROUP_SIZES}, got {self.weight_group_size!r}")
         if self.act_dtype not in ACT_DTYPES:
@@ -138,18 +138,10 @@ def resolve_spec(spec: Union[QuantSpec, str]) -> QuantSpec:
 
 # -- weight encodings ---------------------------------------------------------------------
 
-def _as_int(value):
-    """``value`` as a python int if it is an integer (numpy's included; bools are not), else unchanged:
-    16.0 or "16" then fail the caller's membership or range check."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        return value
-    return operator.index(value)
-
-
 def _grouped(w: torch.Tensor, group_size: Optional[int]) -> torch.Tensor:
     """[N, K] -> [N, G, g] (G = 1, g = K per channel)."""
     n, k = w.shape
-    g = k if group_size is None else _as_int(group_size)
+    g = k if group_size is None else plain_number(group_size)  # (16.0 or "16" then fail: not an int)
     if type(g) is not int or g <= 0:
         raise ValueError(f"group_size: expected a positive int or None, got {group_size!r}")
     if k % g:
@@ -240,9 +232,10 @@ def quantize_weight_fp4(w: torch.Tensor, group_size: int):
     _check_weight(w)
     wg = _grouped(w.float(), group_size)
     amax = wg.abs().amax(dim=-1, keepdim=True)
-    if w.numel() and float(amax.max()) / 6.0 > FP16_MAX:  # the group scale would be fp16 inf
+    largest = float(amax.max()) if w.numel() else 0.0  # (one read; w is finite: _check_weight)
+    if largest / 6.0 > FP16_MAX:  # the group scale would be fp16 inf
         raise ValueError(f"weight: fp4_e2m1 stores group scales in float16, so |w| must stay <= 6 * {FP16_MAX:g}; "
-                         f"got max |w| = {float(amax.max()):g}")
+                         f"got max |w| = {largest:g}")
     scale = div_exact(amax.clamp(min=FP4_AMAX_FLOOR), 6.0).to(torch.float16)
     codes = _fp4_encode(wg / scale.float()).reshape(w.shape)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
