@@ -29,20 +29,58 @@ MAX_INNER_CALLS = 1000
 GPU_ROUNDS = 30
 
 
+DEADLINE_ENV = "DIFFACCEL_PYTEST_DEADLINE"  # unix time, set per stage by gpu_session.sh: start nothing after it
+
+
+def stage_deadline() -> Optional[float]:
+    """The unix time after which a time-limited stage (gpu_session.sh) starts no new case, or None."""
+    value = os.environ.get(DEADLINE_ENV)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{DEADLINE_ENV}: expected a unix time in seconds, got {value!r}") from None
+
+
+def past_deadline() -> bool:
+    deadline = stage_deadline()
+    return deadline is not None and time.time() >= deadline
+
+
+def write_json(path, doc) -> None:
+    """Write ``doc`` whole or not at all (a file half written when the stage is killed would be
+    unreadable): tools that save after every case call this each time."""
+    import json
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
 def run_in_child(module: str, function: str, args: tuple, timeout: int, env: Optional[dict] = None):
     """``module.function(*args)`` (JSON-able in and out) in a fresh Python process, so a kernel that
     faults (an illegal memory access poisons its whole CUDA context) fails that call alone.
-    Returns (result, None), or (None, the end of its output) when it failed or ran out of time."""
+    Returns (result, None), or (None, the end of its output) when it failed or ran out of time.
+    Under a stage deadline the child gets at most the time left before it, so no child outlives the
+    stage (whose own limit ends 45 s after the deadline), and none starts once it has passed."""
     import json
     import subprocess
     import sys
 
+    deadline = stage_deadline()
+    if deadline is not None:
+        left = deadline - time.time()
+        if left <= 1:
+            return None, f"not run: the stage deadline ({DEADLINE_ENV}) had passed"
+        timeout = min(timeout, left)
     code = f"import json, {module} as m; print('RESULT', json.dumps(m.{function}(*{tuple(args)!r})))"
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                            env=env)
     except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout} s"
+        return None, f"timed out after {timeout:.0f} s"
     out = p.stdout + p.stderr
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if p.returncode == 0 and lines:

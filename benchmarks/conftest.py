@@ -6,7 +6,6 @@ measure``). Each run records the GPU, torch/triton/CUDA versions and the smoke f
 machine_info, which ``python -m benchmarks.results`` reads.
 """
 import os
-import time
 import subprocess
 import sys
 from collections import defaultdict
@@ -33,14 +32,13 @@ if _REPO not in sys.path:
     sys.path.append(_REPO)
 
 
-DEADLINE_ENV = "DIFFACCEL_PYTEST_DEADLINE"  # unix time after which no new test starts
+from benchmarks._util import DEADLINE_ENV, past_deadline  # noqa: E402  (after the sys.path set-up)
 
 
 def pytest_runtest_teardown(item, nextitem):
     # a run under a hard time limit (benchmarks/gpu_session.sh) ends cleanly before it, so the
     # JSON / junit reports of what did run are still written
-    deadline = os.environ.get(DEADLINE_ENV)
-    if deadline and nextitem is not None and time.time() > float(deadline):
+    if nextitem is not None and past_deadline():
         item.session.shouldstop = f"{DEADLINE_ENV} passed: the remaining tests were not run"
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-DEADLINE_ENV = "DIFFACCEL_PYTEST_DEADLINE"  # set by benchmarks/gpu_session.sh per stage
 VARIANTS = {
     "baseline:diffusers-eager": dict(patch=None, compile=False),
     "baseline:diffusers-compile": dict(patch=None, compile=True),
@@ -212,8 +209,9 @@ def main(argv=None) -> int:
             p.error(f"{what}: unknown {', '.join(bad)}; expected some of {', '.join(known)}")
     if not a.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: full-size end-to-end runs need a GPU (use --smoke for a CPU check)")
-    deadline = os.environ.get(DEADLINE_ENV)
-    deadline = float(deadline) if deadline else None
+    from benchmarks._util import stage_deadline, write_json
+
+    deadline = stage_deadline()
     if a.smoke:
         run(models, variants, smoke=True, reps=a.reps, batches=(1,), steps=(1,), deadline=deadline)
         return 0
@@ -231,7 +229,7 @@ def main(argv=None) -> int:
 
     def save(cases):
         doc["cases"] = cases
-        out.write_text(json.dumps(doc, indent=1))
+        write_json(out, doc)
 
     cases = run(models, variants, reps=a.reps, deadline=deadline, on_case=save)
     save(cases)

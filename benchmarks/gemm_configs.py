@@ -12,16 +12,17 @@ output against the reference (int8 and W4A8 bit for bit; fp8 within Hopper's acc
 2^-10 of sum|a w|). A tile that faults or is wrong fails only its own process. Phase 2, one process
 per family, alone on the GPU: time the tiles that passed (``triton.testing.do_bench``, median).
 Prints per (family, shape) the tiles by speed in TOPS, the current default marked; exit 1 if the
-current default failed its check.
+current default failed its check or something was not run. ``--out`` is rewritten after phase 1
+and after each family's timing; under gpu_session.sh's stage deadline nothing starts after it (a
+tile not checked has ``"ok": null``, a family not timed is listed in ``"not_timed"``).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import sys
 
-from benchmarks._util import run_in_child
+from benchmarks._util import past_deadline, run_in_child, write_json
 
 M = 4096
 SHAPES = {"sdxl-attn1280": (1280, 1280), "sdxl-ff-geglu": (10240, 1280), "flux-qkv": (9216, 3072),
@@ -115,8 +116,12 @@ def time_family(family: str, configs: list) -> dict:
 
 def _check_one(item):
     family, config = item
+    if past_deadline():
+        return family, config, {"ok": None, "error": "not run: the stage deadline had passed"}
     res, err = run_in_child("benchmarks.gemm_configs", "check", (family, config), 300)
-    return family, config, res if res is not None else {"ok": False, "error": err}
+    if res is None:
+        res = {"ok": None if err.startswith("not run") else False, "error": err}
+    return family, config, res
 
 
 def main(argv=None) -> int:
@@ -129,22 +134,35 @@ def main(argv=None) -> int:
     items = [(f, c) for f in families for c in CANDIDATES[f]]
     with cf.ThreadPoolExecutor(args.jobs) as ex:
         checked = list(ex.map(_check_one, items))
-    report = {"M": M, "shapes": SHAPES, "checks": [], "times": {}}
-    default_failed = False
+    report = {"M": M, "shapes": SHAPES, "checks": [], "times": {}, "not_timed": []}
+
+    def save():  # what was measured survives a stage killed at its limit
+        if args.out:
+            write_json(args.out, report)
+
+    default_failed = incomplete = False
     for family, config, res in checked:
         report["checks"].append({"family": family, "config": list(config), **res})
-        if not res["ok"]:
+        if res["ok"] is None:
+            incomplete = True
+            print(f"NOT RUN {family} {config}: {res['error']}")
+        elif not res["ok"]:
             default_failed |= config == CANDIDATES[family][0]
             print(f"FAIL {family} {config}: {res.get('error') or res}")
+    save()
     for family in families:
         good = [list(c) for f, c, r in checked if f == family and r["ok"]]
         if not good:
             continue
         res, err = run_in_child("benchmarks.gemm_configs", "time_family", (family, good), 600)
         if res is None:
-            print(f"TIMING FAILED {family}: {err}")
+            incomplete = True
+            report["not_timed"].append({"family": family, "error": err})
+            save()
+            print(f"TIMING {'NOT RUN' if err.startswith('not run') else 'FAILED'} {family}: {err}")
             continue
         report["times"][family] = res
+        save()
         for name, (N, K) in SHAPES.items():
             rows = sorted((ms, cfg) for key, ms in res.items() for cfg in [key.split("|")[1]]
                           if key.split("|")[0] == name)
@@ -152,10 +170,7 @@ def main(argv=None) -> int:
             for ms, cfg in rows:
                 mark = "  <- default" if cfg == str(CANDIDATES[family][0]) else ""
                 print(f"    {cfg:24} {ms * 1e3:8.1f} us  {2 * M * N * K / ms / 1e9:7.0f} TOPS{mark}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    return 1 if default_failed else 0
+    return 1 if default_failed or incomplete else 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -228,18 +227,23 @@ def time_gpu_call(fn, calls: int, rounds: int, sync) -> tuple:
     return host, wall
 
 
-def run_gpu(names, calls: int = 100, rounds: int = 7, device="cuda", warmup: int = 20) -> list:
+def run_gpu(names, calls: int = 100, rounds: int = 7, device="cuda", warmup: int = 20, on_row=None) -> list:
     """Each case on CUDA tensors, with the automatic backend and, where that is not Triton, with
     Triton forced; per call python_us (Triton launches stubbed), host_us and wall_us (module
-    docstring). (``device="cpu"`` only exercises this code in the CPU tests: there the stub does not
-    apply, as the interpreter does not launch through JITFunction.run.)"""
+    docstring). ``on_row(rows)`` after each row (main saves the JSON there); under gpu_session.sh's
+    stage deadline no case starts after it. (``device="cpu"`` only exercises this code in the CPU
+    tests: there the stub does not apply, as the interpreter does not launch through JITFunction.run.)"""
+    from benchmarks._util import past_deadline
     from diffaccel.ops import _backend, use_backend
 
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
     with torch.no_grad():
-        for name in names:
+        for i, name in enumerate(names):
+            if past_deadline():
+                print(f"stage deadline passed: not run {', '.join(names[i:])}", flush=True)
+                break
             what, factory = {**CASES, **GPU_ONLY_CASES}[name]
             fn = factory(dev)
             auto = _backend.choose(CASE_OPS[name], dev)[0]
@@ -259,6 +263,8 @@ def run_gpu(names, calls: int = 100, rounds: int = 7, device="cuda", warmup: int
                 rows.append(row)
                 print(f"{name:20} {row['mode']:13} {backend:7} python {row['python_us']:7.1f}  host "
                       f"{row['host_us']:7.1f}  wall {row['wall_us']:7.1f} us/call", flush=True)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -320,26 +326,37 @@ def main(argv=None) -> int:
         p.error(f"--cases: unknown {unknown}; expected some of {list(known)}")
     if a.gpu and not torch.cuda.is_available():
         p.error("--gpu: no CUDA device here")
+    import triton
+
+    from benchmarks._util import write_json
+
+    doc = dict(kind="host-overhead-gpu" if a.gpu else "host-overhead", date=datetime.date.today().isoformat(),
+               cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+               triton=triton.__version__, commit=_git("rev-parse", "HEAD"),
+               dirty=bool(_git("status", "--porcelain", "--untracked-files=no")), cases=[])
+    if a.gpu:
+        doc["device"] = torch.cuda.get_device_name()
+
+    def save(rows):
+        if a.out:
+            doc["cases"] = rows
+            write_json(a.out, doc)
+
     if a.gpu:
         # at most 100 calls a round: with up to four launches a call, the launch queue (about a
         # thousand entries) never fills, which would make the host wait for the GPU
-        rows = run_gpu(names, min(a.calls, 100), a.rounds)
+        rows = run_gpu(names, min(a.calls, 100), a.rounds, on_row=save)
         print(markdown_gpu(rows))
     else:
         rows = run(names, a.calls, a.rounds)
         print(markdown(rows))
+    save(rows)
     if a.out:
-        import triton
-
-        doc = dict(kind="host-overhead-gpu" if a.gpu else "host-overhead", date=datetime.date.today().isoformat(),
-                   cpu=_cpu_name(), cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-                   triton=triton.__version__, commit=_git("rev-parse", "HEAD"),
-                   dirty=bool(_git("status", "--porcelain", "--untracked-files=no")), cases=rows)
-        if a.gpu:
-            doc["device"] = torch.cuda.get_device_name()
-        with open(a.out, "w") as f:
-            json.dump(doc, f, indent=1)
         print(f"wrote {a.out}")
+    missing = [n for n in names if n not in {r["case"] for r in rows}]
+    if missing:
+        print(f"NOT RUN (stage deadline): {', '.join(missing)}")
+        return 1
     return 0
 
 

@@ -335,3 +335,94 @@ def test_a_partial_quality_run_leaves_the_committed_table_alone():
         with pytest.raises(SystemExit) as exit_info:
             module.main([flag, "0"])
         assert exit_info.value.code == 2
+
+
+def _deadline(monkeypatch, value):
+    """Set the stage deadline for this process only. Not through the environment: the conftests'
+    teardown hooks read it before monkeypatch restores it, and would stop the whole session."""
+    from benchmarks import _util
+
+    monkeypatch.setattr(_util, "stage_deadline", lambda: value)
+
+
+def test_run_in_child_keeps_within_the_stage_deadline(monkeypatch):
+    """A child gets at most the time left before gpu_session.sh's stage deadline (its own timeout of
+    240-600 s outlived the 150-240 s stage, which was then killed with nothing written), and none
+    starts once the deadline has passed."""
+    import time
+
+    from benchmarks import _util
+
+    _deadline(monkeypatch, time.time() + 3)
+    t0 = time.time()
+    res, err = _util.run_in_child("time", "sleep", (30,), 600)
+    assert res is None and err.startswith("timed out after") and time.time() - t0 < 15, err
+    _deadline(monkeypatch, 0.0)
+    assert _util.run_in_child("time", "sleep", (30,), 600) == (
+        None, f"not run: the stage deadline ({_util.DEADLINE_ENV}) had passed")
+    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setenv(_util.DEADLINE_ENV, "soon")
+        with pytest.raises(ValueError, match="DIFFACCEL_PYTEST_DEADLINE: expected a unix time"):
+            _util.past_deadline()
+        m.setenv(_util.DEADLINE_ENV, "0")
+        assert _util.past_deadline()
+
+
+def test_attention_configs_saves_each_case_and_records_those_not_run(tmp_path, monkeypatch):
+    """benchmarks/attention_configs.py rewrites --out after every case (a stage killed at its limit
+    used to leave no file), and under a passed stage deadline records the cases it did not start
+    as not run and exits 1."""
+    from benchmarks import _util, attention_configs as ac
+
+    out = tmp_path / "configs.json"
+    seen = []
+
+    def fake_run(case):  # one job: the file holds every earlier case when the next one starts
+        seen.append(len(json.loads(out.read_text())) if out.exists() else 0)
+        if len(seen) == 3:
+            _deadline(monkeypatch, 0.0)
+        if _util.past_deadline():
+            return {"path": case[0], "config": list(case[1]), "head_dim": case[2], "pruned": case[3], "ok": None,
+                    "error": "not run"}
+        return {"path": case[0], "config": list(case[1]), "head_dim": case[2], "pruned": case[3], "ok": True,
+                "rel_l2": 0.0}
+
+    real_run = ac._run
+    monkeypatch.setattr(ac, "_run", fake_run)
+    monkeypatch.setattr(ac, "_cases", lambda: [("fp16", (64, 64, 4, 2), D, False) for D in (32, 64, 128, 256)])
+    _deadline(monkeypatch, None)
+    assert ac.main(["--out", str(out), "--jobs", "1"]) == 1
+    assert seen == [0, 1, 2, 3]
+    rows = json.loads(out.read_text())
+    assert [r["ok"] for r in rows] == [True, True, None, None]
+    # the real case runner under a passed deadline starts no child
+    assert real_run(("fp16", (64, 64, 4, 2), 64, False))["ok"] is None
+
+
+def test_gemm_configs_under_a_passed_deadline_writes_what_it_has(tmp_path, monkeypatch):
+    """benchmarks/gemm_configs.py: no check or timing starts after the stage deadline; the JSON is
+    written anyway (it used to be written only at the very end), and the exit status says 1."""
+    from benchmarks import gemm_configs as gc
+
+    _deadline(monkeypatch, 0.0)
+    out = tmp_path / "gemm.json"
+    assert gc.main(["--out", str(out), "--families", "int8", "--jobs", "2"]) == 1
+    report = json.loads(out.read_text())
+    assert len(report["checks"]) == len(gc.CANDIDATES["int8"])
+    assert all(c["ok"] is None and c["error"].startswith("not run") for c in report["checks"])
+    assert report["times"] == {} and report["not_timed"] == []
+
+
+def test_host_overhead_gpu_rows_are_saved_as_they_come_and_stop_at_the_deadline(monkeypatch):
+    import time
+
+    from benchmarks import host_overhead as ho
+
+    names = ["w8a8-linear-M16", "solver-dpm2m-cfg"]
+    saved = []
+    _deadline(monkeypatch, time.time() + 3600)
+    rows = ho.run_gpu(names, calls=1, rounds=1, device="cpu", warmup=1, on_row=lambda r: saved.append(len(r)))
+    assert saved == [1, 2, 3, 4] and len(rows) == 4
+    _deadline(monkeypatch, 0.0)
+    assert ho.run_gpu(names, calls=1, rounds=1, device="cpu", warmup=1) == []

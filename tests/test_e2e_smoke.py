@@ -1,10 +1,14 @@
 """benchmarks/e2e.py runs end to end on tiny configs (CPU smoke: code path only, nothing recorded)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-E2E = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+REPO = Path(__file__).resolve().parents[1]
+E2E = REPO / "benchmarks" / "e2e.py"
+if str(REPO) not in sys.path:  # e2e imports benchmarks._util; appended, so an installed wheel is not shadowed
+    sys.path.append(str(REPO))
 
 
 def _load():
