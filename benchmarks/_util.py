@@ -88,6 +88,39 @@ def run_in_child(module: str, function: str, args: tuple, timeout: int, env: Opt
     return None, " | ".join(out.strip().splitlines()[-6:])
 
 
+def _driver_version():
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment_info() -> dict:
+    """What results files record about a run (benchmarks/conftest.py for pytest-benchmark, e2e.py for its
+    raw file): device, versions, smoke flag; ``benchmarks/results.py`` checks it."""
+    import diffaccel
+
+    info = diffaccel.info()  # one place that reads the versions and the GPU
+    device = dict(info["gpu"], driver=_driver_version()) if info["gpu"] else None
+    return {"smoke": is_smoke(), "device": device, "torch": info["torch"], "cuda": info["torch_cuda"],
+            "triton": info["triton"], "diffaccel": info["diffaccel"], "python": info["python"],
+            "triton_interpret": info["triton_interpret"], "torchao": _version_of("torchao")}
+
+
+def _version_of(package: str):
+    """A baseline package's version, or None when it is not installed (its cases then skip)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def cuda_graph_replay(fn: Callable) -> Callable:
     """``fn`` (no arguments) captured once in a CUDA graph, after warm-up on a side stream (Triton
     compiles, allocations), as torch asks; returns a function that replays it and returns the

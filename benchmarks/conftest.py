@@ -6,7 +6,6 @@ measure``). Each run records the GPU, torch/triton/CUDA versions and the smoke f
 machine_info, which ``python -m benchmarks.results`` reads.
 """
 import os
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +31,7 @@ if _REPO not in sys.path:
     sys.path.append(_REPO)
 
 
-from benchmarks._util import DEADLINE_ENV, past_deadline  # noqa: E402  (after the sys.path set-up)
+from benchmarks._util import DEADLINE_ENV, environment_info, past_deadline  # noqa: E402  (after the sys.path set-up)
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -72,38 +71,6 @@ def pytest_report_header(config):
         lines.append("benchmarks: timing DISABLED (pyproject addopts has --benchmark-disable); "
                      "pass --benchmark-enable to measure")
     return lines
-
-
-def _driver_version():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def environment_info() -> dict:
-    """What results files record about the run: device, versions, smoke flag."""
-    from benchmarks._util import is_smoke
-
-    import diffaccel
-
-    info = diffaccel.info()  # one place that reads the versions and the GPU
-    device = dict(info["gpu"], driver=_driver_version()) if info["gpu"] else None
-    return {"smoke": is_smoke(), "device": device, "torch": info["torch"], "cuda": info["torch_cuda"],
-            "triton": info["triton"], "diffaccel": info["diffaccel"], "python": info["python"],
-            "triton_interpret": info["triton_interpret"], "torchao": _version_of("torchao")}
-
-
-def _version_of(package: str):
-    """A baseline package's version, or None when it is not installed (its cases then skip)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -13,8 +13,13 @@ denoising step and a 4-step loop at native resolution, batch 1 and batch 2 (guid
 
 measuring latency (median of CUDA-event timed runs), peak memory and backbone weight memory.
 
-    python -m benchmarks.e2e [--models sdxl,flux] [--out benchmarks/results/<gpu>-<date>-e2e.json]
+    python -m benchmarks.e2e [--models sdxl,flux] [--out e2e-raw.json]    # on a GPU machine
+    python -m benchmarks.results e2e-raw.json --commit SHA   # -> benchmarks/results/<gpu>-<date>-e2e.json
     python -m benchmarks.e2e --smoke       # tiny configs on CPU: checks the code path, records nothing
+
+The raw file goes through ``benchmarks/results.py`` like the microbenchmarks' (same checks, same
+``--commit`` for a device's stale checkout); given with that day's microbenchmark raw file, both
+land in one results file.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -177,7 +182,8 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
                     cases.append(dict(family="e2e", case=f"{mname}/steps{n_steps}/b{batch}", shape=f"batch={batch}",
                                       dtype="fp32" if smoke else "bf16", impl=vname,
                                       median_ms=statistics.median(times), mean_ms=statistics.fmean(times),
-                                      stddev_ms=statistics.pstdev(times), rounds=len(times), inner_calls=1,
+                                      stddev_ms=statistics.pstdev(times), min_ms=min(times), max_ms=max(times),
+                                      rounds=len(times), inner_calls=1,
                                       flops=None, bytes=None, tflops=None, gbps=None,
                                       peak_memory_bytes=peak, weight_bytes=weight_bytes, name=f"e2e[{mname}-{vname}]"))
                     print(f"{mname:5} {vname:28} b{batch} steps{n_steps}: {cases[-1]['median_ms']:9.2f} ms  "
@@ -191,15 +197,35 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
     return cases
 
 
+def raw_document(cases: list, env: dict, commit: Optional[str], dirty: bool, when: str) -> dict:
+    """The cases as a pytest-benchmark-shaped raw file, for ``python -m benchmarks.results``: the same
+    checks as the microbenchmarks' (a GPU run, not the interpreter, one commit, each diffaccel
+    variant paired with a baseline of the same run) and the same ``--commit`` for the device's stale
+    checkout. Times are stored in seconds per loop, as pytest-benchmark stores them."""
+    benches = []
+    for c in cases:
+        extra = {k: c[k] for k in ("family", "case", "shape", "dtype", "impl", "flops", "bytes", "inner_calls",
+                                   "peak_memory_bytes", "weight_bytes")}
+        # e2e checks no outputs (tests/test_patch_backbones.py does): "passed" means it ran to the end
+        extra.update(smoke=False, outcome="passed")
+        stats = {"median": c["median_ms"] / 1e3, "mean": c["mean_ms"] / 1e3, "stddev": c["stddev_ms"] / 1e3,
+                 "min": c["min_ms"] / 1e3, "max": c["max_ms"] / 1e3, "rounds": c["rounds"], "iterations": 1}
+        benches.append({"group": f"e2e/{c['case']}", "name": c["name"], "fullname": f"benchmarks/e2e.py::{c['name']}",
+                        "extra_info": extra, "stats": stats})
+    return {"machine_info": {"diffaccel_env": env}, "commit_info": {"id": commit, "dirty": dirty},
+            "datetime": when, "benchmarks": benches, "source": "benchmarks/e2e.py"}
+
+
 def main(argv=None) -> int:
-    from benchmarks._util import positive_int
+    from benchmarks._util import environment_info, positive_int, stage_deadline, write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="sdxl,flux")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU; nothing is written")
     p.add_argument("--reps", type=positive_int, default=10)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default="e2e-raw.json",
+                   help="raw file (rewritten after every case); then: python -m benchmarks.results FILE --commit SHA")
     a = p.parse_args(argv)
     models = [m for m in a.models.split(",") if m]
     variants = [v for v in a.variants.split(",") if v]
@@ -209,31 +235,24 @@ def main(argv=None) -> int:
             p.error(f"{what}: unknown {', '.join(bad)}; expected some of {', '.join(known)}")
     if not a.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: full-size end-to-end runs need a GPU (use --smoke for a CPU check)")
-    from benchmarks._util import stage_deadline, write_json
-
     deadline = stage_deadline()
     if a.smoke:
         run(models, variants, smoke=True, reps=a.reps, batches=(1,), steps=(1,), deadline=deadline)
         return 0
-    from benchmarks.results import RESULTS_DIR, gpu_slug
 
-    import diffaccel
-    props = torch.cuda.get_device_properties(0)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    date = datetime.date.today().isoformat()
-    doc = {"schema": 1, "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                                   "memory_gib": round(props.total_memory / 2**30, 1)},
-           "torch": torch.__version__, "cuda": torch.version.cuda, "diffaccel": diffaccel.__version__,
-           "commit": commit, "date": date, "source": ["benchmarks/e2e.py"], "cases": []}
-    out = Path(a.out) if a.out else RESULTS_DIR / f"{gpu_slug(props.name)}-{date}-e2e.json"
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip() or None
+
+    env = environment_info()
+    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat()
 
     def save(cases):
-        doc["cases"] = cases
-        write_json(out, doc)
+        write_json(a.out, raw_document(cases, env, commit, dirty, when))
 
     cases = run(models, variants, reps=a.reps, deadline=deadline, on_case=save)
     save(cases)
-    print(f"wrote {out} ({len(cases)} cases)")
+    print(f"wrote {a.out} ({len(cases)} cases); record it with: python -m benchmarks.results {a.out} --commit SHA")
     return 0
 
 

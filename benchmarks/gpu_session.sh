@@ -23,7 +23,8 @@
 #   bench   pytest $BENCH_FILES [-k $BENCH_K]      -> $OUT/raw.json (then: python -m benchmarks.results)
 #   host    per eager call on the GPU: diffaccel's Python, + Triton's launcher, + the GPU (python -m
 #           benchmarks.host_overhead --gpu; about a minute) -> $OUT/host-overhead.json
-#   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json (one model per call fits: --models sdxl)
+#   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json, a raw file for python -m benchmarks.results
+#                                                     (one model per call fits: --models sdxl)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
 # Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC. TOTAL_LIMIT
 # (default 560: the device tool kills a command at 600 s, and a killed pytest writes no JSON) caps

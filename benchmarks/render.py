@@ -42,11 +42,15 @@ def comparison_rows(results: dict) -> "OrderedDict[str, list]":
     for key in sorted(by_key):
         members = by_key[key]
         base = {c["impl"].split(":", 1)[1]: c["median_ms"] for c in members if is_baseline(c["impl"])}
+        base_weights = {c["impl"].split(":", 1)[1]: c["weight_bytes"] for c in members
+                        if is_baseline(c["impl"]) and c.get("weight_bytes")}
         for ours in sorted((c for c in members if is_ours(c["impl"])), key=lambda c: c["impl"]):
             families.setdefault(key[0], []).append({
                 "case": key[1], "shape": key[2], "dtype": key[3], "impl": ours["impl"], "ms": ours["median_ms"],
                 "tflops": ours.get("tflops"), "gbps": ours.get("gbps"), "baselines": base,
                 "speedups": {b: ms / ours["median_ms"] for b, ms in base.items()},
+                "weight_bytes": ours.get("weight_bytes"), "peak_memory_bytes": ours.get("peak_memory_bytes"),
+                "base_weight_bytes": base_weights,
             })
     return families
 
@@ -67,6 +71,13 @@ def family_table(rows: list) -> list:
     head = ["case", "shape", "dtype", "impl", "ours ms"]
     head += [f"{b} ms" for b in baselines] + [f"speedup vs {b}" for b in baselines]
     head += (["TFLOPS"] if with_tflops else []) + (["GB/s"] if with_gbps else [])
+    # memory where the run measured it (e2e): the backbone's weights, their ratio to the first baseline's
+    # (the targets: <= 0.55x with W8A8, <= 0.33x with W4A8), and the peak allocated
+    with_weights = any(r.get("weight_bytes") for r in rows)
+    weight_base = next((b for b in baselines if any(b in r.get("base_weight_bytes", {}) for r in rows)), None)
+    with_peak = any(r.get("peak_memory_bytes") for r in rows)
+    head += (["weights GiB"] if with_weights else []) + ([f"weights ÷ {weight_base}"] if with_weights and weight_base
+                                                          else []) + (["peak GiB"] if with_peak else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["case"], r["shape"], r["dtype"], r["impl"], _fmt_ms(r["ms"])]
@@ -76,6 +87,14 @@ def family_table(rows: list) -> list:
             cells.append(_fmt(r["tflops"]))
         if with_gbps:
             cells.append(_fmt(r["gbps"], 0))
+        weights, base_weights = r.get("weight_bytes"), r.get("base_weight_bytes", {}).get(weight_base)
+        if with_weights:
+            cells.append(_fmt(weights / 2**30 if weights else None, 2))
+        if with_weights and weight_base:
+            cells.append(f"{weights / base_weights:.2f}×" if weights and base_weights else "—")
+        if with_peak:
+            peak = r.get("peak_memory_bytes")
+            cells.append(_fmt(peak / 2**30 if peak else None, 2))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

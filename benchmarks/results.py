@@ -3,13 +3,15 @@
     pytest benchmarks/ --benchmark-enable --benchmark-json=raw.json     # on a GPU machine
     python -m benchmarks.results raw.json [more.json ...] [--out-dir DIR] [--overwrite] [--commit SHA]
 
-Refuses (exit 1, nothing written) a CPU smoke run, a run without benchmark data, and any diffaccel
-case without at least one baseline measured in the same run. Results file, schema 1:
+Also takes the raw file of ``python -m benchmarks.e2e`` (same shape), alone (-> ``<gpu>-<date>-e2e.json``)
+or with the day's microbenchmark files. Refuses (exit 1, nothing written) a CPU smoke run, a run
+without benchmark data, and any diffaccel case without at least one baseline measured in the same
+run. Results file, schema 1:
 
     {"schema": 1, "device": {"name", "capability", "memory_gib", "driver"}, "torch", "triton", "cuda",
      "diffaccel", "commit", "dirty", "date", "source": [raw file names],
      "cases": [{"family", "case", "shape", "dtype", "impl", "median_ms", "mean_ms", "stddev_ms", "rounds",
-                "inner_calls", "flops", "bytes", "tflops", "gbps", "name"}]}
+                "inner_calls", "flops", "bytes", "tflops", "gbps", "name"[, "peak_memory_bytes", "weight_bytes"]}]}
 
 Times are per call: pytest-benchmark's per-round figures divided by the ``inner_calls`` that
 ``benchmarks/_util.measure`` ran back to back in each round.
@@ -26,6 +28,7 @@ from typing import Iterable, Optional
 SCHEMA = 1
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REQUIRED_EXTRA = ("family", "case", "shape", "dtype", "impl")
+MEMORY_EXTRA = ("peak_memory_bytes", "weight_bytes")  # recorded where a case measured them (benchmarks/e2e.py)
 
 
 class ResultsError(ValueError):
@@ -92,6 +95,7 @@ def _case_from_bench(bench: dict, source: str) -> dict:
         "tflops": flops / median_s / 1e12 if flops else None,
         "gbps": nbytes / median_s / 1e9 if nbytes else None,
         "name": bench.get("name"),
+        **{k: int(extra[k]) for k in MEMORY_EXTRA if extra.get(k) is not None},
     }
 
 
@@ -187,7 +191,9 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: 
 
 
 def results_path(results: dict, out_dir: Path = RESULTS_DIR) -> Path:
-    return Path(out_dir) / f"{gpu_slug(results['device']['name'])}-{results['date']}.json"
+    # an end-to-end run alone (its own device call) gets its own file beside the day's microbenchmarks
+    e2e_only = all(c["family"] == "e2e" for c in results["cases"])
+    return Path(out_dir) / f"{gpu_slug(results['device']['name'])}-{results['date']}{'-e2e' if e2e_only else ''}.json"
 
 
 def write(results: dict, out_dir: Path = RESULTS_DIR, overwrite: bool = False) -> Path:

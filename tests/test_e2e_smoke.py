@@ -50,3 +50,45 @@ def test_e2e_stops_at_the_deadline_and_reports_each_case():
                     on_case=lambda cs: seen.append(len(cs)))
     assert seen == [1, 2] and len(cases) == 2
     assert e2e.run(["sdxl"], list(e2e.VARIANTS), batches=(1,), steps=(1,), smoke=True, deadline=0) == []
+
+
+GPU_ENV = {"smoke": False, "device": {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.1,
+                                      "driver": "580.65"},
+           "torch": "2.11.0+cu130", "cuda": "13.0", "triton": "3.6.0", "diffaccel": "0.1.0",
+           "triton_interpret": False}
+
+
+def test_e2e_raw_file_goes_through_results_and_renders_memory(tmp_path):
+    """e2e's raw file is checked and recorded by benchmarks/results.py like the microbenchmarks'
+    (it used to write a results file itself: with the device's stale commit, and unchecked), and
+    the rendered table carries the weight memory, its ratio to the baseline's, and the peak."""
+    from benchmarks import render, results
+
+    e2e = _load()
+    cases = e2e.run(["sdxl"], ["baseline:diffusers-eager", "diffaccel:attn+w8a8"], batches=(1,), steps=(1,),
+                    smoke=True, reps=2)
+    for c in cases:  # a smoke run has no CUDA peak; a GPU run records one
+        c["peak_memory_bytes"] = 3 * 2**30
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    raw = e2e.raw_document(cases, GPU_ENV, "fedcba9876543210fedcba9876543210fedcba98", True,
+                           "2026-12-07T01:02:03+00:00")
+    rec = results.convert([("e2e.json", raw)], commit=sha)
+    assert rec["commit"] == sha and rec["dirty"] is False and rec["date"] == "2026-12-07"
+    by = {c["impl"]: c for c in rec["cases"]}
+    assert by["diffaccel:attn+w8a8"]["median_ms"] == pytest.approx(cases[1]["median_ms"])
+    assert by["diffaccel:attn+w8a8"]["weight_bytes"] == cases[1]["weight_bytes"] < cases[0]["weight_bytes"]
+    path = results.write(rec, tmp_path)
+    assert path.name == "nvidia-h100-80gb-hbm3-2026-12-07-e2e.json"
+    table = "\n".join(render.family_table(render.comparison_rows(results.load(path))["e2e"]))
+    ratio = cases[1]["weight_bytes"] / cases[0]["weight_bytes"]
+    assert "weights ÷ diffusers-eager" in table and f"{ratio:.2f}×" in table and "| 3.00 |" in table
+
+    # the same checks as the microbenchmarks': a smoke run, the interpreter, an unpaired variant
+    with pytest.raises(results.ResultsError, match="smoke run"):
+        results.convert([("e2e.json", e2e.raw_document(cases, dict(GPU_ENV, smoke=True), sha, False,
+                                                       "2026-12-07T01:02:03+00:00"))])
+    with pytest.raises(results.ResultsError, match="TRITON_INTERPRET"):
+        results.convert([("e2e.json", e2e.raw_document(cases, dict(GPU_ENV, triton_interpret=True), sha, False,
+                                                       "2026-12-07T01:02:03+00:00"))])
+    with pytest.raises(results.ResultsError, match="no baseline"):
+        results.convert([("e2e.json", e2e.raw_document(cases[1:], GPU_ENV, sha, False, "2026-12-07T01:02:03+00:00"))])
