@@ -101,6 +101,12 @@ class QuantLayerBase(nn.Module):
                             f"float16, bfloat16 or float32; cast it back (.float()), or diffaccel.unpatch the model "
                             f"to run it in {self.original_dtype}")
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: callers pass input=
+        self.check_output_dtype()
+        if records_autograd(input):  # training through the layer: straight-through gradients
+            return straight_through(self, input, self._forward)
+        return self._forward(input)
+
     def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):
         self.spec = spec
         self.gemm_n = N

@@ -17,7 +17,7 @@ from diffaccel.ops._checks import plain_number
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
-                    reason_for_k, records_autograd, straight_through)
+                    reason_for_k)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -79,12 +79,6 @@ class QuantConv2d(QuantLayerBase):
             mod._build_act(codes, act_scale, act_zero_point, act_split, smooth_k, w0.device)
             mod._set_bias(conv.bias)
         return mod
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: callers pass input=
-        self.check_output_dtype()
-        if records_autograd(input):
-            return straight_through(self, input, self._forward)
-        return self._forward(input)
 
     def input_grad(self, grad: torch.Tensor, x_shape) -> torch.Tensor:
         """d loss / d x of the float conv the codes stand for (``dequantized_weight()``)."""

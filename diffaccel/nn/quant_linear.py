@@ -10,8 +10,7 @@ from torch import nn
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from . import _codes
-from ._base import (QuantLayerBase, _float_tensor, check_float_weight, reason_for_k, records_autograd,
-                    straight_through)
+from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_k
 
 
 class QuantLinear(QuantLayerBase):
@@ -54,12 +53,6 @@ class QuantLinear(QuantLayerBase):
             mod._build_act(codes, act_scale, act_zero_point, None, smooth_k, w0.device)
             mod._set_bias(linear.bias)
         return mod
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: callers pass input=
-        self.check_output_dtype()
-        if records_autograd(input):
-            return straight_through(self, input, self._forward)
-        return self._forward(input)
 
     def input_grad(self, grad: torch.Tensor, x_shape) -> torch.Tensor:
         """d loss / d x of the float layer the codes stand for: ``grad @ dequantized_weight()``."""
