@@ -116,6 +116,7 @@ class SolverState:
     def __init__(self, adapter: "_Adapter"):
         self.adapter = adapter
         self.built = False
+        self.config = None  # the scheduler's config (its FrozenDict) the tables were built from
         self.host: dict = {}
         self.aux: dict = {}
         self.device_tables: dict = {}
@@ -129,6 +130,7 @@ class SolverState:
         self.host, self.aux, self.device_tables = {}, {}, {}
         self.built = False  # a failed build (e.g. DC ratios for another step count) leaves no stale tables
         self.adapter.build(sch, self)
+        self.config = getattr(sch, "_internal_dict", None)  # register_to_config replaces it: see _patch
         self.built = True
         dev = sch.timesteps.device if isinstance(getattr(sch, "timesteps", None), torch.Tensor) else None
         if dev is not None and dev.type != "cpu":  # upload now, not inside a captured loop

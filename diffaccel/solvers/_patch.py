@@ -5,10 +5,20 @@ attributes (the diffusers class is never touched); ``unpatch_scheduler`` deletes
 coefficient state, restoring the class's methods exactly. The scheduler's own state
 (``_step_index``, ``model_outputs``, ``lower_order_nums``, ...) stays where diffusers keeps it, so
 a scheduler can be patched or unpatched between steps.
+
+Copies. The methods are ``_InstanceMethod`` objects, not bound methods: a copy of the instance's
+``__dict__`` alone (diffusers' panorama pipeline saves and restores each view's scheduler with
+``deepcopy(scheduler.__dict__)`` / ``__dict__.update``) keeps them bound to their own scheduler,
+where bound methods would come back bound to a deep copy of it and step that. The instance also
+gets a ``__reduce_ex__`` (copy and pickle look it up on the instance), so ``copy.copy``,
+``copy.deepcopy``, ``pickle`` and ``torch.save`` rebuild a patched scheduler whose methods are
+bound to the new object, with its own coefficient state.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import logging
 import types
 
@@ -23,7 +33,7 @@ from .schedulers import ADAPTERS, unsupported_reason
 
 log = logging.getLogger("diffaccel")
 
-_ATTRS = ("set_timesteps", "step", "step_with_guidance")
+_ATTRS = ("set_timesteps", "step", "step_with_guidance", "__reduce_ex__")
 _STATE = "_diffaccel_solver"
 
 
@@ -111,11 +121,7 @@ def patch_scheduler(scheduler, *, dc_ratios=None, dc_order=None, noise=None, see
             state.rebuild(scheduler)
         except (ValueError, ArithmeticError, IndexError, np.linalg.LinAlgError) as e:
             return SchedulerPatchResult(False, f"coefficients for the current timesteps failed: {e}", name)
-    vars(scheduler)[_STATE] = state
-    cls = type(scheduler)
-    for attr, fn in (("set_timesteps", _set_timesteps_for(cls)), ("step", _step_for(cls)),
-                     ("step_with_guidance", _step_with_guidance)):
-        vars(scheduler)[attr] = types.MethodType(fn, scheduler)
+    _install(scheduler, state)
     return SchedulerPatchResult(True, "fused step" + (" with DC-Solver compensation" if dc is not None else "")
                                 + (" with in-kernel Philox noise" if isinstance(noise_opt, PhiloxNoise) else ""), name)
 
@@ -192,8 +198,75 @@ def _set_dc(state, scheduler, dc) -> None:
             raise
 
 
-# The methods find their state on the instance (not in a closure), so copy.deepcopy of a patched
-# scheduler gives an independent patched copy: deepcopy rebinds the methods to the copy.
+def _install(scheduler, state) -> None:
+    vars(scheduler)[_STATE] = state
+    cls = type(scheduler)
+    for attr, fn in (("set_timesteps", _set_timesteps_for(cls)), ("step", _step_for(cls)),
+                     ("step_with_guidance", _step_with_guidance), ("__reduce_ex__", _reduce_ex)):
+        vars(scheduler)[attr] = _InstanceMethod(fn, scheduler)
+
+
+class _InstanceMethod:
+    """``fn`` bound to one scheduler, as an instance attribute. Unlike a bound method it is not
+    copied with a copy of the instance's ``__dict__`` (module docstring): the copy of a whole
+    patched scheduler goes through ``_reduce_ex``, which binds new ones to the new object."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, fn, owner):
+        self.__func__, self.__self__ = fn, owner
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):  # reached by a pickle of the instance dict alone: rebind by attribute name
+        attr = next(k for k, v in vars(self.__self__).items() if v is self)
+        return _method_of, (self.__self__, attr)
+
+    @property
+    def __signature__(self):  # pipelines inspect step for eta / generator, set_timesteps for sigmas / timesteps
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+    @property
+    def __name__(self):
+        return self.__func__.__name__
+
+    def __repr__(self):
+        return f"<diffaccel fused {type(self.__self__).__name__}.{self.__func__.__name__}>"
+
+
+def _method_of(owner, attr):
+    return vars(owner)[attr]
+
+
+def _reduce_ex(self, protocol):
+    """copy / deepcopy / pickle of a patched scheduler: rebuilt by ``_restore_patched``, then given
+    the instance's own attributes (patched methods and coefficient state left out: rebuilt)."""
+    attrs = {k: v for k, v in vars(self).items() if k not in _ATTRS and k != _STATE}
+    return _restore_patched, (type(self), vars(self)[_STATE]), attrs
+
+
+def _restore_patched(cls, state):
+    """A patched ``cls`` instance with methods bound to it and its own coefficient state (a deep copy
+    or an unpickled one is already its own; a shallow copy's tables are shared until either
+    rebuilds them, options such as the Philox noise stream are copied)."""
+    obj = cls.__new__(cls)
+    own = copy.copy(state)
+    own.options = copy.deepcopy(state.options)
+    own.device_tables = dict(state.device_tables)
+    own.host, own.aux = dict(state.host), dict(state.aux)
+    _install(obj, own)
+    return obj
+
+
+# The methods find their state on the instance (not in a closure): the scheduler they are bound to
+# is the one whose tables they use.
 
 # functools.wraps keeps the class method's signature visible: pipelines inspect
 # ``scheduler.step`` for ``eta`` / ``generator`` and ``set_timesteps`` for ``sigmas`` / ``timesteps``.
@@ -244,6 +317,21 @@ def _diffusers_step(self, why, model_output_uncond, model_output_cond, guidance_
     return type(self).step(self, guided, timestep, sample, *args, **kwargs)
 
 
+def _current_state(self):
+    """The coefficient state, rebuilt first if the config changed since it was built: diffusers reads
+    its config at each step (``register_to_config(prediction_type=...)`` between ``set_timesteps`` and
+    ``step`` takes effect at the next step), the tables baked the old one in. A config that is no
+    longer fused raises, as ``set_timesteps`` does."""
+    state = vars(self)[_STATE]
+    if state.built and getattr(self, "_internal_dict", None) is not state.config:
+        why = unsupported_reason(self)
+        if why is not None:
+            raise ValueError(f"scheduler: its config changed since set_timesteps and is no longer fused ({why}); "
+                             f"diffaccel.unpatch(scheduler) to run diffusers' own step")
+        state.rebuild(self)
+    return state
+
+
 @functools.lru_cache(maxsize=None)
 def _step_for(cls):
     @functools.wraps(cls.step)
@@ -251,7 +339,7 @@ def _step_for(cls):
         why = _unfused_reason(self, (model_output, sample), args, kwargs)
         if why is not None:
             return _diffusers_step(self, why, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
-        state = vars(self)[_STATE]
+        state = _current_state(self)
         return state.adapter.step(self, state, model_output, None, 1.0, 0.0, timestep, sample, *args, **kwargs)
     return step
 
@@ -264,7 +352,7 @@ def _step_with_guidance(self, model_output_uncond, model_output_cond, guidance_s
     if why is not None:
         return _diffusers_step(self, why, model_output_uncond, model_output_cond, guidance_scale, guidance_rescale,
                                timestep, sample, *args, **kwargs)
-    state = vars(self)[_STATE]
+    state = _current_state(self)
     return state.adapter.step(self, state, model_output_uncond, model_output_cond, guidance_scale,
                               guidance_rescale, timestep, sample, *args, **kwargs)
 
