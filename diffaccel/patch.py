@@ -252,6 +252,8 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
                          f"or enabling layerwise hooks (enable_model_cpu_offload is fine either way)")
     original_device = _module_device(original)
     _share_hooks(original, new)
+    if new.training != original.training:  # (a new module starts in training mode): model.eval() since
+        new.train(original.training)        # patching reaches the replacement, unpatch gives it back
     for name in (qualified_name, *also):
         where, attr = _get_parent(root, name)
         setattr(where, attr, new)
@@ -271,12 +273,16 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
         device = _module_device(new) or original_device
         if device is not None and _module_device(original) != device:
             original.to(device)
+        for narrow in getattr(new, "narrowing_casts", ()):  # .half().float(): rounded like the rest of the model
+            original.to(narrow)
         dtype = getattr(new, "original_dtype", None)
         if dtype is not None and dtype.is_floating_point and _module_dtype(original) not in (None, dtype):
             original.to(dtype)
         fmt = getattr(new, "memory_format", None)  # model.to(memory_format=...) since patching
         if fmt is not None:
             original.to(memory_format=fmt)
+        if original.training != new.training:  # model.train() / .eval() since patching
+            original.train(new.training)
         for where, attr in places:
             setattr(where, attr, original)
 

@@ -166,3 +166,23 @@ def test_probes_round_trip_and_format_1_files_load_without_them(unet_recipe, tmp
     with caplog.at_level(logging.WARNING, logger="diffaccel"):
         old.validate(copy.deepcopy(model))
     assert "no weight probes" in caplog.text
+
+
+def test_a_cast_after_patching_reaches_the_modules_a_recipe_replaced(unet_recipe):
+    """TFMQ's temporal-feature caches (and MixDQ's BOS wrappers) had no record of model.half()
+    since patching: unpatch gave back time_embedding / time_emb_proj in fp32 inside an fp16 model,
+    whose forward then failed on mixed dtypes."""
+    import diffaccel
+    from test_calib_support import backbone_data, run
+
+    _, recipe = unet_recipe
+    model = tiny_unet()
+    reference = tiny_unet().half()
+    diffaccel.patch(model, quant=recipe, solver=False)
+    assert any(type(m).__name__ == "TemporalFeatureCache" for m in model.modules())
+    model.half()
+    diffaccel.unpatch(model)
+    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in reference.state_dict().items()}
+    data = {k: v.half() if v.is_floating_point() else v for k, v in backbone_data("unet", timesteps=(900,),
+                                                                                 per_timestep=1)[0].items()}
+    assert torch.equal(run(model, data), run(reference, data))

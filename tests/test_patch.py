@@ -604,24 +604,32 @@ def test_fuse_qkv_after_patch_does_not_leak_diffaccel_processors_past_unpatch():
     assert torch.equal(tiny_models.output_of(model, inputs), before)
 
 
-@pytest.mark.parametrize("change", ["float64", "channels_last"])
+@pytest.mark.parametrize("change", ["float64", "channels_last", "half_float", "bf16_half", "train"])
 def test_dtype_and_memory_format_set_after_a_quant_patch_reach_the_restored_layers(change):
     """model.to(torch.float64) / .to(memory_format=torch.channels_last) after patch(quant=...):
     unpatch restores the float layers in that dtype / memory format, so the model equals a
     never-patched one given the same change, bit for bit. (A cast to float64 used to look like no
     change to the quantized layers' probe, leaving the restored ones fp32 and the model unable to
-    run; channels_last was dropped.)"""
+    run; channels_last was dropped.) A chain of casts rounds the restored layers as it rounds the rest of
+    the model: after .half().float() they used to be cast once, from their patch-time fp32 values
+    (188 weights off). model.train() after patching reaches them too."""
     def apply(m):
-        return m.to(torch.float64) if change == "float64" else m.to(memory_format=torch.channels_last)
+        return {"float64": lambda: m.to(torch.float64), "channels_last": lambda: m.to(memory_format=torch.channels_last),
+                "half_float": lambda: m.half().float(), "bf16_half": lambda: m.to(torch.bfloat16).half(),
+                "train": lambda: m.train()}[change]()
 
     reference, inputs = tiny_models.unet_sd15()
     model, _ = tiny_models.unet_sd15()
-    if change == "float64":
-        inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    dtype = {"float64": torch.float64, "bf16_half": torch.float16}.get(change, torch.float32)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     expected = tiny_models.output_of(apply(reference), inputs)
     diffaccel.patch(model, quant="w8a8", solver=False)
     apply(model)
     diffaccel.unpatch(model)
+    ref_state = reference.state_dict()
+    assert {k: (v.dtype, torch.equal(v, ref_state[k])) for k, v in model.state_dict().items()} == {
+        k: (v.dtype, True) for k, v in ref_state.items()}
+    assert [m.training for m in model.modules()] == [m.training for m in reference.modules()]
     want = {n: (p.dtype, p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous())
             for n, p in reference.named_parameters()}
     assert {n: (p.dtype, p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous())

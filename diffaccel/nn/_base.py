@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from diffaccel._moves import FollowsMoves
 from diffaccel.ops import gemm as G
 from diffaccel.quant import formats as fmt
 from diffaccel.quant.formats import QuantSpec, resolve_spec
@@ -71,7 +72,7 @@ def straight_through(layer: nn.Module, x: torch.Tensor, forward) -> torch.Tensor
     return _StraightThrough.apply(x, layer, forward)
 
 
-class QuantLayerBase(nn.Module):
+class QuantLayerBase(FollowsMoves, nn.Module):
     """Holds: weight_q (int8 [N, K] | uint8 packed int4/fp4 [N, K // 2] | float8_e4m3fn [N, K]),
     weight_scale (fp32 [N] or [N, G]; fp16 [N, G] for fp4), weight_sum (int32 row sums of the
     codes for the zero-point correction, static asymmetric only), bias (fp32), smooth (fp32 [K]),
@@ -113,7 +114,6 @@ class QuantLayerBase(nn.Module):
         self.gemm_k = K
         self.group_size = spec.weight_group_size
         self.original_dtype = original_dtype
-        self.memory_format = None  # set by model.to(memory_format=...); unpatch applies it to the original
         self.step_state = None  # set by calibration code: an object with .index (0-d int64 on device)
         self.act_split_k: Optional[int] = None
 
@@ -254,27 +254,14 @@ class QuantLayerBase(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast float8 codes and fp32 scales; instead move buffers to the
-        # target device keeping their dtypes, and let a float dtype change the output dtype. What
-        # fn does is read off two 4-d probes: a contiguous fp32 one shows any cast but to fp32 (fp64
-        # included) and a change to channels_last, a channels_last fp64 one a cast to fp32 and a
-        # change back to contiguous; unpatch re-applies the memory format to the float original.
-        device = self.weight_q.device
-        probe = fn(torch.zeros(2, 3, 2, 2, dtype=torch.float32, device=device))
-        other = fn(torch.zeros(2, 3, 2, 2, dtype=torch.float64, device=device).contiguous(
-            memory_format=torch.channels_last))
-        if probe.dtype != torch.float32 and probe.dtype.is_floating_point:
-            self.original_dtype = probe.dtype
-        elif other.dtype == torch.float32:
-            self.original_dtype = torch.float32
-        if not probe.is_contiguous():
-            self.memory_format = torch.channels_last
-        elif other.is_contiguous():
-            self.memory_format = torch.contiguous_format
+        # target device keeping their dtypes, and let a float dtype change the output dtype
+        # (FollowsMoves records it, and the memory format, for unpatch).
+        device = self.record_move(fn, self.weight_q.device)
         for name, buf in list(self._buffers.items()):
-            if buf is not None and buf.device != probe.device:
-                # a meta buffer can only get here through to_empty (a .to() of the meta probe above
-                # raised already): allocate it, uninitialised, as to_empty does
-                self._buffers[name] = torch.empty_like(buf, device=probe.device) if buf.is_meta else buf.to(probe.device)
+            if buf is not None and buf.device != device:
+                # a meta buffer can only get here through to_empty (a .to() of the meta probe in
+                # record_move raised already): allocate it, uninitialised, as to_empty does
+                self._buffers[name] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
         return self
 
     @property

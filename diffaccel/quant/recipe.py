@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._moves import FollowsMoves
+
 RECIPE_FORMAT_VERSION = 2  # 2: weight probes (version 1 files load, without the weights check)
 _META_KEY = "diffaccel_recipe"
 WEIGHT_PROBE_SIZE = 16
@@ -384,7 +386,7 @@ class StepHook:
         self.state.update(t, first.device if first is not None else self.state.index.device)
 
 
-class BOSPrecomputed(nn.Module):
+class BOSPrecomputed(FollowsMoves, nn.Module):
     """MixDQ's BOS-aware text path: token 0 (CLIP's BOS, identical for every prompt) gets the
     layer's full-precision output computed at calibration; the other tokens go through the
     quantized layer (whose activation range was calibrated without the BOS token)."""
@@ -393,6 +395,11 @@ class BOSPrecomputed(nn.Module):
         super().__init__()
         self.layer = layer
         self.register_buffer("bos_output", bos_output.detach().clone())
+        self.original_dtype = bos_output.dtype  # the float layer's (FollowsMoves: unpatch casts it alike)
+
+    def _apply(self, fn, recurse=True):
+        self.record_move(fn, self.bos_output.device)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
@@ -402,7 +409,7 @@ class BOSPrecomputed(nn.Module):
         return torch.cat([bos, y[:, 1:]], dim=1)
 
 
-class TemporalFeatureCache(nn.Module):
+class TemporalFeatureCache(FollowsMoves, nn.Module):
     """TFMQ-DM's cache-based maintenance: the full-precision output of a module that depends only
     on the timestep, precomputed for each calibrated timestep and looked up by the step state's
     index; it replaces computing the module (and is exactly its output)."""
@@ -416,6 +423,11 @@ class TemporalFeatureCache(nn.Module):
         for i, v in enumerate(values):
             self.register_buffer(f"value_{i}", v.detach().to(dtype).clone())
         self.num_values = len(values)
+        self.original_dtype = dtype  # the cached module's (FollowsMoves: unpatch casts it alike)
+
+    def _apply(self, fn, recurse=True):
+        self.record_move(fn, self.value_0.device)
+        return super()._apply(fn, recurse)
 
     def forward(self, *args, **kwargs):
         if self.batch_from == "batch_size":
