@@ -180,12 +180,25 @@ class _PatchState:
     def __deepcopy__(self, memo):
         return _PatchState(self.options, self.report, _UndoLog(), restorable=False, copied=True)
 
-    def __reduce__(self):  # (options may hold a lambda filter: a pickled copy re-patches nothing)
-        return _copied_state, (self.report,)
+    def __reduce__(self):
+        return _copied_state, (self.report, _portable_options(self.options))
 
 
-def _copied_state(report: PatchReport) -> _PatchState:
-    return _PatchState(None, report, _UndoLog(), restorable=False, copied=True)
+def _portable_options(options: Optional[tuple]) -> Optional[tuple]:
+    """The options as a pickled copy can keep them: None where they name objects of this process
+    (a recipe or spec is keyed by its id, a filter_fn may be a lambda), so that patch on the loaded
+    copy with the same preset is a no-op and anything else is refused."""
+    if options is None:
+        return None
+    quant = options[1]
+    keys = [q for _, q in quant] if isinstance(quant, tuple) else [quant]
+    if options[4] is not None or not all(q is None or isinstance(q, str) for q in keys):
+        return None
+    return options
+
+
+def _copied_state(report: PatchReport, options: Optional[tuple] = None) -> _PatchState:
+    return _PatchState(options, report, _UndoLog(), restorable=False, copied=True)
 
 
 def _get_parent(root: nn.Module, qualified_name: str):
@@ -858,6 +871,11 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     state = getattr(target, _STATE_ATTR, None)
     if state is not None:
         if state.options != options:
+            if state.copied:  # (unpatch refuses a copy: its float originals belong to the model it came from)
+                raise ValueError("target: a copy of a patched model (copy.deepcopy / torch.load), patched with "
+                                 + ("other options" if state.options is not None else
+                                    "a recipe, spec or filter_fn a loaded copy cannot compare")
+                                 + "; a copy cannot be unpatched: patch a fresh model with these options instead")
             raise ValueError("target: already patched with other options; call diffaccel.unpatch(target) first")
         return _patch_again(target, info, state, select, attention, attention_quant, solver)
 

@@ -117,3 +117,32 @@ def test_a_copy_of_a_per_timestep_patched_model_follows_its_own_timesteps(tmp_pa
         for dup in copies:
             assert torch.equal(tiny_models.output_of(dup, at_t), outs[t]), t
     assert not torch.equal(outs[900], outs[500])  # (the three sets do differ)
+
+
+def test_a_loaded_copy_takes_the_same_preset_again_and_says_why_it_refuses_others(tmp_path):
+    """A torch.load-ed copy lost its patch options: patch with the same preset raised "already
+    patched with other options; call diffaccel.unpatch first", and unpatch refuses a copy."""
+    model, inputs = tiny_models.unet_sd15()
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    before = tiny_models.output_of(loaded, inputs)
+    diffaccel.patch(loaded, quant="w8a8", solver=False)  # the same options: nothing to do
+    assert torch.equal(tiny_models.output_of(loaded, inputs), before)
+    for other in (dict(quant="w4a16"), dict(quant="w8a8", filter_fn=lambda m, n: True)):
+        with pytest.raises(ValueError, match="a copy of a patched model .* cannot be unpatched: patch a fresh model"):
+            diffaccel.patch(loaded, solver=False, **other)
+    diffaccel.patch(model, quant="w8a8", solver=False, filter_fn=None)  # (the original is unaffected)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_float_state_dict_into_a_patched_model_is_named(strict):
+    """The float model's state dict loaded into a quant-patched one: strict=True raised torch's list
+    of 20,000 characters of keys without a word on why, strict=False loaded new biases beside the
+    old codes silently. Each quantized layer now refuses it, naming the key and what to do."""
+    source, _ = tiny_models.unet_sd15(seed=1)
+    model, _ = tiny_models.unet_sd15()
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    with pytest.raises(RuntimeError, match=r"proj_in.weight: a float weight for a quantized layer .* load it "
+                                           r"before diffaccel.patch"):
+        model.load_state_dict(source.state_dict(), strict=strict)

@@ -246,6 +246,14 @@ class QuantLayerBase(FollowsMoves, nn.Module):
                  for name, buf in self._buffers.items()
                  if buf is not None and isinstance(given := state_dict.get(prefix + name), torch.Tensor)
                  and given.dtype != buf.dtype]
+        float_weight = state_dict.get(prefix + "weight")
+        if isinstance(float_weight, torch.Tensor) and float_weight.is_floating_point() \
+                and prefix + "weight_q" not in state_dict:
+            # the float model's state dict (torch would list every key; strict=False would load
+            # the bias beside stale codes): say what it is and what to do
+            wrong.append(f"{prefix}weight: a float weight for a quantized layer ({self.spec}); this state dict is "
+                         f"of the float model: load it before diffaccel.patch (or diffaccel.unpatch, load, patch "
+                         f"again)")
         if wrong:
             error_msgs.extend(wrong)
             return
