@@ -504,14 +504,18 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
     _fuse_norms(prefix, backbone, report, undo, select)
 
 
+_MLP_SHARES_ATTENTION_INPUT = ("FluxSingleTransformerBlock", "ChromaSingleTransformerBlock")
+
+
 def _link_shared_inputs(backbone, undo):
     """Sibling q/k/v projections called by diffusers' own processors quantize their shared input
     once (diffaccel.nn.shared_input.link_siblings; diffaccel's processors share it themselves)."""
     from .nn import shared_input
 
-    # Flux's single-stream block runs proj_mlp on the same normed input its attention projects
+    # Flux's (and Chroma's) single-stream block runs proj_mlp on the same normed input its attention
+    # projects; HunyuanVideo's gives its attention a concatenation of that input with the text instead
     mlp_before = {id(m.attn): m.proj_mlp for m in backbone.modules()
-                  if isinstance(getattr(m, "attn", None), nn.Module)
+                  if type(m).__name__ in _MLP_SHARES_ATTENTION_INPUT and isinstance(getattr(m, "attn", None), nn.Module)
                   and isinstance(getattr(m, "proj_mlp", None), nn.Module)}
     for _, attn in _targets.attention_modules(backbone):
         also = (mlp_before[id(attn)],) if id(attn) in mlp_before else ()

@@ -224,19 +224,22 @@ def test_linked_siblings_quantize_once_bit_exact(spec, backend, monkeypatch):
 
 def test_group_requantizes_a_changed_or_other_input(monkeypatch):
     """Sharing keys on the tensor itself and its version counter: an in-place change between the
-    calls, or another tensor with the same values, is quantized afresh."""
+    calls, or another tensor with the same values, is quantized afresh. The group then stands aside
+    for good: its layers are not called on one tensor, and it used to hold the last input and its
+    codes between calls (HunyuanVideo's single-stream blocks)."""
     layers, group = _linked("w8a8")
     x = torch.randn(M_SHARED, 64)
     with use_backend("torch"):
         counter = _CountQuantizer(monkeypatch)
         layers[0](x)
+        assert counter.calls == 1 and group._entry is not None
         x.mul_(2)  # in place: the version counter moves
-        got = layers[1](x)
-        assert counter.calls == 2 and torch.equal(got, S.QuantLinear.forward(_unlinked(layers[1]), x))
+        got = layers[1](x)  # quantized afresh, by the layer itself (its GEMM's fused quantization)
+        assert torch.equal(got, S.QuantLinear.forward(_unlinked(layers[1]), x))
+        assert group._entry is None and group.standing_aside  # nothing held between calls
         y = x.clone()
-        layers[2](y)
-        assert counter.calls == 3
-    assert group._entry is not None and group._entry[0] is y  # not all three used y's codes: held
+        assert torch.equal(layers[2](y), S.QuantLinear.forward(_unlinked(layers[2]), y))
+        assert counter.calls == 1 and group._entry is None  # from now on each layer quantizes for itself
 
 
 def _unlinked(layer):
@@ -314,3 +317,20 @@ def test_flux_single_block_shares_with_proj_mlp(monkeypatch):
     saved, linked, separate = _passes_saved_by_linking(model, inputs, monkeypatch)
     assert saved == 2 + 3
     assert torch.equal(linked, separate)
+
+
+def test_hunyuan_video_single_block_links_qkv_only_and_holds_nothing_after_a_call(monkeypatch):
+    """HunyuanVideo's single-stream processor projects q/k/v from cat(hidden, text) while proj_mlp
+    takes the hidden states alone: linked as four (as Flux's are), the group saw 3 of its 4 uses and
+    held the last input and its codes after every call (torch.save of the model grew after a forward)."""
+    import diffaccel
+    import tiny_models
+
+    model, inputs = tiny_models.hunyuan_video()
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    single = model.single_transformer_blocks[0]
+    assert single.proj_mlp.shared_input is None and single.attn.to_q.shared_input.size == 3
+    with use_backend("torch"):
+        tiny_models.output_of(model, inputs)
+    groups = {id(g): g for m in model.modules() if (g := getattr(m, "shared_input", None)) is not None}
+    assert groups and not any(g._entry is not None or g.standing_aside for g in groups.values())

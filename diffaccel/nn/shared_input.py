@@ -21,7 +21,9 @@ Flux, Wan, QwenImage, ...) call ``attn.to_q(x)``, ``attn.to_k(x)``, ``attn.to_v(
 the next ones with that same tensor (same object, unmodified: same version counter) reuse the
 codes, and the group lets them go once every sibling has used them. It stands aside (each layer
 quantizes for itself) inside torch.compile, for inference-mode tensors (they have no version
-counter to prove them unmodified) and where ``can_share_input``'s conditions fail.
+counter to prove them unmodified) and where ``can_share_input``'s conditions fail; and for good
+once a new input comes before every sibling had the last one (the layers are then not called on
+one tensor, and the group must not keep an input alive between calls).
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def _quantize(x2: torch.Tensor, act_dtype: str):
 class SharedInputGroup:
     """Sibling QuantLinears called one after another on one input (see the module docstring)."""
 
+    standing_aside = False  # set for good once the siblings turned out not to share one input
+
     def __init__(self, size: int):
         self.size = size
         self._entry = None  # [x, its version, act dtype, codes, scale, uses]
@@ -80,11 +84,17 @@ class SharedInputGroup:
     def forward(self, layer: QuantLinear, x: torch.Tensor):
         """``layer(x)`` on shared codes, or None when sharing does not apply (the caller then runs
         its own quantization). link_siblings checked the layers' specs."""
-        if torch.compiler.is_compiling() or x.is_inference() or not _rows_above_fused_max(x):
+        if self.standing_aside or torch.compiler.is_compiling() or x.is_inference() or not _rows_above_fused_max(x):
             return None
         s = layer.spec
         e = self._entry
         if e is None or e[0] is not x or e[1] != x._version or e[2] != s.act_dtype:
+            if e is not None:
+                # another input before every sibling had this one: these layers are not called on one
+                # tensor (a processor that projects a concatenation, say), so the group would hold an
+                # input and its codes between calls. Each layer quantizes for itself from now on.
+                self._entry, self.standing_aside = None, True
+                return None
             codes, scale = _quantize(x.reshape(-1, x.shape[-1]), s.act_dtype)
             e = self._entry = [x, x._version, s.act_dtype, codes, scale, 0]
         e[5] += 1
