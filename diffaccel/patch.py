@@ -780,15 +780,34 @@ def _check_adapter(owner, backbones, adapter_config=None, *args, **kwargs) -> No
     dlora.check_adapter_config(owner, kwargs.get("adapter_config", adapter_config))
 
 
+def _saving_pipeline(owner):
+    """The pipeline whose save_pretrained is calling ``owner.save_pretrained`` (a backbone patched on
+    its own inside an unpatched pipeline), or None for a direct call."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        caller = frame.f_locals.get("self")
+        if frame.f_code.co_name == "save_pretrained" and caller is not owner and hasattr(caller, "components"):
+            return caller
+        frame = frame.f_back
+    return None
+
+
 def _check_savable(owner, backbones, *args, **kwargs) -> None:
     for backbone in backbones:
         name = next((n for n, m in backbone.named_modules() if isinstance(m, QuantLayerBase)), None)
         if name is not None:
+            pipe = _saving_pipeline(owner)
+            written = "nothing was written" if pipe is None else (
+                f"nothing of it was written, but {type(pipe).__name__}.save_pretrained, which is not patched "
+                f"itself, has written the components it saved before this one (patch the pipeline, not its "
+                f"backbone, for a refusal before anything is written)")
             raise RuntimeError(
                 f"save_pretrained: {name} is a diffaccel quantized layer, whose low-bit buffers diffusers' "
-                f"from_pretrained cannot load (the checkpoint would lack the float weights); nothing was "
-                f"written. Save the float model: diffaccel.unpatch, save_pretrained, then patch again (a "
-                f"calibrated recipe saves on its own: recipe.save(path))")
+                f"from_pretrained cannot load (the checkpoint would lack the float weights); {written}. Save the "
+                f"float model: diffaccel.unpatch, save_pretrained, then patch again (a calibrated recipe saves "
+                f"on its own: recipe.save(path))")
 
 
 # -- public ------------------------------------------------------------------------------

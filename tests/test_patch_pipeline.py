@@ -303,6 +303,19 @@ def test_save_pretrained_of_a_quantized_patch_refuses_before_writing(tmp_path):
     assert reloaded.keys() == original.keys() and all(torch.equal(reloaded[k], v) for k, v in original.items())
 
 
+def test_save_of_a_pipeline_whose_backbone_alone_was_patched_says_what_it_wrote(tmp_path):
+    """Only the backbone patched: the pipeline's save_pretrained writes the components before it,
+    then the backbone's guard raised saying "nothing was written". It now says what was."""
+    pipe = _pipeline("unet")
+    diffaccel.patch(pipe.unet, quant="w8a8")
+    with pytest.raises(RuntimeError, match=r"nothing of it was written, but \w+\.save_pretrained, which is not "
+                                           r"patched itself, has written the components it saved before this one"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        pipe.unet.save_pretrained(tmp_path / "unet")
+    assert not (tmp_path / "unet").exists()
+
+
 def test_perturbed_attention_guidance_pipeline():
     """diffusers' PAG pipelines set their own processors on the chosen layers for each call and put the
     previous ones back after it: on a patched pipeline those layers run PAG's processors for the call
