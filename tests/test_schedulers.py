@@ -748,3 +748,30 @@ def test_config_changed_to_unfused_after_set_timesteps_raises():
     x = torch.randn(SHAPE)
     with pytest.raises(ValueError, match="config changed since set_timesteps and is no longer fused"):
         s.step(x, s.timesteps[0], x)
+
+
+@pytest.mark.parametrize("config", ["ddim_eps_clip", "lcm"])
+def test_a_fractional_timestep_is_refused(config):
+    """diffusers indexes alphas_cumprod with the timestep (900.7 raises there); the fused DDIM / LCM
+    step took int(900.7) = 900 silently."""
+    s = CONFIGS[config]()
+    patch_scheduler(s)
+    s.set_timesteps(10)
+    x = torch.randn(SHAPE)
+    t = float(s.timesteps[0]) + 0.7
+    with pytest.raises(ValueError, match="timestep: expected an integer timestep of the schedule"):
+        s.step(x, t, x)
+    s.step(x, float(s.timesteps[0]), x)  # an integral float is that timestep
+
+
+@pytest.mark.parametrize("config", ["euler_eps", "euler_a_eps", "dpm2m_eps", "unipc_bh2", "lcm", "flow"])
+def test_a_step_past_the_end_of_the_schedule_is_named(config):
+    """One step more than set_timesteps gave: numpy's IndexError, or UniPC's "system is singular"."""
+    s = CONFIGS[config]()
+    patch_scheduler(s)
+    s.set_timesteps(4)
+    x = torch.randn(SHAPE)
+    for t in s.timesteps:
+        x = s.step(fake_model(x, t), t, x).prev_sample
+    with pytest.raises(ValueError, match="past the end of the schedule"):
+        s.step(fake_model(x, s.timesteps[-1]), s.timesteps[-1], x)

@@ -7,6 +7,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..ops._checks import plain_number
+
 from ..ops.philox import seed_as_int64
 from ..ops.solver import (A_E, A_N, A_X, B_E, B_H0, B_H1, B_H2, B_N, B_P, B_X, C_H0, C_H1, C_H2, C_P, C_X, CLIP,
                           D_H0, D_H1, D_H2, D_L, D_P, NUM_COEFFS)
@@ -153,6 +155,10 @@ class SolverState:
         k = (key, index, device)  # rows are kept with the tables: a step makes no new view, no NaN test
         r = self.device_tables.get(k)
         if r is None:
+            if not 0 <= index < len(self.host[key]):
+                raise ValueError(f"{self.adapter.name}.step: step {index} is past the end of the schedule "
+                                 f"({len(self.host[key])} rows for the steps set by set_timesteps); call "
+                                 f"set_timesteps again (or set_begin_index) to start another run")
             coeffs = np.delete(self.host[key][index], CLIP)  # (CLIP is inf where nothing is clipped)
             if not np.isfinite(coeffs).all():
                 raise ValueError(f"{self.adapter.name}.step: no coefficients for this step ({key}[{index}]): the "
@@ -244,7 +250,21 @@ class _Adapter:
             raise ValueError("guidance_rescale: needs the conditional half (step_with_guidance)")
 
     @staticmethod
-    def _init_index(sch, timestep):
+    def _timestep_value(timestep) -> int:
+        """A host timestep as the integer the schedule holds: diffusers indexes alphas_cumprod with it,
+        so 900.7 fails there; int() would silently take row 900."""
+        if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+            raise ValueError(f"timestep: expected one timestep, got a tensor of shape {tuple(timestep.shape)}")
+        value = timestep.item() if isinstance(timestep, torch.Tensor) else plain_number(timestep)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(f"timestep: expected an integer timestep of the schedule, got {value!r}")
+        return int(value)
+
+    def _init_index(self, sch, timestep):
         if sch.step_index is None:
             sch._init_step_index(timestep)
-        return sch.step_index
+        i, steps = sch.step_index, len(sch.timesteps)
+        if i >= steps:  # (the tables have a row per step: numpy's IndexError, or "singular" from UniPC)
+            raise ValueError(f"{self.name}.step: step {i} is past the end of the schedule ({steps} steps set by "
+                             f"set_timesteps); call set_timesteps again (or set_begin_index) to start another run")
+        return i

@@ -92,7 +92,7 @@ class DDIM(_Adapter):
                 row = row.long()
             coeffs = table
         else:
-            t = int(timestep)
+            t = self._timestep_value(timestep)
             if not 0 <= t < T:
                 raise ValueError(f"timestep: {t} is outside the training schedule [0, {T})")
             coeffs = table[t]
@@ -149,10 +149,12 @@ class LCM(_Adapter):
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
         self._begin(sch, state, model_output, cond, sample, rescale)
+        host_t = not (isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu")
+        t = self._timestep_value(timestep) if host_t else None  # (before diffusers looks it up in the schedule)
         i = self._init_index(sch, timestep)
-        if not (isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"):
-            if int(timestep) != state.aux["timesteps"][i]:
-                raise ValueError(f"timestep: {int(timestep)} is not the schedule's timesteps[{i}] = "
+        if host_t:
+            if t != state.aux["timesteps"][i]:
+                raise ValueError(f"timestep: {t} is not the schedule's timesteps[{i}] = "
                                  f"{state.aux['timesteps'][i]}; the fused step follows the schedule")
         noise = {}
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
