@@ -534,12 +534,12 @@ def _fuse_norms(prefix, backbone, report, undo, select):
     from .nn import fused_norm as dfn
 
     for name, block in list(backbone.named_modules()):
-        for attr, layers in dfn.norm_consumers(block):
+        for attr, layers, reason in dfn.norm_consumers(block):
             norm = getattr(block, attr, None)
             if not isinstance(norm, nn.Module) or not any(type(dfn._unwrapped(m)) is QuantLinear for m in layers):
                 continue  # nothing behind it was quantized: nothing to say
             fqn = f"{prefix}{name}.{attr}" if name else f"{prefix}{attr}"
-            reason = dfn.fuse_reason(norm)
+            reason = reason or dfn.fuse_reason(norm)
             act = None
             if reason is None:
                 act, reason = dfn.consumers_reason(layers, dfn.norm_width(norm))

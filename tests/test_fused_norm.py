@@ -236,3 +236,45 @@ def test_report_says_why_a_norm_is_not_fused():
     reasons = {s.name: s.reason for s in report.skipped if "norm not fused" in s.reason}
     assert reasons and all(n.endswith("norm1") for n in reasons)
     assert all("not every projection behind it is a QuantLinear" in r for r in reasons.values())
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, *a, **k):
+        return self.m(*a, **k)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("chunked", {"norm1": None, "norm2": None, "norm3": "the feed-forward is chunked"}),
+    ("ada_norm_single", {"norm1": "norm_type='ada_norm_single'", "norm2": "norm_type='ada_norm_single'"}),
+    ("sinusoidal", {"norm1": "positional embeddings are added", "norm2": "positional embeddings are added",
+                    "norm3": None}),
+])
+def test_every_norm_with_quantized_layers_behind_it_is_reported(case, expected):
+    """A BasicTransformerBlock's norms that patch left alone by design (chunked feed-forward,
+    ada_norm_single, sinusoidal positions) had no entry in the report, replaced or skipped; and
+    with sinusoidal positions norm3, whose output goes straight to the feed-forward, was not fused."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    kw = {"ada_norm_single": dict(norm_type="ada_norm_single"),
+          "sinusoidal": dict(positional_embeddings="sinusoidal", num_positional_embeddings=128)}.get(case, {})
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(64, 2, 32, cross_attention_dim=32, **kw).eval()
+    if case == "chunked":
+        block.set_chunk_feed_forward(16, 1)
+    model, plain = _Wrap(block), _Wrap(copy.deepcopy(block))
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    said = {r.name[2:]: None for r in report.replaced if r.name.startswith("m.norm")}
+    said.update({s.name[2:]: s.reason for s in report.skipped if s.name.startswith("m.norm")})
+    assert set(said) == set(expected)
+    for norm, why in expected.items():
+        assert (said[norm] is None) if why is None else (why in said[norm]), (norm, said[norm])
+    if case == "sinusoidal":  # the norm3 fusion computes what the unfused norm's layers do
+        diffaccel.patch(plain, quant="w8a8", solver=False, exclude=("m.norm3",))
+        x, c = torch.randn(2, 100, 64), torch.randn(2, 7, 32)
+        with torch.no_grad():
+            got, want = model(x, encoder_hidden_states=c), plain(x, encoder_hidden_states=c)
+        assert float((got - want).norm() / want.norm()) < 1e-6  # (the fused norm is a few ulps off F.layer_norm)

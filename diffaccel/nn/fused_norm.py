@@ -200,26 +200,30 @@ def _ff_up(ff: Optional[nn.Module]) -> list:
 
 
 def norm_consumers(block: nn.Module) -> list:
-    """[(norm attribute, [layers its output goes to directly])] for the transformer blocks whose
-    forward passes a norm's output unchanged to projections (diffusers 0.3x-0.4x block code)."""
+    """[(norm attribute, [layers its output goes to], reason)] for the transformer blocks diffaccel
+    knows (diffusers 0.3x-0.4x block code): reason None where the forward passes the norm's output
+    unchanged to those layers (it can compute their codes), else why it does not (the report says it)."""
     kind = type(block).__name__
-    if kind == "BasicTransformerBlock" and getattr(block, "pos_embed", None) is None:
-        if block.norm_type == "layer_norm":
-            attn1 = _projections(block.attn1, False)
-            pairs = [("norm1", attn1[:1] if block.only_cross_attention else attn1)]
-            if block.attn2 is not None:
-                pairs.append(("norm2", _projections(block.attn2, False)[:1]))
-            if block._chunk_size is None:  # chunked, the feed-forward gets slices of the output
-                pairs.append(("norm3", _ff_up(block.ff)))
-            return pairs
-        if block.norm_type == "ada_norm_zero":
-            attn1 = _projections(block.attn1, False)
-            return [("norm1", attn1[:1] if block.only_cross_attention else attn1)]
-        return []
+    if kind == "BasicTransformerBlock":
+        attn1 = _projections(block.attn1, False)
+        attn1 = attn1[:1] if block.only_cross_attention else attn1
+        attn2 = _projections(block.attn2, False)[:1] if block.attn2 is not None else []
+        plain = block.norm_type == "layer_norm"
+        other = f"not fused in a BasicTransformerBlock with norm_type={block.norm_type!r}"
+        positions = "positional embeddings are added to its output before the projections"
+        entries = [("norm1", attn1, None if plain or block.norm_type == "ada_norm_zero" else other)]
+        if block.attn2 is not None:
+            entries.append(("norm2", attn2, None if plain else other))
+        if block.pos_embed is not None:  # (added to norm1's and norm2's outputs, not norm3's)
+            entries = [(attr, layers, why or positions) for attr, layers, why in entries]
+        chunked = "the feed-forward is chunked (it gets slices of the output)"
+        entries.append(("norm3", _ff_up(block.ff), (None if block._chunk_size is None else chunked) if plain else other))
+        return entries
     if kind in ("JointTransformerBlock", "FluxTransformerBlock"):
-        return [("norm1", _projections(block.attn, False)), ("norm1_context", _projections(block.attn, True))]
+        return [("norm1", _projections(block.attn, False), None),
+                ("norm1_context", _projections(block.attn, True), None)]
     if kind == "FluxSingleTransformerBlock":
-        return [("norm", [getattr(block, "proj_mlp", None), *_projections(block.attn, False)])]
+        return [("norm", [getattr(block, "proj_mlp", None), *_projections(block.attn, False)], None)]
     return []
 
 

@@ -42,9 +42,10 @@ def _conv_reason(name: str, conv: nn.Module) -> Optional[str]:
     return None
 
 
-def unfused_reason(block: nn.Module, temb: Optional[torch.Tensor] = None, check_temb: bool = False) -> Optional[str]:
+def unfused_reason(block: nn.Module, temb: Optional[torch.Tensor] = None, check_temb: bool = False,
+                   x: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why the fused forward cannot stand in for ``block``'s own (None when it can). ``check_temb``:
-    also check the ``temb`` of this call against the time-embedding projection."""
+    also check this call's ``temb`` (against the time-embedding projection, and ``x``'s batch)."""
     if block.upsample is not None or block.downsample is not None:
         return "up/down-sampling block"
     if block.time_embedding_norm != "default":
@@ -66,6 +67,8 @@ def unfused_reason(block: nn.Module, temb: Optional[torch.Tensor] = None, check_
         return "hooks on its layers would be bypassed"
     if check_temb and (temb is None) != (block.time_emb_proj is None):
         return "temb given without a time_emb_proj (or missing)"
+    if check_temb and temb is not None and x is not None and (temb.dim() != 2 or temb.shape[0] != x.shape[0]):
+        return "temb broadcasts over the batch (diffusers' forward broadcasts it; the fused norm takes [B, C])"
     return None
 
 
@@ -82,7 +85,7 @@ def _needs_grad(block: nn.Module, input_tensor: torch.Tensor, temb: Optional[tor
 
 def _fused_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs.get("scale") is not None or input_tensor.dim() != 4 or _needs_grad(self, input_tensor, temb) \
-            or unfused_reason(self, temb, check_temb=True) is not None:
+            or unfused_reason(self, temb, check_temb=True, x=input_tensor) is not None:
         return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
     n1, n2 = self.norm1, self.norm2
     h = self.conv1.forward_normalized(input_tensor, NORM.group_norm_affine(
