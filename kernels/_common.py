@@ -16,6 +16,15 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def unit_stride(v):
+    """A 1-D vector the kernels index as ``v[i]`` (per-channel ``w_scale``, per-row ``a_scale``) with
+    unit stride: a strided view or an expanded scalar would be read as if contiguous. A no-op (no
+    copy) for the contiguous vectors every layer passes; None passes through."""
+    if v is None or v.dim() != 1 or v.shape[0] <= 1 or v.stride(0) == 1:
+        return v
+    return v.contiguous()
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (the CPU tests): kernels switch around the interpreter's gaps."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

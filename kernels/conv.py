@@ -24,7 +24,8 @@ Launches pass enable_fp_fusion=False (no FMA contraction in the epilogue, as in 
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dynamic_scale, interpreting, mul_sigmoid, nan_to_zero, round_half_even, to_e4m3
+from ._common import (cdiv, dynamic_scale, interpreting, mul_sigmoid, nan_to_zero, round_half_even, to_e4m3,
+                      unit_stride)
 from .gemm import FP8_MAX, _add_weight_group, _int8_epilogue, _load_int4_tile_t, _load_int8_tile_t, _to_out
 
 AMAX_FLOOR = 1e-12
@@ -296,6 +297,9 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
     KH, KW = kernel_size
     per_token = act_scale is None
     K1 = act_split * KH * KW if act_split else K
+    w_scale, smooth, act_scale, zero_point, bias = (unit_stride(v) for v in (w_scale, smooth, act_scale, zero_point, bias))
+    if w_sum is not None and w_sum.dim() == 1:
+        w_sum = unit_stride(w_sum)
     BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4, split=bool(act_split),
                                                      prologue=in_affine is not None)
     dummy = out  # never read: the constexpr flags switch its loads off
@@ -404,6 +408,7 @@ def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stri
         return
     KH, KW = kernel_size
     K1 = act_split * KH * KW if act_split else K
+    w_scale, smooth, act_scale, bias = (unit_stride(v) for v in (w_scale, smooth, act_scale, bias))
     # the int8 per-channel tiles (a split keeps the first range's fp32 result live: its tiles)
     BM, BN, BK, _, warps, stages = pick_conv_config(M, N, K, 0, False, split=bool(act_split))
     tiles_per_image = cdiv(Ho * Wo, BM)

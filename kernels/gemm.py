@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (cdiv, dynamic_scale, interpreting, mul_sigmoid, nan_to_zero, next_pow2, round_half_even,
+                      unit_stride,
                       round_to_bf16, row_abs_max, to_e4m3)
 
 AMAX_FLOOR = 1e-12
@@ -347,9 +348,11 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
     o_scale, o_zp, o_smooth = out_quant if out_quant is not None else (None, None, None)
     grid = (cdiv(M, BM), cdiv(N, BN))
     stride_am = a.stride(0)
+    a_scale, w_scale, w_sum, bias, smooth = (unit_stride(v) for v in (a_scale, w_scale, w_sum, bias, smooth))
     if w_int4 and fuse_quant == 0:  # the kernel reads int8 codes in (even, odd) pairs: K is even
         if a.stride(1) != 1 or a.stride(0) % 2 or a.storage_offset() % 2:
-            a = a.contiguous()
+            # a fresh copy: contiguous() returns a contiguous view at an odd offset unchanged
+            a = a.clone(memory_format=torch.contiguous_format)
         a, stride_am = a.view(torch.int16), a.stride(0) // 2
     _int8_act_gemm_kernel[grid](
         a, w, a_scale if a_scale is not None else dummy, w_scale,
@@ -402,6 +405,7 @@ def quantize_act_int8(x2d, smooth, scale, zero_point, out, scales_out) -> None:
     if M == 0:
         return
     BLOCK_K = min(next_pow2(K), 4096)
+    smooth = unit_stride(smooth)
     static = scale is not None
     _quantize_act_int8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out,
@@ -492,6 +496,7 @@ def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool, activation=N
         return
     act, gated = ACTIVATIONS[activation]
     BM, BN, BK, warps, stages = config or pick_fp8_config(M, N, K, gated)
+    a_scale, w_scale, bias = unit_stride(a_scale), unit_stride(w_scale), unit_stride(bias)
     _fp8_gemm_kernel[(cdiv(M, BM), cdiv(N, BN))](
         a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
         a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
@@ -525,6 +530,7 @@ def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
     M, K = x2d.shape
     if M == 0:
         return
+    smooth = unit_stride(smooth)
     static = scale is not None
     _quantize_act_fp8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out, out, K, x2d.stride(0),
@@ -655,6 +661,7 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool,
         return
     config = pick_weight_only_config(M, N, K, group_size)
     BM, BN, BK, warps, stages = config
+    w_scale, bias = unit_stride(w_scale), unit_stride(bias)
     k_blocks = cdiv(K, BK)
     split = split_k or pick_split_k(M, N, K, config, x.device)
     per_split = cdiv(k_blocks, split)

@@ -235,3 +235,74 @@ def test_a_lazy_layer_is_refused_as_uninitialized():
     assert quantize_reason(lazy, "w8a8").startswith("weight is not initialized yet (a lazy module")
     with pytest.raises(TypeError, match="weight is not initialized yet"):
         QuantLinear.from_float(lazy, "w8a8")
+
+
+def _runnable(op_name: str) -> list:
+    from diffaccel.ops import _backend
+
+    cpu = torch.device("cpu")
+    return [b for b in _backend.BACKENDS if _backend._why_not(_backend.registered_ops()[op_name], b, cpu) is None]
+
+
+def _each_backend(op_name, call):
+    """{backend: call()} for every backend that runs ``op_name`` here (Triton in its interpreter)."""
+    out = {}
+    for b in _runnable(op_name):
+        with O.use_backend(b):
+            out[b] = call()
+    assert "torch" in out
+    return out
+
+
+def test_vectors_of_any_stride_are_read_by_index():
+    """A per-channel w_scale (or per-row a_scale, bias) that is a strided view or an expanded
+    scalar passes the checks; the Triton fp8 GEMM / weight-only GEMM / fp8 conv read it as if it
+    were contiguous (fp8_gemm 68.6 off on integer sums, 3.9e13 reading past an expanded one)."""
+    g = torch.Generator().manual_seed(0)
+    M, N, K = 3, 7, 16
+    f8 = torch.float8_e4m3fn
+    a = torch.randint(-16, 17, (M, K), generator=g).float().to(f8)
+    w8 = torch.randint(-16, 17, (N, K), generator=g).float().to(f8)
+    wi = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    strided = (torch.rand(2 * N, generator=g) + 0.1)[::2]
+    expanded = torch.tensor([0.3]).expand(N)
+    a_strided = (torch.rand(M, 2, generator=g) + 0.1)[:, :1]  # [M, 1] with row stride 2
+    x = torch.randint(-3, 4, (M, K), generator=g).half()
+    img = torch.randn(2, 4, 5, 5, generator=g)
+    w_conv8 = torch.randint(-8, 9, (N, 4 * 9), generator=g).float().to(f8)
+    w_convi = torch.randint(-127, 128, (N, 4 * 9), generator=g, dtype=torch.int8)
+    for ws in (strided, expanded):
+        calls = {
+            "fp8_gemm": lambda: O.fp8_gemm(a, w8, a_strided, ws, bias=strided, out_dtype=torch.float32),
+            "weight_only_gemm": lambda: O.weight_only_gemm(x, wi, ws),
+            "fp8_conv2d": lambda: O.fp8_conv2d(img, w_conv8, ws, kernel_size=3, padding=1, bias=strided),
+            "int8_conv2d": lambda: O.int8_conv2d(img, w_convi, ws, kernel_size=3, padding=1, bias=strided),
+        }
+        for name, call in calls.items():
+            got = _each_backend(name, call)
+            for backend, y in got.items():
+                assert torch.allclose(y, got["torch"], rtol=1e-5, atol=1e-4), (name, backend, tuple(ws.stride()))
+
+
+def test_w4a8_codes_at_an_odd_offset_and_per_tensor_ffn_codes():
+    """Triton's W4A8 GEMM reads int8 codes in (even, odd) pairs and took a contiguous tensor at an
+    odd storage offset (flat[1:].view(M, K)) as it was: 'storage_offset() must be divisible by 2'.
+    int8_ffn_up on int8 codes with one per-tensor act_scale read act_scale[m] for every row
+    (garbage from row 1 on)."""
+    from diffaccel.quant import formats as fmt
+
+    g = torch.Generator().manual_seed(1)
+    M, N, K = 3, 7, 32
+    codes = torch.randint(-127, 128, (M * K + 1,), generator=g, dtype=torch.int8)[1:].view(M, K)
+    assert codes.is_contiguous() and codes.storage_offset() % 2
+    w4 = fmt.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8))
+    a_scale, w_scale = torch.rand(M, 1, generator=g) + 0.1, torch.rand(N, generator=g) + 0.1
+    got = _each_backend("int8_act_gemm", lambda: O.int8_gemm(codes, w4, a_scale, w_scale, w_int4=True,
+                                                         out_dtype=torch.float32))
+    assert all(torch.equal(y, got["torch"]) for y in got.values()), list(got)
+    q = torch.randint(-127, 128, (5, 64), generator=g, dtype=torch.int8)
+    wi = torch.randint(-127, 128, (33, 64), generator=g, dtype=torch.int8)
+    ws = torch.rand(33, generator=g) * 0.01 + 1e-4
+    got = _each_backend("int8_ffn_up", lambda: O.int8_ffn_up(q, wi, ws, activation="gelu",
+                                                              act_scale=torch.tensor([0.02]), out_dtype=torch.float32))
+    assert all(torch.allclose(y, got["torch"], rtol=1e-5, atol=1e-5) for y in got.values()), list(got)

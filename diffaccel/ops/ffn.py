@@ -67,12 +67,12 @@ def _triton_int8_ffn_up(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum,
                         activation, next_scale, next_zero_point, next_smooth, out_dtype):
     out_quant = None if next_scale is None else (next_scale.reshape(1), next_zero_point, next_smooth)
     N = w.shape[0] // 2 if is_gated(activation) else w.shape[0]
-    if x.dtype == torch.int8:  # pre-quantized per-token codes, act_scale their [M] scales
+    if x.dtype == torch.int8:  # pre-quantized codes, act_scale their [M] (per token) or [1] (per tensor) scales
         w_scale, _ = _same_layout(w_scale, None)
         out = torch.empty(x.shape[0], N, dtype=torch.int8 if out_quant is not None else out_dtype, device=x.device)
         _k().int8_act_gemm(x, w, act_scale.reshape(-1), w_scale, None, None, bias, None, out, group_size=group_size,
-                           w_int4=w_int4, fuse_quant=0, per_token=True, activation=activation, out_quant=out_quant,
-                           value_dtype=out_dtype)
+                           w_int4=w_int4, fuse_quant=0, per_token=act_scale.numel() > 1, activation=activation,
+                           out_quant=out_quant, value_dtype=out_dtype)
         return out
     return _triton_int8_linear(x, w, w_scale, smooth, act_scale, act_zero_point, w_sum, bias, group_size, w_int4,
                                out_dtype, activation=activation, out_quant=out_quant, N=N)
