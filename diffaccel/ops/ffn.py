@@ -154,7 +154,7 @@ def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, acti
     if isinstance(x, torch.Tensor) and x.dtype == torch.int8:
         return _int8_ffn_up_codes(x, w, w_scale, activation, act_scale, bias, group_size, w_int4, next_scale,
                                   next_zero_point, next_smooth, out_dtype, smooth, act_zero_point, w_sum)
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.int8,))  # (int8 codes took the branch above: named for uint8)
     check_features(x)
     if activation not in FFN_ACTIVATIONS:
         raise ValueError(f"activation: expected one of {', '.join(FFN_ACTIVATIONS)}, got {activation!r}")
