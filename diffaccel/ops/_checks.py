@@ -6,6 +6,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the float storage every op takes
+
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)

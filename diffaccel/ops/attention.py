@@ -26,10 +26,9 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_tensor, plain_number, same_device
+from ._checks import FLOAT_DTYPES, check_tensor, plain_number, same_device
 from .quantize import div_exact, nan_to_zero, poison
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_MODES = (None, "int8")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256  # the range is 32..256; small ones cost nothing extra
 QUANT_BLOCK_M = 128  # must match kernels/attention.py

@@ -31,11 +31,11 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import check_features, check_int8_zero_point, check_positive_finite, check_tensor, plain_number, same_device
+from ._checks import (FLOAT_DTYPES, check_features, check_int8_zero_point, check_positive_finite, check_tensor,
+                      plain_number, same_device)
 from .quantize import (AMAX_FLOOR, div_exact, nan_to_zero, poison, quantize_per_tensor_reference,
                        quantize_per_token_reference)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, plain_number, same_device
+from ._checks import (FLOAT_DTYPES, check_int8_zero_point, check_positive_finite, check_tensor, plain_number,
+                      same_device)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AMAX_FLOOR = 1e-12  # keeps an all-zero row's scale finite and positive
 
 

@@ -35,10 +35,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import _backend
-from ._checks import check_tensor, plain_number, same_device
+from ._checks import FLOAT_DTYPES, check_tensor, plain_number, same_device
 from .philox import philox_normal_reference
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NUM_COEFFS = 24  # 21 used; the rest keep rows 32-byte aligned
 (A_X, A_E, A_N, CLIP, C_P, C_X, B_X, B_E, B_P, B_H0, B_H1, B_H2, B_N, D_L, D_P, D_H0, D_H1, D_H2, C_H0, C_H1,
  C_H2) = range(21)
