@@ -349,8 +349,13 @@ class StepState:
                                 "diffaccel: a TFMQ recipe with a temporal feature cache runs only at the "
                                 "timesteps it was calibrated on (recipe.timesteps): sample with that schedule "
                                 "(same scheduler and num_inference_steps), or calibrate with temporal_cache=False")
+        else:  # (one set of scales per call: sample 0's would silently serve the whole batch)
+            torch._assert_async((t == t0).all().reshape(()),
+                                "diffaccel: a per-timestep recipe takes one timestep per call, but this batch mixes "
+                                "timesteps: call the backbone once per timestep")
         if self.index.device != device:
-            self.index = torch.zeros((), dtype=torch.int64, device=device)
+            with torch.inference_mode(False):  # a first call under inference_mode must not make every later one fail
+                self.index = torch.zeros((), dtype=torch.int64, device=device)
         self.index.copy_(idx)
 
     def installer(self, backbone: nn.Module):

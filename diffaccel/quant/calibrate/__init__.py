@@ -138,6 +138,12 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     """
     if method not in METHODS:
         raise CalibrationError(f"method: unknown calibration method {method!r}; expected one of {tuple(METHODS)}")
+    for name, flag in (("progress", progress), ("adaround", adaround), ("learn_act", learn_act),
+                       ("split_shortcut", split_shortcut), ("temporal_cache", temporal_cache)):
+        if not isinstance(flag, bool):  # (bos="no" turned the BOS path on; temporal_cache=None off)
+            raise CalibrationError(f"{name}: expected True or False, got {flag!r}")
+    if bos is not None and not isinstance(bos, bool):
+        raise CalibrationError(f"bos: expected True, False or None (mixdq's default), got {bos!r}")
     weight_bits, act_bits, p = plain_number(weight_bits), plain_number(act_bits), plain_number(p)
     check_bits(method, weight_bits, act_bits)
     act_symmetric = check_format(format, act_symmetric, weight_bits, method)
@@ -220,6 +226,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     except (RuntimeError, TypeError) as e:
         raise CalibrationError(f"device: expected a torch device or a name like 'cuda:0' / 'cpu', got {device!r} "
                                f"({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError(f"device: {device} requested, but torch sees no CUDA device here")
     n_t = num_timesteps if num_timesteps is not None else 10**9
 
     training = {m: m.training for m in backbone.modules()}
@@ -233,7 +241,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                       num_timesteps=n_t, samples_per_timestep=samples_per_timestep, seed=seed,
                                       batch_size=batch_size, pipe_kwargs=dict(pipe_kwargs or {}), progress=progress)
             else:
-                calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep)
+                calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep,
+                                           one_timestep_per_item=method == "tfmq")
             work = working_copy(backbone, device)
             work.eval()
             ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...ops._checks import plain_number
 from .structure import first_tensor, layer_input
 
 logger = logging.getLogger("diffaccel")
@@ -58,6 +59,7 @@ def timestep_value(ts) -> float:
         if ts.numel() == 0:
             raise CalibrationError("data: a sample's 'timestep' is an empty tensor")
         return float(ts.reshape(-1)[0].item())
+    ts = plain_number(ts)
     if isinstance(ts, (int, float)) and not isinstance(ts, bool):
         return float(ts)
     raise CalibrationError(f"data: 'timestep' must be a number or a tensor, got {type(ts).__name__}")
@@ -107,8 +109,10 @@ def _select(groups: dict[float, list[dict]], order: list[float], num_timesteps: 
                           torch.tensor(schedule, dtype=torch.float64))
 
 
-def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | None) -> CalibrationSet:
-    """``data``: an iterable of forward-kwargs dicts, each holding ``timestep``."""
+def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | None,
+                       one_timestep_per_item: bool = False) -> CalibrationSet:
+    """``data``: an iterable of forward-kwargs dicts, each holding ``timestep`` (one value per item
+    with ``one_timestep_per_item``, for methods with per-timestep parameters)."""
     if isinstance(data, dict):
         raise CalibrationError("data: expected an iterable of forward-kwargs dicts, got a single dict")
     if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
@@ -122,7 +126,13 @@ def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | 
             raise CalibrationError(f"data: item {i} has no 'timestep' (keys: {sorted(item)})")
         item = _to(dict(item), "cpu")
         _check_finite(f"data[{i}]", item)
-        t = timestep_value(item["timestep"])
+        ts = item["timestep"] = plain_number(item["timestep"])  # (a numpy scalar: the backbone takes python's)
+        if one_timestep_per_item and isinstance(ts, torch.Tensor) and ts.numel() > 1 \
+                and not bool((ts == ts.reshape(-1)[0]).all()):
+            # per-timestep parameters (tfmq): the whole item was filed under its first timestep
+            raise CalibrationError(f"data: item {i}'s 'timestep' mixes timesteps ({ts.reshape(-1).tolist()[:4]}); "
+                                   f"one timestep per item: split it into one item per timestep")
+        t = timestep_value(ts)
         if not math.isfinite(t):
             raise CalibrationError(f"data: item {i} has a non-finite timestep")
         groups.setdefault(t, []).append(item)
