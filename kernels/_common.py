@@ -17,9 +17,10 @@ def next_pow2(n: int) -> int:
 
 
 def unit_stride(v):
-    """A 1-D vector the kernels index as ``v[i]`` (per-channel ``w_scale``, per-row ``a_scale``) with
-    unit stride: a strided view or an expanded scalar would be read as if contiguous. A no-op (no
-    copy) for the contiguous vectors every layer passes; None passes through."""
+    """A 1-D vector the kernels index as ``v[i]`` (a per-channel ``w_scale``) with unit stride: a
+    strided view or an expanded scalar would be read as if contiguous. A no-op (no copy) for the
+    contiguous vectors every layer passes. (The ops' checks already hand the launchers contiguous
+    biases, smoothing vectors and activation scales.)"""
     if v is None or v.dim() != 1 or v.shape[0] <= 1 or v.stride(0) == 1:
         return v
     return v.contiguous()

@@ -297,9 +297,6 @@ def int8_conv2d(x, w, w_scale, smooth, act_scale, zero_point, w_sum, bias, out, 
     KH, KW = kernel_size
     per_token = act_scale is None
     K1 = act_split * KH * KW if act_split else K
-    w_scale, smooth, act_scale, zero_point, bias = (unit_stride(v) for v in (w_scale, smooth, act_scale, zero_point, bias))
-    if w_sum is not None and w_sum.dim() == 1:
-        w_sum = unit_stride(w_sum)
     BM, BN, BK, GK, warps, stages = pick_conv_config(M, N, K, group_size, w_int4, split=bool(act_split),
                                                      prologue=in_affine is not None)
     dummy = out  # never read: the constexpr flags switch its loads off
@@ -408,7 +405,7 @@ def fp8_conv2d(x, w, w_scale, smooth, act_scale, bias, out, *, kernel_size, stri
         return
     KH, KW = kernel_size
     K1 = act_split * KH * KW if act_split else K
-    w_scale, smooth, act_scale, bias = (unit_stride(v) for v in (w_scale, smooth, act_scale, bias))
+    w_scale = unit_stride(w_scale)  # (the int8 conv gets its w_scale contiguous from ops.gemm._same_layout)
     # the int8 per-channel tiles (a split keeps the first range's fp32 result live: its tiles)
     BM, BN, BK, _, warps, stages = pick_conv_config(M, N, K, 0, False, split=bool(act_split))
     tiles_per_image = cdiv(Ho * Wo, BM)

@@ -348,7 +348,6 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
     o_scale, o_zp, o_smooth = out_quant if out_quant is not None else (None, None, None)
     grid = (cdiv(M, BM), cdiv(N, BN))
     stride_am = a.stride(0)
-    a_scale, w_scale, w_sum, bias, smooth = (unit_stride(v) for v in (a_scale, w_scale, w_sum, bias, smooth))
     if w_int4 and fuse_quant == 0:  # the kernel reads int8 codes in (even, odd) pairs: K is even
         if a.stride(1) != 1 or a.stride(0) % 2 or a.storage_offset() % 2:
             # a fresh copy: contiguous() returns a contiguous view at an odd offset unchanged
@@ -405,7 +404,6 @@ def quantize_act_int8(x2d, smooth, scale, zero_point, out, scales_out) -> None:
     if M == 0:
         return
     BLOCK_K = min(next_pow2(K), 4096)
-    smooth = unit_stride(smooth)
     static = scale is not None
     _quantize_act_int8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out,
@@ -496,7 +494,7 @@ def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool, activation=N
         return
     act, gated = ACTIVATIONS[activation]
     BM, BN, BK, warps, stages = config or pick_fp8_config(M, N, K, gated)
-    a_scale, w_scale, bias = unit_stride(a_scale), unit_stride(w_scale), unit_stride(bias)
+    w_scale = unit_stride(w_scale)  # (the int8 paths get theirs contiguous from ops.gemm._same_layout)
     _fp8_gemm_kernel[(cdiv(M, BM), cdiv(N, BN))](
         a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
         a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
@@ -530,7 +528,6 @@ def quantize_act_fp8(x2d, smooth, scale, out, scales_out) -> None:
     M, K = x2d.shape
     if M == 0:
         return
-    smooth = unit_stride(smooth)
     static = scale is not None
     _quantize_act_fp8_kernel[(M,)](
         x2d, smooth if smooth is not None else x2d, scale if static else scales_out, out, K, x2d.stride(0),
@@ -661,7 +658,7 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool,
         return
     config = pick_weight_only_config(M, N, K, group_size)
     BM, BN, BK, warps, stages = config
-    w_scale, bias = unit_stride(w_scale), unit_stride(bias)
+    w_scale = unit_stride(w_scale)
     k_blocks = cdiv(K, BK)
     split = split_k or pick_split_k(M, N, K, config, x.device)
     per_split = cdiv(k_blocks, split)
