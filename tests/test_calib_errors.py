@@ -56,6 +56,22 @@ def test_bad_data(unet, method):
     assert_unchanged(model, snap)
 
 
+def test_data_keys_are_checked_against_the_backbone_forward(unet):
+    """A misspelt or missing forward argument surfaced as the model's own TypeError once calibration ran."""
+    model, data, snap = unet
+    typo = [{("encoder_hidden_state" if k == "encoder_hidden_states" else k): v for k, v in d.items()} for d in data]
+    with pytest.raises(CalibrationError, match="^data: item 0 has 'encoder_hidden_state', which "
+                                               "UNet2DConditionModel.forward does not take"):
+        calibrate(model, typo, method="minmax", weight_bits=8, act_bits=8, progress=False)
+    missing = [{k: v for k, v in d.items() if k != "encoder_hidden_states"} for d in data]
+    with pytest.raises(CalibrationError, match="^data: item 0 lacks 'encoder_hidden_states', a required argument"):
+        calibrate(model, missing, method="minmax", weight_bits=8, act_bits=8, progress=False)
+    with pytest.raises(CalibrationError, match="^pipe_kwargs: pipeline call arguments, but the target is a bare"):
+        calibrate(model, data, method="minmax", weight_bits=8, act_bits=8, progress=False,
+                  pipe_kwargs={"guidance_scale": 2.0})
+    assert_unchanged(model, snap)
+
+
 def test_non_finite_activations_name_the_layer(unet):
     model, data, _ = unet
     with torch.no_grad():

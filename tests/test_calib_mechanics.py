@@ -351,6 +351,87 @@ def test_mixdq_without_a_shared_first_token_has_no_bos_path():
         calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, bos=True, progress=False)
 
 
+def _zeroed_negative(data):
+    """SDXL's force_zeros_for_empty_prompt: the unconditional half (row 0) is all zeros."""
+    out = []
+    for item in data:
+        ehs = item["encoder_hidden_states"].clone()
+        ehs[0] = 0
+        out.append({**item, "encoder_hidden_states": ehs})
+    return out
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_mixdq_bos_output_only_for_rows_whose_token_0_is_the_bos():
+    """The BOS output replaced token 0 of every row: a zeroed negative prompt's to_k / to_v rows got
+    CLIP's BOS output (1.17 relative error on that half of the UNet output), and calibration data
+    with such rows had no BOS path at all."""
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    data = _zeroed_negative(data)
+    recipe = calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                       progress=False)
+    kv = sorted(n for n in recipe.layers if ".attn2.to_k" in n or ".attn2.to_v" in n)
+    assert kv and recipe.meta["bos"] and sorted(recipe.meta["bos_layers"]) == kv
+    for name in kv:  # to_k / to_v read encoder_hidden_states directly: their BOS input is the embedding
+        assert torch.equal(recipe.layers[name].bos_input, bos_embedding())
+    patched = copy.deepcopy(model)
+    new, _, _ = apply_recipe(patched, recipe)
+    x = data[0]["encoder_hidden_states"]
+    for name in kv:
+        y, quantized = new[name](x), new[name].layer(x)
+        assert torch.equal(y[1, 0], recipe.layers[name].bos_output)  # the BOS row: the fp32 output
+        assert torch.equal(y[0, 0], quantized[0, 0]) and torch.equal(y[:, 1:], quantized[:, 1:])
+        assert not torch.equal(y[0, 0], recipe.layers[name].bos_output)
+    item = data[0]
+    with torch.no_grad():
+        ref = model(**item).sample
+        out = patched(**item).sample
+    # measured: zeroed half 0.067, BOS half 0.046 (bos=False: 0.059 / 0.059); before, the zeroed half 1.28
+    assert _rel(out[0], ref[0]) < 0.15 and _rel(out[1], ref[1]) < 0.1
+
+
+def test_mixdq_bos_statistics_keep_token_0_of_rows_that_are_not_the_bos():
+    model, data = model_and_data("unet", timesteps=(900,), per_timestep=1)
+    calib = collect.from_backbone_data(data, num_timesteps=1, samples_per_timestep=None)
+    name = next(n for n, _ in model.named_modules() if n.endswith("attn2.to_k"))
+    bos = bos_embedding()
+    base = collect.observe(model, calib, layers=[name], bos_inputs={name: bos}, device="cpu", progress=False)
+    ehs = calib.samples[0]["encoder_hidden_states"]
+    assert float(base.layers[name].hi[0]) < float(ehs[:, 1:].max()) + 1e-6  # the BOS stays out
+    edited = ehs.clone()
+    edited[0, 0] = 1000.0  # an edited token 0: not the BOS, so the quantized layer takes it
+    calib.samples[0] = {**calib.samples[0], "encoder_hidden_states": edited}
+    obs = collect.observe(model, calib, layers=[name], bos_inputs={name: bos}, device="cpu", progress=False)
+    assert float(obs.layers[name].hi[0]) == 1000.0
+
+
+def test_bos_match_tolerates_the_text_encoders_dtype_only():
+    from diffaccel.quant.recipe import BOS_MATCH_RTOL, matches_bos
+
+    bos = bos_embedding()
+    rows = torch.stack([bos, bos.half().float(), bos.bfloat16().float(), torch.zeros_like(bos),
+                        bos * (1 + 2 * BOS_MATCH_RTOL), torch.randn(bos.shape)])
+    assert matches_bos(rows, bos).tolist() == [True, True, True, False, False, False]
+
+
+def test_a_format_2_mixdq_recipe_warns_and_replaces_every_row(caplog):
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                       progress=False)
+    kv = recipe.meta["bos_layers"]
+    for name in kv:
+        recipe.layers[name].bos_input = None  # what a format-2 file loads as
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        new, _, _ = recipe.build_modules(model)
+    assert "format-2 MixDQ recipe" in caplog.text
+    x = torch.zeros(2, 5, bos_embedding().numel())
+    for name in kv:
+        assert torch.equal(new[name](x)[:, 0], recipe.layers[name].bos_output.expand(2, -1))
+
+
 def test_ilp_honours_the_budget_and_is_optimal():
     rng = np.random.default_rng(0)
     L, cands = 7, (4, 8)

@@ -32,7 +32,7 @@ def test_round_trip_keeps_every_field(unet_recipe, tmp_path):
     for name, lr in recipe.layers.items():
         b = back.layers[name]
         assert (b.kind, b.weight_shape, b.spec, b.act_split) == (lr.kind, lr.weight_shape, lr.spec, lr.act_split)
-        for f in ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output"):
+        for f in ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output", "bos_input"):
             x, y = getattr(lr, f), getattr(b, f)
             assert (x is None) == (y is None), (name, f)
             if x is not None:
@@ -40,6 +40,23 @@ def test_round_trip_keeps_every_field(unet_recipe, tmp_path):
     assert back.temporal_cache.keys() == recipe.temporal_cache.keys()
     for n, vals in recipe.temporal_cache.items():
         assert all(torch.equal(a, b) for a, b in zip(vals, back.temporal_cache[n]))
+
+
+def test_mixdq_bos_fields_round_trip_and_are_checked_against_the_layer(tmp_path):
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    recipe = calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                       progress=False)
+    kv = recipe.meta["bos_layers"]
+    assert kv
+    recipe.save(tmp_path / "m.safetensors")
+    back = QuantRecipe.load(tmp_path / "m.safetensors")
+    for name in kv:
+        for f in ("bos_output", "bos_input"):
+            assert torch.equal(getattr(back.layers[name], f), getattr(recipe.layers[name], f)), (name, f)
+    lr = back.layers[kv[0]]
+    lr.bos_input = lr.bos_input[:-1]
+    with pytest.raises(RecipeError, match=f"layer '{kv[0]}' has a bos_input of shape"):
+        back.build_modules(model)
 
 
 def test_damaged_newer_and_foreign_files_are_clear_errors(unet_recipe, tmp_path):

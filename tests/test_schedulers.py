@@ -330,6 +330,9 @@ def test_patch_and_unpatch_mid_trajectory():
 @pytest.mark.parametrize("make,option", [
     (lambda: DDIMScheduler(thresholding=True), "thresholding"),
     (lambda: LCMScheduler(thresholding=True), "thresholding"),
+    # diffusers clamps every x0 value to a negative range; the kernels bounded |x0| by it
+    (lambda: DDIMScheduler(clip_sample=True, clip_sample_range=-1.0), "clip_sample_range=-1.0"),
+    (lambda: LCMScheduler(clip_sample=True, clip_sample_range=-0.5), "clip_sample_range=-0.5"),
     (lambda: DPMSolverMultistepScheduler(thresholding=True), "thresholding"),
     (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
                                          final_sigmas_type="sigma_min"), "solver_order=3"),

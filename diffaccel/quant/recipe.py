@@ -34,11 +34,15 @@ from torch import nn
 
 from .._moves import FollowsMoves
 
-RECIPE_FORMAT_VERSION = 2  # 2: weight probes (version 1 files load, without the weights check)
+RECIPE_FORMAT_VERSION = 3  # 2: weight probes; 3: the BOS input beside the BOS output (older files load)
 _META_KEY = "diffaccel_recipe"
 WEIGHT_PROBE_SIZE = 16
 _log = logging.getLogger("diffaccel")
-_TENSOR_FIELDS = ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output")
+_TENSOR_FIELDS = ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output", "bos_input")
+# MixDQ's BOS path: a token 0 within this relative L2 distance of the calibrated BOS input takes the
+# precomputed output. Loose enough for a recipe calibrated in fp32 applied to an fp16 / bf16 text
+# encoder's output; a zeroed token 0 is at distance 1, and CLIP's other tokens about as far.
+BOS_MATCH_RTOL = 0.05
 
 
 class RecipeError(ValueError):
@@ -50,6 +54,14 @@ def weight_probe(weight: torch.Tensor) -> torch.Tensor:
     flat = weight.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, min(WEIGHT_PROBE_SIZE, flat.numel()), device=flat.device).round().long()
     return flat[idx].cpu().clone()
+
+
+def matches_bos(first_tokens: torch.Tensor, bos_input: torch.Tensor) -> torch.Tensor:
+    """[B, D] token-0 rows -> [B] bool: which rows are the calibrated BOS input (within
+    BOS_MATCH_RTOL); computed on the device, no host sync."""
+    x = first_tokens.float()
+    b = bos_input.to(device=x.device, dtype=torch.float32)
+    return (x - b).norm(dim=-1) <= BOS_MATCH_RTOL * b.norm()
 
 
 def _probe_mismatch(probe: torch.Tensor, weight: torch.Tensor):
@@ -79,7 +91,8 @@ class LayerRecipe:
     act_zero_point: torch.Tensor | None = None  # int32, same shape
     act_split: int | None = None               # conv input channels [0:C1) and [C1:) quantized apart
     smooth: torch.Tensor | None = None         # fp32 [K_in] per-input-channel smoothing
-    bos_output: torch.Tensor | None = None     # fp32 [O]: the layer's full-precision output for token 0
+    bos_output: torch.Tensor | None = None     # fp32 [O]: the layer's full-precision output for the BOS token
+    bos_input: torch.Tensor | None = None      # fp32 [I]: the layer's input for it (None in format <= 2 files)
 
     @property
     def weight_bits(self) -> int:
@@ -222,6 +235,12 @@ class QuantRecipe:
             if layer_kind(present[name]) != lr.kind:
                 raise RecipeError(f"recipe: layer '{name}' is a {type(present[name]).__name__}, "
                                   f"the recipe holds a {lr.kind}")
+            for field_name, size in (("bos_output", lr.weight_shape[0]), ("bos_input", lr.weight_shape[-1])):
+                t = getattr(lr, field_name)
+                if t is not None and (lr.kind != "linear" or tuple(t.shape) != (size,)):
+                    raise RecipeError(f"recipe: layer '{name}' has a {field_name} of shape {tuple(t.shape)}; "
+                                      f"a {lr.kind} of weight shape {tuple(lr.weight_shape)} takes ({size},) "
+                                      f"(and only linear layers have one)")
         if not self.weight_probes:
             _log.warning("recipe: no weight probes (a format-1 file): whether this model has the weights it was "
                          "calibrated on is not checked")
@@ -254,6 +273,10 @@ class QuantRecipe:
         needs_state = bool(self.temporal_cache) or self._per_timestep()
         state = StepState(self.timesteps, exact=bool(self.temporal_cache)) if needs_state else None
         new: dict[str, nn.Module] = {}
+        if any(lr.bos_output is not None and lr.bos_input is None for lr in self.layers.values()):
+            _log.warning("recipe: a format-2 MixDQ recipe has no BOS input to compare with: its BOS output "
+                         "replaces token 0 of every text input, also where that token is not CLIP's BOS "
+                         "(a zeroed negative prompt); recalibrate to have it replaced only where it is")
         for name, lr in self.layers.items():
             original = modules[name]
             spec = lr.quant_spec()
@@ -264,7 +287,8 @@ class QuantRecipe:
             if state is not None and lr.act_scale is not None:
                 q.step_state = state
             if lr.bos_output is not None:
-                q = BOSPrecomputed(q, lr.bos_output.to(original.weight.dtype))
+                bos_input = None if lr.bos_input is None else lr.bos_input.to(original.weight.dtype)
+                q = BOSPrecomputed(q, lr.bos_output.to(original.weight.dtype), bos_input)
             new[name] = q
         for name, values in self.temporal_cache.items():
             dtype = _param_dtype(modules[name])
@@ -392,14 +416,17 @@ class StepHook:
 
 
 class BOSPrecomputed(FollowsMoves, nn.Module):
-    """MixDQ's BOS-aware text path: token 0 (CLIP's BOS, identical for every prompt) gets the
-    layer's full-precision output computed at calibration; the other tokens go through the
-    quantized layer (whose activation range was calibrated without the BOS token)."""
+    """MixDQ's BOS-aware text path: where token 0 is CLIP's BOS (the same for every prompt, huge
+    magnitude), the layer's full-precision output for it, computed at calibration, replaces the
+    quantized one (whose activation range was calibrated without the BOS). Other token-0 rows
+    (SDXL's zeroed negative prompt, edited embeddings) keep the quantized layer's output; the
+    choice is made per row on the device. ``bos_input=None`` (format-2 recipes) replaces every row."""
 
-    def __init__(self, layer: nn.Module, bos_output: torch.Tensor):
+    def __init__(self, layer: nn.Module, bos_output: torch.Tensor, bos_input: torch.Tensor | None = None):
         super().__init__()
         self.layer = layer
         self.register_buffer("bos_output", bos_output.detach().clone())
+        self.register_buffer("bos_input", None if bos_input is None else bos_input.detach().clone())
         self.original_dtype = bos_output.dtype  # the float layer's (FollowsMoves: unpatch casts it alike)
 
     def _apply(self, fn, recurse=True):
@@ -411,6 +438,8 @@ class BOSPrecomputed(FollowsMoves, nn.Module):
         if y.dim() != 3 or y.shape[1] == 0:
             return y
         bos = self.bos_output.to(dtype=y.dtype, device=y.device).expand(y.shape[0], 1, y.shape[2])
+        if self.bos_input is not None:
+            bos = torch.where(matches_bos(x[:, 0], self.bos_input).reshape(-1, 1, 1), bos, y[:, :1])
         return torch.cat([bos, y[:, 1:]], dim=1)
 
 

@@ -25,6 +25,10 @@ def _check_no_thresholding(sch):
     reason = thresholding_reason(sch.config)
     if reason is not None:
         return reason
+    if sch.config.clip_sample and not sch.config.clip_sample_range >= 0:
+        # diffusers' clamp(-r, r) with r < 0 sets every value to r; the kernels bound |x0| by r
+        return (f"clip_sample_range={sch.config.clip_sample_range}: a negative (or NaN) range with "
+                f"clip_sample=True is not fused")
     pt = sch.config.prediction_type
     if pt not in ("epsilon", "sample", "v_prediction"):
         return f"prediction_type={pt!r} is not supported by {type(sch).__name__}"

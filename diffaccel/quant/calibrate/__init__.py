@@ -21,7 +21,7 @@ from torch import nn
 from ...ops._checks import plain_number
 from ..recipe import QuantRecipe, RecipeError
 from . import minmax, mixdq, qdiffusion, tfmq
-from .collect import (CalibrationError, CalibrationSet, backbone_of, from_backbone_data, from_pipeline,
+from .collect import (CalibrationError, CalibrationSet, backbone_of, check_forward_kwargs, from_backbone_data, from_pipeline,
                       is_pipeline, working_copy)
 from .common import check_bits, check_format, log_allocation, resolve_skip
 
@@ -204,6 +204,9 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                        f"strings, got {type(data).__name__}") from None
     elif isinstance(target, nn.Module):
         backbone = target
+        if pipe_kwargs:
+            raise CalibrationError("pipe_kwargs: pipeline call arguments, but the target is a bare backbone, "
+                                   "which is calibrated on the forward-kwargs dicts in data; leave it None")
     else:
         raise CalibrationError(f"target: expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     if next(backbone.parameters(), None) is None:
@@ -243,6 +246,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
             else:
                 calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep,
                                            one_timestep_per_item=method == "tfmq")
+                check_forward_kwargs(backbone, calib)
             work = working_copy(backbone, device)
             work.eval()
             ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,

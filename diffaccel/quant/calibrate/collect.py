@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...ops._checks import plain_number
+from ..recipe import matches_bos
 from .structure import first_tensor, layer_input
 
 logger = logging.getLogger("diffaccel")
@@ -142,6 +143,28 @@ def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | 
     return _select(groups, order, num_timesteps, samples_per_timestep, order)
 
 
+def check_forward_kwargs(backbone: nn.Module, calib: CalibrationSet) -> None:
+    """Each data item against the backbone's ``forward`` signature, before anything runs: a misspelt
+    or missing argument is named here instead of surfacing as the model's TypeError mid-calibration."""
+    try:
+        params = inspect.signature(backbone.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the call itself will tell
+        return
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = [n for n, p in params.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+    for i, item in enumerate(calib.samples):
+        unknown = sorted(k for k in item if k not in named and k != "return_dict")
+        if unknown and not takes_any:
+            raise CalibrationError(f"data: item {i} has {unknown[0]!r}, which {type(backbone).__name__}.forward does "
+                                   f"not take (its arguments: {', '.join(sorted(named))})")
+        missing = [n for n in required if n not in item]
+        if missing:
+            raise CalibrationError(f"data: item {i} lacks {missing[0]!r}, a required argument of "
+                                   f"{type(backbone).__name__}.forward")
+
+
 def backbone_of(pipe, name: str | None = None) -> nn.Module:
     """The pipeline's component ``name``, or by default its ``unet`` else its ``transformer``."""
     if name is not None:
@@ -231,16 +254,16 @@ class Observations:
     module_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [T, ...] output row 0
     outputs: list[torch.Tensor] = field(default_factory=list)       # backbone output per sample (CPU)
     split_points: dict[str, int] = field(default_factory=dict)
-    bos_tokens: torch.Tensor | None = None                            # [D] shared first token, if any
 
 
 def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], device,
-            bos_layers: tuple[str, ...] = (), split_points: dict[str, int] | None = None,
+            bos_inputs: dict[str, torch.Tensor] | None = None, split_points: dict[str, int] | None = None,
             capture_blocks: tuple[str, ...] = (), capture_outputs_of: tuple[str, ...] = (),
             storage: str | torch.device | None = None, seed: int = 0, progress: bool = True,
             desc: str = "calibration: collection", on_sample=None) -> Observations:
     """One full-precision pass over the calibration set with hooks; nothing of the model changes."""
     split_points = split_points or {}
+    bos_inputs = bos_inputs or {}
     modules = dict(backbone.named_modules())
     T = len(calib.timesteps)
     obs = Observations(split_points=dict(split_points))
@@ -260,8 +283,10 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                 raise CalibrationError(
                     f"activations: the input of layer '{name}' contains NaN or Inf at timestep "
                     f"{calib.timesteps[state['t']].item():g} (sample {state['sample']})")
-            if name in bos_layers and x.dim() == 3 and x.shape[1] > 1:
-                x = x[:, 1:]  # MixDQ: the BOS token is computed in full precision, not quantized
+            if name in bos_inputs and x.dim() == 3 and x.shape[1] > 1:
+                # MixDQ: a BOS token 0 is computed in full precision, not quantized; other rows' token 0 is
+                first = x[:, 0][~matches_bos(x[:, 0], bos_inputs[name])]
+                x = torch.cat([first, x[:, 1:].reshape(-1, x.shape[-1])])
             o = obs.layers[name]
             t = state["t"]
             parts = [x] if name not in split_points else [x[:, :split_points[name]], x[:, split_points[name]:]]

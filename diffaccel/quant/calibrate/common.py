@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..recipe import LayerRecipe, QuantRecipe
+from ..recipe import LayerRecipe, QuantRecipe, matches_bos
 from .collect import CalibrationError, CalibrationSet, Observations, forward
 from .fakequant import act_params_from_range, search_act_range, weight_grid
-from .structure import (concat_split_candidates, layer_kind, quantizable_layers,
+from .structure import (concat_split_candidates, layer_input, layer_kind, quantizable_layers,
                         split_layers_for_resnet)
 
 logger = logging.getLogger("diffaccel")
@@ -89,7 +89,6 @@ class Plan:
     skipped: dict[str, str]
     model_layers: dict[str, tuple]
     split_points: dict[str, int] = field(default_factory=dict)
-    bos_layers: tuple[str, ...] = ()
 
 
 def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool, skip, exclude=(),
@@ -199,40 +198,56 @@ def act_init(obs: Observations, name: str, *, per_timestep: bool, symmetric: boo
     return torch.stack(scales).float(), torch.stack(zps).to(torch.int32)
 
 
-def detect_bos(calib: CalibrationSet) -> bool:
-    """True when every sample's encoder_hidden_states share one first token (CLIP's BOS output)."""
-    first = None
-    for s in calib.samples:
+@dataclass
+class BOSSource:
+    """Where the calibration set shows CLIP's BOS token: a sample and a batch row whose token 0 it is."""
+    sample: int
+    row: int
+
+
+def detect_bos(calib: CalibrationSet) -> BOSSource | None:
+    """The first text token shared by every sample's encoder_hidden_states rows, where there is one
+    (CLIP's BOS output); rows whose token 0 is all zeros (SDXL's zeroed negative prompt) are
+    allowed beside it. None for T5-style conditioning, whose first token depends on the prompt."""
+    found, bos = None, None
+    for i, s in enumerate(calib.samples):
         ehs = s.get("encoder_hidden_states")
         if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3 or ehs.shape[1] < 2:
-            return False
-        rows = ehs[:, 0].float()
-        first = rows[0] if first is None else first
-        if not torch.equal(rows, first.expand_as(rows)):
-            return False
-    return first is not None
+            return None
+        for row, first in enumerate(ehs[:, 0]):
+            if not bool(first.any()):
+                continue
+            if bos is None:
+                found, bos = BOSSource(i, row), first
+            elif not bool(matches_bos(first[None], bos)[0]):
+                return None
+    return found
 
 
-def bos_outputs(backbone: nn.Module, calib: CalibrationSet, layers: list[str], device) -> dict[str, torch.Tensor]:
-    """Full-precision output of each layer for token 0, recorded in one forward pass."""
+def bos_io(backbone: nn.Module, calib: CalibrationSet, layers: list[str], device,
+           source: BOSSource) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's full-precision (input, output) for the BOS token, recorded in one forward pass."""
     modules = dict(backbone.named_modules())
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(name):
-        def fn(module, args, result):
+        def fn(module, args, kwargs, result):
             if name not in out:
-                out[name] = result[0, 0].detach().float().cpu()
+                x = layer_input(args, kwargs)
+                # (cloned: a row of an fp32 CPU input is otherwise a view into the calibration data)
+                out[name] = (x[source.row, 0].detach().float().cpu().clone(),
+                             result[source.row, 0].detach().float().cpu().clone())
         return fn
 
     with ExitStack() as hooks, torch.no_grad():
         for n in layers:
-            hooks.enter_context(modules[n].register_forward_hook(hook(n)))
-        forward(backbone, calib.samples[0], device)
+            hooks.enter_context(modules[n].register_forward_hook(hook(n), with_kwargs=True))
+        forward(backbone, calib.samples[source.sample], device)
     return out
 
 
 def layer_recipe(module: nn.Module, spec, *, weight_scale=None, weight_q=None, act_scale=None,
-                 act_zero_point=None, act_split=None, bos_output=None) -> LayerRecipe:
+                 act_zero_point=None, act_split=None, bos_output=None, bos_input=None) -> LayerRecipe:
     if spec.act_dtype is None:
         act_scale = act_zero_point = act_split = None
     return LayerRecipe(kind=layer_kind(module), weight_shape=tuple(module.weight.shape), spec=spec.to_dict(),
@@ -240,7 +255,7 @@ def layer_recipe(module: nn.Module, spec, *, weight_scale=None, weight_q=None, a
                        weight_q=None if weight_q is None else _codes(weight_q).cpu().reshape(
                            module.weight.shape[0], -1),
                        act_scale=act_scale, act_zero_point=act_zero_point, act_split=act_split,
-                       bos_output=bos_output)
+                       bos_output=bos_output, bos_input=bos_input)
 
 
 def _codes(weight_q: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,10 @@ analysis and integer-programming bit allocation.
 - BOS-aware: CLIP's first (BOS) token is identical for every prompt and has a huge magnitude; the
   cross-attention to_k / to_v outputs for it are precomputed in full precision (the recipe's
   ``bos_output``) and the token is excluded from their activation-range statistics, so the
-  other tokens get a tight range. Enabled when every calibration sample shares its first
-  text token (``bos=None``: detected; T5-conditioned models such as PixArt have no BOS).
+  other tokens get a tight range. At inference the precomputed output is used for the rows whose
+  token 0 is that BOS input (``bos_input``; a zeroed negative prompt's is not). Enabled when
+  every calibration sample shares its first text token, rows of zeros aside (``bos=None``:
+  detected; T5-conditioned models such as PixArt have no BOS).
 - Metric-decoupled sensitivity: each layer is quantized alone, at each candidate weight width
   (and its input at 8 bits), the rest in full precision. Quality layers are scored by the SQNR
   of the backbone output; content layers (cross-attention, feed-forward) by the SSIM between
@@ -30,7 +32,8 @@ from torch import nn
 
 from ..recipe import QuantRecipe
 from .collect import CalibrationError, forward, observe, progress_bar, spread_indices
-from .common import (act_dtype_for, act_init, bos_outputs, detect_bos, layer_recipe, make_spec, plan_layers,
+from ..recipe import matches_bos
+from .common import (act_dtype_for, act_init, bos_io, detect_bos, layer_recipe, make_spec, plan_layers,
                      weight_dtype_for)
 from .fakequant import fake_quant_act, fake_quant_weight, weight_absmax_scale, weight_grid
 from .structure import cross_attention_kv_layers, is_content_layer, layer_input
@@ -121,24 +124,33 @@ def _sample_subset(calib, count: int) -> list[int]:
     return [first[t] for t in wanted if t in first]
 
 
-def _layer_delta_hook(module: nn.Module, delta_w: torch.Tensor):
+def _bos_rows(x: torch.Tensor, bos_input) -> torch.Tensor | None:
+    """[B, 1, 1] bool: the rows whose token 0 the quantized model computes in full precision (None: no BOS path)."""
+    if bos_input is None or x.dim() != 3 or x.shape[1] < 2:
+        return None
+    return matches_bos(x[:, 0], bos_input).reshape(-1, 1, 1)
+
+
+def _layer_delta_hook(module: nn.Module, delta_w: torch.Tensor, bos_input=None):
     def hook(mod, args, kwargs, out):
         x = layer_input(args, kwargs)
         if isinstance(mod, nn.Conv2d):
             extra = F.conv2d(x, delta_w.to(x.dtype), None, mod.stride, mod.padding, mod.dilation, mod.groups)
         else:
             extra = F.linear(x, delta_w.to(x.dtype))
+        bos = _bos_rows(x, bos_input)
+        if bos is not None:  # the BOS token's output is the full-precision one
+            extra = torch.cat([extra[:, :1].masked_fill(bos, 0), extra[:, 1:]], dim=1)
         return out + extra
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
-def _act_quant_hook(module: nn.Module, scale, zp, keep_first_token: bool, act_dtype: str):
+def _act_quant_hook(module: nn.Module, scale, zp, bos_input, act_dtype: str):
     def hook(mod, args, kwargs):
         x = layer_input(args, kwargs)
-        if keep_first_token and x.dim() == 3 and x.shape[1] > 1:
-            x = torch.cat([x[:, :1], fake_quant_act(x[:, 1:], scale, zp, act_dtype)], dim=1)
-        else:
-            x = fake_quant_act(x, scale, zp, act_dtype)
+        bos = _bos_rows(x, bos_input)
+        q = fake_quant_act(x, scale, zp, act_dtype)
+        x = q if bos is None else torch.cat([torch.where(bos, x[:, :1], q[:, :1]), q[:, 1:]], dim=1)
         return ((x,), kwargs) if args else (args, {**kwargs, "input": x})
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -152,13 +164,16 @@ def run(ctx) -> QuantRecipe:
     a_cands = (8, 16)
     plan = plan_layers(backbone, weight_bits_options=w_cands, act_symmetric=ctx.act_symmetric, skip=ctx.skip,
                        number_format=fmt)
-    use_bos = detect_bos(calib) if ctx.bos is None else bool(ctx.bos)
-    if use_bos and not detect_bos(calib):
-        raise CalibrationError("bos: bos=True but the calibration samples do not share their first text token")
+    source = detect_bos(calib)
+    if ctx.bos and source is None:
+        raise CalibrationError("bos: bos=True but the calibration samples do not share their first text token "
+                               "(rows whose token 0 is all zeros aside)")
+    use_bos = source is not None if ctx.bos is None else ctx.bos
     kv = tuple(n for n in cross_attention_kv_layers(backbone) if n in plan.layers) if use_bos else ()
-    obs = observe(backbone, calib, layers=list(plan.layers), bos_layers=kv, device=ctx.device, seed=ctx.seed,
+    bos = bos_io(backbone, calib, list(kv), ctx.device, source) if kv else {}  # name -> (input, output)
+    bos_in = {n: x for n, (x, _) in bos.items()}
+    obs = observe(backbone, calib, layers=list(plan.layers), bos_inputs=bos_in, device=ctx.device, seed=ctx.seed,
                   progress=ctx.progress)
-    bos_out = bos_outputs(backbone, calib, list(kv), ctx.device) if kv else {}
     names = list(plan.layers)
     # weights: per-channel min/max scales (MixDQ's weight quantizer); its gains come from the BOS
     # path, the activation ranges and the allocation
@@ -187,10 +202,10 @@ def run(ctx) -> QuantRecipe:
             grid = weight_grid(weight_dtype_for(b, fmt))
             delta = (fake_quant_weight(module.weight, w_scale[n][b].to(module.weight.device), grid)
                      - module.weight.float()).detach()
-            w_cost[i, j] = score(n, lambda m=module, d=delta: _layer_delta_hook(m, d))
+            w_cost[i, j] = score(n, lambda m=module, d=delta: _layer_delta_hook(m, d, bos_in.get(n)))
         s, z = act[n]
-        a_cost[i, 0] = score(n, lambda m=module, s=s, z=z, k=(n in kv): _act_quant_hook(
-            m, s[0].to(ctx.device), z[0].to(ctx.device), k, act_dtype))
+        a_cost[i, 0] = score(n, lambda m=module, s=s, z=z: _act_quant_hook(
+            m, s[0].to(ctx.device), z[0].to(ctx.device), bos_in.get(n), act_dtype))
     content = np.array([is_content_layer(n) for n in names])
     for group in (content, ~content):
         for cost in (w_cost, a_cost):
@@ -209,7 +224,8 @@ def run(ctx) -> QuantRecipe:
         spec = make_spec(w_bits[i], a_bits[i], ctx.act_symmetric, fmt)
         s, z = act[n]
         layers[n] = layer_recipe(plan.layers[n], spec, weight_scale=w_scale[n][w_bits[i]], act_scale=s,
-                                 act_zero_point=z, bos_output=bos_out.get(n))
+                                 act_zero_point=z, bos_output=bos[n][1] if n in bos else None,
+                                 bos_input=bos_in.get(n))
     sensitivity = {n: {"group": "content" if content[i] else "quality",
                        **{f"w{b}": float(w_cost[i, j]) for j, b in enumerate(w_cands)}, "a8": float(a_cost[i, 0])}
                    for i, n in enumerate(names)}
