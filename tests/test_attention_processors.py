@@ -217,7 +217,8 @@ def test_dispatcher_processors_accepted(module, cls):
 
 
 def test_dispatcher_route_is_per_instance():
-    """Only the patched processor instance routes to diffaccel; the class and other instances do not."""
+    """Only the patched processor routes to diffaccel; diffusers' class and its other instances do not.
+    (The patched one is of a subclass, so that diffusers' type(processor)() re-creations stay routed.)"""
     model, inputs = _tiny_flux()
     procs = list(model.attn_processors.values())
     first, other = procs[0], procs[1]
@@ -226,7 +227,7 @@ def test_dispatcher_route_is_per_instance():
     assert new._attention_backend is dispatcher_backend(None)
     assert first._attention_backend is None and other._attention_backend is None
     assert type(first)._attention_backend is None
-    assert type(new) is type(first)
+    assert isinstance(new, type(first)) and type(new).__name__ == type(first).__name__
 
 
 def test_dispatcher_backend_registered_once_and_named():

@@ -326,6 +326,75 @@ def test_processors_build_without_arguments():
         assert type(A.original_processor(made)).__name__ == stands_for and made.quant == "int8"
 
 
+def _count_diffaccel_attention(monkeypatch):
+    from diffaccel.integrations import attention as A
+
+    calls = {"n": 0}
+    real = A.attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("attention_quant", [None, "int8"])
+def test_dispatcher_routed_processors_survive_type_recreation(monkeypatch, attention_quant):
+    """Flux's processors call diffusers' dispatcher; patching routed a copy of diffusers' own class.
+    diffusers re-creates processors as type(processor)() (Flux's IP-Adapter load for the single
+    blocks, unload for all): the re-created ones ran torch SDPA again, silently (2 diffaccel calls
+    per forward, then 1, then 0), while the report and is_patched still said patched."""
+    import pickle
+
+    from diffusers.hooks._helpers import AttentionProcessorRegistry
+
+    from diffaccel.integrations import attention as A
+
+    model, inputs = tiny_models.flux()
+    reference = tiny_models.output_of(model, inputs)
+    calls = _count_diffaccel_attention(monkeypatch)
+    diffaccel.patch(model, solver=False, attention_quant=attention_quant)
+    patched = tiny_models.output_of(model, inputs)
+    assert calls["n"] == 2
+    model.set_attn_processor({n: type(p)() for n, p in model.attn_processors.items()})
+    calls["n"] = 0
+    assert torch.equal(tiny_models.output_of(model, inputs), patched) and calls["n"] == 2
+    one = next(iter(model.attn_processors.values()))
+    assert type(one).__name__ == "FluxAttnProcessor" and A.is_diffaccel_processor(one)
+    AttentionProcessorRegistry.get(type(one))  # layer-skip guidance finds the class (a KeyError before)
+    for clone in (pickle.loads(pickle.dumps(one)), copy.deepcopy(one)):
+        assert type(clone) is type(one) and clone._attention_backend is one._attention_backend
+    diffaccel.unpatch(model)
+    for p in model.attn_processors.values():  # diffusers' class again, and so are its re-creations
+        assert type(p).__module__.startswith("diffusers.") and p._attention_backend is None
+        assert type(type(p)())._attention_backend is None
+    calls["n"] = 0
+    assert torch.equal(tiny_models.output_of(model, inputs), reference) and calls["n"] == 0
+
+
+def test_classic_attn_processor_never_applies_the_qk_norms():
+    """diffusers' AttnProcessor (the default with scale_qk=False, or set by the user) ignores the
+    module's norm_q / norm_k; diffaccel's processor applied them (0.78 relative error). A processor
+    re-created as type(processor)() stood for AttnProcessor2_0, dropping attn.scale (0.58)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from diffaccel.integrations import attention as A
+
+    torch.manual_seed(0)
+    for attn in (Attention(query_dim=32, heads=2, dim_head=16, qk_norm="rms_norm", scale_qk=False).eval(),
+                 Attention(query_dim=32, heads=2, dim_head=16, qk_norm="layer_norm").eval()):
+        attn.set_processor(AttnProcessor())
+        x = torch.randn(2, 9, 32)
+        with torch.no_grad():
+            expected = attn(x)
+            for make in (lambda p: A.make_processor(p, module=attn)[0], lambda p: type(p)()):
+                attn.set_processor(make(attn.processor))
+                assert type(A.original_processor(attn.processor)) is AttnProcessor
+                torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_modules_left_alone_are_reported():
     """Sana's self-attention is linear attention (no SDPA call): each such module is listed with the
     reason, while its cross-attention is patched."""

@@ -67,13 +67,14 @@ def _fused_projections(attn, hidden_states, encoder_hidden_states):
     return (attn.to_q(hidden_states), *_split_columns(attn.to_kv(encoder_hidden_states), 2))
 
 
-def _heads(attn, batch_size: int, head_dim: int, query, key, value):
+def _heads(attn, batch_size: int, head_dim: int, query, key, value, *, qk_norms: bool = True):
     """[B, L, H*D] projections as [B, H, L, D] views (the kernel reads them in place, no copy), with
-    the module's q/k norms applied as diffusers' processors apply them."""
+    the module's q/k norms applied as diffusers' processors apply them (``qk_norms``: the classic
+    ``AttnProcessor`` never applies them)."""
     query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
+    if qk_norms and attn.norm_q is not None:
         query = attn.norm_q(query)
-    if attn.norm_k is not None:
+    if qk_norms and attn.norm_k is not None:
         key = attn.norm_k(key)
     return query, key, value
 
@@ -153,24 +154,32 @@ class _DiffaccelProcessor:
 
         return getattr(attention_processor, self.STANDS_FOR)()
 
-    def __reduce__(self):  # the INT8 subclasses are made at run time: rebuilt from their float base
-        float_class = next(c for c in type(self).__mro__ if c.__dict__.get("QUANT", None) is None)
-        return _rebuild_processor, (float_class, self.original, self.quant)
+    def __reduce__(self):  # the subclasses are made at run time: rebuilt from the class written here
+        base = next(c for c in type(self).__mro__ if "_MADE_AT_RUN_TIME" not in c.__dict__)
+        return _rebuild_processor, (base, self.original, self.quant)
+
+
+def processor_class(base: type, quant: Optional[str], stands_for: Optional[str] = None) -> type:
+    """``base`` standing for the diffusers processor ``stands_for`` (default ``base.STANDS_FOR``) and
+    running attention path ``quant``: ``base`` itself, else a subclass (``...Int8``,
+    ``...ForAttnProcessor``), so that an instance diffusers re-creates as ``type(processor)()``
+    stands for the same diffusers processor and runs the same path."""
+    _check_quant(quant)
+    return _processor_class(base, quant, stands_for or base.STANDS_FOR)
 
 
 @functools.lru_cache(maxsize=None)
-def processor_class(float_class: type, quant: Optional[str]) -> type:
-    """``float_class`` running attention path ``quant``: the class itself for None, else a subclass
-    (``...Int8``) whose instances, however diffusers builds them, run that path."""
-    _check_quant(quant)
-    if quant is None:
-        return float_class
-    name = f"{float_class.__name__}{quant.capitalize()}"
-    return type(name, (float_class,), {"QUANT": quant, "__module__": __name__, "__qualname__": name})
+def _processor_class(base: type, quant: Optional[str], stands_for: str) -> type:
+    if quant is None and stands_for == base.STANDS_FOR:
+        return base
+    name = base.__name__ + ("" if stands_for == base.STANDS_FOR else f"For{stands_for}") + (
+        quant.capitalize() if quant else "")
+    return type(name, (base,), {"QUANT": quant, "STANDS_FOR": stands_for, "_MADE_AT_RUN_TIME": True,
+                                "__module__": __name__, "__qualname__": name})
 
 
-def _rebuild_processor(float_class, original, quant):
-    return processor_class(float_class, quant)(original)
+def _rebuild_processor(base, original, quant):
+    return processor_class(base, quant, type(original).__name__)(original)
 
 
 # -- AttnProcessor2_0 (UNet) -----------------------------------------------------------------------
@@ -182,7 +191,9 @@ class DiffaccelAttnProcessor(_DiffaccelProcessor):
 
     def __init__(self, original=None):
         super().__init__(original)
-        self.uses_module_scale = type(self.original).__name__ == "AttnProcessor"
+        # the classic AttnProcessor (chosen when scale_qk=False) honours attn.scale and never applies
+        # the module's q/k norms; AttnProcessor2_0 applies them and uses SDPA's default scale
+        self.classic = type(self.original).__name__ == "AttnProcessor"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -212,9 +223,8 @@ class DiffaccelAttnProcessor(_DiffaccelProcessor):
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             key, value = project_shared(encoder_hidden_states, attn.to_k, attn.to_v)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = _heads(attn, batch_size, head_dim, query, key, value)
-        # AttnProcessor (chosen when scale_qk=False) honours attn.scale; AttnProcessor2_0 uses SDPA's default
-        scale = attn.scale if self.uses_module_scale else None
+        query, key, value = _heads(attn, batch_size, head_dim, query, key, value, qk_norms=not self.classic)
+        scale = attn.scale if self.classic else None
         hidden_states = _sdpa(query, key, value, attn_mask=attention_mask, scale=scale, quant=self.quant)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -549,6 +559,36 @@ def _fixed_backend(cls: type) -> Optional[str]:
     return next((b for b in _dispatcher_backends(cls) if b not in _DEFAULT_BACKENDS), None)
 
 
+class _Routed:
+    """Marks the subclasses ``_routed_class`` makes."""
+
+    BASE: type = object
+
+
+@functools.lru_cache(maxsize=None)
+def _routed_class(base: type, quant: Optional[str]) -> type:
+    """``base`` (a diffusers processor calling the attention dispatcher) with its calls routed to
+    diffaccel: a subclass whose class-level ``_attention_backend`` is diffaccel's, so a processor
+    diffusers re-creates as ``type(processor)()`` (Flux's IP-Adapter load and unload) stays routed,
+    and holds a new ``base`` instance as the ``original`` unpatch puts back. Same name as ``base``:
+    diffusers' code that reads processor class names sees the one it knows."""
+
+    def __init__(self, *args, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self.original = base(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):  # the class is made at run time: rebuilt from base and quant
+        return _rebuild_routed, (base, quant), dict(self.__dict__)
+
+    return type(base.__name__, (_Routed, base), {
+        "BASE": base, "_attention_backend": dispatcher_backend(quant), "__init__": __init__,
+        "__reduce_ex__": __reduce_ex__, "__module__": __name__, "__qualname__": base.__qualname__})
+
+
+def _rebuild_routed(base: type, quant: Optional[str]):
+    return object.__new__(_routed_class(base, quant))
+
+
 # -- the entry point used by patch ---------------------------------------------------------------------
 
 _UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "FusedAttnProcessor2_0")
@@ -610,10 +650,11 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
         return None, f"head dim {head_dim} outside diffaccel attention's range [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if is_diffaccel_processor(original):
         return None, ALREADY_PATCHED
+    original = original_processor(original)  # (one of ours re-pointed by set_attention_backend: the diffusers class)
     for names, cls in ((_UNET_PROCESSORS, DiffaccelAttnProcessor), (_JOINT_PROCESSORS, DiffaccelJointAttnProcessor),
                        (_COGVIDEOX_PROCESSORS, DiffaccelCogVideoXAttnProcessor)):
         if _diffusers_class(original, names):
-            cls = processor_class(cls, quant)
+            cls = processor_class(cls, quant, type(original).__name__)
             _share_skip_metadata(cls, type(original))
             return cls(original), f"{type(original).__name__} -> {what}"
     if isinstance(original, torch.nn.Module):
@@ -629,8 +670,10 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
         except ImportError as e:  # pragma: no cover - diffusers without a dispatcher
             return None, f"diffusers attention dispatcher unavailable: {e}"
         new = copy.copy(original)
+        new.__class__ = _routed_class(type(original), quant)
         new._attention_backend = backend
         new.original = original
+        _share_skip_metadata(new.__class__, type(original))
         return new, f"{type(original).__name__} via the attention dispatcher -> {what}"
     fixed = _fixed_backend(type(original))
     if fixed is not None:
@@ -643,5 +686,13 @@ def make_processor(original, *, quant: Optional[str] = None, module=None) -> tup
 
 
 def original_processor(processor):
-    """The processor ``make_processor`` replaced (for unpatch); ``processor`` itself if not ours."""
-    return getattr(processor, "original", processor) if is_diffaccel_processor(processor) else processor
+    """The processor ``make_processor`` replaced (for unpatch); ``processor`` itself if not ours (a
+    routed processor whose backend the user chose since: as the diffusers class, with that backend)."""
+    if is_diffaccel_processor(processor):
+        return getattr(processor, "original", processor)
+    if isinstance(processor, _Routed):
+        plain = copy.copy(processor)
+        plain.__class__ = type(processor).BASE
+        plain.__dict__.pop("original", None)
+        return plain
+    return processor
