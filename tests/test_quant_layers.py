@@ -359,3 +359,45 @@ def test_reading_weight_says_what_to_do():
         assert not hasattr(layer, "weight") and getattr(layer, "weight", None) is None
         with pytest.raises(AttributeError, match="no attribute 'nope'"):
             layer.nope
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "fp8", "w4a8", "w4a16"])
+def test_conv_takes_unbatched_input_like_nn_conv2d(preset):
+    """nn.Conv2d takes [C, H, W]; the quantized conv refused it, so a model that ran in float
+    raised once patched."""
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(128, 8, 3, padding=1), nn.Conv2d(128, 8, 1)):
+        q = QuantConv2d.from_float(conv, preset)
+        x = torch.randn(128, 5, 5)
+        y = q(x)
+        assert y.shape == conv(x).shape == (8, 5, 5)
+        assert torch.equal(y, q(x[None])[0])
+    with pytest.raises(ValueError, match=r"x: expected \[B, 128, H, W\] or \[128, H, W\], got shape \(64, 5, 5\)"):
+        q(torch.randn(64, 5, 5))
+
+
+def test_empty_layers_stay_float_with_a_reason():
+    """A zero-size layer passed quantize_reason, then failed to quantize: patch aborted for the whole
+    model, and Linear(128, 0) with w4a8 quantized but failed at its forward."""
+    import diffaccel
+
+    for layer in (nn.Linear(0, 8), nn.Linear(128, 0), nn.Conv2d(0, 8, 1), nn.Conv2d(128, 0, 1)):
+        for preset in ("w8a8", "fp8", "w4a8", "w4a16"):
+            assert "the weight is empty" in quantize_reason(layer, resolve_spec(preset))
+            with pytest.raises(ValueError, match="the weight is empty"):
+                quantize_module(layer, preset)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 0))
+    x = torch.randn(3, 128)
+    report = diffaccel.patch(model, quant="w8a8")
+    assert isinstance(model[0], QuantLinear) and type(model[1]) is nn.Linear
+    assert any(s.name == "1" and "the weight is empty" in s.reason for s in report.skipped)
+    assert model(x).shape == (3, 0)
+
+
+def test_nan_fp8_codes_are_refused():
+    lin = nn.Linear(16, 8)
+    codes = torch.zeros(8, 16).to(torch.float8_e4m3fn)
+    codes[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="weight_q: float8_e4m3fn codes must not be NaN"):
+        QuantLinear.from_float(lin, "fp8", weight_q=codes, weight_scale=torch.ones(8))

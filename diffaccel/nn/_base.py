@@ -138,6 +138,8 @@ class QuantLayerBase(FollowsMoves, nn.Module):
             if spec.weight_dtype == "fp8_e4m3":
                 if q.dtype != torch.float8_e4m3fn:
                     raise TypeError(f"weight_q: expected float8_e4m3fn codes, got {q.dtype}")
+                if bool(q.float().isnan().any()):  # (E4M3 has no inf; a NaN code made NaN outputs)
+                    raise ValueError("weight_q: float8_e4m3fn codes must not be NaN")
             else:
                 if q.dtype.is_floating_point or q.dtype == torch.bool:
                     raise TypeError(f"weight_q: expected integer codes, got {q.dtype}")
@@ -456,7 +458,10 @@ def set_class(m: nn.Module, cls: type) -> None:
     m.__class__ = cls
 
 
-def reason_for_k(spec: QuantSpec, K: int) -> Optional[str]:
+def reason_for_shape(spec: QuantSpec, N: int, K: int) -> Optional[str]:
+    """Why a [N, K] weight can't take ``spec`` (None: it can)."""
+    if N == 0 or K == 0:  # (the float layer computes an empty or all-bias output; nothing to quantize)
+        return f"the weight is empty ([N, K] = [{N}, {K}])"
     g = spec.weight_group_size
     if g is not None and K % g:
         return f"K={K} is not divisible by weight_group_size={g}"
@@ -498,5 +503,5 @@ def check_float_weight(module: nn.Module):
     return module.weight
 
 
-__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_k", "records_autograd", "resolve_spec",
+__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_shape", "records_autograd", "resolve_spec",
            "set_class", "straight_through"]

@@ -17,7 +17,7 @@ from diffaccel.ops._checks import plain_number
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
-                    reason_for_k)
+                    reason_for_shape)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -86,8 +86,11 @@ class QuantConv2d(QuantLayerBase):
                                           self.padding, self.dilation)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:  # unbatched [C, H, W], as nn.Conv2d takes it
+            return self._forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected [B, {self.in_channels}, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"x: expected [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W], "
+                             f"got shape {tuple(x.shape)}")
         B, C, H, W = x.shape
         N = self.out_channels
         if self.is_pointwise:
@@ -209,4 +212,4 @@ def quantize_conv_reason(conv: nn.Conv2d, spec: QuantSpec) -> Optional[str]:
         return (f"padding={conv.padding!r} with kernel_size={conv.kernel_size} and dilation={conv.dilation} pads "
                 "unevenly (only symmetric padding is supported)")
     N, C, kh, kw = conv.weight.shape
-    return reason_for_k(spec, C * kh * kw)
+    return reason_for_shape(spec, N, C * kh * kw)

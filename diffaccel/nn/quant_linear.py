@@ -10,7 +10,7 @@ from torch import nn
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from . import _codes
-from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_k
+from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_shape
 
 
 class QuantLinear(QuantLayerBase):
@@ -90,4 +90,4 @@ class QuantLinear(QuantLayerBase):
 
 
 def quantize_linear_reason(linear: nn.Linear, spec: QuantSpec) -> Optional[str]:
-    return reason_for_k(spec, linear.in_features)
+    return reason_for_shape(spec, linear.out_features, linear.in_features)
