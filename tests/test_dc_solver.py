@@ -237,6 +237,11 @@ def test_history_holds_compensated_prediction_and_buffer_grows():
     for a, b in zip(s.model_outputs, ref.outputs):
         assert rel_err(a, b) <= 1e-5
     assert s.step_index == 4 and s.this_order == ref.this_order
+    for _ in range(2):  # diffusers' set_timesteps resets model_outputs only: timestep_list grew each run
+        s.set_timesteps(5)
+        for t in s.timesteps[:2]:
+            x = s.step(fake_model(x, t), t, x).prev_sample
+        assert len(s.model_outputs) == len(s.timestep_list) == 3
 
 
 def test_dc_weights_interpolate_polynomials_exactly():

@@ -195,6 +195,19 @@ def test_guidance_folded_in(config, rescale):
     assert_traj_close(want, got, torch.float32)
 
 
+def test_negative_guidance_rescale_is_refused():
+    """diffusers' pipelines skip the rescale for guidance_rescale <= 0; the fused step applied the
+    formula for a negative one while its diffusers fallback skipped it (1.9e3 apart)."""
+    s = EulerDiscreteScheduler()
+    patch_scheduler(s)
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8)
+    for bad in (-0.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="^guidance_rescale: expected a finite number >= 0"):
+            s.step_with_guidance(x, x, 7.5, s.timesteps[0], x, guidance_rescale=bad)
+    assert s.step_index is None  # nothing ran
+
+
 def test_guidance_rescale_clipped_ddim_per_step():
     """DDIM with x0 clipping, scale 7.5 and rescale 0.7 is ill-conditioned: diffusers' own fp32 and fp64
     trajectories differ by ~5e-5 after 10 steps. So check each step from the same state against

@@ -343,6 +343,25 @@ def test_determinism_reseed_and_counter():
     assert noise_state(a)[0] == 8 and noise_state(d) == (7, 0)
 
 
+def test_panorama_snapshots_do_not_rewind_the_counter():
+    """diffusers' panorama pipeline deep-copies scheduler.__dict__ per view and restores it before
+    each view's step. The copy held the Philox counter, so each restore rewound it: view 0's noise
+    at step 1 was view 1's at step 0 (correlation 1.0) and six draws advanced the counter by four."""
+    s = DDIMScheduler()
+    patch_scheduler(s, noise="philox", seed=5)
+    s.set_timesteps(4)
+    x = torch.zeros(1, 4, 8, 8)
+    status = [copy.deepcopy(s.__dict__)] * 3  # as StableDiffusionPanoramaPipeline does
+    offsets = []
+    for t in s.timesteps[:2]:
+        for view in range(3):
+            s.__dict__.update(status[view])
+            offsets.append(noise_state(s)[1])
+            s.step(torch.zeros_like(x), t, x, eta=1.0)
+            status[view] = copy.deepcopy(s.__dict__)
+    assert offsets == [i * x.numel() for i in range(6)] and noise_state(s) == (5, 6 * x.numel())
+
+
 def test_failed_step_does_not_advance_the_counter():
     s = EulerAncestralDiscreteScheduler()
     patch_scheduler(s, noise="philox", seed=4)

@@ -198,6 +198,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
 
 
+def test_opcheck_channels_last():
+    a = _inputs((2, 4, 4, 4), torch.float32, 1, True, False)
+    cl = torch.channels_last
+    x, u, c, h = (t.to(memory_format=cl) for t in (a["sample"], a["model_output"], a["model_output_cond"],
+                                                    a["history"][0]))
+    args = (x, u, a["coeffs"], None, c, h, None, None, None, x, 3.0, 0.5, torch.float32, torch.float32, True)
+    torch.library.opcheck(torch.ops.diffaccel.fused_solver_step.default, args)
+
+
 def test_compile_fullgraph():
     a = _inputs((1, 4, 8, 8), torch.float32, 1, True, False)
 
@@ -240,6 +249,50 @@ def test_bad_inputs_name_the_argument():
         op(x, u, k, out_dtype=torch.int8)
     with pytest.raises(TypeError, match="^noise: expected a torch.Tensor"):
         op(x, u, k, noise=1.0)
+    # a negative rescale: diffusers' pipelines skip rescaling for it, the formula would apply it
+    with pytest.raises(ValueError, match="^guidance_rescale: expected a number >= 0"):
+        op(x, u, k, model_output_cond=u, guidance_rescale=-0.5)
+    # a 1-d sample: torch's std over dims [] is the whole tensor's, the kernels' per sample (NaN)
+    with pytest.raises(ValueError, match="^guidance_rescale: needs a sample"):
+        op(x.reshape(-1), u.reshape(-1), k, model_output_cond=u.reshape(-1), guidance_rescale=0.5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channels_last_inputs_are_read_in_place_and_stay_channels_last(backend, monkeypatch):
+    """The op made every input contiguous: a channels_last UNet's step copied sample, both halves and
+    the history each step, and returned a contiguous latent where diffusers' step returns channels_last."""
+    _needs(backend)
+    cl = torch.channels_last
+    a = _inputs((2, 4, 5, 6), torch.float32, 2, True, True, last=True)
+    want = _ref(a, 4.0, 0.7)
+    b = {k: (v.to(memory_format=cl) if isinstance(v, torch.Tensor) and v.dim() == 4 else v) for k, v in a.items()}
+    b["history"] = [h.to(memory_format=cl) for h in a["history"]]
+    storages = {t.untyped_storage().data_ptr() for t in [b["sample"], b["model_output"], b["model_output_cond"],
+                                                         b["noise"], b["last_sample"], *b["history"]]}
+    seen = []
+    real = _backend.implementation
+
+    def recording(name, device):
+        impl = real(name, device)
+
+        def run(*args):
+            seen.extend(t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor) and t.dim() == 4)
+            return impl(*args)
+        return run
+
+    monkeypatch.setattr(_backend, "implementation", recording)
+    with use_backend(backend):
+        got = diffaccel.ops.fused_solver_step(b["sample"], b["model_output"], b["coeffs"],
+                                              model_output_cond=b["model_output_cond"], guidance_scale=4.0,
+                                              guidance_rescale=0.7, history=b["history"], noise=b["noise"],
+                                              last_sample=b["last_sample"])
+    assert len(seen) == 7 and set(seen) == storages  # every latent-sized input read where it lies
+    for g, w in zip(got, want):
+        assert g.is_contiguous(memory_format=cl) and g.shape == w.shape
+        _close(g, w, torch.float32)
+    mixed = diffaccel.ops.fused_solver_step(b["sample"], a["model_output"], a["coeffs"])[0]  # one input NCHW
+    assert mixed.is_contiguous(memory_format=cl)
+    _close(mixed, diffaccel.ops.fused_solver_step(a["sample"], a["model_output"], a["coeffs"])[0], torch.float32)
 
 
 def test_forced_backend_unavailable_raises():

@@ -146,22 +146,44 @@ def _fused_solver_step_op(sample: torch.Tensor, model_output: torch.Tensor, coef
                           guidance_rescale: float, out_dtype: torch.dtype, history_dtype: torch.dtype,
                           write_history: bool, noise_seed: Optional[torch.Tensor] = None,
                           noise_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    def cont(t):
-        return None if t is None else t.contiguous()
+    perm, inverse = _memory_order(sample)
+
+    def flat(t):  # row-major in the sample's memory order: no copy for a tensor laid out like sample
+        return None if t is None else t.permute(perm).contiguous()
 
     impl = _backend.implementation("fused_solver_step", sample.device)
-    args = (sample.contiguous(), model_output.contiguous(), coeffs.contiguous(), cont(row), cont(model_output_cond),
-            cont(h0), cont(h1), cont(h2), cont(noise), cont(last_sample), guidance_scale, guidance_rescale, out_dtype,
-            history_dtype, write_history)
-    if noise_seed is None:
-        return impl(*args)
-    return impl(*args, noise_seed, noise_offset)  # 0-d: fused_solver_step reshaped it
+    args = (flat(sample), flat(model_output), coeffs.contiguous(), None if row is None else row.contiguous(),
+            flat(model_output_cond), flat(h0), flat(h1), flat(h2), flat(noise), flat(last_sample), guidance_scale,
+            guidance_rescale, out_dtype, history_dtype, write_history)
+    outs = impl(*args) if noise_seed is None else impl(*args, noise_seed, noise_offset)  # (seed 0-d: reshaped)
+    return _in_sample_layout(outs, inverse)
 
 
 @_fused_solver_step_op.register_fake
 def _(sample, model_output, coeffs, row, model_output_cond, h0, h1, h2, noise, last_sample, guidance_scale,
       guidance_rescale, out_dtype, history_dtype, write_history, noise_seed=None, noise_offset=0):
-    return _outputs(sample, last_sample, out_dtype, history_dtype, write_history)
+    perm, inverse = _memory_order(sample)
+    flat_last = None if last_sample is None else last_sample.permute(perm)
+    return _in_sample_layout(_outputs(sample.permute(perm), flat_last, out_dtype, history_dtype, write_history),
+                             inverse)
+
+
+def _memory_order(sample: torch.Tensor) -> tuple[tuple, tuple]:
+    """(perm, inverse): ``sample.permute(perm)`` is row-major when sample is dense with its batch
+    outermost (a channels_last latent: perm = (0, 2, 3, 1)); else perm is the identity. The kernels
+    index one flat, row-major view of every tensor; reading each through ``perm`` spares a
+    channels_last step a copy of each input and returns channels_last outputs, as diffusers' step
+    does. (Per-sample reductions see the same elements; in-kernel noise is drawn in memory order.)"""
+    identity = tuple(range(sample.dim()))
+    perm = tuple(sorted(identity, key=lambda d: (-sample.stride(d), d)))
+    if perm == identity or perm[0] != 0 or not sample.permute(perm).is_contiguous():
+        return identity, identity
+    return perm, tuple(perm.index(d) for d in identity)
+
+
+def _in_sample_layout(outs, inverse):
+    # (the empty placeholders are 1-d; a 1-d sample's order is the identity)
+    return tuple(o.permute(inverse) if o.dim() == len(inverse) else o for o in outs)
 
 
 _SOLVER_TENSOR_ARGS = 10  # sample .. last_sample: the inputs a gradient can flow to
@@ -259,8 +281,13 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
             raise TypeError(f"{name}: expected a python float, got {type(v).__name__}")
         if not math.isfinite(v):
             raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if guidance_rescale < 0:  # (diffusers' pipelines skip the rescale for it; the formula would run)
+        raise ValueError(f"guidance_rescale: expected a number >= 0, got {guidance_rescale!r}")
     if guidance_rescale != 0.0 and model_output_cond is None:
         raise ValueError("guidance_rescale: needs model_output_cond (the conditional half)")
+    if guidance_rescale != 0.0 and sample.dim() < 2:  # (its std is per sample: over dims 1..)
+        raise ValueError(f"guidance_rescale: needs a sample [B, ...] with dims past the batch, got shape "
+                         f"{tuple(sample.shape)}")
     if guidance_scale != 1.0 and model_output_cond is None:  # (it would be ignored: no second half to mix)
         raise ValueError(f"guidance_scale: {guidance_scale} needs model_output_cond (the conditional half)")
     out_dtype = model_output.dtype if out_dtype is None else out_dtype

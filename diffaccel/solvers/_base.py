@@ -2,6 +2,7 @@
 coefficient state (host float64 tables, device fp32 copies), and the adapter base class."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import numpy as np
@@ -124,6 +125,20 @@ class SolverState:
         self.device_tables: dict = {}
         # options given to patch_scheduler: "dc" = (ratios, dc_order) (UniPC), "noise" = PhiloxNoise
         self.options: dict = {}
+
+    def __deepcopy__(self, memo):
+        """A deep copy keeps the one Philox noise stream: diffusers' panorama pipeline snapshots and
+        restores ``scheduler.__dict__`` around each view's step, and a restored copy of the counter
+        would draw every view's noise from the same counters. (A copy of the scheduler itself gets a
+        stream of its own: ``_restore_patched``.)"""
+        noise = self.options.get("noise")
+        if noise is not None:
+            memo[id(noise)] = noise
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in vars(self).items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
 
     def ready_to_build(self, sch) -> bool:
         return getattr(sch, "num_inference_steps", None) is not None

@@ -20,6 +20,7 @@ import copy
 import functools
 import inspect
 import logging
+import math
 import types
 
 import numpy as np
@@ -348,6 +349,10 @@ def _step_with_guidance(self, model_output_uncond, model_output_cond, guidance_s
                         guidance_rescale=0.0, *args, **kwargs):
     """``step`` on ``uncond + guidance_scale * (cond - uncond)`` (rescaled like diffusers'
     ``rescale_noise_cfg`` when ``guidance_rescale`` > 0), folded into the same kernel."""
+    rescale = plain_number(guidance_rescale)
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale < math.inf:
+        # (a negative one: diffusers' pipelines skip the rescale, the fused formula would apply it)
+        raise ValueError(f"guidance_rescale: expected a finite number >= 0, got {guidance_rescale!r}")
     why = _unfused_reason(self, (model_output_uncond, model_output_cond, sample), args, kwargs)
     if why is not None:
         return _diffusers_step(self, why, model_output_uncond, model_output_cond, guidance_scale, guidance_rescale,

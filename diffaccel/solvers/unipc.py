@@ -169,10 +169,10 @@ class UniPCMultistep(_Adapter):
         use_corrector = i > 0 and (i - 1) not in sch.disable_corrector and sch.last_sample is not None
         dc_steps = state.aux.get("dc_steps", frozenset())
         if state.options.get("dc") is not None:  # DC-Solver keeps dc_order + 1 entries (their buffer_size)
-            grow = max(c.solver_order, state.options["dc"][1] + 1) - len(sch.model_outputs)
-            if grow > 0:
-                sch.model_outputs[:0] = [None] * grow
-                sch.timestep_list[:0] = [None] * grow
+            size = max(c.solver_order, state.options["dc"][1] + 1)
+            for buffer in (sch.model_outputs, sch.timestep_list):  # (set_timesteps resets only model_outputs)
+                if len(buffer) < size:
+                    buffer[:0] = [None] * (size - len(buffer))
         before = list(sch.model_outputs)  # H0 = before[-1], H1 = before[-2], ...
         dc_hist = state.aux["dc_order"] if i in dc_steps else 0
         if dc_hist and any(h is None for h in before[len(before) - dc_hist:]):
