@@ -195,6 +195,56 @@ def test_guidance_folded_in(config, rescale):
     assert_traj_close(want, got, torch.float32)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tables_are_built_once_per_set_timesteps(name, monkeypatch):
+    """The step checks whether what its tables were built from changed (config values, sigmas and
+    timesteps): nothing a trajectory does itself may count as a change, nor may a panorama-style
+    deepcopy / restore of scheduler.__dict__."""
+    from diffaccel.solvers._base import SolverState
+
+    builds = []
+    real = SolverState.rebuild
+    monkeypatch.setattr(SolverState, "rebuild", lambda self, sch: (builds.append(1), real(self, sch)))
+    run(CONFIGS[name](), 6, patched=True)
+    assert len(builds) == 1
+    s = CONFIGS[name]()
+    patch_scheduler(s)
+    s.set_timesteps(4)
+    saved = copy.deepcopy(s.__dict__)
+    s.__dict__.update(saved)
+    s.step(torch.zeros(SHAPE), s.timesteps[0], torch.zeros(SHAPE))
+    assert len(builds) == 2
+
+
+def test_config_attribute_writes_and_sigma_edits_after_set_timesteps_take_effect():
+    """Diffusers' step re-reads its config and sigmas at each step; the fused tables did not. Stable
+    Cascade's pipelines write ``scheduler.config.clip_sample = False`` after set_timesteps (the DDIM
+    output was 0.995 off on the first run); Cosmos 2's set ``sigmas[-1] = sigmas[-2]`` (1.8e-3)."""
+    cases = [(DDIMScheduler, lambda s: setattr(s.config, "clip_sample", False)),
+             (EulerDiscreteScheduler, lambda s: setattr(s.config, "prediction_type", "v_prediction")),
+             (FlowMatchEulerDiscreteScheduler, lambda s: s.sigmas.__setitem__(-1, s.sigmas[-2])),
+             (DPMSolverMultistepScheduler, lambda s: s.sigmas.mul_(1.01))]
+    for make, change in cases:
+        outs = []
+        for patched in (False, True):
+            s = make(clip_sample=True) if make is DDIMScheduler else make()
+            if patched:
+                patch_scheduler(s)
+            s.set_timesteps(5)
+            change(s)
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * 3
+            for t in s.timesteps:
+                x = s.step(fake_model(x, t), t, x).prev_sample
+            outs.append(x)
+        assert_traj_close(outs[1], outs[0], torch.float32)
+    s = DDIMScheduler()
+    patch_scheduler(s)
+    s.set_timesteps(4)
+    s.config.thresholding = True  # no longer fused: named, as register_to_config is
+    with pytest.raises(ValueError, match="config changed since set_timesteps and is no longer fused.*thresholding"):
+        s.step(torch.zeros(SHAPE), s.timesteps[0], torch.zeros(SHAPE))
+
+
 def test_negative_guidance_rescale_is_refused():
     """diffusers' pipelines skip the rescale for guidance_rescale <= 0; the fused step applied the
     formula for a negative one while its diffusers fallback skipped it (1.9e3 apart)."""

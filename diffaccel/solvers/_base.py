@@ -113,13 +113,32 @@ class PhiloxNoise:
             t.fill_(self.seed)
 
 
+_MISSING = object()
+_SCHEDULE_TENSORS = ("sigmas", "timesteps")
+
+
+def _sources(sch):
+    """(config, its values, (name, tensor, version) of the schedule tensors): what a build reads that
+    a caller may change after set_timesteps. ``register_to_config`` replaces the config (a
+    FrozenDict); an attribute write (Stable Cascade's ``scheduler.config.clip_sample = False``) keeps
+    the object and changes its ``vars``, compared by identity; an in-place edit of ``sigmas`` (Cosmos
+    2 sets ``sigmas[-1] = sigmas[-2]``) bumps the tensor's version counter. Held by reference, so a
+    deep copy of ``scheduler.__dict__`` (panorama's per-view restore) still matches its own copy.
+    All host-side reads, no sync."""
+    config = getattr(sch, "_internal_dict", None)
+    values = dict(vars(config)) if config is not None else {}
+    tensors = tuple((name, t, t._version) for name in _SCHEDULE_TENSORS
+                    if isinstance(t := getattr(sch, name, None), torch.Tensor))
+    return config, values, tensors
+
+
 class SolverState:
     """Coefficient tables of one patched instance: host float64 per key, device fp32 per (key, device)."""
 
     def __init__(self, adapter: "_Adapter"):
         self.adapter = adapter
         self.built = False
-        self.config = None  # the scheduler's config (its FrozenDict) the tables were built from
+        self.sources = None  # what the tables were built from (_sources), to see when it changes
         self.host: dict = {}
         self.aux: dict = {}
         self.device_tables: dict = {}
@@ -138,6 +157,11 @@ class SolverState:
         memo[id(self)] = new
         for key, value in vars(self).items():
             setattr(new, key, copy.deepcopy(value, memo))
+        if self.sources is not None:  # a copied tensor has a version of its own: unchanged if the original was
+            config, values, tensors = new.sources
+            new.sources = (config, values, tuple(
+                (name, t, t._version if old._version == version else -1)
+                for (name, t, _), (_, old, version) in zip(tensors, self.sources[2])))
         return new
 
     def ready_to_build(self, sch) -> bool:
@@ -147,7 +171,7 @@ class SolverState:
         self.host, self.aux, self.device_tables = {}, {}, {}
         self.built = False  # a failed build (e.g. DC ratios for another step count) leaves no stale tables
         self.adapter.build(sch, self)
-        self.config = getattr(sch, "_internal_dict", None)  # register_to_config replaces it: see _patch
+        self.sources = _sources(sch)
         self.built = True
         dev = sch.timesteps.device if isinstance(getattr(sch, "timesteps", None), torch.Tensor) else None
         if dev is not None and dev.type != "cpu":  # upload now, not inside a captured loop
@@ -155,6 +179,16 @@ class SolverState:
                 self.table(key, dev)
             if self.options.get("noise") is not None:
                 self.options["noise"].seed_tensor(dev)
+
+    def stale(self, sch) -> bool:
+        """True when what the tables were built from changed since (diffusers' step re-reads it)."""
+        config, values, tensors = self.sources
+        if getattr(sch, "_internal_dict", None) is not config:
+            return True
+        if any(getattr(sch, name, None) is not t or t._version != version for name, t, version in tensors):
+            return True
+        current = vars(config) if config is not None else {}
+        return len(current) != len(values) or any(current.get(k, _MISSING) is not v for k, v in values.items())
 
     def table(self, key, device: torch.device) -> torch.Tensor:
         k = (key, str(device))

@@ -319,12 +319,13 @@ def _diffusers_step(self, why, model_output_uncond, model_output_cond, guidance_
 
 
 def _current_state(self):
-    """The coefficient state, rebuilt first if the config changed since it was built: diffusers reads
-    its config at each step (``register_to_config(prediction_type=...)`` between ``set_timesteps`` and
-    ``step`` takes effect at the next step), the tables baked the old one in. A config that is no
-    longer fused raises, as ``set_timesteps`` does."""
+    """The coefficient state, rebuilt first if the config or the schedule changed since it was built:
+    diffusers reads them at each step (``register_to_config(prediction_type=...)`` or a config
+    attribute written between ``set_timesteps`` and ``step``, sigmas edited in place, take effect at
+    the next step), the tables baked the old ones in. A config that is no longer fused raises, as
+    ``set_timesteps`` does."""
     state = vars(self)[_STATE]
-    if state.built and getattr(self, "_internal_dict", None) is not state.config:
+    if state.built and state.stale(self):
         why = unsupported_reason(self)
         if why is not None:
             raise ValueError(f"scheduler: its config changed since set_timesteps and is no longer fused ({why}); "
