@@ -17,7 +17,9 @@ class FollowsMoves:
     model (``original_dtype`` alone would cast it once, to fp32, from its patch-time values)."""
 
     original_dtype: torch.dtype
-    memory_format = None  # set by model.to(memory_format=...); unpatch applies it to the original
+    # set by model.to(memory_format=...), unpatch applies it to the original: the torch.memory_format's
+    # name ("channels_last"), as torch.save cannot pickle the object itself
+    memory_format = None
     narrowing_casts: tuple = ()
 
     def record_move(self, fn, device) -> torch.device:
@@ -37,7 +39,7 @@ class FollowsMoves:
                 self.narrowing_casts = self.narrowing_casts + (dtype,)
             self.original_dtype = dtype
         if not probe.is_contiguous():
-            self.memory_format = torch.channels_last
+            self.memory_format = "channels_last"
         elif other.is_contiguous():
-            self.memory_format = torch.contiguous_format
+            self.memory_format = "contiguous_format"
         return probe.device

@@ -131,6 +131,8 @@ class _UndoLog:
         self._undo: list[Callable[[], None]] = []
         self.originals: list[nn.Module] = []  # replaced float modules, held for restore
         self.installed: list[tuple[str, nn.Module]] = []  # (name, module): replacements, class-swapped modules
+        # (name, quantized layer, its state_digest() at patch time): unpatch checks the weights are still those
+        self.digests: list[tuple[str, nn.Module, Optional[tuple]]] = []
         self._where: Optional[dict] = None  # id(root) -> {id(module): [(parent, attr), ...]}, during rollback
 
     def push(self, fn: Callable[[], None]) -> None:
@@ -237,7 +239,11 @@ def _wrapper_reason(module: nn.Module) -> Optional[str]:
 # torch's per-module hook tables: shared (the same dict objects) with a replacement, hooks registered
 # on the original keep firing, their handles still remove them, and unpatch hands them back as they are
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                "_backward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
+# (not a table: whether the backward hooks are full ones; copied at patch and back at unpatch)
+_BACKWARD_HOOK_KIND = "_is_full_backward_hook"
 
 
 def _held_by_hook(module: nn.Module) -> bool:
@@ -251,6 +257,8 @@ def _share_hooks(original: nn.Module, new: nn.Module) -> None:
     for table in _HOOK_TABLES:
         if hasattr(original, table):
             setattr(new, table, getattr(original, table))
+    if hasattr(original, _BACKWARD_HOOK_KIND):
+        setattr(new, _BACKWARD_HOOK_KIND, getattr(original, _BACKWARD_HOOK_KIND))
 
 
 def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _UndoLog, hold_original: bool = True,
@@ -264,6 +272,9 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
         raise ValueError(f"target: {qualified_name} {why}; patch before dispatching, offloading layer by layer "
                          f"or enabling layerwise hooks (enable_model_cpu_offload is fine either way)")
     original_device = _module_device(original)
+    layer = getattr(new, "layer", new)  # (MixDQ's BOSPrecomputed wraps the quantized layer)
+    if isinstance(layer, QuantLayerBase):
+        undo.digests.append((qualified_name, layer, layer.state_digest()))
     _share_hooks(original, new)
     if new.training != original.training:  # (a new module starts in training mode): model.eval() since
         new.train(original.training)        # patching reaches the replacement, unpatch gives it back
@@ -293,9 +304,11 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
             original.to(dtype)
         fmt = getattr(new, "memory_format", None)  # model.to(memory_format=...) since patching
         if fmt is not None:
-            original.to(memory_format=fmt)
+            original.to(memory_format=getattr(torch, fmt))
         if original.training != new.training:  # model.train() / .eval() since patching
             original.train(new.training)
+        if hasattr(new, _BACKWARD_HOOK_KIND):  # a backward hook registered since patching
+            setattr(original, _BACKWARD_HOOK_KIND, getattr(new, _BACKWARD_HOOK_KIND))
         for where, attr in places:
             setattr(where, attr, original)
 
@@ -1033,6 +1046,16 @@ def unpatch(target) -> None:
             f"target: {len(held)} patched modules ({names}) are held by hooks attached after patch (sequential "
             f"CPU offload, device_map dispatch, a diffusers cache or other diffusers hook); nothing was restored. "
             f"Remove them first ({how}), unpatch, then enable them again")
+    changed = [name for name, layer, digest in state.undo.digests
+               if digest is not None and (now := layer.state_digest()) is not None
+               and not QuantLayerBase.same_digest(digest, now)]
+    if changed:
+        names = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise RuntimeError(
+            f"target: {len(changed)} quantized layers ({names}) hold other weights than when they were patched "
+            f"(load_state_dict of another model's patched state dict, or an in-place edit, since patching); "
+            f"their float originals still hold the weights from before, so restoring them would mix two "
+            f"checkpoints. Nothing was restored: load the float checkpoint into a fresh model instead")
     state.undo.rollback()
     object.__delattr__(target, _STATE_ATTR)
     log.info("diffaccel.unpatch(%s): restored", type(target).__name__)
@@ -1103,5 +1126,9 @@ def _quant_key(quant):
     if isinstance(quant, dict):
         return tuple(sorted((name, _quant_key(q)) for name, q in quant.items()))
     if quant is None or isinstance(quant, str):
+        return quant
+    from .quant import QuantSpec
+
+    if isinstance(quant, QuantSpec):  # (equal specs are the same options; a recipe is compared by identity)
         return quant
     return id(quant)

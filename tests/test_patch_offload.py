@@ -245,6 +245,39 @@ def test_torch_hooks_on_a_quantized_layer_keep_firing():
     assert not model.get_submodule(name)._forward_hooks
 
 
+def test_backward_and_state_dict_hooks_follow_a_quantized_layer():
+    """Only the forward hook tables were shared: a full backward hook on a layer never fired while it
+    was quantized, and backward / state-dict hooks registered while patched were lost at unpatch."""
+    import tiny_models
+
+    model, inputs = tiny_models.unet_sd15()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    grads = []
+    model.get_submodule(name).register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0].shape))
+    diffaccel.patch(model, attention=False, quant="w8a8", solver=False)
+    layer = model.get_submodule(name)
+    assert type(layer).__name__ == "QuantLinear"
+    x = {k: (v.clone().requires_grad_(True) if k == "sample" else v) for k, v in inputs.items()}
+    model(**x, return_dict=False)[0].sum().backward()
+    assert len(grads) == 1
+    layer.register_state_dict_post_hook(lambda m, sd, prefix, meta: sd.__setitem__(prefix + "tag", torch.ones(1)))
+    diffaccel.unpatch(model)
+    restored = model.get_submodule(name)
+    assert type(restored) is torch.nn.Linear and f"{name}.tag" in model.state_dict()
+    assert len(restored._backward_hooks) == 1 and restored._is_full_backward_hook
+
+
+def test_patch_again_with_an_equal_spec_is_a_no_op():
+    import tiny_models
+    from diffaccel.quant import QuantSpec
+
+    model, _ = tiny_models.unet_sd15()
+    first = diffaccel.patch(model, quant=QuantSpec(), solver=False)
+    modules = dict(model.named_modules())
+    again = diffaccel.patch(model, quant=QuantSpec(), solver=False)  # equal, not the same object: was refused
+    assert again is first and dict(model.named_modules()) == modules
+
+
 # -- sequential offload (accelerate's cpu_offload on every layer, after patch) --------------------
 
 def _like_accelerate_hooks(model):

@@ -262,6 +262,36 @@ class QuantLayerBase(FollowsMoves, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def state_digest(self) -> Optional[tuple]:
+        """A fingerprint of the layer's buffers (codes, scales, bias, activation parameters): per buffer
+        its name, shape, dtype, float64 sum and the sum of every 7th value. ``patch`` records it and
+        ``unpatch`` compares it, to tell whether load_state_dict put other weights here since patching.
+        None on the meta device. (Reads every buffer once: a host sync on a GPU.)"""
+        out = []
+        for name, buf in sorted(self._buffers.items()):
+            if buf is None:
+                continue
+            if buf.is_meta:
+                return None
+            flat = buf.reshape(-1)
+            sums = (float(flat.sum(dtype=torch.float64)), float(flat[::7].sum(dtype=torch.float64)))
+            out.append((name, tuple(buf.shape), buf.dtype, tuple("nan" if v != v else v for v in sums)))
+        return tuple(out)
+
+    @staticmethod
+    def same_digest(a: tuple, b: tuple) -> bool:
+        """Two ``state_digest`` results of the same weights: the sums may differ in their last bits when
+        computed on another device (another summation order), another checkpoint's by far more."""
+        if len(a) != len(b):
+            return False
+        for (name, shape, dtype, sums), (name_b, shape_b, dtype_b, sums_b) in zip(a, b):
+            if (name, shape, dtype) != (name_b, shape_b, dtype_b):
+                return False
+            for x, y in zip(sums, sums_b):
+                if x != y and ("nan" in (x, y) or abs(x - y) > 1e-9 * max(abs(x), abs(y), 1.0)):
+                    return False
+        return True
+
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast float8 codes and fp32 scales; instead move buffers to the
         # target device keeping their dtypes, and let a float dtype change the output dtype
