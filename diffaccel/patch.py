@@ -164,6 +164,7 @@ class _UndoLog:
         self._undo.extend(later._undo)
         self.originals.extend(later.originals)
         self.installed.extend(later.installed)
+        self.digests.extend(later.digests)
 
     def __len__(self):
         return len(self._undo)
