@@ -49,10 +49,10 @@ class QuantConv2d(QuantLayerBase):
         spec = resolve_spec(spec)
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        w0 = check_float_weight(conv)  # (first: a lazy layer's shape is not known yet)
         why = quantize_conv_reason(conv, spec)
         if why:
             raise ValueError(f"conv: cannot quantize with {spec}: {why}")
-        w0 = check_float_weight(conv)
         N, C, kh, kw = conv.weight.shape
         if weight is not None:
             w0 = _float_tensor("weight", weight, tuple(conv.weight.shape))

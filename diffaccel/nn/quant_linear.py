@@ -35,10 +35,10 @@ class QuantLinear(QuantLayerBase):
         spec = resolve_spec(spec)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        w0 = check_float_weight(linear)  # (first: a lazy layer's shape is not known yet)
         why = quantize_linear_reason(linear, spec)
         if why:
             raise ValueError(f"linear: cannot quantize with {spec}: {why}")
-        w0 = check_float_weight(linear)
         N, K = linear.out_features, linear.in_features
         if weight is not None:
             w0 = _float_tensor("weight", weight, (N, K))
