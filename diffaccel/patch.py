@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .integrations import targets as _targets
-from .nn._base import QuantLayerBase, forward_wrapped, set_class
+from .nn._base import QuantLayerBase, forward_wrapped, quantized_layer_of, set_class
 
 log = logging.getLogger("diffaccel")
 
@@ -273,8 +273,8 @@ def _swap_module(root: nn.Module, qualified_name: str, new: nn.Module, undo: _Un
         raise ValueError(f"target: {qualified_name} {why}; patch before dispatching, offloading layer by layer "
                          f"or enabling layerwise hooks (enable_model_cpu_offload is fine either way)")
     original_device = _module_device(original)
-    layer = getattr(new, "layer", new)  # (MixDQ's BOSPrecomputed wraps the quantized layer)
-    if isinstance(layer, QuantLayerBase):
+    layer = quantized_layer_of(new)
+    if layer is not None:
         undo.digests.append((qualified_name, layer, layer.state_digest()))
     _share_hooks(original, new)
     if new.training != original.training:  # (a new module starts in training mode): model.eval() since
@@ -505,6 +505,9 @@ def _patch_quant(prefix, backbone, quant, report, undo, select):
         new_modules, hooks, skipped = quant.build_modules(backbone)
         for name, new in new_modules.items():
             old = backbone.get_submodule(name)
+            if not select(old, f"{prefix}{name}"):  # (exclude / filter_fn: a layer kept in floating point)
+                report.skipped.append(Skipped(f"{prefix}{name}", "quant", "excluded by filter"))
+                continue
             new.qualified_name = f"{prefix}{name}"
             _swap_module(backbone, name, new, undo)
             report.replaced.append(Replaced(f"{prefix}{name}", "quant", type(old).__name__, _describe(new),
@@ -638,10 +641,7 @@ def _describe(module: nn.Module) -> str:
 
 
 def _backend_of(module: nn.Module) -> str:
-    from .quant.recipe import BOSPrecomputed
-
-    if isinstance(module, BOSPrecomputed):  # (MixDQ's text path: the quantized layer it wraps runs)
-        module = module.layer
+    module = quantized_layer_of(module) or module  # (MixDQ's BOS path: the quantized layer it wraps runs)
     op = getattr(module, "op_name", None)
     if op is None:
         return "n/a"

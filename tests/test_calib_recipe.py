@@ -203,3 +203,119 @@ def test_a_cast_after_patching_reaches_the_modules_a_recipe_replaced(unet_recipe
     data = {k: v.half() if v.is_floating_point() else v for k, v in backbone_data("unet", timesteps=(900,),
                                                                                  per_timestep=1)[0].items()}
     assert torch.equal(run(model, data), run(reference, data))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_exclude_and_filter_fn_apply_to_a_recipe(unet_recipe):
+    """The preset path honoured exclude / filter_fn; the recipe path swapped in every layer it held."""
+    import diffaccel
+
+    model, recipe = unet_recipe
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    for kw in (dict(exclude=("*.to_q",)), dict(filter_fn=lambda m, n: not n.endswith("to_q"))):
+        m = copy.deepcopy(model)
+        report = diffaccel.patch(m, quant=recipe, solver=False, **kw)
+        assert type(m.get_submodule(name)) is nn.Linear
+        assert any(s.name == name and s.reason == "excluded by filter" for s in report.skipped)
+        assert not any(r.name == name for r in report.replaced)
+        assert type(m.get_submodule(name.replace("to_q", "to_k"))).__name__ == "QuantLinear"
+        diffaccel.unpatch(m)
+
+
+def _lora(model, seed=1, targets=("to_q", "to_k", "to_v")):
+    import peft
+
+    torch.manual_seed(seed)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.1)
+    return model
+
+
+def test_a_recipe_applies_to_the_model_with_a_lora_loaded_before_patching(unet_recipe):
+    """A LoRA moves a layer to <name>.base_layer: a recipe calibrated without it was refused ('not a
+    Linear/Conv2d of this model') when the LoRA came first, and ran when it came after patching."""
+    import diffaccel
+
+    from test_calib_support import backbone_data, run
+
+    model, recipe = unet_recipe
+    data = backbone_data("unet", timesteps=(900, 100), per_timestep=1)
+    first, after, plain = _lora(copy.deepcopy(model)), copy.deepcopy(model), copy.deepcopy(model)
+    reference = [run(first, d) for d in data]
+    without_lora = [run(plain, d) for d in data]
+    for m in (first, after, plain):
+        diffaccel.patch(m, quant=recipe, solver=False)
+    _lora(after)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert type(first.get_submodule(name + ".base_layer")).__name__ == "QuantLinear"
+    for d, ref, ref_plain in zip(data, reference, without_lora):
+        out = run(first, d)
+        # (a W4A8 recipe: the LoRA adds no error of its own beyond the quantized base's)
+        assert torch.equal(out, run(after, d)) and _rel(out, ref) < 1.5 * _rel(run(plain, d), ref_plain) + 0.02
+    diffaccel.unpatch(first)
+    assert torch.equal(run(first, data[0]), reference[0])
+
+
+def test_mixdq_with_a_lora_on_the_cross_attention_keys_and_values():
+    """A LoRA on to_k / to_v hid them from the BOS path (peft's wrapper is not an nn.Linear), even with
+    bos=True; a LoRA loaded after patching with a MixDQ recipe failed half-way ('Target module
+    BOSPrecomputed is not supported') and left layers wrapped."""
+    import diffaccel
+    from diffaccel.quant.calibrate import CalibrationError
+    from diffaccel.quant.recipe import BOSPrecomputed
+
+    from test_calib_support import run
+
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    with_lora = _lora(copy.deepcopy(model), targets=("to_k", "to_v"))
+    recipe = calibrate(with_lora, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                       bos=True, progress=False)
+    kv = recipe.meta["bos_layers"]
+    assert kv and all(n.endswith((".attn2.to_k.base_layer", ".attn2.to_v.base_layer")) for n in kv)
+    with pytest.raises(CalibrationError, match="bos: bos=True but no cross-attention key / value layer"):
+        calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1, bos=True,
+                  skip=[n for n, _ in model.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))],
+                  progress=False)
+    plain = calibrate(model, data, method="mixdq", weight_bits=8, act_bits=8, sensitivity_samples=1,
+                      progress=False)
+    reference = _lora(copy.deepcopy(model), targets=("to_k", "to_v"))
+    expected = [run(reference, d) for d in data]
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=plain, solver=False)
+    _lora(patched, targets=("to_k", "to_v"))
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert isinstance(patched.get_submodule(name + ".base_layer"), BOSPrecomputed)
+    assert all(_rel(run(patched, d), e) < 0.15 for d, e in zip(data, expected))
+    diffaccel.unpatch(patched)
+    assert torch.equal(run(patched, data[0]), expected[0])
+
+
+def test_edited_recipes_are_refused_naming_what_is_wrong(unet_recipe):
+    model, recipe = unet_recipe
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    steps = copy.deepcopy(recipe)  # 3 timesteps, 2 sets of scales: an IndexError at the third
+    steps.timesteps = torch.tensor([900.0, 500.0, 100.0], dtype=torch.float64)
+    with pytest.raises(RecipeError, match=f"layer '.*' holds 2 sets of activation parameters for 3 calibrated"):
+        steps.build_modules(model)
+    renamed = copy.deepcopy(recipe)  # a bare KeyError
+    renamed.layers[name + "_x"] = renamed.layers.pop(name)
+    with pytest.raises(RecipeError, match=f"layer '{name}_x' has a recipe entry but is not among"):
+        renamed.build_modules(model)
+    shape = copy.deepcopy(recipe)
+    shape.layers[name].weight_shape = (1, 1)
+    with pytest.raises(RecipeError, match=f"layer '{name}''s entry has weight shape \\(1, 1\\)"):
+        shape.build_modules(model)
+    unprobed = copy.deepcopy(recipe)
+    del unprobed.weight_probes[name]
+    with pytest.raises(RecipeError, match=f"layer '{name}' has no weight probe"):
+        unprobed.build_modules(model)
+    dropped = copy.deepcopy(recipe)  # neither quantized nor skipped: left float without a word
+    del dropped.layers[name]
+    new, _, skipped = dropped.build_modules(model)
+    assert name not in new and skipped[name] == "the recipe keeps it in floating point (no recipe entry)"

@@ -488,6 +488,24 @@ def set_class(m: nn.Module, cls: type) -> None:
     m.__class__ = cls
 
 
+class QuantLayerWrapper:
+    """A module standing in for the quantized layer it holds as ``layer``, with that layer's inputs and
+    outputs (MixDQ's BOSPrecomputed): LoRA, the patch report and unpatch's checks see through it."""
+
+    layer: "QuantLayerBase"
+
+    @property
+    def qweight(self) -> torch.Tensor:  # (what peft reads a quantized base layer's device from)
+        return self.layer.weight_q
+
+
+def quantized_layer_of(module) -> Optional["QuantLayerBase"]:
+    """The QuantLinear / QuantConv2d ``module`` is or wraps (``QuantLayerWrapper``), else None."""
+    if isinstance(module, QuantLayerWrapper):
+        module = module.layer
+    return module if isinstance(module, QuantLayerBase) else None
+
+
 def reason_for_shape(spec: QuantSpec, N: int, K: int) -> Optional[str]:
     """Why a [N, K] weight can't take ``spec`` (None: it can)."""
     if N == 0 or K == 0:  # (the float layer computes an empty or all-bias output; nothing to quantize)
@@ -533,5 +551,5 @@ def check_float_weight(module: nn.Module):
     return module.weight
 
 
-__all__ = ["QuantLayerBase", "forward_wrapped", "has_forward_hooks", "reason_for_shape", "records_autograd", "resolve_spec",
+__all__ = ["QuantLayerBase", "QuantLayerWrapper", "quantized_layer_of", "forward_wrapped", "has_forward_hooks", "reason_for_shape", "records_autograd", "resolve_spec",
            "set_class", "straight_through"]

@@ -33,7 +33,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ._base import QuantLayerBase
+from ._base import quantized_layer_of
 from .quant_conv import QuantConv2d
 from .quant_linear import QuantLinear
 
@@ -48,7 +48,7 @@ FUSE_REFUSED = ("cannot merge LoRA into diffaccel's quantized layers: a float de
 
 
 def _quantized(module: nn.Module) -> bool:
-    return isinstance(module, QuantLayerBase)
+    return quantized_layer_of(module) is not None
 
 
 # how users know the variants peft's LoraConfig fields switch on
@@ -94,16 +94,18 @@ class _QuantizedBaseSupport:
     """What differs from peft's layer when the base layer is a QuantLinear/QuantConv2d."""
 
     def _get_in_out_features(self, module: nn.Module):
-        if isinstance(module, QuantLinear):
-            return module.in_features, module.out_features
-        if isinstance(module, QuantConv2d):
-            return module.in_channels, module.out_channels
+        quantized = quantized_layer_of(module)
+        if isinstance(quantized, QuantLinear):
+            return quantized.in_features, quantized.out_features
+        if isinstance(quantized, QuantConv2d):
+            return quantized.in_channels, quantized.out_channels
         return super()._get_in_out_features(module)
 
     def _get_base_layer_device_and_dtype(self, base_layer):
         # peft reads `weight`; a quantized layer's compute dtype is its output dtype
-        if _quantized(base_layer):
-            return base_layer.weight_q.device, base_layer.original_dtype
+        quantized = quantized_layer_of(base_layer)
+        if quantized is not None:
+            return quantized.weight_q.device, quantized.original_dtype
         return super()._get_base_layer_device_and_dtype(base_layer)
 
     def _check_adapter_config(self, config) -> None:
@@ -198,7 +200,7 @@ def dispatch_quantized(target: nn.Module, adapter_name: str, config, parameter_n
     """A peft LoRA dispatcher: a LoraLinear/LoraConv2d around a QuantLinear/QuantConv2d, else None."""
     if parameter_name is not None:
         return None
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    base = quantized_layer_of(target.get_base_layer() if isinstance(target, BaseTunerLayer) else target)
     if isinstance(base, QuantLinear):
         if config.fan_in_fan_out:
             raise ValueError("config: fan_in_fan_out=True does not apply to a QuantLinear (an nn.Linear layout)")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .._moves import FollowsMoves
+from ..nn._base import QuantLayerWrapper
 
 RECIPE_FORMAT_VERSION = 3  # 2: weight probes; 3: the BOS input beside the BOS output (older files load)
 _META_KEY = "diffaccel_recipe"
@@ -214,27 +215,54 @@ class QuantRecipe:
         return recipe
 
     # -- applying ------------------------------------------------------------------------
+    def model_names(self, backbone: nn.Module) -> dict[str, str]:
+        """Each ``model_layers`` name of the recipe -> the name of that layer in ``backbone``. A LoRA
+        loaded through peft moves a layer to ``<name>.base_layer`` and adds its lora_A / lora_B
+        branches: a recipe calibrated without the LoRA applies to the model with it (the LoRA stays
+        in floating point beside the quantized base), and the other way round."""
+        from ..integrations.targets import is_lora_branch
+        from .calibrate.structure import quantizable_layers
+
+        present = {n for n in quantizable_layers(backbone) if not is_lora_branch(n)}
+        by_key = {_lora_free(n): n for n in present}
+        return {name: by_key.get(_lora_free(name), name) for name in self.model_layers if not is_lora_branch(name)}
+
     def validate(self, backbone: nn.Module) -> None:
         """Raise RecipeError naming the first layer that doesn't match ``backbone``."""
+        from ..integrations.targets import is_lora_branch
         from .calibrate.structure import layer_kind, quantizable_layers
 
         present = quantizable_layers(backbone)
-        found = {n: tuple(m.weight.shape) for n, m in present.items()}
-        for name in self.model_layers:
-            if name not in found:
+        found = {n: tuple(m.weight.shape) for n, m in present.items() if not is_lora_branch(n)}
+        where = self.model_names(backbone)
+        for name, at in where.items():
+            if at not in found:
                 raise RecipeError(f"recipe: layer '{name}' of the recipe is not a Linear/Conv2d of this model "
                                   f"(missing, or already replaced)")
+        calibrated = set(where.values())
         for name in found:
-            if name not in self.model_layers:
+            if name not in calibrated:
                 raise RecipeError(f"recipe: the model has a layer '{name}' the recipe was not calibrated for")
-        for name, shape in self.model_layers.items():
-            if tuple(shape) != found[name]:
-                raise RecipeError(f"recipe: layer '{name}' has weight shape {found[name]}, "
-                                  f"the recipe expects {tuple(shape)}")
+        for name, at in where.items():
+            if tuple(self.model_layers[name]) != found[at]:
+                raise RecipeError(f"recipe: layer '{at}' has weight shape {found[at]}, "
+                                  f"the recipe expects {tuple(self.model_layers[name])}")
+        steps = None if self.timesteps is None else len(self.timesteps)
         for name, lr in self.layers.items():
-            if layer_kind(present[name]) != lr.kind:
-                raise RecipeError(f"recipe: layer '{name}' is a {type(present[name]).__name__}, "
+            if name not in where:  # (an edited file: every quantized layer is one of the model's layers)
+                raise RecipeError(f"recipe: layer '{name}' has a recipe entry but is not among the recipe's "
+                                  f"model layers (a damaged or edited recipe)")
+            at = where[name]
+            if layer_kind(present[at]) != lr.kind:
+                raise RecipeError(f"recipe: layer '{at}' is a {type(present[at]).__name__}, "
                                   f"the recipe holds a {lr.kind}")
+            if tuple(lr.weight_shape) != found[at]:
+                raise RecipeError(f"recipe: layer '{at}''s entry has weight shape {tuple(lr.weight_shape)}, the "
+                                  f"layer {found[at]} (a damaged or edited recipe)")
+            sets = None if lr.act_scale is None else lr.act_scale.shape[0]
+            if sets is not None and sets > 1 and sets != steps:
+                raise RecipeError(f"recipe: layer '{at}' holds {sets} sets of activation parameters for "
+                                  f"{steps} calibrated timesteps (a damaged or edited recipe)")
             for field_name, size in (("bos_output", lr.weight_shape[0]), ("bos_input", lr.weight_shape[-1])):
                 t = getattr(lr, field_name)
                 if t is not None and (lr.kind != "linear" or tuple(t.shape) != (size,)):
@@ -244,10 +272,18 @@ class QuantRecipe:
         if not self.weight_probes:
             _log.warning("recipe: no weight probes (a format-1 file): whether this model has the weights it was "
                          "calibrated on is not checked")
+        else:
+            unprobed = [n for n in self.layers if n not in self.weight_probes]
+            if unprobed:
+                raise RecipeError(f"recipe: layer '{unprobed[0]}' has no weight probe, which every quantized layer "
+                                  f"of a recipe has (a damaged or edited recipe)")
         for name, probe in self.weight_probes.items():
-            diff = _probe_mismatch(probe, present[name].weight)
+            at = where.get(name, name)
+            if at not in present:
+                raise RecipeError(f"recipe: a weight probe for '{name}', which is not a layer of this model")
+            diff = _probe_mismatch(probe, present[at].weight)
             if diff is not None:
-                raise RecipeError(f"recipe: layer '{name}' has other weights than the model the recipe was "
+                raise RecipeError(f"recipe: layer '{at}' has other weights than the model the recipe was "
                                   f"calibrated on (sampled values differ by up to {diff:.3g} relative): a recipe's "
                                   f"scales and rounding belong to one set of weights; calibrate this model")
         modules = dict(backbone.named_modules())
@@ -270,6 +306,7 @@ class QuantRecipe:
         from .. import nn as dnn
 
         modules = dict(backbone.named_modules())
+        where = self.model_names(backbone)
         needs_state = bool(self.temporal_cache) or self._per_timestep()
         state = StepState(self.timesteps, exact=bool(self.temporal_cache)) if needs_state else None
         new: dict[str, nn.Module] = {}
@@ -277,7 +314,8 @@ class QuantRecipe:
             _log.warning("recipe: a format-2 MixDQ recipe has no BOS input to compare with: its BOS output "
                          "replaces token 0 of every text input, also where that token is not CLIP's BOS "
                          "(a zeroed negative prompt); recalibrate to have it replaced only where it is")
-        for name, lr in self.layers.items():
+        for recipe_name, lr in self.layers.items():
+            name = where[recipe_name]
             original = modules[name]
             spec = lr.quant_spec()
             reason = dnn.quantize_reason(original, spec)
@@ -295,7 +333,16 @@ class QuantRecipe:
             new[name] = TemporalFeatureCache(values, state, dtype, tuple_output=len(values) > 1,
                                              batch_from=_batch_source(modules[name]))
         installers = [state.installer(backbone)] if state is not None else []
-        return new, installers, dict(self.skipped)
+        skipped = {where.get(n, n): why for n, why in self.skipped.items()}
+        for name, at in where.items():  # (an edited file: a layer with neither an entry nor a reason)
+            if name not in self.layers and at not in skipped:
+                skipped[at] = "the recipe keeps it in floating point (no recipe entry)"
+        return new, installers, skipped
+
+
+def _lora_free(name: str) -> str:
+    """``name`` without peft's ``base_layer`` steps (where a LoRA wrapper moved the layer)."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
 def build_quantized_modules(backbone: nn.Module, recipe: QuantRecipe):
@@ -415,7 +462,7 @@ class StepHook:
         self.state.update(t, first.device if first is not None else self.state.index.device)
 
 
-class BOSPrecomputed(FollowsMoves, nn.Module):
+class BOSPrecomputed(QuantLayerWrapper, FollowsMoves, nn.Module):
     """MixDQ's BOS-aware text path: where token 0 is CLIP's BOS (the same for every prompt, huge
     magnitude), the layer's full-precision output for it, computed at calibration, replaces the
     quantized one (whose activation range was calibrated without the BOS). Other token-0 rows

@@ -170,6 +170,9 @@ def run(ctx) -> QuantRecipe:
                                "(rows whose token 0 is all zeros aside)")
     use_bos = source is not None if ctx.bos is None else ctx.bos
     kv = tuple(n for n in cross_attention_kv_layers(backbone) if n in plan.layers) if use_bos else ()
+    if ctx.bos and not kv:
+        raise CalibrationError("bos: bos=True but no cross-attention key / value layer is calibrated here to "
+                               "take the BOS path")
     bos = bos_io(backbone, calib, list(kv), ctx.device, source) if kv else {}  # name -> (input, output)
     bos_in = {n: x for n, (x, _) in bos.items()}
     obs = observe(backbone, calib, layers=list(plan.layers), bos_inputs=bos_in, device=ctx.device, seed=ctx.seed,

@@ -144,13 +144,17 @@ def blocks(backbone: nn.Module) -> list[str]:
 
 
 def cross_attention_kv_layers(backbone: nn.Module) -> list[str]:
-    """to_k / to_v of cross-attention: the layers that consume the text encoder's tokens."""
+    """to_k / to_v of cross-attention: the layers that consume the text encoder's tokens (a peft
+    LoRA wrapper's ``base_layer`` where a LoRA adapts them)."""
     out = []
     for name, module in backbone.named_modules():
         if getattr(module, "is_cross_attention", False) and type(module).__name__ == "Attention":
             for proj in ("to_k", "to_v"):
-                if isinstance(getattr(module, proj, None), nn.Linear):
+                layer = getattr(module, proj, None)
+                if isinstance(layer, nn.Linear):
                     out.append(f"{name}.{proj}")
+                elif isinstance(getattr(layer, "base_layer", None), nn.Linear):
+                    out.append(f"{name}.{proj}.base_layer")
     return out
 
 
