@@ -96,6 +96,9 @@ class PatchReport:
     notes: list = field(default_factory=list)
 
     def by_part(self, part: str) -> list:
+        """The replaced entries of one part: "attention", "quant" or "solver"."""
+        if part not in ("attention", "quant", "solver"):
+            raise ValueError(f"part: expected 'attention', 'quant' or 'solver', got {part!r}")
         return [r for r in self.replaced if r.part == part]
 
     def __str__(self) -> str:
@@ -879,13 +882,11 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     keep_originals: keep the replaced float modules so ``unpatch`` can restore them (set False
         to free their memory; ``unpatch`` then refuses for those modules).
     """
-    if disabled_by_env():
-        report = PatchReport(notes=[f"{ENV_DISABLE}={os.environ[ENV_DISABLE].strip()}: patch is a no-op, "
-                                    f"nothing was changed"])
-        log.warning(report.notes[0])
-        return report
     if attention_quant not in (None, "int8"):
         raise ValueError(f"attention_quant: expected None or 'int8', got {attention_quant!r}")
+    if attention is False and attention_quant is not None:
+        raise ValueError(f"attention_quant: {attention_quant!r} with attention=False; the INT8 attention path is "
+                         f"part of the attention patch")
     for name, flag in (("attention", attention), ("keep_originals", keep_originals)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected True or False, got {flag!r}")
@@ -897,8 +898,16 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     exclude = _patterns(exclude)
     info = _targets.resolve_target(target)
     quant_of = _quant_per_backbone(quant, info)
+    if isinstance(solver, dict) and solver and info.scheduler is None:
+        raise ValueError(f"solver: scheduler options {sorted(solver)}, but {type(target).__name__} holds no "
+                         f"scheduler; leave solver at its default (or use patch_scheduler on the scheduler)")
     options = (attention, _quant_key(quant), _solver_key(solver), attention_quant, filter_fn, exclude,
                keep_originals)
+    if disabled_by_env():  # (after the checks: a bad call fails the same with diffaccel switched off)
+        report = PatchReport(notes=[f"{ENV_DISABLE}={os.environ[ENV_DISABLE].strip()}: patch is a no-op, "
+                                    f"nothing was changed"])
+        log.warning(report.notes[0])
+        return report
 
     def select(module, fqn):
         if exclude and _matches(fqn, exclude):
@@ -1095,7 +1104,12 @@ def _check_quant_arg(quant, name: str = "quant") -> None:
         except ValueError as e:
             raise ValueError(f"{name}: {str(e).removeprefix('spec: ')}") from None
         return
-    if isinstance(quant, dquant.QuantSpec) or hasattr(quant, "build_modules"):
+    if isinstance(quant, dquant.QuantSpec):
+        if quant.act_mode == "static":  # (every layer would fail for want of calibrated scales)
+            raise ValueError(f"{name}: a QuantSpec with static activations needs calibrated activation scales per "
+                             f"layer; use diffaccel.calibrate(...) and patch with its recipe, or act_mode='dynamic'")
+        return
+    if hasattr(quant, "build_modules"):
         return
     raise TypeError(f"{name}: expected None, a preset name, a QuantSpec or a QuantRecipe"
                     f"{' (or a dict of them per backbone)' if name == 'quant' else ''}, got {type(quant).__name__}")

@@ -78,7 +78,7 @@ def test_group_norm_affine_bad_input():
         group_norm_affine(x, 3, w, b)
     with pytest.raises(ValueError, match=r"weight: expected shape \(8,\)"):
         group_norm_affine(x, 2, torch.ones(4), b)
-    with pytest.raises(ValueError, match="eps: expected a positive float"):
+    with pytest.raises(ValueError, match="eps: expected a positive finite float"):
         group_norm_affine(x, 2, w, b, 0.0)
     with pytest.raises(ValueError, match=r"add: expected one value per sample and channel"):
         group_norm_affine(x, 2, w, b, add=torch.ones(2, 4))

@@ -132,7 +132,7 @@ def test_codes_follow_the_output_not_the_fp32_value():
     (dict(x=torch.randint(0, 3, (2, 4))), "x"),
     (dict(weight=torch.randn(5)), "weight: expected shape"),
     (dict(bias=torch.randn(4, 1)), "bias"),
-    (dict(eps=0.0), "eps: expected a positive float"),
+    (dict(eps=0.0), "eps: expected a positive finite float"),
     (dict(act_dtype="int4"), "act_dtype: expected one of"),
     (dict(scale=torch.randn(3, 4)), r"scale: expected \[B, K\]"),
     (dict(x=torch.randn(6, 4), shift=torch.randn(2, 4)), "shift: expected"),

@@ -19,6 +19,8 @@ from .quant_linear import QuantLinear, quantize_linear_reason
 def quantize_reason(module: nn.Module, spec) -> Optional[str]:
     """Why ``module`` cannot be quantized with ``spec`` (a QuantSpec or preset name), None if it can."""
     spec = resolve_spec(spec)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if isinstance(module, (QuantLinear, QuantConv2d)):
         return "already quantized"
     if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):

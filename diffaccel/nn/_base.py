@@ -25,11 +25,19 @@ def _float_tensor(name: str, t, shape: tuple) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point() or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+    if t.is_meta:
+        raise ValueError(f"{name}: a tensor on the meta device has no values to quantize")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")
     return t
+
+
+def check_weight_source(weight, weight_q, weight_scale) -> None:
+    if weight is not None and (weight_q is not None or weight_scale is not None):  # (the codes would win)
+        raise ValueError("weight: given together with weight_q / weight_scale; pass the float weight to quantize, "
+                         "or the codes and their scales, not both")
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -38,6 +46,8 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 
 def _positive(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.is_meta:
+        raise ValueError(f"{name}: a tensor on the meta device has no values")
     t = t.float()
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")
@@ -200,8 +210,10 @@ class QuantLayerBase(FollowsMoves, nn.Module):
         scale = _own(_positive("act_scale", act_scale).to(device))
         zp = None
         if act_zero_point is not None:
-            if not isinstance(act_zero_point, torch.Tensor) or act_zero_point.dtype.is_floating_point:
-                raise TypeError("act_zero_point: expected an int32 tensor")
+            if not isinstance(act_zero_point, torch.Tensor) or act_zero_point.dtype.is_floating_point \
+                    or act_zero_point.dtype == torch.bool:
+                raise TypeError(f"act_zero_point: expected an int32 tensor, got "
+                                f"{act_zero_point.dtype if isinstance(act_zero_point, torch.Tensor) else type(act_zero_point).__name__}")
             if tuple(act_zero_point.shape) != tuple(act_scale.shape):
                 raise ValueError(f"act_zero_point: expected shape {tuple(act_scale.shape)} like act_scale, "
                                  f"got {tuple(act_zero_point.shape)}")

@@ -17,7 +17,7 @@ from diffaccel.ops._checks import plain_number
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
-                    reason_for_shape)
+                    check_weight_source, reason_for_shape)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -49,6 +49,7 @@ class QuantConv2d(QuantLayerBase):
         spec = resolve_spec(spec)
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        check_weight_source(weight, weight_q, weight_scale)
         w0 = check_float_weight(conv)  # (first: a lazy layer's shape is not known yet)
         why = quantize_conv_reason(conv, spec)
         if why:

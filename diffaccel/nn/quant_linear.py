@@ -10,7 +10,7 @@ from torch import nn
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from . import _codes
-from ._base import QuantLayerBase, _float_tensor, check_float_weight, reason_for_shape
+from ._base import QuantLayerBase, _float_tensor, check_float_weight, check_weight_source, reason_for_shape
 
 
 class QuantLinear(QuantLayerBase):
@@ -35,6 +35,7 @@ class QuantLinear(QuantLayerBase):
         spec = resolve_spec(spec)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        check_weight_source(weight, weight_q, weight_scale)
         w0 = check_float_weight(linear)  # (first: a lazy layer's shape is not known yet)
         why = quantize_linear_reason(linear, spec)
         if why:

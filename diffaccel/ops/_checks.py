@@ -23,6 +23,16 @@ def plain_number(value):
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` if it is a bool (numpy's too); a TypeError naming ``name`` otherwise (a string such as
+    "no" would read as True)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_, without importing numpy
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_features(x: torch.Tensor, name: str = "x") -> None:
     """``x`` [..., K] with K > 0 (a per-token scale of zero features is undefined)."""
     if x.dim() < 1 or x.shape[-1] == 0:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_int8_zero_point, check_positive_finite, check_tensor, plain_number
+from ._checks import check_flag, check_int8_zero_point, check_positive_finite, check_tensor, plain_number
 from .gemm import (FLOAT_DTYPES, FP8_DTYPE, FP8_MIN_CAPABILITY, _check_bias, _check_device, _check_out_dtype,
                    _check_scalar, _check_smooth, _check_weight, _same_layout,
                    check_static_act, fp8_gemm_reference, int8_linear_reference, quantize_rows_fp8_reference,
@@ -246,6 +246,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, kern
 
 
 def _check_in_affine(in_affine, in_silu, x):
+    in_silu = check_flag("in_silu", in_silu)
     if in_affine is None:
         if in_silu:
             raise ValueError("in_silu: needs in_affine (the SiLU follows the per-channel affine of a GroupNorm)")

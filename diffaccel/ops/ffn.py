@@ -136,7 +136,7 @@ def _check_next_quant(next_scale, next_zero_point, next_smooth, N, device):
     if next_zero_point is not None:
         zp = _check_scalar("next_zero_point", next_zero_point, torch.int32, device, "x")
         check_int8_zero_point("next_zero_point", zp)
-    return next_scale, zp, _check_smooth(next_smooth, N, device, "x")
+    return next_scale, zp, _check_smooth(next_smooth, N, device, "x", "next_smooth")
 
 
 def int8_ffn_up(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, activation: str, smooth=None,

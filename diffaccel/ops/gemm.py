@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import (FLOAT_DTYPES, check_features, check_int8_zero_point, check_positive_finite, check_tensor,
+from ._checks import (FLOAT_DTYPES, check_features, check_flag, check_int8_zero_point, check_positive_finite, check_tensor,
                       plain_number, same_device)
 from .quantize import (AMAX_FLOOR, div_exact, nan_to_zero, poison, quantize_per_tensor_reference,
                        quantize_per_token_reference)
@@ -483,6 +483,7 @@ MAX_INT8_K = 65536
 
 def _check_weight(w, w_scale, w_sum, *, K: int, group_size: Optional[int], w_int4: bool, device, like: str,
                   allowed=(torch.int8,), int32_sums: bool = False):
+    w_int4 = check_flag("w_int4", w_int4)
     if int32_sums and K > MAX_INT8_K:
         raise ValueError(f"K: {K} int8 products would be summed in int32, which can overflow above K = {MAX_INT8_K}; "
                          f"split the reduction (e.g. two layers over halves of the input features)")
@@ -533,7 +534,7 @@ def _check_bias(bias, N, device, like):
 
 def _check_out_dtype(out_dtype):
     if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype: expected one of float16, bfloat16, float32, got {out_dtype}")
+        raise TypeError(f"out_dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {out_dtype!r}")
 
 
 def _check_scalar(name, t, dtype, device, like):
@@ -544,22 +545,23 @@ def _check_scalar(name, t, dtype, device, like):
     return t.reshape(1)
 
 
-def _check_zero_point(zero_point, device, like):
+def _check_zero_point(zero_point, device, like, name="zero_point"):
     if zero_point is None:
         return None
-    zp = _check_scalar("zero_point", zero_point, torch.int32, device, like)
-    check_int8_zero_point("zero_point", zp)
+    zp = _check_scalar(name, zero_point, torch.int32, device, like)
+    check_int8_zero_point(name, zp)
     return zp
 
 
-def _check_smooth(smooth, K, device, like):
+def _check_smooth(smooth, K, device, like, name="smooth"):
     if smooth is None:
         return None
-    check_tensor("smooth", smooth, dtypes=(torch.float32,), ndim=1, contiguous=True)
+    check_tensor(name, smooth, dtypes=(torch.float32,), ndim=1, contiguous=True)
     if smooth.shape[0] != K:
-        raise ValueError(f"smooth: expected shape ({K},) (one factor per input channel), got {tuple(smooth.shape)}")
-    _check_device("smooth", smooth, device, like)
-    check_positive_finite("smooth", smooth)
+        raise ValueError(f"{name}: expected shape ({K},) (one factor per {'output' if name == 'next_smooth' else 'input'}"
+                         f" channel), got {tuple(smooth.shape)}")
+    _check_device(name, smooth, device, like)
+    check_positive_finite(name, smooth)
     return smooth
 
 
@@ -581,7 +583,7 @@ def check_static_act(act_scale, act_zero_point, w_sum, device):
     if act_scale is not None:
         act_scale = _check_scalar("act_scale", act_scale, torch.float32, device, "x")
         check_positive_finite("act_scale", act_scale)
-        zp = _check_zero_point(act_zero_point, device, "x")
+        zp = _check_zero_point(act_zero_point, device, "x", "act_zero_point")
         if zp is not None and w_sum is None:
             raise ValueError("w_sum: required with act_zero_point (the zero-point correction)")
     elif act_zero_point is not None:
@@ -665,15 +667,15 @@ def fp8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: t
 
 
 def quantize_activation_fp8(x: torch.Tensor, *, smooth: Optional[torch.Tensor] = None,
-                            scale: Optional[torch.Tensor] = None):
+                            scale: Optional[torch.Tensor] = None, _scale_name: str = "scale"):
     """float8_e4m3fn codes of ``x / smooth``: dynamic per row -> ``(q, scales [M, 1])``; static -> ``(q, scale)``."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2)
     check_features(x)
     smooth = _check_smooth(smooth, x.shape[1], x.device, "x")
     if scale is None:
         return _quantize_rows_fp8_op(x, smooth)
-    s = _check_scalar("scale", scale, torch.float32, x.device, "x")
-    check_positive_finite("scale", s)
+    s = _check_scalar(_scale_name, scale, torch.float32, x.device, "x")  # (fp8_linear's act_scale)
+    check_positive_finite(_scale_name, s)
     return _quantize_static_fp8_op(x, smooth, s), s
 
 
@@ -684,7 +686,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, smoot
     check_features(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    q, s = quantize_activation_fp8(x2, smooth=smooth, scale=act_scale)
+    q, s = quantize_activation_fp8(x2, smooth=smooth, scale=act_scale, _scale_name="act_scale")
     y = fp8_gemm(q, w, s, w_scale, bias=bias, out_dtype=x.dtype if out_dtype is None else out_dtype)
     return y.reshape(*lead, w.shape[0])
 

@@ -25,6 +25,7 @@ In each backend the codes are exactly that quantizer applied to the y it returns
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -84,8 +85,8 @@ def _check_affine_and_eps(weight, bias, eps, width: int, device, *, optional: bo
             raise ValueError(f"{name}: expected shape ({width},), got {tuple(t.shape)}")
         _check_device(name, t, device, "x")
     eps = plain_number(eps)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < math.inf:
+        raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
 
 
 def group_norm_affine(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _backend
-from ._checks import FLOAT_DTYPES, check_tensor, plain_number, same_device
+from ._checks import FLOAT_DTYPES, check_flag, check_tensor, plain_number, same_device
 from .philox import philox_normal_reference
 
 NUM_COEFFS = 24  # 21 used; the rest keep rows 32-byte aligned
@@ -247,7 +247,13 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     _check_like("model_output", model_output, sample)
     if model_output_cond is not None:
         _check_like("model_output_cond", model_output_cond, sample)
+    if isinstance(history, torch.Tensor) or not isinstance(history, (list, tuple)):
+        raise TypeError(f"history: expected a list or tuple of tensors (newest first, at most 3), got "
+                        f"{type(history).__name__}")
     history = list(history)
+    write_history = check_flag("write_history", write_history)
+    if needs_noise is not None:
+        check_flag("needs_noise", needs_noise)
     if len(history) > 3:
         raise ValueError(f"history: expected at most 3 entries, got {len(history)}")
     for i, h in enumerate(history):
@@ -294,7 +300,7 @@ def fused_solver_step(sample: torch.Tensor, model_output: torch.Tensor, coeffs: 
     history_dtype = model_output.dtype if history_dtype is None else history_dtype
     for name, d in (("out_dtype", out_dtype), ("history_dtype", history_dtype)):
         if d not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {d}")
+            raise TypeError(f"{name}: expected torch.float16, torch.bfloat16 or torch.float32, got {d!r}")
     h = history + [None] * (3 - len(history))
     args = (sample, model_output, coeffs, row, model_output_cond, h[0], h[1], h[2], noise, last_sample,
             float(guidance_scale), float(guidance_rescale), out_dtype, history_dtype, bool(write_history))

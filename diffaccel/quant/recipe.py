@@ -40,6 +40,9 @@ _META_KEY = "diffaccel_recipe"
 WEIGHT_PROBE_SIZE = 16
 _log = logging.getLogger("diffaccel")
 _TENSOR_FIELDS = ("weight_scale", "weight_q", "act_scale", "act_zero_point", "smooth", "bos_output", "bos_input")
+_TENSOR_DTYPES = {"weight_scale": (torch.float32,), "weight_q": (torch.int8, torch.float8_e4m3fn),
+                  "act_scale": (torch.float32,), "act_zero_point": (torch.int32,), "smooth": (torch.float32,),
+                  "bos_output": (torch.float32,), "bos_input": (torch.float32,)}
 # MixDQ's BOS path: a token 0 within this relative L2 distance of the calibrated BOS input takes the
 # precomputed output. Loose enough for a recipe calibrated in fp32 applied to an fp16 / bf16 text
 # encoder's output; a zeroed token 0 is at distance 1, and CLIP's other tokens about as far.
@@ -148,6 +151,8 @@ class QuantRecipe:
         path = _check_path(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"path: the directory {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise IsADirectoryError(f"path: {str(path)!r} is a directory; give a file name (e.g. recipe.safetensors)")
         tensors: dict[str, torch.Tensor] = {}
         layers = {}
         for name, lr in self.layers.items():
@@ -193,7 +198,9 @@ class QuantRecipe:
             version = header["format_version"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise RecipeError(f"path: {path} has a corrupt recipe header ({e})") from None
-        if not isinstance(version, int) or version > RECIPE_FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RecipeError(f"path: {path} has a corrupt recipe header (format_version {version!r})")
+        if version > RECIPE_FORMAT_VERSION:
             raise RecipeError(f"path: {path} is recipe format version {version}; this diffaccel reads versions "
                               f"up to {RECIPE_FORMAT_VERSION} - upgrade diffaccel")
         try:
@@ -211,7 +218,17 @@ class QuantRecipe:
         except (KeyError, TypeError, AttributeError) as e:
             raise RecipeError(f"path: {path} has a corrupt recipe (missing or malformed entry {e})") from None
         for name, lr in recipe.layers.items():
-            lr.quant_spec()  # an unknown format in the file fails here, naming nothing half-built
+            try:  # an unknown format in the file fails here, naming nothing half-built
+                lr.quant_spec()
+            except (TypeError, ValueError) as e:
+                raise RecipeError(f"path: {path}: layer '{name}' has an invalid spec ({e})") from None
+            if len(lr.weight_shape) not in (2, 4) or not all(isinstance(d, int) and d > 0 for d in lr.weight_shape):
+                raise RecipeError(f"path: {path}: layer '{name}' has an invalid weight_shape {list(lr.weight_shape)}")
+            for f, dtypes in _TENSOR_DTYPES.items():
+                t = getattr(lr, f)
+                if t is not None and t.dtype not in dtypes:
+                    raise RecipeError(f"path: {path}: layer '{name}' holds {f} as {t.dtype}, expected "
+                                      f"{' or '.join(str(d) for d in dtypes)}")
         return recipe
 
     # -- applying ------------------------------------------------------------------------

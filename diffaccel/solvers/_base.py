@@ -3,6 +3,7 @@ coefficient state (host float64 tables, device fp32 copies), and the adapter bas
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import numpy as np
@@ -305,12 +306,19 @@ class _Adapter:
         if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
             raise ValueError(f"timestep: expected one timestep, got a tensor of shape {tuple(timestep.shape)}")
         value = timestep.item() if isinstance(timestep, torch.Tensor) else plain_number(timestep)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value):
             raise ValueError(f"timestep: expected an integer timestep of the schedule, got {value!r}")
         return int(value)
 
     def _init_index(self, sch, timestep):
         if sch.step_index is None:
+            if not isinstance(timestep, torch.Tensor):
+                value = plain_number(timestep)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    # (diffusers' own lookup fails on it with an AttributeError deep inside)
+                    raise TypeError(f"timestep: expected a number or a tensor of the schedule, got "
+                                    f"{type(timestep).__name__}")
             sch._init_step_index(timestep)
         i, steps = sch.step_index, len(sch.timesteps)
         if i >= steps:  # (the tables have a row per step: numpy's IndexError, or "singular" from UniPC)

@@ -168,6 +168,7 @@ def set_noise_seed(scheduler, seed: int, *, offset: int = 0) -> None:
     its device seed tensors in place (a CUDA graph captured before replays with the new noise; a
     fill kernel, no host sync) and sets the Philox counter of the next noise-drawing step to
     ``offset`` (default 0: the run that follows repeats one started right after patching with this seed)."""
+    _check_scheduler(scheduler)
     state = vars(scheduler).get(_STATE)
     philox = state.options.get("noise") if state is not None else None
     if philox is None:
@@ -180,6 +181,7 @@ def set_noise_seed(scheduler, seed: int, *, offset: int = 0) -> None:
 
 def noise_state(scheduler):
     """(seed as int64, offset of the next noise-drawing step) of a philox-mode scheduler, else None."""
+    _check_scheduler(scheduler)
     state = vars(scheduler).get(_STATE)
     philox = state.options.get("noise") if state is not None else None
     return None if philox is None else (philox.seed, philox.offset)
@@ -297,6 +299,11 @@ def _unfused_reason(self, tensors, args, kwargs):
     ``per_token_timesteps``). Such a call runs the class's own step, which keeps the same scheduler
     state, with a warning once per class and reason."""
     bad = next((t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype not in KERNEL_DTYPES), None)
+    if bad is not None and not bad.is_floating_point:  # (diffusers' step would run it, and change its state)
+        names = ("model_output", "sample") if len(tensors) == 2 else ("model_output_uncond", "model_output_cond",
+                                                                      "sample")
+        name = next(n for n, t in zip(names, tensors) if isinstance(t, torch.Tensor) and t.dtype == bad)
+        raise TypeError(f"{name}: expected a floating-point tensor, got {str(bad).replace('torch.', '')}")
     if bad is not None:
         return (f"{str(bad).replace('torch.', '')} tensors (the fused step takes "
                 f"{', '.join(str(d).replace('torch.', '') for d in KERNEL_DTYPES)})")

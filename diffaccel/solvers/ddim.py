@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from ..ops._checks import plain_number
 from ..ops.solver import NUM_COEFFS, fused_solver_step
 from ._base import _Adapter, _f64, _row, converted_dtype, thresholding_reason
 
@@ -81,6 +82,9 @@ class DDIM(_Adapter):
         if sch.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
+        eta = plain_number(eta)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
+            raise ValueError(f"eta: expected a finite number (0 = DDIM, 1 = DDPM-like), got {eta!r}")
         self._begin(sch, state, model_output, cond, sample, rescale)
         key = (float(eta), bool(use_clipped_model_output))
         state.ensure(key, lambda: self._make(sch, float(eta), bool(use_clipped_model_output)))

@@ -147,28 +147,28 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
     weight_bits, act_bits, p = plain_number(weight_bits), plain_number(act_bits), plain_number(p)
     check_bits(method, weight_bits, act_bits)
     act_symmetric = check_format(format, act_symmetric, weight_bits, method)
-    if method == "mixdq":
-        try:
-            weight_candidates = tuple(plain_number(b) for b in weight_candidates)
-        except TypeError:
-            raise CalibrationError(f"weight_candidates: expected a sequence of weight widths from (4, 8), "
-                                   f"got {weight_candidates!r}") from None
-        bad = [b for b in weight_candidates if isinstance(b, bool) or b not in (4, 8)]
-        if bad or not weight_candidates:
-            raise CalibrationError(f"weight_candidates: the kernels run 4- and 8-bit weights, got {weight_candidates}")
-        # the allocation's budget: every layer at the narrowest candidate is the least it can reach
-        # (fp8 has the one width 8, which check_format already requires of weight_bits)
-        if format == "int" and weight_bits < min(weight_candidates) - 1e-9:
-            raise CalibrationError(f"weight_bits: mixdq's average weight bit-width {weight_bits} lies below the "
-                                   f"smallest of weight_candidates {weight_candidates}, so no allocation reaches "
-                                   f"it; include 4 in weight_candidates or raise weight_bits to "
-                                   f"{min(weight_candidates)}")
-        act_fp16_fraction = plain_number(act_fp16_fraction)
-        if (isinstance(act_fp16_fraction, bool) or not isinstance(act_fp16_fraction, (int, float))
-                or not 0 <= act_fp16_fraction <= 1):
-            raise CalibrationError(f"act_fp16_fraction: expected a number in [0, 1] (the share of layers whose "
-                                   f"activations may stay in 16 bits), got {act_fp16_fraction!r}")
-        sensitivity_samples = _int_arg("sensitivity_samples", sensitivity_samples)
+    # mixdq's options: checked whatever the method (nonsense is refused, not ignored)
+    try:
+        weight_candidates = tuple(plain_number(b) for b in weight_candidates)
+    except TypeError:
+        raise CalibrationError(f"weight_candidates: expected a sequence of weight widths from (4, 8), "
+                               f"got {weight_candidates!r}") from None
+    bad = [b for b in weight_candidates if isinstance(b, bool) or b not in (4, 8)]
+    if bad or not weight_candidates:
+        raise CalibrationError(f"weight_candidates: the kernels run 4- and 8-bit weights, got {weight_candidates}")
+    # the allocation's budget: every layer at the narrowest candidate is the least it can reach
+    # (fp8 has the one width 8, which check_format already requires of weight_bits)
+    if method == "mixdq" and format == "int" and weight_bits < min(weight_candidates) - 1e-9:
+        raise CalibrationError(f"weight_bits: mixdq's average weight bit-width {weight_bits} lies below the "
+                               f"smallest of weight_candidates {weight_candidates}, so no allocation reaches "
+                               f"it; include 4 in weight_candidates or raise weight_bits to "
+                               f"{min(weight_candidates)}")
+    act_fp16_fraction = plain_number(act_fp16_fraction)
+    if (isinstance(act_fp16_fraction, bool) or not isinstance(act_fp16_fraction, (int, float))
+            or not 0 <= act_fp16_fraction <= 1):
+        raise CalibrationError(f"act_fp16_fraction: expected a number in [0, 1] (the share of layers whose "
+                               f"activations may stay in 16 bits), got {act_fp16_fraction!r}")
+    sensitivity_samples = _int_arg("sensitivity_samples", sensitivity_samples)
     num_timesteps = _int_arg("num_timesteps", num_timesteps, optional=True)
     samples_per_timestep = _int_arg("samples_per_timestep", samples_per_timestep, optional=True)
     units_per_pass = _int_arg("units_per_pass", units_per_pass, optional=True)
@@ -231,6 +231,13 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                f"({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CalibrationError(f"device: {device} requested, but torch sees no CUDA device here")
+    if activation_device is not None:
+        try:
+            activation_device = torch.device(activation_device)
+        except (RuntimeError, TypeError) as e:
+            raise CalibrationError(f"activation_device: expected None, a torch device or a name like 'cpu', got "
+                                   f"{activation_device!r} ({e})") from None
+    resolve_skip(backbone, skip)  # (checked before the model runs; resolved again on the working copy)
     n_t = num_timesteps if num_timesteps is not None else 10**9
 
     training = {m: m.training for m in backbone.modules()}

@@ -128,6 +128,13 @@ def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
         return tuple(n for n in quantizable_layers(backbone) if is_io_layer(n))
     if isinstance(skip, str):
         raise CalibrationError("skip: expected a list of layer names, got a single string")
+    try:
+        skip = list(skip)
+    except TypeError:
+        raise CalibrationError(f"skip: expected a list of layer names, got {type(skip).__name__}") from None
+    odd = next((n for n in skip if not isinstance(n, str)), None)
+    if odd is not None:
+        raise CalibrationError(f"skip: expected layer names (str), got {odd!r}")
     unknown = [n for n in skip if n not in names]
     if unknown:
         raise CalibrationError(f"skip: {unknown[0]!r} is not a module of the backbone")
