@@ -333,3 +333,57 @@ def test_attention_backward_bf16_on_cuda():
         want = torch.autograd.grad(A.attention_reference(qf, kf, vf), (qf, kf, vf), g.float())
         for a, b in zip(got, want):
             assert _rel(a.float(), b) < 2e-2
+
+
+def test_other_differentiation_transforms_are_refused_by_name():
+    """Forward-mode AD dropped the tangents (torch.func.jvp through attention gave exactly 0, forward_ad
+    through a QuantLinear 1.06 off); torch.func.grad raised torch's internal setup_context error."""
+    import torch.autograd.forward_ad as fwAD
+
+    import diffaccel
+    from diffaccel.nn import QuantLinear
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=r"^diffaccel.ops.attention: forward-mode AD"):
+        torch.func.jvp(lambda q: diffaccel.ops.attention(q, k, v), (q,), (torch.randn_like(q),))
+    with pytest.raises(NotImplementedError, match=r"torch.func.grad / vjp / jacrev is not supported"):
+        torch.func.grad(lambda q: diffaccel.ops.attention(q, k, v).sum())(q)
+    layer = QuantLinear.from_float(torch.nn.Linear(32, 16), "w8a8")
+    x = torch.randn(4, 32)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=r"forward-mode AD \(torch.autograd.forward_ad\)"):
+        layer(fwAD.make_dual(x, torch.randn_like(x)))
+    qs = torch.stack([q, q])  # (vmap is no differentiation: it still runs)
+    assert torch.func.vmap(lambda t: diffaccel.ops.attention(t, k, v))(qs).shape == qs.shape
+
+
+def test_quantized_layers_follow_autocast_like_the_float_layers():
+    """Under torch.autocast a QuantLinear / QuantConv2d returned the model's storage dtype (fp32)
+    where nn.Linear / nn.Conv2d return the autocast dtype: a w8a8 DiT's output was fp32 there."""
+    from diffaccel.nn import QuantConv2d, QuantLinear
+
+    torch.manual_seed(0)
+    lin, conv = torch.nn.Linear(128, 16), torch.nn.Conv2d(8, 8, 3, padding=1)
+    x, xc = torch.randn(4, 128), torch.randn(1, 8, 5, 5)
+    for preset in ("w8a8", "fp8", "w4a16"):
+        ql = QuantLinear.from_float(lin, preset)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ql(x).dtype == lin(x).dtype == torch.bfloat16
+        assert ql(x).dtype == torch.float32
+    for preset in ("w8a8", "fp8"):
+        qc = QuantConv2d.from_float(conv, preset)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert qc(xc).dtype == conv(xc).dtype == torch.bfloat16
+        assert qc(xc).dtype == torch.float32
+
+
+def test_dit_keeps_its_output_layers_float():
+    """DiT's final adaLN modulation and output projection (proj_out_1 / proj_out_2) were quantized by
+    the presets, which keep each backbone's input / output layers in floating point."""
+    import diffaccel
+    import tiny_models
+
+    model, _ = tiny_models.FACTORIES["dit"]()
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert type(model.proj_out_1) is torch.nn.Linear and type(model.proj_out_2) is torch.nn.Linear
+    assert {s.name for s in report.skipped} >= {"proj_out_1", "proj_out_2"}

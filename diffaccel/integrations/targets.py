@@ -22,6 +22,7 @@ def left_alone_reason(name: str) -> str:
 # in full precision); data-free presets leave them alone. Top-level names: blocks have their own
 # proj_in / proj_out. The text-side input projections count too (Flux, SD3, QwenImage).
 IO_LAYER_NAMES = ("conv_in", "conv_out", "proj_out", "proj_in", "pos_embed.proj", "norm_out.linear",
+                  "proj_out_1", "proj_out_2",  # DiT: the final adaLN modulation and the output layer
                   "patch_embed.proj", "context_embedder", "img_in",
                   # EasyAnimate, ERNIE-Image, CogView3-Plus / ConsisID, Ideogram 4
                   "proj", "text_proj", "text_proj_t5", "final_norm.linear", "final_linear", "patch_embed.text_proj",

@@ -115,8 +115,15 @@ class QuantLayerBase(FollowsMoves, nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's parameter name: callers pass input=
         self.check_output_dtype()
         if records_autograd(input):  # training through the layer: straight-through gradients
-            return straight_through(self, input, self._forward)
-        return self._forward(input)
+            y = straight_through(self, input, self._forward)
+        else:
+            y = self._forward(input)
+        kind = input.device.type
+        if torch.is_autocast_enabled(kind):  # as nn.Linear / nn.Conv2d return there: the autocast dtype
+            dtype = torch.get_autocast_dtype(kind)
+            if y.dtype != dtype:
+                y = y.to(dtype)
+        return y
 
     def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):
         self.spec = spec

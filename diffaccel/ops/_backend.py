@@ -322,8 +322,8 @@ def direct_call_ok(args) -> bool:
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None
-            or torch.autograd._profiler_enabled()):
-        return False
+            or torch.autograd._profiler_enabled() or torch.autograd.forward_ad._current_level >= 0):
+        return False  # (forward-mode AD: dual tensors' tangents would be dropped by the body)
     grad = torch.is_grad_enabled()
     for a in args:
         if type(a) in PLAIN_TENSOR_TYPES:
@@ -333,6 +333,26 @@ def direct_call_ok(args) -> bool:
             # tensor subclasses, and fx.Proxy under torch.fx.symbolic_trace, must see the op
             return False
     return True
+
+
+def _unsupported_transform(args) -> Optional[str]:
+    """What would differentiate through the op other than reverse-mode autograd: forward-mode AD (a
+    dual tensor among ``args``; torch.func.jvp), whose tangents the op would drop silently, or
+    torch.func.grad / vjp, which torch refuses for the op's autograd with an internal message."""
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None
+            for a in args):
+        return "forward-mode AD (torch.autograd.forward_ad)"
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+        if TransformType.Jvp in kinds:
+            return "forward-mode AD (torch.func.jvp / jacfwd)"
+        if TransformType.Grad in kinds:
+            return "torch.func.grad / vjp / jacrev"
+    return None
 
 
 class CustomOp:
@@ -368,6 +388,11 @@ class CustomOp:
     def __call__(self, *args):
         if direct_call_ok(args):
             return self.body(*args)
+        transform = _unsupported_transform(args)
+        if transform is not None:
+            raise NotImplementedError(
+                f"diffaccel.ops.{self.name}: {transform} is not supported (the op has a reverse-mode backward "
+                f"only); use loss.backward() / torch.autograd.grad, or diffaccel.unpatch the model for it")
         return self.packet(*args)
 
 
