@@ -202,3 +202,25 @@ def test_recipe_files_with_bad_entries_are_named(tmp_path):
     key = f"layer/{name}/weight_scale"
     with pytest.raises(RecipeError, match=f"layer '{name}' holds weight_scale as torch.int64"):
         QuantRecipe.load(edited(lambda h: None, lambda t: t.__setitem__(key, t[key].long())))
+
+
+def test_remaining_flags_and_values_are_named():
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler
+
+    from diffaccel.ops import explain
+
+    q = torch.randn(1, 2, 8, 16)
+    out = O.attention(q, q, q, is_causal=np.bool_(True))  # "is_causal: expected a bool, got bool" before
+    torch.testing.assert_close(out, O.attention(q, q, q, is_causal=True))
+    assert explain("cpu") == explain(torch.device("cpu"))  # a raw AttributeError before
+    from diffusers import UniPCMultistepScheduler
+
+    with pytest.raises(TypeError, match="^dc_ratios: expected float ratios, got bools"):
+        diffaccel.patch_scheduler(UniPCMultistepScheduler(), dc_ratios=[True, True, False])
+    s = EulerDiscreteScheduler()
+    diffaccel.patch_scheduler(s)
+    s.set_timesteps(4)
+    x = torch.zeros(1, 4, 8, 8, dtype=torch.float64)  # (the diffusers fallback took "7" into an index error)
+    with pytest.raises(ValueError, match="^guidance_scale: expected a finite number, got '7'"):
+        s.step_with_guidance(x, x, "7", s.timesteps[0], x)

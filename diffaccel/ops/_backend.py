@@ -423,6 +423,10 @@ def explain(device: Optional[torch.device] = None) -> list[dict]:
     """For ``diffaccel.info``: per op, the backend a call would use and why, and what else exists."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TypeError(f"device: expected a torch.device or a name like 'cuda:0', got {device!r} ({e})") from None
     rows = []
     for name, op in sorted(_REGISTRY.items()):
         try:

@@ -28,7 +28,7 @@ def check_flag(name: str, value) -> bool:
     "no" would read as True)."""
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_":  # numpy.bool_, without importing numpy
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):  # numpy's bool
         return bool(value)
     raise TypeError(f"{name}: expected True or False, got {value!r}")
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._checks import FLOAT_DTYPES, check_tensor, plain_number, same_device
+from ._checks import FLOAT_DTYPES, check_flag, check_tensor, plain_number, same_device
 from .quantize import div_exact, nan_to_zero, poison
 
 QUANT_MODES = (None, "int8")
@@ -306,8 +306,7 @@ def _validate(q, k, v, attn_mask, is_causal, scale, quant):
             raise ValueError(f"attn_mask: expected a tensor on {q.device} like q, got one on {attn_mask.device}")
         if is_causal:
             raise ValueError("attn_mask: must be None when is_causal=True (as in torch SDPA)")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
+    is_causal = check_flag("is_causal", is_causal)
     scale = plain_number(scale)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
@@ -328,13 +327,13 @@ def _prepare(q, k, v, attn_mask, is_causal, scale, quant):
 def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None) -> torch.Tensor:
     """Like ``torch.nn.functional.scaled_dot_product_attention`` (no dropout; differentiable); see the module doc."""
     attn_mask, scale = _prepare(q, k, v, attn_mask, is_causal, scale, quant)
-    return _attention_op(q, k, v, attn_mask, is_causal, scale, quant, False)[0]
+    return _attention_op(q, k, v, attn_mask, bool(is_causal), scale, quant, False)[0]
 
 
 def attention_with_lse(q, k, v, attn_mask=None, is_causal=False, scale=None, *, quant=None):
     """``(out, lse)``: lse [B, H, Lq] fp32, natural log of the softmax denominator (-inf for a row that sees no key)."""
     attn_mask, scale = _prepare(q, k, v, attn_mask, is_causal, scale, quant)
-    return _attention_op(q, k, v, attn_mask, is_causal, scale, quant, True)
+    return _attention_op(q, k, v, attn_mask, bool(is_causal), scale, quant, True)
 
 
 def attention_int8_debug(q, k, v, attn_mask=None, is_causal=False, scale=None, *, backend: str = "torch") -> dict:

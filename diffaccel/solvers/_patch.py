@@ -357,6 +357,9 @@ def _step_with_guidance(self, model_output_uncond, model_output_cond, guidance_s
                         guidance_rescale=0.0, *args, **kwargs):
     """``step`` on ``uncond + guidance_scale * (cond - uncond)`` (rescaled like diffusers'
     ``rescale_noise_cfg`` when ``guidance_rescale`` > 0), folded into the same kernel."""
+    scale = plain_number(guidance_scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
     rescale = plain_number(guidance_rescale)
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale < math.inf:
         # (a negative one: diffusers' pipelines skip the rescale, the fused formula would apply it)

@@ -53,8 +53,13 @@ def check_dc_order(dc_order) -> int:
 def as_dc_ratios(dc_ratios) -> np.ndarray:
     """The ratios as a float64 vector; finite, one-dimensional (length is checked against a schedule later)."""
     if isinstance(dc_ratios, torch.Tensor):
+        if dc_ratios.dtype == torch.bool:
+            raise TypeError("dc_ratios: expected float ratios, got a bool tensor")
         arr = dc_ratios.detach().to("cpu", torch.float64).numpy()
     else:
+        if not isinstance(dc_ratios, np.ndarray) and any(isinstance(r, (bool, np.bool_)) for r in
+                                                         (dc_ratios if isinstance(dc_ratios, (list, tuple)) else ())):
+            raise TypeError(f"dc_ratios: expected float ratios, got bools ({list(dc_ratios)[:4]})")
         try:
             arr = np.asarray(dc_ratios, dtype=np.float64)
         except (TypeError, ValueError) as e:
