@@ -286,3 +286,22 @@ def test_hooks_on_the_feed_forward_itself_follow_the_fused_module():
     diffaccel.unpatch(model)
     tiny_models.output_of(model, inputs)  # registered while patched: the original has it too
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "fp8"])
+def test_fused_output_follows_autocast_like_the_loop(mode):
+    """Under torch.autocast the loop's last Linear returns the autocast dtype; the fused path that
+    writes the down projection's static codes returned the storage dtype (fp32 in a bf16 region)."""
+    ff = _quantize(_ff("geglu"), spec="fp8" if mode == "fp8" else "w8a8",
+                   static=(torch.tensor([0.03]), torch.tensor([0.02])) if mode == "static" else None)
+    fused = FusedFeedForward(ff)
+    assert fused.writes_codes == (mode == "static")
+    x = torch.randn(2, 77, 64)
+    with torch.no_grad(), use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, loop = fused(x), _loop(ff, x)
+    assert out.dtype == loop.dtype == torch.bfloat16
+    # the loop rounds the up projection to bf16 before the activation and the down projection's
+    # quantizer, the fused epilogue does not: codes move by a step here and there (seen <= 1.6e-2)
+    assert _rel_l2(out, loop) <= 3e-2
+    with torch.no_grad(), use_backend("torch"):
+        assert fused(x).dtype == torch.float32

@@ -56,6 +56,17 @@ def _positive(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def in_autocast_dtype(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as nn.Linear / nn.Conv2d return it: in the autocast dtype inside an autocast region on its
+    device (the kernels write the layer's storage dtype), else unchanged."""
+    kind = y.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        if y.dtype != dtype:
+            return y.to(dtype)
+    return y
+
+
 def records_autograd(*tensors) -> bool:
     """Autograd records through one of ``tensors``: a gradient has to flow back through them, so
     fused paths that pass int8 codes between ops (which cut the graph) step aside."""
@@ -118,12 +129,7 @@ class QuantLayerBase(FollowsMoves, nn.Module):
             y = straight_through(self, input, self._forward)
         else:
             y = self._forward(input)
-        kind = input.device.type
-        if torch.is_autocast_enabled(kind):  # as nn.Linear / nn.Conv2d return there: the autocast dtype
-            dtype = torch.get_autocast_dtype(kind)
-            if y.dtype != dtype:
-                y = y.to(dtype)
-        return y
+        return in_autocast_dtype(y)
 
     def _init_common(self, spec: QuantSpec, N: int, K: int, original_dtype: torch.dtype):
         self.spec = spec

@@ -25,7 +25,7 @@ from diffaccel.ops import ffn as FF
 from diffaccel.ops import gemm as G
 
 from . import _codes
-from ._base import forward_wrapped, has_forward_hooks, records_autograd
+from ._base import forward_wrapped, has_forward_hooks, in_autocast_dtype, records_autograd
 from .quant_linear import QuantLinear
 
 
@@ -152,7 +152,7 @@ class FusedFeedForward(nn.Module):
             next_scale, next_zp = down._act_params()
             codes = FF.int8_ffn_up(x2, up.weight_q, up.weight_scale, next_scale=next_scale, next_zero_point=next_zp,
                                    next_smooth=down.smooth, **kw)
-            y = down.forward_static_codes(codes)
+            y = in_autocast_dtype(down.forward_static_codes(codes))  # (down(h) does this itself)
         else:
             y = down(FF.int8_ffn_up(x2, up.weight_q, up.weight_scale, **kw))
         return y.reshape(*lead, y.shape[-1])
