@@ -385,6 +385,15 @@ def test_fit_bad_inputs():
         fit_dc_ratios(UniPCMultistepScheduler(timestep_spacing="leading"), fake_model, x, 5, reference_steps=10)
     with pytest.raises(ValueError, match=r"^reference_steps: the 20-step reference trajectory is not finite"):
         fit_dc_ratios(UniPCMultistepScheduler(solver_type="bh1"), fake_model, x, 5, reference_steps=20)
+    # 0-d latents raised an IndexError inside the reference run; a model output of another batch was
+    # broadcast through the solver's arithmetic and fitted (ratios came back), a non-tensor a TypeError
+    with pytest.raises(ValueError, match=r"^latents: expected a non-empty batch of samples \[B, \.\.\.\], got shape \(\)"):
+        fit_dc_ratios(s, fake_model, torch.tensor(1.0), 5)
+    with pytest.raises(ValueError, match=r"^model_fn: expected a floating-point tensor of the sample's shape "
+                                         r"\(2, 4\), got shape \(1, 4\)"):
+        fit_dc_ratios(s, lambda sample, t: fake_model(sample, t)[:1], torch.zeros(2, 4), 5, progress=False)
+    with pytest.raises(ValueError, match=r"^model_fn: .* got NoneType"):
+        fit_dc_ratios(s, lambda sample, t: None, x, 5, progress=False)
 
 
 def test_top_level_patch_scheduler_accepts_dc_ratios():
@@ -536,6 +545,22 @@ def test_cascade_polynomial_regression_matches_theirs_and_fits_back():
         fit_cascade_polynomial({(5.0, 8): [1.0] * 7})
     with pytest.raises(ValueError, match=r"^cpr_coeffs: expected finite coefficients, a multiple of 9"):
         predict_dc_ratios(np.ones(10), 7.5, 10)
+    # keys and coefficients that were taken: a bool / string / NaN guidance scale (NaN: numpy's "SVD did
+    # not converge"), a 3-tuple key, zero steps; bool, complex (imaginary part dropped) or string coefficients
+    # and a [2, 9] array read as [2, 3, 3]
+    for key in ((True, 8), ("5", 8), (float("nan"), 8), (5.0, 8, 1), (5.0, 0), (5.0, 8.5)):
+        with pytest.raises(ValueError, match=r"^fitted_ratios: expected keys \(guidance_scale: a finite float"):
+            fit_cascade_polynomial({**fitted, key: [1.0] * 8})
+    with pytest.raises(TypeError, match=r"^fitted_ratios: expected a mapping"):
+        fit_cascade_polynomial(list(fitted.items()))
+    with pytest.raises(ValueError, match=r"^fitted_ratios\[\(5.0, 4\)\]: expected finite ratios, ratios\[2\] = nan"):
+        fit_cascade_polynomial({**fitted, (5.0, 4): [1.0, 1.0, float("nan"), 1.0]})
+    for bad in (np.ones(9, dtype=bool), np.ones(9, dtype=complex), ["1"] * 9, "abc", None, {"a": 1}):
+        with pytest.raises(TypeError, match=r"^cpr_coeffs: expected real coefficients \[K, 3, 3\]"):
+            predict_dc_ratios(bad, 7.5, 10)
+    with pytest.raises(ValueError, match=r"^cpr_coeffs: expected shape \[K, 3, 3\] .* got shape \(2, 9\)"):
+        predict_dc_ratios(np.ones((2, 9)), 7.5, 10)
+    assert predict_dc_ratios(torch.tensor(coeffs), 7.5, 10) == predict_dc_ratios(coeffs.reshape(-1).tolist(), 7.5, 10)
 
 
 def test_unpatch_mid_trajectory_continues_as_plain_unipc():

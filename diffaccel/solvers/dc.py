@@ -298,6 +298,19 @@ def _target_at(sigma, ref_sigmas, ref_states):
     return ref_states[hi] + float(w) * (ref_states[lo] - ref_states[hi])
 
 
+def _checked_model_fn(model_fn: Callable) -> Callable:
+    """``model_fn`` that raises when its output is not a floating-point tensor of the sample's shape
+    (a wrong batch would broadcast silently through the solver's arithmetic)."""
+    def checked(sample, timestep):
+        out = model_fn(sample, timestep)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != sample.shape:
+            got = (f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__)
+            raise ValueError(f"model_fn: expected a floating-point tensor of the sample's shape "
+                             f"{tuple(sample.shape)}, got {got}")
+        return out
+    return checked
+
+
 def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_inference_steps: int, *,
                   reference_steps: Optional[int] = None, dc_order: int = DEFAULT_DC_ORDER, num_iters: int = 20,
                   lr: float = 0.1, ratio_init: float = IDENTITY_RATIO, progress: bool = True) -> list:
@@ -330,6 +343,8 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         raise TypeError(f"latents: expected a floating-point torch.Tensor, got {type(latents).__name__}"
                         + (f" of {latents.dtype}" if isinstance(latents, torch.Tensor) else ""))
+    if latents.dim() < 1 or latents.numel() == 0:
+        raise ValueError(f"latents: expected a non-empty batch of samples [B, ...], got shape {tuple(latents.shape)}")
     if reference_steps is None:
         reference_steps = num_inference_steps * math.ceil(200 / num_inference_steps)
     if isinstance(reference_steps, bool) or not isinstance(reference_steps, int) or \
@@ -345,6 +360,7 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     if not callable(model_fn):
         raise TypeError(f"model_fn: expected a callable (sample, timestep) -> model_output, got "
                         f"{type(model_fn).__name__}")
+    model_fn = _checked_model_fn(model_fn)
 
     few = type(scheduler).from_config(scheduler.config)
     few.set_timesteps(num_inference_steps, device=latents.device)
@@ -419,8 +435,28 @@ def _cpr_features(guidance_scale, nfe, step, num_terms):
     return np.array([x**i * cfg**(2 - j) * n**(2 - k) for i in range(num_terms) for j in range(3) for k in range(3)])
 
 
+def _real_array(value, name: str, expected: str) -> np.ndarray:
+    """``value`` as a float64 array when it holds real numbers (ints or floats: no bools, complex,
+    strings or objects), else a TypeError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        arr = value.detach().cpu().numpy() if value.dtype != torch.bfloat16 else value.detach().float().cpu().numpy()
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} ({e})") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}"
+                        + (f" of {arr.dtype}" if arr.dtype.kind != "O" or arr.ndim else ""))
+    return arr.astype(np.float64)
+
+
 def _as_cpr_coeffs(cpr_coeffs) -> np.ndarray:
-    arr = _f64(cpr_coeffs).reshape(-1)
+    arr = _real_array(cpr_coeffs, "cpr_coeffs", "real coefficients [K, 3, 3] (an array, tensor or nested list)")
+    if arr.ndim not in (1, 3) or (arr.ndim == 3 and arr.shape[1:] != (3, 3)):
+        raise ValueError(f"cpr_coeffs: expected shape [K, 3, 3] (or those K * 9 numbers flat), got shape "
+                         f"{tuple(arr.shape)}")
+    arr = arr.reshape(-1)
     if arr.size == 0 or arr.size % 9 or not np.isfinite(arr).all():
         raise ValueError(f"cpr_coeffs: expected finite coefficients, a multiple of 9 of them ([K, 3, 3]), got "
                          f"{arr.size}" + ("" if np.isfinite(arr).all() else " with NaN/inf"))
@@ -455,15 +491,23 @@ def fit_cascade_polynomial(fitted_ratios, num_terms: int = 3) -> np.ndarray:
     num_terms = plain_number(num_terms)
     if isinstance(num_terms, bool) or not isinstance(num_terms, int) or num_terms < 1:
         raise ValueError(f"num_terms: expected a positive int, got {num_terms!r}")
+    if not hasattr(fitted_ratios, "items"):
+        raise TypeError(f"fitted_ratios: expected a mapping {{(guidance_scale, num_inference_steps): ratios}}, got "
+                        f"{type(fitted_ratios).__name__}")
     rows, values = [], []
-    for key, ratios in dict(fitted_ratios).items():
+    for key, ratios in fitted_ratios.items():
+        cfg, nfe = (plain_number(k) for k in key) if isinstance(key, tuple) and len(key) == 2 else (None, None)
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or \
+                isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"fitted_ratios: expected keys (guidance_scale: a finite float, num_inference_steps: a "
+                             f"positive int), got {key!r}")
+        cfg = float(cfg)
         try:
-            cfg, nfe = float(key[0]), key[1]
-        except (TypeError, IndexError, ValueError):
-            raise ValueError(f"fitted_ratios: expected keys (guidance_scale, num_inference_steps), got {key!r}") \
-                from None
-        r = as_dc_ratios(ratios)
-        if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or len(r) != nfe:
+            r = as_dc_ratios(ratios)
+        except (TypeError, ValueError) as e:
+            msg = str(e).replace('dc_ratios: ', '').replace('dc_ratios', 'ratios')
+            raise type(e)(f"fitted_ratios[{key!r}]: {msg}") from None
+        if len(r) != nfe:
             raise ValueError(f"fitted_ratios[{key!r}]: expected {nfe!r} ratios (one per step), got {len(r)}")
         for step in range(CPR_FIRST_STEP, int(nfe) + 1):
             rows.append(_cpr_features(cfg, int(nfe), step, num_terms))
@@ -472,7 +516,7 @@ def fit_cascade_polynomial(fitted_ratios, num_terms: int = 3) -> np.ndarray:
         raise ValueError(f"fitted_ratios: no step >= {CPR_FIRST_STEP} to fit")
     a = np.stack(rows)
     if np.linalg.matrix_rank(a) < a.shape[1]:
-        raise ValueError(f"fitted_ratios: {len(rows)} ratios from {len(dict(fitted_ratios))} settings do not determine "
+        raise ValueError(f"fitted_ratios: {len(rows)} ratios from {len(fitted_ratios)} settings do not determine "
                          f"the {a.shape[1]} coefficients (use >= 3 guidance scales, >= 3 step counts and enough steps "
                          "per setting, or fewer num_terms)")
     coeffs, *_ = np.linalg.lstsq(a, np.array(values), rcond=None)
