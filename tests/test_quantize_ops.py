@@ -104,6 +104,16 @@ def test_bad_scale_named(bad_scale):
         diffaccel.ops.quantize_per_tensor(torch.randn(4, 4), bad_scale, 0)
 
 
+@pytest.mark.parametrize("scale", [1e300, -1e300, 1e-300])
+def test_a_python_scale_outside_float32_is_named(scale):
+    """A finite Python float that float32 turns into inf or 0 was refused as 'got NaN or Inf' /
+    'got min 0', values the caller never passed."""
+    with pytest.raises(ValueError, match=r"^scale: .*e[+-]300 overflows or underflows float32"):
+        diffaccel.ops.quantize_per_tensor(torch.randn(4, 4), scale, 0)
+    q = diffaccel.ops.quantize_per_tensor(torch.randn(4, 4), 1e-40, 0)  # a float32 subnormal is a value
+    assert q.dtype == torch.int8
+
+
 def test_bad_inputs_named():
     with pytest.raises(TypeError, match="x: expected dtype"):
         diffaccel.ops.quantize_per_token(torch.randint(0, 4, (4, 4)))

@@ -12,6 +12,8 @@ static quantizer has no scale to poison: its NaN element reads as 0).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backend
@@ -133,7 +135,12 @@ def _as_scalar_tensor(name: str, value, dtype: torch.dtype, device: torch.device
             raise ValueError(f"{name}: expected a value in [-128, 127], got {value}")
     elif not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a float or a float32 tensor, got {type(value).__name__}")
-    return torch.tensor([value], dtype=dtype, device=device)
+    t = torch.tensor([value], dtype=dtype, device=device)
+    if dtype != torch.int32 and value != 0 and math.isfinite(value) and float(t.abs()) in (0.0, math.inf):
+        # (a finite, non-zero Python float the float32 scale turns into inf or 0)
+        raise ValueError(f"{name}: {value!r} overflows or underflows float32, the kernels' scale dtype "
+                         f"(|{name}| up to {torch.finfo(torch.float32).max:.3g})")
+    return t
 
 
 def quantize_per_tensor(x: torch.Tensor, scale, zero_point=0) -> torch.Tensor:
