@@ -707,7 +707,7 @@ def _solver_key(solver):
             try:
                 v = tuple(float(r) for r in torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist())
             except (TypeError, ValueError, RuntimeError) as e:
-                raise ValueError(f"solver: dc_ratios must be a sequence of floats, got {type(v).__name__}") from e
+                raise ValueError(f"solver['dc_ratios']: expected a sequence of floats, got {type(v).__name__}") from e
         key.append((name, v))
     return tuple(key)
 
@@ -724,7 +724,15 @@ def _patch_solver(target_info, report, undo, solver_options=None):
                              "options to patch_scheduler, or unpatch_scheduler it first")
         report.skipped.append(Skipped("scheduler", "solver", "already patched by patch_scheduler"))
         return
-    result = solvers.patch_scheduler(scheduler, **(solver_options or {}))
+    try:
+        result = solvers.patch_scheduler(scheduler, **(solver_options or {}))
+    except (TypeError, ValueError) as e:
+        # patch_scheduler names its own argument ("seed: ..."); here the caller passed solver={"seed": ...}
+        name, sep, rest = str(e).partition(": ")
+        option = name.split("[", 1)[0]
+        if not sep or option not in (solver_options or {}):
+            raise
+        raise type(e)(f"solver[{option!r}]{name[len(option):]}: {rest}") from None
     if not result.patched:
         report.skipped.append(Skipped("scheduler", "solver", result.reason))
         return

@@ -172,12 +172,18 @@ def test_patch_solver_options_errors_leave_the_pipeline_unpatched():
     from diffaccel import solvers
 
     pipe = _pipeline("unet")  # DPM-Solver++: DC-Solver applies to UniPC only
-    with pytest.raises(ValueError, match="dc_ratios"):
+    # patch_scheduler's errors name the option as the caller passed it (they said "dc_ratios:", "seed:")
+    with pytest.raises(ValueError, match=r"^solver\['dc_ratios'\]: DPMSolverMultistepScheduler has no predictor"):
         diffaccel.patch(pipe, attention=False, solver={"dc_ratios": [1.0] * 4})
+    assert not solvers.is_patched(pipe.scheduler) and not diffaccel.is_patched(pipe)
+    with pytest.raises(ValueError, match=r"^solver\['noise'\]: expected 'generator' or 'philox', got 'x'"):
+        diffaccel.patch(pipe, solver={"noise": "x"})
+    with pytest.raises(ValueError, match=r"^solver\['seed'\]: only used with noise='philox'"):
+        diffaccel.patch(pipe, solver={"seed": 3})
     assert not solvers.is_patched(pipe.scheduler) and not diffaccel.is_patched(pipe)
     with pytest.raises(ValueError, match=r"solver: unknown option\(s\) \['eta'\]"):
         diffaccel.patch(pipe, solver={"eta": 0.5})
-    with pytest.raises(ValueError, match="solver: dc_ratios must be a sequence of floats"):
+    with pytest.raises(ValueError, match=r"^solver\['dc_ratios'\]: expected a sequence of floats"):
         diffaccel.patch(pipe, solver={"dc_ratios": "fast"})
     pipe = _unipc_pipeline()
     solvers.patch_scheduler(pipe.scheduler)
