@@ -719,10 +719,15 @@ def _patch_solver(target_info, report, undo, solver_options=None):
     if scheduler is None:
         return
     if solvers.is_patched(scheduler):
+        owner = _patched_through(scheduler)
+        by = (f"another {type(owner).__name__} (0x{id(owner):x}) that shares it" if owner is not None
+              else "patch_scheduler")
         if solver_options:
-            raise ValueError("solver: the scheduler is already patched by patch_scheduler; give the DC-Solver "
-                             "options to patch_scheduler, or unpatch_scheduler it first")
-        report.skipped.append(Skipped("scheduler", "solver", "already patched by patch_scheduler"))
+            raise ValueError(f"solver: the scheduler is already patched by {by}; give the DC-Solver options "
+                             + ("to patch_scheduler, or unpatch_scheduler it first" if owner is None else
+                                f"when patching that {type(owner).__name__}, or unpatch it first"))
+        report.skipped.append(Skipped("scheduler", "solver", f"already patched by {by}" + (
+            "; it runs fused while that one stays patched" if owner is not None else "")))
         return
     try:
         result = solvers.patch_scheduler(scheduler, **(solver_options or {}))
@@ -977,9 +982,12 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
             if device is not None and device.type != "cpu":
                 original.to("cpu")  # held for unpatch without holding accelerator memory
     owner = weakref.ref(target)
-    for backbone in info.backbones.values():
-        _PATCHED_THROUGH[backbone] = owner
-        undo.push(lambda b=backbone: _PATCHED_THROUGH.pop(b, None))
+    # the scheduler too: another pipeline sharing it (SDXL's refiner built with scheduler=base.scheduler)
+    # is told whose patch fused it
+    patched_scheduler = [info.scheduler] if any(r.part == "solver" for r in report.replaced) else []
+    for shared in (*info.backbones.values(), *patched_scheduler):
+        _PATCHED_THROUGH[shared] = owner
+        undo.push(lambda b=shared: _PATCHED_THROUGH.pop(b, None))
     object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable))
     log.info("diffaccel.patch(%s):\n%s", type(target).__name__, report)
     return report
@@ -1004,6 +1012,9 @@ def _patch_again(target, info, state: _PatchState, select, attention, attention_
             scheduler = info.scheduler
             if (isinstance(solver, dict) or solver) and scheduler is not None and not solvers.is_patched(scheduler):
                 _patch_solver(info, delta, undo, solver if isinstance(solver, dict) else None)
+                if solvers.is_patched(scheduler):
+                    _PATCHED_THROUGH[scheduler] = weakref.ref(target)
+                    undo.push(lambda s=scheduler: _PATCHED_THROUGH.pop(s, None))
         except BaseException:
             undo.rollback()
             raise

@@ -1,5 +1,7 @@
 """diffaccel.patch on a diffusers pipeline: backbone and scheduler patched together, text encoder
 left alone, unpatch bit-exact, and a calibrated recipe applied through patch."""
+import re
+
 import pytest
 import torch
 
@@ -441,3 +443,30 @@ def test_a_pipeline_sharing_a_patched_backbone():
         diffaccel.patch(pipe)
     diffaccel.unpatch(other)
     assert torch.equal(_sample(pipe), before)
+
+
+def test_a_scheduler_shared_by_two_pipelines_names_whose_patch_fused_it():
+    """SDXL's refiner is built with scheduler=base.scheduler. Patching the refiner after the base
+    reported the scheduler as 'already patched by patch_scheduler', which nobody had called."""
+    base, refiner = _pipeline("unet"), _pipeline("unet", seed=1)
+    refiner.scheduler = base.scheduler
+    diffaccel.patch(base)
+    report = diffaccel.patch(refiner)
+    (skip,) = [s for s in report.skipped if s.name == "scheduler"]
+    assert re.fullmatch(r"already patched by another DigitsPipeline \(0x[0-9a-f]+\) that shares it; it runs fused "
+                        r"while that one stays patched", skip.reason), skip.reason
+    third = _pipeline("unet", seed=2)
+    third.scheduler = base.scheduler
+    with pytest.raises(ValueError, match=r"^solver: the scheduler is already patched by another DigitsPipeline .* "
+                                         r"give the DC-Solver options when patching that DigitsPipeline"):
+        diffaccel.patch(third, solver={"seed": 1, "noise": "philox"})
+    assert not diffaccel.is_patched(third)
+    diffaccel.unpatch(refiner)
+    assert diffaccel.solvers.is_patched(base.scheduler)  # the base's patch holds it
+    diffaccel.unpatch(base)
+    assert not diffaccel.solvers.is_patched(base.scheduler)
+    # patch_scheduler's own patch keeps its reason
+    solo = _pipeline("unet")
+    diffaccel.solvers.patch_scheduler(solo.scheduler)
+    (skip,) = [s for s in diffaccel.patch(solo).skipped if s.name == "scheduler"]
+    assert skip.reason == "already patched by patch_scheduler"
