@@ -20,6 +20,7 @@ from .structure import first_tensor, layer_input
 logger = logging.getLogger("diffaccel")
 VALUES_PER_OBSERVATION = 1024  # activation values sampled per call of a layer, for range searches
 MAX_VALUES_KEPT = 8192         # per (layer, timestep, split half)
+TAIL_VALUES_KEPT = 256         # the largest |values| seen, kept exactly, per (layer, timestep, split half)
 
 
 class CalibrationError(ValueError):
@@ -241,10 +242,22 @@ def forward(backbone: nn.Module, kwargs: dict, device) -> torch.Tensor:
 @dataclass
 class LayerObservation:
     """Per layer and calibrated timestep: input min/max (per concat half when split) and a
-    random sample of input values for range searches."""
+    sample of the input values for range searches, stratified by magnitude: the ``tails`` (the
+    largest |x| seen, exactly: a single outlier token decides a clipping range, and a uniform
+    sample misses it or not depending on the seed) and a uniform sample of the rest, each value
+    standing for ``weights`` values of the input (``sample_of`` puts the two together)."""
     lo: torch.Tensor               # [T] or [T, 2]
     hi: torch.Tensor
-    values: list[list[torch.Tensor]]  # [T][half] 1-D samples
+    values: list[list[torch.Tensor]]  # [T][half] 1-D uniform samples
+    weights: list[list[torch.Tensor]]  # [T][half] how many input values each sampled value stands for
+    tails: list[list[torch.Tensor]]   # [T][half] the TAIL_VALUES_KEPT largest |values| seen
+
+    def sample_of(self, t: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, weights) for timestep index ``t`` and split half ``half``: every value with
+        |x| above the smallest tail exactly (weight 1), the uniform sample below it."""
+        tails, values, weights = self.tails[t][half], self.values[t][half], self.weights[t][half]
+        below = values.abs() < tails.abs().min() if tails.numel() else torch.ones_like(values, dtype=torch.bool)
+        return torch.cat([tails, values[below]]), torch.cat([torch.ones_like(tails), weights[below]])
 
 
 @dataclass
@@ -274,7 +287,8 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
         halves = 2 if name in split_points else 1
         shape = (T, 2) if halves == 2 else (T,)
         obs.layers[name] = LayerObservation(torch.full(shape, math.inf), torch.full(shape, -math.inf),
-                                            [[torch.empty(0) for _ in range(halves)] for _ in range(T)])
+                                            *([[torch.empty(0) for _ in range(halves)] for _ in range(T)]
+                                              for _ in range(3)))
 
     def stat_hook(name):
         def hook(module, args, kwargs):
@@ -300,11 +314,17 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                     o.lo[t] = torch.minimum(o.lo[t], lo)
                     o.hi[t] = torch.maximum(o.hi[t], hi)
                 flat = pf.reshape(-1).cpu()
-                pick = torch.randint(0, flat.numel(), (min(VALUES_PER_OBSERVATION, flat.numel()),), generator=gen)
+                n = min(VALUES_PER_OBSERVATION, flat.numel())
+                pick = torch.randint(0, flat.numel(), (n,), generator=gen)
                 kept = torch.cat([o.values[t][h], flat[pick]])
+                weights = torch.cat([o.weights[t][h], torch.full((n,), flat.numel() / n)])
                 if kept.numel() > MAX_VALUES_KEPT:  # bounded memory on long calibration sets
-                    kept = kept[torch.randperm(kept.numel(), generator=gen)[:MAX_VALUES_KEPT]]
-                o.values[t][h] = kept
+                    keep = torch.randperm(kept.numel(), generator=gen)[:MAX_VALUES_KEPT]
+                    kept, weights = kept[keep], weights[keep] * (kept.numel() / MAX_VALUES_KEPT)
+                o.values[t][h], o.weights[t][h] = kept, weights
+                # the running top-k of |x| merged with this call's top-k is the top-k of all calls
+                tails = torch.cat([o.tails[t][h], flat[flat.abs().topk(min(TAIL_VALUES_KEPT, flat.numel())).indices]])
+                o.tails[t][h] = tails[tails.abs().topk(min(TAIL_VALUES_KEPT, tails.numel())).indices]
         return hook
 
     captured: dict[str, dict] = {}

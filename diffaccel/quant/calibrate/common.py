@@ -194,8 +194,9 @@ def act_init(obs: Observations, name: str, *, per_timestep: bool, symmetric: boo
             if not (torch.isfinite(lo) and torch.isfinite(hi)):
                 raise CalibrationError(f"activations: layer '{name}' saw no input at timestep index {t}")
             if search:
-                vals = torch.cat([o.values[tt][h] for tt in (range(T) if t is None else [t])])
-                s, z = search_act_range(vals, lo, hi, symmetric, p=p, act_dtype=act_dtype)
+                vals, weights = (torch.cat(parts) for parts in
+                                 zip(*(o.sample_of(tt, h) for tt in (range(T) if t is None else [t]))))
+                s, z = search_act_range(vals, lo, hi, symmetric, p=p, act_dtype=act_dtype, weights=weights)
             else:
                 s, z = act_params_from_range(lo, hi, symmetric, act_dtype)
             row_s.append(s.reshape(()))

@@ -180,13 +180,16 @@ def lsq_fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 
 
 def search_act_range(samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, *,
-                     p: float = 2.4, num_candidates: int = 20, min_ratio: float = 0.4, act_dtype: str = "int8"):
-    """Shrink [lo, hi] by the ratio minimising the Lp error on a sample of the activation."""
+                     p: float = 2.4, num_candidates: int = 20, min_ratio: float = 0.4, act_dtype: str = "int8",
+                     weights: torch.Tensor | None = None):
+    """Shrink [lo, hi] by the ratio minimising the Lp error on a sample of the activation (each
+    sampled value standing for ``weights`` values of it: a weighted mean; None: all equal)."""
     best = None
     x = samples.float()
+    w = torch.ones_like(x) if weights is None else weights.float()
     for r in torch.linspace(1.0, min_ratio, num_candidates).tolist():
         scale, zp = act_params_from_range(lo * r, hi * r, symmetric, act_dtype)
-        err = (x - fake_quant_act(x, scale, zp, act_dtype)).abs().pow(p).mean().item()
+        err = ((x - fake_quant_act(x, scale, zp, act_dtype)).abs().pow(p) * w).sum().item() / w.sum().item()
         if best is None or err < best[0]:
             best = (err, scale, zp)
     return best[1], best[2]
