@@ -24,6 +24,7 @@ land in one results file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import subprocess
@@ -35,7 +36,6 @@ import torch
 
 VARIANTS = {
     "baseline:diffusers-eager": dict(patch=None, compile=False),
-    "baseline:diffusers-compile": dict(patch=None, compile=True),
     "diffaccel:attn": dict(patch=dict(attention=True, quant=None), compile=False),
     "diffaccel:attn+w8a8": dict(patch=dict(attention=True, quant="w8a8"), compile=False),
     "diffaccel:attn+w4a8": dict(patch=dict(attention=True, quant="w4a8"), compile=False),
@@ -44,7 +44,19 @@ VARIANTS = {
     "diffaccel:attn+w8a8+graph": dict(patch=dict(attention=True, quant="w8a8"), compile=False, graph=True),
     "diffaccel:int8attn+w8a8+graph": dict(patch=dict(attention=True, quant="w8a8", attention_quant="int8"),
                                           compile=False, graph=True),
+    # last: compiling a full-size backbone (once per batch size) can take minutes of a time-limited call
+    "baseline:diffusers-compile": dict(patch=None, compile=True),
 }
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def sdxl_unet(smoke: bool):
@@ -153,7 +165,10 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
                 return cases
             v = VARIANTS[vname]
             torch.manual_seed(0)
-            model, make_inputs = MODELS[mname](smoke)
+            # built on the device in the run's dtype: a full-size Flux in fp32 on the host is 48 GB,
+            # initialised again for every variant
+            with torch.device(device), _default_dtype(dtype):
+                model, make_inputs = MODELS[mname](smoke)
             model = model.to(device, dtype).eval()
             if v["patch"] is not None:
                 diffaccel.patch(model, solver=False, **v["patch"])
@@ -191,7 +206,9 @@ def run(models, variants, batches=(1, 2), steps=(1, 4), smoke=False, reps=10, de
                           flush=True)
                     if on_case is not None:
                         on_case(cases)
-            model = fwd = None  # free the weights before the next variant (closures above still name fwd)
+            # free the weights before the next variant: the closures name fwd, and a graph variant's
+            # step holds its CUDA graph and memory pool
+            model = fwd = step = loop = None
             if not smoke:
                 torch.cuda.empty_cache()
     return cases

@@ -5,12 +5,19 @@
 # as it goes, so a stage that overruns still leaves what the others measured.
 #
 #   bash benchmarks/gpu_session.sh                          # build gpu bench (the default)
-#   STAGES="build e2e" bash benchmarks/gpu_session.sh       # another session: the end-to-end run
+#   STAGES="build e2e" bash benchmarks/gpu_session.sh       # a later call: the end-to-end run
+#
+# A later call almost always gets a bare machine (a warm one is given back after 30 s idle), so
+# every call lists build: without it diffaccel imports from the source tree, where _C and
+# diffaccel.kernels are missing and every op would run its torch reference. A call without build
+# checks that they import and stops otherwise.
 #   BENCH_K="gemm and 4096" bash benchmarks/gpu_session.sh  # a subset of the microbenchmarks
 #
 # The whole microbenchmark suite is 823 cases (gemm 438, attention 210, quantize 76, solver 60,
 # conv 39), each compiling its Triton kernels on first use: more than one call's 10 minutes.
 # Give one or two families per call, e.g. BENCH_FILES="benchmarks/bench_gemm.py benchmarks/bench_conv.py".
+# The default is gemm and solver: attention autotuning faulted once (an illegal memory access poisons
+# the process's CUDA context, failing every case after it), so run it after a clean configs stage.
 #
 # Stages, in this order whatever STAGES lists:
 #   build   pip install -e . with CUDA for this GPU's arch only (DIFFACCEL_CUDA_ARCH overrides)
@@ -24,23 +31,29 @@
 #   host    per eager call on the GPU: diffaccel's Python, + Triton's launcher, + the GPU (python -m
 #           benchmarks.host_overhead --gpu; about a minute) -> $OUT/host-overhead.json
 #   e2e     python -m benchmarks.e2e $E2E_ARGS     -> $OUT/e2e.json, a raw file for python -m benchmarks.results
-#                                                     (one model per call fits: --models sdxl)
+#                                                     (one model per call fits: E2E_ARGS defaults to
+#                                                     --models sdxl; --models flux in another call)
 #   static  the static kernel report with the _C just built -> $OUT/static-report.md
 # Limits per stage in seconds: LIMIT_BUILD, LIMIT_GPU, LIMIT_BENCH, LIMIT_E2E, LIMIT_STATIC. TOTAL_LIMIT
 # (default 560: the device tool kills a command at 600 s, and a killed pytest writes no JSON) caps
 # them all: each stage gets at most what is left of it, so the last stage still ends on its own.
 # Wheels in .whl/ are installed first (the H200 image has no diffusers; BENCHMARKS.md says how
 # to fetch them). Everything printed also goes to $OUT/session.log; $OUT/env.txt records the
-# device, versions and commit; $OUT/build.log the extension build. At most 7 files land in $OUT (the tool
-# returns 8).
+# device, versions and commit; $OUT/build.log the extension build. The device tool returns at most 8
+# files: session.log and env.txt, build.log, and one or two per other stage (configs, gemmcfg: a JSON
+# each; gpu: a tgz; bench: raw.json; host, e2e: a JSON each; static: a markdown file), so at most five
+# stages besides build in one call.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"build gpu bench"}
 KNOWN_STAGES="build configs gemmcfg gpu bench host e2e static"
+n_out=0
 for s in $STAGES; do  # a typo ("bnech", "build,bench") must not silently run nothing
     [[ " $KNOWN_STAGES " == *" $s "* ]] || { echo "STAGES: unknown stage '$s' (known: $KNOWN_STAGES)"; exit 2; }
+    [[ $s == build ]] || n_out=$((n_out + 1))
 done
+(( n_out <= 5 )) || { echo "STAGES: $n_out stages besides build write more files than the device tool returns (8)"; exit 2; }
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 exec > >(tee -a "$OUT/session.log") 2>&1
 TEE_PID=$!
@@ -93,14 +106,19 @@ if want build; then
 print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")}
     # the build log comes back ($OUT/build.log); a failed CUDA build falls back to C++ only, so the
     # Triton kernels and the torch references are still tested on the GPU (info says _C has no CUDA)
+    # (the pip output goes to build.log, the stage's own lines to session.log)
     if ! DIFFACCEL_CUDA_ARCH=$ARCH stage build "${LIMIT_BUILD:-240}" \
-            python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+            sh -c 'exec python3 -m pip install --no-build-isolation --no-deps -e . > "$0" 2>&1' "$OUT/build.log"; then
         tail -40 "$OUT/build.log"
         echo "== build: CUDA build failed; building C++ only (DIFFACCEL_SKIP_CUDA_BUILD=1)"
         DIFFACCEL_SKIP_CUDA_BUILD=1 stage build-cpp 180 \
             python3 -m pip install -q --no-build-isolation --no-deps -e . || finish 1
     fi
     python3 -m diffaccel info || finish 1
+else
+    python3 -c "import diffaccel._C, diffaccel.kernels" || {
+        echo "diffaccel is not built on this machine (a bare one): add build to STAGES, or every op runs its torch reference"
+        finish 2; }
 fi
 if want configs; then
     stage configs "${LIMIT_CONFIGS:-150}" python3 -m benchmarks.attention_configs --out "$OUT/attention-configs.json"
@@ -135,7 +153,7 @@ elif want gpu; then
 fi
 if want bench; then
     # shellcheck disable=SC2086  # BENCH_FILES is a list of paths
-    stage bench "${LIMIT_BENCH:-240}" python3 -m pytest ${BENCH_FILES:-benchmarks/} -q -p no:cacheprovider --benchmark-enable \
+    stage bench "${LIMIT_BENCH:-240}" python3 -m pytest ${BENCH_FILES:-benchmarks/bench_gemm.py benchmarks/bench_solver.py} -q -p no:cacheprovider --benchmark-enable \
         --benchmark-json="$OUT/raw.json" ${BENCH_K:+-k "$BENCH_K"}
 fi
 if want host; then
@@ -143,7 +161,7 @@ if want host; then
 fi
 if want e2e; then
     # shellcheck disable=SC2086  # E2E_ARGS: e.g. "--models sdxl --variants baseline:diffusers-eager,diffaccel:attn+w8a8"
-    stage e2e "${LIMIT_E2E:-420}" python3 -m benchmarks.e2e --out "$OUT/e2e.json" ${E2E_ARGS:-}
+    stage e2e "${LIMIT_E2E:-420}" python3 -m benchmarks.e2e --out "$OUT/e2e.json" ${E2E_ARGS:---models sdxl}
 fi
 if want static; then
     SO=$(python3 -c "import diffaccel._C as c; print(c.__file__)")

@@ -302,13 +302,36 @@ def test_gpu_session_refuses_unknown_stages_and_exits_nonzero_when_a_stage_fails
     """A typo in STAGES ("bnech", "build,bench") ran nothing and exited 0; failed stages ended in
     exit 0 too. Here the host stage fails (no GPU), and the last line still reaches session.log."""
     script = str(REPO / "benchmarks" / "gpu_session.sh")
-    env = dict(os.environ, OUT=str(tmp_path / "out dir"), STAGES="build,bench")
+    # (the script runs python3: this interpreter's, as on the device)
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, OUT=str(tmp_path / "out dir"), STAGES="build,bench", PATH=path)
     proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "STAGES: unknown stage 'build,bench'" in proc.stdout
+    env.update(STAGES="configs gemmcfg gpu bench host e2e")  # more files than the device tool returns
+    proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "STAGES: 6 stages besides build write more files" in proc.stdout
     env.update(STAGES="host", TOTAL_LIMIT="100", LIMIT_HOST="60")
     proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert (tmp_path / "out dir" / "session.log").read_text().rstrip().endswith("failed: host")
+
+
+def test_gpu_session_without_build_stops_where_diffaccel_is_not_built(tmp_path):
+    """A later call on a bare machine without the build stage imported diffaccel from the source tree,
+    where _C and diffaccel.kernels are missing: every op ran its torch reference, and the e2e timings
+    of the reference were recorded as diffaccel's. Here python3 cannot import them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), STAGES="e2e",
+               PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "diffaccel is not built on this machine (a bare one): add build to STAGES" in proc.stdout
+    assert "== e2e" not in proc.stdout
 
 
 def test_a_partial_quality_run_leaves_the_committed_table_alone():

@@ -39,3 +39,23 @@ def test_cli_info_runs():
 
     assert main(["info"]) == 0
     assert main(["info", "--json"]) == 0
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_hugging_faces_kernels():
+    """Run from the checkout's root (python -m benchmarks.e2e, python -c), the top-level kernels/ folder
+    was found as `kernels`, which transformers imports as Hugging Face's package: importing a diffusers
+    model failed ("cannot import name 'CUDAProperties' from 'kernels'"). It now hands the name over."""
+    import importlib.machinery
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    others = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != str(repo)])
+    expected = others.origin if others is not None else str(repo / "kernels" / "__init__.py")
+    proc = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == expected
