@@ -103,12 +103,15 @@ def environment_info() -> dict:
     """What results files record about a run (benchmarks/conftest.py for pytest-benchmark, e2e.py for its
     raw file): device, versions, smoke flag; ``benchmarks/results.py`` checks it."""
     import diffaccel
+    from diffaccel.ops import _backend
 
     info = diffaccel.info()  # one place that reads the versions and the GPU
     device = dict(info["gpu"], driver=_driver_version()) if info["gpu"] else None
     return {"smoke": is_smoke(), "device": device, "torch": info["torch"], "cuda": info["torch_cuda"],
             "triton": info["triton"], "diffaccel": info["diffaccel"], "python": info["python"],
-            "triton_interpret": info["triton_interpret"], "torchao": _version_of("torchao")}
+            "triton_interpret": info["triton_interpret"], "torchao": _version_of("torchao"),
+            # a source tree that was never built runs every op's torch reference: results.py refuses it
+            "backend_errors": [e for e in (_backend.extension_error(), _backend.triton_error()) if e]}
 
 
 def _version_of(package: str):

@@ -120,6 +120,10 @@ def convert(raws: Iterable[tuple], commit: Optional[str] = None, drop_unpaired: 
         if env.get("triton_interpret"):
             raise ResultsError(f"{source}: ran with TRITON_INTERPRET=1 (Triton kernels in the CPU interpreter): "
                                "unset it and run again")
+        if env.get("backend_errors"):  # (files from before this field have none)
+            raise ResultsError(f"{source}: diffaccel's kernels were not importable, so its ops ran their torch "
+                               f"references: {'; '.join(env['backend_errors'])}. Build first (gpu_session.sh's "
+                               "build stage)")
         benches = raw.get("benchmarks") or []
         if not benches:
             raise ResultsError(f"{source}: holds no benchmarks: pass --benchmark-enable "

@@ -87,6 +87,10 @@ def test_convert_good_run(tmp_path):
     (lambda r: r["benchmarks"][0]["extra_info"].pop("outcome"), "no recorded outcome"),
     # a GPU run with an inherited TRITON_INTERPRET=1 timed the interpreter
     (lambda r: r["machine_info"]["diffaccel_env"].update(triton_interpret=True), "TRITON_INTERPRET=1"),
+    # a never-built source tree on a bare machine: every op ran its torch reference
+    (lambda r: r["machine_info"]["diffaccel_env"].update(
+        backend_errors=["diffaccel._C not importable: No module named 'diffaccel._C'"]),
+     r"kernels were not importable, so its ops ran their torch references: diffaccel._C not importable"),
     (lambda r: r["machine_info"]["diffaccel_env"].update(device={"capability": "9.0"}), "device has no name"),
 ])
 def test_convert_refusals(mutate, message):
