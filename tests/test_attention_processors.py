@@ -401,3 +401,44 @@ def test_patched_attention_under_autocast_with_fp32_qk_norms(name):
         out = second[0] if isinstance(second, tuple) else getattr(second, "sample", second)
     assert out.dtype == ref.dtype
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_attn_processor_applies_residual_and_rescale_output_factor():
+    """Every tiny model has rescale_output_factor 1.0 and no residual connection, so dropping either
+    went unnoticed (a mutation test). Modules built with them (diffusers' AttentionBlock-style
+    attention in VAEs and old UNets) must divide by the factor after adding the residual."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    for kwargs in (dict(rescale_output_factor=2.0, residual_connection=True), dict(rescale_output_factor=0.5)):
+        attn = Attention(query_dim=64, heads=2, dim_head=32, **kwargs).eval()
+        for x in (torch.randn(2, 10, 64), torch.randn(2, 64, 3, 4)):  # tokens, and a 4-d feature map
+            with torch.no_grad():
+                expected = attn(x)
+                original = attn.processor
+                attn.set_processor(make_processor(original, module=attn)[0])
+                got = attn(x)
+                attn.set_processor(original)
+            # fp32, torch reference against torch SDPA: summation order only
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cogvideox_processor_applies_an_attention_mask():
+    """CogVideoX's processor prepares a padding mask over text + video tokens; no tiny model passes
+    one, so dropping it went unnoticed (a mutation test)."""
+    from diffusers.models.attention_processor import Attention, CogVideoXAttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, qk_norm="layer_norm", eps=1e-6, bias=True,
+                     out_bias=True, processor=CogVideoXAttnProcessor2_0()).eval()
+    text, video = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[0, 3:5] = False  # padded text tokens of sample 0
+    with torch.no_grad():
+        expected = attn(video, encoder_hidden_states=text, attention_mask=mask)
+        unmasked = attn(video, encoder_hidden_states=text)
+        attn.set_processor(DiffaccelCogVideoXAttnProcessor())
+        got = attn(video, encoder_hidden_states=text, attention_mask=mask)
+    assert not torch.allclose(expected[0], unmasked[0], atol=1e-3)  # the mask matters here
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
