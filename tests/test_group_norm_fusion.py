@@ -380,3 +380,34 @@ def test_block_with_a_wrapped_forward_is_not_fused():
     diffaccel.unpatch(model)
     assert torch.equal(tiny_models.output_of(model, inputs), ref)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1.0])
+def test_group_norm_affine_uses_eps(eps):
+    """eps reaches rstd = 1 / sqrt(var + eps) in both backends. The other tests' groups have variance ~9,
+    where eps = 1e-5 is below fp32 resolution: a kernel that dropped it passed them. Here two groups are
+    constant (variance exactly 0: rstd = 1 / sqrt(eps), without eps inf), and eps = 1.0 moves every group.
+    Tolerances: Triton vs reference as test_group_norm_affine (rtol/atol 1e-5, sums in another order);
+    the constant groups' scale gamma / sqrt(eps) to rtol 1e-6 (two fp32 roundings); x * scale + shift vs
+    F.group_norm: atol 1e-5 relative to the largest |x * scale| (the fold cancels x * scale against
+    mean * scale, each rounded to fp32: about 2 ulp of that product)."""
+    _needs_triton("group_norm_affine")
+    g = torch.Generator().manual_seed(11)
+    C, groups = 16, 4
+    x = torch.randn(2, C, 5, 5, generator=g) * 3 + 2
+    x[0, 4:8] = 2.5  # sample 0, group 1: constant
+    x[1, 12:16] = -1.25  # sample 1, group 3: constant
+    weight, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    with use_backend("torch"):
+        ref = group_norm_affine(x, groups, weight, bias, eps)
+    with use_backend("triton"):
+        out = group_norm_affine(x, groups, weight, bias, eps)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for stats in (ref, out):
+        for b, cs in ((0, slice(4, 8)), (1, slice(12, 16))):
+            torch.testing.assert_close(stats[b, cs, 0], weight[cs] / eps ** 0.5, rtol=1e-6, atol=0)
+    # the reference is torch's GroupNorm with that eps
+    folded = x * ref[..., 0, None, None] + ref[..., 1, None, None]
+    big = (x * ref[..., 0, None, None]).abs().max().item()
+    torch.testing.assert_close(folded, F.group_norm(x, groups, weight, bias, eps), rtol=0, atol=1e-5 * max(big, 1.0))

@@ -176,3 +176,39 @@ def test_gpu_matches_reference(case, act_dtype):
     rtol, atol = TOL[torch.bfloat16]
     torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
     _assert_codes_of(y, q, s, act_dtype)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1.0])
+@pytest.mark.parametrize("block_k", [None, 32])
+def test_eps_is_used(eps, block_k):
+    """eps reaches rstd = 1 / sqrt(var + eps) in the single-pass kernel, the multi-pass loop (block_k=32
+    over K=96) and the reference. The other tests' rows have variance ~4, where eps = 1e-5 or 1e-6 is
+    below fp32 resolution: a kernel that dropped it passed them. Here two rows are constant (variance
+    exactly 0: y = bias; without eps 0 * inf = NaN), and eps = 1.0 moves every row. Tolerances: fp32
+    Triton vs reference and reference vs F.layer_norm as the other tests (TOL: rtol/atol 1e-5); codes
+    exactly those of each y."""
+    from diffaccel.kernels import norm as KN
+
+    _needs_triton()
+    K = 96
+    x, w, b, _, _ = _inputs(2, 3, K, torch.float32, True, False, seed=13)
+    x[0, 1] = 0.75
+    x[1, 2] = -3.0
+    with use_backend("torch"):
+        y_ref, q_ref, s_ref = layer_norm_quantize(x, w, b, eps, act_dtype="int8")
+    if block_k is None:
+        with use_backend("triton"):
+            y, q, s = layer_norm_quantize(x, w, b, eps, act_dtype="int8")
+    else:
+        x2 = x.reshape(-1, K)
+        y, q, s = torch.empty_like(x2), torch.empty(x2.shape, dtype=torch.int8), torch.empty(x2.shape[0])
+        KN.layer_norm_quantize(x2, w, b, None, None, y, q, s, rows_per_sample=3, eps=eps, fp8=False, block_k=block_k)
+        y, s = y.reshape(x.shape), s.view(-1, 1)
+    assert torch.isfinite(y).all()
+    rtol, atol = TOL[torch.float32]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    _assert_codes_of(y, q, s, "int8")
+    _assert_codes_of(y_ref, q_ref, s_ref, "int8")
+    for out in (y, y_ref):  # a constant row normalizes to 0: the output is the bias
+        assert torch.equal(out[0, 1], b) and torch.equal(out[1, 2], b)
+    torch.testing.assert_close(y_ref, F.layer_norm(x, (K,), w, b, eps), rtol=rtol, atol=atol)
