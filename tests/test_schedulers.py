@@ -53,6 +53,11 @@ CONFIGS = {
     "dpm2m_sde_noise_pred_heun": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver",
                                                                      solver_type="heun", prediction_type="sample",
                                                                      final_sigmas_type="sigma_min"),
+    # the order-2 c1 of the SDE variants differs between solver_type="midpoint" and "heun" (both fused)
+    "dpm2m_sde_heun": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"),
+    "dpm2m_sde_noise_pred_midpoint": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver",
+                                                                         solver_type="midpoint",
+                                                                         final_sigmas_type="sigma_min"),
     "lcm": lambda: LCMScheduler(),
     "lcm_clip_v": lambda: LCMScheduler(prediction_type="v_prediction", clip_sample=True, clip_sample_range=1.5),
     "unipc_bh2": lambda: UniPCMultistepScheduler(),
@@ -292,6 +297,21 @@ def test_euler_churn():
     want, _, _ = run(sch, 10, patched=False, step_kwargs=kw)
     got, _, _ = run(sch, 10, patched=True, step_kwargs=kw)
     assert_traj_close(want, got, torch.float32)
+
+
+def test_euler_churn_s_noise():
+    """s_noise scales the churn noise (diffusers: eps = noise * s_noise); s_noise=1 cannot tell it is
+    applied. Same tolerance as the other fp32 trajectories (1e-5 of max |x|): dropping the factor
+    moves the final sample by ~1e-2 of max |x| (measured 1.2e-2; churn only acts for sigma in
+    [s_tmin, s_tmax]), three orders of magnitude above it."""
+    sch = CONFIGS["euler_eps"]()
+    kw = {"s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 5.0, "s_noise": 0.5}
+    want, _, _ = run(sch, 10, patched=False, step_kwargs=kw)
+    got, _, _ = run(sch, 10, patched=True, step_kwargs=kw)
+    assert_traj_close(want, got, torch.float32)
+    # and the factor matters here: s_noise=1 gives another trajectory
+    other, _, _ = run(sch, 10, patched=False, step_kwargs=dict(kw, s_noise=1.0))
+    assert (other - want).abs().max() > 1e-2 * want.abs().max()
 
 
 def test_return_types_and_tuple_form():
@@ -693,6 +713,32 @@ def test_float64_steps_run_diffusers_step():
     assert outs[1].dtype == torch.float64 and torch.equal(outs[0], outs[1])
     from diffaccel.solvers._patch import _FALLBACKS_WARNED  # (warned once per process, class and reason)
     assert any(cls is DPMSolverMultistepScheduler and why.startswith("float64") for cls, why in _FALLBACKS_WARNED)
+
+
+@pytest.mark.parametrize("make", [lambda: DDIMScheduler(clip_sample=False), lambda: DPMSolverMultistepScheduler(),
+                                  lambda: EulerDiscreteScheduler()], ids=["ddim", "dpm2m", "euler"])
+def test_unfused_step_with_guidance_applies_guidance_rescale(make):
+    """step_with_guidance on a call that is not fused (float64 tensors) runs diffusers' step on
+    ``rescale_noise_cfg(uncond + s (cond - uncond), cond, guidance_rescale)``, as the pipelines do.
+    Both sides run the same fp64 torch ops in the same order, so they are compared bit for bit."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    ref, pat = make(), make()
+    assert patch_scheduler(pat).patched
+    outs = []
+    for sch in (ref, pat):
+        sch.set_timesteps(5)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x = x * float(sch.init_noise_sigma)
+        for t in sch.timesteps:
+            xin = sch.scale_model_input(x, t)
+            u, c = fake_model(xin, t), fake_model(xin * 0.9 + 0.05, t)
+            if sch is pat:
+                x = sch.step_with_guidance(u, c, 7.5, t, x, guidance_rescale=0.7).prev_sample
+            else:
+                x = sch.step(rescale_noise_cfg(u + 7.5 * (c - u), c, guidance_rescale=0.7), t, x).prev_sample
+        outs.append(x)
+    assert outs[1].dtype == torch.float64 and torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("positional", [False, True])

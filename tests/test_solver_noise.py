@@ -249,6 +249,12 @@ STOCHASTIC = {
     "dpm2m_sde": (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), {}, {}),
     "flow_stochastic": (lambda: FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), {}, {}),
     "euler_churn": (EulerDiscreteScheduler, {"s_churn": 1.0}, {}),
+    "euler_churn_s_noise": (EulerDiscreteScheduler, {"s_churn": 1.0, "s_noise": 0.5}, {}),
+    "dpm2m_sde_heun": (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun"),
+                       {}, {}),
+    "dpm2m_sde_noise_pred_midpoint": (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver",
+                                                                          solver_type="midpoint",
+                                                                          final_sigmas_type="sigma_min"), {}, {}),
 }
 _MODULES = {
     EulerAncestralDiscreteScheduler: "diffusers.schedulers.scheduling_euler_ancestral_discrete",
@@ -384,7 +390,8 @@ def test_default_seed_is_torch_initial_seed():
     assert noise_state(t) == (-1, 0)
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "ddim_eta1", "lcm", "dpm2m_sde"])
+@pytest.mark.parametrize("name", ["euler_ancestral", "ddim_eta1", "lcm", "dpm2m_sde", "dpm2m_sde_heun",
+                                  "dpm2m_sde_noise_pred_midpoint", "euler_churn_s_noise"])
 def test_generator_given_keeps_diffusers_noise(name):
     make, step_kwargs, _ = STOCHASTIC[name]
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
@@ -408,6 +415,25 @@ def test_variance_noise_still_used_in_philox_mode():
     got = s.step(_model(x0, t), t, x0, eta=1.0, variance_noise=vn).prev_sample
     _close(got, want)
     assert noise_state(s) == (1, 0)
+
+
+@pytest.mark.parametrize("name", ["dpm2m_sde", "dpm2m_sde_heun", "dpm2m_sde_noise_pred_midpoint"])
+def test_dpm_sde_variance_noise_passed_in(name):
+    """DPM-Solver SDE steps with the noise passed in (variance_noise), as a caller with its own noise
+    does: the whole trajectory equals diffusers' given the same noise, order 1 and 2 steps included."""
+    make, _, _ = STOCHASTIC[name]
+    ref, s = make(), make()
+    assert patch_scheduler(s).patched
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(13))
+    outs = []
+    for sch in (ref, s):
+        sch.set_timesteps(8)
+        outs.append(x0.clone())
+    for t in ref.timesteps:
+        vn = torch.randn(SHAPE, generator=g)
+        outs = [sch.step(_model(x, t), t, x, variance_noise=vn).prev_sample for sch, x in zip((ref, s), outs)]
+    _close(outs[1], outs[0])
 
 
 def test_generator_mode_unchanged_and_repatch_switches():

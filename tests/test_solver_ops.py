@@ -71,6 +71,37 @@ def test_backend_matches_reference(backend, dtype, n_hist, cond, noise, rescale,
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_corrected_sample_rounded_to_storage_dtype_before_b_x(backend):
+    """UniPC's corrector: diffusers stores the corrected sample in the latents' dtype and steps from
+    that, so prev_sample = b_x * fp16(corrected), not b_x * corrected in fp32. With fp16 storage and
+    b_x = 100 (every other step coefficient 0) the one rounding is amplified to ~100 fp16 ulps of the
+    corrected sample, far beyond the fp16 tolerances that hid it. Exact (atol=rtol=0): every backend
+    computes corrected = D_L * last (one fp32 product; 0 * finite adds nothing, FMA or not), rounds it
+    to fp16, and multiplies by 100 in fp32 (prev_sample is requested as fp32, so no second rounding)."""
+    from diffaccel.ops.solver import B_X, CLIP, D_L
+
+    _needs(backend)
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 4, 6, 5)
+    x, u, last = (torch.randn(shape, generator=g).to(torch.float16) for _ in range(3))
+    k = torch.zeros(NUM_COEFFS)
+    k[CLIP] = float("inf")
+    k[D_L] = 0.3  # 0.3 * an fp16 value is (almost always) not an fp16 value
+    k[B_X] = 100.0
+    with use_backend(backend):
+        prev, _, corrected = diffaccel.ops.fused_solver_step(x, u, k, last_sample=last, out_dtype=torch.float32,
+                                                             history_dtype=torch.float32)
+    y = torch.tensor(0.3) * last.float()
+    assert corrected.dtype == torch.float16
+    torch.testing.assert_close(corrected, y.to(torch.float16), rtol=0, atol=0)
+    want = torch.tensor(100.0) * y.to(torch.float16).float()
+    assert prev.dtype == torch.float32
+    torch.testing.assert_close(prev, want, rtol=0, atol=0)
+    # the test can tell: stepping from the unrounded corrected sample is visibly different
+    assert (torch.tensor(100.0) * y - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_mixed_dtypes_and_fp32_outputs(backend):
     """Euler-style: fp16 storage in, fp32 x0 out (diffusers upcasts the sample)."""
     _needs(backend)
