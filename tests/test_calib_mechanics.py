@@ -537,3 +537,182 @@ def test_range_search_sample_keeps_the_outliers_a_uniform_sample_misses():
         scale, _ = act_init(obs, "lin", per_timestep=True, symmetric=False, search=True, p=2.4)
         # within one of the search's 20 candidate ratios (3.2% apart) of the whole-input choice
         assert abs(float(scale.reshape(())) / float(whole) - 1) < 0.04, (seed, float(scale), float(whole))
+
+
+# -- per-timestep activation ranges, and the p of the Lp searches ---------------------------------
+
+class _TimestepScaled(nn.Module):
+    """A bare backbone whose one layer sees ``sample * timestep / 100``: its input range at each
+    timestep is known exactly (timesteps 1600, 400, 100: the sample's range times 16, 4, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():  # (the same layer every time, and the global RNG left alone)
+            torch.manual_seed(0)
+            self.lin = nn.Linear(16, 16)
+
+    def forward(self, sample, timestep, return_dict=True):
+        return (self.lin(sample * (timestep.reshape(-1)[0] / 100)),)
+
+
+_FACTORS = {1600.0: 16.0, 400.0: 4.0, 100.0: 1.0}  # powers of two: the scaled ranges are exact
+
+
+def _timestep_scaled_data():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 2048, 16, generator=g) for _ in range(4)]
+    xs[2][0, 1234, 5] = 40.0  # one outlier: the L2 search clips it (ratio ~0.84 on the whole input)
+    data = [dict(sample=x, timestep=torch.tensor([t])) for t in _FACTORS for x in xs]
+    return data, torch.cat([x.reshape(-1) for x in xs])
+
+
+def _search_ratio(scale, lo, hi, symmetric):
+    return float(scale) / float(fakequant.act_params_from_range(lo, hi, symmetric)[0])
+
+
+def test_per_timestep_activation_ranges_are_each_timesteps_own():
+    """TFMQ / Q-Diffusion per-timestep activation parameters: row t comes from timestep t's inputs.
+    Filling row t from timestep t+1's min/max, or running row t's Lp search on every timestep's
+    sample pooled, passed the whole calibration suite (every timestep silently got another's range)."""
+    from diffaccel.quant.calibrate.common import act_init
+
+    data, whole = _timestep_scaled_data()
+    calib = collect.from_backbone_data(data, num_timesteps=3, samples_per_timestep=None)
+    assert calib.timesteps.tolist() == [1600.0, 400.0, 100.0]
+    obs = collect.observe(_TimestepScaled(), calib, layers=["lin"], device="cpu", progress=False)
+    factors = [_FACTORS[t] for t in calib.timesteps.tolist()]
+    for symmetric in (False, True):
+        # min/max: each row is exactly its timestep's range
+        s, z = act_init(obs, "lin", per_timestep=True, symmetric=symmetric, search=False, p=2.0)
+        assert s.shape == (3,) and z.shape == (3,)
+        for t, f in enumerate(factors):
+            es, ez = fakequant.act_params_from_range(whole.min() * f, whole.max() * f, symmetric)
+            assert float(s[t]) == float(es) and int(z[t]) == int(ez), (symmetric, t)
+        # pooled over timesteps: the widest range (timestep 1600's)
+        s1, _ = act_init(obs, "lin", per_timestep=False, symmetric=symmetric, search=False, p=2.0)
+        assert float(s1.reshape(())) == float(s[0])
+    # the Lp search (asymmetric, p=2): row t searches timestep t's range on timestep t's sample
+    s, z = act_init(obs, "lin", per_timestep=True, symmetric=False, search=True, p=2.0)
+    o = obs.layers["lin"]
+    for t, f in enumerate(factors):
+        lo, hi = whole.min() * f, whole.max() * f
+        own, own_w = o.sample_of(t, 0)
+        es, ez = fakequant.search_act_range(own, lo, hi, False, p=2.0, weights=own_w)
+        assert float(s[t]) == float(es) and int(z[t]) == int(ez), t
+        # and what the search picks on the whole input of that timestep, within two of its 20
+        # candidate ratios (3.2% apart; the sample is a sample): the other timesteps' values pooled
+        # in move it to 1.0 (t=100: all of them clipped) or to ~0.7 (t=1600: all of them small)
+        ratio = _search_ratio(s[t], lo, hi, False)
+        whole_ratio = _search_ratio(fakequant.search_act_range(whole * f, lo, hi, False, p=2.0)[0], lo, hi, False)
+        assert whole_ratio < 0.9
+        assert abs(ratio - whole_ratio) < 0.07, (t, ratio, whole_ratio)
+
+
+def test_tfmq_recipe_holds_each_timesteps_searched_activation_range():
+    """End to end: tfmq's per-timestep activation scales (iters=0: the initial Lp-searched ones) are
+    act_init's per-timestep rows, in the recipe's timestep order, each its own timestep's range."""
+    from diffaccel.quant.calibrate.common import act_init
+
+    data, whole = _timestep_scaled_data()
+    recipe = calibrate(_TimestepScaled(), data, method="tfmq", iters=0, p=2.0, progress=False)
+    lr = recipe.layers["lin"]
+    assert recipe.timesteps.tolist() == [1600.0, 400.0, 100.0]
+    calib = collect.from_backbone_data(data, num_timesteps=3, samples_per_timestep=None,
+                                       one_timestep_per_item=True)
+    obs = collect.observe(_TimestepScaled(), calib, layers=["lin"], device="cpu", progress=False)
+    s, z = act_init(obs, "lin", per_timestep=True, symmetric=False, search=True, p=2.0)
+    # (the reconstruction keeps the scale as its log: exp(log(s)) is s to an ulp)
+    assert torch.allclose(lr.act_scale.reshape(-1), s, rtol=1e-6, atol=0)
+    assert torch.equal(lr.act_zero_point.reshape(-1), z)
+    for t, ts in enumerate(recipe.timesteps.tolist()):
+        f = _FACTORS[ts]
+        lo, hi = whole.min() * f, whole.max() * f
+        whole_ratio = _search_ratio(fakequant.search_act_range(whole * f, lo, hi, False, p=2.0)[0], lo, hi, False)
+        assert abs(_search_ratio(lr.act_scale.reshape(-1)[t], lo, hi, False) - whole_ratio) < 0.07, t
+
+
+def test_weight_lp_search_is_the_argmin_of_the_given_p():
+    """search_weight_scale picks, per output channel, the candidate ratio whose |w - Q(w)|^p error is
+    smallest for the p it is given (p=2 in place of p survived: the other test only checks the
+    searched scale does not lose to absmax)."""
+    g = torch.Generator().manual_seed(3)
+    ratios = torch.linspace(1.0, 0.3, 40).tolist()  # the search's candidates
+    picks = {}
+    # a few outliers per channel, of varied size (int8 clips only on wide channels)
+    for dtype, (cols, k, mult) in {"int4": (64, 3, 6), "int8": (2048, 2, 20)}.items():
+        w = torch.randn(48, cols, generator=g)
+        w[:, :k] *= torch.rand(48, k, generator=g) * mult + 1
+        grid = fakequant.weight_grid(dtype)
+        amax = w.abs().amax(dim=1)
+        cands = torch.stack([(amax * r / grid.qmax).clamp(min=fakequant.SCALE_FLOOR) for r in ratios])  # [R, O]
+        for p in (1.0, 2.0, 2.4, 4.0):
+            errs = torch.stack([(w - grid.nearest(w / s[:, None]) * s[:, None]).abs().pow(p).sum(dim=1)
+                                for s in cands])
+            best = errs.argmin(dim=0)  # (first of equal minima, as the search keeps the first)
+            expected = cands[best, torch.arange(w.shape[0])]
+            got = fakequant.search_weight_scale(w, grid, p=p)
+            assert torch.equal(got, expected), (dtype, p)
+            picks[dtype, p] = best
+        # the data tells the p values apart: another p would pick other ratios
+        for p in (1.0, 2.4, 4.0):
+            assert not torch.equal(picks[dtype, p], picks[dtype, 2.0]), (dtype, p)
+
+
+def test_activation_lp_search_is_the_argmin_of_the_given_p():
+    """search_act_range picks the candidate ratio with the smallest weighted mean |x - Q(x)|^p for
+    the p it is given (p=1 in place of p survived)."""
+    g = torch.Generator().manual_seed(4)
+    ratios = torch.linspace(1.0, 0.4, 20).tolist()
+    u = torch.rand(8192, generator=g) - 0.5
+    laplace = -u.sign() * torch.log1p(-2 * u.abs())
+    student_t3 = torch.randn(8192, generator=g) / (torch.randn(3, 8192, generator=g).pow(2).mean(0)).sqrt()
+    cases = [laplace, torch.cat([torch.randn(8192, generator=g), torch.tensor([40.0, -7.0])]), student_t3]
+    for i, x in enumerate(cases):
+        weights = torch.rand(x.numel(), generator=g) * 3 + 0.5
+        lo, hi = x.min(), x.max()
+        for symmetric in (False, True):
+            picks = {}
+            for p in (1.0, 2.4, 4.0):
+                errs = []
+                for r in ratios:
+                    s, z = fakequant.act_params_from_range(lo * r, hi * r, symmetric)
+                    e = (x - fakequant.fake_quant_act(x, s, z)).abs().pow(p) * weights
+                    errs.append(e.sum().item() / weights.sum().item())
+                best = min(range(len(ratios)), key=lambda k: (errs[k], k))
+                es, ez = fakequant.act_params_from_range(lo * ratios[best], hi * ratios[best], symmetric)
+                gs, gz = fakequant.search_act_range(x, lo, hi, symmetric, p=p, weights=weights)
+                assert float(gs) == float(es) and int(gz) == int(ez), (i, symmetric, p)
+                picks[p] = best
+            assert picks[2.4] != picks[1.0] and picks[4.0] != picks[1.0], (i, symmetric, picks)
+
+
+@pytest.mark.parametrize("method", ["qdiffusion", "tfmq", "mixdq"])
+def test_methods_hand_their_p_to_the_scale_searches(method, monkeypatch):
+    """calibrate(p=...) reaches every Lp search a method runs (qdiffusion / tfmq: weights and
+    activations; mixdq: activations, its weights are min/max): qdiffusion searching its weights
+    with p=2.0 whatever p was given survived."""
+    from diffaccel.quant.calibrate import common
+
+    seen = {"weight": [], "act": []}
+    real_w, real_a = fakequant.search_weight_scale, common.search_act_range
+
+    def weight_search(*args, p, **kw):
+        seen["weight"].append(p)
+        return real_w(*args, p=p, **kw)
+
+    def act_search(*args, p, **kw):
+        seen["act"].append(p)
+        return real_a(*args, p=p, **kw)
+
+    monkeypatch.setattr(fakequant, "search_weight_scale", weight_search)
+    monkeypatch.setattr(common, "search_act_range", act_search)
+    data, _ = _timestep_scaled_data()
+    data = data[::4]  # one item per timestep
+    recipe = calibrate(_TimestepScaled(), data, method=method, iters=0, p=3.25, sensitivity_samples=1,
+                       progress=False)
+    assert recipe.meta["p"] == 3.25
+    assert seen["act"] and set(seen["act"]) == {3.25}, seen
+    if method == "mixdq":
+        assert seen["weight"] == []
+    else:
+        assert seen["weight"] and set(seen["weight"]) == {3.25}, seen
