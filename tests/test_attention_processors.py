@@ -442,3 +442,25 @@ def test_cogvideox_processor_applies_an_attention_mask():
     assert not torch.allclose(expected[0], unmasked[0], atol=1e-3)  # the mask matters here
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_shape_compile_does_not_guard_on_equal_query_and_text_lengths():
+    """_sdpa compared the query and value lengths before asking whether diffusers' layer-skip mode was
+    on, so a dynamic-shape compiled graph guarded on Lq != Lk: a text as long as the image recompiled."""
+    from diffusers.models.attention_processor import Attention
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16).eval()
+    attn.set_processor(make_processor(attn.processor, module=attn)[0])
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(attn, fullgraph=True, dynamic=True, backend="eager")
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        for text in (5, 9, 12):  # 12: as many text tokens as image tokens
+            ehs = torch.randn(2, text, 24)
+            torch.testing.assert_close(fn(x, encoder_hidden_states=ehs), attn(x, encoder_hidden_states=ehs),
+                                       atol=1e-6, rtol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -334,3 +334,33 @@ def test_hunyuan_video_single_block_links_qkv_only_and_holds_nothing_after_a_cal
         tiny_models.output_of(model, inputs)
     groups = {id(g): g for m in model.modules() if (g := getattr(m, "shared_input", None)) is not None}
     assert groups and not any(g._entry is not None or g.standing_aside for g in groups.values())
+
+
+def test_dynamic_shape_compile_does_not_guard_on_the_row_threshold():
+    """project_shared branched in Python on rows > FUSED_QUANT_MAX_M, so torch.compile(dynamic=True)
+    guarded on it and recompiled when batch x tokens crossed 64 (SD1.5 512px: batch 1 <-> 2 at the 8x8
+    level); the unpatched model compiles once. Inside compile the codes are shared at any row count:
+    the same outputs bit for bit."""
+    from torch._dynamo.utils import counters
+
+    class QKV(nn.Module):  # (a module: its layers' buffers are static to dynamo, as in a model)
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(_layers("w8a8"))
+
+        def forward(self, x):
+            return S.project_shared(x, *self.layers)
+
+    qkv = QKV()
+    layers = list(qkv.layers)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(qkv, fullgraph=True, dynamic=True, backend="eager")
+    with use_backend("torch"):
+        # both sides of FUSED_QUANT_MAX_M = 64, none equal to a layer dimension (dynamo would duck-size them together)
+        for rows in (50, 96, 44, 130):
+            x = torch.randn(rows, 64)
+            for a, b in zip(fn(x), (layer(x) for layer in layers)):
+                assert torch.equal(a, b), rows
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

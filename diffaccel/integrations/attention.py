@@ -114,7 +114,8 @@ def _sdpa(query, key, value, attn_mask=None, is_causal=False, scale=None, *, qua
     A dtype the op does not take (a model cast to float64 to debug it) runs torch's SDPA, as the
     unpatched model would, with a warning the first time."""
     query, key, value = _autocast_like_sdpa(query, key, value)
-    if query.shape[2] == value.shape[2] and _attention_scores_skipped():
+    # (the mode check first: a shape comparison would guard a dynamic-shape compiled graph on Lq != Lk)
+    if _attention_scores_skipped() and query.shape[2] == value.shape[2]:
         return value
     if query.dtype not in FLOAT_DTYPES:
         if query.dtype not in _DTYPE_FALLBACKS:

@@ -44,7 +44,12 @@ def _shareable(layer: nn.Module) -> bool:
 
 
 def _rows_above_fused_max(x: torch.Tensor) -> bool:
-    # at or below FUSED_QUANT_MAX_M rows the GEMM quantizes its rows itself, cheaper than a pass
+    # at or below FUSED_QUANT_MAX_M rows the GEMM quantizes its rows itself, cheaper than a pass.
+    # Inside torch.compile the row count is not read: a branch on it would guard the graph on it, one
+    # recompile each time batch x tokens crosses the threshold (SD1.5 512px: batch 1 <-> 2 at 8x8);
+    # the shared codes give the same outputs bit for bit, so sharing always is as exact
+    if torch.compiler.is_compiling():
+        return x.dim() >= 1
     return x.dim() >= 1 and x.numel() // max(x.shape[-1], 1) > G.FUSED_QUANT_MAX_M
 
 
