@@ -313,17 +313,24 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                 else:
                     o.lo[t] = torch.minimum(o.lo[t], lo)
                     o.hi[t] = torch.maximum(o.hi[t], hi)
-                flat = pf.reshape(-1).cpu()
+                # sampled where the activation is (one small copy to the host, not the whole tensor)
+                flat = pf.reshape(-1)
                 n = min(VALUES_PER_OBSERVATION, flat.numel())
                 pick = torch.randint(0, flat.numel(), (n,), generator=gen)
-                kept = torch.cat([o.values[t][h], flat[pick]])
+                kept = torch.cat([o.values[t][h], flat[pick.to(flat.device)].cpu()])
                 weights = torch.cat([o.weights[t][h], torch.full((n,), flat.numel() / n)])
                 if kept.numel() > MAX_VALUES_KEPT:  # bounded memory on long calibration sets
                     keep = torch.randperm(kept.numel(), generator=gen)[:MAX_VALUES_KEPT]
                     kept, weights = kept[keep], weights[keep] * (kept.numel() / MAX_VALUES_KEPT)
                 o.values[t][h], o.weights[t][h] = kept, weights
-                # the running top-k of |x| merged with this call's top-k is the top-k of all calls
-                tails = torch.cat([o.tails[t][h], flat[flat.abs().topk(min(TAIL_VALUES_KEPT, flat.numel())).indices]])
+                # the running top-k of |x| merged with this call's top-k is the top-k of all calls; once
+                # k are kept, only values above the smallest of them can enter (a top-k over the whole
+                # input is ~35x a min/max pass on a CPU: the filter leaves it a few values)
+                tails = o.tails[t][h]
+                if tails.numel() >= TAIL_VALUES_KEPT:
+                    flat = flat[flat.abs() > tails.abs().min().to(flat.device)]
+                top = flat[flat.abs().topk(min(TAIL_VALUES_KEPT, flat.numel())).indices].cpu()
+                tails = torch.cat([tails, top])
                 o.tails[t][h] = tails[tails.abs().topk(min(TAIL_VALUES_KEPT, tails.numel())).indices]
         return hook
 
