@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -184,16 +185,28 @@ def demangle(names: Iterable[str]) -> dict:
 
 # -- Triton --------------------------------------------------------------------------------
 
+SOURCE_KERNELS = "_diffaccel_source_kernels"
+
+
 def kernels_package() -> str:
-    """'diffaccel.kernels' (installed or editable), else the source tree's top-level 'kernels'
-    (run from a clone whose diffaccel/ directory shadows an installed wheel)."""
-    for name in ("diffaccel.kernels", "kernels"):
-        try:
-            importlib.import_module(name)
-            return name
-        except ModuleNotFoundError:
-            continue
-    raise ReportError("neither diffaccel.kernels nor a source-tree kernels/ package is importable")
+    """'diffaccel.kernels' (installed or editable), else the checkout's kernels/ folder loaded as
+    ``SOURCE_KERNELS`` (run from a clone whose diffaccel/ directory shadows an installed wheel; not
+    as the bare name 'kernels', which is Hugging Face's package where that is installed)."""
+    try:
+        importlib.import_module("diffaccel.kernels")
+        return "diffaccel.kernels"
+    except ModuleNotFoundError:
+        pass
+    if SOURCE_KERNELS not in sys.modules:
+        folder = Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location(SOURCE_KERNELS, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        if spec is None or not (folder / "__init__.py").is_file():
+            raise ReportError("neither diffaccel.kernels nor the checkout's kernels/ folder is importable")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[SOURCE_KERNELS] = module
+        spec.loader.exec_module(module)
+    return SOURCE_KERNELS
 
 
 def kernel_modules(package: Optional[str] = None, names: Optional[Iterable[str]] = None) -> list:

@@ -306,8 +306,16 @@ def test_gpu_session_refuses_unknown_stages_and_exits_nonzero_when_a_stage_fails
     """A typo in STAGES ("bnech", "build,bench") ran nothing and exited 0; failed stages ended in
     exit 0 too. Here the host stage fails (no GPU), and the last line still reaches session.log."""
     script = str(REPO / "benchmarks" / "gpu_session.sh")
-    # (the script runs python3: this interpreter's, as on the device)
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    # The script runs python3: this interpreter, behind a wrapper that answers the built-check a call
+    # without the build stage makes (from the repo root, diffaccel is the source tree, which holds no
+    # _C in CI: it installs a wheel), so that the host stage runs and fails here for want of a GPU.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "python3"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = "-c" ] && [ "$2" = "import diffaccel._C, diffaccel.kernels" ]; '
+                       f'then exit 0; fi\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
     env = dict(os.environ, OUT=str(tmp_path / "out dir"), STAGES="build,bench", PATH=path)
     proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "STAGES: unknown stage 'build,bench'" in proc.stdout
