@@ -47,6 +47,14 @@ def _patched_through(backbone: nn.Module):
     return owner if owner is not None and getattr(owner, _STATE_ATTR, None) is not None else None
 
 
+def _hold_through(target, parts, undo) -> None:
+    """Record ``target``'s patch as the one holding ``parts`` (backbones, a fused scheduler) until undone."""
+    owner = weakref.ref(target)
+    for part in parts:
+        _PATCHED_THROUGH[part] = owner
+        undo.push(lambda p=part: _PATCHED_THROUGH.pop(p, None))
+
+
 def _shared_with(target, info) -> Optional[tuple]:
     """(backbone attribute, other target) for a backbone of ``target`` patched through another target."""
     for attr, backbone in info.backbones.items():
@@ -981,13 +989,10 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
             device = _module_device(original)
             if device is not None and device.type != "cpu":
                 original.to("cpu")  # held for unpatch without holding accelerator memory
-    owner = weakref.ref(target)
     # the scheduler too: another pipeline sharing it (SDXL's refiner built with scheduler=base.scheduler)
     # is told whose patch fused it
     patched_scheduler = [info.scheduler] if any(r.part == "solver" for r in report.replaced) else []
-    for shared in (*info.backbones.values(), *patched_scheduler):
-        _PATCHED_THROUGH[shared] = owner
-        undo.push(lambda b=shared: _PATCHED_THROUGH.pop(b, None))
+    _hold_through(target, (*info.backbones.values(), *patched_scheduler), undo)
     object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable))
     log.info("diffaccel.patch(%s):\n%s", type(target).__name__, report)
     return report
@@ -1013,8 +1018,7 @@ def _patch_again(target, info, state: _PatchState, select, attention, attention_
             if (isinstance(solver, dict) or solver) and scheduler is not None and not solvers.is_patched(scheduler):
                 _patch_solver(info, delta, undo, solver if isinstance(solver, dict) else None)
                 if solvers.is_patched(scheduler):
-                    _PATCHED_THROUGH[scheduler] = weakref.ref(target)
-                    undo.push(lambda s=scheduler: _PATCHED_THROUGH.pop(s, None))
+                    _hold_through(target, (scheduler,), undo)
         except BaseException:
             undo.rollback()
             raise

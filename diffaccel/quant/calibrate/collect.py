@@ -327,9 +327,11 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                 # k are kept, only values above the smallest of them can enter (a top-k over the whole
                 # input is ~35x a min/max pass on a CPU: the filter leaves it a few values)
                 tails = o.tails[t][h]
+                mag = flat.abs()
                 if tails.numel() >= TAIL_VALUES_KEPT:
-                    flat = flat[flat.abs() > tails.abs().min().to(flat.device)]
-                top = flat[flat.abs().topk(min(TAIL_VALUES_KEPT, flat.numel())).indices].cpu()
+                    above = mag > tails.abs().min().to(flat.device)
+                    flat, mag = flat[above], mag[above]
+                top = flat[mag.topk(min(TAIL_VALUES_KEPT, flat.numel())).indices].cpu()
                 tails = torch.cat([tails, top])
                 o.tails[t][h] = tails[tails.abs().topk(min(TAIL_VALUES_KEPT, tails.numel())).indices]
         return hook
