@@ -450,3 +450,123 @@ def test_group_scales_are_each_groups_own_absmax(bits, group_size):
     # per channel): int4 0.09-0.12 vs 0.56-0.76, int8 0.005-0.006 vs 0.39-0.50, so a ratio <= 0.21; a
     # quantizer that ignores the groups gives exactly the per-channel codes (ratio 1). Bound: 0.5.
     assert grouped_err < 0.5 * per_channel_err, (grouped_err, per_channel_err)
+
+
+def test_subclasses_with_their_own_forward_are_refused_everywhere():
+    """from_float quantized an nn.Linear / nn.Conv2d subclass that overrides forward (or a conv's
+    _conv_forward) without a word, and the replacement dropped what it computed (0.50 / 0.95
+    relative error); quantize_reason and patch already refused it. A subclass that keeps the
+    base forward is quantized as before."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    class ReluConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    class PaddedConv(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(F.pad(x, (1, 1, 1, 1)), w, b)
+
+    class Plain(nn.Linear):
+        pass
+
+    with pytest.raises(TypeError, match="^linear: Scaled overrides nn.Linear.forward, which a quantized layer "
+                                        "would not run; leave it in floating point$"):
+        QuantLinear.from_float(Scaled(128, 64), "w8a8")
+    with pytest.raises(TypeError, match="^conv: ReluConv overrides nn.Conv2d.forward"):
+        QuantConv2d.from_float(ReluConv(16, 8, 3), "w8a8")
+    with pytest.raises(TypeError, match="^conv: PaddedConv overrides nn.Conv2d._conv_forward"):
+        QuantConv2d.from_float(PaddedConv(16, 8, 3), "w8a8")
+    assert quantize_reason(PaddedConv(16, 8, 3), "w8a8") == \
+        "PaddedConv overrides nn.Conv2d._conv_forward, which a quantized layer would not run"
+    assert quantize_reason(Plain(128, 64), "w8a8") is None
+    assert isinstance(QuantLinear.from_float(Plain(128, 64), "w8a8"), QuantLinear)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_weight_recomputing_hooks_leave_the_layer_float(norm):
+    """patch replaced a weight_norm / spectral_norm layer (its pre-hook recomputes weight every
+    call) and every forward then failed in that hook ('QuantLinear' has no attribute 'weight_g')."""
+    import diffaccel
+
+    torch.manual_seed(0)
+    wrap = getattr(nn.utils, norm)
+    m = nn.Sequential(nn.Linear(128, 128), wrap(nn.Linear(128, 128))).eval()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        ref = m(x)
+    rep = diffaccel.patch(m, quant="w8a8", attention=False, solver=False)
+    assert [r.name for r in rep.replaced] == ["0"]
+    (skipped,) = [s for s in rep.skipped if s.name == "1"]
+    assert f"torch.nn.utils.{norm}" in skipped.reason and "remove_" in skipped.reason
+    assert isinstance(m[1], nn.Linear)
+    with torch.no_grad():
+        y = m(x)
+    assert (y - ref).norm() / ref.norm() < 0.02
+    assert f"torch.nn.utils.{norm}" in quantize_reason(m[1], "w8a8")
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "fp8"])
+def test_unbatched_conv_input_has_a_gradient(preset):
+    """The forward took [C, H, W] but the straight-through backward passed that shape to
+    conv2d_input, which raised inside torch."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+    q = QuantConv2d.from_float(conv, preset)
+    x = torch.randn(16, 7, 7, requires_grad=True)
+    q(x).square().sum().backward()
+    xb = x.detach()[None].requires_grad_()
+    q(xb).square().sum().backward()
+    assert x.grad.shape == (16, 7, 7)
+    assert torch.equal(x.grad, xb.grad[0])
+
+
+@pytest.mark.parametrize("other", [dict(weight_dtype="int8"), dict(weight_dtype="int8", act_mode="static"),
+                                   dict(weight_dtype="int4", weight_group_size=64)])
+def test_a_refused_load_changes_no_buffer(other):
+    """A state dict whose codes matched in dtype and shape but whose scales did not (another group
+    size) loaded the codes and bias, then raised on the scales: the layer computed with another
+    layer's codes (1.34 relative change) and unpatch refused to restore it. Any mismatch in a
+    quantized layer's buffers (shape, a buffer it lacks, one missing) now refuses them all."""
+    torch.manual_seed(0)
+    spec = QuantSpec(weight_dtype=other["weight_dtype"], weight_group_size=128)
+    qa = QuantLinear.from_float(nn.Linear(256, 64), spec)
+    kw = dict(act_scale=torch.tensor([0.05])) if other.get("act_mode") == "static" else {}
+    qb = QuantLinear.from_float(nn.Linear(256, 64), QuantSpec(**other), **kw)
+    before = {k: v.clone() for k, v in qa.state_dict().items()}
+    with pytest.raises(RuntimeError, match="load it into a layer built with the same spec"):
+        qa.load_state_dict(qb.state_dict())
+    with pytest.raises(RuntimeError, match="load it into a layer built with the same spec"):
+        qa.load_state_dict(qb.state_dict(), strict=False)
+    assert qa.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in qa.state_dict().items())
+
+
+def test_buffer_mismatch_messages_name_each_buffer():
+    qa = QuantLinear.from_float(nn.Linear(256, 64), QuantSpec(weight_dtype="int8", weight_group_size=64))
+    qb = QuantLinear.from_float(nn.Linear(256, 64), "w8a8")
+    with pytest.raises(RuntimeError) as e:
+        qa.load_state_dict(qb.state_dict())
+    assert "weight_scale: stored with shape (64,), this layer holds (64, 4)" in str(e.value)
+    static = QuantLinear.from_float(nn.Linear(256, 64), QuantSpec(weight_dtype="int8", act_mode="static"),
+                                    act_scale=torch.tensor([0.05]))
+    with pytest.raises(RuntimeError) as e:
+        static.load_state_dict(qb.state_dict())
+    assert "act_scale: missing from the state dict" in str(e.value)
+    with pytest.raises(RuntimeError) as e:
+        qb.load_state_dict(static.state_dict())
+    assert "act_scale: this layer has none" in str(e.value)
+    # a load that names none of the layer's buffers (e.g. LoRA weights with strict=False) is not its concern
+    qb.load_state_dict({}, strict=False)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "fp8", "w4a16"])
+def test_meta_device_forward_gives_shapes(preset):
+    """nn.Linear runs on meta (shape inference); the quantized layer's kernels did too, then asking
+    autocast about the meta device raised 'unknown device type for autocast'."""
+    q = QuantLinear.from_float(nn.Linear(256, 64), preset).to("meta")
+    assert q(torch.empty(4, 256, device="meta")).shape == (4, 64)
+    c = QuantConv2d.from_float(nn.Conv2d(128, 8, 3, padding=1), preset).to("meta")
+    assert c(torch.empty(1, 128, 7, 7, device="meta")).shape == (1, 8, 7, 7)

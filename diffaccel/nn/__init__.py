@@ -10,7 +10,7 @@ from torch import nn
 
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
-from ._base import float_weight_reason
+from ._base import float_weight_reason, own_forward_reason
 from .feed_forward import FusedFeedForward
 from .quant_conv import QuantConv2d, quantize_conv_reason
 from .quant_linear import QuantLinear, quantize_linear_reason
@@ -23,10 +23,10 @@ def quantize_reason(module: nn.Module, spec) -> Optional[str]:
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     if isinstance(module, (QuantLinear, QuantConv2d)):
         return "already quantized"
-    if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
-        return float_weight_reason(module) or quantize_linear_reason(module, spec)
-    if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
-        return float_weight_reason(module) or quantize_conv_reason(module, spec)
+    if isinstance(module, nn.Linear):
+        return own_forward_reason(module, nn.Linear) or float_weight_reason(module) or quantize_linear_reason(module, spec)
+    if isinstance(module, nn.Conv2d):
+        return own_forward_reason(module, nn.Conv2d) or float_weight_reason(module) or quantize_conv_reason(module, spec)
     return f"unsupported module kind {type(module).__name__} (only nn.Linear and nn.Conv2d)"
 
 

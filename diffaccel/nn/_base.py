@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from diffaccel._moves import FollowsMoves
 from diffaccel.ops import gemm as G
@@ -60,7 +62,7 @@ def in_autocast_dtype(y: torch.Tensor) -> torch.Tensor:
     """``y`` as nn.Linear / nn.Conv2d return it: in the autocast dtype inside an autocast region on its
     device (the kernels write the layer's storage dtype), else unchanged."""
     kind = y.device.type
-    if torch.is_autocast_enabled(kind):
+    if kind != "meta" and torch.is_autocast_enabled(kind):  # (autocast has no meta device: it raises)
         dtype = torch.get_autocast_dtype(kind)
         if y.dtype != dtype:
             return y.to(dtype)
@@ -266,13 +268,29 @@ class QuantLayerBase(FollowsMoves, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # copy_ would cast another format's codes (fp8 into int8: 448 -> 120) and load garbage;
-        # such a layer loads none of its buffers (torch raises with the messages at the end)
-        wrong = [f"{prefix}{name}: stored as {given.dtype}, this layer holds {buf.dtype} ({self.spec}); load it "
-                 f"into a layer built with the same spec"
-                 for name, buf in self._buffers.items()
-                 if buf is not None and isinstance(given := state_dict.get(prefix + name), torch.Tensor)
-                 and given.dtype != buf.dtype]
+        # codes, scales and sums only make sense together: a layer whose buffers do not all match
+        # loads none of them (torch raises with the messages at the end). torch alone would copy
+        # each matching key and refuse the others, leaving another layer's codes beside this one's
+        # scales; and copy_ would cast another format's codes (fp8 into int8: 448 -> 120).
+        wrong = []
+        if any(prefix + name in state_dict for name in self._buffers):  # (a LoRA-only load names none)
+            for name, buf in self._buffers.items():
+                given = state_dict.get(prefix + name)
+                if buf is None and given is None:
+                    continue
+                if buf is None:
+                    why = "this layer has none"
+                elif given is None:
+                    why = "missing from the state dict"
+                elif not isinstance(given, torch.Tensor):
+                    continue  # (torch's own message)
+                elif given.dtype != buf.dtype:
+                    why = f"stored as {given.dtype}, this layer holds {buf.dtype}"
+                elif given.shape != buf.shape:
+                    why = f"stored with shape {tuple(given.shape)}, this layer holds {tuple(buf.shape)}"
+                else:
+                    continue
+                wrong.append(f"{prefix}{name}: {why} ({self.spec}); load it into a layer built with the same spec")
         float_weight = state_dict.get(prefix + "weight")
         if isinstance(float_weight, torch.Tensor) and float_weight.is_floating_point() \
                 and prefix + "weight_q" not in state_dict:
@@ -548,6 +566,18 @@ def reason_for_shape(spec: QuantSpec, N: int, K: int) -> Optional[str]:
 _FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def own_forward_reason(module: nn.Module, kind: type) -> Optional[str]:
+    """Why ``module``, an instance of ``kind`` (nn.Linear or nn.Conv2d), is not one a quantized layer can
+    stand in for: a subclass with its own forward (or, for a conv, its own ``_conv_forward``) computes
+    something else, which the replacement would not run. None if it can."""
+    for attr in ("forward", "_conv_forward"):
+        base = getattr(kind, attr, None)
+        if base is not None and getattr(type(module), attr) is not base:
+            return (f"{type(module).__name__} overrides nn.{kind.__name__}.{attr}, which a quantized layer would "
+                    f"not run")
+    return None
+
+
 def float_weight_reason(module: nn.Module) -> Optional[str]:
     """Why ``module.weight`` is not a plain float tensor diffaccel can quantize (None: it is)."""
     weight = module.weight
@@ -562,9 +592,17 @@ def float_weight_reason(module: nn.Module) -> Optional[str]:
                 f"float weights are quantized")
     if weight.dtype not in _FLOAT_WEIGHT_DTYPES:
         return f"weight dtype {weight.dtype} is not float16, bfloat16 or float32"
-    if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
-        # its pre-hook recomputes `weight` from weight_orig * weight_mask at every call
+    # these pre-hooks recompute `weight` from other parameters at every call (a replacement
+    # without them would keep one stale weight, and the hooks it inherits would fail on it)
+    hooks = tuple(module._forward_pre_hooks.values())
+    if any(isinstance(h, prune.BasePruningMethod) for h in hooks):
         return "pruned with torch.nn.utils.prune; make the pruning permanent first (prune.remove(module, 'weight'))"
+    if any(isinstance(h, WeightNorm) for h in hooks):
+        return ("weight-normalized with torch.nn.utils.weight_norm; fold it into the weight first "
+                "(torch.nn.utils.remove_weight_norm(module))")
+    if any(isinstance(h, SpectralNorm) for h in hooks):
+        return ("spectral-normalized with torch.nn.utils.spectral_norm; fold it into the weight first "
+                "(torch.nn.utils.remove_spectral_norm(module))")
     return None
 
 
@@ -576,5 +614,5 @@ def check_float_weight(module: nn.Module):
     return module.weight
 
 
-__all__ = ["QuantLayerBase", "QuantLayerWrapper", "quantized_layer_of", "forward_wrapped", "has_forward_hooks", "reason_for_shape", "records_autograd", "resolve_spec",
+__all__ = ["QuantLayerBase", "QuantLayerWrapper", "quantized_layer_of", "forward_wrapped", "has_forward_hooks", "own_forward_reason", "reason_for_shape", "records_autograd", "resolve_spec",
            "set_class", "straight_through"]

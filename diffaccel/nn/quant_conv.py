@@ -17,7 +17,7 @@ from diffaccel.ops._checks import plain_number
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from ._base import (WEIGHT_ONLY_KERNEL_MAX_M, QuantLayerBase, _float_tensor, _positive, check_float_weight,
-                    check_weight_source, reason_for_shape)
+                    check_weight_source, own_forward_reason, reason_for_shape)
 
 
 class QuantConv2d(QuantLayerBase):
@@ -49,6 +49,9 @@ class QuantConv2d(QuantLayerBase):
         spec = resolve_spec(spec)
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        why = own_forward_reason(conv, nn.Conv2d)
+        if why:
+            raise TypeError(f"conv: {why}; leave it in floating point")
         check_weight_source(weight, weight_q, weight_scale)
         w0 = check_float_weight(conv)  # (first: a lazy layer's shape is not known yet)
         why = quantize_conv_reason(conv, spec)
@@ -83,6 +86,8 @@ class QuantConv2d(QuantLayerBase):
 
     def input_grad(self, grad: torch.Tensor, x_shape) -> torch.Tensor:
         """d loss / d x of the float conv the codes stand for (``dequantized_weight()``)."""
+        if len(x_shape) == 3:  # unbatched [C, H, W] (as _forward takes it)
+            return self.input_grad(grad.unsqueeze(0), (1, *x_shape)).squeeze(0)
         return torch.nn.grad.conv2d_input(x_shape, self.dequantized_weight().to(grad.dtype), grad, self.stride,
                                           self.padding, self.dilation)
 

@@ -10,7 +10,8 @@ from torch import nn
 from diffaccel.quant.formats import QuantSpec, resolve_spec
 
 from . import _codes
-from ._base import QuantLayerBase, _float_tensor, check_float_weight, check_weight_source, reason_for_shape
+from ._base import (QuantLayerBase, _float_tensor, check_float_weight, check_weight_source, own_forward_reason,
+                    reason_for_shape)
 
 
 class QuantLinear(QuantLayerBase):
@@ -35,6 +36,9 @@ class QuantLinear(QuantLayerBase):
         spec = resolve_spec(spec)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        why = own_forward_reason(linear, nn.Linear)
+        if why:
+            raise TypeError(f"linear: {why}; leave it in floating point")
         check_weight_source(weight, weight_q, weight_scale)
         w0 = check_float_weight(linear)  # (first: a lazy layer's shape is not known yet)
         why = quantize_linear_reason(linear, spec)
