@@ -54,6 +54,11 @@ for s in $STAGES; do  # a typo ("bnech", "build,bench") must not silently run no
     [[ $s == build ]] || n_out=$((n_out + 1))
 done
 (( n_out <= 5 )) || { echo "STAGES: $n_out stages besides build write more files than the device tool returns (8)"; exit 2; }
+for var in GPU_FILES BENCH_FILES; do  # checked before build spends device time, not when their stage starts
+    [[ -n ${!var+x} ]] || continue
+    for f in ${!var}; do [[ -f $f ]] || { echo "$var: no file $f"; exit 2; }; done
+    [[ -n ${!var// /} ]] || { echo "$var: empty"; exit 2; }
+done
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 exec > >(tee -a "$OUT/session.log") 2>&1
 TEE_PID=$!
@@ -135,8 +140,6 @@ if want gpu && [[ ${GPU_BY_FILE:-1} == 1 ]]; then
     # largest files first (they hold the most GPU tests): the ones that start last get the least time
     # GPU_FILES narrows the stage to some test files (e.g. what changed since the last GPU run)
     export GPU_FILES=${GPU_FILES:-$(grep -l "mark.gpu" tests/*.py | tr '\n' ' ')}
-    for f in $GPU_FILES; do [[ -f $f ]] || { echo "GPU_FILES: no file $f"; finish 2; }; done
-    [[ -n ${GPU_FILES// /} ]] || { echo "GPU_FILES: empty"; finish 2; }
     stage gpu "${LIMIT_GPU:-300}" bash -c 'ls -S $GPU_FILES | xargs -P "${GPU_WORKERS:-6}" -I{} \
         sh -c "f=\$(basename {} .py); python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST -rfE \
                --junitxml=/tmp/gpu-tests/\$f.xml {} > /tmp/gpu-tests/\$f.log 2>&1"'
@@ -149,7 +152,7 @@ elif want gpu; then
     # kernels on the CPU); timing lives in the bench stage, which always runs alone
     XDIST=$( (( ${GPU_WORKERS:-1} > 1 )) && python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_WORKERS}")
     stage gpu "${LIMIT_GPU:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST $XDIST -rfE \
-        --junitxml="$OUT/gpu-junit.xml" tests/
+        --junitxml="$OUT/gpu-junit.xml" ${GPU_FILES:-tests/}
 fi
 if want bench; then
     # shellcheck disable=SC2086  # BENCH_FILES is a list of paths

@@ -8,12 +8,26 @@ writes both grids to a PNG.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from diffaccel.ops import _backend
+
 GRID_ROWS, GRID_COLS = 2, 10
+
+
+def missing_kernels_warning(device: torch.device):
+    """On a GPU without ``_C`` or ``diffaccel.kernels`` the patched figures would be the torch
+    references': a warning that says why and what to do, else None."""
+    missing = _backend.gpu_kernels_missing() if device.type == "cuda" else []
+    if not missing:
+        return None
+    return (f"warning: {'; '.join(missing)}. The patched pipeline will run torch references where those kernels "
+            f"would run. Is this the source checkout rather than the installed wheel? Run the demo from another "
+            f"folder: cd /tmp && python -m diffaccel demo --out-dir \"$OLDPWD\"")
 
 
 def _accelerate(pipe, prompts, method: str = "minmax", steps: int = 20):
@@ -104,6 +118,9 @@ def run_demo(out_dir=".", device=None, method: str = "minmax", steps: int | None
     seeds = list(range(n))
 
     print(f"diffaccel demo: reference UNet digits model on {device}, {n} samples, {steps} steps")
+    warning = missing_kernels_warning(device)
+    if warning:  # (stderr: the table stays clean)
+        print(warning, file=sys.stderr)
     pipe = ref.load_reference_pipeline("unet", device=device)
     classifier = ref.load_classifier(device)
     pipe(prompts[:1], num_inference_steps=2, generator=ref.sample_generators([0], device))  # warm-up

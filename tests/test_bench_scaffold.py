@@ -346,6 +346,23 @@ def test_gpu_session_without_build_stops_where_diffaccel_is_not_built(tmp_path):
     assert "== e2e" not in proc.stdout
 
 
+def test_gpu_session_checks_its_file_lists_before_building(tmp_path):
+    """A misspelt GPU_FILES entry was found only when the gpu stage started, after build had spent
+    about four minutes of device time; BENCH_FILES only when pytest ran. Both stop it before anything
+    runs now (exit 2: no env.txt, no build)."""
+    script = str(REPO / "benchmarks" / "gpu_session.sh")
+    for var, value, said in (("GPU_FILES", "tests/test_gemm_ops.py tests/test_nope.py", "no file tests/test_nope.py"),
+                             ("GPU_FILES", " ", "empty"),
+                             ("BENCH_FILES", "benchmarks/bench_gemm.py benchmarks/bench_gem.py",
+                              "no file benchmarks/bench_gem.py")):
+        out = tmp_path / f"out-{var}-{len(value)}"
+        env = dict(os.environ, OUT=str(out), STAGES="build gpu bench", **{var: value})
+        proc = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout[-2000:]
+        assert f"{var}: {said}" in proc.stdout
+        assert not (out / "env.txt").exists() and not (out / "build.log").exists()
+
+
 def test_a_partial_quality_run_leaves_the_committed_table_alone():
     """The documented quick command (one model, one method) replaced the whole quality table in
     BENCHMARKS.md (42 rows -> 2) and wrote a results file; it now prints and writes nothing

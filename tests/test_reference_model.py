@@ -145,3 +145,24 @@ def test_demo_accelerate_reports_missing_api(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffaccel.quant.calibrate", None)
     with pytest.raises(RuntimeError, match="diffaccel.calibrate / diffaccel.patch are not available"):
         _demo._accelerate(object(), ["a handwritten digit one"])
+
+
+def test_demo_warns_when_gpu_kernels_are_missing(monkeypatch):
+    """`python -m diffaccel demo` from the repository root imports the source folder, which has no
+    _C and no diffaccel.kernels: on a GPU every patched op would run its torch reference and the
+    demo printed its figures as diffaccel's without a word."""
+    import torch
+
+    from diffaccel import _demo
+    from diffaccel.ops import _backend
+
+    monkeypatch.setattr(_backend, "extension_error", lambda: "diffaccel._C not importable: no module")
+    monkeypatch.setattr(_backend, "triton_error", lambda: None)
+    msg = _demo.missing_kernels_warning(torch.device("cuda"))
+    assert msg.startswith("warning: diffaccel._C not importable: no module. The patched pipeline will run torch "
+                          "references") and "cd /tmp && python -m diffaccel demo" in msg
+    assert _demo.missing_kernels_warning(torch.device("cpu")) is None  # (CPU runs the references anyway)
+    monkeypatch.setattr(_backend, "extension_error", lambda: None)
+    assert _demo.missing_kernels_warning(torch.device("cuda")) is None
+    monkeypatch.setattr(_backend, "triton_error", lambda: "diffaccel.kernels not importable: x")
+    assert "diffaccel.kernels not importable: x" in _demo.missing_kernels_warning(torch.device("cuda"))

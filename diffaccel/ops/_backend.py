@@ -141,6 +141,14 @@ def triton_error() -> Optional[str]:
     return None
 
 
+def gpu_kernels_missing() -> list:
+    """Why GPU kernels are missing from this import of diffaccel: ``_C`` or ``diffaccel.kernels`` not
+    importable (e.g. the source checkout imported instead of the installed wheel, as ``python -m``
+    from the repository root does). Empty when both import; on a GPU, ops then run only the
+    backends that remain, down to their torch references."""
+    return [e for e in (extension_error(), triton_error()) if e]
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
