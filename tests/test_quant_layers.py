@@ -570,3 +570,19 @@ def test_meta_device_forward_gives_shapes(preset):
     assert q(torch.empty(4, 256, device="meta")).shape == (4, 64)
     c = QuantConv2d.from_float(nn.Conv2d(128, 8, 3, padding=1), preset).to("meta")
     assert c(torch.empty(1, 128, 7, 7, device="meta")).shape == (1, 8, 7, 7)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "fp8", "w4a16"])
+def test_pointwise_conv_keeps_channels_last_like_nn_conv2d(preset):
+    """A 1x1 QuantConv2d computes in [B*H*W, C] rows, i.e. channels_last, then copied its output to
+    NCHW even for a channels_last input, where nn.Conv2d returns channels_last: a full extra write
+    and read per layer in a model moved to channels_last. Values are unchanged."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 32, 1)
+    q = QuantConv2d.from_float(conv, preset)
+    x = torch.randn(2, 128, 5, 6)
+    xc = x.to(memory_format=torch.channels_last)
+    y, yc = q(x), q(xc)
+    assert y.stride() == conv(x).stride() and y.is_contiguous()
+    assert yc.stride() == conv(xc).stride() and yc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, yc)

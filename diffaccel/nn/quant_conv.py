@@ -101,8 +101,9 @@ class QuantConv2d(QuantLayerBase):
         N = self.out_channels
         if self.is_pointwise:
             x2 = x.permute(0, 2, 3, 1).reshape(-1, C)
-            y = self._gemm(x2)
-            return y.reshape(B, H, W, N).permute(0, 3, 1, 2).contiguous()
+            y = self._gemm(x2).reshape(B, H, W, N).permute(0, 3, 1, 2)  # (channels_last strides)
+            # the layout nn.Conv2d returns: channels_last for a channels_last input, as it is already
+            return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
         s = self.spec
         if s.act_dtype == "int8":
             return self._implicit_gemm_int8(x)
