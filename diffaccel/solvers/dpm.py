@@ -57,7 +57,9 @@ class DPMSolverMultistep(_Adapter):
         if sde:
             bx = s_t / s_s0 * np.exp(-h)
             c0 = a_t * (1 - np.exp(-2.0 * h))  # on D0
-            bn = s_t * np.sqrt(1.0 - np.exp(-2 * h))
+            # (max: a final step onto an fp32 sigma a rounding above the previous one has h = -1e-9,
+            # where diffusers' fp32 gets sqrt(0) and float64 would get NaN)
+            bn = s_t * np.sqrt(max(1.0 - np.exp(-2 * h), 0.0))
         else:
             bx = s_t / s_s0
             c0 = -(a_t * (np.exp(-h) - 1.0))
@@ -99,7 +101,7 @@ class DPMSolverMultistep(_Adapter):
         bx = a_t / a_s0
         phi = s_t * (np.exp(h) - 1.0)
         c0 = -2.0 * phi if sde else -phi
-        bn = s_t * np.sqrt(np.exp(2 * h) - 1.0) if sde else 0.0
+        bn = s_t * np.sqrt(max(np.exp(2 * h) - 1.0, 0.0)) if sde else 0.0  # (max: as in the data-prediction row)
         m = np.zeros(3)
         m[0] = c0
         if order >= 2:
