@@ -155,6 +155,11 @@ def test_calibrate_checks_skip_activation_device_and_mixdq_options_up_front():
     for kw, message in ((dict(skip=5), "^skip: expected a list of layer names, got int"),
                         (dict(skip=[3]), "^skip: expected layer names"),
                         (dict(activation_device="bogus"), "^activation_device: expected None, a torch device"),
+                        # (parsed but not checked: qdiffusion / tfmq failed after the observation pass with
+                        # torch's "Found no NVIDIA driver", minmax / mixdq ignored it; meta failed on a copy)
+                        *(((dict(activation_device="cuda"), "^activation_device: cuda requested, but torch sees no "
+                                                           "CUDA device here"),) if not torch.cuda.is_available() else ()),
+                        (dict(activation_device="meta"), "^activation_device: expected 'cpu' or a CUDA device, got meta"),
                         (dict(act_fp16_fraction=7), "^act_fp16_fraction: expected a number in"),
                         (dict(weight_candidates=(2,)), "^weight_candidates: the kernels run")):
         with pytest.raises(CalibrationError, match=message):

@@ -1,5 +1,7 @@
 """Shared fixtures of the calibration tests (tiny models with random init, calibration data, a tiny
 text-to-image pipeline) and the pipeline-collection tests."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -264,3 +266,37 @@ def test_empty_prompt_list_is_an_error_and_leaves_the_pipeline_alone():
     with pytest.raises(CalibrationError, match="data: empty"):
         calibrate(pipe, [], method="minmax", weight_bits=8, act_bits=8, progress=False)
     assert_unchanged(pipe.unet, snap)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_calibrating_a_pipeline_leaves_its_scheduler_as_it_was(fail):
+    """The recording run set the user's scheduler to the calibration's schedule (3 steps here) and
+    left it there, mid-trajectory when the run failed. Its state is put back either way."""
+    from diffaccel.quant.calibrate import calibrate
+
+    pipe = tiny_pipeline()
+    s = pipe.scheduler
+    s.set_timesteps(7)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.__dict__.items()}
+    calls = [0]
+
+    def boom(module, args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("fails in the second backbone call")
+
+    handle = pipe.unet.mid_block.register_forward_pre_hook(boom) if fail else None
+    try:
+        if fail:
+            with pytest.raises(RuntimeError, match="second backbone call"):
+                calibrate(pipe, ["a digit"], method="minmax", num_inference_steps=3, progress=False)
+        else:
+            calibrate(pipe, ["a digit"], method="minmax", num_inference_steps=3, progress=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert s.__dict__.keys() == before.keys()
+    for k, v in before.items():
+        now = s.__dict__[k]
+        assert torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v, k
+    assert s.num_inference_steps == 7 and len(s.timesteps) == 7

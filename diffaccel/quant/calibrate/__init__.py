@@ -237,6 +237,11 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
         except (RuntimeError, TypeError) as e:
             raise CalibrationError(f"activation_device: expected None, a torch device or a name like 'cpu', got "
                                    f"{activation_device!r} ({e})") from None
+        if activation_device.type == "cuda" and not torch.cuda.is_available():
+            raise CalibrationError(f"activation_device: {activation_device} requested, but torch sees no CUDA device "
+                                   f"here")
+        if activation_device.type not in ("cpu", "cuda"):  # (recorded activations are read back to compute)
+            raise CalibrationError(f"activation_device: expected 'cpu' or a CUDA device, got {activation_device}")
     resolve_skip(backbone, skip)  # (checked before the model runs; resolved again on the working copy)
     n_t = num_timesteps if num_timesteps is not None else 10**9
 

@@ -7,7 +7,7 @@ import copy
 import inspect
 import logging
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -184,6 +184,22 @@ def is_pipeline(target) -> bool:
     return not isinstance(target, nn.Module) and callable(target) and hasattr(target, "scheduler")
 
 
+@contextmanager
+def _scheduler_state_kept(pipe):
+    """The pipeline run sets the user's scheduler's timesteps and step state for the calibration's own
+    schedule: put them back afterwards, also when the run fails (diffusers' panorama pipeline saves
+    and restores a scheduler the same way)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    saved = copy.deepcopy(scheduler.__dict__) if scheduler is not None else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            for key in set(scheduler.__dict__) - set(saved):
+                del scheduler.__dict__[key]
+            scheduler.__dict__.update(saved)
+
+
 def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_steps: int, num_timesteps: int,
                   samples_per_timestep: int | None, seed: int, batch_size: int, pipe_kwargs: dict,
                   progress: bool) -> CalibrationSet:
@@ -210,7 +226,7 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
     # grouped by timestep, not by call: pipelines that run the conditional and unconditional
     # passes as two calls (Wan, true-CFG Flux / QwenImage, modular guiders) call it twice a step
     groups: dict[float, list[dict]] = {}
-    with backbone.register_forward_pre_hook(record, with_kwargs=True):
+    with backbone.register_forward_pre_hook(record, with_kwargs=True), _scheduler_state_kept(pipe):
         device = next(backbone.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
