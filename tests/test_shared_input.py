@@ -242,6 +242,26 @@ def test_group_requantizes_a_changed_or_other_input(monkeypatch):
         assert counter.calls == 1 and group._entry is None  # from now on each layer quantizes for itself
 
 
+def test_a_round_that_ended_part_way_does_not_end_sharing(monkeypatch):
+    """A forward that raised between to_q and to_k (Ctrl-C while sampling) left the group holding
+    that call's input; the next call then looked like siblings on different inputs and the group
+    stood aside for good (one quantization pass per call became three until patched again). The
+    layer that had the last input coming back with a new one starts a new round; outputs are exact."""
+    layers, group = _linked("w8a8")
+    with use_backend("torch"):
+        counter = _CountQuantizer(monkeypatch)
+        layers[0](torch.randn(M_SHARED, 64))  # ... and the forward failed here
+        assert group._entry is not None
+        x = torch.randn(M_SHARED, 64)
+        got = [layer(x) for layer in layers]
+        assert not group.standing_aside and group._entry is None and counter.calls == 2
+        for layer, y in zip(layers, got):
+            assert torch.equal(y, S.QuantLinear.forward(_unlinked(layer), x))
+        layers[0](x)
+        layers[1](torch.randn(M_SHARED, 64))  # a sibling that had not had x, on another tensor
+        assert group.standing_aside and group._entry is None
+
+
 def _unlinked(layer):
     import copy
 

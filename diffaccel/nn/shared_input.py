@@ -22,8 +22,10 @@ the next ones with that same tensor (same object, unmodified: same version count
 codes, and the group lets them go once every sibling has used them. It stands aside (each layer
 quantizes for itself) inside torch.compile, for inference-mode tensors (they have no version
 counter to prove them unmodified) and where ``can_share_input``'s conditions fail; and for good
-once a new input comes before every sibling had the last one (the layers are then not called on
-one tensor, and the group must not keep an input alive between calls).
+once a new input comes to a sibling that has not had the last one (the layers are then not called
+on one tensor, and the group must not keep an input alive between calls). A sibling that had the
+last input coming back with a new one means that round ended part-way (the forward raised between
+to_q and to_k): the group drops it and goes on sharing; until then it holds that one input.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ class SharedInputGroup:
 
     def __init__(self, size: int):
         self.size = size
-        self._entry = None  # [x, its version, act dtype, codes, scale, uses]
+        self._entry = None  # [x, its version, act dtype, codes, scale, ids of the layers that used them]
 
     def forward(self, layer: QuantLinear, x: torch.Tensor):
         """``layer(x)`` on shared codes, or None when sharing does not apply (the caller then runs
@@ -94,16 +96,18 @@ class SharedInputGroup:
         s = layer.spec
         e = self._entry
         if e is None or e[0] is not x or e[1] != x._version or e[2] != s.act_dtype:
-            if e is not None:
+            if e is not None and id(layer) not in e[5]:
                 # another input before every sibling had this one: these layers are not called on one
                 # tensor (a processor that projects a concatenation, say), so the group would hold an
                 # input and its codes between calls. Each layer quantizes for itself from now on.
                 self._entry, self.standing_aside = None, True
                 return None
+            # (a layer that had the last input back with a new one: that round ended part-way, e.g.
+            # the forward raised between to_q and to_k; it is dropped and a new round starts)
             codes, scale = _quantize(x.reshape(-1, x.shape[-1]), s.act_dtype)
-            e = self._entry = [x, x._version, s.act_dtype, codes, scale, 0]
-        e[5] += 1
-        if e[5] >= self.size:  # every sibling has had them: don't hold x and its codes any longer
+            e = self._entry = [x, x._version, s.act_dtype, codes, scale, set()]
+        e[5].add(id(layer))
+        if len(e[5]) >= self.size:  # every sibling has had them: don't hold x and its codes any longer
             self._entry = None
         return layer.forward_quantized(e[3], e[4]).reshape(*x.shape[:-1], layer.out_features)
 
