@@ -75,6 +75,17 @@ def _online_softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _batch_head(H):
+    """(b, h, b * H + h) of a program in a grid (tiles, H, B). B * H as one grid axis would stop at
+    65535 (axes 1 and 2 do), which temporal attention in video UNets passes: its batch is 2 x the
+    latent pixels (AnimateDiff at 512 x 512 with CFG: B * H = 65536). The launch order is unchanged:
+    a head's tiles run next to each other (its K / V stay in L2). ``batch_chunks`` keeps B <= 65535."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    return b, h, b * H + h
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Mask, Out, Lse,
     s_qb, s_qh, s_qm, s_qd,
@@ -96,9 +107,7 @@ def _attn_fwd_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM >= BLOCK_D
     EVEN_D1: tl.constexpr = BLOCK_D + BLOCK_D1 == HEAD_DIM
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_bh = _batch_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
@@ -260,6 +269,16 @@ def _bucket(n: int) -> int:
     return next_pow2(max(int(n), 1))
 
 
+GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2: heads and batch (see _batch_head)
+
+
+def batch_chunks(B: int, H: int):
+    """Batch slices of at most GRID_AXIS_MAX for launches on a (tiles, H, B) grid."""
+    if H > GRID_AXIS_MAX:
+        raise ValueError(f"q: {H} heads, more than a launch takes ({GRID_AXIS_MAX})")
+    return [slice(lo, min(lo + GRID_AXIS_MAX, B)) for lo in range(0, B, GRID_AXIS_MAX)]
+
+
 def _mask_args(mask):
     if mask is None:
         return None, (0, 0, 0, 0), False, False
@@ -281,6 +300,11 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float, *, con
     Lk = k.shape[2]
     if B * H * Lq == 0:
         return
+    if B > GRID_AXIS_MAX:
+        for c in batch_chunks(B, H):
+            attention_fwd(q[c], k[c], v[c], None if mask is None else mask[c], out[c], None if lse is None else lse[c], is_causal, scale,
+                          config=config)
+        return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     if config is None:
         kernel, cfg = _tuned("_attn_fwd_kernel", _arch_family(q.device)), {}
@@ -288,7 +312,7 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float, *, con
         kernel, cfg = _fixed_config(_attn_fwd_kernel, config, Lk)
     interpret_bf16 = interpreting() and q.dtype == torch.bfloat16
     block_d, block_d1 = split_head_dim(D)
-    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), H, B)  # noqa: E731  (see _batch_head)
     kernel[grid](
         q, k, v, mask_t if has_mask else q, out, lse if lse is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
@@ -348,9 +372,7 @@ def _quant_qk_int8_blocks_kernel(
 ):
     # one launch for both operands: programs [0, n_qblocks) take Q's blocks, the rest K's
     pid = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_bh = _batch_head(H)
     if pid < n_qblocks:
         _quant_int8_block(Q, KMean, Qi, Qs, s_qb, s_qh, s_ql, s_qd, b, h, pid_bh, pid, Lq, D, n_qblocks,
                           False, QBLOCK_Q, BLOCK_D, AMAX_MIN)
@@ -375,7 +397,11 @@ def quantize_qk_int8_blocks(q, k, k_mean, qi, qs, ki, ks) -> None:
     n_q, n_k = cdiv(Lq, QUANT_BLOCK_M), cdiv(Lk, QUANT_BLOCK_N)
     if B * H == 0 or n_q + n_k == 0:
         return
-    _quant_qk_int8_blocks_kernel[(n_q + n_k, B * H)](
+    if B > GRID_AXIS_MAX:
+        for c in batch_chunks(B, H):
+            quantize_qk_int8_blocks(q[c], k[c], None if k_mean is None else k_mean[c], qi[c], qs[c], ki[c], ks[c])
+        return
+    _quant_qk_int8_blocks_kernel[(n_q + n_k, H, B)](
         q, k, k_mean if k_mean is not None else qs, qi, qs, ki, ks, *q.stride(), *k.stride(), H, Lq, Lk, D, n_q, n_k,
         HAS_MEAN=k_mean is not None, QBLOCK_Q=QUANT_BLOCK_M, QBLOCK_K=QUANT_BLOCK_N, BLOCK_D=_block_d(D),
         AMAX_MIN=AMAX_FLOOR, num_warps=quant_qk_warps(_block_d(D)))
@@ -388,9 +414,7 @@ def _quant_fp8_per_channel_kernel(
     H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_bh = _batch_head(H)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_l < L)[:, None] & (offs_d < D)[None, :]
@@ -407,8 +431,12 @@ def quantize_fp8_per_channel(x, scales, xq) -> None:
     B, H, L, D = x.shape
     if B * H * L == 0:
         return
+    if B > GRID_AXIS_MAX:
+        for c in batch_chunks(B, H):
+            quantize_fp8_per_channel(x[c], scales[c], xq[c])
+        return
     BLOCK_L = 64
-    _quant_fp8_per_channel_kernel[(cdiv(L, BLOCK_L), B * H)](
+    _quant_fp8_per_channel_kernel[(cdiv(L, BLOCK_L), H, B)](
         x, scales, xq, *x.stride(), H, L, D, BLOCK_L=BLOCK_L, BLOCK_D=_block_d(D))
 
 
@@ -434,9 +462,7 @@ def _attn_int8_fwd_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM >= BLOCK_D
     EVEN_D1: tl.constexpr = BLOCK_D + BLOCK_D1 == HEAD_DIM
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    b, h, pid_bh = _batch_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
@@ -536,6 +562,12 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
     Lk = k_int8.shape[2]
     if B * H * Lq == 0:
         return
+    if B > GRID_AXIS_MAX:
+        for c in batch_chunks(B, H):
+            attention_int8_fwd(q_int8[c], q_scale[c], k_int8[c], k_scale[c], v[c], None if v_scale is None else v_scale[c], None if mask is None else mask[c],
+                               out[c], None if lse is None else lse[c], is_causal, scale, pv_fp8=pv_fp8,
+                               qk_debug=None if qk_debug is None else qk_debug[c], config=config)
+        return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     block_d, block_d1 = split_head_dim(D, min_chunk=32)
     if qk_debug is not None:
@@ -545,7 +577,7 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
         kernel, cfg = _fixed_config(_attn_int8_fwd_kernel, config, Lk)
     else:
         kernel, cfg = _tuned("_attn_int8_fwd_kernel", _arch_family(q_int8.device)), {}
-    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (cdiv(Lq, meta["BLOCK_M"]), H, B)  # noqa: E731  (see _batch_head)
     kernel[grid](
         q_int8, q_scale, k_int8, k_scale, v, v_scale if v_scale is not None else q_scale,
         mask_t if has_mask else q_scale, out, lse if lse is not None else q_scale,

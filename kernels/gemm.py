@@ -184,6 +184,23 @@ def _load_act_tile(a_ptr, rm, offs_k, K, stride_am, smooth_ptr, a_scale, zp,
 
 
 @triton.jit
+def _row_offsets(pid_m, BLOCK_M: tl.constexpr, ROWS64: tl.constexpr):
+    """The tile's row indices; int64 when ROWS64 (``rows64``), so that row * row stride does not wrap
+    past 2^31 elements (int32 otherwise: cheaper address arithmetic for every other shape)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if ROWS64:
+        offs_m = offs_m.to(tl.int64)
+    return offs_m
+
+
+def rows64(M: int, block_m: int, *row_strides: int) -> bool:
+    """Whether a GEMM's row offsets (row < M rounded up to block_m, times a row stride) reach 2^31
+    elements: e.g. M = 2 x 118,800 tokens (HunyuanVideo 720p, batch 2) at K = 15,360, where int32
+    offsets wrap and the kernel reads, or writes, 2^32 elements away."""
+    return (cdiv(M, block_m) * block_m) * max(row_strides) >= 2**31
+
+
+@triton.jit
 def _int8_act_gemm_kernel(
     a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, zp_ptr, wsum_ptr, bias_ptr, smooth_ptr, out_ptr,
     out_scale_ptr, out_zp_ptr, out_smooth_ptr,
@@ -193,7 +210,7 @@ def _int8_act_gemm_kernel(
     HAS_BIAS: tl.constexpr, FUSE_QUANT: tl.constexpr, HAS_SMOOTH: tl.constexpr, AMAX_MIN: tl.constexpr,
     EVEN_K: tl.constexpr, ACTIVATION: tl.constexpr = 0, GATED: tl.constexpr = False,
     OUT_QUANT: tl.constexpr = False, OUT_HAS_ZP: tl.constexpr = False, OUT_HAS_SMOOTH: tl.constexpr = False,
-    VALUE_DTYPE: tl.constexpr = 0,
+    VALUE_DTYPE: tl.constexpr = 0, ROWS64: tl.constexpr = False,
 ):
     # N is the number of output columns. The feed-forward epilogue (int8_ffn_up): ACTIVATION 1 =
     # GELU (erf), 2 = GELU (tanh); GATED reads a second weight tile at rows N + n (GEGLU's gate
@@ -202,7 +219,7 @@ def _int8_act_gemm_kernel(
     # smoothing, instead of the float value.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _row_offsets(pid_m, BLOCK_M, ROWS64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -365,7 +382,7 @@ def int8_act_gemm(a, w, a_scale, w_scale, zero_point, w_sum, bias, smooth, out, 
         HAS_SMOOTH=smooth is not None, AMAX_MIN=AMAX_FLOOR, EVEN_K=K % BK == 0,
         ACTIVATION=act, GATED=gated, OUT_QUANT=out_quant is not None, OUT_HAS_ZP=o_zp is not None,
         OUT_HAS_SMOOTH=o_smooth is not None, VALUE_DTYPE=VALUE_DTYPES[value_dtype],
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+        ROWS64=rows64(M, BM, stride_am, out.stride(0)), num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
 
 
@@ -434,11 +451,11 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
                      stride_am, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                     ACTIVATION: tl.constexpr = 0, GATED: tl.constexpr = False):
+                     ACTIVATION: tl.constexpr = 0, GATED: tl.constexpr = False, ROWS64: tl.constexpr = False):
     # N output columns; ACTIVATION / GATED as in _int8_act_gemm_kernel (the gate half at weight rows N + n)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _row_offsets(pid_m, BLOCK_M, ROWS64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -499,7 +516,7 @@ def fp8_gemm(a, w, a_scale, w_scale, bias, out, *, per_token: bool, activation=N
         a, w, a_scale, w_scale, bias if bias is not None else out, out, M, N, K,
         a.stride(0), w.stride(0), out.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         PER_TOKEN=per_token, HAS_BIAS=bias is not None, EVEN_K=K % BK == 0, ACTIVATION=act, GATED=gated,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+        ROWS64=rows64(M, BM, a.stride(0), out.stride(0)), num_warps=warps, num_stages=stages, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -557,13 +574,14 @@ def _weight_only_gemm_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                              stride_xm, stride_wn, stride_om, stride_wsn, k_blocks_per_split,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUPED: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, WRITE_PARTIAL: tl.constexpr = False):
+                             DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr, WRITE_PARTIAL: tl.constexpr = False,
+                             ROWS64: tl.constexpr = False):
     # split-K (WRITE_PARTIAL): program (m, n, s) sums K blocks [s * k_blocks_per_split, ...) and writes
     # its fp32 partial to out_ptr = partials [S, M, N]; _split_k_reduce_kernel adds them in order of s
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _row_offsets(pid_m, BLOCK_M, ROWS64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
@@ -669,7 +687,8 @@ def weight_only_gemm(x, w, w_scale, bias, out, *, group_size: int, w_int4: bool,
         x.stride(0), w.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0, per_split,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUPED=bool(group_size), W_INT4=w_int4,
         HAS_BIAS=bias is not None, DOT_FP32=interpreting() and x.dtype != torch.float16, EVEN_K=K % BK == 0,
-        WRITE_PARTIAL=split > 1, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+        WRITE_PARTIAL=split > 1, ROWS64=rows64(M, BM, x.stride(0), partials.stride(-2)), num_warps=warps,
+        num_stages=stages, enable_fp_fusion=False)
     if split > 1:
         BLOCK_N = 256
         _split_k_reduce_kernel[(M, cdiv(N, BLOCK_N))](
@@ -684,7 +703,8 @@ def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, 
                activation=None, out_codes=False):
     act, gated = ACTIVATIONS[activation]
     epilogue = {"ACTIVATION": "constexpr", "GATED": "constexpr", "OUT_QUANT": "constexpr",
-                "OUT_HAS_ZP": "constexpr", "OUT_HAS_SMOOTH": "constexpr", "VALUE_DTYPE": "constexpr"}
+                "OUT_HAS_ZP": "constexpr", "OUT_HAS_SMOOTH": "constexpr", "VALUE_DTYPE": "constexpr",
+                "ROWS64": "constexpr"}
     return {
         "name": name, "fn": _int8_act_gemm_kernel,
         # W4 with int8 codes: the launcher passes their int16 view (pairs of K columns)
@@ -702,7 +722,7 @@ def _int8_case(name, bm, bn, bk, warps, stages, *, grouped, w_int4, fuse_quant, 
                        "PER_TOKEN": per_token, "HAS_ZP": not per_token, "HAS_BIAS": True,
                        "FUSE_QUANT": fuse_quant, "HAS_SMOOTH": False, "AMAX_MIN": AMAX_FLOOR, "EVEN_K": True,
                        "ACTIVATION": act, "GATED": gated, "OUT_QUANT": out_codes, "OUT_HAS_ZP": out_codes,
-                       "OUT_HAS_SMOOTH": out_codes, "VALUE_DTYPE": 1},
+                       "OUT_HAS_SMOOTH": out_codes, "VALUE_DTYPE": 1, "ROWS64": False},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
@@ -715,7 +735,7 @@ def _fp8_case(name, bm, bn, bk, warps, stages, activation=None):
                       "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
                       "stride_am": "i32", "stride_wn": "i32", "stride_om": "i32"},
         "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PER_TOKEN": True, "HAS_BIAS": True,
-                       "EVEN_K": True, "ACTIVATION": act, "GATED": gated},
+                       "EVEN_K": True, "ACTIVATION": act, "GATED": gated, "ROWS64": False},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
         # fp8 tensor cores start at sm_89, but Triton 3.8's sm_89 build of this kernel has no
         # tensor-core instruction in its SASS (static report): listed for sm_90a only
@@ -732,9 +752,10 @@ def _weight_only_case(name, bm, bn, bk, warps, stages, partial=False):
                       "k_blocks_per_split": "i32", "BLOCK_M": "constexpr",
                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUPED": "constexpr",
                       "W_INT4": "constexpr", "HAS_BIAS": "constexpr", "DOT_FP32": "constexpr",
-                      "EVEN_K": "constexpr", "WRITE_PARTIAL": "constexpr"},
+                      "EVEN_K": "constexpr", "WRITE_PARTIAL": "constexpr", "ROWS64": "constexpr"},
         "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": True, "W_INT4": True,
-                       "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": True, "WRITE_PARTIAL": partial},
+                       "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": True, "WRITE_PARTIAL": partial,
+                       "ROWS64": False},
         "num_warps": warps, "num_stages": stages, "hot": True, "tensor_cores": True,
     }
 
