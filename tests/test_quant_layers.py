@@ -586,3 +586,13 @@ def test_pointwise_conv_keeps_channels_last_like_nn_conv2d(preset):
     assert y.stride() == conv(x).stride() and y.is_contiguous()
     assert yc.stride() == conv(xc).stride() and yc.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, yc)
+
+
+def test_a_non_persistent_buffer_is_not_asked_of_the_state_dict():
+    """The all-or-nothing load looks at the buffers a state dict holds: a non-persistent one (a user's
+    cache, say) is never saved, so it must not read as missing."""
+    qa = QuantLinear.from_float(nn.Linear(64, 32), "w8a8")
+    qb = QuantLinear.from_float(nn.Linear(64, 32), "w8a8")
+    qa.register_buffer("cache", torch.zeros(3), persistent=False)
+    qa.load_state_dict(qb.state_dict())
+    assert torch.equal(qa.weight_q, qb.weight_q)

@@ -273,9 +273,10 @@ class QuantLayerBase(FollowsMoves, nn.Module):
         # each matching key and refuse the others, leaving another layer's codes beside this one's
         # scales; and copy_ would cast another format's codes (fp8 into int8: 448 -> 120).
         wrong = []
-        if any(prefix + name in state_dict for name in self._buffers):  # (a LoRA-only load names none)
-            for name, buf in self._buffers.items():
-                given = state_dict.get(prefix + name)
+        saved = [name for name in self._buffers if name not in self._non_persistent_buffers_set]
+        if any(prefix + name in state_dict for name in saved):  # (a LoRA-only load names none)
+            for name in saved:
+                buf, given = self._buffers[name], state_dict.get(prefix + name)
                 if buf is None and given is None:
                     continue
                 if buf is None:
