@@ -188,6 +188,10 @@ class _PatchState:
     undo: _UndoLog
     restorable: bool = True
     copied: bool = False  # the state of a deepcopy or unpickled copy: patched, but no undo log
+    # the backbones, and whether diffusers' layerwise casting was on in them at patch time (unpatch
+    # refuses when it was enabled since: see _layerwise_cast)
+    backbones: tuple = ()
+    cast_at_patch: bool = False
 
     # The undo log's closures hold the original model's modules: a copy that kept them would
     # "unpatch" the original. A copy of a patched model stays patched and cannot be unpatched.
@@ -229,6 +233,19 @@ def _module_device(module: nn.Module) -> Optional[torch.device]:
 # Model offload hooks the top-level models only; a hook on a layer itself (device_map dispatch,
 # sequential offload) would not follow a replacement, so such layers are not replaced.
 _ACCELERATE_HOOK_REASON = "carries an accelerate hook (device_map dispatch or sequential offload)"
+
+
+def _layerwise_cast(roots) -> bool:
+    """Whether a module under ``roots`` carries diffusers' layerwise casting hook
+    (``enable_layerwise_casting``). Enabled after a quantizing patch, it hooks the float layers left;
+    the float originals unpatch would put back were never hooked, and diffusers can neither remove
+    the hook nor apply it a second time, so unpatch would leave the model half cast."""
+    for root in roots:
+        for m in root.modules():
+            registry = getattr(m, "_diffusers_hook", None)
+            if registry is not None and "layerwise_casting" in getattr(registry, "hooks", {}):
+                return True
+    return False
 
 
 def _has_accelerate_hook(module: nn.Module) -> bool:
@@ -993,7 +1010,15 @@ def patch(target, *, attention=True, quant=None, solver=True, attention_quant=No
     # is told whose patch fused it
     patched_scheduler = [info.scheduler] if any(r.part == "solver" for r in report.replaced) else []
     _hold_through(target, (*info.backbones.values(), *patched_scheduler), undo)
-    object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable))
+    backbones = tuple(info.backbones.values())
+    if quant is not None and not any(r.part == "quant" for r in report.replaced):
+        hooked = sum(s.part == "quant" and s.reason in (_WRAPPED_FORWARD_REASON, _ACCELERATE_HOOK_REASON)
+                     for s in report.skipped)
+        report.notes.append("quant: no layer was quantized" + (
+            f"; {hooked} are wrapped by hooks (diffusers' layerwise casting or group offloading, accelerate's "
+            f"dispatch): patch before enabling them" if hooked else "; the reasons are below"))
+    object.__setattr__(target, _STATE_ATTR, _PatchState(options, report, undo, restorable, backbones=backbones,
+                                                        cast_at_patch=_layerwise_cast(backbones)))
     log.info("diffaccel.patch(%s):\n%s", type(target).__name__, report)
     return report
 
@@ -1079,6 +1104,12 @@ def unpatch(target) -> None:
             f"target: {len(held)} patched modules ({names}) are held by hooks attached after patch (sequential "
             f"CPU offload, device_map dispatch, a diffusers cache or other diffusers hook); nothing was restored. "
             f"Remove them first ({how}), unpatch, then enable them again")
+    if state.undo.digests and not state.cast_at_patch and _layerwise_cast(state.backbones):
+        raise RuntimeError(
+            "target: diffusers' layerwise casting was enabled after diffaccel.patch. The float layers unpatch "
+            "would put back were never cast, and diffusers can neither remove the casting nor apply it a second "
+            "time, so the model would be left half cast; nothing was restored. Reload the model (enable "
+            "layerwise casting before patch, or after unpatch)")
     changed = [name for name, layer, digest in state.undo.digests
                if digest is not None and (now := layer.state_digest()) is not None
                and not QuantLayerBase.same_digest(digest, now)]

@@ -434,6 +434,13 @@ def test_reading_a_quantized_layers_weight_names_it():
     name = report.by_part("quant")[0].name
     with pytest.raises(AttributeError, match=rf"has no float 'weight'.*exclude=\['{re.escape(name)}'\]"):
         model.get_submodule(name).weight
+    # diffusers' fuse_qkv_projections reads every q/k/v weight: excluding the one named only moved the
+    # error to the next; the message says to fuse before patching
+    with pytest.raises(AttributeError, match=r"fuse_qkv_projections: fuse, then patch; or unpatch, fuse, patch again"):
+        model.fuse_qkv_projections()
+    diffaccel.unpatch(model)
+    model.fuse_qkv_projections()
+    assert any(r.name.endswith("attn1.to_qkv") for r in diffaccel.patch(model, quant="w8a8", solver=False).by_part("quant"))
 
 
 def test_weight_reads_found_in_forward_source():

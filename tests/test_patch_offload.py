@@ -221,6 +221,42 @@ def test_layers_with_a_diffusers_hook_are_left_alone():
     assert torch.equal(tiny_models.output_of(model, inputs), before)
 
 
+def _layerwise(model):
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+
+def test_layerwise_casting_after_a_quantizing_patch_is_refused_by_unpatch():
+    """enable_layerwise_casting after patch(quant=...) hooks the float layers that are left; unpatch put
+    back float originals that were never hooked, and diffusers can neither remove the hook nor apply
+    it again (the README's "enable it again" raised): a half-cast model, 0.085 off the casting
+    reference. unpatch refuses now, restoring nothing. Enabled before patch, the hooked layers are
+    left alone (the report's note says nothing was quantized) and unpatch is exact."""
+    import tiny_models
+
+    model, inputs = tiny_models.unet_sd15()
+    diffaccel.patch(model, quant="w8a8", solver=False)
+    _layerwise(model)
+    patched = tiny_models.output_of(model, inputs)
+    with pytest.raises(RuntimeError, match="layerwise casting was enabled after diffaccel.patch.*nothing was restored"):
+        diffaccel.unpatch(model)
+    assert diffaccel.is_patched(model) and torch.equal(tiny_models.output_of(model, inputs), patched)
+
+    model, inputs = tiny_models.unet_sd15()
+    _layerwise(model)
+    before = tiny_models.output_of(model, inputs)
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert not report.by_part("quant")
+    assert any(n.startswith("quant: no layer was quantized; ") and "wrapped by hooks" in n for n in report.notes)
+    assert "note: quant: no layer was quantized" in str(report)
+    diffaccel.unpatch(model)
+    assert torch.equal(tiny_models.output_of(model, inputs), before)
+
+    model, _ = tiny_models.unet_sd15()  # attention only: unpatch restores processors, no float layers
+    diffaccel.patch(model, solver=False)
+    _layerwise(model)
+    diffaccel.unpatch(model)
+
+
 def test_torch_hooks_on_a_quantized_layer_keep_firing():
     """register_forward_(pre_)hook on a layer that patch quantizes: the QuantLinear shares its hook
     tables, so the hooks see every call (with the quantized output), handles still remove them, and

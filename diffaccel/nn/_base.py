@@ -113,8 +113,9 @@ class QuantLayerBase(FollowsMoves, nn.Module):
             where = self.__dict__.get("qualified_name") or "<its qualified name>"
             raise AttributeError(f"{type(self).__name__} has no float 'weight': it stores low-bit codes (weight_q) "
                                  f"and scales (weight_scale); its dtype is in original_dtype. Code that reads "
-                                 f"layer.weight needs that layer left in floating point: "
-                                 f"diffaccel.patch(..., exclude=[{where!r}])")
+                                 f"layer.weight runs before diffaccel.patch (diffusers' fuse_qkv_projections: "
+                                 f"fuse, then patch; or unpatch, fuse, patch again), or needs that layer left in "
+                                 f"floating point: diffaccel.patch(..., exclude=[{where!r}])")
         return super().__getattr__(name)
 
     def check_output_dtype(self) -> None:
