@@ -9,7 +9,8 @@ Applying a recipe (used by ``diffaccel.patch(model, quant=recipe)``)::
     new_modules, installers, skipped = recipe.build_modules(backbone)
     # new_modules: {qualified_name: module to put in place of backbone.get_submodule(name)}
     # installers:  [install(backbone) -> remove()]  runtime hooks (the step-state pre-hook that maps
-    #              the `timestep` argument to the calibrated timestep index, on the device, no sync)
+    #              the `timestep` argument to the calibrated timestep index, on the device, no sync,
+    #              and its post-hook that ends the call's index)
     # skipped:     {qualified_name: why the layer stays in floating point}
 
 ``build_modules`` validates first (missing / extra layers, shape or kind mismatch raise
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import pathlib
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -411,20 +413,52 @@ class StepState:
     the model's device (``.index``), updated by a forward pre-hook on the backbone with device ops
     only (no ``.item()``, so a sampling loop stays capturable in a CUDA graph). With ``exact``
     (a temporal feature cache is in use) a timestep outside the calibrated set fails an async
-    device assert instead of silently reusing the nearest cached features."""
+    device assert instead of silently reusing the nearest cached features.
+
+    Each backbone call has its own index: per thread, a stack of the calls running (``StepHook``
+    pushes, its post-hook pops), so that two threads calling one model, or a call nested in another
+    (from a forward hook), each read their own timestep; with one shared index they read each
+    other's, silently. Inside torch.compile, which traces no thread-local state, and outside any
+    call, ``.index`` is the last call's (``_index``, which every call also writes)."""
 
     def __init__(self, timesteps: torch.Tensor, *, exact: bool):
         self.timesteps = timesteps.detach().to(torch.float64).cpu()
         self.exact = exact
-        self.index = torch.zeros((), dtype=torch.int64)
+        self._index = torch.zeros((), dtype=torch.int64)
         self._tables: dict[torch.device, torch.Tensor] = {}
+        self._calls = threading.local()
+
+    @property
+    def index(self) -> torch.Tensor:
+        stack = self.calls()
+        return stack[-1] if stack else self._index
+
+    def calls(self) -> Optional[list]:
+        """This thread's stack of running calls' indices; None inside torch.compile."""
+        if torch.compiler.is_compiling():
+            return None
+        stack = getattr(self._calls, "stack", None)
+        if stack is None:
+            stack = self._calls.stack = []
+        return stack
+
+    # (thread-local state neither pickles nor deep-copies: a copy starts with no call running)
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_calls"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._calls = threading.local()
 
     def _table(self, device) -> torch.Tensor:
         if device not in self._tables:
             self._tables[device] = self.timesteps.to(device=device, dtype=torch.float32)
         return self._tables[device]
 
-    def update(self, timestep, device) -> None:
+    def update(self, timestep, device) -> torch.Tensor:
+        """Set the shared index to ``timestep``'s and return it as a tensor of its own (the call's)."""
         device = torch.device(device)
         table = self._table(device)
         t = torch.as_tensor(timestep, device=device).to(torch.float32).reshape(-1)
@@ -441,18 +475,24 @@ class StepState:
             torch._assert_async((t == t0).all().reshape(()),
                                 "diffaccel: a per-timestep recipe takes one timestep per call, but this batch mixes "
                                 "timesteps: call the backbone once per timestep")
-        if self.index.device != device:
+        if self._index.device != device:
             with torch.inference_mode(False):  # a first call under inference_mode must not make every later one fail
-                self.index = torch.zeros((), dtype=torch.int64, device=device)
-        self.index.copy_(idx)
+                self._index = torch.zeros((), dtype=torch.int64, device=device)
+        self._index.copy_(idx)
+        return idx
 
     def installer(self, backbone: nn.Module):
         params = list(inspect.signature(backbone.forward).parameters)
         hook = StepHook(self, params.index("timestep") if "timestep" in params else None)
 
         def install(target: nn.Module):
-            handle = target.register_forward_pre_hook(hook, with_kwargs=True)
-            return handle.remove
+            handles = (target.register_forward_pre_hook(hook, with_kwargs=True),
+                       target.register_forward_hook(hook.leave, always_call=True))
+
+            def remove():
+                for handle in handles:
+                    handle.remove()
+            return remove
 
         return install
 
@@ -468,6 +508,9 @@ class StepHook:
         self.position = position  # of `timestep` among forward's positional parameters
 
     def __call__(self, module, args, kwargs):
+        stack = self.state.calls()
+        if stack is not None:  # (first: ``leave`` pops it also when what follows raises)
+            stack.append(self.state._index)
         if "timestep" in kwargs:
             t = kwargs["timestep"]
         elif self.position is not None and len(args) > self.position:
@@ -476,7 +519,16 @@ class StepHook:
             raise RuntimeError("diffaccel: the quantized backbone needs its `timestep` argument to pick "
                                "the calibrated per-timestep parameters")
         first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        self.state.update(t, first.device if first is not None else self.state.index.device)
+        idx = self.state.update(t, first.device if first is not None else self.state._index.device)
+        if stack is not None:
+            stack[-1] = idx
+
+    def leave(self, module, args, output):
+        """The backbone's post-hook (``always_call``: also when its forward raises an Exception; a
+        KeyboardInterrupt skips it and leaves one entry behind, which the next call's sits above)."""
+        stack = self.state.calls()
+        if stack:
+            stack.pop()
 
 
 class BOSPrecomputed(QuantLayerWrapper, FollowsMoves, nn.Module):
