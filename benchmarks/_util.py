@@ -111,7 +111,7 @@ def environment_info() -> dict:
             "triton": info["triton"], "diffaccel": info["diffaccel"], "python": info["python"],
             "triton_interpret": info["triton_interpret"], "torchao": _version_of("torchao"),
             # a source tree that was never built runs every op's torch reference: results.py refuses it
-            "backend_errors": [e for e in (_backend.extension_error(), _backend.triton_error()) if e]}
+            "backend_errors": _backend.gpu_kernels_missing()}
 
 
 def _version_of(package: str):

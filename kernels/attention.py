@@ -272,11 +272,13 @@ def _bucket(n: int) -> int:
 GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2: heads and batch (see _batch_head)
 
 
-def batch_chunks(B: int, H: int):
+def batch_chunks(B: int):
     """Batch slices of at most GRID_AXIS_MAX for launches on a (tiles, H, B) grid."""
-    if H > GRID_AXIS_MAX:
-        raise ValueError(f"q: {H} heads, more than a launch takes ({GRID_AXIS_MAX})")
     return [slice(lo, min(lo + GRID_AXIS_MAX, B)) for lo in range(0, B, GRID_AXIS_MAX)]
+
+
+def _part(t, c):
+    return None if t is None else t[c]
 
 
 def _mask_args(mask):
@@ -301,9 +303,8 @@ def attention_fwd(q, k, v, mask, out, lse, is_causal: bool, scale: float, *, con
     if B * H * Lq == 0:
         return
     if B > GRID_AXIS_MAX:
-        for c in batch_chunks(B, H):
-            attention_fwd(q[c], k[c], v[c], None if mask is None else mask[c], out[c], None if lse is None else lse[c], is_causal, scale,
-                          config=config)
+        for c in batch_chunks(B):
+            attention_fwd(q[c], k[c], v[c], _part(mask, c), out[c], _part(lse, c), is_causal, scale, config=config)
         return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     if config is None:
@@ -398,8 +399,8 @@ def quantize_qk_int8_blocks(q, k, k_mean, qi, qs, ki, ks) -> None:
     if B * H == 0 or n_q + n_k == 0:
         return
     if B > GRID_AXIS_MAX:
-        for c in batch_chunks(B, H):
-            quantize_qk_int8_blocks(q[c], k[c], None if k_mean is None else k_mean[c], qi[c], qs[c], ki[c], ks[c])
+        for c in batch_chunks(B):
+            quantize_qk_int8_blocks(q[c], k[c], _part(k_mean, c), qi[c], qs[c], ki[c], ks[c])
         return
     _quant_qk_int8_blocks_kernel[(n_q + n_k, H, B)](
         q, k, k_mean if k_mean is not None else qs, qi, qs, ki, ks, *q.stride(), *k.stride(), H, Lq, Lk, D, n_q, n_k,
@@ -432,7 +433,7 @@ def quantize_fp8_per_channel(x, scales, xq) -> None:
     if B * H * L == 0:
         return
     if B > GRID_AXIS_MAX:
-        for c in batch_chunks(B, H):
+        for c in batch_chunks(B):
             quantize_fp8_per_channel(x[c], scales[c], xq[c])
         return
     BLOCK_L = 64
@@ -563,10 +564,10 @@ def attention_int8_fwd(q_int8, q_scale, k_int8, k_scale, v, v_scale, mask, out, 
     if B * H * Lq == 0:
         return
     if B > GRID_AXIS_MAX:
-        for c in batch_chunks(B, H):
-            attention_int8_fwd(q_int8[c], q_scale[c], k_int8[c], k_scale[c], v[c], None if v_scale is None else v_scale[c], None if mask is None else mask[c],
-                               out[c], None if lse is None else lse[c], is_causal, scale, pv_fp8=pv_fp8,
-                               qk_debug=None if qk_debug is None else qk_debug[c], config=config)
+        for c in batch_chunks(B):
+            attention_int8_fwd(q_int8[c], q_scale[c], k_int8[c], k_scale[c], v[c], _part(v_scale, c), _part(mask, c),
+                               out[c], _part(lse, c), is_causal, scale, pv_fp8=pv_fp8,
+                               qk_debug=_part(qk_debug, c), config=config)
         return
     mask_t, ms, has_mask, mask_bool = _mask_args(mask)
     block_d, block_d1 = split_head_dim(D, min_chunk=32)
