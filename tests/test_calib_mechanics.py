@@ -114,6 +114,36 @@ def test_adaround_learns_a_rounding_that_beats_nearest_on_a_toy_block():
     assert not any(p.grad is not None for p in block.parameters())
 
 
+def test_reconstruct_counts_the_rounding_choices_left_undecided():
+    """AdaRound's regulariser settles h to 0 or 1 only given enough iterations; what it has not
+    settled is decided by the hardening. reconstruct() counts those, per layer."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(16, 32))
+    with torch.no_grad():
+        io = [((x,), {}, block(x), 0) for x in torch.randn(4, 64, 16).unbind(0)]
+    grid = fakequant.weight_grid("int4")
+    init = {"0": LayerInit(grid, fakequant.weight_absmax_scale(block[0].weight, grid))}
+    short, long = (reconstruct(block, io, init, iters=n, device="cpu", seed=0, learn_act=False)["0"]
+                   for n in (10, 1500))
+    assert short.rounding == long.rounding == block[0].weight.numel()
+    assert short.undecided > 0.5 * short.rounding  # barely moved from the fractional parts
+    assert long.undecided < 0.1 * long.rounding
+    plain = reconstruct(block, io, init, iters=10, device="cpu", seed=0, adaround=False, learn_act=False)["0"]
+    assert plain.undecided == plain.rounding == 0
+
+
+@pytest.mark.parametrize("method", ["qdiffusion", "tfmq"])
+def test_recipe_meta_and_a_warning_say_how_much_of_adaround_went_undecided(method, caplog):
+    model, data = model_and_data("unet", timesteps=(900, 100), per_timestep=1)
+    with caplog.at_level("WARNING", logger="diffaccel"):
+        recipe = calibrate(model, data, method=method, weight_bits=8, act_bits=8, iters=2, progress=False)
+    frac = recipe.meta["adaround_undecided"]
+    assert 0.5 < frac <= 1.0  # two iterations settle nothing
+    assert any("undecided" in r.getMessage() and "raise iters" in r.getMessage() for r in caplog.records)
+    plain = calibrate(model, data, method=method, weight_bits=8, act_bits=8, iters=2, adaround=False, progress=False)
+    assert plain.meta["adaround_undecided"] is None
+
+
 def test_lsq_learns_activation_step_sizes_in_the_same_reconstruction():
     torch.manual_seed(0)
     block = nn.Sequential(nn.Linear(8, 8))
@@ -310,6 +340,38 @@ def test_tfmq_without_cache_reconstructs_the_temporal_block_as_one_unit(monkeypa
     for unit, rel in units:
         assert not any(r.endswith("time_emb_proj") for r in rel)
     assert recipe.temporal_cache == {}
+
+
+@pytest.mark.parametrize("act_fn", [None, "silu", "mish"])
+def test_tiar_targets_are_the_temporal_features_the_unet_computes(act_fn):
+    """TIAR's target must be what the resnets' time_emb_proj really see. With time_embedding_act_fn
+    set, the UNet activates the embedding (time_embed_act) before every resnet; the target used to
+    skip it (0.39 relative error at the projections, so TIAR reconstructed features the model never
+    computes)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffaccel.quant.calibrate.structure import temporal_info
+
+    torch.manual_seed(0)
+    m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                             layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                             attention_head_dim=2, norm_num_groups=8, time_embedding_act_fn=act_fn).eval()
+    info = temporal_info(m)
+    assert info.projections
+    embed = m.get_submodule(info.embed)
+    unit = tfmq.TemporalUnit(embed, [(m.get_submodule(p), tfmq._projection_act(m, p)) for p in info.projections])
+    seen = {}
+    hooks = [embed.register_forward_hook(lambda mod, a, o: seen.update(args=a, embed=o))]
+    hooks += [m.get_submodule(p).register_forward_hook(lambda mod, a, o, p=p: seen.update({p: o}))
+              for p in info.projections]
+    with torch.no_grad():
+        m(torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 7, 32))
+        for h in hooks:
+            h.remove()
+        target = unit(*seen["args"])
+    real = torch.cat([seen[k].reshape(2, -1) for k in ["embed", *info.projections]], dim=-1)
+    torch.testing.assert_close(target, real, rtol=1e-6, atol=1e-6)
 
 
 # -- MixDQ: BOS path, decoupled metrics, integer program ------------------------------------------

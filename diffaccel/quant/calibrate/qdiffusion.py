@@ -3,13 +3,16 @@ sampling trajectory, see collect.spread_indices), Lp clip-ratio search for weigh
 BRECQ block reconstruction with AdaRound learned rounding and LSQ-learned activation step sizes,
 and split quantization of the concat (h, skip) inputs of the UNet's up-path ResNet blocks.
 
-Blocks are reconstructed independently from their full-precision inputs and outputs (BRECQ's
-"FP input" variant: one pass collects them all). Attention matmuls (QK^T, PV) are quantized by the
+Blocks are reconstructed in call order, each from the inputs the already-quantized model gives it,
+against the full-precision outputs (``block_inputs="quantized"``, the default, as in BRECQ and
+Q-Diffusion); ``block_inputs="fp"`` reconstructs them independently from full-precision inputs,
+recorded a few blocks per pass. Attention matmuls (QK^T, PV) are quantized by the
 attention kernel (``attention(..., quant="int8")``), not calibrated here.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import ExitStack
 from dataclasses import replace
 
@@ -22,6 +25,9 @@ from .common import (act_init, find_split_points, layer_recipe, make_spec, plan_
 from .fakequant import quantize_weight
 from .reconstruct import LayerInit, reconstruct, unit_error, wrap_layers
 from .structure import blocks as find_blocks
+
+logger = logging.getLogger("diffaccel")
+UNDECIDED_WARN = 0.1  # warn above this fraction of rounding choices left to the final hardening
 
 
 class _LayerUnit(nn.Module):
@@ -60,8 +66,10 @@ def execution_order(backbone: nn.Module, sample: dict, device, names: list[str])
     return order + [n for n in names if n not in order]
 
 
-def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, method: str) -> dict:
-    """Initial scales + block reconstruction of every planned layer; -> {name: LayerRecipe}.
+def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, method: str) -> tuple[dict, dict]:
+    """Initial scales + block reconstruction of every planned layer; -> ({name: LayerRecipe}, meta),
+    meta holding ``adaround_undecided``: the fraction of the kept learned rounding choices that the
+    regulariser had not settled (0.01 < h < 0.99) when they were hardened, None without AdaRound.
 
     ``ctx.block_inputs == "quantized"`` (BRECQ's and Q-Diffusion's default): blocks are
     reconstructed in call order, each fed by the model whose earlier blocks are already quantized
@@ -105,6 +113,7 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
     work = [(name, unit, 0) for name, unit in (extra_units or {}).items()]
     work += [(name, units[name], g) for g, group in enumerate(unit_groups) for name in group]
     io_group = 0
+    undecided = rounding = 0
     for i, (unit_name, names, group) in enumerate(progress_bar(work, desc=f"calibration: reconstruction ({method})",
                                                                enabled=ctx.progress)):
         if isinstance(names, tuple):  # (unit module, io, {relative: name})
@@ -148,6 +157,9 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
             learned = {rel: replace(init, weight_q=quantize_weight(plan.layers[rel_names[rel]].weight,
                                                                    init.weight_scale, init.grid))
                        for rel, init in start.items()}
+        else:
+            undecided += sum(r.undecided for r in results.values())
+            rounding += sum(r.rounding for r in results.values())
         for rel, name in rel_names.items():
             init = learned[rel]
             layers[name] = layer_recipe(plan.layers[name], spec, weight_scale=init.weight_scale,
@@ -158,7 +170,21 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
                                     adaround=False, learn_act=False)
             for layer in installed.values():
                 layer.hard = True
-    return layers
+    return layers, {"adaround_undecided": _report_undecided(method, undecided, rounding, ctx.iters)}
+
+
+def _report_undecided(method: str, undecided: int, rounding: int, iters: int) -> float | None:
+    if not rounding:
+        return None
+    frac = undecided / rounding
+    if frac > UNDECIDED_WARN:  # the hardening, not the learned rounding, then decides those weights
+        logger.warning("%s: %.0f%% of AdaRound's rounding choices were still undecided (0.01 < h < 0.99) when "
+                       "hardened after iters=%d: the hardening, not the learned rounding, decided those weights "
+                       "(close to round-to-nearest); raise iters (the papers' code runs 20000 per block) for a settled result",
+                       method, 100 * frac, iters)
+    else:
+        logger.info("%s: %.1f%% of AdaRound's rounding choices undecided when hardened", method, 100 * frac)
+    return frac
 
 
 def run(ctx) -> QuantRecipe:
@@ -167,6 +193,6 @@ def run(ctx) -> QuantRecipe:
     if ctx.split_shortcut:
         plan.split_points = {n: c for n, c in find_split_points(ctx.backbone, ctx.calib.samples[0], ctx.device).items()
                              if n in plan.layers}
-    layers = brecq(ctx, plan, per_timestep=False, method="qdiffusion")
+    layers, extra = brecq(ctx, plan, per_timestep=False, method="qdiffusion")
     return QuantRecipe("qdiffusion", layers, plan.model_layers, plan.skipped, timesteps=ctx.calib.timesteps,
-                       meta=ctx.meta(split_points=plan.split_points))
+                       meta=ctx.meta(split_points=plan.split_points, **extra))

@@ -50,10 +50,15 @@ class LayerInit:
     act_dtype: str = "int8"                  # "int8" | "fp8_e4m3" (with act_scale)
 
 
+UNDECIDED = 0.01  # a rounding variable h with UNDECIDED < h < 1 - UNDECIDED was not settled by the regulariser
+
+
 @dataclass
 class LayerResult:
     weight_q: torch.Tensor | None
     act_scale: torch.Tensor | None
+    undecided: int = 0   # AdaRound's rounding variables still soft when hardened
+    rounding: int = 0    # AdaRound's rounding variables in all
 
 
 class FakeQuantLayer(nn.Module):
@@ -202,5 +207,10 @@ def reconstruct(unit: nn.Module, io: list, inits: dict[str, LayerInit], *, iters
             wq = l.init.grid.codes(l.grid_weight()).cpu() if l.init.grid is not None else None
             act = (l.act_log_scale.detach().float().exp().cpu().clamp(min=SCALE_FLOOR)
                    if l.init.act_scale is not None else None)
-            results[rel] = LayerResult(wq, act)
+            undecided = rounding = 0
+            if l.adaround:
+                h = l.h()
+                undecided = int(((h > UNDECIDED) & (h < 1 - UNDECIDED)).sum())
+                rounding = h.numel()
+            results[rel] = LayerResult(wq, act, undecided, rounding)
     return results

@@ -51,9 +51,13 @@ class TemporalUnit(nn.Module):
 
 
 def _projection_act(backbone: nn.Module, proj_name: str):
+    """What the model applies to the embedding module's output before ``proj_name`` sees it."""
     parent = backbone.get_submodule(proj_name.rpartition(".")[0])
     if hasattr(parent, "time_emb_proj"):  # ResnetBlock2D
-        return (lambda x: x) if getattr(parent, "skip_time_act", False) else parent.nonlinearity
+        own = (lambda x: x) if getattr(parent, "skip_time_act", False) else parent.nonlinearity
+        # a UNet with time_embedding_act_fn activates the embedding once, before every resnet
+        shared = getattr(backbone, "time_embed_act", None)
+        return own if shared is None else (lambda x: own(shared(x)))
     return F.silu  # adaLN modulation: linear(silu(emb))
 
 
@@ -118,12 +122,12 @@ def run(ctx) -> QuantRecipe:
         if tib_layers:
             extra_units = _tiar_unit(ctx, info, tib_layers)
     plan.layers.update(tib_layers)
-    layers = brecq(ctx, plan, per_timestep=True, extra_units=extra_units, method="tfmq")
+    layers, extra = brecq(ctx, plan, per_timestep=True, extra_units=extra_units, method="tfmq")
     # the TIB layers were reconstructed as one unit in extra_units, not inside their resnets
     return QuantRecipe("tfmq", layers, plan.model_layers, plan.skipped, timesteps=ctx.calib.timesteps,
                        temporal_cache=cache,
                        meta=ctx.meta(split_points=plan.split_points, temporal_cache=sorted(cache),
-                                     temporal_block=info.layers))
+                                     temporal_block=info.layers, **extra))
 
 
 def _tiar_unit(ctx, info, tib_layers) -> dict:
