@@ -313,7 +313,8 @@ def _checked_model_fn(model_fn: Callable) -> Callable:
 
 def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_inference_steps: int, *,
                   reference_steps: Optional[int] = None, dc_order: int = DEFAULT_DC_ORDER, num_iters: int = 20,
-                  lr: float = 0.1, ratio_init: float = IDENTITY_RATIO, progress: bool = True) -> list:
+                  lr: float = 0.1, ratio_init: float = IDENTITY_RATIO, mu: Optional[float] = None,
+                  progress: bool = True) -> list:
     """Fit DC-Solver's compensation ratios for ``num_inference_steps`` steps of ``scheduler``'s config.
 
     Their search (``_step_search`` / ``find_optim_ratio``), step by step along the few-step
@@ -328,7 +329,14 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     ``model_fn(sample, timestep) -> model_output`` is what ``scheduler.step`` receives (guidance
     applied); gradients flow through it when it is differentiable. ``latents``: the initial noisy
     samples (a small batch: the loss averages over it). Deterministic given its inputs; the
-    scheduler passed in is not modified. Returns one float per step (1.0 for the first ``dc_order``).
+    scheduler passed in is not modified. Returns one float per step (1.0 for the first ``dc_order``,
+    and where the step's interpolation timesteps coincide: Karras sigmas round to repeated
+    timesteps at the end of long schedules, and compensation is undefined there). ``mu``: the
+    dynamic-shifting parameter both schedules are set with (``use_dynamic_shifting`` flow configs).
+
+    The solver arithmetic, the reference trajectory and the loss run in float32 (at least): the
+    model sees samples in ``latents``' dtype and its output is promoted back, so a half-precision
+    model can be fitted without fitting to half-precision rounding noise.
     Deviation from their code: the target for the state after the last-but-one step is the reference
     state at that step's noise level (their index picks the final sample there).
     """
@@ -336,8 +344,8 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     if why is not None:
         raise ValueError(f"scheduler: {why}")
     dc_order = check_dc_order(dc_order)
-    num_inference_steps, reference_steps, num_iters, lr, ratio_init = map(
-        plain_number, (num_inference_steps, reference_steps, num_iters, lr, ratio_init))
+    num_inference_steps, reference_steps, num_iters, lr, ratio_init, mu = map(
+        plain_number, (num_inference_steps, reference_steps, num_iters, lr, ratio_init, mu))
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
@@ -360,12 +368,25 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     if not callable(model_fn):
         raise TypeError(f"model_fn: expected a callable (sample, timestep) -> model_output, got "
                         f"{type(model_fn).__name__}")
-    model_fn = _checked_model_fn(model_fn)
+    if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
+        raise ValueError(f"mu: expected a finite float or None, got {mu!r}")
+    checked = _checked_model_fn(model_fn)
+    model_dtype = latents.dtype
+    work_dtype = torch.promote_types(latents.dtype, torch.float32)
 
+    def model_fn(sample, timestep):  # the model in its own dtype, the solver's arithmetic in work_dtype
+        return checked(sample.to(model_dtype), timestep).to(work_dtype)
+
+    latents = latents.to(work_dtype)
+    schedule = {} if mu is None else {"mu": float(mu)}
     few = type(scheduler).from_config(scheduler.config)
-    few.set_timesteps(num_inference_steps, device=latents.device)
+    few.set_timesteps(num_inference_steps, device=latents.device, **schedule)
     ref = type(scheduler).from_config(scheduler.config)
-    ref.set_timesteps(reference_steps, device=latents.device)
+    # the reference runs the fused step: it equals diffusers' except where diffusers ends in NaN
+    # (bh1 down to a zero final sigma, README), which would leave the last steps without a target
+    from ._patch import patch_scheduler
+    patch_scheduler(ref)
+    ref.set_timesteps(reference_steps, device=latents.device, **schedule)
     few_sigmas = _f64(few.sigmas)
     first = _f64(ref.sigmas)[0]
     if abs(first - few_sigmas[0]) > 1e-6 * abs(few_sigmas[0]):  # (checked before the reference's model calls)
@@ -380,19 +401,19 @@ def fit_dc_ratios(scheduler, model_fn: Callable, latents: torch.Tensor, num_infe
     bad = [j for j, st in enumerate(ref_states) if not bool(torch.isfinite(st).all())]
     if bad:
         raise ValueError(f"reference_steps: the {reference_steps}-step reference trajectory is not finite from state "
-                         f"{bad[0]} on (diffusers' own step gives NaN/inf there, e.g. solver_type='bh1' with "
-                         "final_sigmas_type='zero')")
+                         f"{bad[0]} on (model_fn returned NaN/inf, or the solver overflowed)")
     from tqdm.auto import tqdm
 
     sampler = DCUniPCReference(few, None, dc_order)
     ratios = [IDENTITY_RATIO] * num_inference_steps
     x = latents
     ts = few.timesteps
+    ts64 = _f64(ts)
     bar = tqdm(range(num_inference_steps), desc="fit_dc_ratios", disable=not progress)
     for i in bar:
         with torch.no_grad():
             x = sampler.correct_and_push(model_fn(x, ts[i]), x)
-        if i >= dc_order:
+        if i >= dc_order and len(np.unique(ts64[i - dc_order:i + 1])) == dc_order + 1:
             target = _target_at(few_sigmas[i + 1], ref_sigmas, ref_states)
             snap = sampler.snapshot()
             param = torch.nn.Parameter(torch.tensor(float(ratio_init), dtype=torch.float64, device=latents.device))
