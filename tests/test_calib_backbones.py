@@ -83,3 +83,42 @@ def test_default_skip_is_the_presets_input_output_layers():
     recipe = calibrate(model, data, method="minmax", **OPTIONS)
     io = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_io_layer(n)}
     assert io and not io & set(recipe.layers)
+
+
+# -- TFMQ's temporal block on backbones whose embedding reaches the blocks another way -----------
+
+@pytest.mark.parametrize("temporal_cache", [True, False])
+@pytest.mark.parametrize("name", ["hunyuan_video", "unet_svd"])
+def test_tfmq_on_backbones_with_other_temporal_embeddings(name, temporal_cache):
+    """HunyuanVideo's time_text_embed returns (temb, None): TIAR's unit took no embedding and raised
+    a TypeError inside silu. SVD's UNet has no class_embedding attribute: temporal_info raised an
+    AttributeError. Both now calibrate and run."""
+    model, data = _data(name)
+    options = dict(OPTIONS, temporal_cache=temporal_cache)
+    recipe = calibrate(model, data, method="tfmq", **options)
+    assert recipe.meta["temporal_block"]
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    want, got = tiny_models.output_of(model, data[0]), tiny_models.output_of(patched, data[0])
+    assert ((got - want).norm() / want.norm()).item() < MAX_REL_L2
+
+
+def test_tfmq_keeps_projections_that_read_more_than_the_timestep_out_of_the_temporal_block():
+    """I2VGen-XL adds an fps embedding to the time embedding before its resnets. The temporal
+    feature cache stored the resnets' time_emb_proj outputs per timestep, so a run at another fps
+    got the calibration fps's features (and TIAR reconstructed features the model never computes).
+    Projections whose recorded outputs are not proj(act(embedding)) are now quantized in their
+    blocks; the embedding MLP itself, which depends on t alone, is still cached."""
+    model, data = _data("i2vgen_xl")
+    recipe = calibrate(model, data, method="tfmq", **dict(OPTIONS, temporal_cache=True))
+    assert sorted(recipe.temporal_cache) == ["time_embedding"]
+    projections = [n for n, _ in model.named_modules() if n.endswith("time_emb_proj")]
+    assert projections and all(n in recipe.layers for n in projections)
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    errors = []
+    for fps in (16, 4):  # the calibration fps, another one
+        inputs = dict(data[0], fps=torch.full_like(data[0]["fps"], fps))
+        want, got = tiny_models.output_of(model, inputs), tiny_models.output_of(patched, inputs)
+        errors.append(((got - want).norm() / want.norm()).item())
+    assert errors[0] < MAX_REL_L2 and errors[1] < 1.5 * errors[0], errors  # cached fps-16 features: 0.081 vs 0.033

@@ -111,7 +111,8 @@ def temporal_info(backbone: nn.Module) -> TemporalInfo:
         if getattr(backbone.time_embedding, "cond_proj", None) is not None:
             reasons.append("time_embedding takes a timestep_cond")
         layers = [n for n in names if n.startswith("time_embedding.") and isinstance(names[n], nn.Linear)]
-        if reasons and (backbone.class_embedding is not None or getattr(backbone, "add_embedding", None) is not None):
+        if reasons and (getattr(backbone, "class_embedding", None) is not None
+                        or getattr(backbone, "add_embedding", None) is not None):
             projections = []  # their input mixes in non-temporal embeddings: they stay with their blocks
         return TemporalInfo("time_embedding", projections, layers + projections, not reasons,
                             "; ".join(reasons) or None)

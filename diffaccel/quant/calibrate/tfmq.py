@@ -17,6 +17,7 @@ with per-timestep activation parameters.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from ..recipe import QuantRecipe
 from .collect import CalibrationError, _to, observe
 from .common import find_split_points, plan_layers
 from .qdiffusion import brecq
-from .structure import first_tensor, temporal_info
+from .structure import TemporalInfo, first_tensor, temporal_info
 
 logger = logging.getLogger("diffaccel")
 
@@ -41,13 +42,15 @@ class TemporalUnit(nn.Module):
         self.projs = nn.ModuleList([p for p, _ in projections])
         self.acts = [a for _, a in projections]
 
-    def forward(self, *args, **kwargs):
+    def features(self, *args, **kwargs) -> list[torch.Tensor]:
+        """The embedding module's output(s), then each projection of its first output."""
         out = self.embed(*args, **kwargs)
-        feats = list(out) if isinstance(out, (tuple, list)) else [out]
-        emb = feats[0] if len(feats) == 1 else None
-        for proj, act in zip(self.projs, self.acts):
-            feats.append(proj(act(emb)))
-        return torch.cat([f.reshape(f.shape[0], -1).float() for f in feats], dim=-1)
+        feats = [f for f in out if f is not None] if isinstance(out, (tuple, list)) else [out]
+        emb = feats[0]  # (HunyuanVideo's second output, the token-replace embedding, may be None)
+        return feats + [proj(act(emb)) for proj, act in zip(self.projs, self.acts)]
+
+    def forward(self, *args, **kwargs):
+        return torch.cat([f.reshape(f.shape[0], -1).float() for f in self.features(*args, **kwargs)], dim=-1)
 
 
 def _projection_act(backbone: nn.Module, proj_name: str):
@@ -67,13 +70,55 @@ def _first_rows(out):
     return [first_tensor(out)[0].float()]
 
 
+def _same_rows(pred: torch.Tensor, real) -> bool:
+    """``real`` (a recorded output) equals ``pred``, or ``pred`` with each row repeated (a motion
+    UNet repeats the embedding over frames), to float32 recomputation accuracy."""
+    if not isinstance(real, torch.Tensor) or pred.shape[0] == 0 or real.shape[0] % pred.shape[0]:
+        return False
+    real = real[::real.shape[0] // pred.shape[0]].to(pred.device, torch.float32)
+    if real.shape != pred.shape:
+        return False
+    return bool((pred.float() - real).norm() <= 1e-4 * real.norm() + 1e-6)
+
+
+def _embedding(out) -> torch.Tensor:
+    """The embedding module's first output (HunyuanVideo's second one may be None)."""
+    return next(o for o in out if o is not None) if isinstance(out, (tuple, list)) else out
+
+
+def _verified(backbone: nn.Module, info: TemporalInfo, obs) -> TemporalInfo:
+    """``info`` without the projections whose recorded outputs are not proj(act(embedding)) at every
+    calibrated timestep. What the model does between the two varies (an activation, an fps
+    embedding added in I2VGen-XL, a per-block input); a projection that reads something else is
+    neither cached by timestep nor reconstructed from the embedding: it is quantized in its block."""
+    emb = obs.module_out.get(info.embed, {})
+    kept = []
+    for name in info.projections:
+        proj, act = backbone.get_submodule(name), _projection_act(backbone, name)
+        real = obs.module_out.get(name, {})
+        device = next(proj.parameters()).device
+        try:
+            with torch.no_grad():
+                ok = bool(emb) and set(real) == set(emb) and all(
+                    _same_rows(proj(act(_embedding(emb[t]).to(device, torch.float32))), real[t]) for t in emb)
+        except (RuntimeError, TypeError, ValueError):
+            ok = False
+        if ok:
+            kept.append(name)
+        else:
+            logger.info("tfmq: %s does not read the timestep embedding alone; quantized in its block", name)
+    dropped = set(info.projections) - set(kept)
+    if not dropped:
+        return info
+    return replace(info, projections=kept, layers=[n for n in info.layers if n not in dropped])
+
+
 def run(ctx) -> QuantRecipe:
     backbone = ctx.backbone
     info = temporal_info(backbone)
     use_cache = ctx.temporal_cache and info.cacheable
     if ctx.temporal_cache and not info.cacheable and info.embed is not None:
         logger.info("tfmq: temporal features not cached (%s); reconstructing them with TIAR", info.why_not_cacheable)
-    cached_modules = ([info.embed] + info.projections) if use_cache else []
     if use_cache:
         calibrated = set(ctx.calib.timesteps.tolist())
         missing = [t for t in ctx.calib.schedule.tolist() if t not in calibrated]
@@ -83,6 +128,13 @@ def run(ctx) -> QuantRecipe:
                 f"num_timesteps={len(calibrated)} covers {len(calibrated)} of the {len(ctx.calib.schedule)} timesteps "
                 f"the pipeline ran (e.g. {missing[0]:g} is left out); use num_timesteps >= num_inference_steps, or "
                 f"temporal_cache=False (nearest-timestep activation scales, any schedule)")
+    temporal = None
+    if info.embed is not None and (use_cache or info.layers):
+        temporal = observe(backbone, ctx.calib, layers=[], device=ctx.device,
+                           capture_outputs_of=(info.embed, *info.projections), seed=ctx.seed, progress=False,
+                           desc="calibration: temporal features")
+        info = _verified(backbone, info, temporal)
+    cached_modules = ([info.embed] + info.projections) if use_cache else []
     exclude = {}
     for name in info.layers:
         exclude[name] = ("replaced by the temporal feature cache (exact full-precision features)" if use_cache
@@ -97,10 +149,8 @@ def run(ctx) -> QuantRecipe:
     extra_units = {}
     tib_layers = {}
     if use_cache:
-        obs = observe(backbone, ctx.calib, layers=[], device=ctx.device, capture_outputs_of=tuple(cached_modules),
-                      seed=ctx.seed, progress=False, desc="calibration: temporal features")
         for name in cached_modules:
-            per_t = obs.module_out.get(name, {})
+            per_t = temporal.module_out.get(name, {})
             if len(per_t) != T:
                 raise CalibrationError(f"tfmq: module '{name}' did not run at every calibrated timestep")
             rows = [_first_rows(per_t[t]) for t in range(T)]
@@ -131,7 +181,8 @@ def run(ctx) -> QuantRecipe:
 
 
 def _tiar_unit(ctx, info, tib_layers) -> dict:
-    """-> {"<temporal block>": (TemporalUnit, io, {relative name: layer name})} for ``brecq``."""
+    """-> {"<temporal block>": (TemporalUnit, io, {relative name: layer name})} for ``brecq``
+    (``info``: verified, every projection reads the embedding as TemporalUnit re-derives it)."""
     backbone = ctx.backbone
     embed = backbone.get_submodule(info.embed)
     projections = [(backbone.get_submodule(p), _projection_act(backbone, p)) for p in info.projections]
