@@ -122,3 +122,47 @@ def test_tfmq_keeps_projections_that_read_more_than_the_timestep_out_of_the_temp
         want, got = tiny_models.output_of(model, inputs), tiny_models.output_of(patched, inputs)
         errors.append(((got - want).norm() / want.norm()).item())
     assert errors[0] < MAX_REL_L2 and errors[1] < 1.5 * errors[0], errors  # cached fps-16 features: 0.081 vs 0.033
+
+
+# -- backbones that name their timestep otherwise ------------------------------------------------
+
+def _renamed_timestep_data(name, key, values):
+    model, inputs = tiny_models.FACTORIES[name]()
+    return model, [dict(inputs, **{key: torch.full_like(inputs[key], v)}) for v in values]
+
+
+@pytest.mark.parametrize("method", ["minmax", "tfmq"])
+@pytest.mark.parametrize("name,key,values", [("hidream", "timesteps", (900, 100)), ("zimage", "t", (0.9, 0.1))])
+def test_backbones_whose_forward_names_the_timestep_otherwise(name, key, values, method):
+    """HiDream's forward takes `timesteps`, Z-Image's `t`. calibrate demanded a `timestep` key, which
+    their forward then refused: no data could be given. The runtime hook of a per-timestep (TFMQ)
+    recipe reads the same argument."""
+    model, data = _renamed_timestep_data(name, key, values)
+    recipe = calibrate(model, data, method=method, **OPTIONS)
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    for item in data:  # each at its own timestep's parameters
+        want, got = tiny_models.output_of(model, item), tiny_models.output_of(patched, item)
+        assert ((got - want).norm() / want.norm()).item() < MAX_REL_L2
+    with pytest.raises(diffaccel.quant.calibrate.CalibrationError, match=rf"has no '{key}', the backbone's timestep"):
+        calibrate(model, [{k: v for k, v in data[0].items() if k != key}], method=method, **OPTIONS)
+
+
+def test_pipeline_calibration_records_a_timestep_named_otherwise():
+    """A pipeline that calls its transformer with `timesteps=` (HiDream's): the recording hook read
+    item['timestep'] and raised a bare KeyError mid-run."""
+    model, data = _renamed_timestep_data("hidream", "timesteps", (900, 100))
+
+    class Scheduler:
+        pass
+
+    class Pipe:
+        scheduler = Scheduler()
+        transformer = model
+
+        def __call__(self, prompt, num_inference_steps, generator, output_type, **kwargs):
+            for item in data:
+                self.transformer(**item, return_dict=False)
+
+    recipe = calibrate(Pipe(), ["a cat"], method="tfmq", num_inference_steps=2, **OPTIONS)
+    assert recipe.timesteps.tolist() == [900.0, 100.0]

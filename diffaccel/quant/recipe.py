@@ -408,6 +408,18 @@ def _check_path(path) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # (HiDream's forward names it timesteps, Z-Image's t)
+
+
+def timestep_parameter(forward) -> str:
+    """The name ``forward`` gives its timestep argument: the first of TIMESTEP_NAMES it takes."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return TIMESTEP_NAMES[0]
+    return next((n for n in TIMESTEP_NAMES if n in params), TIMESTEP_NAMES[0])
+
+
 class StepState:
     """The index of the calibrated timestep the backbone is running at, as a 0-d int64 tensor on
     the model's device (``.index``), updated by a forward pre-hook on the backbone with device ops
@@ -483,7 +495,8 @@ class StepState:
 
     def installer(self, backbone: nn.Module):
         params = list(inspect.signature(backbone.forward).parameters)
-        hook = StepHook(self, params.index("timestep") if "timestep" in params else None)
+        name = timestep_parameter(backbone.forward)
+        hook = StepHook(self, params.index(name) if name in params else None, name)
 
         def install(target: nn.Module):
             handles = (target.register_forward_pre_hook(hook, with_kwargs=True),
@@ -503,20 +516,22 @@ class StepHook:
     that read ``state`` (one copied state for both, so a copy follows its own timesteps, not the
     original's), and ``torch.save`` can pickle it."""
 
-    def __init__(self, state: StepState, position: Optional[int]):
+    def __init__(self, state: StepState, position: Optional[int], name: str = "timestep"):
         self.state = state
-        self.position = position  # of `timestep` among forward's positional parameters
+        self.position = position  # of the timestep among forward's positional parameters
+        self.name = name          # forward's name for it (timestep_parameter)
 
     def __call__(self, module, args, kwargs):
         stack = self.state.calls()
         if stack is not None:  # (first: ``leave`` pops it also when what follows raises)
             stack.append(self.state._index)
-        if "timestep" in kwargs:
-            t = kwargs["timestep"]
+        name = getattr(self, "name", "timestep")  # (a hook pickled before it had a name)
+        if name in kwargs:
+            t = kwargs[name]
         elif self.position is not None and len(args) > self.position:
             t = args[self.position]
         else:
-            raise RuntimeError("diffaccel: the quantized backbone needs its `timestep` argument to pick "
+            raise RuntimeError(f"diffaccel: the quantized backbone needs its `{name}` argument to pick "
                                "the calibrated per-timestep parameters")
         first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
         idx = self.state.update(t, first.device if first is not None else self.state._index.device)

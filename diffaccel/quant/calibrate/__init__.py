@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...ops._checks import plain_number
-from ..recipe import QuantRecipe, RecipeError
+from ..recipe import QuantRecipe, RecipeError, timestep_parameter
 from . import minmax, mixdq, qdiffusion, tfmq
 from .collect import (CalibrationError, CalibrationSet, backbone_of, check_forward_kwargs, from_backbone_data, from_pipeline,
                       is_pipeline, working_copy)
@@ -257,7 +257,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                       batch_size=batch_size, pipe_kwargs=dict(pipe_kwargs or {}), progress=progress)
             else:
                 calib = from_backbone_data(data, num_timesteps=n_t, samples_per_timestep=samples_per_timestep,
-                                           one_timestep_per_item=method == "tfmq")
+                                           one_timestep_per_item=method == "tfmq",
+                                           key=timestep_parameter(backbone.forward))
                 check_forward_kwargs(backbone, calib)
             work = working_copy(backbone, device)
             work.eval()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...ops._checks import plain_number
-from ..recipe import matches_bos
+from ..recipe import matches_bos, timestep_parameter
 from .structure import first_tensor, layer_input
 
 logger = logging.getLogger("diffaccel")
@@ -112,9 +112,10 @@ def _select(groups: dict[float, list[dict]], order: list[float], num_timesteps: 
 
 
 def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | None,
-                       one_timestep_per_item: bool = False) -> CalibrationSet:
-    """``data``: an iterable of forward-kwargs dicts, each holding ``timestep`` (one value per item
-    with ``one_timestep_per_item``, for methods with per-timestep parameters)."""
+                       one_timestep_per_item: bool = False, key: str = "timestep") -> CalibrationSet:
+    """``data``: an iterable of forward-kwargs dicts, each holding the timestep under ``key``, the
+    backbone's name for it (``timestep_parameter``; one value per item with ``one_timestep_per_item``,
+    for methods with per-timestep parameters)."""
     if isinstance(data, dict):
         raise CalibrationError("data: expected an iterable of forward-kwargs dicts, got a single dict")
     if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
@@ -124,15 +125,16 @@ def from_backbone_data(data, *, num_timesteps: int, samples_per_timestep: int | 
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise CalibrationError(f"data: item {i} is a {type(item).__name__}, expected a dict of forward kwargs")
-        if "timestep" not in item:
-            raise CalibrationError(f"data: item {i} has no 'timestep' (keys: {sorted(item)})")
+        if key not in item:
+            raise CalibrationError(f"data: item {i} has no {key!r}, the backbone's timestep argument (keys: "
+                                   f"{sorted(item)})")
         item = _to(dict(item), "cpu")
         _check_finite(f"data[{i}]", item)
-        ts = item["timestep"] = plain_number(item["timestep"])  # (a numpy scalar: the backbone takes python's)
+        ts = item[key] = plain_number(item[key])  # (a numpy scalar: the backbone takes python's)
         if one_timestep_per_item and isinstance(ts, torch.Tensor) and ts.numel() > 1 \
                 and not bool((ts == ts.reshape(-1)[0]).all()):
             # per-timestep parameters (tfmq): the whole item was filed under its first timestep
-            raise CalibrationError(f"data: item {i}'s 'timestep' mixes timesteps ({ts.reshape(-1).tolist()[:4]}); "
+            raise CalibrationError(f"data: item {i}'s {key!r} mixes timesteps ({ts.reshape(-1).tolist()[:4]}); "
                                    f"one timestep per item: split it into one item per timestep")
         t = timestep_value(ts)
         if not math.isfinite(t):
@@ -213,14 +215,18 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
         raise CalibrationError("data: a pipeline is calibrated with a list of prompt strings")
     backbone = backbone_of(pipe, backbone)
     signature = inspect.signature(backbone.forward)
+    key = timestep_parameter(backbone.forward)
     calls: list[dict] = []
 
     def record(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         bound.pop("return_dict", None)
         item = _to(dict(bound), "cpu")
-        if not isinstance(item.get("timestep"), torch.Tensor):
-            item["timestep"] = torch.tensor(float(item["timestep"]))
+        if item.get(key) is None:
+            raise CalibrationError(f"target: the pipeline called {type(module).__name__} without its timestep "
+                                   f"argument {key!r}")
+        if not isinstance(item[key], torch.Tensor):
+            item[key] = torch.tensor(float(item[key]))
         calls.append(item)
 
     # grouped by timestep, not by call: pipelines that run the conditional and unconditional
@@ -237,7 +243,7 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
                      output_type="latent", **pipe_kwargs)
             for call, item in enumerate(calls):
                 _check_finite(f"backbone call {call}", item)
-                groups.setdefault(timestep_value(item["timestep"]), []).append(item)
+                groups.setdefault(timestep_value(item[key]), []).append(item)
     if not groups:
         raise CalibrationError("target: the pipeline run never called its backbone")
     order = list(groups)  # (first-call order: the schedule's)
@@ -250,7 +256,8 @@ def forward(backbone: nn.Module, kwargs: dict, device) -> torch.Tensor:
     kw = _to(kwargs, device)
     kw.pop("return_dict", None)
     dtype = next(backbone.parameters()).dtype
-    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "timestep" else v)
+    key = timestep_parameter(backbone.forward)
+    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != key else v)
           for k, v in kw.items()}
     return first_tensor(backbone(**kw, return_dict=False))
 
