@@ -166,3 +166,18 @@ def test_pipeline_calibration_records_a_timestep_named_otherwise():
 
     recipe = calibrate(Pipe(), ["a cat"], method="tfmq", num_inference_steps=2, **OPTIONS)
     assert recipe.timesteps.tolist() == [900.0, 100.0]
+
+
+def test_fp8_recipe_keeps_the_layers_whose_dtype_the_model_reads_with_get_parameter_dtype():
+    """SkyReels-V2 casts the timestep to ``get_parameter_dtype(self.time_embedder)``. With that MLP's
+    layers in FP8, diffusers' helper returned float8_e4m3fn (the first floating buffer: the codes)
+    and the patched model raised in the first quantized layer ('x: expected dtype in (float16,
+    bfloat16, float32), got float8_e4m3fn'). Those layers now stay float, as Wan's do."""
+    model, data = _data("skyreels_v2")
+    recipe = calibrate(model, data, method="minmax", format="fp8", **OPTIONS)
+    assert not any(".time_embedder." in n for n in recipe.layers)
+    assert any(n.startswith("blocks.") for n in recipe.layers)
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    want, got = tiny_models.output_of(model, data[0]), tiny_models.output_of(patched, data[0])
+    assert ((got - want).norm() / want.norm()).item() < MAX_REL_L2

@@ -22,6 +22,8 @@ BLOCK_CLASSES = ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock",
 
 _WEIGHT_READ = re.compile(r"\bself((?:\.\w+|\[\d+\])+?)\.weight\b")
 _PARAMETERS_READ = re.compile(r"\bself((?:\.\w+|\[\d+\])+?)\.parameters\(\)")
+# diffusers' get_parameter_dtype(module): the first floating parameter or buffer, a quantized layer's fp8 codes
+_PARAMETER_DTYPE_READ = re.compile(r"\bget_parameter_dtype\(\s*self((?:\.\w+|\[\d+\])+?)\s*\)")
 
 
 def _paths(pattern, source) -> frozenset:
@@ -44,13 +46,15 @@ def _weights_read_by_forward(cls: type) -> frozenset:
 @functools.lru_cache(maxsize=None)
 def _parameters_read_by_forward(cls: type) -> frozenset:
     """Paths of the submodules whose ``.parameters()`` ``cls.forward`` reads, e.g. Wan's
-    ``next(iter(self.time_embedder.parameters())).dtype``: a module whose every layer is quantized
-    has none left, so the layers under such a path keep their float weights."""
+    ``next(iter(self.time_embedder.parameters())).dtype``, or SkyReels-V2's
+    ``get_parameter_dtype(self.time_embedder)``: a module whose every layer is quantized has no
+    float parameter left (diffusers' helper then returns the fp8 codes' dtype, and the timestep is
+    cast to it), so the layers under such a path keep their float weights."""
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return frozenset()
-    return _paths(_PARAMETERS_READ, source)
+    return _paths(_PARAMETERS_READ, source) | _paths(_PARAMETER_DTYPE_READ, source)
 
 
 def weight_read_reason(backbone: nn.Module, qualified_name: str, levels: int = 3) -> Optional[str]:
