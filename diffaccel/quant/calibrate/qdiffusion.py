@@ -69,7 +69,8 @@ def execution_order(backbone: nn.Module, sample: dict, device, names: list[str])
 def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, method: str) -> tuple[dict, dict]:
     """Initial scales + block reconstruction of every planned layer; -> ({name: LayerRecipe}, meta),
     meta holding ``adaround_undecided``: the fraction of the kept learned rounding choices that the
-    regulariser had not settled (0.01 < h < 0.99) when they were hardened, None without AdaRound.
+    regulariser had not settled (0.01 < h < 0.99) when they were hardened; None without AdaRound, or
+    when every block fell back to nearest rounding.
 
     ``ctx.block_inputs == "quantized"`` (BRECQ's and Q-Diffusion's default): blocks are
     reconstructed in call order, each fed by the model whose earlier blocks are already quantized
