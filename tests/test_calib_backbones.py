@@ -181,3 +181,21 @@ def test_fp8_recipe_keeps_the_layers_whose_dtype_the_model_reads_with_get_parame
     diffaccel.patch(patched, quant=recipe, solver=False)
     want, got = tiny_models.output_of(model, data[0]), tiny_models.output_of(patched, data[0])
     assert ((got - want).norm() / want.norm()).item() < MAX_REL_L2
+
+
+@pytest.mark.parametrize("method", ["tfmq", "qdiffusion"])
+def test_bf16_model_calibrates_once_its_first_layer_is_wrapped(method):
+    """Flux's first parameter is its time embedder's. Once reconstruction wrapped that layer (TFMQ's
+    temporal block, Q-Diffusion's first unit), the working copy's first parameter was the wrapper's
+    float32 rounding variable, the calibration forward cast every input to float32, and a bf16 Flux
+    raised 'mat1 and mat2 must have the same dtype'. Inputs are cast to the user's model's dtype."""
+    model, data = _data("flux")
+    model = model.to(torch.bfloat16)
+    recipe = calibrate(model, data, method=method, **OPTIONS)
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    inputs = {k: v.to(torch.bfloat16) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+              for k, v in data[0].items()}
+    want, got = tiny_models.output_of(model, inputs), tiny_models.output_of(patched, inputs)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < MAX_REL_L2

@@ -21,8 +21,8 @@ from torch import nn
 from ...ops._checks import plain_number
 from ..recipe import QuantRecipe, RecipeError, timestep_parameter
 from . import minmax, mixdq, qdiffusion, tfmq
-from .collect import (CalibrationError, CalibrationSet, backbone_of, check_forward_kwargs, from_backbone_data, from_pipeline,
-                      is_pipeline, working_copy)
+from .collect import (CalibrationError, CalibrationSet, backbone_of, check_forward_kwargs, compute_dtype,
+                      from_backbone_data, from_pipeline, is_pipeline, working_copy)
 from .common import check_bits, check_format, log_allocation, resolve_skip
 
 logger = logging.getLogger("diffaccel")
@@ -260,6 +260,7 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                            one_timestep_per_item=method == "tfmq",
                                            key=timestep_parameter(backbone.forward))
                 check_forward_kwargs(backbone, calib)
+            calib.dtype = compute_dtype(backbone)  # (the user's model: its working copy gains float32 parameters)
             work = working_copy(backbone, device)
             work.eval()
             ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,

@@ -41,6 +41,9 @@ class CalibrationSet:
     t_index: list[int]             # per sample: index into ``timesteps``
     timesteps: torch.Tensor        # [T] calibrated timestep values, in sampling order
     schedule: torch.Tensor         # every timestep the sampler visited (for the record)
+    # the dtype floating inputs are cast to: the user's model's (``compute_dtype``), set by
+    # calibrate before anything is wrapped; None reads it from the model each run
+    dtype: torch.dtype | None = None
 
     def __len__(self):
         return len(self.samples)
@@ -252,10 +255,19 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
 
 # -- running the backbone on the calibration set ---------------------------------------------
 
-def forward(backbone: nn.Module, kwargs: dict, device) -> torch.Tensor:
+def compute_dtype(backbone: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its first floating parameter's. Read from the user's model,
+    not from a working copy with calibration layers in it: a FakeQuantLayer's own float32
+    parameters come before its layer's in ``parameters()``."""
+    return next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
+
+
+def forward(backbone: nn.Module, kwargs: dict, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``backbone(**kwargs)`` on ``device``, floating inputs but the timestep cast to ``dtype``
+    (``compute_dtype(backbone)`` if None)."""
     kw = _to(kwargs, device)
     kw.pop("return_dict", None)
-    dtype = next(backbone.parameters()).dtype
+    dtype = dtype or compute_dtype(backbone)
     key = timestep_parameter(backbone.forward)
     kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != key else v)
           for k, v in kw.items()}
@@ -394,7 +406,7 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                 state["t"], state["sample"] = calib.t_index[i], i
                 if on_sample is not None:
                     on_sample(calib.t_index[i])
-                out = forward(backbone, calib.samples[i], device)
+                out = forward(backbone, calib.samples[i], device, calib.dtype)
                 if not torch.isfinite(out).all():
                     raise CalibrationError(f"activations: the backbone output contains NaN or Inf (sample {i})")
                 obs.outputs.append(out.detach().cpu())

@@ -250,7 +250,7 @@ def bos_io(backbone: nn.Module, calib: CalibrationSet, layers: list[str], device
     with ExitStack() as hooks, torch.no_grad():
         for n in layers:
             hooks.enter_context(modules[n].register_forward_hook(hook(n), with_kwargs=True))
-        forward(backbone, calib.samples[source.sample], device)
+        forward(backbone, calib.samples[source.sample], device, calib.dtype)
     return out
 
 

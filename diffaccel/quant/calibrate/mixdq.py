@@ -190,7 +190,7 @@ def run(ctx) -> QuantRecipe:
 
     def score(name, install) -> float:
         with install(), torch.no_grad():
-            outs = [forward(backbone, calib.samples[i], ctx.device).float().cpu() for i in subset]
+            outs = [forward(backbone, calib.samples[i], ctx.device, calib.dtype).float().cpu() for i in subset]
         if is_content_layer(name):
             return float(np.mean([1.0 - ssim(r, o) for r, o in zip(refs, outs)]))
         noise = [10 ** (-sqnr_db(r, o) / 10) if math.isfinite(sqnr_db(r, o)) else 0.0 for r, o in zip(refs, outs)]
