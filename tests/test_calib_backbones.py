@@ -199,3 +199,29 @@ def test_bf16_model_calibrates_once_its_first_layer_is_wrapped(method):
     want, got = tiny_models.output_of(model, inputs), tiny_models.output_of(patched, inputs)
     assert got.dtype == want.dtype == torch.bfloat16
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < MAX_REL_L2
+
+
+def test_pipeline_calls_are_replayed_with_the_dtypes_the_pipeline_passed():
+    """A bf16 Flux called by its pipeline with float32 position ids (pipelines pass such arguments
+    in float32 on purpose: ids, guidance, a float32-kept module's input): calibration cast every
+    recorded floating argument to the model's dtype, so it calibrated on calls the pipeline never
+    makes. Recorded calls are now replayed as made; only data given as kwargs is cast."""
+    model, data = _data("flux")
+    model = model.to(torch.bfloat16)
+    calls = [{k: v.to(torch.bfloat16) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+              for k, v in item.items()} for item in data]
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["img_ids"].dtype, kw["hidden_states"].dtype)),
+                                    with_kwargs=True)
+
+    class Pipe:
+        scheduler = type("Scheduler", (), {})()
+        transformer = model
+
+        def __call__(self, prompt, num_inference_steps, generator, output_type, **kwargs):
+            for item in calls:
+                self.transformer(**item, return_dict=False)
+
+    calibrate(Pipe(), ["a cat"], method="minmax", num_inference_steps=2, **OPTIONS)
+    assert len(seen) > len(calls)  # the pipeline's own calls, then the calibration's
+    assert set(seen) == {(torch.float32, torch.bfloat16)}

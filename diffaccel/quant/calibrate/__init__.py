@@ -260,7 +260,8 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                                            one_timestep_per_item=method == "tfmq",
                                            key=timestep_parameter(backbone.forward))
                 check_forward_kwargs(backbone, calib)
-            calib.dtype = compute_dtype(backbone)  # (the user's model: its working copy gains float32 parameters)
+                # (read from the user's model: its working copy gains float32 calibration parameters)
+                calib.dtype = compute_dtype(backbone)
             work = working_copy(backbone, device)
             work.eval()
             ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,

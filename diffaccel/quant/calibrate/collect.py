@@ -41,8 +41,8 @@ class CalibrationSet:
     t_index: list[int]             # per sample: index into ``timesteps``
     timesteps: torch.Tensor        # [T] calibrated timestep values, in sampling order
     schedule: torch.Tensor         # every timestep the sampler visited (for the record)
-    # the dtype floating inputs are cast to: the user's model's (``compute_dtype``), set by
-    # calibrate before anything is wrapped; None reads it from the model each run
+    # the dtype the samples' floating inputs are cast to: the user's model's (``compute_dtype``)
+    # for data given as forward kwargs; None for a pipeline's recorded calls, replayed as made
     dtype: torch.dtype | None = None
 
     def __len__(self):
@@ -263,14 +263,14 @@ def compute_dtype(backbone: nn.Module) -> torch.dtype:
 
 
 def forward(backbone: nn.Module, kwargs: dict, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``backbone(**kwargs)`` on ``device``, floating inputs but the timestep cast to ``dtype``
-    (``compute_dtype(backbone)`` if None)."""
+    """``backbone(**kwargs)`` on ``device``; with a ``dtype`` (``CalibrationSet.dtype``) its
+    floating tensor arguments but the timestep are cast to it first."""
     kw = _to(kwargs, device)
     kw.pop("return_dict", None)
-    dtype = dtype or compute_dtype(backbone)
-    key = timestep_parameter(backbone.forward)
-    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != key else v)
-          for k, v in kw.items()}
+    if dtype is not None:
+        key = timestep_parameter(backbone.forward)
+        kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != key else v)
+              for k, v in kw.items()}
     return first_tensor(backbone(**kw, return_dict=False))
 
 

@@ -141,7 +141,7 @@ def resolve_skip(backbone: nn.Module, skip) -> tuple[str, ...]:
     return tuple(skip)
 
 
-def find_split_points(backbone: nn.Module, sample: dict, device) -> dict[str, int]:
+def find_split_points(backbone: nn.Module, sample: dict, device, dtype: torch.dtype | None = None) -> dict[str, int]:
     """Layers fed by cat(h, skip) in the up path -> C1 (channels of h), read from one forward pass."""
     points: dict[str, int] = {}
     # hooks are context managers: the stack removes every one registered, even if a later one fails
@@ -163,7 +163,7 @@ def find_split_points(backbone: nn.Module, sample: dict, device) -> dict[str, in
                     for layer in split_layers_for_resnet(resnet, first):
                         points[f"{block_name}.resnets.{j}.{layer}"] = first
             hooks.enter_context(block.register_forward_pre_hook(hook, with_kwargs=True))
-        forward(backbone, sample, device)
+        forward(backbone, sample, device, dtype)
     return points
 
 

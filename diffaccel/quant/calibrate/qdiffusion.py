@@ -51,7 +51,8 @@ def units_for(backbone: nn.Module, layer_names, exclude_blocks=()) -> dict[str, 
     return units
 
 
-def execution_order(backbone: nn.Module, sample: dict, device, names: list[str]) -> list[str]:
+def execution_order(backbone: nn.Module, sample: dict, device, names: list[str],
+                    dtype: torch.dtype | None = None) -> list[str]:
     """``names`` in the order the forward pass first calls them (module order is not call order:
     a UNet registers mid_block after up_blocks)."""
     from .collect import forward
@@ -62,7 +63,7 @@ def execution_order(backbone: nn.Module, sample: dict, device, names: list[str])
         for n in names:
             hooks.enter_context(modules[n].register_forward_pre_hook(
                 lambda m, a, n=n: order.append(n) if n not in order else None))
-        forward(backbone, sample, device)
+        forward(backbone, sample, device, dtype)
     return order + [n for n in names if n not in order]
 
 
@@ -83,7 +84,8 @@ def brecq(ctx, plan, *, per_timestep: bool, extra_units: dict | None = None, met
     units = units_for(ctx.backbone, [n for n in plan.layers if n not in separate])
     sequential = ctx.block_inputs == "quantized"
     if sequential:
-        unit_groups = [[u] for u in execution_order(ctx.backbone, ctx.calib.samples[0], ctx.device, list(units))]
+        order = execution_order(ctx.backbone, ctx.calib.samples[0], ctx.device, list(units), ctx.calib.dtype)
+        unit_groups = [[u] for u in order]
     else:
         # all units' inputs/outputs in one pass, or ``units_per_pass`` at a time (bounded memory, one
         # more full-precision pass over the calibration set per group)
@@ -192,8 +194,8 @@ def run(ctx) -> QuantRecipe:
     plan = plan_layers(ctx.backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
                        skip=ctx.skip, number_format=ctx.number_format)
     if ctx.split_shortcut:
-        plan.split_points = {n: c for n, c in find_split_points(ctx.backbone, ctx.calib.samples[0], ctx.device).items()
-                             if n in plan.layers}
+        points = find_split_points(ctx.backbone, ctx.calib.samples[0], ctx.device, ctx.calib.dtype)
+        plan.split_points = {n: c for n, c in points.items() if n in plan.layers}
     layers, extra = brecq(ctx, plan, per_timestep=False, method="qdiffusion")
     return QuantRecipe("qdiffusion", layers, plan.model_layers, plan.skipped, timesteps=ctx.calib.timesteps,
                        meta=ctx.meta(split_points=plan.split_points, **extra))

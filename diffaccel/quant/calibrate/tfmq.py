@@ -142,8 +142,8 @@ def run(ctx) -> QuantRecipe:
     plan = plan_layers(backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
                        skip=ctx.skip, exclude=exclude, number_format=ctx.number_format)
     if ctx.split_shortcut:
-        plan.split_points = {n: c for n, c in find_split_points(backbone, ctx.calib.samples[0], ctx.device).items()
-                             if n in plan.layers}
+        points = find_split_points(backbone, ctx.calib.samples[0], ctx.device, ctx.calib.dtype)
+        plan.split_points = {n: c for n, c in points.items() if n in plan.layers}
     T = len(ctx.calib.timesteps)
     cache: dict[str, list[torch.Tensor]] = {}
     extra_units = {}
