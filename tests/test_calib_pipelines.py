@@ -70,8 +70,8 @@ def _pixart():
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
     tok = ref.load_tokenizer()
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=_t5(tok, 24), vae=_vae(), transformer=tiny_models.pixart()[0],
-                               scheduler=DPMSolverMultistepScheduler())
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=_t5(tok, 24), vae=_vae(),
+                               transformer=tiny_models.pixart()[0], scheduler=DPMSolverMultistepScheduler())
     return pipe, dict(height=16, width=16, clean_caption=False, max_sequence_length=12, use_resolution_binning=False)
 
 
@@ -97,7 +97,8 @@ def test_real_pipeline_calibrates_patches_and_unpatches(build, method):
     assert len(recipe.timesteps) == STEPS  # every step of the run, each once (Wan's two calls a step included)
 
     report = diffaccel.patch(pipe, quant=recipe)
-    assert recipe.layers and set(recipe.layers) <= {r.name.removeprefix("transformer.") for r in report.by_part("quant")}
+    patched = {r.name.removeprefix("transformer.") for r in report.by_part("quant")}
+    assert recipe.layers and set(recipe.layers) <= patched
     got = _sample(pipe, kwargs)
     assert torch.isfinite(got).all()
     assert ((got - want).norm() / want.norm()).item() < MAX_REL_L2
