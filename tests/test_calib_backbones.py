@@ -225,3 +225,23 @@ def test_pipeline_calls_are_replayed_with_the_dtypes_the_pipeline_passed():
     calibrate(Pipe(), ["a cat"], method="minmax", num_inference_steps=2, **OPTIONS)
     assert len(seen) > len(calls)  # the pipeline's own calls, then the calibration's
     assert set(seen) == {(torch.float32, torch.bfloat16)}
+
+
+def test_bf16_model_with_float32_kept_modules_calibrates_on_bf16_data():
+    """Kandinsky 5 loaded in bf16 keeps its time embeddings and modulations in float32
+    (``_keep_in_fp32_modules``). The calibration forward cast the data to the first parameter's
+    dtype, the time embedder's float32, and the bf16 text embedding layer refused it. The model's
+    dtype is now read as diffusers reads it, outside the kept modules."""
+    model, data = _data("kandinsky5")
+    model = model.to(torch.bfloat16)
+    for name, p in model.named_parameters():  # (as from_pretrained(torch_dtype=torch.bfloat16) leaves it)
+        if any(k in name for k in model._keep_in_fp32_modules):
+            p.data = p.data.float()
+    assert next(model.parameters()).dtype == torch.float32
+    data = [{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+             for k, v in item.items()} for item in data]
+    recipe = calibrate(model, data, method="minmax", **OPTIONS)
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    want, got = tiny_models.output_of(model, data[0]), tiny_models.output_of(patched, data[0])
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < MAX_REL_L2

@@ -256,10 +256,15 @@ def from_pipeline(pipe, prompts, *, backbone: str | None = None, num_inference_s
 # -- running the backbone on the calibration set ---------------------------------------------
 
 def compute_dtype(backbone: nn.Module) -> torch.dtype:
-    """The dtype a model computes in: its first floating parameter's. Read from the user's model,
-    not from a working copy with calibration layers in it: a FakeQuantLayer's own float32
+    """The dtype a model computes in: its first floating parameter's outside the modules diffusers
+    keeps in float32 (``_keep_in_fp32_modules``, matched as name substrings as diffusers does: a
+    bf16 Kandinsky 5 loads its time embeddings and modulations in float32). Read from the user's
+    model, not from a working copy with calibration layers in it: a FakeQuantLayer's own float32
     parameters come before its layer's in ``parameters()``."""
-    return next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
+    keep = getattr(backbone, "_keep_in_fp32_modules", None) or ()
+    floating = [(n, p.dtype) for n, p in backbone.named_parameters() if p.is_floating_point()]
+    fallback = floating[0][1] if floating else torch.float32
+    return next((d for n, d in floating if not any(k in n for k in keep)), fallback)
 
 
 def forward(backbone: nn.Module, kwargs: dict, device, dtype: torch.dtype | None = None) -> torch.Tensor:
