@@ -511,6 +511,15 @@ def test_ilp_honours_the_budget_and_is_optimal():
         mixdq.allocate_bits(costs, sizes, cands, 3.5)
 
 
+def test_ilp_ties_go_to_the_wider_width():
+    """Layers that score 0 at every width (Kandinsky 6's audio head: the sensitivity scores read the
+    first output only) were narrowed to 4 bits at a budget of 8, which the solver left free."""
+    sizes = np.array([100.0, 300.0, 50.0, 700.0])
+    costs = np.array([[0.0, 0.0], [0.5, 0.1], [0.0, 0.0], [2.0, 0.3]])
+    assert mixdq.allocate_bits(costs, sizes, (4, 8), 8.0) == [8, 8, 8, 8]
+    assert mixdq.allocate_bits(np.zeros((4, 2)), sizes, (4, 8), 8.0) == [8, 8, 8, 8]
+
+
 def test_mixdq_allocation_meets_its_budgets_and_keeps_the_most_sensitive_activations_16bit():
     model, data = model_and_data("pixart", timesteps=(900, 100), per_timestep=1)
     recipe = calibrate(model, data, method="mixdq", weight_bits=6, act_bits=8, act_fp16_fraction=0.1,

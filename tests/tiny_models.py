@@ -1043,3 +1043,175 @@ def output_of(model, inputs):
     if isinstance(out, (list, tuple)):  # Z-Image: one tensor per sample (their sizes differ)
         out = torch.cat([t.flatten() for t in out])
     return out
+
+
+# -- backbones checked by the calibration tests only (tests/test_calib_more_backbones.py), not in
+# FACTORIES: each stood for a defect in calibration or layer detection --------------------------
+
+def anyflow(seed=0):
+    """AnyFlow (Wan-based flow map): latents (B, F, C, H, W), per-frame timestep t and target r_timestep."""
+    from diffusers.models.transformers.transformer_anyflow import AnyFlowTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=32).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g), timestep=torch.full((1, 3), 700.0),
+                  r_timestep=torch.full((1, 3), 300.0), encoder_hidden_states=torch.randn(1, 6, 32, generator=g))
+    return m, inputs
+
+
+def cosmos3(seed=0, layers=2):
+    """Cosmos 3 Omni: packed 1-D sequence, causal text (und) path + full gen path, GQA, interleaved 3-axis mRoPE.
+    Vision latent [1, C, T=2, 4, 4]: frame 0 is a clean condition frame, frame 1 is noisy."""
+    from diffusers.models.transformers.transformer_cosmos3 import Cosmos3OmniTransformer
+
+    torch.manual_seed(seed)
+    m = Cosmos3OmniTransformer(head_dim=16, hidden_size=64, intermediate_size=96, latent_channel=4,
+                               latent_patch_size=2, num_attention_heads=4, num_hidden_layers=layers,
+                               num_key_value_heads=2, patch_latent_dim=16, vocab_size=32,
+                               rope_axes_dim=(4, 2, 2), rope_theta=10000.0).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    n_txt, t, h, w = 5, 2, 4, 4
+    n_vis = t * (h // 2) * (w // 2)
+    L = n_txt + n_vis
+    per_frame = (h // 2) * (w // 2)
+    pos_txt = torch.arange(n_txt).expand(3, -1)
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    pos_vis = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + n_txt
+    inputs = dict(input_ids=torch.randint(0, 32, (n_txt,), generator=g), text_indexes=torch.arange(n_txt),
+                  position_ids=torch.cat([pos_txt, pos_vis], 1), und_len=n_txt, sequence_length=L,
+                  vision_tokens=[torch.randn(1, 4, t, h, w, generator=g)], vision_token_shapes=[(t, h // 2, w // 2)],
+                  vision_sequence_indexes=torch.arange(n_txt, L),
+                  vision_mse_loss_indexes=torch.arange(n_txt + per_frame, L),
+                  vision_timesteps=torch.full((per_frame,), 500.0), vision_noisy_frame_indexes=[torch.tensor([1])])
+    return m, inputs
+
+
+def minimax_h3(seed=0):
+    from diffusers.models.transformers.transformer_minimax_h3 import MiniMaxH3Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = MiniMaxH3Transformer3DModel(num_attention_heads=2, attention_head_dim=96, hidden_size=64, num_layers=2,
+                                    num_refiner_layers=1, ffn_dim=128, in_channels=4, audio_in_channels=8,
+                                    patch_size=(1, 2, 2), text_dim=32, freq_dim=32, time_embed_hidden_dim=64,
+                                    time_embed_dim=32, rope_freq_dim=16).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    Nt, Nv, Na = 5, 8, 3
+    L = Nt + Nv + Na
+    # packed order: text rows, video rows, audio rows; tags 0 video, 1 text, 2 audio (as documented)
+    inputs = dict(hidden_states=torch.randn(1, Nv, 16, generator=g),
+                  audio_hidden_states=torch.randn(1, Na, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, Nt, 32, generator=g), timestep=torch.tensor([0.7]),
+                  timestep_indices=torch.zeros(L, dtype=torch.long),
+                  token_tags=torch.cat([torch.ones(Nt), torch.zeros(Nv), 2 * torch.ones(Na)]).long(),
+                  position_ids=torch.randint(0, 4, (L, 3), generator=g), video_indices=torch.arange(Nt, Nt + Nv),
+                  audio_indices=torch.arange(Nt + Nv, L), text_indices=torch.arange(Nt))
+    return m, inputs
+
+
+def kandinsky6(seed=0, audio=True):
+    from diffusers import Kandinsky6Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=32,
+                                     patch_size=(1, 2, 2), model_dim=64, ff_dim=128, num_text_blocks=1,
+                                     num_visual_blocks=1, axes_dims=(8, 12, 12), visual_cond=True, in_audio_dim=8,
+                                     out_audio_dim=8, text_token_padding=True, ca_rope=True, cross_gates=True,
+                                     fix_modulation=True).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 2, 4, 4, 9, generator=g),  # (B, T, H, W, 2*4+1)
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([500.0]))
+    if audio:
+        inputs["audio_hidden_states"] = torch.randn(1, 5, 8, generator=g)
+    return m, inputs
+
+
+def motif_video(seed=0, cross=False):
+    from diffusers import MotifVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    # cross=True: 2 single blocks (1 encoder with text cross-attention, 1 decoder) + dual-block cross-attention
+    m = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                     num_layers=1, num_single_layers=2 if cross else 1, num_decoder_layers=1,
+                                     text_embed_dim=32, rope_axes_dim=(4, 6, 6),
+                                     enable_text_cross_attention_dual=cross,
+                                     enable_text_cross_attention_single=cross).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 4, 4, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g))
+    return m, inputs
+
+
+def stable_audio3(seed=0):
+    """Stable Audio 3 DiT: differential self/cross attention (fused to_qkv = [q1|q2|k1|k2|v]), memory tokens."""
+    from diffusers.models.transformers.transformer_stable_audio3 import StableAudio3DiTModel
+
+    torch.manual_seed(seed)
+    m = StableAudio3DiTModel(io_channels=4, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16,
+                             global_cond_dim=16, local_add_cond_dim=5, timestep_features_dim=16,
+                             num_memory_tokens=4).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    inputs = dict(hidden_states=torch.randn(2, 4, 12, generator=g), timestep=torch.tensor([0.3, 0.3]),
+                  encoder_hidden_states=torch.randn(2, 6, 16, generator=g),
+                  global_hidden_states=torch.randn(2, 16, generator=g), encoder_attention_mask=mask)
+    return m, inputs
+
+
+def dreamlite(seed=0):
+    """DreamLite UNet: GQA (num_kv_heads=1) + RMS qk-norm attention, depthwise-separable resnets."""
+    from diffusers.models.unets.unet_dreamlite import DreamLiteUNetModel
+
+    torch.manual_seed(seed)
+    m = DreamLiteUNetModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                           layers_per_block=1,
+                           down_block_types=("DreamLiteCrossAttnNoSelfAttnDownBlock2D",
+                                             "DreamLiteCrossAttnDownBlock2D"),
+                           mid_block_type="DreamLiteUNetMidBlock2DCrossAttn",
+                           up_block_types=("DreamLiteCrossAttnUpBlock2D", "DreamLiteCrossAttnNoSelfAttnUpBlock2D"),
+                           cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, ff_mult=2,
+                           num_kv_heads=1, encoder_hid_dim_type="text_proj_rms", encoder_hid_dim=24).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([300.0, 300.0]),
+                  encoder_hidden_states=torch.randn(2, 7, 24, generator=g))
+    return m, inputs
+
+
+def stable_cascade(seed=0):
+    """Stable Cascade prior-style UNet (self-attn over [x tokens, cond tokens]); timestep arg is `timestep_ratio`."""
+    from diffusers.models.unets.unet_stable_cascade import StableCascadeUNet
+
+    torch.manual_seed(seed)
+    m = StableCascadeUNet(in_channels=4, out_channels=4, timestep_ratio_embedding_dim=16, patch_size=1,
+                          conditioning_dim=32, block_out_channels=(32, 64), num_attention_heads=(2, 4),
+                          down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1),
+                          down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1),
+                          clip_text_in_channels=16, clip_text_pooled_in_channels=16, clip_seq=2,
+                          dropout=(0.0, 0.0), self_attn=True, switch_level=(False,)).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep_ratio=torch.tensor([0.3, 0.3]),
+                  clip_text_pooled=torch.randn(2, 1, 16, generator=g), clip_text=torch.randn(2, 5, 16, generator=g))
+    return m, inputs
+
+
+# name -> (factory, the forward's timestep argument, two timesteps on the model's own scale)
+CALIBRATION_ONLY = {"anyflow": (anyflow, "timestep", (900.0, 100.0)),
+                    "cosmos3": (cosmos3, "vision_timesteps", (900.0, 100.0)),
+                    "minimax_h3": (minimax_h3, "timestep", (0.9, 0.1)),
+                    "kandinsky6": (kandinsky6, "timestep", (900.0, 100.0)),
+                    "motif_video": (motif_video, "timestep", (900, 100)),
+                    "stable_audio3": (stable_audio3, "timestep", (0.9, 0.1)),
+                    "dreamlite": (dreamlite, "timestep", (900.0, 100.0)),
+                    "stable_cascade": (stable_cascade, "timestep_ratio", (0.9, 0.1))}

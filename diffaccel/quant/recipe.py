@@ -408,7 +408,9 @@ def _check_path(path) -> pathlib.Path:
     return pathlib.Path(path)
 
 
-TIMESTEP_NAMES = ("timestep", "timesteps", "t")  # (HiDream's forward names it timesteps, Z-Image's t)
+# HiDream's forward names it timesteps, Z-Image's t, Stable Cascade's timestep_ratio; Cosmos 3 has one per
+# modality (vision_timesteps, sound_timesteps, ...): the vision stream's is calibrated on
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "timestep_ratio", "vision_timesteps")
 
 
 def timestep_parameter(forward) -> str:

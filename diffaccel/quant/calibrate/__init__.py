@@ -22,7 +22,8 @@ from ...ops._checks import plain_number
 from ..recipe import QuantRecipe, RecipeError, timestep_parameter
 from . import minmax, mixdq, qdiffusion, tfmq
 from .collect import (CalibrationError, CalibrationSet, backbone_of, check_forward_kwargs, compute_dtype,
-                      from_backbone_data, from_pipeline, is_pipeline, working_copy)
+                      from_backbone_data, from_pipeline, is_pipeline, layers_not_run, working_copy)
+from .structure import quantizable_layers
 from .common import check_bits, check_format, log_allocation, resolve_skip
 
 logger = logging.getLogger("diffaccel")
@@ -56,6 +57,7 @@ class Context:
     act_fp16_fraction: float
     sensitivity_samples: int
     bos: bool | None
+    not_run: tuple = ()  # layers no calibration sample runs (kept in floating point)
     units_per_pass: int | None = None
     block_inputs: str = "quantized"
     options: dict = field(default_factory=dict)
@@ -264,12 +266,18 @@ def calibrate(target, data, *, method: str, weight_bits: float = 8, act_bits: fl
                 calib.dtype = compute_dtype(backbone)
             work = working_copy(backbone, device)
             work.eval()
+            not_run = tuple(layers_not_run(work, calib, list(quantizable_layers(work)), device))
+            if not_run:
+                shown = ", ".join(not_run[:8]) + (", ..." if len(not_run) > 8 else "")
+                logger.warning("calibration: %d layers never ran on the calibration data and stay in floating "
+                               "point: %s", len(not_run), shown)
             ctx = Context(backbone=work, calib=calib, method=method, weight_bits=weight_bits, act_bits=act_bits,
                           device=device, seed=seed, progress=progress, act_symmetric=act_symmetric, number_format=format,
                           skip=resolve_skip(work, skip), activation_device=activation_device, iters=iters, p=float(p),
                           adaround=adaround, learn_act=learn_act, split_shortcut=split_shortcut,
                           temporal_cache=temporal_cache, weight_candidates=tuple(weight_candidates),
                           act_fp16_fraction=act_fp16_fraction, sensitivity_samples=sensitivity_samples, bos=bos,
+                          not_run=not_run,
                           units_per_pass=units_per_pass, block_inputs=block_inputs)
             logger.info("calibration[%s]: %d samples at %d timesteps %s", method, len(calib), len(calib.timesteps),
                         [round(t, 3) for t in calib.timesteps.tolist()])

@@ -333,6 +333,8 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
     def stat_hook(name):
         def hook(module, args, kwargs):
             x = layer_input(args, kwargs).detach()
+            if x.numel() == 0:  # (AnyFlow-FAR runs a projection on zero compressed frames)
+                return
             if not torch.isfinite(x).all():
                 raise CalibrationError(
                     f"activations: the input of layer '{name}' contains NaN or Inf at timestep "
@@ -420,6 +422,29 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                     obs.block_io = {k: [(_to(a, storage_dev), _to(kw, storage_dev), _to(o, storage_dev), t)
                                         for a, kw, o, t in v] for k, v in obs.block_io.items()}
     return obs
+
+
+def layers_not_run(backbone: nn.Module, calib: CalibrationSet, layers: list[str], device) -> list[str]:
+    """The ``layers`` no calibration sample gives an input: a branch the data never takes (Stable
+    Audio 3's inpainting projections, Kandinsky 6's audio path run video-only, Cosmos 3's LM head).
+    Samples run until every layer has run: one forward when all run on the first."""
+    pending = set(layers)
+    modules = dict(backbone.named_modules())
+
+    def hook(name):
+        def fn(module, args, kwargs):
+            if layer_input(args, kwargs).numel():
+                pending.discard(name)
+        return fn
+
+    with ExitStack() as hooks, torch.no_grad():
+        for name in layers:
+            hooks.enter_context(modules[name].register_forward_pre_hook(hook(name), with_kwargs=True))
+        for sample in calib.samples:
+            if not pending:
+                break
+            forward(backbone, sample, device, calib.dtype)
+    return [n for n in layers if n in pending]
 
 
 def _storage_for(obs: Observations, num_samples: int, device) -> torch.device:

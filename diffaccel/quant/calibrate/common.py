@@ -92,7 +92,7 @@ class Plan:
 
 
 def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool, skip, exclude=(),
-                number_format: str = "int") -> Plan:
+                number_format: str = "int", not_run=()) -> Plan:
     """Every Linear/Conv2d minus the input/output layers (``skip``) and those the kernels can't take
     at any of the candidate weight widths."""
     from ... import nn as dnn
@@ -103,6 +103,9 @@ def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool
     for name, module in all_layers.items():
         if name in skip:
             skipped[name] = "input/output layer kept in floating point"
+            continue
+        if name in not_run:
+            skipped[name] = "never ran on the calibration data (no input to calibrate on); kept in floating point"
             continue
         if is_lora_branch(name):  # (peft reads lora_A/B's weight dtype; the presets keep them float too)
             skipped[name] = "LoRA branch kept in floating point"
@@ -156,7 +159,8 @@ def find_split_points(backbone: nn.Module, sample: dict, device, dtype: torch.dt
                     if not res:
                         break
                     skip_channels = res.pop().shape[1]
-                    in_channels = resnet.conv1.in_channels if hasattr(resnet, "conv1") else None
+                    conv1 = getattr(resnet, "conv1", None)  # (DreamLite's is a depthwise-separable pair)
+                    in_channels = conv1.in_channels if isinstance(conv1, nn.Conv2d) else None
                     if in_channels is None or in_channels <= skip_channels:
                         continue
                     first = in_channels - skip_channels

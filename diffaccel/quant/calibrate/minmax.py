@@ -9,7 +9,7 @@ from .common import act_init, layer_recipe, make_spec, plan_layers, weight_init
 
 def run(ctx) -> QuantRecipe:
     plan = plan_layers(ctx.backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
-                       skip=ctx.skip, number_format=ctx.number_format)
+                       skip=ctx.skip, number_format=ctx.number_format, not_run=ctx.not_run)
     spec = make_spec(ctx.weight_bits, ctx.act_bits, ctx.act_symmetric, ctx.number_format)
     obs = observe(ctx.backbone, ctx.calib, layers=list(plan.layers) if spec.act_dtype else [], device=ctx.device,
                   seed=ctx.seed, progress=ctx.progress)

@@ -99,7 +99,11 @@ def allocate_bits(costs: np.ndarray, sizes: np.ndarray, candidates, budget_avera
     if budget_average < cand.min() - 1e-9:
         raise CalibrationError(f"bit budget: an average of {budget_average} bits is below the smallest "
                                f"candidate width {int(cand.min())}")
-    c = costs.reshape(-1)
+    # ties go to the wider width: a layer that scores 0 at every width (it feeds only an output the
+    # scores do not see, e.g. Kandinsky 6's audio head) is not narrowed for free
+    span = float(cand.max() - cand.min()) or 1.0
+    tie = 1e-6 * (float(np.abs(costs).max()) or 1.0) * (cand.max() - cand) / span
+    c = (costs + tie[None, :]).reshape(-1)
     one_each = np.zeros((L, L * C))
     for l in range(L):
         one_each[l, l * C:(l + 1) * C] = 1
@@ -163,7 +167,7 @@ def run(ctx) -> QuantRecipe:
     act_dtype = act_dtype_for(fmt)
     a_cands = (8, 16)
     plan = plan_layers(backbone, weight_bits_options=w_cands, act_symmetric=ctx.act_symmetric, skip=ctx.skip,
-                       number_format=fmt)
+                       number_format=fmt, not_run=ctx.not_run)
     source = detect_bos(calib)
     if ctx.bos and source is None:
         raise CalibrationError("bos: bos=True but the calibration samples do not share their first text token "

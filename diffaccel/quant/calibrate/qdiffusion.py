@@ -192,7 +192,7 @@ def _report_undecided(method: str, undecided: int, rounding: int, iters: int) ->
 
 def run(ctx) -> QuantRecipe:
     plan = plan_layers(ctx.backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
-                       skip=ctx.skip, number_format=ctx.number_format)
+                       skip=ctx.skip, number_format=ctx.number_format, not_run=ctx.not_run)
     if ctx.split_shortcut:
         points = find_split_points(ctx.backbone, ctx.calib.samples[0], ctx.device, ctx.calib.dtype)
         plan.split_points = {n: c for n, c in points.items() if n in plan.layers}

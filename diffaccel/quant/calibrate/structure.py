@@ -49,12 +49,18 @@ def _parameters_read_by_forward(cls: type) -> frozenset:
     ``next(iter(self.time_embedder.parameters())).dtype``, or SkyReels-V2's
     ``get_parameter_dtype(self.time_embedder)``: a module whose every layer is quantized has no
     float parameter left (diffusers' helper then returns the fp8 codes' dtype, and the timestep is
-    cast to it), so the layers under such a path keep their float weights."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return frozenset()
-    return _paths(_PARAMETERS_READ, source) | _paths(_PARAMETER_DTYPE_READ, source)
+    cast to it), so the layers under such a path keep their float weights. Read in ``forward`` and
+    in the class's own other methods but ``__init__`` (AnyFlow reads them in ``forward_timestep``)."""
+    methods = [cls.forward] + [f for name, f in vars(cls).items()
+                               if inspect.isfunction(f) and name not in ("forward", "__init__")]
+    paths = frozenset()
+    for method in methods:
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):
+            continue
+        paths |= _paths(_PARAMETERS_READ, source) | _paths(_PARAMETER_DTYPE_READ, source)
+    return paths
 
 
 def weight_read_reason(backbone: nn.Module, qualified_name: str, levels: int = 3) -> Optional[str]:
@@ -70,8 +76,8 @@ def weight_read_reason(backbone: nn.Module, qualified_name: str, levels: int = 3
             return f"{type(owner).__name__}.forward reads its weight directly; kept in floating point"
         held_by = next((p for p in _parameters_read_by_forward(type(owner)) if below[:len(p)] == p), None)
         if held_by is not None:
-            return (f"{type(owner).__name__}.forward reads {'.'.join(held_by)}.parameters() directly; kept in "
-                    f"floating point")
+            return (f"{type(owner).__name__} reads the parameters of {'.'.join(held_by)} itself (their dtype); "
+                    f"kept in floating point")
     return None
 
 

@@ -27,7 +27,7 @@ from ..recipe import QuantRecipe
 from .collect import CalibrationError, _to, observe
 from .common import find_split_points, plan_layers
 from .qdiffusion import brecq
-from .structure import TemporalInfo, first_tensor, temporal_info
+from .structure import TemporalInfo, first_tensor, quantizable_layers, temporal_info
 
 logger = logging.getLogger("diffaccel")
 
@@ -140,7 +140,7 @@ def run(ctx) -> QuantRecipe:
         exclude[name] = ("replaced by the temporal feature cache (exact full-precision features)" if use_cache
                          else "reconstructed in the temporal information block")
     plan = plan_layers(backbone, weight_bits_options=(ctx.weight_bits,), act_symmetric=ctx.act_symmetric,
-                       skip=ctx.skip, exclude=exclude, number_format=ctx.number_format)
+                       skip=ctx.skip, exclude=exclude, number_format=ctx.number_format, not_run=ctx.not_run)
     if ctx.split_shortcut:
         points = find_split_points(backbone, ctx.calib.samples[0], ctx.device, ctx.calib.dtype)
         plan.split_points = {n: c for n, c in points.items() if n in plan.layers}
@@ -156,8 +156,11 @@ def run(ctx) -> QuantRecipe:
             rows = [_first_rows(per_t[t]) for t in range(T)]
             cache[name] = [torch.stack([rows[t][k] for t in range(T)]) for k in range(len(rows[0]))]
     elif info.embed is not None and info.layers:
-        tib_layers = {n: backbone.get_submodule(n) for n in info.layers
-                      if n not in ctx.skip and n in dict(backbone.named_modules())}
+        # (not the layers whose parameters the model reads itself: Motif-Video's
+        # get_parameter_dtype(self.timestep_embedder); quantizable_layers leaves them out)
+        quantizable = quantizable_layers(backbone)
+        tib_layers = {n: quantizable[n] for n in info.layers
+                      if n not in ctx.skip and n not in ctx.not_run and n in quantizable}
         from ... import nn as dnn
         from .common import make_spec
 
