@@ -1,5 +1,5 @@
-"""Calibration and the presets on backbones outside tiny_models.FACTORIES, each of which stood for
-a defect (tiny configs in tiny_models.CALIBRATION_ONLY, fp32 on CPU unless marked):
+"""Calibration, the presets and attention routing on backbones outside tiny_models.FACTORIES, each
+of which stood for a defect (tiny configs in tiny_models.CALIBRATION_ONLY, fp32 on CPU unless marked):
 
 - AnyFlow reads ``next(iter(self.delta_embedder.parameters())).dtype`` in ``forward_timestep``,
   not in ``forward``: the scan for such reads missed it, the layers were quantized, and every
@@ -10,6 +10,8 @@ a defect (tiny configs in tiny_models.CALIBRATION_ONLY, fp32 on CPU unless marke
   temporal block quantized those layers anyway (the recipe then failed its own validation).
 - DreamLite's resnets have a depthwise-separable ``conv1`` without ``in_channels``: the split-point
   pass raised AttributeError.
+- ACE-Step's processor passes ``backend=dispatch_backend``, a local copy of its own
+  ``self._attention_backend``: read as a backend the user fixed, its attention was left alone.
 - A layer given an empty input (AnyFlow-FAR's projection of zero compressed frames) broke the
   statistics hook; layers that never run on the data (Stable Audio 3's inpainting branch) were
   refused, one at a time: they stay in floating point, with the reason in the recipe and a warning.
@@ -67,8 +69,7 @@ def test_anyflow_keeps_the_embedders_a_helper_method_reads(quant):
     else:
         patched = copy.deepcopy(model)
         report = diffaccel.patch(patched, quant="w8a8", solver=False)
-        reasons = {s.name: s.reason for s in report.skipped}
-        assert "delta_embedder" in reasons["condition_embedder.delta_embedder.linear_1"]
+        assert "condition_embedder.delta_embedder.linear_1" in {s.name for s in report.skipped}
     assert _rel(model, patched, data[0]) < MAX_REL_L2
 
 
@@ -130,3 +131,46 @@ def test_a_layer_given_an_empty_input_in_some_calls_is_calibrated_on_the_others(
             for t, n in ((900, 0), (100, 3))]
     recipe = calibrate(model, data, method="minmax", skip=[], **OPTIONS)
     assert {"body", "extra"} <= set(recipe.layers)
+
+
+def test_mixdq_scores_every_output_of_the_backbone():
+    """Kandinsky 6 returns video and audio. MixDQ's sensitivity read the video only, so the layers
+    feeding only the audio head scored 0 at every width and could be narrowed for free (at a
+    budget of 8 bits they were: 0.117 relative error on the audio)."""
+    model, data = _data("kandinsky6")
+    recipe = calibrate(model, data, method="mixdq", **OPTIONS)
+    audio = [n for n in recipe.meta["sensitivity"] if n.startswith("audio_out_layer.")]
+    assert audio and all(recipe.meta["sensitivity"][n]["w8"] > 0 for n in audio)
+    assert all(layer.spec["weight_dtype"] == "int8" for layer in recipe.layers.values())
+    patched = copy.deepcopy(model)
+    diffaccel.patch(patched, quant=recipe, solver=False)
+    with torch.no_grad():
+        want, got = model(**data[0], return_dict=False), patched(**data[0], return_dict=False)
+    for w, g in zip(want, got):  # video, audio
+        assert ((g - w).norm() / w.norm()).item() < MAX_REL_L2
+
+
+def test_attention_routed_when_the_processor_copies_its_backend_to_a_local():
+    model, inputs = tiny_models.ace_step()
+    patched = copy.deepcopy(model)
+    report = diffaccel.patch(patched, solver=False)
+    assert len(report.by_part("attention")) == 4 and not [s for s in report.skipped if s.part == "attention"]
+    assert _rel(model, patched, inputs) < 1e-5
+    diffaccel.unpatch(patched)
+    assert torch.equal(tiny_models.output_of(patched, inputs), tiny_models.output_of(model, inputs))
+
+
+@pytest.mark.parametrize("factory,kept", [(tiny_models.ace_step, "time_embed_r.linear_1"),
+                                          (tiny_models.stable_audio3, "to_timestep_embed.0")])
+def test_presets_keep_these_timestep_mlps_float(factory, kept):
+    """ACE-Step's second timestep MLP and Stable Audio 3's were quantized by the data-free presets
+    (ACE-Step's first one, and the time_proj beside the second, were kept)."""
+    model, _ = factory()
+    report = diffaccel.patch(model, quant="w8a8", solver=False)
+    assert kept in {s.name for s in report.skipped if s.part == "quant"}
+
+
+def test_skip_given_by_the_user_is_reported_as_such():
+    model, data = _data("stable_cascade")
+    recipe = calibrate(model, data, method="minmax", skip=["down_blocks.0.0.channelwise.0"], **OPTIONS)
+    assert recipe.skipped["down_blocks.0.0.channelwise.0"] == "in skip=; kept in floating point"

@@ -1045,8 +1045,8 @@ def output_of(model, inputs):
     return out
 
 
-# -- backbones checked by the calibration tests only (tests/test_calib_more_backbones.py), not in
-# FACTORIES: each stood for a defect in calibration or layer detection --------------------------
+# -- backbones checked by tests/test_calib_more_backbones.py only, not in FACTORIES: each stood
+# for a defect in calibration, layer detection or attention routing --------------------------
 
 def anyflow(seed=0):
     """AnyFlow (Wan-based flow map): latents (B, F, C, H, W), per-frame timestep t and target r_timestep."""
@@ -1203,6 +1203,23 @@ def stable_cascade(seed=0):
     g = _g(seed + 1)
     inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep_ratio=torch.tensor([0.3, 0.3]),
                   clip_text_pooled=torch.randn(2, 1, 16, generator=g), clip_text=torch.randn(2, 5, 16, generator=g))
+    return m, inputs
+
+
+def ace_step(seed=0):
+    """ACE-Step 1.5 DiT: GQA self-attn (sliding window / full, alternating) + cross-attn, 1D patch conv."""
+    from diffusers.models.transformers.ace_step_transformer import AceStepTransformer1DModel
+
+    torch.manual_seed(seed)
+    m = AceStepTransformer1DModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, in_channels=8, audio_acoustic_hidden_dim=4,
+                                  patch_size=2, sliding_window=2).eval()
+    _unzero(m, seed)
+    g = _g(seed + 1)
+    t = torch.tensor([0.3, 0.8])
+    inputs = dict(hidden_states=torch.randn(2, 16, 4, generator=g), timestep=t, timestep_r=t.clone(),
+                  encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                  context_latents=torch.randn(2, 16, 4, generator=g))
     return m, inputs
 
 

@@ -535,12 +535,17 @@ def _dispatcher_backends(cls: type) -> tuple:
         tree = ast.parse(textwrap.dedent(_call_source(cls)))
     except SyntaxError:  # pragma: no cover - source Python shows is parseable
         return ()
+    # local names bound to the processor's own setting (ACE-Step: dispatch_backend = self._attention_backend)
+    aliases = {node.targets[0].id for node in ast.walk(tree)
+               if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+               and ast.unparse(node.value) == _OWN_BACKEND}
     backends = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == \
                 "dispatch_attention_fn":
             given = next((k.value for k in node.keywords if k.arg == "backend"), None)
-            backends.append("" if given is None else ast.unparse(given))
+            text = "" if given is None else ast.unparse(given)
+            backends.append(_OWN_BACKEND if text in aliases else text)
     return tuple(backends)
 
 

@@ -42,7 +42,9 @@ IO_MODULE_ROOTS = ("all_x_embedder", "all_final_layer", "cap_embedder", "x_embed
 # diffusers code also reads their parameters' dtype, which a fully quantized MLP no longer has.)
 TIMESTEP_EMBEDDING_NAMES = ("time_embedding", "time_embedder", "timestep_embedder", "add_embedding",
                             "guidance_embedder", "time_proj", "t_embedder", "time_embed", "time_embeddings",
-                            "t_embedding", "time_in", "time_token", "fps_embedding")
+                            "t_embedding", "time_in", "time_token", "fps_embedding",
+                            # AnyFlow's target-time MLP, ACE-Step's second one, Stable Audio 3's
+                            "delta_embedder", "time_embed_r", "to_timestep_embed")
 
 
 @dataclass

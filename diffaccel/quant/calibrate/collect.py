@@ -15,7 +15,7 @@ from torch import nn
 
 from ...ops._checks import plain_number
 from ..recipe import matches_bos, timestep_parameter
-from .structure import first_tensor, layer_input
+from .structure import first_tensor, layer_input, output_tensors
 
 logger = logging.getLogger("diffaccel")
 VALUES_PER_OBSERVATION = 1024  # activation values sampled per call of a layer, for range searches
@@ -267,8 +267,10 @@ def compute_dtype(backbone: nn.Module) -> torch.dtype:
     return next((d for n, d in floating if not any(k in n for k in keep)), fallback)
 
 
-def forward(backbone: nn.Module, kwargs: dict, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``backbone(**kwargs)`` on ``device``; with a ``dtype`` (``CalibrationSet.dtype``) its
+def forward(backbone: nn.Module, kwargs: dict, device, dtype: torch.dtype | None = None, *,
+            every_output: bool = False):
+    """``backbone(**kwargs)`` on ``device`` -> its main output tensor (``every_output``: the list of
+    every output tensor, the main one first); with a ``dtype`` (``CalibrationSet.dtype``) its
     floating tensor arguments but the timestep are cast to it first."""
     kw = _to(kwargs, device)
     kw.pop("return_dict", None)
@@ -276,7 +278,8 @@ def forward(backbone: nn.Module, kwargs: dict, device, dtype: torch.dtype | None
         key = timestep_parameter(backbone.forward)
         kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != key else v)
               for k, v in kw.items()}
-    return first_tensor(backbone(**kw, return_dict=False))
+    out = backbone(**kw, return_dict=False)
+    return output_tensors(out) if every_output else first_tensor(out)
 
 
 @dataclass

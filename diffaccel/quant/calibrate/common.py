@@ -96,13 +96,14 @@ def plan_layers(backbone: nn.Module, *, weight_bits_options, act_symmetric: bool
     """Every Linear/Conv2d minus the input/output layers (``skip``) and those the kernels can't take
     at any of the candidate weight widths."""
     from ... import nn as dnn
-    from ...integrations.targets import is_lora_branch
+    from ...integrations.targets import is_io_layer, is_lora_branch
 
     all_layers = quantizable_layers(backbone)
     layers, skipped = {}, {}
     for name, module in all_layers.items():
-        if name in skip:
-            skipped[name] = "input/output layer kept in floating point"
+        if name in skip:  # (the default skip is the input/output layers; a skip= given replaces it)
+            skipped[name] = ("input/output layer kept in floating point" if is_io_layer(name)
+                             else "in skip=; kept in floating point")
             continue
         if name in not_run:
             skipped[name] = "never ran on the calibration data (no input to calibrate on); kept in floating point"

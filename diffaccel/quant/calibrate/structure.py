@@ -214,6 +214,15 @@ def output_tensors(out) -> list[torch.Tensor]:
     return []
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor a backbone call returns, the main one first (Kandinsky 6 and MiniMax-H3 return
+    video and audio; a dataclass's fields, a tuple's entries)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [first_tensor(out)]
+    return [t for t in items if isinstance(t, torch.Tensor)] or [first_tensor(out)]
+
+
 def first_tensor(out) -> torch.Tensor:
     """The main output of a backbone / block call (diffusers returns dataclasses or tuples)."""
     if isinstance(out, torch.Tensor):
