@@ -12,6 +12,8 @@ of which stood for a defect (tiny configs in tiny_models.CALIBRATION_ONLY, fp32 
   pass raised AttributeError.
 - ACE-Step's processor passes ``backend=dispatch_backend``, a local copy of its own
   ``self._attention_backend``: read as a backend the user fixed, its attention was left alone.
+- SANA-WM sizes its conv chunks from ``inverted_conv.conv.out_channels``: TFMQ's reconstruction
+  wrapper hid the layer's attributes (AttributeError).
 - A layer given an empty input (AnyFlow-FAR's projection of zero compressed frames) broke the
   statistics hook; layers that never run on the data (Stable Audio 3's inpainting branch) were
   refused, one at a time: they stay in floating point, with the reason in the recipe and a warning.
@@ -174,3 +176,10 @@ def test_skip_given_by_the_user_is_reported_as_such():
     model, data = _data("stable_cascade")
     recipe = calibrate(model, data, method="minmax", skip=["down_blocks.0.0.channelwise.0"], **OPTIONS)
     assert recipe.skipped["down_blocks.0.0.channelwise.0"] == "in skip=; kept in floating point"
+
+
+@pytest.mark.parametrize("method", ["tfmq", "qdiffusion"])
+def test_reconstruction_wrapper_shows_the_layers_attributes(method):
+    model, data = _data("sana_wm")
+    recipe, patched = _calibrated(model, data, method)
+    assert _rel(model, patched, data[0]) < MAX_REL_L2

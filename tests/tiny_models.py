@@ -1223,6 +1223,32 @@ def ace_step(seed=0):
     return m, inputs
 
 
+def _cam(B, F, g, H=4, W=4):
+    c2w = torch.eye(4).repeat(B, F, 1, 1)
+    c2w[..., :3, 3] = torch.randn(B, F, 3, generator=g) * 0.1
+    intr = torch.tensor([W * 1.0, H * 1.0, W / 2, H / 2]).repeat(B, F, 1)
+    return torch.cat([c2w.flatten(-2), intr], -1)
+
+
+def sana_wm(seed=0):
+    """SANA-WM: GDN linear attention (block 0) + softmax UCPE attention (block 1), camera conditions, per-frame t."""
+    from diffusers.models.transformers.transformer_sana_wm import SanaWMTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = SanaWMTransformer3DModel(in_channels=4, num_layers=2, hidden_size=64, num_attention_heads=2,
+                                 softmax_every_n=2, linear_head_dim=32, caption_channels=16,
+                                 chunk_plucker_post_attn_blocks=2, mlp_ratio=2.0).eval()
+    _unzero(m)
+    g = _g(seed + 1)
+    B, F = 1, 2
+    inputs = dict(hidden_states=torch.randn(B, 4, F, 4, 4, generator=g), timestep=torch.full((B, 1, F), 500.0),
+                  encoder_hidden_states=torch.randn(B, 1, 6, 16, generator=g),
+                  encoder_attention_mask=torch.ones(B, 6, dtype=torch.long),
+                  camera_conditions=_cam(B, F, g),
+                  chunk_plucker=torch.randn(B, 48, F, 4, 4, generator=g))
+    return m, inputs
+
+
 # name -> (factory, the forward's timestep argument, two timesteps on the model's own scale)
 CALIBRATION_ONLY = {"anyflow": (anyflow, "timestep", (900.0, 100.0)),
                     "cosmos3": (cosmos3, "vision_timesteps", (900.0, 100.0)),
@@ -1231,4 +1257,5 @@ CALIBRATION_ONLY = {"anyflow": (anyflow, "timestep", (900.0, 100.0)),
                     "motif_video": (motif_video, "timestep", (900, 100)),
                     "stable_audio3": (stable_audio3, "timestep", (0.9, 0.1)),
                     "dreamlite": (dreamlite, "timestep", (900.0, 100.0)),
-                    "stable_cascade": (stable_cascade, "timestep_ratio", (0.9, 0.1))}
+                    "stable_cascade": (stable_cascade, "timestep_ratio", (0.9, 0.1)),
+                    "sana_wm": (sana_wm, "timestep", (900.0, 100.0))}

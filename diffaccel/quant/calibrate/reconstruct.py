@@ -89,6 +89,14 @@ class FakeQuantLayer(nn.Module):
             self.act_log_scale = nn.Parameter(log_scale, requires_grad=learn_act)
             self.register_buffer("act_zp", init.act_zero_point.to(torch.int32).clone().to(w.device))
 
+    def __getattr__(self, name):
+        # the layer's config (out_channels, kernel_size, in_features...) reads through: SANA-WM's
+        # conv block sizes its chunks from inverted_conv.conv.out_channels
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
