@@ -308,7 +308,7 @@ class Observations:
     layers: dict[str, LayerObservation] = field(default_factory=dict)
     block_io: dict[str, list[tuple]] = field(default_factory=dict)   # name -> [(args, kwargs, out, t_index)]
     module_out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [T, ...] output row 0
-    outputs: list[torch.Tensor] = field(default_factory=list)       # backbone output per sample (CPU)
+    outputs: list[list[torch.Tensor]] = field(default_factory=list)  # per sample: every output tensor (CPU)
     split_points: dict[str, int] = field(default_factory=dict)
 
 
@@ -416,10 +416,10 @@ def observe(backbone: nn.Module, calib: CalibrationSet, *, layers: list[str], de
                 state["t"], state["sample"] = calib.t_index[i], i
                 if on_sample is not None:
                     on_sample(calib.t_index[i])
-                out = forward(backbone, calib.samples[i], device, calib.dtype)
-                if not torch.isfinite(out).all():
+                outs = forward(backbone, calib.samples[i], device, calib.dtype, every_output=True)
+                if not all(torch.isfinite(o).all() for o in outs):
                     raise CalibrationError(f"activations: the backbone output contains NaN or Inf (sample {i})")
-                obs.outputs.append(out.detach().cpu())
+                obs.outputs.append([o.detach().cpu() for o in outs])
                 if i == 0 and storage_dev is None:
                     storage_dev = _storage_for(obs, len(calib), device)
                     obs.block_io = {k: [(_to(a, storage_dev), _to(kw, storage_dev), _to(o, storage_dev), t)

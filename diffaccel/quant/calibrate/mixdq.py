@@ -191,16 +191,12 @@ def run(ctx) -> QuantRecipe:
 
     subset = _sample_subset(calib, ctx.sensitivity_samples)
 
-    def outputs() -> list[list[torch.Tensor]]:  # per sample: every output tensor, the main one first
-        with torch.no_grad():
-            return [[o.float().cpu() for o in forward(backbone, calib.samples[i], ctx.device, calib.dtype,
-                                                      every_output=True)] for i in subset]
-
-    refs = outputs()
+    refs = [obs.outputs[i] for i in subset]  # per sample: every output tensor, the main one first
 
     def score(name, install) -> float:
-        with install():
-            outs = outputs()
+        with install(), torch.no_grad():
+            outs = [[o.cpu() for o in forward(backbone, calib.samples[i], ctx.device, calib.dtype,
+                                              every_output=True)] for i in subset]
         if is_content_layer(name):  # (the image: the main output)
             return float(np.mean([1.0 - ssim(r[0], o[0]) for r, o in zip(refs, outs)]))
         # every output counts: a layer feeding only Kandinsky 6's audio head scored 0 on the video
